@@ -1,0 +1,17 @@
+defmodule LuaSandbox.Native do
+  @moduledoc false
+  # NIF stubs, grouped by concern. Loaded from priv/native by @on_load.
+  @on_load :load_nif
+
+  def load_nif do
+    path = :filename.join(:code.priv_dir(:lua_sandbox), ~c"native/lua_sandbox_nif")
+    :erlang.load_nif(path, 0)
+  end
+
+  # running code (dirty CPU)
+  def run_start(_source, _opts), do: :erlang.nif_error(:nif_not_loaded)
+  def run_resume(_run, _reply), do: :erlang.nif_error(:nif_not_loaded)
+
+  # compiled chunks (dirty CPU)
+  def compile(_source, _opts), do: :erlang.nif_error(:nif_not_loaded)
+end

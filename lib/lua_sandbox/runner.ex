@@ -1,0 +1,91 @@
+defmodule LuaSandbox.Runner do
+  @moduledoc false
+  # Drives one run in the calling process: start it in the NIF, answer its tool calls,
+  # and turn the NIF's tuples into LuaSandbox.Result / LuaSandbox.Error.
+
+  require Logger
+
+  alias LuaSandbox.{Chunk, Error, Native, Options, Result}
+
+  def run(source, opts) do
+    native_source =
+      case source do
+        %Chunk{ref: ref} -> ref
+        source when is_binary(source) -> source
+      end
+
+    tools = Map.new(opts[:tools], fn {k, f} -> {to_string(k), f} end)
+
+    native_source
+    |> Native.run_start(Options.to_native(opts))
+    |> drive(tools, opts)
+  end
+
+  defp drive({:tool_call, run, name, args}, tools, opts) do
+    reply = call_tool(Map.fetch!(tools, name), name, args)
+
+    run
+    |> Native.run_resume(reply)
+    |> drive(tools, opts)
+  end
+
+  defp drive({:ok, values, output, stats}, _tools, opts) do
+    log_output(output, opts)
+    value = List.first(values)
+    {:ok, %Result{value: value, values: values, output: output, stats: stats}}
+  end
+
+  defp drive({:error, {kind, message, line, traceback, value}, output, stats}, _tools, opts) do
+    log_output(output, opts)
+
+    {:error,
+     %Error{
+       kind: kind,
+       message: message,
+       line: line,
+       traceback: traceback,
+       value: value,
+       output: output,
+       stats: stats
+     }}
+  end
+
+  # A tool's answer, as the Lua side expects it: {:ok, value} is returned to the script,
+  # {:error, message} becomes `nil, message`, {:raise, message} a Lua error.
+  defp call_tool(fun, name, args) do
+    case fun.(args) do
+      {:ok, value} -> {:ok, value}
+      {:error, reason} -> {:error, reason_text(reason)}
+      :ok -> {:ok, nil}
+      value -> {:ok, value}
+    end
+  rescue
+    e -> {:raise, "tool '#{name}' failed: " <> Exception.message(e)}
+  catch
+    :exit, reason -> {:raise, "tool '#{name}' failed: exit #{inspect(reason)}"}
+    :throw, value -> {:raise, "tool '#{name}' failed: throw #{inspect(value)}"}
+  end
+
+  defp reason_text(reason) when is_binary(reason), do: reason
+  defp reason_text(reason) when is_atom(reason), do: Atom.to_string(reason)
+  defp reason_text(reason), do: inspect(reason)
+
+  defp log_output("", _opts), do: :ok
+
+  defp log_output(output, opts) do
+    if opts[:print] == :log do
+      output
+      |> String.split("\n")
+      |> Enum.drop(-1)
+      |> Enum.each(&Logger.info(&1))
+
+      # a last line without its newline
+      case String.split(output, "\n") |> List.last() do
+        "" -> :ok
+        rest -> Logger.info(rest)
+      end
+    end
+
+    :ok
+  end
+end

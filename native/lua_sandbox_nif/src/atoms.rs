@@ -1,0 +1,36 @@
+//! Every atom the NIF uses.
+
+rustler::atoms! {
+    ok,
+    error,
+    nil,
+    tool_call,
+    lua_print,
+    // print modes
+    capture,
+    send,
+    log,
+    discard,
+    // non-finite floats
+    nan,
+    infinity,
+    neg_infinity,
+    // error kinds
+    syntax,
+    runtime,
+    instruction_limit,
+    memory_limit,
+    output_limit,
+    depth_limit,
+    size_limit,
+    cycle,
+    unsupported_value,
+    invalid_input,
+    tool_limit,
+    killed,
+    // stats keys
+    instructions,
+    memory_peak,
+    duration_us,
+    tool_calls,
+}

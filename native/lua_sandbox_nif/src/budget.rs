@@ -1,0 +1,331 @@
+//! The run's budget: instruction count, kill checks and the sticky abort flag.
+//!
+//! A run is *active* on a thread while the NIF that executes it is on the stack. The
+//! activation lives in a thread-local so the raw count hook, the hardened builtins and the
+//! sandbox wrappers (`pcall`, `coroutine.resume`, ...) all see the same state without going
+//! through the Lua registry on the hot path.
+//!
+//! Aborts are *sticky*: once a limit tripped or the caller died, every later hook firing,
+//! every wrapper return and every builtin step raises again, so no amount of `pcall`,
+//! `xpcall`, `coroutine.resume` or `__close` lets a script keep running.
+
+use std::cell::Cell;
+use std::ffi::c_int;
+use std::ptr;
+
+use mlua::ffi;
+use rustler::sys::ErlNifEnv;
+
+/// How many VM instructions run between two hook firings. Lower means finer kill latency and
+/// exacter `stats.instructions`; the hook itself is cheap, the per-instruction trap Lua sets
+/// for any count hook is the real cost and does not depend on this number.
+pub const HOOK_INTERVAL: u64 = 1000;
+
+/// Why a run was stopped from the outside of the script's control.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Abort {
+    /// `max_instructions` used up.
+    Instructions,
+    /// `max_memory` reached (the allocator refused).
+    Memory,
+    /// `max_output` exceeded.
+    Output,
+    /// The Erlang process that runs the NIF is no longer alive.
+    Killed,
+    /// `max_tool_calls` exceeded.
+    ToolCalls,
+}
+
+impl Abort {
+    /// The message raised inside Lua; it only surfaces if Lua formats the error itself.
+    pub fn message(self) -> &'static str {
+        match self {
+            Abort::Instructions => "instruction limit exceeded",
+            Abort::Memory => "not enough memory",
+            Abort::Output => "output limit exceeded",
+            Abort::Killed => "run killed",
+            Abort::ToolCalls => "tool call limit exceeded",
+        }
+    }
+
+    fn c_message(self) -> &'static std::ffi::CStr {
+        match self {
+            Abort::Instructions => c"instruction limit exceeded",
+            Abort::Memory => c"not enough memory",
+            Abort::Output => c"output limit exceeded",
+            Abort::Killed => c"run killed",
+            Abort::ToolCalls => c"tool call limit exceeded",
+        }
+    }
+}
+
+/// Per-run accounting. Lives in a `Box` owned by the run, so its address is stable while an
+/// activation points at it.
+#[derive(Debug)]
+pub struct Control {
+    used: Cell<u64>,
+    max: u64,
+    abort: Cell<Option<Abort>>,
+    memory_peak: Cell<usize>,
+    interval: Cell<u64>,
+}
+
+impl Control {
+    pub fn new(max_instructions: u64) -> Self {
+        Control {
+            used: Cell::new(0),
+            max: max_instructions,
+            abort: Cell::new(None),
+            memory_peak: Cell::new(0),
+            interval: Cell::new(HOOK_INTERVAL),
+        }
+    }
+
+    pub fn instructions(&self) -> u64 {
+        self.used.get().min(self.max)
+    }
+
+    pub fn abort(&self) -> Option<Abort> {
+        self.abort.get()
+    }
+
+    /// Records an abort; the first reason wins so the reported kind is the root cause.
+    pub fn set_abort(&self, why: Abort) {
+        if self.abort.get().is_none() {
+            self.abort.set(Some(why));
+        }
+    }
+
+    pub fn memory_peak(&self) -> usize {
+        self.memory_peak.get()
+    }
+
+    pub fn note_memory(&self, bytes: usize) {
+        if bytes > self.memory_peak.get() {
+            self.memory_peak.set(bytes);
+        }
+    }
+
+    /// Instructions left before the limit; the hook interval never overshoots it.
+    fn next_interval(&self) -> c_int {
+        let left = self.max.saturating_sub(self.used.get());
+        let next = left.clamp(1, HOOK_INTERVAL);
+        self.interval.set(next);
+        next as c_int
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Active {
+    control: *const Control,
+    env: *mut ErlNifEnv,
+}
+
+thread_local! {
+    static ACTIVE: Cell<Active> = const {
+        Cell::new(Active { control: ptr::null(), env: ptr::null_mut() })
+    };
+}
+
+/// Marks `control` as the running budget of this thread until dropped.
+///
+/// `env` is the NIF environment of the call that runs Lua (null in Rust unit tests); it is
+/// only used for `enif_is_current_process_alive` and sending print output, and only while
+/// this guard lives, which is strictly inside that NIF call.
+pub struct Activation<'c> {
+    previous: Active,
+    // Ties the activation to the borrow of the `Control` it points at.
+    _control: std::marker::PhantomData<&'c Control>,
+}
+
+impl<'c> Activation<'c> {
+    pub fn new(control: &'c Control, env: *mut ErlNifEnv) -> Activation<'c> {
+        let previous = ACTIVE.with(|a| {
+            a.replace(Active {
+                control: control as *const Control,
+                env,
+            })
+        });
+        Activation {
+            previous,
+            _control: std::marker::PhantomData,
+        }
+    }
+}
+
+impl Drop for Activation<'_> {
+    fn drop(&mut self) {
+        ACTIVE.with(|a| a.set(self.previous));
+    }
+}
+
+/// Runs `f` with the active control, if any.
+fn with_control<R>(f: impl FnOnce(&Control, *mut ErlNifEnv) -> R) -> Option<R> {
+    ACTIVE.with(|a| {
+        let Active { control, env } = a.get();
+        if control.is_null() {
+            None
+        } else {
+            // SAFETY: `control` was set by an `Activation` whose lifetime is bounded by a
+            // borrow of the `Control` (see `Activation::new`), and the activation is undone
+            // in its `Drop` before that borrow ends; every caller of this function runs on
+            // this thread strictly inside that window, so the pointer is valid and the
+            // `Control` is only accessed through `Cell`s from this one thread.
+            Some(f(unsafe { &*control }, env))
+        }
+    })
+}
+
+/// The raw NIF env of the active run (null outside a NIF call).
+pub fn active_env() -> *mut ErlNifEnv {
+    with_control(|_, env| env).unwrap_or(ptr::null_mut())
+}
+
+fn caller_alive(env: *mut ErlNifEnv) -> bool {
+    if env.is_null() {
+        return true;
+    }
+    // SAFETY: `env` is the environment of the NIF call currently executing on this thread
+    // (see `Activation`); `enif_is_current_process_alive` is documented for exactly this use
+    // from a dirty NIF and only reads the process state.
+    unsafe { rustler::sys::enif_is_current_process_alive(env) != 0 }
+}
+
+/// Charges `steps` units of work to the budget and checks for a kill.
+///
+/// The hardened builtins call this every few hundred steps of their inner loops; the count
+/// hook calls it every `HOOK_INTERVAL` instructions. Returns the abort reason once one is set.
+pub fn charge_steps(steps: u64) -> Result<(), Abort> {
+    with_control(|control, env| {
+        if let Some(why) = control.abort() {
+            return Err(why);
+        }
+        control.used.set(control.used.get().saturating_add(steps));
+        if control.used.get() >= control.max {
+            control.set_abort(Abort::Instructions);
+        } else if !caller_alive(env) {
+            control.set_abort(Abort::Killed);
+        }
+        control.abort().map_or(Ok(()), Err)
+    })
+    .unwrap_or(Ok(()))
+}
+
+/// `charge_steps` for code that reports errors as `mlua::Error`.
+pub fn charge(steps: u64) -> mlua::Result<()> {
+    charge_steps(steps).map_err(|why| mlua::Error::RuntimeError(why.message().to_string()))
+}
+
+/// The abort reason of the active run, if any.
+pub fn current_abort() -> Option<Abort> {
+    with_control(|control, _| control.abort()).flatten()
+}
+
+/// Sets an abort on the active run (used by output and tool limits).
+pub fn trip(why: Abort) {
+    with_control(|control, _| control.set_abort(why));
+}
+
+/// Records the current Lua heap size for `stats.memory_peak`.
+pub fn note_memory(bytes: usize) {
+    with_control(|control, _| control.note_memory(bytes));
+}
+
+fn used_memory(l: *mut ffi::lua_State) -> usize {
+    // SAFETY: `lua_gc` with LUA_GCCOUNT/COUNTB only reads the collector's counters; it never
+    // allocates or raises, so it is safe to call from a hook.
+    unsafe {
+        let kb = ffi::lua_gc(l, ffi::LUA_GCCOUNT, 0) as usize;
+        let b = ffi::lua_gc(l, ffi::LUA_GCCOUNTB, 0) as usize;
+        kb * 1024 + b
+    }
+}
+
+/// Installs the count hook on `l`. Threads the script creates inherit it (Lua 5.4's
+/// `lua_newthread` copies the hook of the creating thread), which is why we use a raw hook and
+/// not mlua's per-thread one.
+pub fn install_hook(l: *mut ffi::lua_State, control: &Control) {
+    // SAFETY: `l` is a valid state owned by the caller; `lua_sethook` never raises.
+    unsafe { ffi::lua_sethook(l, Some(count_hook), ffi::LUA_MASKCOUNT, control.next_interval()) };
+}
+
+/// The count hook. It must not hold any value with a destructor when it raises, because
+/// `lua_error` leaves this frame with `longjmp` (Lua is built as C); everything with a `Drop`
+/// lives inside `hook_verdict`, which has returned by then.
+unsafe extern "C-unwind" fn count_hook(l: *mut ffi::lua_State, _ar: *mut ffi::lua_Debug) {
+    if let Some((why, next)) = hook_verdict(l) {
+        // SAFETY: `l` is the running thread handed to us by Lua. After an abort the hook
+        // fires on every instruction so the script cannot get far; `lua_error` is legal from a
+        // count hook and unwinds (longjmp) to the nearest protected call. No Rust value with a
+        // destructor is live in this frame.
+        unsafe {
+            ffi::lua_sethook(l, Some(count_hook), ffi::LUA_MASKCOUNT, next);
+            if let Some(why) = why {
+                ffi::lua_pushstring(l, why.c_message().as_ptr());
+                ffi::lua_error(l);
+            }
+        }
+    }
+}
+
+/// Decides what the hook does: `None` when no run is active; otherwise the abort to raise (if
+/// any) and the interval until the next firing.
+fn hook_verdict(l: *mut ffi::lua_State) -> Option<(Option<Abort>, c_int)> {
+    with_control(|control, env| {
+        control.note_memory(used_memory(l));
+        if control.abort().is_none() {
+            control
+                .used
+                .set(control.used.get().saturating_add(control.interval.get()));
+            if control.used.get() >= control.max {
+                control.set_abort(Abort::Instructions);
+            } else if !caller_alive(env) {
+                control.set_abort(Abort::Killed);
+            }
+        }
+        match control.abort() {
+            Some(why) => (Some(why), 1),
+            None => (None, control.next_interval()),
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn charge_without_activation_is_free() {
+        assert!(charge_steps(u64::MAX).is_ok());
+        assert_eq!(current_abort(), None);
+    }
+
+    #[test]
+    fn charge_trips_the_limit_and_sticks() {
+        let control = Control::new(100);
+        let _a = Activation::new(&control, ptr::null_mut());
+        assert!(charge_steps(99).is_ok());
+        assert_eq!(charge_steps(1), Err(Abort::Instructions));
+        assert_eq!(charge_steps(0), Err(Abort::Instructions));
+        assert_eq!(control.instructions(), 100);
+    }
+
+    #[test]
+    fn first_abort_reason_wins() {
+        let control = Control::new(100);
+        let _a = Activation::new(&control, ptr::null_mut());
+        trip(Abort::Output);
+        trip(Abort::Memory);
+        assert_eq!(current_abort(), Some(Abort::Output));
+    }
+
+    #[test]
+    fn activation_is_undone_on_drop() {
+        let control = Control::new(1);
+        {
+            let _a = Activation::new(&control, ptr::null_mut());
+            assert!(charge_steps(5).is_err());
+        }
+        assert!(charge_steps(5).is_ok());
+    }
+}

@@ -1,0 +1,96 @@
+//! Compiled chunks: parsed once, run many times, each time in a fresh state.
+//!
+//! Lua does not verify bytecode, so bytecode never leaves the NIF as a binary a caller could
+//! edit: it lives in an opaque resource, and only bytecode this module produced is ever loaded.
+
+use mlua::chunk::ChunkMode;
+use mlua::{Lua, LuaOptions, StdLib};
+use rustler::{Encoder, Env, NifMap, ResourceArc, Term};
+
+use crate::atoms;
+use crate::error::SandboxError;
+
+pub struct CompiledChunk {
+    pub bytecode: Vec<u8>,
+    pub name: String,
+}
+
+#[rustler::resource_impl]
+impl rustler::Resource for CompiledChunk {}
+
+#[derive(NifMap)]
+pub struct CompileOpts {
+    pub chunk_name: String,
+    pub max_source: u64,
+}
+
+/// Parses `source` into bytecode, with the same checks `run` applies to source text.
+pub fn compile_bytes(source: &[u8], name: &str, max_source: usize) -> Result<Vec<u8>, SandboxError> {
+    if source.len() > max_source {
+        return Err(SandboxError::InvalidInput(format!(
+            "source is {} bytes, over max_source ({max_source})",
+            source.len()
+        )));
+    }
+    if source.first() == Some(&0x1b) {
+        return Err(SandboxError::InvalidInput(
+            "binary chunks are not accepted; pass Lua source text".to_string(),
+        ));
+    }
+    let lua = Lua::new_with(StdLib::NONE, LuaOptions::default())
+        .map_err(|e| SandboxError::Runtime(e.to_string()))?;
+    let f = lua
+        .load(source)
+        .set_name(format!("={name}"))
+        .set_mode(ChunkMode::Text)
+        .into_function()
+        .map_err(|e| match e {
+            mlua::Error::SyntaxError { message, .. } => SandboxError::Syntax(message),
+            mlua::Error::MemoryError(_) => SandboxError::MemoryLimit,
+            other => SandboxError::Runtime(other.to_string()),
+        })?;
+    Ok(f.dump(false))
+}
+
+#[rustler::nif(schedule = "DirtyCpu")]
+fn compile<'a>(env: Env<'a>, source: rustler::Binary<'a>, opts: CompileOpts) -> Term<'a> {
+    let result = crate::stack::with_big_stack(|| {
+        compile_bytes(source.as_slice(), &opts.chunk_name, opts.max_source as usize)
+    });
+    match result {
+        Ok(bytecode) => {
+            let chunk = ResourceArc::new(CompiledChunk {
+                bytecode,
+                name: opts.chunk_name,
+            });
+            (atoms::ok(), chunk).encode(env)
+        }
+        Err(e) => {
+            let message = e.to_string();
+            let line = crate::error::line_of(&message, &opts.chunk_name);
+            (atoms::error(), e.kind(), message, line).encode(env)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compiles_and_rejects() {
+        assert!(compile_bytes(b"return 1", "script", 100).is_ok());
+        assert!(matches!(
+            compile_bytes(b"return +", "script", 100),
+            Err(SandboxError::Syntax(m)) if m.starts_with("script:1:")
+        ));
+        assert!(matches!(
+            compile_bytes(b"\x1bLua", "script", 100),
+            Err(SandboxError::InvalidInput(_))
+        ));
+        assert!(matches!(
+            compile_bytes(b"return 1", "script", 3),
+            Err(SandboxError::InvalidInput(_))
+        ));
+    }
+}

@@ -1,0 +1,14 @@
+//! lua_sandbox_nif: sandboxed Lua 5.4 for the BEAM. See the README for the security model.
+
+mod atoms;
+mod budget;
+mod chunk;
+mod error;
+mod hardened;
+mod marshal;
+mod output;
+mod run;
+mod sandbox;
+mod stack;
+
+rustler::init!("Elixir.LuaSandbox.Native");

@@ -1,0 +1,542 @@
+//! The NIFs that run Lua: start a run, resume it after a tool call.
+//!
+//! A run is a coroutine inside a fresh sandboxed state, kept in a resource so a tool call can
+//! suspend it, hand `{:tool_call, run, name, args}` to Elixir, and be resumed later on any
+//! dirty scheduler. The resource belongs to the process that started the run: only it may
+//! resume, and when it dies the resource (and the whole Lua state) is freed by the GC.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use mlua::chunk::ChunkMode;
+use mlua::{Function, MultiValue, Table, Thread, Value};
+use rustler::types::LocalPid;
+use rustler::{Atom, Encoder, Env, NifMap, NifResult, ResourceArc, Term, TermType};
+
+use crate::atoms;
+use crate::budget::{self, Abort, Activation, Control};
+
+use crate::chunk::CompiledChunk;
+use crate::error::{line_of, SandboxError};
+use crate::marshal::{binary_term, ToLua, ToTerm};
+use crate::output::{Output, PrintMode};
+use crate::sandbox::Sandbox;
+use crate::stack;
+
+/// Options, already validated and defaulted by `LuaSandbox.Options`.
+#[derive(NifMap)]
+pub struct RunOpts<'a> {
+    pub max_instructions: u64,
+    pub max_memory: u64,
+    pub max_depth: u64,
+    pub max_result_bytes: u64,
+    pub max_output: u64,
+    pub max_source: u64,
+    pub max_tool_calls: u64,
+    pub print: Atom,
+    pub print_pid: Option<LocalPid>,
+    pub chunk_name: String,
+    pub globals: Vec<(String, Term<'a>)>,
+    pub call: Option<(String, Vec<Term<'a>>)>,
+    pub tools: Vec<String>,
+    pub modules: Vec<(String, Term<'a>)>,
+}
+
+struct Session {
+    thread: Thread,
+    tool_marker: Table,
+    control: Box<Control>,
+    chunk_name: String,
+    max_depth: usize,
+    max_result_bytes: u64,
+    max_tool_calls: u64,
+    tool_calls: u64,
+    elapsed: Duration,
+    // Last: every Lua value above refers into this state.
+    sandbox: Sandbox,
+}
+
+pub struct Run {
+    owner: LocalPid,
+    session: Mutex<Option<Session>>,
+}
+
+#[rustler::resource_impl]
+impl rustler::Resource for Run {}
+
+/// What a step of the run produced.
+enum Step {
+    Done(MultiValue),
+    Failed(Value),
+    ToolCall(String, MultiValue),
+}
+
+#[rustler::nif(schedule = "DirtyCpu")]
+fn run_start<'a>(env: Env<'a>, source: Term<'a>, opts: RunOpts<'a>) -> NifResult<Term<'a>> {
+    let source = Source::decode(source)?;
+    Ok(stack::with_big_stack(|| start(env, source, opts)))
+}
+
+#[rustler::nif(schedule = "DirtyCpu")]
+fn run_resume<'a>(env: Env<'a>, run: ResourceArc<Run>, reply: Term<'a>) -> NifResult<Term<'a>> {
+    if env.pid() != run.owner {
+        return Err(rustler::Error::RaiseTerm(Box::new(
+            "a run can only be resumed by the process that started it",
+        )));
+    }
+    let session = run
+        .session
+        .try_lock()
+        .map_err(|_| rustler::Error::RaiseTerm(Box::new("run is busy")))?
+        .take();
+    let Some(mut session) = session else {
+        return Err(rustler::Error::RaiseTerm(Box::new("run has already finished")));
+    };
+    Ok(stack::with_big_stack(|| {
+        let t0 = Instant::now();
+        let step = {
+            let _active = Activation::new(&session.control, env.as_c_arg());
+            reply_to_lua(&session, reply).and_then(|args| resume(&session, args))
+        };
+        session.elapsed += t0.elapsed();
+        settle(env, session, step, Some(run.clone()))
+    }))
+}
+
+enum Source<'a> {
+    Text(rustler::Binary<'a>),
+    Chunk(ResourceArc<CompiledChunk>),
+}
+
+impl<'a> Source<'a> {
+    fn decode(term: Term<'a>) -> NifResult<Source<'a>> {
+        if term.get_type() == TermType::Binary {
+            return Ok(Source::Text(term.decode()?));
+        }
+        match term.decode::<ResourceArc<CompiledChunk>>() {
+            Ok(chunk) => Ok(Source::Chunk(chunk)),
+            Err(_) => Err(rustler::Error::BadArg),
+        }
+    }
+}
+
+fn print_mode(opts: &RunOpts) -> PrintMode {
+    let print = opts.print;
+    if print == atoms::send() {
+        match opts.print_pid {
+            Some(pid) => PrintMode::Send(pid),
+            None => PrintMode::Capture,
+        }
+    } else if print == atoms::log() {
+        PrintMode::Log
+    } else if print == atoms::discard() {
+        PrintMode::Discard
+    } else {
+        PrintMode::Capture
+    }
+}
+
+fn lua_error(e: mlua::Error) -> SandboxError {
+    match e {
+        mlua::Error::MemoryError(_) => SandboxError::MemoryLimit,
+        mlua::Error::SyntaxError { message, .. } => SandboxError::Syntax(message),
+        other => SandboxError::Runtime(other.to_string()),
+    }
+}
+
+fn start<'a>(env: Env<'a>, source: Source<'a>, opts: RunOpts<'a>) -> Term<'a> {
+    let t0 = Instant::now();
+    let max_source = opts.max_source as usize;
+    let (bytes, mode, chunk_name): (&[u8], ChunkMode, String) = match &source {
+        Source::Text(bin) => (bin.as_slice(), ChunkMode::Text, opts.chunk_name.clone()),
+        Source::Chunk(chunk) => (&chunk.bytecode, ChunkMode::Binary, chunk.name.clone()),
+    };
+    let early = |e: SandboxError| early_error(env, e, t0);
+    if mode == ChunkMode::Text {
+        if bytes.len() > max_source {
+            return early(SandboxError::InvalidInput(format!(
+                "source is {} bytes, over max_source ({max_source})",
+                bytes.len()
+            )));
+        }
+        if bytes.first() == Some(&0x1b) {
+            return early(SandboxError::InvalidInput(
+                "binary chunks are not accepted; pass Lua source text".to_string(),
+            ));
+        }
+    }
+    let sandbox = match Sandbox::new(max_source) {
+        Ok(s) => s,
+        Err(e) => return early(lua_error(e)),
+    };
+    let control = Box::new(Control::new(opts.max_instructions));
+    let lua = &sandbox.lua;
+    lua.set_app_data(Output::new(opts.max_output as usize, print_mode(&opts)));
+    if let Err(e) = lua.set_memory_limit(opts.max_memory as usize) {
+        return early(lua_error(e));
+    }
+
+    let prepared = {
+        let _active = Activation::new(&control, env.as_c_arg());
+        prepare(&sandbox, &control, &opts, bytes, mode, &chunk_name)
+    };
+    let (thread, args) = match prepared {
+        Ok(x) => x,
+        Err(e) => {
+            let e = control.abort().map(SandboxError::from).unwrap_or(e);
+            return error_term(env, &sandbox, &control, t0.elapsed(), 0, &chunk_name, e, Value::Nil);
+        }
+    };
+    let session = Session {
+        thread,
+        tool_marker: sandbox.tool_marker.clone(),
+        control,
+        chunk_name,
+        max_depth: opts.max_depth as usize,
+        max_result_bytes: opts.max_result_bytes,
+        max_tool_calls: opts.max_tool_calls,
+        tool_calls: 0,
+        elapsed: Duration::ZERO,
+        sandbox,
+    };
+    let step = {
+        let _active = Activation::new(&session.control, env.as_c_arg());
+        resume(&session, args)
+    };
+    let mut session = session;
+    session.elapsed = t0.elapsed();
+    settle(env, session, step, None)
+}
+
+/// Everything between a pristine state and the first resume: globals, tools, modules, the
+/// chunk itself and the run coroutine. Runs under the budget and memory limit.
+fn prepare(
+    sandbox: &Sandbox,
+    control: &Control,
+    opts: &RunOpts,
+    bytes: &[u8],
+    mode: ChunkMode,
+    chunk_name: &str,
+) -> Result<(Thread, MultiValue), SandboxError> {
+    let lua = &sandbox.lua;
+    let globals = lua.globals();
+    let max_depth = opts.max_depth as usize;
+    let mut to_lua = ToLua::new(lua, max_depth, "globals");
+    for (name, term) in &opts.globals {
+        let v = to_lua.convert_named(name, *term)?;
+        globals.raw_set(name.as_str(), v).map_err(lua_error)?;
+    }
+    if !opts.tools.is_empty() {
+        let names = lua.create_sequence_from(opts.tools.iter().map(|s| s.as_str())).map_err(lua_error)?;
+        sandbox.make_tools.call::<()>(names).map_err(lua_error)?;
+    }
+    let loaders = lua.create_table().map_err(lua_error)?;
+    for (name, term) in &opts.modules {
+        let f = load_module(sandbox, name, *term, opts.max_source as usize)?;
+        loaders.raw_set(name.as_str(), f).map_err(lua_error)?;
+    }
+    sandbox.make_require.call::<()>(loaders).map_err(lua_error)?;
+
+    let chunk = lua
+        .load(bytes)
+        .set_name(format!("={chunk_name}"))
+        .set_mode(mode)
+        .into_function()
+        .map_err(lua_error)?;
+
+    let mut args = MultiValue::new();
+    args.push_back(Value::Function(chunk));
+    if let Some((name, call_args)) = &opts.call {
+        args.push_back(Value::String(lua.create_string(name).map_err(lua_error)?));
+        let mut to_lua = ToLua::new(lua, max_depth, "call.args");
+        for (i, a) in call_args.iter().enumerate() {
+            args.push_back(to_lua.convert_indexed(i as i64 + 1, *a)?);
+        }
+    }
+    let thread = lua.create_thread(sandbox.runner.clone()).map_err(lua_error)?;
+    budget::install_hook(thread.state(), control);
+    sandbox.set_main.call::<()>(thread.clone()).map_err(lua_error)?;
+    Ok((thread, args))
+}
+
+fn load_module(
+    sandbox: &Sandbox,
+    name: &str,
+    term: Term,
+    max_source: usize,
+) -> Result<Function, SandboxError> {
+    let lua = &sandbox.lua;
+    if term.get_type() == TermType::Binary {
+        let bin: rustler::Binary = term.decode().map_err(|_| bad_module(name))?;
+        if bin.len() > max_source {
+            return Err(SandboxError::InvalidInput(format!(
+                "module '{name}' is over max_source ({max_source})"
+            )));
+        }
+        if bin.as_slice().first() == Some(&0x1b) {
+            return Err(SandboxError::InvalidInput(format!(
+                "module '{name}': binary chunks are not accepted"
+            )));
+        }
+        lua.load(bin.as_slice())
+            .set_name(format!("={name}"))
+            .set_mode(ChunkMode::Text)
+            .into_function()
+            .map_err(lua_error)
+    } else {
+        let chunk: ResourceArc<CompiledChunk> = term.decode().map_err(|_| bad_module(name))?;
+        lua.load(&chunk.bytecode[..])
+            .set_name(format!("={}", chunk.name))
+            .set_mode(ChunkMode::Binary)
+            .into_function()
+            .map_err(lua_error)
+    }
+}
+
+fn bad_module(name: &str) -> SandboxError {
+    SandboxError::InvalidInput(format!("module '{name}' must be Lua source or a compiled chunk"))
+}
+
+/// Resumes the run coroutine once and classifies what came back.
+fn resume(session: &Session, args: MultiValue) -> Result<Step, SandboxError> {
+    let result = session.thread.resume::<MultiValue>(args);
+    if let Some(why) = session.control.abort() {
+        return Err(why.into());
+    }
+    let mut values = result.map_err(lua_error)?;
+    if session.thread.status() == mlua::thread::ThreadStatus::Resumable {
+        let is_tool = matches!(values.front(), Some(Value::Table(t)) if t.to_pointer() == session.tool_marker.to_pointer());
+        if !is_tool {
+            return Err(SandboxError::Runtime(
+                "attempt to yield from outside a coroutine".to_string(),
+            ));
+        }
+        values.pop_front();
+        let name = match values.pop_front() {
+            Some(Value::String(s)) => s.to_string_lossy(),
+            _ => String::new(),
+        };
+        return Ok(Step::ToolCall(name, values));
+    }
+    match values.pop_front() {
+        Some(Value::Boolean(true)) => Ok(Step::Done(values)),
+        _ => {
+            let err = values.pop_front().unwrap_or(Value::Nil);
+            if let Value::String(s) = &err {
+                if &*s.as_bytes() == b"not enough memory" {
+                    return Err(SandboxError::MemoryLimit);
+                }
+            }
+            Ok(Step::Failed(err))
+        }
+    }
+}
+
+/// Turns a step into the NIF's answer; a tool call parks the session in the resource.
+fn settle<'a>(
+    env: Env<'a>,
+    mut session: Session,
+    step: Result<Step, SandboxError>,
+    run: Option<ResourceArc<Run>>,
+) -> Term<'a> {
+    match step {
+        Err(e) => finish_error(env, &session, e, Value::Nil),
+        Ok(Step::Failed(value)) => {
+            let message = error_message(&value);
+            finish_error(env, &session, SandboxError::Runtime(message), value)
+        }
+        Ok(Step::Done(values)) => {
+            let mut to_term = ToTerm::new(env, session.max_depth, session.max_result_bytes, "result");
+            let mut terms = Vec::with_capacity(values.len());
+            for (i, v) in values.iter().enumerate() {
+                match to_term.convert_indexed(i as i64 + 1, v) {
+                    Ok(t) => terms.push(t),
+                    Err(e) => return finish_error(env, &session, e, Value::Nil),
+                }
+            }
+            let output = take_output(&session.sandbox);
+            (atoms::ok(), terms, binary_term(env, &output), stats(env, &session)).encode(env)
+        }
+        Ok(Step::ToolCall(name, args)) => {
+            session.tool_calls += 1;
+            if session.tool_calls > session.max_tool_calls {
+                session.control.set_abort(Abort::ToolCalls);
+                return finish_error(env, &session, SandboxError::ToolLimit, Value::Nil);
+            }
+            let root = format!("tools.{name}");
+            let mut to_term = ToTerm::new(env, session.max_depth, session.max_result_bytes, &root);
+            let mut terms = Vec::with_capacity(args.len());
+            for (i, v) in args.iter().enumerate() {
+                match to_term.convert_indexed(i as i64 + 1, v) {
+                    Ok(t) => terms.push(t),
+                    Err(e) => return finish_error(env, &session, e, Value::Nil),
+                }
+            }
+            let name_term = binary_term(env, name.as_bytes());
+            let run = run.unwrap_or_else(|| {
+                ResourceArc::new(Run {
+                    owner: env.pid(),
+                    session: Mutex::new(None),
+                })
+            });
+            *run.session.lock().unwrap_or_else(|p| p.into_inner()) = Some(session);
+            (atoms::tool_call(), run.clone(), name_term, terms).encode(env)
+        }
+    }
+}
+
+/// Lua's own rendering of an error object, without running metamethods.
+fn error_message(value: &Value) -> String {
+    match value {
+        Value::String(s) => s.to_string_lossy(),
+        Value::Integer(i) => i.to_string(),
+        Value::Number(n) => format!("{n}"),
+        Value::Nil => "(error object is a nil value)".to_string(),
+        other => format!("(error object is a {} value)", other.type_name()),
+    }
+}
+
+/// Elixir's answer to a tool call, as the values the tool function sees.
+fn reply_to_lua(session: &Session, reply: Term) -> Result<MultiValue, SandboxError> {
+    let lua = &session.sandbox.lua;
+    let (tag, payload): (Atom, Term) = reply
+        .decode()
+        .map_err(|_| SandboxError::InvalidInput("bad tool reply".to_string()))?;
+    let mut values = MultiValue::new();
+    if tag == atoms::ok() {
+        let mut to_lua = ToLua::new(lua, session.max_depth, "tool result");
+        values.push_back(Value::Boolean(true));
+        values.push_back(to_lua.convert_indexed(1, payload)?);
+    } else if tag == atoms::error() {
+        let msg: rustler::Binary = payload
+            .decode()
+            .map_err(|_| SandboxError::InvalidInput("bad tool error".to_string()))?;
+        values.push_back(Value::Boolean(true));
+        values.push_back(Value::Nil);
+        values.push_back(Value::String(lua.create_string(msg.as_slice()).map_err(lua_error)?));
+    } else {
+        let msg: rustler::Binary = payload
+            .decode()
+            .map_err(|_| SandboxError::InvalidInput("bad tool failure".to_string()))?;
+        values.push_back(Value::Boolean(false));
+        values.push_back(Value::String(lua.create_string(msg.as_slice()).map_err(lua_error)?));
+    }
+    Ok(values)
+}
+
+fn take_output(sandbox: &Sandbox) -> Vec<u8> {
+    sandbox
+        .lua
+        .app_data_mut::<Output>()
+        .map(|mut o| std::mem::take(&mut o.buf))
+        .unwrap_or_default()
+}
+
+fn stats<'a>(env: Env<'a>, session: &Session) -> Term<'a> {
+    stats_term(
+        env,
+        &session.sandbox,
+        &session.control,
+        session.elapsed,
+        session.tool_calls,
+    )
+}
+
+fn stats_term<'a>(
+    env: Env<'a>,
+    sandbox: &Sandbox,
+    control: &Control,
+    elapsed: Duration,
+    tool_calls: u64,
+) -> Term<'a> {
+    control.note_memory(sandbox.lua.used_memory());
+    let keys = [
+        atoms::instructions().encode(env),
+        atoms::memory_peak().encode(env),
+        atoms::duration_us().encode(env),
+        atoms::tool_calls().encode(env),
+    ];
+    let values = [
+        control.instructions().encode(env),
+        (control.memory_peak() as u64).encode(env),
+        (elapsed.as_micros() as u64).encode(env),
+        tool_calls.encode(env),
+    ];
+    Term::map_from_arrays(env, &keys, &values).unwrap_or_else(|_| atoms::nil().encode(env))
+}
+
+fn finish_error<'a>(env: Env<'a>, session: &Session, e: SandboxError, value: Value) -> Term<'a> {
+    let e = session.control.abort().map(SandboxError::from).unwrap_or(e);
+    error_term(
+        env,
+        &session.sandbox,
+        &session.control,
+        session.elapsed,
+        session.tool_calls,
+        &session.chunk_name,
+        e,
+        value,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn error_term<'a>(
+    env: Env<'a>,
+    sandbox: &Sandbox,
+    control: &Control,
+    elapsed: Duration,
+    tool_calls: u64,
+    chunk_name: &str,
+    e: SandboxError,
+    value: Value,
+) -> Term<'a> {
+    let message = e.to_string();
+    let line = line_of(&message, chunk_name);
+    let traceback = if matches!(e, SandboxError::Runtime(_)) {
+        sandbox.lua.remove_app_data::<crate::sandbox::Traceback>().map(|t| t.0)
+    } else {
+        None
+    };
+    // A non-string error object travels as a value, bounded like any result.
+    let value_term = match &value {
+        Value::Nil | Value::String(_) => atoms::nil().encode(env),
+        v => ToTerm::new(env, 64, 1 << 20, "error")
+            .convert_root(v)
+            .unwrap_or_else(|_| atoms::nil().encode(env)),
+    };
+    let output = take_output(sandbox);
+    let stats = stats_term(env, sandbox, control, elapsed, tool_calls);
+    (
+        atoms::error(),
+        (e.kind(), message, line, traceback, value_term),
+        binary_term(env, &output),
+        stats,
+    )
+        .encode(env)
+}
+
+fn early_error(env: Env<'_>, e: SandboxError, t0: Instant) -> Term<'_> {
+    let stats = {
+        let keys = [
+            atoms::instructions().encode(env),
+            atoms::memory_peak().encode(env),
+            atoms::duration_us().encode(env),
+            atoms::tool_calls().encode(env),
+        ];
+        let values = [
+            0u64.encode(env),
+            0u64.encode(env),
+            (t0.elapsed().as_micros() as u64).encode(env),
+            0u64.encode(env),
+        ];
+        Term::map_from_arrays(env, &keys, &values).unwrap_or_else(|_| atoms::nil().encode(env))
+    };
+    let none: Option<String> = None;
+    (
+        atoms::error(),
+        (e.kind(), e.to_string(), none.clone(), none, atoms::nil()),
+        binary_term(env, b""),
+        stats,
+    )
+        .encode(env)
+}

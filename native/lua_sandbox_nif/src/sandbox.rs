@@ -1,0 +1,139 @@
+//! Building a sandboxed Lua state: the standard-library allowlist, the hardened builtins, the
+//! prelude that wraps everything a script could use to dodge a limit, and print capture.
+
+use std::ffi::c_int;
+
+use mlua::{ffi, Function, Lua, LuaOptions, StdLib, Table};
+
+use crate::budget::{self, Abort};
+use crate::output;
+
+const PRELUDE: &str = include_str!("prelude.lua");
+
+/// The traceback the prelude's error handler saved for the last runtime error.
+pub struct Traceback(pub String);
+
+/// A fresh state with the sandbox installed, before any run-specific setup.
+pub struct Sandbox {
+    pub lua: Lua,
+    /// Identifies tool calls yielded up to the host (see prelude.lua).
+    pub tool_marker: Table,
+    /// Runs the chunk (and the optional `call:` function) inside the run coroutine.
+    pub runner: Function,
+    /// Tells the prelude which coroutine is the run, so it can look like the main thread.
+    pub set_main: Function,
+    pub make_tools: Function,
+    pub make_require: Function,
+}
+
+/// The libraries a script may see; the prelude trims `os` and `string` further.
+fn libs() -> StdLib {
+    StdLib::STRING | StdLib::TABLE | StdLib::MATH | StdLib::UTF8 | StdLib::COROUTINE | StdLib::OS
+}
+
+impl Sandbox {
+    /// Creates a pristine sandboxed state. `max_source` bounds what `load` accepts.
+    pub fn new(max_source: usize) -> mlua::Result<Sandbox> {
+        let lua = Lua::new_with(libs(), LuaOptions::default())?;
+        let globals = lua.globals();
+        let string: Table = globals.raw_get("string")?;
+        let table: Table = globals.raw_get("table")?;
+        crate::hardened::install(&lua, &string, &table)?;
+
+        // SAFETY: both are plain `lua_CFunction`s that follow the Lua C API contract: they only
+        // touch their own stack slots, and raise (longjmp) with no Rust value alive that has a
+        // destructor.
+        let check = unsafe { lua.create_c_function(check_abort) }?;
+        let aborted = unsafe { lua.create_c_function(is_aborted) }?;
+        let emit = lua.create_function(|lua, s: mlua::LuaString| output::emit(lua, &s.as_bytes()))?;
+        let save_traceback = lua.create_function(|lua, ()| {
+            let tb = lua.traceback(None, 2)?;
+            lua.set_app_data(Traceback(user_frames(&tb.to_string_lossy())));
+            Ok(())
+        })?;
+
+        let (tool_marker, runner, set_main, make_tools, make_require) = lua
+            .load(PRELUDE)
+            .set_name("=prelude")
+            .set_mode(mlua::chunk::ChunkMode::Text)
+            .call::<(Table, Function, Function, Function, Function)>((
+                check,
+                aborted,
+                emit,
+                save_traceback,
+                max_source,
+            ))?;
+        Ok(Sandbox {
+            lua,
+            tool_marker,
+            runner,
+            set_main,
+            make_tools,
+            make_require,
+        })
+    }
+}
+
+/// `check(...)`: returns its arguments unchanged unless the run was aborted, in which case it
+/// raises again. It also recognises the allocator's refusal that `pcall` and friends turned
+/// into a `false, "not enough memory"` pair, and makes that abort sticky too.
+unsafe extern "C-unwind" fn check_abort(l: *mut ffi::lua_State) -> c_int {
+    // SAFETY: `l` is the calling thread, as Lua guarantees for a C function; the helpers only
+    // read stack slots that exist (`lua_gettop`), and `lua_error` leaves with no live Drop
+    // values in this frame.
+    unsafe {
+        let n = ffi::lua_gettop(l);
+        let memory_error = n >= 2 && ffi::lua_toboolean(l, 1) == 0 && is_memory_error(l, 2);
+        if memory_error {
+            budget::trip(Abort::Memory);
+        }
+        if let Some(why) = budget::current_abort() {
+            let msg = why.message();
+            ffi::lua_pushlstring(l, msg.as_ptr().cast(), msg.len());
+            ffi::lua_error(l);
+        }
+        n
+    }
+}
+
+/// `aborted()`: whether the run was aborted (used by the `xpcall` handler wrapper).
+unsafe extern "C-unwind" fn is_aborted(l: *mut ffi::lua_State) -> c_int {
+    // SAFETY: pushes one boolean onto the calling thread's stack; never raises.
+    unsafe {
+        ffi::lua_pushboolean(l, budget::current_abort().is_some() as c_int);
+    }
+    1
+}
+
+/// Whether stack slot `idx` holds Lua's out-of-memory message.
+///
+/// # Safety
+/// `idx` must be a valid index on `l`.
+unsafe fn is_memory_error(l: *mut ffi::lua_State, idx: c_int) -> bool {
+    const MSG: &[u8] = b"not enough memory";
+    // SAFETY: only called on an existing slot; `lua_tolstring` on a value that already is a
+    // string neither allocates nor raises, and the bytes stay valid while the slot holds it.
+    unsafe {
+        if ffi::lua_type(l, idx) != ffi::LUA_TSTRING {
+            return false;
+        }
+        let mut len = 0usize;
+        let p = ffi::lua_tolstring(l, idx, &mut len);
+        !p.is_null() && std::slice::from_raw_parts(p.cast::<u8>(), len) == MSG
+    }
+}
+
+/// The traceback without the prelude's frames below the script (its runner and `xpcall`).
+fn user_frames(tb: &str) -> String {
+    let mut lines: Vec<&str> = Vec::new();
+    for line in tb.lines() {
+        if line.contains("in upvalue 'raw_xpcall'") || line.trim_start().starts_with("prelude:") {
+            break;
+        }
+        lines.push(line);
+    }
+    if lines.last().is_some_and(|l| l.trim() == "(...tail calls...)") {
+        lines.pop();
+    }
+    lines.join("\n")
+}
