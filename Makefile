@@ -1,0 +1,45 @@
+# make demo  — run the CLI on examples/demo.lua (context in, table out, print, a limit)
+# make test  — every check: formatters, clippy, cargo test, mix test (warnings as errors)
+# make bench — benchmarks side by side with Luerl; make fuzz — the long property run
+
+SHELL := /bin/bash
+export MIX_ENV ?= test
+LUA_PROPERTY_CASES ?= 10000
+
+.PHONY: all deps build demo test check-format clippy cargo-test mix-test bench fuzz
+
+all: test
+
+deps:
+	@scripts/ensure_deps.sh
+
+build: deps
+	mix compile --warnings-as-errors
+
+demo: deps
+	MIX_ENV=dev mix lua_sandbox.run examples/demo.lua --global 'name=Ada' --max-instructions 5000000
+	@echo
+	@echo "--- the same script with a tight instruction budget:"
+	-MIX_ENV=dev mix lua_sandbox.run examples/demo.lua --global 'name=Ada' --max-instructions 2000
+
+check-format: deps
+	mix format --check-formatted
+	cargo fmt --all -- --check
+
+clippy:
+	cargo clippy --release --all-targets -- -D warnings
+
+cargo-test:
+	cargo test --release
+
+mix-test: deps
+	mix compile --warnings-as-errors
+	LUA_PROPERTY_CASES=$(LUA_PROPERTY_CASES) mix test --warnings-as-errors
+
+test: check-format clippy cargo-test mix-test
+
+bench: deps
+	MIX_ENV=prod mix run bench/run.exs
+
+fuzz: deps
+	LUA_PROPERTY_CASES=200000 mix test --only property
