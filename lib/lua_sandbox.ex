@@ -174,5 +174,9 @@ defmodule LuaSandbox do
   defp check_source!(%Chunk{}), do: :ok
 
   defp check_source!(other),
-    do: raise(ArgumentError, "source must be a string or a LuaSandbox.Chunk, got: #{inspect(other)}")
+    do:
+      raise(
+        ArgumentError,
+        "source must be a string or a LuaSandbox.Chunk, got: #{inspect(other)}"
+      )
 end

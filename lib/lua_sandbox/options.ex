@@ -32,7 +32,8 @@ defmodule LuaSandbox.Options do
     opts
   end
 
-  def validate!(other), do: raise(ArgumentError, "options must be a keyword list, got: #{inspect(other)}")
+  def validate!(other),
+    do: raise(ArgumentError, "options must be a keyword list, got: #{inspect(other)}")
 
   defp check!({key, n})
        when key in [
@@ -62,13 +63,21 @@ defmodule LuaSandbox.Options do
   end
 
   defp check!({:call, other}),
-    do: raise(ArgumentError, "call must be {name, args} with a list of args, got: #{inspect(other)}")
+    do:
+      raise(
+        ArgumentError,
+        "call must be {name, args} with a list of args, got: #{inspect(other)}"
+      )
 
   defp check!({:print, p}) when p in [:capture, :log, :discard], do: :ok
   defp check!({:print, {:send, pid}}) when is_pid(pid), do: :ok
 
   defp check!({:print, p}),
-    do: raise(ArgumentError, "print must be :capture, {:send, pid}, :log or :discard, got: #{inspect(p)}")
+    do:
+      raise(
+        ArgumentError,
+        "print must be :capture, {:send, pid}, :log or :discard, got: #{inspect(p)}"
+      )
 
   defp check!({:chunk_name, name}) do
     unless is_binary(name) and String.valid?(name) and name != "" do
@@ -78,13 +87,17 @@ defmodule LuaSandbox.Options do
 
   defp check!({:tools, tools}) do
     valid = is_map(tools) and Enum.all?(tools, fn {k, f} -> name?(k) and is_function(f, 1) end)
-    unless valid, do: raise(ArgumentError, "tools must be a map of name => fun/1, got: #{inspect(tools)}")
+
+    unless valid,
+      do: raise(ArgumentError, "tools must be a map of name => fun/1, got: #{inspect(tools)}")
   end
 
   defp check!({:modules, mods}) do
     valid =
       is_map(mods) and
-        Enum.all?(mods, fn {k, m} -> name?(k) and (is_binary(m) or is_struct(m, LuaSandbox.Chunk)) end)
+        Enum.all?(mods, fn {k, m} ->
+          name?(k) and (is_binary(m) or is_struct(m, LuaSandbox.Chunk))
+        end)
 
     unless valid do
       raise ArgumentError, "modules must be a map of name => source | %LuaSandbox.Chunk{}"
@@ -93,7 +106,8 @@ defmodule LuaSandbox.Options do
 
   defp check!({:timeout, t}) do
     unless t == :infinity or (is_integer(t) and t >= 0) do
-      raise ArgumentError, "timeout must be a non-negative integer or :infinity, got: #{inspect(t)}"
+      raise ArgumentError,
+            "timeout must be a non-negative integer or :infinity, got: #{inspect(t)}"
     end
   end
 
@@ -103,7 +117,8 @@ defmodule LuaSandbox.Options do
     unless is_nil(n) or is_atom(n), do: raise(ArgumentError, "node must be a node name")
   end
 
-  defp name?(n), do: (is_binary(n) and n != "") or (is_atom(n) and not is_nil(n) and not is_boolean(n))
+  defp name?(n),
+    do: (is_binary(n) and n != "") or (is_atom(n) and not is_nil(n) and not is_boolean(n))
 
   @doc "The map `LuaSandbox.Native.run_start/2` decodes."
   def to_native(opts) do

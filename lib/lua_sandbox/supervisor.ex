@@ -73,13 +73,17 @@ defmodule LuaSandbox.Supervisor do
 
       {:error, :max_children} ->
         {:error,
-         %Error{kind: :overloaded, message: "supervisor #{inspect(opts[:supervisor])} is at max_concurrency"}}
+         %Error{
+           kind: :overloaded,
+           message: "supervisor #{inspect(opts[:supervisor])} is at max_concurrency"
+         }}
 
       {:error, :noconnection} ->
         {:error, %Error{kind: :node_down, message: "node #{node} is not reachable"}}
 
       {:error, reason} ->
-        {:error, %Error{kind: :overloaded, message: "could not start the run: #{inspect(reason)}"}}
+        {:error,
+         %Error{kind: :overloaded, message: "could not start the run: #{inspect(reason)}"}}
     end
   end
 

@@ -63,7 +63,8 @@ defmodule Mix.Tasks.LuaSandbox.Run do
   defp line(%{line: nil}), do: ""
   defp line(%{line: n}), do: " (line #{n})"
 
-  defp indent(text), do: text |> String.split("\n", trim: true) |> Enum.map_join("\n", &("  " <> &1))
+  defp indent(text),
+    do: text |> String.split("\n", trim: true) |> Enum.map_join("\n", &("  " <> &1))
 
   defp parse_global(spec) do
     case String.split(spec, "=", parts: 2) do

@@ -1,0 +1,42 @@
+defmodule LuaSandbox.TestPeer do
+  @moduledoc false
+  # Real `:peer` nodes on loopback, started and stopped by the tests themselves.
+
+  @doc "Makes this VM a distributed node (starting epmd if needed)."
+  def ensure_distributed do
+    unless Node.alive?() do
+      {_, 0} = System.cmd("epmd", ["-daemon"])
+      name = :"lua_sandbox_test_#{System.unique_integer([:positive])}@127.0.0.1"
+      {:ok, _} = Node.start(name, :longnames)
+    end
+
+    :ok
+  end
+
+  @doc """
+  Starts a peer with our code paths and the :lua_sandbox app running. `vm_args` are extra
+  emulator flags, e.g. `["+SDcpu", "1:1"]` for a single dirty CPU scheduler.
+  """
+  def start(vm_args \\ []) do
+    ensure_distributed()
+    paths = Enum.flat_map(:code.get_path(), fn p -> [~c"-pa", p] end)
+    name = :"peer_#{System.unique_integer([:positive])}"
+
+    {:ok, pid, node} =
+      :peer.start_link(%{
+        name: name,
+        host: ~c"127.0.0.1",
+        longnames: true,
+        args: Enum.map(vm_args, &String.to_charlist/1) ++ paths
+      })
+
+    {:ok, _} = :erpc.call(node, Application, :ensure_all_started, [:lua_sandbox])
+    {pid, node}
+  end
+
+  def stop(pid) do
+    :peer.stop(pid)
+  catch
+    :exit, _ -> :ok
+  end
+end
