@@ -33,4 +33,5 @@ rustler::atoms! {
     memory_peak,
     duration_us,
     tool_calls,
+    struct_key = "__struct__",
 }

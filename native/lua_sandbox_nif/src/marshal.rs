@@ -163,6 +163,9 @@ impl<'l> ToLua<'l> {
     }
 
     fn convert_map(&mut self, term: Term, depth: usize) -> Result<Value, SandboxError> {
+        if term.map_get(atoms::struct_key()).is_ok() {
+            return Err(self.invalid("struct cannot become a Lua value"));
+        }
         let depth = self.enter(depth)?;
         let size = term.map_size().unwrap_or(0);
         let iter = MapIterator::new(term).ok_or_else(|| self.invalid("bad map"))?;
