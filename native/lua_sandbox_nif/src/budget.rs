@@ -195,6 +195,7 @@ fn caller_alive(env: *mut ErlNifEnv) -> bool {
 ///
 /// The hardened builtins call this every few hundred steps of their inner loops; the count
 /// hook calls it every `HOOK_INTERVAL` instructions. Returns the abort reason once one is set.
+#[allow(dead_code)] // used by the hardened builtins
 pub fn charge_steps(steps: u64) -> Result<(), Abort> {
     with_control(|control, env| {
         if let Some(why) = control.abort() {
@@ -211,11 +212,6 @@ pub fn charge_steps(steps: u64) -> Result<(), Abort> {
     .unwrap_or(Ok(()))
 }
 
-/// `charge_steps` for code that reports errors as `mlua::Error`.
-pub fn charge(steps: u64) -> mlua::Result<()> {
-    charge_steps(steps).map_err(|why| mlua::Error::RuntimeError(why.message().to_string()))
-}
-
 /// The abort reason of the active run, if any.
 pub fn current_abort() -> Option<Abort> {
     with_control(|control, _| control.abort()).flatten()
@@ -224,11 +220,6 @@ pub fn current_abort() -> Option<Abort> {
 /// Sets an abort on the active run (used by output and tool limits).
 pub fn trip(why: Abort) {
     with_control(|control, _| control.set_abort(why));
-}
-
-/// Records the current Lua heap size for `stats.memory_peak`.
-pub fn note_memory(bytes: usize) {
-    with_control(|control, _| control.note_memory(bytes));
 }
 
 fn used_memory(l: *mut ffi::lua_State) -> usize {
@@ -246,7 +237,14 @@ fn used_memory(l: *mut ffi::lua_State) -> usize {
 /// not mlua's per-thread one.
 pub fn install_hook(l: *mut ffi::lua_State, control: &Control) {
     // SAFETY: `l` is a valid state owned by the caller; `lua_sethook` never raises.
-    unsafe { ffi::lua_sethook(l, Some(count_hook), ffi::LUA_MASKCOUNT, control.next_interval()) };
+    unsafe {
+        ffi::lua_sethook(
+            l,
+            Some(count_hook),
+            ffi::LUA_MASKCOUNT,
+            control.next_interval(),
+        )
+    };
 }
 
 /// The count hook. It must not hold any value with a destructor when it raises, because

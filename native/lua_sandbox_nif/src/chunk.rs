@@ -25,7 +25,11 @@ pub struct CompileOpts {
 }
 
 /// Parses `source` into bytecode, with the same checks `run` applies to source text.
-pub fn compile_bytes(source: &[u8], name: &str, max_source: usize) -> Result<Vec<u8>, SandboxError> {
+pub fn compile_bytes(
+    source: &[u8],
+    name: &str,
+    max_source: usize,
+) -> Result<Vec<u8>, SandboxError> {
     if source.len() > max_source {
         return Err(SandboxError::InvalidInput(format!(
             "source is {} bytes, over max_source ({max_source})",
@@ -55,7 +59,11 @@ pub fn compile_bytes(source: &[u8], name: &str, max_source: usize) -> Result<Vec
 #[rustler::nif(schedule = "DirtyCpu")]
 fn compile<'a>(env: Env<'a>, source: rustler::Binary<'a>, opts: CompileOpts) -> Term<'a> {
     let result = crate::stack::with_big_stack(|| {
-        compile_bytes(source.as_slice(), &opts.chunk_name, opts.max_source as usize)
+        compile_bytes(
+            source.as_slice(),
+            &opts.chunk_name,
+            opts.max_source as usize,
+        )
     });
     match result {
         Ok(bytecode) => {

@@ -10,5 +10,7 @@ mod output;
 mod run;
 mod sandbox;
 mod stack;
+#[cfg(test)]
+mod test_stubs;
 
 rustler::init!("Elixir.LuaSandbox.Native");

@@ -102,7 +102,9 @@ impl<'l> ToLua<'l> {
     fn convert(&mut self, term: Term, depth: usize) -> Result<Value, SandboxError> {
         match term.get_type() {
             TermType::Atom => {
-                let name = term.atom_to_string().map_err(|_| self.invalid("bad atom"))?;
+                let name = term
+                    .atom_to_string()
+                    .map_err(|_| self.invalid("bad atom"))?;
                 Ok(match name.as_str() {
                     "nil" => Value::Nil,
                     "true" => Value::Boolean(true),
@@ -149,9 +151,14 @@ impl<'l> ToLua<'l> {
 
     fn convert_list(&mut self, term: Term, depth: usize) -> Result<Value, SandboxError> {
         let depth = self.enter(depth)?;
-        let len = term.list_length().map_err(|_| self.invalid("improper list"))?;
+        let len = term
+            .list_length()
+            .map_err(|_| self.invalid("improper list"))?;
         let iter: ListIterator = term.decode().map_err(|_| self.invalid("improper list"))?;
-        let table = self.lua.create_table_with_capacity(len, 0).map_err(lua_err)?;
+        let table = self
+            .lua
+            .create_table_with_capacity(len, 0)
+            .map_err(lua_err)?;
         for (i, item) in iter.enumerate() {
             let index = i as i64 + 1;
             self.path.0.push(Seg::Index(index));
@@ -169,7 +176,10 @@ impl<'l> ToLua<'l> {
         let depth = self.enter(depth)?;
         let size = term.map_size().unwrap_or(0);
         let iter = MapIterator::new(term).ok_or_else(|| self.invalid("bad map"))?;
-        let table = self.lua.create_table_with_capacity(0, size).map_err(lua_err)?;
+        let table = self
+            .lua
+            .create_table_with_capacity(0, size)
+            .map_err(lua_err)?;
         for (k, v) in iter {
             let (key, seg) = self.convert_key(k)?;
             self.path.0.push(seg);
@@ -193,7 +203,9 @@ impl<'l> ToLua<'l> {
                 Ok((Value::String(s), seg))
             }
             TermType::Atom => {
-                let name = k.atom_to_string().map_err(|_| self.invalid("bad atom key"))?;
+                let name = k
+                    .atom_to_string()
+                    .map_err(|_| self.invalid("bad atom key"))?;
                 match name.as_str() {
                     "true" => Ok((Value::Boolean(true), Seg::Other("true".into()))),
                     "false" => Ok((Value::Boolean(false), Seg::Other("false".into()))),
@@ -211,8 +223,9 @@ impl<'l> ToLua<'l> {
             TermType::Float => {
                 let f: f64 = k.decode().map_err(|_| self.invalid("bad float key"))?;
                 // Lua normalises float keys with an integer value to integers.
-                if f.fract() == 0.0 && f >= -9.223_372_036_854_776e18 && f < 9.223_372_036_854_776e18
-                {
+                const I64_RANGE: std::ops::Range<f64> =
+                    -9.223_372_036_854_776e18..9.223_372_036_854_776e18;
+                if f.fract() == 0.0 && I64_RANGE.contains(&f) {
                     Ok((Value::Integer(f as i64), Seg::Other(format!("{f}"))))
                 } else {
                     Ok((Value::Number(f), Seg::Other(format!("{f}"))))

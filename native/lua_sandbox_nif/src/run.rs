@@ -90,7 +90,9 @@ fn run_resume<'a>(env: Env<'a>, run: ResourceArc<Run>, reply: Term<'a>) -> NifRe
         .map_err(|_| rustler::Error::RaiseTerm(Box::new("run is busy")))?
         .take();
     let Some(mut session) = session else {
-        return Err(rustler::Error::RaiseTerm(Box::new("run has already finished")));
+        return Err(rustler::Error::RaiseTerm(Box::new(
+            "run has already finished",
+        )));
     };
     Ok(stack::with_big_stack(|| {
         let t0 = Instant::now();
@@ -184,7 +186,16 @@ fn start<'a>(env: Env<'a>, source: Source<'a>, opts: RunOpts<'a>) -> Term<'a> {
         Ok(x) => x,
         Err(e) => {
             let e = control.abort().map(SandboxError::from).unwrap_or(e);
-            return error_term(env, &sandbox, &control, t0.elapsed(), 0, &chunk_name, e, Value::Nil);
+            return error_term(
+                env,
+                &sandbox,
+                &control,
+                t0.elapsed(),
+                0,
+                &chunk_name,
+                e,
+                Value::Nil,
+            );
         }
     };
     let session = Session {
@@ -227,7 +238,9 @@ fn prepare(
         globals.raw_set(name.as_str(), v).map_err(lua_error)?;
     }
     if !opts.tools.is_empty() {
-        let names = lua.create_sequence_from(opts.tools.iter().map(|s| s.as_str())).map_err(lua_error)?;
+        let names = lua
+            .create_sequence_from(opts.tools.iter().map(|s| s.as_str()))
+            .map_err(lua_error)?;
         sandbox.make_tools.call::<()>(names).map_err(lua_error)?;
     }
     let loaders = lua.create_table().map_err(lua_error)?;
@@ -235,7 +248,10 @@ fn prepare(
         let f = load_module(sandbox, name, *term, opts.max_source as usize)?;
         loaders.raw_set(name.as_str(), f).map_err(lua_error)?;
     }
-    sandbox.make_require.call::<()>(loaders).map_err(lua_error)?;
+    sandbox
+        .make_require
+        .call::<()>(loaders)
+        .map_err(lua_error)?;
 
     let chunk = lua
         .load(bytes)
@@ -253,9 +269,14 @@ fn prepare(
             args.push_back(to_lua.convert_indexed(i as i64 + 1, *a)?);
         }
     }
-    let thread = lua.create_thread(sandbox.runner.clone()).map_err(lua_error)?;
+    let thread = lua
+        .create_thread(sandbox.runner.clone())
+        .map_err(lua_error)?;
     budget::install_hook(thread.state(), control);
-    sandbox.set_main.call::<()>(thread.clone()).map_err(lua_error)?;
+    sandbox
+        .set_main
+        .call::<()>(thread.clone())
+        .map_err(lua_error)?;
     Ok((thread, args))
 }
 
@@ -294,7 +315,9 @@ fn load_module(
 }
 
 fn bad_module(name: &str) -> SandboxError {
-    SandboxError::InvalidInput(format!("module '{name}' must be Lua source or a compiled chunk"))
+    SandboxError::InvalidInput(format!(
+        "module '{name}' must be Lua source or a compiled chunk"
+    ))
 }
 
 /// Resumes the run coroutine once and classifies what came back.
@@ -346,7 +369,8 @@ fn settle<'a>(
             finish_error(env, &session, SandboxError::Runtime(message), value)
         }
         Ok(Step::Done(values)) => {
-            let mut to_term = ToTerm::new(env, session.max_depth, session.max_result_bytes, "result");
+            let mut to_term =
+                ToTerm::new(env, session.max_depth, session.max_result_bytes, "result");
             let mut terms = Vec::with_capacity(values.len());
             for (i, v) in values.iter().enumerate() {
                 match to_term.convert_indexed(i as i64 + 1, v) {
@@ -355,7 +379,13 @@ fn settle<'a>(
                 }
             }
             let output = take_output(&session.sandbox);
-            (atoms::ok(), terms, binary_term(env, &output), stats(env, &session)).encode(env)
+            (
+                atoms::ok(),
+                terms,
+                binary_term(env, &output),
+                stats(env, &session),
+            )
+                .encode(env)
         }
         Ok(Step::ToolCall(name, args)) => {
             session.tool_calls += 1;
@@ -413,13 +443,17 @@ fn reply_to_lua(session: &Session, reply: Term) -> Result<MultiValue, SandboxErr
             .map_err(|_| SandboxError::InvalidInput("bad tool error".to_string()))?;
         values.push_back(Value::Boolean(true));
         values.push_back(Value::Nil);
-        values.push_back(Value::String(lua.create_string(msg.as_slice()).map_err(lua_error)?));
+        values.push_back(Value::String(
+            lua.create_string(msg.as_slice()).map_err(lua_error)?,
+        ));
     } else {
         let msg: rustler::Binary = payload
             .decode()
             .map_err(|_| SandboxError::InvalidInput("bad tool failure".to_string()))?;
         values.push_back(Value::Boolean(false));
-        values.push_back(Value::String(lua.create_string(msg.as_slice()).map_err(lua_error)?));
+        values.push_back(Value::String(
+            lua.create_string(msg.as_slice()).map_err(lua_error)?,
+        ));
     }
     Ok(values)
 }
@@ -493,7 +527,10 @@ fn error_term<'a>(
     let message = e.to_string();
     let line = line_of(&message, chunk_name);
     let traceback = if matches!(e, SandboxError::Runtime(_)) {
-        sandbox.lua.remove_app_data::<crate::sandbox::Traceback>().map(|t| t.0)
+        sandbox
+            .lua
+            .remove_app_data::<crate::sandbox::Traceback>()
+            .map(|t| t.0)
     } else {
         None
     };

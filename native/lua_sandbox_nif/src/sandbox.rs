@@ -2,6 +2,7 @@
 //! prelude that wraps everything a script could use to dodge a limit, and print capture.
 
 use std::ffi::c_int;
+use std::sync::OnceLock;
 
 use mlua::{ffi, Function, Lua, LuaOptions, StdLib, Table};
 
@@ -9,6 +10,20 @@ use crate::budget::{self, Abort};
 use crate::output;
 
 const PRELUDE: &str = include_str!("prelude.lua");
+
+/// The prelude compiled once per process: loading bytecode is several times cheaper than
+/// parsing the source for every state. It is our own compiler's output, never user input.
+fn prelude_bytecode() -> &'static [u8] {
+    static BYTECODE: OnceLock<Vec<u8>> = OnceLock::new();
+    BYTECODE.get_or_init(|| {
+        let lua = Lua::new_with(StdLib::NONE, LuaOptions::default()).expect("a bare Lua state");
+        lua.load(PRELUDE)
+            .set_name("=prelude")
+            .into_function()
+            .expect("the prelude parses")
+            .dump(false)
+    })
+}
 
 /// The traceback the prelude's error handler saved for the last runtime error.
 pub struct Traceback(pub String);
@@ -45,7 +60,8 @@ impl Sandbox {
         // destructor.
         let check = unsafe { lua.create_c_function(check_abort) }?;
         let aborted = unsafe { lua.create_c_function(is_aborted) }?;
-        let emit = lua.create_function(|lua, s: mlua::LuaString| output::emit(lua, &s.as_bytes()))?;
+        let emit =
+            lua.create_function(|lua, s: mlua::LuaString| output::emit(lua, &s.as_bytes()))?;
         let save_traceback = lua.create_function(|lua, ()| {
             let tb = lua.traceback(None, 2)?;
             lua.set_app_data(Traceback(user_frames(&tb.to_string_lossy())));
@@ -53,9 +69,9 @@ impl Sandbox {
         })?;
 
         let (tool_marker, runner, set_main, make_tools, make_require) = lua
-            .load(PRELUDE)
+            .load(prelude_bytecode())
             .set_name("=prelude")
-            .set_mode(mlua::chunk::ChunkMode::Text)
+            .set_mode(mlua::chunk::ChunkMode::Binary)
             .call::<(Table, Function, Function, Function, Function)>((
                 check,
                 aborted,
@@ -132,8 +148,50 @@ fn user_frames(tb: &str) -> String {
         }
         lines.push(line);
     }
-    if lines.last().is_some_and(|l| l.trim() == "(...tail calls...)") {
+    if lines
+        .last()
+        .is_some_and(|l| l.trim() == "(...tail calls...)")
+    {
         lines.pop();
     }
     lines.join("\n")
+}
+
+#[cfg(test)]
+mod timing_probe {
+    #[test]
+    #[ignore]
+    fn probe() {
+        let t = std::time::Instant::now();
+        for _ in 0..1000 {
+            let _ = super::Sandbox::new(1 << 20).unwrap();
+        }
+        eprintln!("sandbox new: {:?}/iter", t.elapsed() / 1000);
+        let t = std::time::Instant::now();
+        for _ in 0..1000 {
+            let _ = mlua::Lua::new_with(super::libs(), mlua::LuaOptions::default()).unwrap();
+        }
+        eprintln!("lua new: {:?}/iter", t.elapsed() / 1000);
+        let t = std::time::Instant::now();
+        for _ in 0..1000 {
+            let _ = mlua::Lua::new_with(mlua::StdLib::NONE, mlua::LuaOptions::default()).unwrap();
+        }
+        eprintln!("lua new bare: {:?}/iter", t.elapsed() / 1000);
+        let lua = mlua::Lua::new();
+        let t = std::time::Instant::now();
+        for _ in 0..1000 {
+            let _ = lua.load(super::PRELUDE).into_function().unwrap();
+        }
+        eprintln!("prelude parse: {:?}/iter", t.elapsed() / 1000);
+        let t = std::time::Instant::now();
+        for _ in 0..1000 {
+            let _ = lua.create_function(|_, ()| Ok(())).unwrap();
+        }
+        eprintln!("create_function: {:?}/iter", t.elapsed() / 1000);
+        let t = std::time::Instant::now();
+        for _ in 0..1000 {
+            crate::stack::with_big_stack(|| std::hint::black_box(1));
+        }
+        eprintln!("stack: {:?}/iter", t.elapsed() / 1000);
+    }
 }
