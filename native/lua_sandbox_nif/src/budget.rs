@@ -48,7 +48,7 @@ impl Abort {
         }
     }
 
-    fn c_message(self) -> &'static std::ffi::CStr {
+    pub(crate) fn c_message(self) -> &'static std::ffi::CStr {
         match self {
             Abort::Instructions => c"instruction limit exceeded",
             Abort::Memory => c"not enough memory",
@@ -195,7 +195,6 @@ fn caller_alive(env: *mut ErlNifEnv) -> bool {
 ///
 /// The hardened builtins call this every few hundred steps of their inner loops; the count
 /// hook calls it every `HOOK_INTERVAL` instructions. Returns the abort reason once one is set.
-#[allow(dead_code)] // used by the hardened builtins
 pub fn charge_steps(steps: u64) -> Result<(), Abort> {
     with_control(|control, env| {
         if let Some(why) = control.abort() {

@@ -1,4 +1,118 @@
-//! Placeholder until the budgeted builtins land.
-pub fn install(_lua: &mlua::Lua, _string: &mlua::Table, _table: &mlua::Table) -> mlua::Result<()> {
+//! Budget-charging builtins: `string.find`, `string.match`, `string.gmatch`, `string.gsub` and
+//! `table.sort`.
+//!
+//! Lua's count hook never fires while a C function runs, so these builtins could otherwise
+//! burn CPU for hours in one call (`string.find(string.rep('a', 3000), '.-.-.-b')`, a plain
+//! `find` is O(n*m), `table.sort` of a huge table). They are replaced by patched copies of Lua
+//! 5.4.9's own C code (`csrc/sb_strlib.c`, `csrc/sb_tablib.c`, built by `build.rs`): same
+//! algorithms, same argument checks and error messages, plus a step counter that calls
+//! [`lua_sandbox_charge`] every `SB_BATCH` (1000) steps. Once the run is aborted the builtin
+//! raises the abort message as a plain Lua string error, exactly like the count hook does, and
+//! the abort is sticky (see `crate::budget`).
+//!
+//! # Unwinding
+//!
+//! The C functions raise with `lua_error`, i.e. `longjmp`. They are only ever entered from the
+//! Lua VM (itself C) or, for the two openers, from a protected call made by [`install`], so the
+//! jump only crosses C frames. The two Rust functions the C code calls back into,
+//! [`lua_sandbox_charge`] and [`lua_sandbox_abort_message`], never raise and hold nothing with
+//! a destructor; they are `extern "C"`, so a panic inside them aborts instead of unwinding into
+//! C.
+
+use std::ffi::{c_char, c_int, c_ulonglong};
+
+use mlua::ffi;
+
+use crate::budget::{self, Abort};
+
+extern "C-unwind" {
+    /// Sets the patched `find`, `match`, `gmatch` and `gsub` on the table at stack index 1.
+    /// A `lua_CFunction` from `csrc/sb_strlib.c`; raises (longjmp) if argument 1 is no table.
+    fn lua_sandbox_open_strlib(l: *mut ffi::lua_State) -> c_int;
+    /// Sets the patched `sort` on the table at stack index 1.
+    /// A `lua_CFunction` from `csrc/sb_tablib.c`; raises (longjmp) if argument 1 is no table.
+    fn lua_sandbox_open_tablib(l: *mut ffi::lua_State) -> c_int;
+}
+
+/// Called by the patched builtins with the work done since the last call. Returns 0 to go on,
+/// nonzero once the run is aborted (the builtin then raises [`lua_sandbox_abort_message`]).
+///
+/// Never raises and never touches the Lua state; outside an active run it is free.
+#[no_mangle]
+pub extern "C" fn lua_sandbox_charge(_l: *mut ffi::lua_State, steps: c_ulonglong) -> c_int {
+    c_int::from(budget::charge_steps(steps).is_err())
+}
+
+/// The message the patched builtins raise once the run is aborted: a static NUL-terminated
+/// string, the same text the count hook raises.
+#[no_mangle]
+pub extern "C" fn lua_sandbox_abort_message() -> *const c_char {
+    budget::current_abort()
+        .map_or(c"run aborted", Abort::c_message)
+        .as_ptr()
+}
+
+/// Replaces `string.find`, `string.match`, `string.gmatch`, `string.gsub` and `table.sort`
+/// (in the `string` and `table` global tables, which the string metatable's `__index` shares)
+/// with the budget-charging copies.
+///
+/// Call it once per state, before running untrusted code and before anything copies the
+/// originals. Calling it again is harmless.
+pub fn install(lua: &mlua::Lua) -> mlua::Result<()> {
+    let globals = lua.globals();
+    let string: mlua::Table = globals.get("string")?;
+    let table: mlua::Table = globals.get("table")?;
+
+    // SAFETY: `lua_sandbox_open_strlib` is a genuine `lua_CFunction` (compiled from
+    // csrc/sb_strlib.c against the same Lua 5.4.9 headers and configuration as the VM mlua
+    // links): it only uses the documented C API on its own stack frame, checks that argument 1
+    // is a table, stores four C functions in it and returns 0 results. Its only failure mode is
+    // a Lua error (longjmp), and `Function::call` below runs it under `lua_pcall`, so that jump
+    // lands in the pcall inside mlua's protected-call machinery without crossing a Rust frame.
+    // The functions it installs follow the same rules (see the module docs).
+    let open_strlib = unsafe { lua.create_c_function(lua_sandbox_open_strlib) }?;
+    open_strlib.call::<()>(string)?;
+
+    // SAFETY: as above, for `lua_sandbox_open_tablib` (csrc/sb_tablib.c), which stores one C
+    // function (`sort`) in the table given as argument 1.
+    let open_tablib = unsafe { lua.create_c_function(lua_sandbox_open_tablib) }?;
+    open_tablib.call::<()>(table)?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::budget::{Activation, Control};
+
+    #[test]
+    fn c_messages_match_budget_messages() {
+        for why in [
+            Abort::Instructions,
+            Abort::Memory,
+            Abort::Output,
+            Abort::Killed,
+            Abort::ToolCalls,
+        ] {
+            assert_eq!(why.c_message().to_str().unwrap(), why.message());
+        }
+    }
+
+    #[test]
+    fn charge_reports_the_sticky_abort() {
+        assert_eq!(lua_sandbox_charge(std::ptr::null_mut(), u64::MAX), 0);
+        let control = Control::new(10);
+        let _a = Activation::new(&control, std::ptr::null_mut());
+        assert_eq!(lua_sandbox_charge(std::ptr::null_mut(), 9), 0);
+        assert_ne!(lua_sandbox_charge(std::ptr::null_mut(), 1), 0);
+        assert_ne!(lua_sandbox_charge(std::ptr::null_mut(), 0), 0);
+        // SAFETY: the pointer is a static NUL-terminated string.
+        let msg = unsafe { std::ffi::CStr::from_ptr(lua_sandbox_abort_message()) };
+        assert_eq!(msg.to_str().unwrap(), "instruction limit exceeded");
+    }
+}
+
+#[cfg(test)]
+mod budget_tests;
+#[cfg(test)]
+mod differential_tests;

@@ -50,10 +50,7 @@ impl Sandbox {
     /// Creates a pristine sandboxed state. `max_source` bounds what `load` accepts.
     pub fn new(max_source: usize) -> mlua::Result<Sandbox> {
         let lua = Lua::new_with(libs(), LuaOptions::default())?;
-        let globals = lua.globals();
-        let string: Table = globals.raw_get("string")?;
-        let table: Table = globals.raw_get("table")?;
-        crate::hardened::install(&lua, &string, &table)?;
+        crate::hardened::install(&lua)?;
 
         // SAFETY: both are plain `lua_CFunction`s that follow the Lua C API contract: they only
         // touch their own stack slots, and raise (longjmp) with no Rust value alive that has a

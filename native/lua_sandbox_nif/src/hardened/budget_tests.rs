@@ -1,0 +1,205 @@
+//! The patched builtins charge their work and stop once the budget is used up.
+
+use std::time::{Duration, Instant};
+
+use crate::budget::{self, Activation, Control};
+use crate::hardened;
+use mlua::Lua;
+
+const LIMIT: u64 = 1_000_000;
+const MSG: &str = "instruction limit exceeded";
+
+/// Catastrophic calls: each one would run for minutes to hours on stock Lua.
+const PATHOLOGICAL: &[(&str, &str)] = &[
+    (
+        "backtracking find",
+        "return string.find(string.rep('a', 3000), '.-.-.-b')",
+    ),
+    (
+        "backtracking match",
+        "return string.match(string.rep('a', 3000), '(.-)(.-)(.-)b')",
+    ),
+    (
+        "backtracking gmatch",
+        "for _ in string.gmatch(string.rep('a', 3000), '.-.-.-b') do end",
+    ),
+    (
+        "backtracking gsub",
+        "return string.gsub(string.rep('a', 3000), '.-.-.-b', 'x')",
+    ),
+    (
+        "method syntax",
+        "return (string.rep('a', 3000)):find('a*a*a*b')",
+    ),
+    (
+        "plain find",
+        "return string.find(string.rep('a', 1000000), string.rep('a', 10000) .. 'b', 1, true)",
+    ),
+    (
+        "find without specials",
+        "return string.find(string.rep('a', 1000000), string.rep('a', 10000) .. 'b')",
+    ),
+    (
+        "balanced",
+        "return string.find(string.rep('(', 200000), '%b()')",
+    ),
+    (
+        "back reference",
+        "return string.find(string.rep('a', 100000), '(a*)%1b')",
+    ),
+    (
+        "long set",
+        "return string.find(string.rep('a', 1000000), '[' .. string.rep('b', 100000) .. ']')",
+    ),
+    (
+        "sort",
+        "local t = {} for i = 1, 1000000 do t[i] = (i * 7919) % 1000003 end table.sort(t)",
+    ),
+    (
+        "sort with comparator",
+        "local t = {} for i = 1, 1000000 do t[i] = (i * 7919) % 1000003 end \
+         table.sort(t, function(a, b) return a > b end)",
+    ),
+    (
+        "sort long strings",
+        "local s, v, t = string.rep('x', 1000000), {}, {} \
+         for i = 1, 7 do v[i] = s .. i end \
+         for i = 1, 2000 do t[i] = v[i % 7 + 1] end table.sort(t)",
+    ),
+];
+
+fn state() -> Lua {
+    let lua = Lua::new();
+    hardened::install(&lua).unwrap();
+    lua
+}
+
+/// Runs `code` under `pcall` inside Lua and returns `(ok, type(err), err)`.
+fn pcall(lua: &Lua, code: &str) -> (bool, String, String) {
+    let f = lua.load(code).into_function().unwrap();
+    lua.load("local f = ... local ok, e = pcall(f) return ok, type(e), tostring(e)")
+        .call(f)
+        .unwrap()
+}
+
+#[test]
+fn pathological_calls_stop_at_the_limit() {
+    for (name, code) in PATHOLOGICAL {
+        let lua = state();
+        let control = Control::new(LIMIT);
+        let started = Instant::now();
+        let (ok, ty, err) = {
+            let _active = Activation::new(&control, std::ptr::null_mut());
+            pcall(&lua, code)
+        };
+        let elapsed = started.elapsed();
+        assert!(!ok, "{name}: did not fail");
+        assert_eq!(ty, "string", "{name}: error is not a plain string");
+        assert_eq!(err, MSG, "{name}");
+        assert_eq!(control.abort(), Some(budget::Abort::Instructions), "{name}");
+        assert!(
+            elapsed < Duration::from_secs(5),
+            "{name}: took {elapsed:?} to stop"
+        );
+        eprintln!("{name}: stopped after {elapsed:?}");
+    }
+}
+
+#[test]
+fn abort_is_sticky_in_builtins() {
+    let lua = state();
+    let control = Control::new(LIMIT);
+    let _active = Activation::new(&control, std::ptr::null_mut());
+    let (ok, _, err) = pcall(&lua, PATHOLOGICAL[0].1);
+    assert!(!ok && err == MSG);
+    // once aborted, even trivial calls of the patched builtins raise again
+    for code in [
+        "return string.find('abc', 'b')",
+        "return string.find('abc', 'b', 1, true)",
+        "return string.match('abc', 'b')",
+        "return string.gmatch('abc', 'b')()",
+        "return string.gsub('abc', 'b', 'x')",
+        "table.sort({3, 2, 1})",
+    ] {
+        assert_eq!(
+            pcall(&lua, code),
+            (false, "string".into(), MSG.into()),
+            "{code}"
+        );
+    }
+}
+
+#[test]
+fn with_the_count_hook_the_abort_is_not_swallowed() {
+    let lua = state();
+    let control = Control::new(LIMIT);
+    let _active = Activation::new(&control, std::ptr::null_mut());
+    // SAFETY (test): the raw state outlives the activation and the hook only reads `control`.
+    let installed = unsafe { lua.exec_raw::<()>((), |l| budget::install_hook(l, &control)) };
+    installed.unwrap();
+    let started = Instant::now();
+    let err = lua
+        .load("local ok = pcall(string.find, string.rep('a', 3000), '.-.-.-b') while true do end")
+        .exec()
+        .unwrap_err();
+    assert!(err.to_string().contains(MSG), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+#[test]
+fn normal_work_is_charged_but_succeeds() {
+    let lua = state();
+    let control = Control::new(LIMIT);
+    let _active = Activation::new(&control, std::ptr::null_mut());
+    let (a, b): (i64, i64) = lua
+        .load("return string.find(string.rep('ab', 1000) .. 'c', 'b(c)')")
+        .eval()
+        .map(|(a, b, _c): (i64, i64, String)| (a, b))
+        .unwrap();
+    assert_eq!((a, b), (2000, 2001));
+    let used = control.instructions();
+    assert!(used > 2000, "find charged only {used}");
+    lua.load("local t = {} for i = 1, 1000 do t[i] = -i end table.sort(t) assert(t[1] == -1000)")
+        .exec()
+        .unwrap();
+    assert!(control.instructions() > used + 1000);
+    assert_eq!(control.abort(), None);
+}
+
+#[test]
+fn without_activation_everything_works() {
+    let lua = state();
+    lua.load(
+        r#"
+        assert(string.find(string.rep('a', 30), '.-.-.-b') == nil)
+        assert(string.find(string.rep('a', 100000) .. 'b', string.rep('a', 100) .. 'b', 1, true)
+               == 99901)
+        assert(select(2, string.gsub(string.rep('ab', 50000), 'b', '%0%0')) == 50000)
+        local n = 0
+        for w in string.gmatch("one two three", "%a+") do n = n + 1 end
+        assert(n == 3)
+        assert(string.match("key = value", "(%w+)%s*=%s*(%w+)") == "key")
+        local t = {} for i = 1, 100000 do t[i] = (i * 7919) % 100003 end
+        table.sort(t)
+        for i = 2, #t do assert(t[i - 1] <= t[i]) end
+        table.sort(t, function(a, b) return a > b end)
+        assert(t[1] > t[#t])
+        "#,
+    )
+    .exec()
+    .unwrap();
+}
+
+#[test]
+fn activation_ends_cleanly() {
+    let lua = state();
+    let control = Control::new(10);
+    {
+        let _active = Activation::new(&control, std::ptr::null_mut());
+        let (ok, _, err) = pcall(&lua, "return string.rep('a', 5000):find('a-b')");
+        assert!(!ok && err == MSG);
+    }
+    // a later run (no activation here) is unaffected by the old abort
+    let r: Option<i64> = lua.load("return (string.find('xab', 'a'))").eval().unwrap();
+    assert_eq!(r, Some(2));
+}
