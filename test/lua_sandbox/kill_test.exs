@@ -13,9 +13,9 @@ defmodule LuaSandbox.KillTest do
     %{node: node}
   end
 
-  defp kill_then_run(node, source, opts) do
+  defp kill_then_run(node, source, opts, delay_ms \\ 50) do
     1 = :erpc.call(node, :erlang, :system_info, [:dirty_cpu_schedulers_online])
-    :erpc.call(node, LuaSandbox.TestRemote, :kill_then_run, [source, opts], 30_000)
+    :erpc.call(node, LuaSandbox.TestRemote, :kill_then_run, [source, opts, delay_ms], 30_000)
   end
 
   test "killing the caller of an infinite loop frees the only dirty scheduler", %{node: node} do
@@ -51,5 +51,46 @@ defmodule LuaSandbox.KillTest do
     src = "xpcall(function() while true do end end, function() while true do end end)"
     {elapsed_us, _} = kill_then_run(node, src, max_instructions: 1_000_000_000_000)
     assert elapsed_us < 2_000_000
+  end
+
+  test "a kill inside a pattern-matching builtin stops the run", %{node: node} do
+    src = "return string.find(string.rep('a', 100000), '.-.-.-.-b')"
+    {elapsed_us, finished?} = kill_then_run(node, src, max_instructions: 1_000_000_000_000)
+    refute finished?
+    assert elapsed_us < 2_000_000
+  end
+
+  test "a kill inside table.sort stops the run", %{node: node} do
+    src = """
+    local t = {} for i = 1, 3000000 do t[i] = (i * 7919) % 1000003 end
+    table.sort(t, function(a, b) return a > b end)
+    """
+
+    opts = [max_instructions: 1_000_000_000_000, max_memory: 1_000_000_000]
+    {elapsed_us, _} = kill_then_run(node, src, opts, 300)
+    assert elapsed_us < 2_000_000
+  end
+
+  test "a kill during a supervised run's timeout frees the scheduler", %{node: node} do
+    result =
+      :erpc.call(node, LuaSandbox, :run, [
+        "while true do end",
+        [timeout: 100, max_instructions: 1_000_000_000_000]
+      ])
+
+    assert {:error, %LuaSandbox.Error{kind: :timeout}} = result
+    assert {:ok, %{value: 2}} = :erpc.call(node, LuaSandbox, :run, ["return 1 + 1"], 5_000)
+  end
+
+  @tag timeout: 300_000
+  test "10_000 killed runs in a row leave the OS process memory flat", %{node: node} do
+    src = "local t = {} local i = 0 while true do i = i + 1 t[i % 1000 + 1] = {i} end"
+    opts = [max_instructions: 1_000_000_000_000]
+
+    {rss_before, rss_after} =
+      :erpc.call(node, LuaSandbox.TestRemote, :kill_many, [src, opts, 10_000], 280_000)
+
+    growth = (rss_after - rss_before) / rss_before
+    assert growth < 0.05, "RSS grew from #{rss_before} KiB to #{rss_after} KiB"
   end
 end

@@ -58,6 +58,9 @@ defmodule LuaSandbox.TestRemote do
     end
   end
 
+  @doc "A tool for tests: the node the tool runs on."
+  def whereami(_args), do: Atom.to_string(node())
+
   def rss_kib do
     "/proc/self/status"
     |> File.read!()
