@@ -82,6 +82,32 @@ defmodule LuaSandbox.KillTest do
     assert {:ok, %{value: 2}} = :erpc.call(node, LuaSandbox, :run, ["return 1 + 1"], 5_000)
   end
 
+  test "a kill while a tool runs ends the run", %{node: node} do
+    tools = %{sleep: &LuaSandbox.TestRemote.sleep_tool/1}
+    {elapsed_us, finished?} = kill_then_run(node, "tools.sleep(5000) return 1", tools: tools)
+    refute finished?
+    assert elapsed_us < 2_000_000
+  end
+
+  test "a kill during Lua between tool calls ends the run", %{node: node} do
+    tools = %{sleep: &LuaSandbox.TestRemote.sleep_tool/1}
+    src = "tools.sleep(1) while true do end"
+    opts = [tools: tools, max_instructions: 1_000_000_000_000]
+    {elapsed_us, finished?} = kill_then_run(node, src, opts)
+    refute finished?
+    assert elapsed_us < 2_000_000
+  end
+
+  @tag timeout: 300_000
+  test "10_000 runs killed during tool calls leak nothing", %{node: node} do
+    tools = %{sleep: &LuaSandbox.TestRemote.sleep_tool/1}
+    src = "local t = {} for i = 1, 1000 do t[i] = {i} end tools.sleep(1000)"
+    args = [src, [tools: tools], 10_000]
+    {rss_before, rss_after} = :erpc.call(node, LuaSandbox.TestRemote, :kill_many, args, 280_000)
+    growth = (rss_after - rss_before) / rss_before
+    assert growth < 0.05, "RSS grew from #{rss_before} KiB to #{rss_after} KiB"
+  end
+
   @tag timeout: 300_000
   test "10_000 killed runs in a row leave the OS process memory flat", %{node: node} do
     src = "local t = {} local i = 0 while true do i = i + 1 t[i % 1000 + 1] = {i} end"

@@ -58,6 +58,9 @@ defmodule LuaSandbox.TestRemote do
     end
   end
 
+  @doc "A tool for tests: sleeps `ms` milliseconds."
+  def sleep_tool([ms]), do: Process.sleep(ms)
+
   @doc "A tool for tests: the node the tool runs on."
   def whereami(_args), do: Atom.to_string(node())
 
