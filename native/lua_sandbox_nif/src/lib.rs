@@ -7,6 +7,7 @@ mod error;
 mod hardened;
 mod marshal;
 mod output;
+mod pool;
 mod run;
 mod sandbox;
 mod stack;
@@ -14,3 +15,8 @@ mod stack;
 mod test_stubs;
 
 rustler::init!("Elixir.LuaSandbox.Native");
+
+// Lua allocates many small objects when a state is built and closed; mimalloc makes that
+// markedly cheaper than glibc malloc (measured with the sandbox probe, see bench/RESULTS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;

@@ -2,7 +2,10 @@
 -- host's natives as arguments. Everything a protection depends on is captured here as an
 -- upvalue, so a script that replaces `_G`, `pcall`, `setmetatable` or `coroutine.*` only
 -- changes its own view, never the protections.
-local check, aborted, emit, save_traceback, max_source = ...
+local check, aborted, emit, save_traceback = ...
+
+-- Set per run through `configure` (returned below); the default matches the Elixir default.
+local max_source = 1048576
 
 local G = _G
 local type, select, error, tostring, rawget = type, select, error, tostring, rawget
@@ -286,8 +289,12 @@ local function runner(...)
   return raw_xpcall(run_inner, on_error, ...)
 end
 
-local function set_main(co)
+-- Per run: the run coroutine (so it can look like the main thread) and the `load` bound.
+local function configure(co, source_limit)
   main_co = co
+  max_source = source_limit
 end
 
-return TOOL, runner, set_main, make_tools, make_require
+make_require({})
+
+return TOOL, runner, configure, make_tools, make_require

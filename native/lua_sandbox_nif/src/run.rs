@@ -167,7 +167,7 @@ fn start<'a>(env: Env<'a>, source: Source<'a>, opts: RunOpts<'a>) -> Term<'a> {
             ));
         }
     }
-    let sandbox = match Sandbox::new(max_source) {
+    let sandbox = match crate::pool::take() {
         Ok(s) => s,
         Err(e) => return early(lua_error(e)),
     };
@@ -274,8 +274,8 @@ fn prepare(
         .map_err(lua_error)?;
     budget::install_hook(thread.state(), control);
     sandbox
-        .set_main
-        .call::<()>(thread.clone())
+        .configure
+        .call::<()>((thread.clone(), opts.max_source))
         .map_err(lua_error)?;
     Ok((thread, args))
 }
@@ -355,64 +355,80 @@ fn resume(session: &Session, args: MultiValue) -> Result<Step, SandboxError> {
     }
 }
 
-/// Turns a step into the NIF's answer; a tool call parks the session in the resource.
+/// Turns a step into the NIF's answer; a tool call parks the session in the resource, any
+/// other outcome hands the finished state to the pool's thread to close.
 fn settle<'a>(
     env: Env<'a>,
     mut session: Session,
     step: Result<Step, SandboxError>,
     run: Option<ResourceArc<Run>>,
 ) -> Term<'a> {
-    match step {
+    let term = match step {
         Err(e) => finish_error(env, &session, e, Value::Nil),
         Ok(Step::Failed(value)) => {
             let message = error_message(&value);
             finish_error(env, &session, SandboxError::Runtime(message), value)
         }
-        Ok(Step::Done(values)) => {
-            let mut to_term =
-                ToTerm::new(env, session.max_depth, session.max_result_bytes, "result");
-            let mut terms = Vec::with_capacity(values.len());
-            for (i, v) in values.iter().enumerate() {
-                match to_term.convert_indexed(i as i64 + 1, v) {
-                    Ok(t) => terms.push(t),
-                    Err(e) => return finish_error(env, &session, e, Value::Nil),
-                }
-            }
-            let output = take_output(&session.sandbox);
-            (
-                atoms::ok(),
-                terms,
-                binary_term(env, &output),
-                stats(env, &session),
-            )
-                .encode(env)
-        }
+        Ok(Step::Done(values)) => finish_ok(env, &session, &values),
         Ok(Step::ToolCall(name, args)) => {
             session.tool_calls += 1;
             if session.tool_calls > session.max_tool_calls {
                 session.control.set_abort(Abort::ToolCalls);
-                return finish_error(env, &session, SandboxError::ToolLimit, Value::Nil);
-            }
-            let root = format!("tools.{name}");
-            let mut to_term = ToTerm::new(env, session.max_depth, session.max_result_bytes, &root);
-            let mut terms = Vec::with_capacity(args.len());
-            for (i, v) in args.iter().enumerate() {
-                match to_term.convert_indexed(i as i64 + 1, v) {
-                    Ok(t) => terms.push(t),
-                    Err(e) => return finish_error(env, &session, e, Value::Nil),
+                finish_error(env, &session, SandboxError::ToolLimit, Value::Nil)
+            } else {
+                match tool_call_args(env, &session, &name, &args) {
+                    Err(e) => finish_error(env, &session, e, Value::Nil),
+                    Ok(terms) => {
+                        let name_term = binary_term(env, name.as_bytes());
+                        drop(args);
+                        let run = run.unwrap_or_else(|| {
+                            ResourceArc::new(Run {
+                                owner: env.pid(),
+                                session: Mutex::new(None),
+                            })
+                        });
+                        *run.session.lock().unwrap_or_else(|p| p.into_inner()) = Some(session);
+                        return (atoms::tool_call(), run.clone(), name_term, terms).encode(env);
+                    }
                 }
             }
-            let name_term = binary_term(env, name.as_bytes());
-            let run = run.unwrap_or_else(|| {
-                ResourceArc::new(Run {
-                    owner: env.pid(),
-                    session: Mutex::new(None),
-                })
-            });
-            *run.session.lock().unwrap_or_else(|p| p.into_inner()) = Some(session);
-            (atoms::tool_call(), run.clone(), name_term, terms).encode(env)
+        }
+    };
+    crate::pool::discard(Box::new(session));
+    term
+}
+
+fn finish_ok<'a>(env: Env<'a>, session: &Session, values: &MultiValue) -> Term<'a> {
+    let mut to_term = ToTerm::new(env, session.max_depth, session.max_result_bytes, "result");
+    let mut terms = Vec::with_capacity(values.len());
+    for (i, v) in values.iter().enumerate() {
+        match to_term.convert_indexed(i as i64 + 1, v) {
+            Ok(t) => terms.push(t),
+            Err(e) => return finish_error(env, session, e, Value::Nil),
         }
     }
+    let output = take_output(&session.sandbox);
+    (
+        atoms::ok(),
+        terms,
+        binary_term(env, &output),
+        stats(env, session),
+    )
+        .encode(env)
+}
+
+fn tool_call_args<'a>(
+    env: Env<'a>,
+    session: &Session,
+    name: &str,
+    args: &MultiValue,
+) -> Result<Vec<Term<'a>>, SandboxError> {
+    let root = format!("tools.{name}");
+    let mut to_term = ToTerm::new(env, session.max_depth, session.max_result_bytes, &root);
+    args.iter()
+        .enumerate()
+        .map(|(i, v)| to_term.convert_indexed(i as i64 + 1, v))
+        .collect()
 }
 
 /// Lua's own rendering of an error object, without running metamethods.

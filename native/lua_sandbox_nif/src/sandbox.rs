@@ -21,7 +21,7 @@ fn prelude_bytecode() -> &'static [u8] {
             .set_name("=prelude")
             .into_function()
             .expect("the prelude parses")
-            .dump(false)
+            .dump(true)
     })
 }
 
@@ -35,8 +35,8 @@ pub struct Sandbox {
     pub tool_marker: Table,
     /// Runs the chunk (and the optional `call:` function) inside the run coroutine.
     pub runner: Function,
-    /// Tells the prelude which coroutine is the run, so it can look like the main thread.
-    pub set_main: Function,
+    /// `configure(run_coroutine, max_source)`: per-run settings of the prelude.
+    pub configure: Function,
     pub make_tools: Function,
     pub make_require: Function,
 }
@@ -47,8 +47,8 @@ fn libs() -> StdLib {
 }
 
 impl Sandbox {
-    /// Creates a pristine sandboxed state. `max_source` bounds what `load` accepts.
-    pub fn new(max_source: usize) -> mlua::Result<Sandbox> {
+    /// Creates a pristine sandboxed state: no user code has run in it, and no limit is set yet.
+    pub fn new() -> mlua::Result<Sandbox> {
         let lua = Lua::new_with(libs(), LuaOptions::default())?;
         crate::hardened::install(&lua)?;
 
@@ -65,7 +65,7 @@ impl Sandbox {
             Ok(())
         })?;
 
-        let (tool_marker, runner, set_main, make_tools, make_require) = lua
+        let (tool_marker, runner, configure, make_tools, make_require) = lua
             .load(prelude_bytecode())
             .set_name("=prelude")
             .set_mode(mlua::chunk::ChunkMode::Binary)
@@ -74,13 +74,12 @@ impl Sandbox {
                 aborted,
                 emit,
                 save_traceback,
-                max_source,
             ))?;
         Ok(Sandbox {
             lua,
             tool_marker,
             runner,
-            set_main,
+            configure,
             make_tools,
             make_require,
         })
@@ -156,39 +155,55 @@ fn user_frames(tb: &str) -> String {
 
 #[cfg(test)]
 mod timing_probe {
+    use super::*;
+
+    /// Where building a state goes: `cargo test --release probe -- --ignored --nocapture`.
     #[test]
     #[ignore]
     fn probe() {
-        let t = std::time::Instant::now();
-        for _ in 0..1000 {
-            let _ = super::Sandbox::new(1 << 20).unwrap();
+        let n = 2000u32;
+        let mut t = [std::time::Duration::ZERO; 6];
+        for _ in 0..n {
+            let t0 = std::time::Instant::now();
+            let lua = Lua::new_with(libs(), LuaOptions::default()).unwrap();
+            let t1 = std::time::Instant::now();
+            crate::hardened::install(&lua).unwrap();
+            let t2 = std::time::Instant::now();
+            let f = lua
+                .load(prelude_bytecode())
+                .set_mode(mlua::chunk::ChunkMode::Binary)
+                .into_function()
+                .unwrap();
+            let t3 = std::time::Instant::now();
+            let check = unsafe { lua.create_c_function(check_abort) }.unwrap();
+            let aborted = unsafe { lua.create_c_function(is_aborted) }.unwrap();
+            let emit = lua
+                .create_function(|_, _s: mlua::LuaString| Ok(()))
+                .unwrap();
+            let st = lua.create_function(|_, ()| Ok(())).unwrap();
+            let t4 = std::time::Instant::now();
+            let _r: mlua::MultiValue = f.call((check, aborted, emit, st)).unwrap();
+            let t5 = std::time::Instant::now();
+            drop(_r);
+            drop(lua);
+            let t6 = std::time::Instant::now();
+            for (k, d) in [t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5]
+                .iter()
+                .enumerate()
+            {
+                t[k] += *d;
+            }
         }
-        eprintln!("sandbox new: {:?}/iter", t.elapsed() / 1000);
-        let t = std::time::Instant::now();
-        for _ in 0..1000 {
-            let _ = mlua::Lua::new_with(super::libs(), mlua::LuaOptions::default()).unwrap();
+        let names = [
+            "new_with",
+            "hardened",
+            "load prelude",
+            "create fns",
+            "run prelude",
+            "drop",
+        ];
+        for (name, d) in names.iter().zip(t) {
+            eprintln!("{name}: {:?}", d / n);
         }
-        eprintln!("lua new: {:?}/iter", t.elapsed() / 1000);
-        let t = std::time::Instant::now();
-        for _ in 0..1000 {
-            let _ = mlua::Lua::new_with(mlua::StdLib::NONE, mlua::LuaOptions::default()).unwrap();
-        }
-        eprintln!("lua new bare: {:?}/iter", t.elapsed() / 1000);
-        let lua = mlua::Lua::new();
-        let t = std::time::Instant::now();
-        for _ in 0..1000 {
-            let _ = lua.load(super::PRELUDE).into_function().unwrap();
-        }
-        eprintln!("prelude parse: {:?}/iter", t.elapsed() / 1000);
-        let t = std::time::Instant::now();
-        for _ in 0..1000 {
-            let _ = lua.create_function(|_, ()| Ok(())).unwrap();
-        }
-        eprintln!("create_function: {:?}/iter", t.elapsed() / 1000);
-        let t = std::time::Instant::now();
-        for _ in 0..1000 {
-            crate::stack::with_big_stack(|| std::hint::black_box(1));
-        }
-        eprintln!("stack: {:?}/iter", t.elapsed() / 1000);
     }
 }
