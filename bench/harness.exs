@@ -45,7 +45,12 @@ defmodule Bench.Harness do
         :erlang.garbage_collect()
 
         {lat, wall} =
-          time_box(s.fun, s.budget_ms, Map.get(s, :min_calls, 1), Map.get(s, :max_calls, 1_000_000))
+          time_box(
+            s.fun,
+            s.budget_ms,
+            Map.get(s, :min_calls, 1),
+            Map.get(s, :max_calls, 1_000_000)
+          )
 
         Map.update!(acc, s.name, fn r ->
           %{lat: lat ++ r.lat, wall: r.wall + wall, calls: r.calls + length(lat)}
@@ -218,7 +223,12 @@ defmodule Bench.Harness do
       luerl:
         "#{Application.spec(:luerl, :vsn) || "?"}" <>
           if(luerl_deb, do: " (Debian erlang-luerl #{luerl_deb})", else: ""),
-      git: git
+      git: git,
+      load:
+        case File.read("/proc/loadavg") do
+          {:ok, l} -> l |> String.split() |> Enum.take(3) |> Enum.join(" ")
+          _ -> "unknown"
+        end
     }
   end
 
@@ -232,7 +242,10 @@ defmodule Bench.Harness do
 
       gnuplot ->
         tmp = path <> ".tmp"
-        dir = Path.join(System.tmp_dir!(), "lua_sandbox_bench_#{System.unique_integer([:positive])}")
+
+        dir =
+          Path.join(System.tmp_dir!(), "lua_sandbox_bench_#{System.unique_integer([:positive])}")
+
         File.mkdir_p!(dir)
         data = Path.join(dir, "ratios.dat")
         script = Path.join(dir, "ratios.gp")
