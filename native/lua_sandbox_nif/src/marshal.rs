@@ -1,11 +1,21 @@
 //! Terms to Lua values and back, bounded in depth and size, with cycle detection.
 //!
-//! Only raw access is used on the Lua side (no metamethod runs while a result is read), and no
-//! atom is ever created from Lua data.
+//! Both directions walk the Lua C API directly on the Lua stack (through `Lua::exec_raw`):
+//! going through mlua's `Value`/`Table` handles costs a registry reference per value and made
+//! a 1 MB term slower to marshal than Luerl's encode/decode.
+//!
+//! Soundness rests on one rule: no Lua API call made here may raise, because a raise would
+//! `longjmp` over Rust frames that own heap values. Reading (`lua_next`, `lua_rawgeti`,
+//! `lua_to*` on values of the right type, `lua_checkstack`) never raises. Writing could only
+//! raise on allocation failure (keys are never nil or NaN), so `push_globals`/`push_values`
+//! lift the memory limit while they build, track the size themselves, and restore the limit
+//! before the script runs. Only raw access is used: no metamethod runs, no atom is created
+//! from Lua data.
 
+use std::ffi::{c_int, c_void};
 use std::fmt::Write;
 
-use mlua::{Lua, Table, Value};
+use mlua::{ffi, Lua, MultiValue, Value};
 use rustler::types::{ListIterator, MapIterator};
 use rustler::{Encoder, Env, NewBinary, Term, TermType};
 
@@ -15,40 +25,91 @@ use crate::error::SandboxError;
 /// Fixed cost, in bytes, charged per value against `max_result_bytes` on top of string bytes.
 pub const VALUE_COST: u64 = 8;
 
+/// Estimated Lua heap bytes per value built from a term, for the early memory check.
+const LUA_VALUE_BYTES: usize = 40;
+
 /// One step of a path like `globals.ctx.items[3]`, for error messages.
 #[derive(Clone, Debug)]
 enum Seg {
-    Root(String),
     Key(String),
     Index(i64),
     Other(String),
 }
 
-#[derive(Default)]
-struct Path(Vec<Seg>);
+/// What went wrong, and where: the path is collected on the way back up (innermost first), so
+/// the common, successful case never builds path strings.
+struct Fail {
+    kind: FailKind,
+    rev_path: Vec<Seg>,
+}
 
-impl Path {
-    fn render(&self) -> String {
-        let mut out = String::new();
-        for seg in &self.0 {
+enum FailKind {
+    Invalid(String),
+    Unsupported(String),
+    Depth(usize),
+    Size(u64),
+    Cycle,
+    Memory,
+}
+
+impl Fail {
+    fn new(kind: FailKind) -> Fail {
+        Fail {
+            kind,
+            rev_path: Vec::new(),
+        }
+    }
+
+    fn at(mut self, seg: Seg) -> Fail {
+        self.rev_path.push(seg);
+        self
+    }
+
+    fn into_error(self, root: &str) -> SandboxError {
+        let mut path = root.to_string();
+        for seg in self.rev_path.iter().rev() {
             match seg {
-                Seg::Root(s) => out.push_str(s),
                 Seg::Key(k) if is_identifier(k) => {
-                    let _ = write!(out, ".{k}");
+                    let _ = write!(path, ".{k}");
                 }
                 Seg::Key(k) => {
-                    let _ = write!(out, "[{k:?}]");
+                    let _ = write!(path, "[{k:?}]");
                 }
                 Seg::Index(i) => {
-                    let _ = write!(out, "[{i}]");
+                    let _ = write!(path, "[{i}]");
                 }
                 Seg::Other(s) => {
-                    let _ = write!(out, "[{s}]");
+                    let _ = write!(path, "[{s}]");
                 }
             }
         }
-        out
+        match self.kind {
+            FailKind::Invalid(what) => SandboxError::InvalidInput(format!("{what} at {path}")),
+            FailKind::Unsupported(what) => SandboxError::UnsupportedValue(format!(
+                "{what} cannot leave the sandbox (at {path})"
+            )),
+            FailKind::Depth(max) => SandboxError::DepthLimit(format!(
+                "value nested deeper than max_depth ({max}) at {path}"
+            )),
+            FailKind::Size(max) => SandboxError::SizeLimit(format!(
+                "result larger than max_result_bytes ({max}) at {path}"
+            )),
+            FailKind::Cycle => SandboxError::Cycle(format!("table contains itself at {path}")),
+            FailKind::Memory => SandboxError::MemoryLimit,
+        }
     }
+}
+
+fn invalid(what: &str) -> Fail {
+    Fail::new(FailKind::Invalid(what.to_string()))
+}
+
+fn unsupported(what: &str) -> Fail {
+    Fail::new(FailKind::Unsupported(what.to_string()))
+}
+
+fn key_seg(bytes: &[u8]) -> Seg {
+    Seg::Key(String::from_utf8_lossy(bytes).into_owned())
 }
 
 fn is_identifier(s: &str) -> bool {
@@ -64,348 +125,713 @@ fn lua_err(e: mlua::Error) -> SandboxError {
     }
 }
 
-/// Elixir terms to Lua values.
-pub struct ToLua<'l> {
-    lua: &'l Lua,
+// ---------------------------------------------------------------------------------------------
+// Elixir -> Lua
+
+/// Sets each `(name, term)` as a global of `lua`. Paths in errors start at `globals`.
+pub fn push_globals(
+    lua: &Lua,
+    globals: &[(String, Term)],
     max_depth: usize,
-    path: Path,
+) -> Result<(), SandboxError> {
+    if globals.is_empty() {
+        return Ok(());
+    }
+    let mut result = Ok(());
+    let mut builder = None;
+    let outcome = building(lua, |lua, limit| {
+        let builder = builder.insert(Builder::new(lua, limit, max_depth));
+        // SAFETY: see the module doc: nothing in the closure raises, so it runs to its end
+        // (and `exec_raw`'s protected call only guards against the impossible).
+        unsafe {
+            lua.exec_raw::<()>((), |l| {
+                result = builder.set_globals(l, globals);
+            })
+        }
+    });
+    outcome.map_err(lua_err)?;
+    result.map_err(|f| f.into_error("globals"))?;
+    builder.map_or(Ok(()), |b| b.check_memory(lua))
 }
 
-impl<'l> ToLua<'l> {
-    pub fn new(lua: &'l Lua, max_depth: usize, root: &str) -> Self {
-        ToLua {
-            lua,
+/// Converts `terms` to Lua values; paths in errors start at `root` and index from 1.
+pub fn push_values(
+    lua: &Lua,
+    terms: &[Term],
+    max_depth: usize,
+    root: &str,
+) -> Result<MultiValue, SandboxError> {
+    let mut result = Ok(());
+    let mut builder = None;
+    let values = building(lua, |lua, limit| {
+        let builder = builder.insert(Builder::new(lua, limit, max_depth));
+        // SAFETY: as in `push_globals`. The values left on the stack become the MultiValue.
+        unsafe {
+            lua.exec_raw::<MultiValue>((), |l| {
+                result = builder.push_all(l, terms);
+            })
+        }
+    });
+    let values = values.map_err(lua_err)?;
+    result.map_err(|f| f.into_error(root))?;
+    if let Some(b) = builder {
+        b.check_memory(lua)?;
+    }
+    Ok(values)
+}
+
+/// Runs `f` with the state's memory limit lifted (so building cannot raise) and the collector
+/// paused (everything built is reachable anyway), then restores both.
+fn building<R>(lua: &Lua, f: impl FnOnce(&Lua, usize) -> R) -> R {
+    let limit = lua.set_memory_limit(0).unwrap_or(0);
+    let was_running = lua.gc_is_running();
+    lua.gc_stop();
+    let r = f(lua, limit);
+    if was_running {
+        lua.gc_restart();
+    }
+    let _ = lua.set_memory_limit(limit);
+    r
+}
+
+struct Builder {
+    max_depth: usize,
+    /// The memory limit in force outside the build (0: none).
+    limit: usize,
+    /// Heap size when the build started plus what it has added, estimated.
+    estimate: usize,
+}
+
+impl Builder {
+    fn new(lua: &Lua, limit: usize, max_depth: usize) -> Builder {
+        Builder {
             max_depth,
-            path: Path(vec![Seg::Root(root.to_string())]),
+            limit,
+            estimate: lua.used_memory(),
         }
     }
 
-    /// Converts `term`; `name` extends the root path (e.g. the global's name).
-    pub fn convert_named(&mut self, name: &str, term: Term) -> Result<Value, SandboxError> {
-        self.path.0.push(Seg::Key(name.to_string()));
-        let v = self.convert(term, 0)?;
-        self.path.0.pop();
-        Ok(v)
-    }
-
-    pub fn convert_indexed(&mut self, index: i64, term: Term) -> Result<Value, SandboxError> {
-        self.path.0.push(Seg::Index(index));
-        let v = self.convert(term, 0)?;
-        self.path.0.pop();
-        Ok(v)
-    }
-
-    fn invalid(&self, what: &str) -> SandboxError {
-        SandboxError::InvalidInput(format!("{} at {}", what, self.path.render()))
-    }
-
-    fn convert(&mut self, term: Term, depth: usize) -> Result<Value, SandboxError> {
-        match term.get_type() {
-            TermType::Atom => {
-                let name = term
-                    .atom_to_string()
-                    .map_err(|_| self.invalid("bad atom"))?;
-                Ok(match name.as_str() {
-                    "nil" => Value::Nil,
-                    "true" => Value::Boolean(true),
-                    "false" => Value::Boolean(false),
-                    _ => Value::String(self.lua.create_string(name).map_err(lua_err)?),
-                })
-            }
-            TermType::Integer => match term.decode::<i64>() {
-                Ok(i) => Ok(Value::Integer(i)),
-                Err(_) => Err(self.invalid("integer outside the 64-bit range")),
-            },
-            TermType::Float => {
-                let f: f64 = term.decode().map_err(|_| self.invalid("bad float"))?;
-                Ok(Value::Number(f))
-            }
-            TermType::Binary => {
-                let bin: rustler::Binary = term.decode().map_err(|_| self.invalid("bitstring"))?;
-                Ok(Value::String(
-                    self.lua.create_string(bin.as_slice()).map_err(lua_err)?,
-                ))
-            }
-            TermType::List => self.convert_list(term, depth),
-            TermType::Map => self.convert_map(term, depth),
-            TermType::Tuple => Err(self.invalid("tuple cannot become a Lua value")),
-            TermType::Pid => Err(self.invalid("pid cannot become a Lua value")),
-            TermType::Port => Err(self.invalid("port cannot become a Lua value")),
-            TermType::Ref => Err(self.invalid("reference cannot become a Lua value")),
-            TermType::Fun => Err(self.invalid("function cannot become a Lua value")),
-            TermType::Unknown => Err(self.invalid("unsupported term")),
+    /// Stops a build that would obviously exceed the memory limit before allocating it.
+    fn reserve(&mut self, bytes: usize) -> Result<(), Fail> {
+        self.estimate = self.estimate.saturating_add(bytes);
+        if self.limit > 0 && self.estimate > self.limit {
+            Err(Fail::new(FailKind::Memory))
+        } else {
+            Ok(())
         }
     }
 
-    fn enter(&self, depth: usize) -> Result<usize, SandboxError> {
+    fn check_memory(&self, lua: &Lua) -> Result<(), SandboxError> {
+        if self.limit > 0 && lua.used_memory() > self.limit {
+            Err(SandboxError::MemoryLimit)
+        } else {
+            Ok(())
+        }
+    }
+
+    unsafe fn set_globals(
+        &mut self,
+        l: *mut ffi::lua_State,
+        globals: &[(String, Term)],
+    ) -> Result<(), Fail> {
+        // SAFETY (whole fn): `l` is the running thread inside `exec_raw`; each push is preceded
+        // by a successful `lua_checkstack`; no call here raises (module doc).
+        unsafe {
+            if ffi::lua_checkstack(l, 4) == 0 {
+                return Err(invalid("Lua stack exhausted"));
+            }
+            ffi::lua_rawgeti(l, ffi::LUA_REGISTRYINDEX, ffi::LUA_RIDX_GLOBALS);
+            let g = ffi::lua_gettop(l);
+            for (name, term) in globals {
+                self.reserve(name.len() + LUA_VALUE_BYTES)?;
+                push_str(l, name.as_bytes());
+                self.push(l, *term, 0)
+                    .map_err(|f| f.at(Seg::Key(name.clone())))?;
+                ffi::lua_rawset(l, g);
+            }
+            ffi::lua_settop(l, g - 1);
+        }
+        Ok(())
+    }
+
+    unsafe fn push_all(&mut self, l: *mut ffi::lua_State, terms: &[Term]) -> Result<(), Fail> {
+        // SAFETY: as in `set_globals`.
+        unsafe {
+            if ffi::lua_checkstack(l, terms.len() as c_int + 4) == 0 {
+                return Err(invalid("too many values"));
+            }
+            for (i, term) in terms.iter().enumerate() {
+                self.push(l, *term, 0)
+                    .map_err(|f| f.at(Seg::Index(i as i64 + 1)))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Pushes the Lua value for `term` (exactly one slot on success).
+    unsafe fn push(
+        &mut self,
+        l: *mut ffi::lua_State,
+        term: Term,
+        depth: usize,
+    ) -> Result<(), Fail> {
+        // SAFETY: as in `set_globals`; callers guarantee one free slot, tables check for more.
+        unsafe {
+            match term.get_type() {
+                TermType::Atom => {
+                    if let Ok(b) = term.decode::<bool>() {
+                        ffi::lua_pushboolean(l, c_int::from(b));
+                    } else if term == atoms::nil().to_term(term.get_env()) {
+                        ffi::lua_pushnil(l);
+                    } else {
+                        let name = term.atom_to_string().map_err(|_| invalid("bad atom"))?;
+                        self.reserve(name.len() + LUA_VALUE_BYTES)?;
+                        push_str(l, name.as_bytes());
+                    }
+                }
+                TermType::Integer => match term.decode::<i64>() {
+                    Ok(i) => ffi::lua_pushinteger(l, i),
+                    Err(_) => return Err(invalid("integer outside the 64-bit range")),
+                },
+                TermType::Float => {
+                    let f: f64 = term.decode().map_err(|_| invalid("bad float"))?;
+                    ffi::lua_pushnumber(l, f);
+                }
+                TermType::Binary => {
+                    let bin: rustler::Binary = term.decode().map_err(|_| invalid("bitstring"))?;
+                    self.reserve(bin.len() + LUA_VALUE_BYTES)?;
+                    push_str(l, bin.as_slice());
+                }
+                TermType::List => self.push_list(l, term, depth)?,
+                TermType::Map => self.push_map(l, term, depth)?,
+                TermType::Tuple => return Err(invalid("tuple cannot become a Lua value")),
+                TermType::Pid => return Err(invalid("pid cannot become a Lua value")),
+                TermType::Port => return Err(invalid("port cannot become a Lua value")),
+                TermType::Ref => return Err(invalid("reference cannot become a Lua value")),
+                TermType::Fun => return Err(invalid("function cannot become a Lua value")),
+                TermType::Unknown => return Err(invalid("unsupported term")),
+            }
+        }
+        Ok(())
+    }
+
+    fn enter(&self, depth: usize) -> Result<usize, Fail> {
         if depth >= self.max_depth {
-            Err(SandboxError::DepthLimit(format!(
-                "value nested deeper than max_depth ({}) at {}",
-                self.max_depth,
-                self.path.render()
-            )))
+            Err(Fail::new(FailKind::Depth(self.max_depth)))
         } else {
             Ok(depth + 1)
         }
     }
 
-    fn convert_list(&mut self, term: Term, depth: usize) -> Result<Value, SandboxError> {
+    unsafe fn push_list(
+        &mut self,
+        l: *mut ffi::lua_State,
+        term: Term,
+        depth: usize,
+    ) -> Result<(), Fail> {
         let depth = self.enter(depth)?;
-        let len = term
-            .list_length()
-            .map_err(|_| self.invalid("improper list"))?;
-        let iter: ListIterator = term.decode().map_err(|_| self.invalid("improper list"))?;
-        let table = self
-            .lua
-            .create_table_with_capacity(len, 0)
-            .map_err(lua_err)?;
-        for (i, item) in iter.enumerate() {
-            let index = i as i64 + 1;
-            self.path.0.push(Seg::Index(index));
-            let v = self.convert(item, depth)?;
-            self.path.0.pop();
-            table.raw_set(index, v).map_err(lua_err)?;
+        let len = term.list_length().map_err(|_| invalid("improper list"))?;
+        let iter: ListIterator = term.decode().map_err(|_| invalid("improper list"))?;
+        self.reserve(len.saturating_mul(16).saturating_add(LUA_VALUE_BYTES))?;
+        let narr = c_int::try_from(len).map_err(|_| Fail::new(FailKind::Memory))?;
+        // SAFETY: as in `set_globals`.
+        unsafe {
+            if ffi::lua_checkstack(l, 3) == 0 {
+                return Err(invalid("Lua stack exhausted"));
+            }
+            ffi::lua_createtable(l, narr, 0);
+            let t = ffi::lua_gettop(l);
+            for (i, item) in iter.enumerate() {
+                let index = i as i64 + 1;
+                self.push(l, item, depth)
+                    .map_err(|f| f.at(Seg::Index(index)))?;
+                ffi::lua_rawseti(l, t, index);
+            }
         }
-        Ok(Value::Table(table))
+        Ok(())
     }
 
-    fn convert_map(&mut self, term: Term, depth: usize) -> Result<Value, SandboxError> {
+    unsafe fn push_map(
+        &mut self,
+        l: *mut ffi::lua_State,
+        term: Term,
+        depth: usize,
+    ) -> Result<(), Fail> {
         if term.map_get(atoms::struct_key()).is_ok() {
-            return Err(self.invalid("struct cannot become a Lua value"));
+            return Err(invalid("struct cannot become a Lua value"));
         }
         let depth = self.enter(depth)?;
         let size = term.map_size().unwrap_or(0);
-        let iter = MapIterator::new(term).ok_or_else(|| self.invalid("bad map"))?;
-        let table = self
-            .lua
-            .create_table_with_capacity(0, size)
-            .map_err(lua_err)?;
-        for (k, v) in iter {
-            let (key, seg) = self.convert_key(k)?;
-            self.path.0.push(seg);
-            let exists = !matches!(table.raw_get::<Value>(key.clone()), Ok(Value::Nil));
-            if exists {
-                return Err(self.invalid("two map keys become the same Lua key"));
+        let iter = MapIterator::new(term).ok_or_else(|| invalid("bad map"))?;
+        self.reserve(size.saturating_mul(40).saturating_add(LUA_VALUE_BYTES))?;
+        let nrec = c_int::try_from(size).map_err(|_| Fail::new(FailKind::Memory))?;
+        // SAFETY: as in `set_globals`.
+        unsafe {
+            if ffi::lua_checkstack(l, 4) == 0 {
+                return Err(invalid("Lua stack exhausted"));
             }
-            let value = self.convert(v, depth)?;
-            self.path.0.pop();
-            table.raw_set(key, value).map_err(lua_err)?;
-        }
-        Ok(Value::Table(table))
-    }
-
-    fn convert_key(&mut self, k: Term) -> Result<(Value, Seg), SandboxError> {
-        match k.get_type() {
-            TermType::Binary => {
-                let bin: rustler::Binary = k.decode().map_err(|_| self.invalid("bitstring key"))?;
-                let seg = Seg::Key(String::from_utf8_lossy(bin.as_slice()).into_owned());
-                let s = self.lua.create_string(bin.as_slice()).map_err(lua_err)?;
-                Ok((Value::String(s), seg))
-            }
-            TermType::Atom => {
-                let name = k
-                    .atom_to_string()
-                    .map_err(|_| self.invalid("bad atom key"))?;
-                match name.as_str() {
-                    "true" => Ok((Value::Boolean(true), Seg::Other("true".into()))),
-                    "false" => Ok((Value::Boolean(false), Seg::Other("false".into()))),
-                    "nil" => Err(self.invalid("nil cannot be a Lua table key")),
-                    _ => {
-                        let s = self.lua.create_string(&name).map_err(lua_err)?;
-                        Ok((Value::String(s), Seg::Key(name)))
+            ffi::lua_createtable(l, 0, nrec);
+            let t = ffi::lua_gettop(l);
+            // Distinct terms only become one Lua key across kinds (`"a"` and `:a`, `1` and
+            // `1.0`), so the lookup is only needed once the other kind has been seen.
+            let mut seen = KeyKinds::default();
+            for (k, v) in iter {
+                let kind = k.get_type();
+                self.push_key(l, k).map_err(|f| f.at(term_seg(k)))?;
+                if seen.may_collide(kind) {
+                    ffi::lua_pushvalue(l, -1);
+                    let taken = ffi::lua_rawget(l, t) != ffi::LUA_TNIL;
+                    ffi::lua_pop(l, 1);
+                    if taken {
+                        let f = invalid("two map keys become the same Lua key");
+                        return Err(f.at(term_seg(k)));
                     }
                 }
+                self.push(l, v, depth).map_err(|f| f.at(term_seg(k)))?;
+                ffi::lua_rawset(l, t);
             }
-            TermType::Integer => match k.decode::<i64>() {
-                Ok(i) => Ok((Value::Integer(i), Seg::Index(i))),
-                Err(_) => Err(self.invalid("integer key outside the 64-bit range")),
-            },
-            TermType::Float => {
-                let f: f64 = k.decode().map_err(|_| self.invalid("bad float key"))?;
-                // Lua normalises float keys with an integer value to integers.
-                const I64_RANGE: std::ops::Range<f64> =
-                    -9.223_372_036_854_776e18..9.223_372_036_854_776e18;
-                if f.fract() == 0.0 && I64_RANGE.contains(&f) {
-                    Ok((Value::Integer(f as i64), Seg::Other(format!("{f}"))))
-                } else {
-                    Ok((Value::Number(f), Seg::Other(format!("{f}"))))
+        }
+        Ok(())
+    }
+
+    /// Pushes a map key.
+    unsafe fn push_key(&mut self, l: *mut ffi::lua_State, k: Term) -> Result<(), Fail> {
+        // SAFETY: as in `set_globals`; `push_map` reserved the slots.
+        unsafe {
+            match k.get_type() {
+                TermType::Binary => {
+                    let bin: rustler::Binary = k.decode().map_err(|_| invalid("bitstring key"))?;
+                    self.reserve(bin.len() + LUA_VALUE_BYTES)?;
+                    push_str(l, bin.as_slice());
+                }
+                TermType::Atom => {
+                    if let Ok(b) = k.decode::<bool>() {
+                        ffi::lua_pushboolean(l, c_int::from(b));
+                    } else if k == atoms::nil().to_term(k.get_env()) {
+                        return Err(invalid("nil cannot be a Lua table key"));
+                    } else {
+                        let name = k.atom_to_string().map_err(|_| invalid("bad atom key"))?;
+                        self.reserve(name.len() + LUA_VALUE_BYTES)?;
+                        push_str(l, name.as_bytes());
+                    }
+                }
+                TermType::Integer => match k.decode::<i64>() {
+                    Ok(i) => ffi::lua_pushinteger(l, i),
+                    Err(_) => return Err(invalid("integer key outside the 64-bit range")),
+                },
+                TermType::Float => {
+                    let f: f64 = k.decode().map_err(|_| invalid("bad float key"))?;
+                    // Lua turns float keys with an integer value into integers itself; NaN
+                    // cannot come from Erlang.
+                    ffi::lua_pushnumber(l, f);
+                }
+                _ => {
+                    return Err(invalid(
+                        "map key must be a binary, atom, integer, float or boolean",
+                    ))
                 }
             }
-            _ => Err(self.invalid("map key must be a binary, atom, integer, float or boolean")),
+        }
+        Ok(())
+    }
+}
+
+/// Which kinds of keys a map has shown so far.
+#[derive(Default)]
+struct KeyKinds {
+    strings: bool,
+    atoms: bool,
+    integers: bool,
+    floats: bool,
+}
+
+impl KeyKinds {
+    /// Records `kind`; true if a key of this kind could equal an earlier key in Lua.
+    fn may_collide(&mut self, kind: TermType) -> bool {
+        match kind {
+            TermType::Binary => {
+                self.strings = true;
+                self.atoms
+            }
+            TermType::Atom => {
+                self.atoms = true;
+                self.strings
+            }
+            TermType::Integer => {
+                self.integers = true;
+                self.floats
+            }
+            TermType::Float => {
+                self.floats = true;
+                self.integers
+            }
+            _ => false,
         }
     }
 }
 
-/// Lua values to Elixir terms.
-pub struct ToTerm<'e> {
-    env: Env<'e>,
-    max_depth: usize,
-    bytes_left: u64,
-    max_bytes: u64,
-    path: Path,
-    visiting: Vec<*const std::ffi::c_void>,
+/// The path segment of a map key term (only computed for error messages).
+fn term_seg(k: Term) -> Seg {
+    match k.get_type() {
+        TermType::Binary => match k.decode::<rustler::Binary>() {
+            Ok(b) => key_seg(b.as_slice()),
+            Err(_) => Seg::Other("?".into()),
+        },
+        TermType::Atom => match k.atom_to_string() {
+            Ok(a) if a == "true" || a == "false" => Seg::Other(a),
+            Ok(a) => Seg::Key(a),
+            Err(_) => Seg::Other("?".into()),
+        },
+        TermType::Integer => k.decode::<i64>().map_or(Seg::Other("?".into()), Seg::Index),
+        _ => Seg::Other(format!("{k:?}")),
+    }
 }
 
-impl<'e> ToTerm<'e> {
-    pub fn new(env: Env<'e>, max_depth: usize, max_bytes: u64, root: &str) -> Self {
-        ToTerm {
+/// Pushes a string. Only called with the memory limit lifted (see the module doc).
+unsafe fn push_str(l: *mut ffi::lua_State, bytes: &[u8]) {
+    // SAFETY: the caller checked the stack; `bytes` is valid for its length.
+    unsafe {
+        ffi::lua_pushlstring(l, bytes.as_ptr().cast(), bytes.len());
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Lua -> Elixir
+
+/// Limits for Lua -> Elixir conversion.
+#[derive(Clone, Copy)]
+pub struct Bounds {
+    pub max_depth: usize,
+    pub max_bytes: u64,
+}
+
+/// Converts each value to a term; paths in errors look like `root[i]...`.
+pub fn to_terms<'e>(
+    env: Env<'e>,
+    lua: &Lua,
+    values: &MultiValue,
+    bounds: Bounds,
+    root: &str,
+) -> Result<Vec<Term<'e>>, SandboxError> {
+    let mut reader = Reader::new(env, bounds);
+    // Scalars need no trip to the Lua stack.
+    if values.iter().all(|v| !matches!(v, Value::Table(_))) {
+        return values
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                reader
+                    .scalar(v)
+                    .map_err(|f| f.at(Seg::Index(i as i64 + 1)).into_error(root))
+            })
+            .collect();
+    }
+    let mut result = Ok(Vec::new());
+    let args: MultiValue = values.iter().cloned().collect();
+    // SAFETY: reading never raises (module doc), so the closure runs to its end.
+    let outcome = unsafe {
+        lua.exec_raw::<()>(args, |l| {
+            result = reader.read_stack(l);
+        })
+    };
+    outcome.map_err(lua_err)?;
+    result.map_err(|f| f.into_error(root))
+}
+
+/// Converts one value with the path rooted at `root` itself (for error objects).
+pub fn to_term<'e>(
+    env: Env<'e>,
+    lua: &Lua,
+    value: &Value,
+    bounds: Bounds,
+    root: &str,
+) -> Result<Term<'e>, SandboxError> {
+    let mut reader = Reader::new(env, bounds);
+    if !matches!(value, Value::Table(_)) {
+        return reader.scalar(value).map_err(|f| f.into_error(root));
+    }
+    let mut result = Err(invalid("not converted"));
+    // SAFETY: as in `to_terms`.
+    let outcome = unsafe {
+        lua.exec_raw::<()>(value.clone(), |l| {
+            result = reader.read(l, 1, 0);
+        })
+    };
+    outcome.map_err(lua_err)?;
+    result.map_err(|f| f.into_error(root))
+}
+
+struct Reader<'e> {
+    env: Env<'e>,
+    bounds: Bounds,
+    bytes_left: u64,
+    visiting: Vec<*const c_void>,
+}
+
+impl<'e> Reader<'e> {
+    fn new(env: Env<'e>, bounds: Bounds) -> Self {
+        Reader {
             env,
-            max_depth,
-            bytes_left: max_bytes,
-            max_bytes,
-            path: Path(vec![Seg::Root(root.to_string())]),
+            bounds,
+            bytes_left: bounds.max_bytes,
             visiting: Vec::new(),
         }
     }
 
-    /// Converts the `index`-th (1-based) of several values, e.g. a result or tool argument.
-    pub fn convert_indexed(&mut self, index: i64, v: &Value) -> Result<Term<'e>, SandboxError> {
-        self.path.0.push(Seg::Index(index));
-        let t = self.convert(v, 0)?;
-        self.path.0.pop();
-        Ok(t)
-    }
-
-    pub fn convert_root(&mut self, v: &Value) -> Result<Term<'e>, SandboxError> {
-        self.convert(v, 0)
-    }
-
-    fn charge(&mut self, bytes: u64) -> Result<(), SandboxError> {
+    fn charge(&mut self, bytes: u64) -> Result<(), Fail> {
         let cost = bytes.saturating_add(VALUE_COST);
         if cost > self.bytes_left {
             self.bytes_left = 0;
-            return Err(SandboxError::SizeLimit(format!(
-                "result larger than max_result_bytes ({}) at {}",
-                self.max_bytes,
-                self.path.render()
-            )));
+            return Err(Fail::new(FailKind::Size(self.bounds.max_bytes)));
         }
         self.bytes_left -= cost;
         Ok(())
     }
 
-    fn unsupported(&self, what: &str) -> SandboxError {
-        SandboxError::UnsupportedValue(format!(
-            "{what} cannot leave the sandbox (at {})",
-            self.path.render()
-        ))
-    }
-
-    fn convert(&mut self, v: &Value, depth: usize) -> Result<Term<'e>, SandboxError> {
+    /// Non-table values straight from mlua handles.
+    fn scalar(&mut self, v: &Value) -> Result<Term<'e>, Fail> {
         let env = self.env;
+        self.charge(match v {
+            Value::String(s) => s.as_bytes().len() as u64,
+            _ => 0,
+        })?;
         match v {
-            Value::Nil => {
-                self.charge(0)?;
-                Ok(atoms::nil().encode(env))
-            }
-            Value::Boolean(b) => {
-                self.charge(0)?;
-                Ok(b.encode(env))
-            }
-            Value::Integer(i) => {
-                self.charge(0)?;
-                Ok(i.encode(env))
-            }
-            Value::Number(f) => {
-                self.charge(0)?;
-                Ok(float_term(env, *f))
-            }
-            Value::String(s) => {
-                let bytes = s.as_bytes();
-                self.charge(bytes.len() as u64)?;
-                Ok(binary_term(env, &bytes))
-            }
-            Value::Table(t) => self.convert_table(t, depth),
-            Value::Function(_) => Err(self.unsupported("a function")),
-            Value::Thread(_) => Err(self.unsupported("a coroutine")),
-            Value::UserData(_) | Value::LightUserData(_) => Err(self.unsupported("userdata")),
-            _ => Err(self.unsupported("this value")),
+            Value::Nil => Ok(atoms::nil().encode(env)),
+            Value::Boolean(b) => Ok(b.encode(env)),
+            Value::Integer(i) => Ok(i.encode(env)),
+            Value::Number(f) => Ok(float_term(env, *f)),
+            Value::String(s) => Ok(binary_term(env, &s.as_bytes())),
+            Value::Function(_) => Err(unsupported("a function")),
+            Value::Thread(_) => Err(unsupported("a coroutine")),
+            _ => Err(unsupported("userdata")),
         }
     }
 
-    fn convert_table(&mut self, t: &Table, depth: usize) -> Result<Term<'e>, SandboxError> {
-        let ptr = t.to_pointer();
-        if self.visiting.contains(&ptr) {
-            return Err(SandboxError::Cycle(format!(
-                "table contains itself at {}",
-                self.path.render()
-            )));
+    unsafe fn read_stack(&mut self, l: *mut ffi::lua_State) -> Result<Vec<Term<'e>>, Fail> {
+        // SAFETY: `l` is the running thread in `exec_raw`; slots 1..=top are the arguments.
+        let top = unsafe { ffi::lua_gettop(l) };
+        let mut out = Vec::with_capacity(top as usize);
+        for i in 1..=top {
+            // SAFETY: `i` is a valid slot.
+            let t = unsafe { self.read(l, i, 0) }.map_err(|f| f.at(Seg::Index(i as i64)))?;
+            out.push(t);
         }
-        if depth >= self.max_depth {
-            return Err(SandboxError::DepthLimit(format!(
-                "value nested deeper than max_depth ({}) at {}",
-                self.max_depth,
-                self.path.render()
-            )));
-        }
-        self.charge(0)?;
-        self.visiting.push(ptr);
-        let result = self.convert_table_entries(t, depth + 1);
-        self.visiting.pop();
-        result
+        Ok(out)
     }
 
-    fn convert_table_entries(&mut self, t: &Table, depth: usize) -> Result<Term<'e>, SandboxError> {
-        let mut pairs: Vec<(Value, Value)> = Vec::with_capacity(t.raw_len());
-        for pair in t.pairs::<Value, Value>() {
-            pairs.push(pair.map_err(lua_err)?);
-        }
-        let n = pairs.len();
-        let is_list = n > 0
-            && pairs
-                .iter()
-                .all(|(k, _)| matches!(k, Value::Integer(i) if *i >= 1 && (*i as u64) <= n as u64));
-        if is_list {
-            // Keys are distinct integers in 1..=n, so this is a permutation of the slots.
-            let mut slots: Vec<Option<Value>> = vec![None; n];
-            for (k, v) in pairs {
-                if let Value::Integer(i) = k {
-                    slots[(i - 1) as usize] = Some(v);
+    /// Converts the value at absolute stack index `idx`.
+    unsafe fn read(
+        &mut self,
+        l: *mut ffi::lua_State,
+        idx: c_int,
+        depth: usize,
+    ) -> Result<Term<'e>, Fail> {
+        let env = self.env;
+        // SAFETY: `idx` is a valid absolute index on the running thread; the `lua_to*` calls
+        // are made only on values of the matching type, so none converts or allocates.
+        unsafe {
+            match ffi::lua_type(l, idx) {
+                ffi::LUA_TNIL => {
+                    self.charge(0)?;
+                    Ok(atoms::nil().encode(env))
                 }
+                ffi::LUA_TBOOLEAN => {
+                    self.charge(0)?;
+                    Ok((ffi::lua_toboolean(l, idx) != 0).encode(env))
+                }
+                ffi::LUA_TNUMBER => {
+                    self.charge(0)?;
+                    if ffi::lua_isinteger(l, idx) != 0 {
+                        Ok(ffi::lua_tointegerx(l, idx, std::ptr::null_mut()).encode(env))
+                    } else {
+                        Ok(float_term(
+                            env,
+                            ffi::lua_tonumberx(l, idx, std::ptr::null_mut()),
+                        ))
+                    }
+                }
+                ffi::LUA_TSTRING => {
+                    let bytes = lua_bytes(l, idx);
+                    self.charge(bytes.len() as u64)?;
+                    Ok(binary_term(env, bytes))
+                }
+                ffi::LUA_TTABLE => self.read_table(l, idx, depth),
+                ffi::LUA_TFUNCTION => Err(unsupported("a function")),
+                ffi::LUA_TTHREAD => Err(unsupported("a coroutine")),
+                _ => Err(unsupported("userdata")),
             }
-            let mut items = Vec::with_capacity(n);
-            for (i, v) in slots.into_iter().enumerate() {
-                let v = v.unwrap_or(Value::Nil);
-                self.path.0.push(Seg::Index(i as i64 + 1));
-                items.push(self.convert(&v, depth)?);
-                self.path.0.pop();
-            }
-            return Ok(items.encode(self.env));
         }
+    }
+
+    unsafe fn read_table(
+        &mut self,
+        l: *mut ffi::lua_State,
+        idx: c_int,
+        depth: usize,
+    ) -> Result<Term<'e>, Fail> {
+        // SAFETY: as in `read`; `lua_next` is driven with the key it returned, the table is not
+        // modified during the traversal, and every push is covered by `lua_checkstack`.
+        unsafe {
+            let ptr = ffi::lua_topointer(l, idx);
+            if self.visiting.contains(&ptr) {
+                return Err(Fail::new(FailKind::Cycle));
+            }
+            if depth >= self.bounds.max_depth {
+                return Err(Fail::new(FailKind::Depth(self.bounds.max_depth)));
+            }
+            if ffi::lua_checkstack(l, 4) == 0 {
+                return Err(Fail::new(FailKind::Depth(self.bounds.max_depth)));
+            }
+            self.charge(0)?;
+
+            // First pass: is it a sequence 1..n? (Lua stores integer-valued float keys as
+            // integers, so checking integer keys is enough.)
+            let mut n: u64 = 0;
+            let mut max_key: i64 = 0;
+            let mut sequence = true;
+            ffi::lua_pushnil(l);
+            while ffi::lua_next(l, idx) != 0 {
+                n += 1;
+                if sequence {
+                    if ffi::lua_isinteger(l, -2) != 0 {
+                        let k = ffi::lua_tointegerx(l, -2, std::ptr::null_mut());
+                        if k < 1 {
+                            sequence = false;
+                        } else {
+                            max_key = max_key.max(k);
+                        }
+                    } else {
+                        sequence = false;
+                    }
+                }
+                ffi::lua_pop(l, 1);
+            }
+            let sequence = sequence && n > 0 && max_key as u64 == n;
+
+            self.visiting.push(ptr);
+            let result = if sequence {
+                self.read_sequence(l, idx, n as i64, depth + 1)
+            } else {
+                self.read_map(l, idx, n as usize, depth + 1)
+            };
+            self.visiting.pop();
+            result
+        }
+    }
+
+    unsafe fn read_sequence(
+        &mut self,
+        l: *mut ffi::lua_State,
+        idx: c_int,
+        n: i64,
+        depth: usize,
+    ) -> Result<Term<'e>, Fail> {
+        let mut items = Vec::with_capacity(n as usize);
+        for i in 1..=n {
+            // SAFETY: `read_table` checked the stack; one slot is pushed and popped.
+            let item = unsafe {
+                ffi::lua_rawgeti(l, idx, i);
+                let item = self.read(l, ffi::lua_gettop(l), depth);
+                ffi::lua_pop(l, 1);
+                item
+            }
+            .map_err(|f| f.at(Seg::Index(i)))?;
+            items.push(item);
+        }
+        Ok(items.encode(self.env))
+    }
+
+    unsafe fn read_map(
+        &mut self,
+        l: *mut ffi::lua_State,
+        idx: c_int,
+        n: usize,
+        depth: usize,
+    ) -> Result<Term<'e>, Fail> {
+        let env = self.env;
         let mut keys = Vec::with_capacity(n);
         let mut values = Vec::with_capacity(n);
-        for (k, v) in pairs {
-            let (key, seg) = match &k {
-                Value::String(s) => {
-                    let bytes = s.as_bytes();
-                    self.charge(bytes.len() as u64)?;
-                    let seg = Seg::Key(String::from_utf8_lossy(&bytes).into_owned());
-                    (binary_term(self.env, &bytes), seg)
-                }
-                Value::Integer(i) => {
-                    self.charge(0)?;
-                    (i.encode(self.env), Seg::Index(*i))
-                }
-                Value::Number(f) => {
-                    self.charge(0)?;
-                    (float_term(self.env, *f), Seg::Other(format!("{f}")))
-                }
-                Value::Boolean(b) => {
-                    self.charge(0)?;
-                    (b.encode(self.env), Seg::Other(b.to_string()))
-                }
-                Value::Table(_) => return Err(self.unsupported("a table key")),
-                Value::Function(_) => return Err(self.unsupported("a function key")),
-                _ => return Err(self.unsupported("this key")),
-            };
-            self.path.0.push(seg);
-            let value = self.convert(&v, depth)?;
-            self.path.0.pop();
-            keys.push(key);
-            values.push(value);
+        // SAFETY: as in `read_table`. On an early return the key/value slots stay on the stack;
+        // `exec_raw`'s stack guard resets the stack afterwards.
+        unsafe {
+            ffi::lua_pushnil(l);
+            while ffi::lua_next(l, idx) != 0 {
+                let key = match ffi::lua_type(l, -2) {
+                    ffi::LUA_TSTRING => {
+                        let bytes = lua_bytes(l, -2);
+                        self.charge(bytes.len() as u64)?;
+                        binary_term(env, bytes)
+                    }
+                    ffi::LUA_TNUMBER if ffi::lua_isinteger(l, -2) != 0 => {
+                        self.charge(0)?;
+                        ffi::lua_tointegerx(l, -2, std::ptr::null_mut()).encode(env)
+                    }
+                    ffi::LUA_TNUMBER => {
+                        self.charge(0)?;
+                        float_term(env, ffi::lua_tonumberx(l, -2, std::ptr::null_mut()))
+                    }
+                    ffi::LUA_TBOOLEAN => {
+                        self.charge(0)?;
+                        (ffi::lua_toboolean(l, -2) != 0).encode(env)
+                    }
+                    ffi::LUA_TTABLE => return Err(unsupported("a table key")),
+                    ffi::LUA_TFUNCTION => return Err(unsupported("a function key")),
+                    _ => return Err(unsupported("this key")),
+                };
+                let value_idx = ffi::lua_gettop(l);
+                let value = match self.read(l, value_idx, depth) {
+                    Ok(v) => v,
+                    // A failed read may leave slots behind: address the key absolutely.
+                    Err(f) => return Err(f.at(lua_key_seg(l, value_idx - 1))),
+                };
+                keys.push(key);
+                values.push(value);
+                ffi::lua_pop(l, 1);
+            }
         }
-        Term::map_from_arrays(self.env, &keys, &values)
-            .map_err(|_| SandboxError::UnsupportedValue("table keys collide".to_string()))
+        Term::map_from_arrays(env, &keys, &values)
+            .map_err(|_| unsupported("a table whose keys collide"))
+    }
+}
+
+/// The path segment of the key at `idx` (only computed for error messages).
+///
+/// # Safety
+/// `idx` must be a valid index of a string, number or boolean key.
+unsafe fn lua_key_seg(l: *mut ffi::lua_State, idx: c_int) -> Seg {
+    // SAFETY: per the contract; only type-matching accessors are used.
+    unsafe {
+        match ffi::lua_type(l, idx) {
+            ffi::LUA_TSTRING => key_seg(lua_bytes(l, idx)),
+            ffi::LUA_TNUMBER if ffi::lua_isinteger(l, idx) != 0 => {
+                Seg::Index(ffi::lua_tointegerx(l, idx, std::ptr::null_mut()))
+            }
+            ffi::LUA_TNUMBER => Seg::Other(format!(
+                "{}",
+                ffi::lua_tonumberx(l, idx, std::ptr::null_mut())
+            )),
+            ffi::LUA_TBOOLEAN => Seg::Other((ffi::lua_toboolean(l, idx) != 0).to_string()),
+            _ => Seg::Other("?".into()),
+        }
+    }
+}
+
+/// The bytes of the string at `idx`.
+///
+/// # Safety
+/// The slot must hold a string (not a number: converting would allocate); the bytes are only
+/// valid while the string stays on the stack.
+unsafe fn lua_bytes<'x>(l: *mut ffi::lua_State, idx: c_int) -> &'x [u8] {
+    let mut len = 0usize;
+    // SAFETY: per the contract the value is a string, so this neither converts nor raises,
+    // and returns a pointer to `len` bytes owned by the string.
+    unsafe {
+        let p = ffi::lua_tolstring(l, idx, &mut len);
+        if p.is_null() {
+            &[]
+        } else {
+            std::slice::from_raw_parts(p.cast::<u8>(), len)
+        }
     }
 }
 

@@ -18,7 +18,7 @@ use crate::budget::{self, Abort, Activation, Control};
 
 use crate::chunk::CompiledChunk;
 use crate::error::{line_of, SandboxError};
-use crate::marshal::{binary_term, ToLua, ToTerm};
+use crate::marshal::{self, binary_term, Bounds};
 use crate::output::{Output, PrintMode};
 use crate::sandbox::Sandbox;
 use crate::stack;
@@ -230,13 +230,8 @@ fn prepare(
     chunk_name: &str,
 ) -> Result<(Thread, MultiValue), SandboxError> {
     let lua = &sandbox.lua;
-    let globals = lua.globals();
     let max_depth = opts.max_depth as usize;
-    let mut to_lua = ToLua::new(lua, max_depth, "globals");
-    for (name, term) in &opts.globals {
-        let v = to_lua.convert_named(name, *term)?;
-        globals.raw_set(name.as_str(), v).map_err(lua_error)?;
-    }
+    marshal::push_globals(lua, &opts.globals, max_depth)?;
     if !opts.tools.is_empty() {
         let names = lua
             .create_sequence_from(opts.tools.iter().map(|s| s.as_str()))
@@ -264,10 +259,12 @@ fn prepare(
     args.push_back(Value::Function(chunk));
     if let Some((name, call_args)) = &opts.call {
         args.push_back(Value::String(lua.create_string(name).map_err(lua_error)?));
-        let mut to_lua = ToLua::new(lua, max_depth, "call.args");
-        for (i, a) in call_args.iter().enumerate() {
-            args.push_back(to_lua.convert_indexed(i as i64 + 1, *a)?);
-        }
+        args.extend(marshal::push_values(
+            lua,
+            call_args,
+            max_depth,
+            "call.args",
+        )?);
     }
     let thread = lua
         .create_thread(sandbox.runner.clone())
@@ -398,15 +395,19 @@ fn settle<'a>(
     term
 }
 
-fn finish_ok<'a>(env: Env<'a>, session: &Session, values: &MultiValue) -> Term<'a> {
-    let mut to_term = ToTerm::new(env, session.max_depth, session.max_result_bytes, "result");
-    let mut terms = Vec::with_capacity(values.len());
-    for (i, v) in values.iter().enumerate() {
-        match to_term.convert_indexed(i as i64 + 1, v) {
-            Ok(t) => terms.push(t),
-            Err(e) => return finish_error(env, session, e, Value::Nil),
-        }
+fn bounds(session: &Session) -> Bounds {
+    Bounds {
+        max_depth: session.max_depth,
+        max_bytes: session.max_result_bytes,
     }
+}
+
+fn finish_ok<'a>(env: Env<'a>, session: &Session, values: &MultiValue) -> Term<'a> {
+    let lua = &session.sandbox.lua;
+    let terms = match marshal::to_terms(env, lua, values, bounds(session), "result") {
+        Ok(terms) => terms,
+        Err(e) => return finish_error(env, session, e, Value::Nil),
+    };
     let output = take_output(&session.sandbox);
     (
         atoms::ok(),
@@ -424,11 +425,7 @@ fn tool_call_args<'a>(
     args: &MultiValue,
 ) -> Result<Vec<Term<'a>>, SandboxError> {
     let root = format!("tools.{name}");
-    let mut to_term = ToTerm::new(env, session.max_depth, session.max_result_bytes, &root);
-    args.iter()
-        .enumerate()
-        .map(|(i, v)| to_term.convert_indexed(i as i64 + 1, v))
-        .collect()
+    marshal::to_terms(env, &session.sandbox.lua, args, bounds(session), &root)
 }
 
 /// Lua's own rendering of an error object, without running metamethods.
@@ -450,9 +447,9 @@ fn reply_to_lua(session: &Session, reply: Term) -> Result<MultiValue, SandboxErr
         .map_err(|_| SandboxError::InvalidInput("bad tool reply".to_string()))?;
     let mut values = MultiValue::new();
     if tag == atoms::ok() {
-        let mut to_lua = ToLua::new(lua, session.max_depth, "tool result");
+        let converted = marshal::push_values(lua, &[payload], session.max_depth, "tool result")?;
         values.push_back(Value::Boolean(true));
-        values.push_back(to_lua.convert_indexed(1, payload)?);
+        values.extend(converted);
     } else if tag == atoms::error() {
         let msg: rustler::Binary = payload
             .decode()
@@ -553,9 +550,14 @@ fn error_term<'a>(
     // A non-string error object travels as a value, bounded like any result.
     let value_term = match &value {
         Value::Nil | Value::String(_) => atoms::nil().encode(env),
-        v => ToTerm::new(env, 64, 1 << 20, "error")
-            .convert_root(v)
-            .unwrap_or_else(|_| atoms::nil().encode(env)),
+        v => {
+            let bounds = Bounds {
+                max_depth: 64,
+                max_bytes: 1 << 20,
+            };
+            marshal::to_term(env, &sandbox.lua, v, bounds, "error")
+                .unwrap_or_else(|_| atoms::nil().encode(env))
+        }
     };
     let output = take_output(sandbox);
     let stats = stats_term(env, sandbox, control, elapsed, tool_calls);
