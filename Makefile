@@ -21,6 +21,9 @@ demo: deps
 	@echo
 	@echo "--- the same script with a tight instruction budget:"
 	-MIX_ENV=dev mix lua_sandbox.run examples/demo.lua --global 'name=Ada' --max-instructions 2000
+	@echo
+	@echo "--- an agent-shaped OTP tree handling model-written scripts (examples/agent.exs):"
+	MIX_ENV=dev mix run examples/agent.exs
 
 check-format: deps
 	mix format --check-formatted

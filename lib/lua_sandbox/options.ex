@@ -35,6 +35,11 @@ defmodule LuaSandbox.Options do
   def validate!(other),
     do: raise(ArgumentError, "options must be a keyword list, got: #{inspect(other)}")
 
+  defp check!({:max_depth, n}) when is_integer(n) and n > 10_000 do
+    # Marshaling recurses once per level on a 16 MiB native stack.
+    raise ArgumentError, "max_depth must be at most 10000, got: #{n}"
+  end
+
   defp check!({key, n})
        when key in [
               :max_instructions,
