@@ -3,7 +3,7 @@ defmodule Mix.Tasks.Compile.LuaSandboxNif do
   Builds the `lua_sandbox_nif` crate with cargo and copies the library into `priv/native/`.
 
   This replaces `rustler`'s Mix helper, which lives on Hex. The crate is rebuilt only when a
-  file under `native/` or the workspace `Cargo.toml`/`Cargo.lock` is newer than the copied
+  file under `native/` or `vendor/` or the workspace `Cargo.toml`/`Cargo.lock` is newer than the copied
   library.
   """
   use Mix.Task.Compiler
@@ -30,6 +30,7 @@ defmodule Mix.Tasks.Compile.LuaSandboxNif do
       {:ok, %{mtime: built}} ->
         sources =
           Path.wildcard(Path.join(root, "native/**/*")) ++
+            Path.wildcard(Path.join(root, "vendor/**/*")) ++
             [Path.join(root, "Cargo.toml"), Path.join(root, "Cargo.lock")]
 
         Enum.any?(sources, fn path ->

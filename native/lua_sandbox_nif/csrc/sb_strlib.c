@@ -769,11 +769,53 @@ static int sb_str_gsub (lua_State *L) {  /* SANDBOX: renamed */
 ** 'match', 'gmatch' and 'gsub' on the table at stack index 1 (the
 ** 'string' table).  Returns nothing.
 */
+
+/*
+** SANDBOX: a copy of lstrlib.c's 'str_rep'.  The result is bounded by the
+** memory limit, but the copy loop is not: 'string.rep("", 1e15)' copies
+** nothing a quadrillion times.  Each copy is charged like a bulk copy.
+*/
+#define MAX_SIZET	((size_t)(~(size_t)0))
+
+#define MAXSIZE  \
+	(sizeof(size_t) < sizeof(int) ? MAX_SIZET : (size_t)(INT_MAX))
+
+static int sb_str_rep (lua_State *L) {
+  size_t l, lsep;
+  const char *s = luaL_checklstring(L, 1, &l);
+  lua_Integer n = luaL_checkinteger(L, 2);
+  const char *sep = luaL_optlstring(L, 3, "", &lsep);
+  if (n <= 0)
+    lua_pushliteral(L, "");
+  else if (l_unlikely(l + lsep < l || l + lsep > MAXSIZE / n))
+    return luaL_error(L, "resulting string too large");
+  else {
+    unsigned long long sbs = 0;  /* SANDBOX: steps not yet charged */
+    size_t totallen = (size_t)n * l + (size_t)(n - 1) * lsep;
+    luaL_Buffer b;
+    char *p = luaL_buffinitsize(L, &b, totallen);
+    while (n-- > 1) {  /* first n-1 copies (followed by separator) */
+      sb_count(L, sbs, sb_bytes(l + lsep));  /* SANDBOX */
+      memcpy(p, s, l * sizeof(char)); p += l;
+      if (lsep > 0) {  /* empty 'memcpy' is not that cheap */
+        memcpy(p, sep, lsep * sizeof(char));
+        p += lsep;
+      }
+    }
+    memcpy(p, s, l * sizeof(char));  /* last copy (not followed by separator) */
+    sb_count(L, sbs, sb_bytes(l));  /* SANDBOX */
+    sb_flush(L, &sbs);  /* SANDBOX */
+    luaL_pushresultsize(&b, totallen);
+  }
+  return 1;
+}
+
 static const luaL_Reg sb_strlib_funcs[] = {
   {"find", sb_str_find},
   {"gmatch", sb_gmatch},
   {"gsub", sb_str_gsub},
   {"match", sb_str_match},
+  {"rep", sb_str_rep},  /* SANDBOX */
   {NULL, NULL}
 };
 

@@ -76,6 +76,138 @@ static void checktab (lua_State *L, int arg, int what) {
       luaL_checktype(L, arg, LUA_TTABLE);  /* force an error */
   }
 }
+
+/*
+** {======================================================
+** SANDBOX: copies of ltablib.c's 'insert', 'remove', 'move' and 'concat'.
+** Their loops run as long as '__len' or the arguments say, with no Lua
+** code in between when the table has no '__index'/'__newindex' functions
+** ('table.move({}, 1, 1e15, 2)'), so each iteration is charged one step.
+** =======================================================
+*/
+
+static int sb_tinsert (lua_State *L) {
+  lua_Integer pos;  /* where to insert new element */
+  lua_Integer e = aux_getn(L, 1, TAB_RW);
+  e = luaL_intop(+, e, 1);  /* first empty element */
+  switch (lua_gettop(L)) {
+    case 2: {  /* called with only 2 arguments */
+      pos = e;  /* insert new element at the end */
+      break;
+    }
+    case 3: {
+      lua_Integer i;
+      unsigned long long sbs = 0;  /* SANDBOX */
+      pos = luaL_checkinteger(L, 2);  /* 2nd argument is the position */
+      /* check whether 'pos' is in [1, e] */
+      luaL_argcheck(L, (lua_Unsigned)pos - 1u < (lua_Unsigned)e, 2,
+                       "position out of bounds");
+      for (i = e; i > pos; i--) {  /* move up elements */
+        sb_count(L, sbs, 1);  /* SANDBOX */
+        lua_geti(L, 1, i - 1);
+        lua_seti(L, 1, i);  /* t[i] = t[i - 1] */
+      }
+      sb_flush(L, &sbs);  /* SANDBOX */
+      break;
+    }
+    default: {
+      return luaL_error(L, "wrong number of arguments to 'insert'");
+    }
+  }
+  lua_seti(L, 1, pos);  /* t[pos] = v */
+  return 0;
+}
+
+
+static int sb_tremove (lua_State *L) {
+  unsigned long long sbs = 0;  /* SANDBOX */
+  lua_Integer size = aux_getn(L, 1, TAB_RW);
+  lua_Integer pos = luaL_optinteger(L, 2, size);
+  if (pos != size)  /* validate 'pos' if given */
+    /* check whether 'pos' is in [1, size + 1] */
+    luaL_argcheck(L, (lua_Unsigned)pos - 1u <= (lua_Unsigned)size, 2,
+                     "position out of bounds");
+  lua_geti(L, 1, pos);  /* result = t[pos] */
+  for ( ; pos < size; pos++) {
+    sb_count(L, sbs, 1);  /* SANDBOX */
+    lua_geti(L, 1, pos + 1);
+    lua_seti(L, 1, pos);  /* t[pos] = t[pos + 1] */
+  }
+  sb_flush(L, &sbs);  /* SANDBOX */
+  lua_pushnil(L);
+  lua_seti(L, 1, pos);  /* remove entry t[pos] */
+  return 1;
+}
+
+
+static int sb_tmove (lua_State *L) {
+  lua_Integer f = luaL_checkinteger(L, 2);
+  lua_Integer e = luaL_checkinteger(L, 3);
+  lua_Integer t = luaL_checkinteger(L, 4);
+  int tt = !lua_isnoneornil(L, 5) ? 5 : 1;  /* destination table */
+  checktab(L, 1, TAB_R);
+  checktab(L, tt, TAB_W);
+  if (e >= f) {  /* otherwise, nothing to move */
+    lua_Integer n, i;
+    unsigned long long sbs = 0;  /* SANDBOX */
+    luaL_argcheck(L, f > 0 || e < LUA_MAXINTEGER + f, 3,
+                  "too many elements to move");
+    n = e - f + 1;  /* number of elements to move */
+    luaL_argcheck(L, t <= LUA_MAXINTEGER - n + 1, 4,
+                  "destination wrap around");
+    if (t > e || t <= f || (tt != 1 && !lua_compare(L, 1, tt, LUA_OPEQ))) {
+      for (i = 0; i < n; i++) {
+        sb_count(L, sbs, 1);  /* SANDBOX */
+        lua_geti(L, 1, f + i);
+        lua_seti(L, tt, t + i);
+      }
+    }
+    else {
+      for (i = n - 1; i >= 0; i--) {
+        sb_count(L, sbs, 1);  /* SANDBOX */
+        lua_geti(L, 1, f + i);
+        lua_seti(L, tt, t + i);
+      }
+    }
+    sb_flush(L, &sbs);  /* SANDBOX */
+  }
+  lua_pushvalue(L, tt);  /* return destination table */
+  return 1;
+}
+
+
+static void addfield (lua_State *L, luaL_Buffer *b, lua_Integer i) {
+  lua_geti(L, 1, i);
+  if (l_unlikely(!lua_isstring(L, -1)))
+    luaL_error(L, "invalid value (%s) at index %I in table for 'concat'",
+                  luaL_typename(L, -1), (LUAI_UACINT)i);
+  luaL_addvalue(b);
+}
+
+
+static int sb_tconcat (lua_State *L) {
+  unsigned long long sbs = 0;  /* SANDBOX */
+  luaL_Buffer b;
+  lua_Integer last = aux_getn(L, 1, TAB_R);
+  size_t lsep;
+  const char *sep = luaL_optlstring(L, 2, "", &lsep);
+  lua_Integer i = luaL_optinteger(L, 3, 1);
+  last = luaL_optinteger(L, 4, last);
+  luaL_buffinit(L, &b);
+  for (; i < last; i++) {
+    sb_count(L, sbs, 1 + sb_bytes(lsep));  /* SANDBOX */
+    addfield(L, &b, i);
+    luaL_addlstring(&b, sep, lsep);
+  }
+  if (i == last)  /* add last value (if interval was not empty) */
+    addfield(L, &b, i);
+  sb_flush(L, &sbs);  /* SANDBOX */
+  luaL_pushresult(&b);
+  return 1;
+}
+
+/* }====================================================== */
+
 /*
 ** {======================================================
 ** Quicksort
@@ -294,7 +426,8 @@ static int sb_sort (lua_State *L) {  /* SANDBOX: renamed */
 
 
 /*
-** SANDBOX: registration.  A lua_CFunction that sets the patched 'sort'
+** SANDBOX: registration.  A lua_CFunction that sets the patched 'sort',
+** 'insert', 'remove', 'move' and 'concat'
 ** on the table at stack index 1 (the 'table' table).  Returns nothing.
 */
 int lua_sandbox_open_tablib (lua_State *L) {
@@ -302,6 +435,14 @@ int lua_sandbox_open_tablib (lua_State *L) {
   lua_settop(L, 1);
   lua_pushcfunction(L, sb_sort);
   lua_setfield(L, 1, "sort");
+  lua_pushcfunction(L, sb_tinsert);  /* SANDBOX: the loops above */
+  lua_setfield(L, 1, "insert");
+  lua_pushcfunction(L, sb_tremove);
+  lua_setfield(L, 1, "remove");
+  lua_pushcfunction(L, sb_tmove);
+  lua_setfield(L, 1, "move");
+  lua_pushcfunction(L, sb_tconcat);
+  lua_setfield(L, 1, "concat");
   return 0;
 }
 

@@ -256,7 +256,11 @@ unsafe extern "C-unwind" fn count_hook(l: *mut ffi::lua_State, _ar: *mut ffi::lu
         // count hook and unwinds (longjmp) to the nearest protected call. No Rust value with a
         // destructor is live in this frame.
         unsafe {
-            ffi::lua_sethook(l, Some(count_hook), ffi::LUA_MASKCOUNT, next);
+            // `lua_sethook` walks every frame of the thread (to set their traps): calling it
+            // at each firing would make deep recursion quadratic. Only change what changed.
+            if ffi::lua_gethookcount(l) != next {
+                ffi::lua_sethook(l, Some(count_hook), ffi::LUA_MASKCOUNT, next);
+            }
             if let Some(why) = why {
                 ffi::lua_pushstring(l, why.c_message().as_ptr());
                 ffi::lua_error(l);

@@ -51,6 +51,11 @@ pub fn compile_bytes(
         .map_err(|e| match e {
             mlua::Error::SyntaxError { message, .. } => SandboxError::Syntax(message),
             mlua::Error::MemoryError(_) => SandboxError::MemoryLimit,
+            // the parser's nesting limit ("C stack overflow") is a property of the source
+            mlua::Error::RuntimeError(m) => {
+                let first = m.lines().next().unwrap_or_default();
+                SandboxError::Syntax(format!("{first} (source nested too deeply)"))
+            }
             other => SandboxError::Runtime(other.to_string()),
         })?;
     Ok(f.dump(false))

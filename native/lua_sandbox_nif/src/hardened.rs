@@ -66,15 +66,16 @@ pub fn install(lua: &mlua::Lua) -> mlua::Result<()> {
     // SAFETY: `lua_sandbox_open_strlib` is a genuine `lua_CFunction` (compiled from
     // csrc/sb_strlib.c against the same Lua 5.4.9 headers and configuration as the VM mlua
     // links): it only uses the documented C API on its own stack frame, checks that argument 1
-    // is a table, stores four C functions in it and returns 0 results. Its only failure mode is
+    // is a table, stores five C functions in it (`find`, `match`, `gmatch`, `gsub`, `rep`) and
+    // returns 0 results. Its only failure mode is
     // a Lua error (longjmp), and `Function::call` below runs it under `lua_pcall`, so that jump
     // lands in the pcall inside mlua's protected-call machinery without crossing a Rust frame.
     // The functions it installs follow the same rules (see the module docs).
     let open_strlib = unsafe { lua.create_c_function(lua_sandbox_open_strlib) }?;
     open_strlib.call::<()>(string)?;
 
-    // SAFETY: as above, for `lua_sandbox_open_tablib` (csrc/sb_tablib.c), which stores one C
-    // function (`sort`) in the table given as argument 1.
+    // SAFETY: as above, for `lua_sandbox_open_tablib` (csrc/sb_tablib.c), which stores five C
+    // functions (`sort`, `insert`, `remove`, `move`, `concat`) in the table given as argument 1.
     let open_tablib = unsafe { lua.create_c_function(lua_sandbox_open_tablib) }?;
     open_tablib.call::<()>(table)?;
     Ok(())
@@ -116,3 +117,5 @@ mod tests {
 mod budget_tests;
 #[cfg(test)]
 mod differential_tests;
+#[cfg(test)]
+mod loop_tests;

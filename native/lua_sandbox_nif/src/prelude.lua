@@ -2,7 +2,7 @@
 -- host's natives as arguments. Everything a protection depends on is captured here as an
 -- upvalue, so a script that replaces `_G`, `pcall`, `setmetatable` or `coroutine.*` only
 -- changes its own view, never the protections.
-local check, aborted, emit, save_traceback = ...
+local check, aborted, emit, save_traceback, charge = ...
 
 -- Set per run through `configure` (returned below); the default matches the Elixir default.
 local max_source = 1048576
@@ -126,8 +126,9 @@ coroutine.isyieldable = function(...)
   return co_isyieldable(co)
 end
 
--- Text chunks only, bounded in size (parsing is not covered by the instruction hook), and
--- errors raised by a reader function cannot hide an abort.
+-- Text chunks only, bounded in size, and charged one step per byte: parsing is not covered
+-- by the instruction hook, so a loop of `load` calls would otherwise be nearly free. Errors
+-- raised by a reader function cannot hide an abort.
 G.load = function(chunk, ...)
   local n = select("#", ...)
   local name, mode, env = ...
@@ -138,6 +139,7 @@ G.load = function(chunk, ...)
     if #chunk > max_source then
       return nil, "chunk is larger than max_source"
     end
+    charge(#chunk)
   elseif type(chunk) == "function" then
     local reader, total = chunk, 0
     chunk = function()
@@ -147,6 +149,7 @@ G.load = function(chunk, ...)
         if total > max_source then
           error("chunk is larger than max_source", 0)
         end
+        charge(#piece)
       end
       return piece
     end

@@ -142,7 +142,20 @@ fn lua_error(e: mlua::Error) -> SandboxError {
     match e {
         mlua::Error::MemoryError(_) => SandboxError::MemoryLimit,
         mlua::Error::SyntaxError { message, .. } => SandboxError::Syntax(message),
+        mlua::Error::RuntimeError(message) => SandboxError::Runtime(message),
         other => SandboxError::Runtime(other.to_string()),
+    }
+}
+
+/// Loading a chunk can only fail to parse (or run out of memory): the parser's own nesting
+/// limit surfaces from Lua as a runtime "C stack overflow", but it is a property of the source.
+fn parse_error(e: mlua::Error) -> SandboxError {
+    match lua_error(e) {
+        SandboxError::Runtime(message) => {
+            let first = message.lines().next().unwrap_or_default();
+            SandboxError::Syntax(format!("{first} (source nested too deeply)"))
+        }
+        other => other,
     }
 }
 
@@ -238,22 +251,25 @@ fn prepare(
             .map_err(lua_error)?;
         sandbox.make_tools.call::<()>(names).map_err(lua_error)?;
     }
-    let loaders = lua.create_table().map_err(lua_error)?;
-    for (name, term) in &opts.modules {
-        let f = load_module(sandbox, name, *term, opts.max_source as usize)?;
-        loaders.raw_set(name.as_str(), f).map_err(lua_error)?;
+    // The pristine state already has a `require` that knows no module.
+    if !opts.modules.is_empty() {
+        let loaders = lua.create_table().map_err(lua_error)?;
+        for (name, term) in &opts.modules {
+            let f = load_module(sandbox, name, *term, opts.max_source as usize)?;
+            loaders.raw_set(name.as_str(), f).map_err(lua_error)?;
+        }
+        sandbox
+            .make_require
+            .call::<()>(loaders)
+            .map_err(lua_error)?;
     }
-    sandbox
-        .make_require
-        .call::<()>(loaders)
-        .map_err(lua_error)?;
 
     let chunk = lua
         .load(bytes)
         .set_name(format!("={chunk_name}"))
         .set_mode(mode)
         .into_function()
-        .map_err(lua_error)?;
+        .map_err(parse_error)?;
 
     let mut args = MultiValue::new();
     args.push_back(Value::Function(chunk));
@@ -300,7 +316,7 @@ fn load_module(
             .set_name(format!("={name}"))
             .set_mode(ChunkMode::Text)
             .into_function()
-            .map_err(lua_error)
+            .map_err(parse_error)
     } else {
         let chunk: ResourceArc<CompiledChunk> = term.decode().map_err(|_| bad_module(name))?;
         lua.load(&chunk.bytecode[..])

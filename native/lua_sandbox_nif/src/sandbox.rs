@@ -57,6 +57,7 @@ impl Sandbox {
         // destructor.
         let check = unsafe { lua.create_c_function(check_abort) }?;
         let aborted = unsafe { lua.create_c_function(is_aborted) }?;
+        let charge = unsafe { lua.create_c_function(charge_work) }?;
         let emit =
             lua.create_function(|lua, s: mlua::LuaString| output::emit(lua, &s.as_bytes()))?;
         let save_traceback = lua.create_function(|lua, ()| {
@@ -74,6 +75,7 @@ impl Sandbox {
                 aborted,
                 emit,
                 save_traceback,
+                charge,
             ))?;
         Ok(Sandbox {
             lua,
@@ -106,6 +108,21 @@ unsafe extern "C-unwind" fn check_abort(l: *mut ffi::lua_State) -> c_int {
         }
         n
     }
+}
+
+/// `charge(n)`: charges `n` steps of work the hook cannot see (parsing in `load`), raising
+/// once the budget is used up.
+unsafe extern "C-unwind" fn charge_work(l: *mut ffi::lua_State) -> c_int {
+    // SAFETY: reads argument 1 (absent reads as 0) and raises with no live Drop values.
+    unsafe {
+        let n = ffi::lua_tointegerx(l, 1, std::ptr::null_mut()).max(0) as u64;
+        if let Err(why) = budget::charge_steps(n) {
+            let msg = why.message();
+            ffi::lua_pushlstring(l, msg.as_ptr().cast(), msg.len());
+            ffi::lua_error(l);
+        }
+    }
+    0
 }
 
 /// `aborted()`: whether the run was aborted (used by the `xpcall` handler wrapper).
@@ -181,8 +198,9 @@ mod timing_probe {
                 .create_function(|_, _s: mlua::LuaString| Ok(()))
                 .unwrap();
             let st = lua.create_function(|_, ()| Ok(())).unwrap();
+            let charge = unsafe { lua.create_c_function(charge_work) }.unwrap();
             let t4 = std::time::Instant::now();
-            let _r: mlua::MultiValue = f.call((check, aborted, emit, st)).unwrap();
+            let _r: mlua::MultiValue = f.call((check, aborted, emit, st, charge)).unwrap();
             let t5 = std::time::Instant::now();
             drop(_r);
             drop(lua);
