@@ -11,6 +11,8 @@ fn main() {
     let mut build = cc::Build::new();
     build
         .include("csrc")
+        // The same headers the VM is built from (vendor/lua-src, see its PATCHES.md).
+        .include("../../vendor/lua-src/lua-5.4.9")
         .file("csrc/sb_strlib.c")
         .file("csrc/sb_tablib.c")
         // lua-src defines LUA_COMPAT_5_3 for every Lua 5.4 build.
@@ -35,16 +37,7 @@ fn main() {
 
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=csrc");
-    for f in [
-        "sb_strlib.c",
-        "sb_tablib.c",
-        "sb_budget.h",
-        "lua.h",
-        "luaconf.h",
-        "lauxlib.h",
-        "lualib.h",
-        "lprefix.h",
-    ] {
+    for f in ["sb_strlib.c", "sb_tablib.c", "sb_budget.h"] {
         println!("cargo:rerun-if-changed=csrc/{f}");
     }
 }
