@@ -1,11 +1,11 @@
 //! The run's budget: instruction count, kill checks and the sticky abort flag.
 //!
 //! A run is *active* on a thread while the NIF that executes it is on the stack. The
-//! activation lives in a thread-local so the raw count hook, the hardened builtins and the
+//! activation lives in a thread-local so the instruction ticker, the hardened builtins and the
 //! sandbox wrappers (`pcall`, `coroutine.resume`, ...) all see the same state without going
 //! through the Lua registry on the hot path.
 //!
-//! Aborts are *sticky*: once a limit tripped or the caller died, every later hook firing,
+//! Aborts are *sticky*: once a limit tripped or the caller died, every later tick,
 //! every wrapper return and every builtin step raises again, so no amount of `pcall`,
 //! `xpcall`, `coroutine.resume` or `__close` lets a script keep running.
 
@@ -16,10 +16,9 @@ use std::ptr;
 use mlua::ffi;
 use rustler::sys::ErlNifEnv;
 
-/// How many VM instructions run between two hook firings. Lower means finer kill latency and
-/// exacter `stats.instructions`; the hook itself is cheap, the per-instruction trap Lua sets
-/// for any count hook is the real cost and does not depend on this number.
-pub const HOOK_INTERVAL: u64 = 1000;
+/// How many VM instructions run between two ticks: the kill check's granularity (a few
+/// microseconds of Lua). The per-instruction cost of the ticker does not depend on it.
+pub const TICK_INTERVAL: u64 = 1000;
 
 /// Why a run was stopped from the outside of the script's control.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -77,7 +76,7 @@ impl Control {
             max: max_instructions,
             abort: Cell::new(None),
             memory_peak: Cell::new(0),
-            interval: Cell::new(HOOK_INTERVAL),
+            interval: Cell::new(TICK_INTERVAL),
         }
     }
 
@@ -106,10 +105,10 @@ impl Control {
         }
     }
 
-    /// Instructions left before the limit; the hook interval never overshoots it.
+    /// Instructions left before the limit; the tick interval never overshoots it.
     fn next_interval(&self) -> c_int {
         let left = self.max.saturating_sub(self.used.get());
-        let next = left.clamp(1, HOOK_INTERVAL);
+        let next = left.clamp(1, TICK_INTERVAL);
         self.interval.set(next);
         next as c_int
     }
@@ -193,8 +192,8 @@ fn caller_alive(env: *mut ErlNifEnv) -> bool {
 
 /// Charges `steps` units of work to the budget and checks for a kill.
 ///
-/// The hardened builtins call this every few hundred steps of their inner loops; the count
-/// hook calls it every `HOOK_INTERVAL` instructions. Returns the abort reason once one is set.
+/// The hardened builtins call this every 1000 steps of their inner loops (the ticker does the
+/// same for VM instructions, in `tick_verdict`). Returns the abort reason once one is set.
 pub fn charge_steps(steps: u64) -> Result<(), Abort> {
     with_control(|control, env| {
         if let Some(why) = control.abort() {
@@ -223,7 +222,7 @@ pub fn trip(why: Abort) {
 
 fn used_memory(l: *mut ffi::lua_State) -> usize {
     // SAFETY: `lua_gc` with LUA_GCCOUNT/COUNTB only reads the collector's counters; it never
-    // allocates or raises, so it is safe to call from a hook.
+    // allocates or raises, so it is safe to call from the ticker.
     unsafe {
         let kb = ffi::lua_gc(l, ffi::LUA_GCCOUNT, 0) as usize;
         let b = ffi::lua_gc(l, ffi::LUA_GCCOUNTB, 0) as usize;
@@ -231,36 +230,47 @@ fn used_memory(l: *mut ffi::lua_State) -> usize {
     }
 }
 
-/// Installs the count hook on `l`. Threads the script creates inherit it (Lua 5.4's
-/// `lua_newthread` copies the hook of the creating thread), which is why we use a raw hook and
-/// not mlua's per-thread one.
-pub fn install_hook(l: *mut ffi::lua_State, control: &Control) {
-    // SAFETY: `l` is a valid state owned by the caller; `lua_sethook` never raises.
-    unsafe {
-        ffi::lua_sethook(
-            l,
-            Some(count_hook),
-            ffi::LUA_MASKCOUNT,
-            control.next_interval(),
-        )
-    };
+type Ticker = unsafe extern "C-unwind" fn(*mut ffi::lua_State);
+
+// The instruction ticker of our Lua build (vendor/lua-src/PATCHES.md): a callback every N VM
+// instructions of any thread of the state, at the cost of one decrement per instruction. A
+// count hook makes Lua 5.4 trap on *every* instruction (2.4x slower on fib(27) here), must be
+// set per thread, and is switched off in error handlers and finalizers; the ticker is not.
+extern "C-unwind" {
+    fn lua_setticker(l: *mut ffi::lua_State, f: Option<Ticker>, interval: c_int);
+    fn lua_getticksleft(l: *mut ffi::lua_State) -> ffi::lua_Integer;
 }
 
-/// The count hook. It must not hold any value with a destructor when it raises, because
+/// Installs the ticker on the state of `l` (every thread of it: the counter is global).
+pub fn install_ticker(l: *mut ffi::lua_State, control: &Control) {
+    // SAFETY: `l` is a valid state owned by the caller; `lua_setticker` only stores three
+    // fields of the global state and never raises.
+    unsafe { lua_setticker(l, Some(tick), control.next_interval()) };
+}
+
+/// Instructions executed since the last tick, to make `stats.instructions` exact.
+pub fn settle_instructions(l: *mut ffi::lua_State, control: &Control) {
+    // SAFETY: `l` is a valid state; the getter only reads one field of the global state.
+    let left = unsafe { lua_getticksleft(l) };
+    let interval = control.interval.get() as i64;
+    if (0..=interval).contains(&left) {
+        let ran = (interval - left) as u64;
+        control.used.set(control.used.get().saturating_add(ran));
+        control.interval.set(left as u64);
+    }
+}
+
+/// The ticker. It must not hold any value with a destructor when it raises, because
 /// `lua_error` leaves this frame with `longjmp` (Lua is built as C); everything with a `Drop`
-/// lives inside `hook_verdict`, which has returned by then.
-unsafe extern "C-unwind" fn count_hook(l: *mut ffi::lua_State, _ar: *mut ffi::lua_Debug) {
-    if let Some((why, next)) = hook_verdict(l) {
-        // SAFETY: `l` is the running thread handed to us by Lua. After an abort the hook
-        // fires on every instruction so the script cannot get far; `lua_error` is legal from a
-        // count hook and unwinds (longjmp) to the nearest protected call. No Rust value with a
-        // destructor is live in this frame.
+/// lives inside `tick_verdict`, which has returned by then.
+unsafe extern "C-unwind" fn tick(l: *mut ffi::lua_State) {
+    if let Some((why, next)) = tick_verdict(l) {
+        // SAFETY: `l` is the running thread handed to us by the VM, with room on its stack
+        // (`luaG_sandboxtick` checked LUA_MINSTACK). After an abort the ticker fires on every
+        // instruction, so the script cannot get far; `lua_error` from the ticker unwinds
+        // (longjmp) to the nearest protected call. No Rust value with a destructor is live.
         unsafe {
-            // `lua_sethook` walks every frame of the thread (to set their traps): calling it
-            // at each firing would make deep recursion quadratic. Only change what changed.
-            if ffi::lua_gethookcount(l) != next {
-                ffi::lua_sethook(l, Some(count_hook), ffi::LUA_MASKCOUNT, next);
-            }
+            lua_setticker(l, Some(tick), next);
             if let Some(why) = why {
                 ffi::lua_pushstring(l, why.c_message().as_ptr());
                 ffi::lua_error(l);
@@ -269,9 +279,9 @@ unsafe extern "C-unwind" fn count_hook(l: *mut ffi::lua_State, _ar: *mut ffi::lu
     }
 }
 
-/// Decides what the hook does: `None` when no run is active; otherwise the abort to raise (if
-/// any) and the interval until the next firing.
-fn hook_verdict(l: *mut ffi::lua_State) -> Option<(Option<Abort>, c_int)> {
+/// Decides what the ticker does: `None` when no run is active; otherwise the abort to raise
+/// (if any) and the interval until the next tick.
+fn tick_verdict(l: *mut ffi::lua_State) -> Option<(Option<Abort>, c_int)> {
     with_control(|control, env| {
         control.note_memory(used_memory(l));
         if control.abort().is_none() {
@@ -328,5 +338,46 @@ mod tests {
             assert!(charge_steps(5).is_err());
         }
         assert!(charge_steps(5).is_ok());
+    }
+
+    fn run_with_ticker(max: u64, code: &str) -> (mlua::Result<()>, u64) {
+        let lua = mlua::Lua::new();
+        let control = Control::new(max);
+        let _a = Activation::new(&control, ptr::null_mut());
+        let f = lua.load(code).into_function().unwrap();
+        let thread = lua.create_thread(f).unwrap();
+        install_ticker(thread.state(), &control);
+        let r = thread.resume::<()>(());
+        settle_instructions(thread.state(), &control);
+        (r, control.instructions())
+    }
+
+    #[test]
+    fn the_ticker_counts_exactly_and_stops_loops() {
+        let (r, n) = run_with_ticker(1_000_000, "local s = 0 for i = 1, 1000 do s = s + i end");
+        assert!(r.is_ok());
+        // two instructions per iteration plus the loop's setup and return
+        assert!((2000..2020).contains(&n), "{n}");
+        let (r, n) = run_with_ticker(5000, "while true do end");
+        assert!(r
+            .unwrap_err()
+            .to_string()
+            .contains("instruction limit exceeded"));
+        assert_eq!(n, 5000);
+    }
+
+    #[test]
+    fn the_ticker_runs_in_coroutines_and_handlers() {
+        for code in [
+            "coroutine.wrap(function() while true do end end)()",
+            "coroutine.wrap(function() coroutine.wrap(function() while true do end end)() end)()",
+            // a message handler of an error raised by the ticker itself
+            "xpcall(function() while true do end end, function() while true do end end)",
+            "local ok = pcall(function() while true do end end) while true do end",
+        ] {
+            let (r, n) = run_with_ticker(20_000, code);
+            assert!(r.is_err(), "{code}");
+            assert_eq!(n, 20_000, "{code}");
+        }
     }
 }

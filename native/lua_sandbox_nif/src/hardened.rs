@@ -1,13 +1,13 @@
 //! Budget-charging builtins: `string.find`, `string.match`, `string.gmatch`, `string.gsub` and
 //! `table.sort`.
 //!
-//! Lua's count hook never fires while a C function runs, so these builtins could otherwise
+//! Lua's instruction ticker (like a count hook) never fires while a C function runs, so these builtins could otherwise
 //! burn CPU for hours in one call (`string.find(string.rep('a', 3000), '.-.-.-b')`, a plain
 //! `find` is O(n*m), `table.sort` of a huge table). They are replaced by patched copies of Lua
 //! 5.4.9's own C code (`csrc/sb_strlib.c`, `csrc/sb_tablib.c`, built by `build.rs`): same
 //! algorithms, same argument checks and error messages, plus a step counter that calls
 //! [`lua_sandbox_charge`] every `SB_BATCH` (1000) steps. Once the run is aborted the builtin
-//! raises the abort message as a plain Lua string error, exactly like the count hook does, and
+//! raises the abort message as a plain Lua string error, exactly like the ticker does, and
 //! the abort is sticky (see `crate::budget`).
 //!
 //! # Unwinding
@@ -44,7 +44,7 @@ pub extern "C" fn lua_sandbox_charge(_l: *mut ffi::lua_State, steps: c_ulonglong
 }
 
 /// The message the patched builtins raise once the run is aborted: a static NUL-terminated
-/// string, the same text the count hook raises.
+/// string, the same text the ticker raises.
 #[no_mangle]
 pub extern "C" fn lua_sandbox_abort_message() -> *const c_char {
     budget::current_abort()

@@ -47,8 +47,8 @@ G.pcall = function(f, ...)
   return check(raw_pcall(f, ...))
 end
 
--- Lua runs a message handler with hooks off when the error came from a hook, so a handler
--- that loops would never stop: after an abort the user's handler is skipped.
+-- After an abort the user's message handler is skipped: it could only run to be stopped again
+-- (the ticker raises at every instruction once aborted), and error handling stays bounded.
 G.xpcall = function(f, handler, ...)
   if type(handler) ~= "function" then
     error("bad argument #2 to 'xpcall' (function expected, got " .. type(handler) .. ")", 2)
@@ -127,7 +127,7 @@ coroutine.isyieldable = function(...)
 end
 
 -- Text chunks only, bounded in size, and charged one step per byte: parsing is not covered
--- by the instruction hook, so a loop of `load` calls would otherwise be nearly free. Errors
+-- by the instruction ticker, so a loop of `load` calls would otherwise be nearly free. Errors
 -- raised by a reader function cannot hide an abort.
 G.load = function(chunk, ...)
   local n = select("#", ...)
@@ -160,9 +160,9 @@ G.load = function(chunk, ...)
   return check(raw_load(chunk, name, "t"))
 end
 
--- Finalizers run with hooks off (and again when the state closes), so an object with `__gc`
--- could loop forever out of the budget's reach. Lua only marks an object for finalization if
--- its metatable has `__gc` when it is set, so refusing that here is enough.
+-- Finalizers also run when the state is closed, after the run, on the pool's thread, where no
+-- budget applies: an object with `__gc` could loop there forever. Lua only marks an object for
+-- finalization if its metatable has `__gc` when it is set, so refusing that here is enough.
 G.setmetatable = function(t, mt)
   if type(mt) == "table" and rawget(mt, "__gc") ~= nil then
     error("__gc metamethods are not allowed in the sandbox", 2)

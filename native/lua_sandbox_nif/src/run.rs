@@ -285,7 +285,7 @@ fn prepare(
     let thread = lua
         .create_thread(sandbox.runner.clone())
         .map_err(lua_error)?;
-    budget::install_hook(thread.state(), control);
+    budget::install_ticker(thread.state(), control);
     sandbox
         .configure
         .call::<()>((thread.clone(), opts.max_source))
@@ -336,6 +336,7 @@ fn bad_module(name: &str) -> SandboxError {
 /// Resumes the run coroutine once and classifies what came back.
 fn resume(session: &Session, args: MultiValue) -> Result<Step, SandboxError> {
     let result = session.thread.resume::<MultiValue>(args);
+    budget::settle_instructions(session.thread.state(), &session.control);
     if let Some(why) = session.control.abort() {
         return Err(why.into());
     }

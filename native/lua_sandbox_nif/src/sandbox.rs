@@ -110,7 +110,7 @@ unsafe extern "C-unwind" fn check_abort(l: *mut ffi::lua_State) -> c_int {
     }
 }
 
-/// `charge(n)`: charges `n` steps of work the hook cannot see (parsing in `load`), raising
+/// `charge(n)`: charges `n` steps of work the ticker cannot see (parsing in `load`), raising
 /// once the budget is used up.
 unsafe extern "C-unwind" fn charge_work(l: *mut ffi::lua_State) -> c_int {
     // SAFETY: reads argument 1 (absent reads as 0) and raises with no live Drop values.

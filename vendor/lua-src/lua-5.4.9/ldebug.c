@@ -155,6 +155,61 @@ LUA_API int lua_gethookmask (lua_State *L) {
 }
 
 
+/*
+** LUA_SANDBOX: the instruction ticker (see 'lua_setticker' in lua.h).
+*/
+LUA_API void lua_setticker (lua_State *L, lua_Ticker f, int interval) {
+  global_State *g = G(L);
+  if (f == NULL || interval <= 0) {  /* turn off ticker? */
+    f = NULL;
+    interval = 0;
+  }
+  g->sbticker = f;
+  g->sbinterval = interval;
+  g->sbticks = (f == NULL) ? MAX_LMEM : interval;
+}
+
+
+/* LUA_SANDBOX: instructions left before the next tick */
+LUA_API lua_Integer lua_getticksleft (lua_State *L) {
+  return (lua_Integer)G(L)->sbticks;
+}
+
+
+/*
+** LUA_SANDBOX: called by the VM when 'sbticks' runs out, before executing the
+** instruction at 'pc'. Prepares the frame as 'luaG_traceexec' and 'luaD_hook'
+** do for a count hook (saved pc for error positions, a protected 'top', room
+** on the stack), then calls the ticker, which may raise.
+*/
+void luaG_sandboxtick (lua_State *L, const Instruction *pc) {
+  global_State *g = G(L);
+  lua_Ticker f = g->sbticker;
+  CallInfo *ci = L->ci;
+  ptrdiff_t top, ci_top;
+  if (f == NULL) {  /* no ticker: just rearm */
+    g->sbticks = MAX_LMEM;
+    return;
+  }
+  g->sbticks = g->sbinterval;
+  ci->u.l.savedpc = pc + 1;  /* reference is always next instruction */
+  if (!isIT(*pc))  /* top not being used? */
+    L->top.p = ci->top.p;  /* correct top */
+  top = savestack(L, L->top.p);
+  ci_top = savestack(L, ci->top.p);
+  if (L->top.p < ci->top.p)
+    L->top.p = ci->top.p;  /* protect entire activation register */
+  luaD_checkstack(L, LUA_MINSTACK);  /* ensure minimum stack size */
+  if (ci->top.p < L->top.p + LUA_MINSTACK)
+    ci->top.p = L->top.p + LUA_MINSTACK;
+  lua_unlock(L);
+  (*f)(L);
+  lua_lock(L);
+  ci->top.p = restorestack(L, ci_top);
+  L->top.p = restorestack(L, top);
+}
+
+
 LUA_API int lua_gethookcount (lua_State *L) {
   return L->basehookcount;
 }

@@ -384,6 +384,9 @@ LUA_API lua_State *lua_newstate (lua_Alloc f, void *ud) {
   g->ud = ud;
   g->warnf = NULL;
   g->ud_warn = NULL;
+  g->sbticks = MAX_LMEM;  /* LUA_SANDBOX: no ticker */
+  g->sbinterval = 0;
+  g->sbticker = NULL;
   g->mainthread = L;
   g->seed = luai_makeseed(L);
   g->gcstp = GCSTPGC;  /* no GC while building state */

@@ -300,6 +300,9 @@ typedef struct global_State {
   TString *strcache[STRCACHE_N][STRCACHE_M];  /* cache for strings in API */
   lua_WarnFunction warnf;  /* warning function */
   void *ud_warn;         /* auxiliary data to 'warnf' */
+  l_mem sbticks;  /* LUA_SANDBOX: instructions left before the next tick */
+  int sbinterval;  /* LUA_SANDBOX: instructions between ticks */
+  lua_Ticker sbticker;  /* LUA_SANDBOX: see 'lua_setticker' */
 } global_State;
 
 

@@ -470,6 +470,16 @@ LUA_API lua_Hook (lua_gethook) (lua_State *L);
 LUA_API int (lua_gethookmask) (lua_State *L);
 LUA_API int (lua_gethookcount) (lua_State *L);
 
+/*
+** LUA_SANDBOX: the instruction ticker. 'f' is called every 'interval' VM
+** instructions executed by any thread of the state, including inside hooks,
+** error handlers and finalizers; it may raise an error. Unlike a count hook
+** it costs one decrement per instruction instead of a trap.
+*/
+typedef void (*lua_Ticker) (lua_State *L);
+LUA_API void (lua_setticker) (lua_State *L, lua_Ticker f, int interval);
+LUA_API lua_Integer (lua_getticksleft) (lua_State *L);
+
 LUA_API int (lua_setcstacklimit) (lua_State *L, unsigned int limit);
 
 struct lua_Debug {

@@ -1148,6 +1148,11 @@ void luaV_finishOp (lua_State *L) {
     trap = luaG_traceexec(L, pc);  /* handle hooks */ \
     updatebase(ci);  /* correct stack */ \
   } \
+  if (l_unlikely(--G(L)->sbticks <= 0)) {  /* LUA_SANDBOX: ticker */ \
+    luaG_sandboxtick(L, pc); \
+    updatetrap(ci);  /* the stack may have moved */ \
+    updatebase(ci); \
+  } \
   i = *(pc++); \
 }
 

@@ -130,12 +130,12 @@ fn abort_is_sticky_in_builtins() {
 }
 
 #[test]
-fn with_the_count_hook_the_abort_is_not_swallowed() {
+fn with_the_ticker_the_abort_is_not_swallowed() {
     let lua = state();
     let control = Control::new(LIMIT);
     let _active = Activation::new(&control, std::ptr::null_mut());
-    // SAFETY (test): the raw state outlives the activation and the hook only reads `control`.
-    let installed = unsafe { lua.exec_raw::<()>((), |l| budget::install_hook(l, &control)) };
+    // SAFETY (test): the raw state outlives the activation and the ticker only reads `control`.
+    let installed = unsafe { lua.exec_raw::<()>((), |l| budget::install_ticker(l, &control)) };
     installed.unwrap();
     let started = Instant::now();
     let err = lua
