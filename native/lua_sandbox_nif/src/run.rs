@@ -64,6 +64,18 @@ pub struct Run {
 #[rustler::resource_impl]
 impl rustler::Resource for Run {}
 
+impl Drop for Run {
+    /// A run parked at a tool call is dropped when its owner dies (the GC of the dead
+    /// process's heap, on a normal scheduler): closing a large Lua state there would stall that
+    /// scheduler, so the state goes to the pool's thread like any finished run.
+    fn drop(&mut self) {
+        let session = self.session.get_mut().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(session) = session {
+            crate::pool::discard(Box::new(session));
+        }
+    }
+}
+
 /// What a step of the run produced.
 enum Step {
     Done(MultiValue),
