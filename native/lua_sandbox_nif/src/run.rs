@@ -69,7 +69,11 @@ impl Drop for Run {
     /// process's heap, on a normal scheduler): closing a large Lua state there would stall that
     /// scheduler, so the state goes to the pool's thread like any finished run.
     fn drop(&mut self) {
-        let session = self.session.get_mut().unwrap_or_else(|p| p.into_inner()).take();
+        let session = self
+            .session
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
         if let Some(session) = session {
             crate::pool::discard(Box::new(session));
         }
@@ -255,6 +259,8 @@ fn prepare(
     chunk_name: &str,
 ) -> Result<(Thread, MultiValue), SandboxError> {
     let lua = &sandbox.lua;
+    // Pristine states are built with the collector stopped.
+    lua.gc_restart();
     let max_depth = opts.max_depth as usize;
     marshal::push_globals(lua, &opts.globals, max_depth)?;
     if !opts.tools.is_empty() {
