@@ -647,6 +647,8 @@ defmodule Bench.Run do
 
     #{targets}
 
+    Why the missed targets are out of reach, with profiles: [ANALYSIS.md](ANALYSIS.md).
+
     ## Notes
 
     #{Enum.map_join(notes, "\n", &"- #{&1}")}
