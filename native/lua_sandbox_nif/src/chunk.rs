@@ -25,22 +25,30 @@ pub struct CompileOpts {
 }
 
 /// Parses `source` into bytecode, with the same checks `run` applies to source text.
+/// The checks every piece of source text passes before Lua sees it: within `max_source`
+/// (parsing is not covered by the instruction budget), and not bytecode (Lua does not verify
+/// it). `what` names the source in messages (`source`, `module 'x'`).
+pub fn check_source(source: &[u8], max_source: usize, what: &str) -> Result<(), SandboxError> {
+    if source.len() > max_source {
+        return Err(SandboxError::InvalidInput(format!(
+            "{what} is {} bytes, over max_source ({max_source})",
+            source.len()
+        )));
+    }
+    if source.first() == Some(&0x1b) {
+        return Err(SandboxError::InvalidInput(format!(
+            "{what}: binary chunks are not accepted; pass Lua source text"
+        )));
+    }
+    Ok(())
+}
+
 pub fn compile_bytes(
     source: &[u8],
     name: &str,
     max_source: usize,
 ) -> Result<Vec<u8>, SandboxError> {
-    if source.len() > max_source {
-        return Err(SandboxError::InvalidInput(format!(
-            "source is {} bytes, over max_source ({max_source})",
-            source.len()
-        )));
-    }
-    if source.first() == Some(&0x1b) {
-        return Err(SandboxError::InvalidInput(
-            "binary chunks are not accepted; pass Lua source text".to_string(),
-        ));
-    }
+    check_source(source, max_source, "source")?;
     let lua = Lua::new_with(StdLib::NONE, LuaOptions::default())
         .map_err(|e| SandboxError::Runtime(e.to_string()))?;
     let f = lua

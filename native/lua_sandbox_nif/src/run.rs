@@ -184,16 +184,8 @@ fn start<'a>(env: Env<'a>, source: Source<'a>, opts: RunOpts<'a>) -> Term<'a> {
     };
     let early = |e: SandboxError| early_error(env, e, t0);
     if mode == ChunkMode::Text {
-        if bytes.len() > max_source {
-            return early(SandboxError::InvalidInput(format!(
-                "source is {} bytes, over max_source ({max_source})",
-                bytes.len()
-            )));
-        }
-        if bytes.first() == Some(&0x1b) {
-            return early(SandboxError::InvalidInput(
-                "binary chunks are not accepted; pass Lua source text".to_string(),
-            ));
+        if let Err(e) = crate::chunk::check_source(bytes, max_source, "source") {
+            return early(e);
         }
     }
     let sandbox = match crate::pool::take() {
@@ -320,16 +312,7 @@ fn load_module(
     let lua = &sandbox.lua;
     if term.get_type() == TermType::Binary {
         let bin: rustler::Binary = term.decode().map_err(|_| bad_module(name))?;
-        if bin.len() > max_source {
-            return Err(SandboxError::InvalidInput(format!(
-                "module '{name}' is over max_source ({max_source})"
-            )));
-        }
-        if bin.as_slice().first() == Some(&0x1b) {
-            return Err(SandboxError::InvalidInput(format!(
-                "module '{name}': binary chunks are not accepted"
-            )));
-        }
+        crate::chunk::check_source(bin.as_slice(), max_source, &format!("module '{name}'"))?;
         lua.load(bin.as_slice())
             .set_name(format!("={name}"))
             .set_mode(ChunkMode::Text)
@@ -532,18 +515,26 @@ fn stats_term<'a>(
     tool_calls: u64,
 ) -> Term<'a> {
     control.note_memory(sandbox.lua.used_memory());
+    stats_map(
+        env,
+        [
+            control.instructions(),
+            control.memory_peak() as u64,
+            elapsed.as_micros() as u64,
+            tool_calls,
+        ],
+    )
+}
+
+/// `%{instructions:, memory_peak:, duration_us:, tool_calls:}` from values in that order.
+fn stats_map(env: Env<'_>, values: [u64; 4]) -> Term<'_> {
     let keys = [
         atoms::instructions().encode(env),
         atoms::memory_peak().encode(env),
         atoms::duration_us().encode(env),
         atoms::tool_calls().encode(env),
     ];
-    let values = [
-        control.instructions().encode(env),
-        (control.memory_peak() as u64).encode(env),
-        (elapsed.as_micros() as u64).encode(env),
-        tool_calls.encode(env),
-    ];
+    let values = values.map(|v| v.encode(env));
     Term::map_from_arrays(env, &keys, &values).unwrap_or_else(|_| atoms::nil().encode(env))
 }
 
@@ -606,21 +597,7 @@ fn error_term<'a>(
 }
 
 fn early_error(env: Env<'_>, e: SandboxError, t0: Instant) -> Term<'_> {
-    let stats = {
-        let keys = [
-            atoms::instructions().encode(env),
-            atoms::memory_peak().encode(env),
-            atoms::duration_us().encode(env),
-            atoms::tool_calls().encode(env),
-        ];
-        let values = [
-            0u64.encode(env),
-            0u64.encode(env),
-            (t0.elapsed().as_micros() as u64).encode(env),
-            0u64.encode(env),
-        ];
-        Term::map_from_arrays(env, &keys, &values).unwrap_or_else(|_| atoms::nil().encode(env))
-    };
+    let stats = stats_map(env, [0, 0, t0.elapsed().as_micros() as u64, 0]);
     let none: Option<String> = None;
     (
         atoms::error(),
