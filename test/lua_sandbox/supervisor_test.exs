@@ -77,6 +77,15 @@ defmodule LuaSandbox.SupervisorTest do
       refute Process.alive?(task.pid)
     end
 
+    test "async on a full supervisor gives :overloaded" do
+      name = :"lua_sup_#{System.unique_integer([:positive])}"
+      start_supervised!({LuaSandbox.Supervisor, name: name, max_concurrency: 1})
+      busy = LuaSandbox.async(@loop, [supervisor: name] ++ @forever)
+      refused = LuaSandbox.async("return 1", supervisor: name)
+      assert {:error, %Error{kind: :overloaded}} = LuaSandbox.await(refused, 1_000)
+      assert {:error, %Error{kind: :timeout}} = LuaSandbox.await(busy, 100)
+    end
+
     test "await returns errors as values" do
       task = LuaSandbox.async("error('x')")
       assert {:error, %Error{kind: :runtime}} = LuaSandbox.await(task)
