@@ -684,93 +684,61 @@ impl<'e> Reader<'e> {
             }
             self.charge(0)?;
 
-            // First pass: is it a sequence 1..n? (Lua stores integer-valued float keys as
-            // integers, so checking integer keys is enough.)
-            let mut n: u64 = 0;
-            let mut max_key: i64 = 0;
-            let mut sequence = true;
-            ffi::lua_pushnil(l);
-            while ffi::lua_next(l, idx) != 0 {
-                n += 1;
-                if sequence {
-                    if ffi::lua_isinteger(l, -2) != 0 {
-                        let k = ffi::lua_tointegerx(l, -2, std::ptr::null_mut());
-                        if k < 1 {
-                            sequence = false;
-                        } else {
-                            max_key = max_key.max(k);
-                        }
-                    } else {
-                        sequence = false;
-                    }
-                }
-                ffi::lua_pop(l, 1);
-            }
-            let sequence = sequence && n > 0 && max_key as u64 == n;
-
             self.visiting.push(ptr);
-            let result = if sequence {
-                self.read_sequence(l, idx, n as i64, depth + 1)
-            } else {
-                self.read_map(l, idx, n as usize, depth + 1)
-            };
+            let result = self.read_entries(l, idx, depth + 1);
             self.visiting.pop();
             result
         }
     }
 
-    unsafe fn read_sequence(
+    /// One traversal: converts every entry, and decides at the end whether the keys were
+    /// exactly `1..n` (a list) or not (a map). Lua stores integer-valued float keys as
+    /// integers, so checking integer keys is enough.
+    unsafe fn read_entries(
         &mut self,
         l: *mut ffi::lua_State,
         idx: c_int,
-        n: i64,
-        depth: usize,
-    ) -> Result<Term<'e>, Fail> {
-        let mut items = Vec::with_capacity(n as usize);
-        for i in 1..=n {
-            // SAFETY: `read_table` checked the stack; one slot is pushed and popped.
-            let item = unsafe {
-                ffi::lua_rawgeti(l, idx, i);
-                let item = self.read(l, ffi::lua_gettop(l), depth);
-                ffi::lua_pop(l, 1);
-                item
-            }
-            .map_err(|f| f.at(Seg::Index(i)))?;
-            items.push(item);
-        }
-        Ok(items.encode(self.env))
-    }
-
-    unsafe fn read_map(
-        &mut self,
-        l: *mut ffi::lua_State,
-        idx: c_int,
-        n: usize,
         depth: usize,
     ) -> Result<Term<'e>, Fail> {
         let env = self.env;
-        let mut keys = Vec::with_capacity(n);
-        let mut values = Vec::with_capacity(n);
-        // SAFETY: as in `read_table`. On an early return the key/value slots stay on the stack;
+        let mut keys = Vec::new();
+        let mut values = Vec::new();
+        // Positive integer keys, as long as every key so far was one.
+        let mut indices: Vec<i64> = Vec::new();
+        let mut sequence = true;
+        let mut max_index: i64 = 0;
+        let mut integer_keys: u64 = 0;
+        // SAFETY: as in `read_table`; `lua_next` is driven with the key it returned and the
+        // table is not modified. On an early return the key/value slots stay on the stack;
         // `exec_raw`'s stack guard resets the stack afterwards.
         unsafe {
             ffi::lua_pushnil(l);
             while ffi::lua_next(l, idx) != 0 {
                 let key = match ffi::lua_type(l, -2) {
+                    ffi::LUA_TNUMBER if ffi::lua_isinteger(l, -2) != 0 => {
+                        let i = ffi::lua_tointegerx(l, -2, std::ptr::null_mut());
+                        integer_keys += 1;
+                        if sequence && i >= 1 {
+                            indices.push(i);
+                            max_index = max_index.max(i);
+                        } else {
+                            sequence = false;
+                        }
+                        i.encode(env)
+                    }
                     ffi::LUA_TSTRING => {
+                        sequence = false;
                         let bytes = lua_bytes(l, -2);
                         self.charge(bytes.len() as u64)?;
                         binary_term(env, bytes)
                     }
-                    ffi::LUA_TNUMBER if ffi::lua_isinteger(l, -2) != 0 => {
-                        self.charge(0)?;
-                        ffi::lua_tointegerx(l, -2, std::ptr::null_mut()).encode(env)
-                    }
                     ffi::LUA_TNUMBER => {
+                        sequence = false;
                         self.charge(0)?;
                         float_term(env, ffi::lua_tonumberx(l, -2, std::ptr::null_mut()))
                     }
                     ffi::LUA_TBOOLEAN => {
+                        sequence = false;
                         self.charge(0)?;
                         (ffi::lua_toboolean(l, -2) != 0).encode(env)
                     }
@@ -788,6 +756,21 @@ impl<'e> Reader<'e> {
                 values.push(value);
                 ffi::lua_pop(l, 1);
             }
+        }
+        let n = values.len();
+        if sequence && n > 0 && max_index as usize == n {
+            // Distinct integers in 1..=n: a permutation of the slots.
+            let mut slots: Vec<Option<Term<'e>>> = vec![None; n];
+            for (i, v) in indices.iter().zip(values) {
+                slots[(*i - 1) as usize] = Some(v);
+            }
+            let nil = atoms::nil().encode(env);
+            let items: Vec<Term<'e>> = slots.into_iter().map(|v| v.unwrap_or(nil)).collect();
+            return Ok(items.encode(env));
+        }
+        // A map after all: its integer keys count as values too.
+        for _ in 0..integer_keys {
+            self.charge(0)?;
         }
         Term::map_from_arrays(env, &keys, &values)
             .map_err(|_| unsupported("a table whose keys collide"))
