@@ -176,6 +176,22 @@ defmodule LuaSandboxTest do
       assert e.message =~ "__gc"
     end
 
+    test "wrapped functions report argument errors as Lua does" do
+      for {src, msg} <- [
+            {"setmetatable(1, {})",
+             "bad argument #1 to 'setmetatable' (table expected, got number)"},
+            {"setmetatable({}, 1)", "bad argument #2 to 'setmetatable' (nil or table expected)"},
+            {"pcall()", "bad argument #1 to 'pcall' (value expected)"},
+            {"coroutine.resume()",
+             "bad argument #1 to 'resume' (coroutine expected, got no value)"},
+            {"coroutine.wrap(nil)", "bad argument #1 to 'wrap' (function expected, got nil)"},
+            {"coroutine.close({})", "bad argument #1 to 'close' (coroutine expected, got table)"},
+            {"load({})", "bad argument #1 to 'load' (function expected, got table)"}
+          ] do
+        assert run_err("\n" <> src).message == "script:2: " <> msg
+      end
+    end
+
     test "the string metatable is protected" do
       assert run_ok("return getmetatable('')").value == false
       assert run_ok("return ('x'):upper()").value == "X"

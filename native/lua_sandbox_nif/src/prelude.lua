@@ -35,7 +35,21 @@ local co_create, co_resume, co_yield = coroutine.create, coroutine.resume, corou
 local co_status, co_running, co_close = coroutine.status, coroutine.running, coroutine.close
 local co_isyieldable = coroutine.isyieldable
 local concat, unpack = table.concat, table.unpack
+
 local string_byte, string_format = string.byte, string.format
+
+-- Argument errors for the wrapped functions, worded as Lua's own (luaL_argerror): raised from
+-- here, the C originals could not name themselves, as this chunk has no debug information.
+-- `level` counts from the wrapper's caller, as a C function's luaL_error would.
+local function argerror(n, fname, msg, level)
+  error(string_format("bad argument #%d to '%s' (%s)", n, fname, msg), 2 + (level or 1))
+end
+
+local function expect(n, fname, tname, count, v)
+  if type(v) ~= tname then
+    argerror(n, fname, tname .. " expected, got " .. (count < n and "no value" or type(v)), 2)
+  end
+end
 
 -- Identifies a tool call travelling up through coroutines to the host. Scripts never see it.
 local TOOL = {}
@@ -43,8 +57,11 @@ local main_co = nil
 
 -- pcall and friends return errors as values; `check` re-raises once the run was aborted
 -- (instruction/memory/output limit, kill), so a loop around them cannot outlive the abort.
-G.pcall = function(f, ...)
-  return check(raw_pcall(f, ...))
+G.pcall = function(...)
+  if select("#", ...) == 0 then
+    argerror(1, "pcall", "value expected")
+  end
+  return check(raw_pcall(...))
 end
 
 -- After an abort the user's message handler is skipped: it could only run to be stopped again
@@ -71,8 +88,12 @@ local function forward(co, ok, ...)
 end
 
 local coroutine = G.coroutine
-coroutine.resume = function(co, ...)
-  return check(forward(co, co_resume(co, ...)))
+coroutine.resume = function(...)
+  local co = ...
+  if type(co) ~= "thread" then
+    expect(1, "resume", "coroutine", select("#", ...), co)
+  end
+  return check(forward(co, co_resume(...)))
 end
 
 local function unwrap(co, ok, ...)
@@ -90,14 +111,20 @@ local function unwrap(co, ok, ...)
   error(e, 0)
 end
 
-coroutine.wrap = function(f)
+coroutine.wrap = function(...)
+  local f = ...
+  expect(1, "wrap", "function", select("#", ...), f)
   local co = co_create(f)
   return function(...)
     return unwrap(co, forward(co, co_resume(co, ...)))
   end
 end
 
-coroutine.close = function(co)
+coroutine.close = function(...)
+  local co = ...
+  if type(co) ~= "thread" then
+    expect(1, "close", "coroutine", select("#", ...), co)
+  end
   return check(co_close(co))
 end
 
@@ -129,9 +156,14 @@ end
 -- Text chunks only, bounded in size, and charged one step per byte: parsing is not covered
 -- by the instruction ticker, so a loop of `load` calls would otherwise be nearly free. Errors
 -- raised by a reader function cannot hide an abort.
-G.load = function(chunk, ...)
-  local n = select("#", ...)
-  local name, mode, env = ...
+G.load = function(...)
+  local chunk = ...
+  local n = select("#", ...) - 1
+  local name, mode, env = select(2, ...)
+  local tchunk = type(chunk)
+  if tchunk ~= "string" and tchunk ~= "number" and tchunk ~= "function" then
+    expect(1, "load", "function", n + 1, chunk)
+  end
   if mode ~= nil and type(mode) == "string" and not mode:find("t", 1, true) then
     return nil, string_format("attempt to load a text chunk (mode is '%s')", mode)
   end
@@ -163,7 +195,12 @@ end
 -- Finalizers also run when the state is closed, after the run, on the pool's thread, where no
 -- budget applies: an object with `__gc` could loop there forever. Lua only marks an object for
 -- finalization if its metatable has `__gc` when it is set, so refusing that here is enough.
-G.setmetatable = function(t, mt)
+G.setmetatable = function(...)
+  local t, mt = ...
+  expect(1, "setmetatable", "table", select("#", ...), t)
+  if mt ~= nil and type(mt) ~= "table" then
+    argerror(2, "setmetatable", "nil or table expected")
+  end
   if type(mt) == "table" and rawget(mt, "__gc") ~= nil then
     error("__gc metamethods are not allowed in the sandbox", 2)
   end
