@@ -258,7 +258,7 @@ defmodule Bench.Harness do
         )
 
         File.write!(script, """
-        set terminal svg size 1000,560 dynamic enhanced font 'sans,11'
+        set terminal svg size 1000,560 dynamic enhanced font 'sans,11' background rgb 'white'
         set output '#{tmp}'
         set title 'Luerl time / lua\\_sandbox time (> 1: lua\\_sandbox faster)'
         set style data histograms
