@@ -1,8 +1,8 @@
-//! Budget-charging builtins: `string.find`, `string.match`, `string.gmatch`, `string.gsub` and
-//! `table.sort`.
+//! Budget-charging builtins: `string.find/match/gmatch/gsub/rep` and
+//! `table.sort/insert/remove/move/concat`.
 //!
-//! Lua's instruction ticker (like a count hook) never fires while a C function runs, so these builtins could otherwise
-//! burn CPU for hours in one call (`string.find(string.rep('a', 3000), '.-.-.-b')`, a plain
+//! The instruction ticker (like a count hook) never fires while a C function runs, so these
+//! builtins could otherwise burn CPU for hours in one call (`string.find(string.rep('a', 3000), '.-.-.-b')`, a plain
 //! `find` is O(n*m), `table.sort` of a huge table). They are replaced by patched copies of Lua
 //! 5.4.9's own C code (`csrc/sb_strlib.c`, `csrc/sb_tablib.c`, built by `build.rs`): same
 //! algorithms, same argument checks and error messages, plus a step counter that calls
