@@ -56,16 +56,7 @@ pub fn compile_bytes(
         .set_name(format!("={name}"))
         .set_mode(ChunkMode::Text)
         .into_function()
-        .map_err(|e| match e {
-            mlua::Error::SyntaxError { message, .. } => SandboxError::Syntax(message),
-            mlua::Error::MemoryError(_) => SandboxError::MemoryLimit,
-            // the parser's nesting limit ("C stack overflow") is a property of the source
-            mlua::Error::RuntimeError(m) => {
-                let first = m.lines().next().unwrap_or_default();
-                SandboxError::Syntax(format!("{first} (source nested too deeply)"))
-            }
-            other => SandboxError::Runtime(other.to_string()),
-        })?;
+        .map_err(SandboxError::from_parse)?;
     Ok(f.dump(false))
 }
 

@@ -118,13 +118,6 @@ fn is_identifier(s: &str) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
-fn lua_err(e: mlua::Error) -> SandboxError {
-    match e {
-        mlua::Error::MemoryError(_) => SandboxError::MemoryLimit,
-        other => SandboxError::Runtime(other.to_string()),
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Elixir -> Lua
 
@@ -149,7 +142,7 @@ pub fn push_globals(
             })
         }
     });
-    outcome.map_err(lua_err)?;
+    outcome.map_err(SandboxError::from)?;
     result.map_err(|f| f.into_error("globals"))?;
     builder.map_or(Ok(()), |b| b.check_memory(lua))
 }
@@ -172,7 +165,7 @@ pub fn push_values(
             })
         }
     });
-    let values = values.map_err(lua_err)?;
+    let values = values.map_err(SandboxError::from)?;
     result.map_err(|f| f.into_error(root))?;
     if let Some(b) = builder {
         b.check_memory(lua)?;
@@ -278,29 +271,11 @@ impl Builder {
         // SAFETY: as in `set_globals`; callers guarantee one free slot, tables check for more.
         unsafe {
             match term.get_type() {
-                TermType::Atom => {
-                    if let Ok(b) = term.decode::<bool>() {
-                        ffi::lua_pushboolean(l, c_int::from(b));
-                    } else if term == atoms::nil().to_term(term.get_env()) {
-                        ffi::lua_pushnil(l);
-                    } else {
-                        let name = term.atom_to_string().map_err(|_| invalid("bad atom"))?;
-                        self.reserve(name.len() + LUA_VALUE_BYTES)?;
-                        push_str(l, name.as_bytes());
-                    }
+                TermType::Atom if term == atoms::nil().to_term(term.get_env()) => {
+                    ffi::lua_pushnil(l)
                 }
-                TermType::Integer => match term.decode::<i64>() {
-                    Ok(i) => ffi::lua_pushinteger(l, i),
-                    Err(_) => return Err(invalid("integer outside the 64-bit range")),
-                },
-                TermType::Float => {
-                    let f: f64 = term.decode().map_err(|_| invalid("bad float"))?;
-                    ffi::lua_pushnumber(l, f);
-                }
-                TermType::Binary => {
-                    let bin: rustler::Binary = term.decode().map_err(|_| invalid("bitstring"))?;
-                    self.reserve(bin.len() + LUA_VALUE_BYTES)?;
-                    push_str(l, bin.as_slice());
+                TermType::Atom | TermType::Integer | TermType::Float | TermType::Binary => {
+                    self.push_scalar(l, term, "")?
                 }
                 TermType::List => self.push_list(l, term, depth)?,
                 TermType::Map => self.push_map(l, term, depth)?,
@@ -396,40 +371,63 @@ impl Builder {
 
     /// Pushes a map key.
     unsafe fn push_key(&mut self, l: *mut ffi::lua_State, k: Term) -> Result<(), Fail> {
-        // SAFETY: as in `set_globals`; `push_map` reserved the slots.
+        match k.get_type() {
+            TermType::Atom if k == atoms::nil().to_term(k.get_env()) => {
+                Err(invalid("nil cannot be a Lua table key"))
+            }
+            // SAFETY: `push_map` reserved the slot.
+            TermType::Atom | TermType::Integer | TermType::Float | TermType::Binary => unsafe {
+                self.push_scalar(l, k, " key")
+            },
+            _ => Err(invalid(
+                "map key must be a binary, atom, integer, float or boolean",
+            )),
+        }
+    }
+
+    /// Pushes a boolean, non-nil atom, integer, float or binary, as a value or a map key
+    /// (`role` is `""` or `" key"`, for messages). Lua turns float keys with an integer value
+    /// into integers itself; NaN cannot come from Erlang.
+    unsafe fn push_scalar(
+        &mut self,
+        l: *mut ffi::lua_State,
+        term: Term,
+        role: &str,
+    ) -> Result<(), Fail> {
+        // SAFETY: as in `set_globals`; the caller guarantees one free slot.
         unsafe {
-            match k.get_type() {
-                TermType::Binary => {
-                    let bin: rustler::Binary = k.decode().map_err(|_| invalid("bitstring key"))?;
-                    self.reserve(bin.len() + LUA_VALUE_BYTES)?;
-                    push_str(l, bin.as_slice());
-                }
+            match term.get_type() {
                 TermType::Atom => {
-                    if let Ok(b) = k.decode::<bool>() {
+                    if let Ok(b) = term.decode::<bool>() {
                         ffi::lua_pushboolean(l, c_int::from(b));
-                    } else if k == atoms::nil().to_term(k.get_env()) {
-                        return Err(invalid("nil cannot be a Lua table key"));
                     } else {
-                        let name = k.atom_to_string().map_err(|_| invalid("bad atom key"))?;
+                        let name = term
+                            .atom_to_string()
+                            .map_err(|_| invalid(&format!("bad atom{role}")))?;
                         self.reserve(name.len() + LUA_VALUE_BYTES)?;
                         push_str(l, name.as_bytes());
                     }
                 }
-                TermType::Integer => match k.decode::<i64>() {
+                TermType::Integer => match term.decode::<i64>() {
                     Ok(i) => ffi::lua_pushinteger(l, i),
-                    Err(_) => return Err(invalid("integer key outside the 64-bit range")),
+                    Err(_) => {
+                        return Err(invalid(&format!("integer{role} outside the 64-bit range")))
+                    }
                 },
                 TermType::Float => {
-                    let f: f64 = k.decode().map_err(|_| invalid("bad float key"))?;
-                    // Lua turns float keys with an integer value into integers itself; NaN
-                    // cannot come from Erlang.
+                    let f: f64 = term
+                        .decode()
+                        .map_err(|_| invalid(&format!("bad float{role}")))?;
                     ffi::lua_pushnumber(l, f);
                 }
-                _ => {
-                    return Err(invalid(
-                        "map key must be a binary, atom, integer, float or boolean",
-                    ))
+                TermType::Binary => {
+                    let bin: rustler::Binary = term
+                        .decode()
+                        .map_err(|_| invalid(&format!("bitstring{role}")))?;
+                    self.reserve(bin.len() + LUA_VALUE_BYTES)?;
+                    push_str(l, bin.as_slice());
                 }
+                _ => return Err(invalid("unsupported term")),
             }
         }
         Ok(())
@@ -534,7 +532,7 @@ pub fn to_terms<'e>(
             result = reader.read_stack(l);
         })
     };
-    outcome.map_err(lua_err)?;
+    outcome.map_err(SandboxError::from)?;
     result.map_err(|f| f.into_error(root))
 }
 
@@ -557,7 +555,7 @@ pub fn to_term<'e>(
             result = reader.read(l, 1, 0);
         })
     };
-    outcome.map_err(lua_err)?;
+    outcome.map_err(SandboxError::from)?;
     result.map_err(|f| f.into_error(root))
 }
 

@@ -1,7 +1,7 @@
 //! What `print` and `io.write` produce: captured, capped at `max_output`, optionally streamed.
 
 use mlua::Lua;
-use rustler::{Encoder, Env, LocalPid, NewBinary};
+use rustler::{Encoder, Env, LocalPid};
 
 use crate::atoms;
 use crate::budget::{self, Abort};
@@ -65,9 +65,7 @@ fn send_chunk(pid: &LocalPid, bytes: &[u8]) {
     // `budget::Activation`), alive for this whole function; the `Env` made here does not
     // escape it, and no other `Env` with this local lifetime exists.
     let env = unsafe { Env::new(&marker, raw) };
-    let mut bin = NewBinary::new(env, bytes.len());
-    bin.as_mut_slice().copy_from_slice(bytes);
-    let chunk: rustler::Binary = bin.into();
+    let chunk = crate::marshal::binary_term(env, bytes);
     // A dead receiver is not the script's problem; the output is still captured.
     let _ = env.send(pid, (atoms::lua_print(), chunk).encode(env));
 }

@@ -154,27 +154,6 @@ fn print_mode(opts: &RunOpts) -> PrintMode {
     }
 }
 
-fn lua_error(e: mlua::Error) -> SandboxError {
-    match e {
-        mlua::Error::MemoryError(_) => SandboxError::MemoryLimit,
-        mlua::Error::SyntaxError { message, .. } => SandboxError::Syntax(message),
-        mlua::Error::RuntimeError(message) => SandboxError::Runtime(message),
-        other => SandboxError::Runtime(other.to_string()),
-    }
-}
-
-/// Loading a chunk can only fail to parse (or run out of memory): the parser's own nesting
-/// limit surfaces from Lua as a runtime "C stack overflow", but it is a property of the source.
-fn parse_error(e: mlua::Error) -> SandboxError {
-    match lua_error(e) {
-        SandboxError::Runtime(message) => {
-            let first = message.lines().next().unwrap_or_default();
-            SandboxError::Syntax(format!("{first} (source nested too deeply)"))
-        }
-        other => other,
-    }
-}
-
 fn start<'a>(env: Env<'a>, source: Source<'a>, opts: RunOpts<'a>) -> Term<'a> {
     let t0 = Instant::now();
     let max_source = opts.max_source as usize;
@@ -190,13 +169,13 @@ fn start<'a>(env: Env<'a>, source: Source<'a>, opts: RunOpts<'a>) -> Term<'a> {
     }
     let sandbox = match crate::pool::take() {
         Ok(s) => s,
-        Err(e) => return early(lua_error(e)),
+        Err(e) => return early(SandboxError::from(e)),
     };
     let control = Box::new(Control::new(opts.max_instructions));
     let lua = &sandbox.lua;
     lua.set_app_data(Output::new(opts.max_output as usize, print_mode(&opts)));
     if let Err(e) = lua.set_memory_limit(opts.max_memory as usize) {
-        return early(lua_error(e));
+        return early(SandboxError::from(e));
     }
 
     let prepared = {
@@ -258,20 +237,25 @@ fn prepare(
     if !opts.tools.is_empty() {
         let names = lua
             .create_sequence_from(opts.tools.iter().map(|s| s.as_str()))
-            .map_err(lua_error)?;
-        sandbox.make_tools.call::<()>(names).map_err(lua_error)?;
+            .map_err(SandboxError::from)?;
+        sandbox
+            .make_tools
+            .call::<()>(names)
+            .map_err(SandboxError::from)?;
     }
     // The pristine state already has a `require` that knows no module.
     if !opts.modules.is_empty() {
-        let loaders = lua.create_table().map_err(lua_error)?;
+        let loaders = lua.create_table().map_err(SandboxError::from)?;
         for (name, term) in &opts.modules {
             let f = load_module(sandbox, name, *term, opts.max_source as usize)?;
-            loaders.raw_set(name.as_str(), f).map_err(lua_error)?;
+            loaders
+                .raw_set(name.as_str(), f)
+                .map_err(SandboxError::from)?;
         }
         sandbox
             .make_require
             .call::<()>(loaders)
-            .map_err(lua_error)?;
+            .map_err(SandboxError::from)?;
     }
 
     let chunk = lua
@@ -279,12 +263,14 @@ fn prepare(
         .set_name(format!("={chunk_name}"))
         .set_mode(mode)
         .into_function()
-        .map_err(parse_error)?;
+        .map_err(SandboxError::from_parse)?;
 
     let mut args = MultiValue::new();
     args.push_back(Value::Function(chunk));
     if let Some((name, call_args)) = &opts.call {
-        args.push_back(Value::String(lua.create_string(name).map_err(lua_error)?));
+        args.push_back(Value::String(
+            lua.create_string(name).map_err(SandboxError::from)?,
+        ));
         args.extend(marshal::push_values(
             lua,
             call_args,
@@ -294,12 +280,12 @@ fn prepare(
     }
     let thread = lua
         .create_thread(sandbox.runner.clone())
-        .map_err(lua_error)?;
+        .map_err(SandboxError::from)?;
     budget::install_ticker(thread.state(), control);
     sandbox
         .configure
         .call::<()>((thread.clone(), opts.max_source))
-        .map_err(lua_error)?;
+        .map_err(SandboxError::from)?;
     Ok((thread, args))
 }
 
@@ -317,14 +303,14 @@ fn load_module(
             .set_name(format!("={name}"))
             .set_mode(ChunkMode::Text)
             .into_function()
-            .map_err(parse_error)
+            .map_err(SandboxError::from_parse)
     } else {
         let chunk: ResourceArc<CompiledChunk> = term.decode().map_err(|_| bad_module(name))?;
         lua.load(&chunk.bytecode[..])
             .set_name(format!("={}", chunk.name))
             .set_mode(ChunkMode::Binary)
             .into_function()
-            .map_err(lua_error)
+            .map_err(SandboxError::from)
     }
 }
 
@@ -341,7 +327,7 @@ fn resume(session: &Session, args: MultiValue) -> Result<Step, SandboxError> {
     if let Some(why) = session.control.abort() {
         return Err(why.into());
     }
-    let mut values = result.map_err(lua_error)?;
+    let mut values = result.map_err(SandboxError::from)?;
     if session.thread.status() == mlua::thread::ThreadStatus::Resumable {
         let is_tool = matches!(values.front(), Some(Value::Table(t)) if t.to_pointer() == session.tool_marker.to_pointer());
         if !is_tool {
@@ -475,7 +461,8 @@ fn reply_to_lua(session: &Session, reply: Term) -> Result<MultiValue, SandboxErr
         values.push_back(Value::Boolean(true));
         values.push_back(Value::Nil);
         values.push_back(Value::String(
-            lua.create_string(msg.as_slice()).map_err(lua_error)?,
+            lua.create_string(msg.as_slice())
+                .map_err(SandboxError::from)?,
         ));
     } else {
         let msg: rustler::Binary = payload
@@ -483,7 +470,8 @@ fn reply_to_lua(session: &Session, reply: Term) -> Result<MultiValue, SandboxErr
             .map_err(|_| SandboxError::InvalidInput("bad tool failure".to_string()))?;
         values.push_back(Value::Boolean(false));
         values.push_back(Value::String(
-            lua.create_string(msg.as_slice()).map_err(lua_error)?,
+            lua.create_string(msg.as_slice())
+                .map_err(SandboxError::from)?,
         ));
     }
     Ok(values)
