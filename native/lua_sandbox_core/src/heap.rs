@@ -135,14 +135,11 @@ impl Heap {
         (self as *const Heap).cast_mut().cast::<u8>()
     }
 
-    /// A block of class `c`, from its free list or the bump; null when the arena is full.
+    /// A block of class `c`: from its free list, the bump, or (when the arena is full) the
+    /// free list of the nearest larger class; null when none has one.
     fn take(&mut self, c: usize) -> *mut u8 {
-        let head = self.free[c];
-        if !head.is_null() {
-            // SAFETY: every pointer on a free list is a block of this arena at least
-            // `class_size(c)` bytes long, whose first word was set by `give`.
-            self.free[c] = unsafe { (*head).next };
-            return head.cast();
+        if let Some(p) = self.pop(c) {
+            return p;
         }
         let size = class_size(c);
         match self.bump.checked_add(size) {
@@ -152,8 +149,21 @@ impl Heap {
                 self.bump = end;
                 p
             }
-            _ => ptr::null_mut(),
+            _ => (c + 1..CLASSES)
+                .find_map(|larger| self.pop(larger))
+                .unwrap_or(ptr::null_mut()),
         }
+    }
+
+    fn pop(&mut self, c: usize) -> Option<*mut u8> {
+        let head = self.free[c];
+        if head.is_null() {
+            return None;
+        }
+        // SAFETY: every pointer on a free list is a block of this arena at least
+        // `class_size(c)` bytes long, whose first word was set by `give`.
+        self.free[c] = unsafe { (*head).next };
+        Some(head.cast())
     }
 
     /// Returns a block Lua asked for with `size` bytes to its class's list.
@@ -188,11 +198,29 @@ impl Heap {
             self.refusals += 1;
             return ptr::null_mut();
         }
-        if !p.is_null() && nsize <= class_size(class_of(osize)) {
-            // Fits in place (this covers every shrink).
+        if !p.is_null() && class_of(nsize) == class_of(osize) {
+            // Same class: the block fits as it is.
             self.used = self.used - old + nsize;
             self.peak = self.peak.max(self.used);
             return p;
+        }
+        if !p.is_null() && nsize < osize {
+            // A shrink into a smaller class moves the block, so the big block returns to its
+            // own class's list instead of serving small requests from then on (Lua grows and
+            // shrinks stacks and buffers all the time). If no block is free, it stays put:
+            // shrinking never fails.
+            let q = self.take(class_of(nsize));
+            self.used = self.used - old + nsize;
+            if q.is_null() {
+                return p;
+            }
+            // SAFETY: `p` holds `osize` > `nsize` live bytes; `q` is a distinct block of at
+            // least `nsize` bytes.
+            unsafe {
+                ptr::copy_nonoverlapping(p, q, nsize);
+                self.give(p, osize);
+            }
+            return q;
         }
         if nsize > self.capacity {
             self.refusals += 1;
@@ -269,13 +297,19 @@ mod tests {
             let a = heap.realloc(ptr::null_mut(), 5, 100);
             assert!(!a.is_null());
             assert_eq!(heap.used(), 100);
-            let b = heap.realloc(a, 100, 50); // shrink in place
+            let b = heap.realloc(a, 100, 97); // same class: in place
             assert_eq!(a, b);
+            assert_eq!(heap.used(), 97);
+            let b = heap.realloc(b, 97, 50); // smaller class: moved
+            assert_ne!(a, b);
             assert_eq!(heap.used(), 50);
+            let again = heap.realloc(ptr::null_mut(), 0, 100);
+            assert_eq!(again, a, "the big block went back to its own class");
+            heap.realloc(again, 100, 0);
             heap.realloc(b, 50, 0);
             assert_eq!(heap.used(), 0);
             let c = heap.realloc(ptr::null_mut(), 0, 60);
-            assert_eq!(c, a, "a freed block of the class is reused");
+            assert_eq!(c, b, "a freed block of the class is reused");
             heap.set_limit(1000);
             assert!(heap.realloc(ptr::null_mut(), 0, 2000).is_null());
             assert_eq!(heap.refusals(), 1);

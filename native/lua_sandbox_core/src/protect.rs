@@ -65,6 +65,43 @@ pub unsafe fn call(
     }
 }
 
+/// Runs Rust code that makes Lua API calls which cannot raise *by construction* (e.g. pushes
+/// made with the memory limit lifted and the size checked beforehand) under `lua_pcall`, as a
+/// backstop: if one raised after all, the error is caught here instead of reaching Lua's
+/// panic handler, which aborts the process. Such a raise would skip the destructors of the
+/// closure's frames (a leak); the callers' construction is what rules it out. The values the
+/// closure leaves on its stack are the results, left on `l`'s stack.
+///
+/// # Safety
+/// As for [`call`]; `f` must uphold the "cannot raise" construction it relies on.
+pub unsafe fn call_backstop(
+    l: *mut ffi::lua_State,
+    f: &mut dyn FnMut(*mut ffi::lua_State),
+) -> Result<(), LuaFailure> {
+    let mut f = Some(f);
+    // SAFETY: `trampoline` receives a pointer to `f`, which outlives the protected call.
+    unsafe {
+        call(
+            l,
+            trampoline,
+            (&mut f as *mut Option<&mut dyn FnMut(*mut ffi::lua_State)>).cast(),
+        )
+    }
+}
+
+unsafe extern "C-unwind" fn trampoline(l: *mut ffi::lua_State) -> c_int {
+    // SAFETY: argument 1 is the pointer `call_backstop` pushed; the closure is called once.
+    unsafe {
+        let slot = ffi::lua_touserdata(l, 1).cast::<Option<&mut dyn FnMut(*mut ffi::lua_State)>>();
+        ffi::lua_settop(l, 0);
+        if let Some(f) = (*slot).take() {
+            f(l);
+        }
+        // Whatever the closure pushed becomes the protected call's results.
+        ffi::lua_gettop(l)
+    }
+}
+
 /// A readable description of the value at `idx`, without calling metamethods.
 ///
 /// # Safety

@@ -129,6 +129,7 @@ impl Slot {
             protect::call(state, collect, ptr::null_mut()).map_err(SlotError::Build)?;
             ffi::lua_settop(state, 0);
         }
+        slot.heap_mut().reset_peak();
         let extent = slot.heap().extent();
         // SAFETY: `[base, base + extent)` lies inside the mapping and holds the state just
         // built; nothing writes it while we copy.

@@ -98,3 +98,16 @@ fn an_untouched_reservation_costs_no_memory() {
         assert!(s.resident() < 256 * 1024, "{}", s.resident());
     }
 }
+
+#[test]
+fn growing_and_shrinking_stacks_reuse_the_arena() {
+    // Each "error in error handling" grows the stack to its limit and shrinks it again; with
+    // blocks kept in their shrunk size's class this exhausted a 128 MiB arena in 60 ms.
+    let mut slot = new_slot(16 * MIB);
+    slot.restore();
+    slot.set_limit(8 * MIB);
+    let code = "for i = 1, 3000 do xpcall(function() error('a') end, function(e) error('b') end) end \
+                local t = {} for i = 1, 200 do t[i % 4] = string.rep('x', i * 1000) end return 'done'";
+    assert_eq!(eval(&mut slot, code).unwrap(), "done");
+    assert!(slot.peak() <= 8 * MIB);
+}
