@@ -8,8 +8,9 @@ defmodule LuaSandbox.Native do
     :erlang.load_nif(path, 0)
   end
 
-  # running code (dirty CPU)
+  # running code (dirty CPU), and a first attempt at a short run (normal scheduler)
   def run_start(_source, _opts), do: :erlang.nif_error(:nif_not_loaded)
+  def run_try(_source, _opts), do: :erlang.nif_error(:nif_not_loaded)
   def run_resume(_run, _reply), do: :erlang.nif_error(:nif_not_loaded)
 
   # compiled chunks (dirty CPU)

@@ -15,11 +15,33 @@ defmodule LuaSandbox.Runner do
       end
 
     tools = Map.new(opts[:tools], fn {k, f} -> {to_string(k), f} end)
+    native_opts = Options.to_native(opts)
 
-    native_source
-    |> Native.run_start(Options.to_native(opts))
+    first =
+      if short?(source, opts),
+        do: Native.run_try(native_source, native_opts),
+        else: :retry
+
+    case first do
+      :retry -> Native.run_start(native_source, native_opts)
+      answer -> answer
+    end
     |> drive(tools, opts)
   end
+
+  # Worth a first attempt on this (normal) scheduler: no tools (a tool call ends the attempt)
+  # and little source to parse, since parsing is the one step of the attempt whose cost is
+  # bounded by the source's size rather than by the attempt's instruction slice. The attempt
+  # is thrown away unseen when the run needs more than its slice (see run.rs `run_try`).
+  @short_source 4096
+  defp short?(source, opts) do
+    opts[:tools] == %{} and source_bytes(source) <= @short_source and
+      Enum.reduce(opts[:modules], 0, fn {_, m}, acc -> acc + source_bytes(m) end) <=
+        @short_source
+  end
+
+  defp source_bytes(%Chunk{}), do: 0
+  defp source_bytes(source) when is_binary(source), do: byte_size(source)
 
   defp drive({:tool_call, run, name, args}, tools, opts) do
     reply = call_tool(Map.fetch!(tools, name), name, args)

@@ -5,6 +5,7 @@ rustler::atoms! {
     error,
     nil,
     tool_call,
+    retry,
     lua_print,
     // print modes
     capture,

@@ -23,6 +23,8 @@ pub struct Output {
     pub buf: Vec<u8>,
     max: usize,
     mode: PrintMode,
+    /// With `defer_stream`: the chunks (ends in `buf`) to send once the attempt succeeded.
+    deferred: Option<Vec<usize>>,
 }
 
 impl Output {
@@ -31,6 +33,25 @@ impl Output {
             buf: Vec::new(),
             max,
             mode,
+            deferred: None,
+        }
+    }
+
+    /// Streamed chunks are held back (a first attempt must not be seen before it succeeds).
+    pub fn defer_stream(&mut self) {
+        self.deferred = Some(Vec::new());
+    }
+
+    /// Sends the held-back chunks, in order, from the NIF call's own env.
+    pub fn send_deferred(&mut self, env: Env) {
+        let (Some(ends), PrintMode::Send(pid)) = (self.deferred.take(), self.mode) else {
+            return;
+        };
+        let mut start = 0;
+        for end in ends {
+            let chunk = crate::marshal::binary_term(env, &self.buf[start..end]);
+            let _ = env.send(&pid, (atoms::lua_print(), chunk).encode(env));
+            start = end;
         }
     }
 }
@@ -80,7 +101,10 @@ pub fn emit(bytes: &[u8]) -> Result<(), Abort> {
     }
     out.buf.extend_from_slice(bytes);
     if let PrintMode::Send(pid) = out.mode {
-        send_chunk(&pid, bytes);
+        match &mut out.deferred {
+            Some(ends) => ends.push(out.buf.len()),
+            None => send_chunk(&pid, bytes),
+        }
     }
     Ok(())
 }

@@ -112,7 +112,54 @@ enum Step {
 #[rustler::nif(schedule = "DirtyCpu")]
 fn run_start<'a>(env: Env<'a>, source: Term<'a>, opts: RunOpts<'a>) -> NifResult<Term<'a>> {
     let source = Source::decode(source)?;
-    Ok(stack::with_big_stack(|| start(env, source, opts)))
+    Ok(stack::with_big_stack(|| start(env, source, opts, None)))
+}
+
+/// Instructions a first attempt on a normal scheduler may execute (~0.25 ms of Lua).
+pub const FAST_INSTRUCTIONS: u64 = 10_000;
+/// Lua heap a first attempt may use.
+pub const FAST_MEMORY: usize = 1 << 20;
+/// Result bytes a first attempt may return.
+pub const FAST_RESULT_BYTES: u64 = 256 << 10;
+
+/// The tighter limits of a first attempt, and the run's real ones.
+#[derive(Clone, Copy)]
+struct Fast {
+    max_instructions: u64,
+    max_memory: usize,
+    max_result_bytes: u64,
+}
+
+impl Fast {
+    /// Whether `e`, met under the attempt's limits, may not be the run's real outcome.
+    fn retry(&self, e: &SandboxError) -> bool {
+        match e {
+            SandboxError::InstructionLimit => self.max_instructions > FAST_INSTRUCTIONS,
+            SandboxError::MemoryLimit => self.max_memory > FAST_MEMORY,
+            SandboxError::SizeLimit(_) => self.max_result_bytes > FAST_RESULT_BYTES,
+            _ => false,
+        }
+    }
+}
+
+/// A first attempt at a short run, on the caller's normal scheduler, under tighter limits
+/// (`FAST_*`). It answers like `run_start` when the run finishes within them, and `:retry`
+/// when it did not (a limit of the attempt, or a tool call): the attempt's state, output and
+/// stream are then thrown away unseen, and the caller runs it with `run_start`.
+#[rustler::nif]
+fn run_try<'a>(env: Env<'a>, source: Term<'a>, opts: RunOpts<'a>) -> NifResult<Term<'a>> {
+    let source = Source::decode(source)?;
+    let fast = Fast {
+        max_instructions: opts.max_instructions,
+        max_memory: match opts.max_memory as usize {
+            0 => usize::MAX,
+            n => n,
+        },
+        max_result_bytes: opts.max_result_bytes,
+    };
+    Ok(stack::with_big_stack(|| {
+        start(env, source, opts, Some(fast))
+    }))
 }
 
 #[rustler::nif(schedule = "DirtyCpu")]
@@ -232,7 +279,20 @@ impl<'a> Code<'a> {
     }
 }
 
-fn start<'a>(env: Env<'a>, source: Source<'a>, opts: RunOpts<'a>) -> Term<'a> {
+fn start<'a>(
+    env: Env<'a>,
+    source: Source<'a>,
+    mut opts: RunOpts<'a>,
+    fast: Option<Fast>,
+) -> Term<'a> {
+    if fast.is_some() {
+        opts.max_instructions = opts.max_instructions.min(FAST_INSTRUCTIONS);
+        opts.max_memory = match opts.max_memory {
+            0 => FAST_MEMORY as u64,
+            n => n.min(FAST_MEMORY as u64),
+        };
+        opts.max_result_bytes = opts.max_result_bytes.min(FAST_RESULT_BYTES);
+    }
     let t0 = Instant::now();
     let early = |e: SandboxError| early_error(env, e, t0);
     let max_source = opts.max_source as usize;
@@ -274,6 +334,10 @@ fn start<'a>(env: Env<'a>, source: Source<'a>, opts: RunOpts<'a>) -> Term<'a> {
         elapsed: Duration::ZERO,
         lease,
     };
+    if fast.is_some() {
+        // A first attempt streams nothing until it has succeeded.
+        session.output.defer_stream();
+    }
     sandbox::clear_traceback();
 
     let prepared = prepare(env, &mut session, &opts, &code);
@@ -281,6 +345,9 @@ fn start<'a>(env: Env<'a>, source: Source<'a>, opts: RunOpts<'a>) -> Term<'a> {
         Ok(n) => n,
         Err(e) => {
             session.elapsed = t0.elapsed();
+            if fast.is_some_and(|f| f.retry(&e)) {
+                return atoms::retry().encode(env);
+            }
             return finish_error(env, &mut session, e, None);
         }
     };
@@ -290,6 +357,46 @@ fn start<'a>(env: Env<'a>, source: Source<'a>, opts: RunOpts<'a>) -> Term<'a> {
         resume(session.thread, &session.control, nargs)
     };
     session.elapsed = t0.elapsed();
+    if let Some(fast) = fast {
+        let retry = match &step {
+            Ok(Step::ToolCall { .. }) => true,
+            Ok(Step::Done { first, n }) => {
+                // The result must fit the attempt's bounds; convert it now to know.
+                // SAFETY: the results are on the finished thread at `first..first + n`.
+                let terms = unsafe {
+                    marshal::to_terms(env, session.thread, *first, *n, session.bounds(), "result")
+                };
+                match terms {
+                    Ok(terms) => {
+                        session.output.send_deferred(env);
+                        let output = std::mem::take(&mut session.output.buf);
+                        let stats = stats_term(env, &session);
+                        return (atoms::ok(), terms, binary_term(env, &output), stats).encode(env);
+                    }
+                    Err(e) => {
+                        fast.retry(&e) || {
+                            return finish_error(env, &mut session, e, None);
+                        }
+                    }
+                }
+            }
+            Err(e) => fast.retry(
+                &session
+                    .control
+                    .abort()
+                    .map(SandboxError::from)
+                    .unwrap_or_else(|| e.clone()),
+            ),
+            Ok(Step::Failed { .. }) => session
+                .control
+                .abort()
+                .is_some_and(|why| fast.retry(&why.into())),
+        };
+        if retry {
+            return atoms::retry().encode(env);
+        }
+        session.output.send_deferred(env);
+    }
     settle(env, session, step, None)
 }
 

@@ -160,3 +160,31 @@ mod tests {
         assert!(leases.iter().any(|l| l.slot().state() == base));
     }
 }
+
+/// The sandbox's own restore cost: `cargo test --release -p lua_sandbox_nif restore_probe --
+/// --ignored --nocapture` (recorded in bench/RESULTS.md).
+#[cfg(test)]
+mod probe {
+    #[test]
+    #[ignore]
+    fn restore_probe() {
+        let mut lease = super::lease(64 << 20).unwrap();
+        let slot = lease.slot_mut();
+        let n = 100_000;
+        let mut times: Vec<f64> = (0..n)
+            .map(|_| {
+                let t = std::time::Instant::now();
+                slot.restore();
+                t.elapsed().as_nanos() as f64 / 1000.0
+            })
+            .collect();
+        times.sort_by(|a, b| a.total_cmp(b));
+        eprintln!(
+            "sandbox snapshot {} bytes, resident {} bytes; restore p50 {:.2} µs p99 {:.2} µs",
+            slot.snapshot_len(),
+            slot.resident(),
+            times[n / 2],
+            times[n * 99 / 100]
+        );
+    }
+}
