@@ -218,6 +218,41 @@ impl Slot {
         }
     }
 
+    /// Bytes of the arena in use by the state now (what a checkpoint copies).
+    pub fn extent(&self) -> usize {
+        self.heap().extent()
+    }
+
+    /// Copies the state as it is now into `into` (reusing its allocation), so that
+    /// [`Slot::rollback`] can return to exactly this point. Take it only between runs: with no
+    /// Lua code active on the state.
+    pub fn checkpoint(&self, into: &mut Vec<u8>) {
+        let extent = self.heap().extent();
+        into.clear();
+        // SAFETY: `[base, base + extent)` lies inside the mapping; `&self` means no Lua code
+        // is running on the state while we read it.
+        into.extend_from_slice(unsafe { std::slice::from_raw_parts(self.base.as_ptr(), extent) });
+    }
+
+    /// Returns the state to the point `checkpoint` recorded (taken from this slot, at this
+    /// address): everything Lua did since is undone, allocator included. Pages the state grew
+    /// into since then go back to the OS if they pass the threshold.
+    ///
+    /// # Panics
+    /// If `checkpoint` is larger than the arena (it was not taken from this slot).
+    pub fn rollback(&mut self, checkpoint: &[u8]) {
+        assert!(checkpoint.len() <= self.capacity && checkpoint.len() >= heap::HEADER);
+        let extent = self.heap().extent();
+        // SAFETY: as in `restore`: `&mut self`, no reference into the arena is live, and the
+        // checkpoint is a copy of this arena's own prefix, valid at this address.
+        unsafe {
+            ptr::copy_nonoverlapping(checkpoint.as_ptr(), self.base.as_ptr(), checkpoint.len());
+        }
+        if extent > checkpoint.len() + TRIM_THRESHOLD {
+            self.trim_above(checkpoint.len(), extent);
+        }
+    }
+
     /// Returns the pages of `[from, to)` (rounded inward to pages) to the OS.
     fn trim_above(&mut self, from: usize, to: usize) {
         let start = from.div_ceil(self.page) * self.page;
