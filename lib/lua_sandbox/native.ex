@@ -13,6 +13,11 @@ defmodule LuaSandbox.Native do
   def run_try(_source, _opts), do: :erlang.nif_error(:nif_not_loaded)
   def run_resume(_run, _reply), do: :erlang.nif_error(:nif_not_loaded)
 
+  # sessions: a state across calls (session_new/session_run dirty CPU; info normal)
+  def session_new(_opts), do: :erlang.nif_error(:nif_not_loaded)
+  def session_run(_session, _source, _opts), do: :erlang.nif_error(:nif_not_loaded)
+  def session_info(_session), do: :erlang.nif_error(:nif_not_loaded)
+
   # compiled chunks (dirty CPU)
   def compile(_source, _opts), do: :erlang.nif_error(:nif_not_loaded)
 end

@@ -43,7 +43,9 @@ defmodule LuaSandbox.Runner do
   defp source_bytes(%Chunk{}), do: 0
   defp source_bytes(source) when is_binary(source), do: byte_size(source)
 
-  defp drive({:tool_call, run, name, args}, tools, opts) do
+  @doc false
+  # Answers a native run's tool calls until it finishes; `tools` maps names to functions.
+  def drive({:tool_call, run, name, args}, tools, opts) do
     reply = call_tool(Map.fetch!(tools, name), name, args)
 
     run
@@ -51,13 +53,13 @@ defmodule LuaSandbox.Runner do
     |> drive(tools, opts)
   end
 
-  defp drive({:ok, values, output, stats}, _tools, opts) do
+  def drive({:ok, values, output, stats}, _tools, opts) do
     log_output(output, opts)
     value = List.first(values)
     {:ok, %Result{value: value, values: values, output: output, stats: stats}}
   end
 
-  defp drive({:error, {kind, message, line, traceback, value}, output, stats}, _tools, opts) do
+  def drive({:error, {kind, message, line, traceback, value}, output, stats}, _tools, opts) do
     log_output(output, opts)
 
     {:error,

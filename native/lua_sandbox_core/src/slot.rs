@@ -165,6 +165,11 @@ impl Slot {
         self.heap().peak()
     }
 
+    /// Starts a new peak measurement from the current use.
+    pub fn reset_peak(&mut self) {
+        self.heap_mut().reset_peak();
+    }
+
     /// Allocation requests refused since the last restore (limit or arena full).
     pub fn refusals(&self) -> u64 {
         self.heap().refusals()

@@ -6,6 +6,11 @@ rustler::atoms! {
     nil,
     tool_call,
     retry,
+    busy,
+    // session info keys
+    memory,
+    calls,
+    rollbacks,
     lua_print,
     // print modes
     capture,

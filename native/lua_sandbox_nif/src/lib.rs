@@ -9,6 +9,7 @@ mod marshal;
 mod output;
 mod run;
 mod sandbox;
+mod session;
 mod slots;
 mod stack;
 #[cfg(test)]

@@ -49,32 +49,64 @@ pub struct RunOpts<'a> {
     pub modules: Vec<(String, Term<'a>)>,
 }
 
-struct Session {
+pub(crate) struct Running {
     /// The run coroutine: a thread of the leased state, kept alive on its main stack (index
     /// 1). Valid as long as the lease (the slot is restored only when the lease ends).
-    thread: *mut ffi::lua_State,
-    control: Box<Control>,
-    output: Output,
-    chunk_name: String,
-    max_depth: usize,
-    max_result_bytes: u64,
-    max_tool_calls: u64,
-    max_memory: usize,
-    tool_calls: u64,
-    elapsed: Duration,
+    pub(crate) thread: *mut ffi::lua_State,
+    pub(crate) control: Box<Control>,
+    pub(crate) output: Output,
+    pub(crate) chunk_name: String,
+    pub(crate) max_depth: usize,
+    pub(crate) max_result_bytes: u64,
+    pub(crate) max_tool_calls: u64,
+    pub(crate) max_memory: usize,
+    pub(crate) tool_calls: u64,
+    pub(crate) elapsed: Duration,
     // Last: `thread` points into this slot.
-    lease: Lease,
+    pub(crate) home: Home,
+}
+
+/// Where a run's slot comes from, and where it goes when the run ends.
+pub(crate) enum Home {
+    /// A fresh run's own slot, restored from its snapshot when the run ends.
+    Fresh(Lease),
+    /// A session's slot, lent to one call and given back (rolled back if the call failed).
+    Session(crate::session::Loan),
+}
+
+impl Home {
+    fn slot(&self) -> &lua_sandbox_core::Slot {
+        match self {
+            Home::Fresh(lease) => lease.slot(),
+            Home::Session(loan) => loan.slot(),
+        }
+    }
+
+    fn slot_mut(&mut self) -> &mut lua_sandbox_core::Slot {
+        match self {
+            Home::Fresh(lease) => lease.slot_mut(),
+            Home::Session(loan) => loan.slot_mut(),
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Home::Session(loan) = &mut self.home {
+            loan.record(self.control.instructions());
+        }
+    }
 }
 
 // SAFETY: `thread` points into the leased slot's arena, which the session owns exclusively and
 // which moves with it (a `Slot` is `Send`); nothing else in a session is tied to a thread. All
-// access goes through `&mut Session` (taken out of the resource's mutex), so never concurrent.
-unsafe impl Send for Session {}
+// access goes through `&mut Running` (taken out of the resource's mutex), so never concurrent.
+unsafe impl Send for Running {}
 
-impl Session {
+impl Running {
     /// The main state of the leased slot.
     fn main(&self) -> *mut ffi::lua_State {
-        self.lease.slot().state()
+        self.home.slot().state()
     }
 
     fn bounds(&self) -> Bounds {
@@ -87,14 +119,14 @@ impl Session {
 
 pub struct Run {
     owner: LocalPid,
-    session: Mutex<Option<Session>>,
+    session: Mutex<Option<Running>>,
 }
 
 #[rustler::resource_impl]
 impl rustler::Resource for Run {}
 
 /// What a step of the run produced, as stack positions on the run coroutine.
-enum Step {
+pub(crate) enum Step {
     /// Finished: `n` results from absolute index `first`.
     Done { first: c_int, n: c_int },
     /// Failed with the error object at `idx`.
@@ -192,13 +224,13 @@ fn run_resume<'a>(env: Env<'a>, run: ResourceArc<Run>, reply: Term<'a>) -> NifRe
     }))
 }
 
-enum Source<'a> {
+pub(crate) enum Source<'a> {
     Text(rustler::Binary<'a>),
     Chunk(ResourceArc<CompiledChunk>),
 }
 
 impl<'a> Source<'a> {
-    fn decode(term: Term<'a>) -> NifResult<Source<'a>> {
+    pub(crate) fn decode(term: Term<'a>) -> NifResult<Source<'a>> {
         if term.get_type() == TermType::Binary {
             return Ok(Source::Text(term.decode()?));
         }
@@ -210,9 +242,13 @@ impl<'a> Source<'a> {
 }
 
 fn print_mode(opts: &RunOpts) -> PrintMode {
-    let print = opts.print;
+    print_mode_of(opts.print, opts.print_pid)
+}
+
+/// The print mode from the NIF's `print` atom and `print_pid`.
+pub(crate) fn print_mode_of(print: Atom, print_pid: Option<LocalPid>) -> PrintMode {
     if print == atoms::send() {
-        match opts.print_pid {
+        match print_pid {
             Some(pid) => PrintMode::Send(pid),
             None => PrintMode::Capture,
         }
@@ -226,14 +262,14 @@ fn print_mode(opts: &RunOpts) -> PrintMode {
 }
 
 /// A chunk to load: its bytes, its `=name` and whether it is text or our own bytecode.
-struct Code<'a> {
+pub(crate) struct Code<'a> {
     bytes: &'a [u8],
     name: CString,
     binary: bool,
 }
 
 impl<'a> Code<'a> {
-    fn new(bytes: &'a [u8], name: &str, binary: bool) -> Result<Code<'a>, SandboxError> {
+    pub(crate) fn new(bytes: &'a [u8], name: &str, binary: bool) -> Result<Code<'a>, SandboxError> {
         let name = CString::new(format!("={name}")).map_err(|_| {
             SandboxError::InvalidInput(format!("chunk name {name:?} contains a NUL byte"))
         })?;
@@ -321,7 +357,7 @@ fn start<'a>(
         Ok(lease) => lease,
         Err(e) => return early(e),
     };
-    let mut session = Session {
+    let mut session = Running {
         thread: ptr::null_mut(),
         control: Box::new(Control::new(opts.max_instructions)),
         output: Output::new(opts.max_output as usize, print_mode(&opts)),
@@ -332,7 +368,7 @@ fn start<'a>(
         max_memory,
         tool_calls: 0,
         elapsed: Duration::ZERO,
-        lease,
+        home: Home::Fresh(lease),
     };
     if fast.is_some() {
         // A first attempt streams nothing until it has succeeded.
@@ -340,7 +376,22 @@ fn start<'a>(
     }
     sandbox::clear_traceback();
 
-    let prepared = prepare(env, &mut session, &opts, &code);
+    let setup = StateSetup {
+        globals: &opts.globals,
+        tools: &opts.tools,
+        modules: &opts.modules,
+        max_depth: opts.max_depth as usize,
+        max_memory,
+        max_source,
+    };
+    let prepared = {
+        let _active = Activation::new(&session.control, env.as_c_arg());
+        prepare_state(session.home.slot_mut(), &setup)
+    }
+    .and_then(|()| {
+        let call = opts.call.as_ref().map(|(n, a)| (n.as_str(), a.as_slice()));
+        prepare_thread(&mut session, Entry::Chunk(&code), call, opts.max_source)
+    });
     let nargs = match prepared {
         Ok(n) => n,
         Err(e) => {
@@ -400,61 +451,123 @@ fn start<'a>(
     settle(env, session, step, None)
 }
 
-/// Everything between a pristine state and the first resume: a fresh random seed, the run
-/// coroutine, globals, tools, modules, the chunk itself. Runs under the budget and memory
-/// limit. Returns how many arguments the first resume passes.
-fn prepare(
-    env: Env,
-    session: &mut Session,
-    opts: &RunOpts,
-    code: &Code,
-) -> Result<c_int, SandboxError> {
-    let l = session.main();
-    let max_depth = opts.max_depth as usize;
-    // SAFETY: the leased state is pristine and not running, its main stack empty.
-    unsafe {
-        seed::reseed(l).map_err(|e| SandboxError::Runtime(e.message))?;
-        protect::call(l, new_thread, ptr::null_mut()).map_err(|_| SandboxError::MemoryLimit)?;
-        session.thread = ffi::lua_tothread(l, 1);
-    }
-
-    let _active = Activation::new(&session.control, env.as_c_arg());
-    let limit = session.max_memory;
-    // Values built from terms: with the limit lifted, checked by the builder itself.
-    session.lease.slot_mut().set_limit(usize::MAX);
-    let pushed = (|| -> Result<c_int, SandboxError> {
-        // SAFETY: `l` is not running; the limit is lifted (marshal's contract).
-        unsafe {
-            marshal::push_globals(l, &opts.globals, max_depth, limit)?;
-            match &opts.call {
-                None => Ok(0),
-                Some((name, args)) => {
-                    push_string(l, name.as_bytes())?;
-                    Ok(1 + marshal::push_values(l, args, max_depth, "call.args", limit)?)
-                }
-            }
+/// Runs a prepared run coroutine to its first stop and answers (no first attempt).
+pub(crate) fn begin<'a>(
+    env: Env<'a>,
+    prepared: Result<c_int, SandboxError>,
+    mut running: Running,
+    t0: Instant,
+) -> Term<'a> {
+    let nargs = match prepared {
+        Ok(n) => n,
+        Err(e) => {
+            running.elapsed = t0.elapsed();
+            return finish_error(env, &mut running, e, None);
         }
-    })();
-    session.lease.slot_mut().set_limit(limit);
-    let call_values = pushed?;
+    };
+    let step = {
+        let _active = Activation::new(&running.control, env.as_c_arg());
+        let _out = output::Activation::new(&mut running.output);
+        resume(running.thread, &running.control, nargs)
+    };
+    running.elapsed = t0.elapsed();
+    settle(env, running, step, None)
+}
 
-    if !opts.tools.is_empty() {
-        let mut names: &[String] = &opts.tools;
+/// The state-wide part of a run's setup: what `globals:`, `tools:` and `modules:` put into a
+/// pristine state (once per run, or once per session).
+pub(crate) struct StateSetup<'s, 'a> {
+    pub globals: &'s [(String, Term<'a>)],
+    pub tools: &'s [String],
+    pub modules: &'s [(String, Term<'a>)],
+    pub max_depth: usize,
+    pub max_memory: usize,
+    pub max_source: usize,
+}
+
+/// Gives a pristine state a fresh random seed, the globals, the tools and the modules. Runs
+/// under the memory limit (lifted only while terms are converted, which checks it itself)
+/// and, for charging, under the caller's budget activation.
+pub(crate) fn prepare_state(
+    slot: &mut lua_sandbox_core::Slot,
+    setup: &StateSetup,
+) -> Result<(), SandboxError> {
+    let l = slot.state();
+    // SAFETY: the state is pristine and not running, its main stack empty.
+    unsafe { seed::reseed(l) }.map_err(|e| SandboxError::Runtime(e.message))?;
+    if !setup.globals.is_empty() {
+        slot.set_limit(usize::MAX);
+        // SAFETY: `l` is not running; the limit is lifted (marshal's contract).
+        let pushed =
+            unsafe { marshal::push_globals(l, setup.globals, setup.max_depth, setup.max_memory) };
+        slot.set_limit(setup.max_memory);
+        pushed?;
+    }
+    slot.set_limit(setup.max_memory);
+    if !setup.tools.is_empty() {
+        let mut names: &[String] = setup.tools;
         // SAFETY: `make_tools` follows the raising discipline and only borrows `names`.
         unsafe { protect::call(l, make_tools, (&mut names as *mut &[String]).cast()) }
             .map_err(|e| SandboxError::Runtime(e.message))?;
     }
-    if !opts.modules.is_empty() {
-        load_modules(l, opts)?;
+    if !setup.modules.is_empty() {
+        load_modules(l, setup.modules, setup.max_source)?;
     }
+    Ok(())
+}
 
-    let thread = session.thread;
+/// What the run coroutine runs first: a chunk, or nothing (a session's `call`).
+pub(crate) enum Entry<'c> {
+    Chunk(&'c Code<'c>),
+    Nothing,
+}
+
+/// Creates the run coroutine on a state whose main stack is empty: the prelude's runner with
+/// the entry chunk and the optional `call:` function name and arguments, `configure`d as
+/// the run's main thread, with the ticker installed. Returns how many arguments the first
+/// resume passes.
+pub(crate) fn prepare_thread(
+    running: &mut Running,
+    entry: Entry,
+    call: Option<(&str, &[Term])>,
+    max_source: u64,
+) -> Result<c_int, SandboxError> {
+    let l = running.main();
+    // SAFETY: the state is not running and its main stack is empty, so the new thread lands
+    // at index 1, where it stays referenced for the run's life.
+    unsafe {
+        ffi::lua_settop(l, 0);
+        protect::call(l, new_thread, ptr::null_mut()).map_err(|_| SandboxError::MemoryLimit)?;
+        running.thread = ffi::lua_tothread(l, 1);
+    }
+    let limit = running.max_memory;
+    let max_depth = running.max_depth;
+    let call_values = match call {
+        None => 0,
+        Some((name, args)) => {
+            running.home.slot_mut().set_limit(usize::MAX);
+            // SAFETY: `l` is not running; the limit is lifted (marshal's contract).
+            let pushed = unsafe {
+                push_string(l, name.as_bytes()).and_then(|()| {
+                    marshal::push_values(l, args, max_depth, "call.args", limit).map(|n| n + 1)
+                })
+            };
+            running.home.slot_mut().set_limit(limit);
+            pushed?
+        }
+    };
+
+    let thread = running.thread;
     // SAFETY: the thread is fresh (not started) with LUA_MINSTACK free slots; `lua_rawgetp`
-    // reads the registry without allocating; `Code::load` does not raise; `lua_xmove` moves
-    // values already built, after `lua_checkstack` made room (which does not raise either).
+    // reads the registry without allocating, and pushing a C function does not allocate;
+    // `Code::load` does not raise; `lua_xmove` moves values already built, after
+    // `lua_checkstack` made room (which does not raise either).
     unsafe {
         ffi::lua_rawgetp(thread, ffi::LUA_REGISTRYINDEX, Key::Runner.ptr());
-        code.load(thread)?;
+        match entry {
+            Entry::Chunk(code) => code.load(thread)?,
+            Entry::Nothing => ffi::lua_pushcfunction(thread, nothing),
+        }
         if call_values > 0 {
             if ffi::lua_checkstack(thread, call_values + 4) == 0 {
                 return Err(SandboxError::InvalidInput(
@@ -466,15 +579,20 @@ fn prepare(
         // configure(run_coroutine, max_source)
         ffi::lua_rawgetp(l, ffi::LUA_REGISTRYINDEX, Key::Configure.ptr());
         ffi::lua_pushvalue(l, 1);
-        ffi::lua_pushinteger(l, opts.max_source.min(i64::MAX as u64) as i64);
+        ffi::lua_pushinteger(l, max_source.min(i64::MAX as u64) as i64);
         if ffi::lua_pcall(l, 2, 0, 0) != ffi::LUA_OK {
             let message = protect::describe(l, -1);
             ffi::lua_pop(l, 1);
             return Err(SandboxError::Runtime(message));
         }
     }
-    budget::install_ticker(thread, &session.control);
+    budget::install_ticker(thread, &running.control);
     Ok(1 + call_values)
+}
+
+/// The chunk of a call that only calls a function.
+unsafe extern "C-unwind" fn nothing(_l: *mut ffi::lua_State) -> c_int {
+    0
 }
 
 /// Pushes a string with the memory limit lifted, under the backstop.
@@ -538,10 +656,13 @@ enum ModuleSource<'a> {
     Chunk(ResourceArc<CompiledChunk>),
 }
 
-fn load_modules(l: *mut ffi::lua_State, opts: &RunOpts) -> Result<(), SandboxError> {
-    let max_source = opts.max_source as usize;
-    let mut sources = Vec::with_capacity(opts.modules.len());
-    for (name, term) in &opts.modules {
+fn load_modules(
+    l: *mut ffi::lua_State,
+    modules: &[(String, Term)],
+    max_source: usize,
+) -> Result<(), SandboxError> {
+    let mut sources = Vec::with_capacity(modules.len());
+    for (name, term) in modules {
         let source = if term.get_type() == TermType::Binary {
             let bin: rustler::Binary = term.decode().map_err(|_| bad_module(name))?;
             crate::chunk::check_source(bin.as_slice(), max_source, &format!("module '{name}'"))?;
@@ -604,7 +725,7 @@ fn bad_module(name: &str) -> SandboxError {
 
 /// Resumes the run coroutine once with the `nargs` values on top of its stack and classifies
 /// what came back.
-fn resume(
+pub(crate) fn resume(
     thread: *mut ffi::lua_State,
     control: &Control,
     nargs: c_int,
@@ -686,9 +807,9 @@ unsafe fn is_memory_error(l: *mut ffi::lua_State, idx: c_int) -> bool {
 
 /// Turns a step into the NIF's answer; a tool call parks the session in the resource, any
 /// other outcome ends the lease (the slot is restored and reused).
-fn settle<'a>(
+pub(crate) fn settle<'a>(
     env: Env<'a>,
-    mut session: Session,
+    mut session: Running,
     step: Result<Step, SandboxError>,
     run: Option<ResourceArc<Run>>,
 ) -> Term<'a> {
@@ -706,6 +827,9 @@ fn settle<'a>(
                 unsafe { marshal::to_terms(env, thread, first, n, session.bounds(), "result") };
             match terms {
                 Ok(terms) => {
+                    if let Home::Session(loan) = &mut session.home {
+                        loan.succeeded();
+                    }
                     let output = std::mem::take(&mut session.output.buf);
                     let stats = stats_term(env, &session);
                     (atoms::ok(), terms, binary_term(env, &output), stats).encode(env)
@@ -751,7 +875,7 @@ fn settle<'a>(
 
 /// Elixir's answer to a tool call, pushed onto the suspended run coroutine as the values the
 /// tool function sees. Returns how many.
-fn reply_to_lua(session: &mut Session, reply: Term) -> Result<c_int, SandboxError> {
+fn reply_to_lua(session: &mut Running, reply: Term) -> Result<c_int, SandboxError> {
     let (tag, payload): (Atom, Term) = reply
         .decode()
         .map_err(|_| SandboxError::InvalidInput("bad tool reply".to_string()))?;
@@ -759,7 +883,7 @@ fn reply_to_lua(session: &mut Session, reply: Term) -> Result<c_int, SandboxErro
     let thread = session.thread;
     let max_depth = session.max_depth;
     let limit = session.max_memory;
-    session.lease.slot_mut().set_limit(usize::MAX);
+    session.home.slot_mut().set_limit(usize::MAX);
     let built = (|| -> Result<c_int, SandboxError> {
         // SAFETY: the main state is not running (the thread is suspended at its yield) and
         // its limit is lifted; values are built on the main stack and moved to the thread
@@ -791,13 +915,13 @@ fn reply_to_lua(session: &mut Session, reply: Term) -> Result<c_int, SandboxErro
             }
         }
     })();
-    session.lease.slot_mut().set_limit(limit);
+    session.home.slot_mut().set_limit(limit);
     built
 }
 
-fn stats_term<'a>(env: Env<'a>, session: &Session) -> Term<'a> {
+fn stats_term<'a>(env: Env<'a>, session: &Running) -> Term<'a> {
     let control = &session.control;
-    control.note_memory(session.lease.slot().peak());
+    control.note_memory(session.home.slot().peak());
     stats_map(
         env,
         [
@@ -824,7 +948,7 @@ fn stats_map(env: Env<'_>, values: [u64; 4]) -> Term<'_> {
 /// The error answer; `value_idx` is the error object's slot on the run coroutine, if any.
 fn finish_error<'a>(
     env: Env<'a>,
-    session: &mut Session,
+    session: &mut Running,
     e: SandboxError,
     value_idx: Option<c_int>,
 ) -> Term<'a> {
@@ -866,7 +990,7 @@ fn finish_error<'a>(
         .encode(env)
 }
 
-fn early_error(env: Env<'_>, e: SandboxError, t0: Instant) -> Term<'_> {
+pub(crate) fn early_error(env: Env<'_>, e: SandboxError, t0: Instant) -> Term<'_> {
     let stats = stats_map(env, [0, 0, t0.elapsed().as_micros() as u64, 0]);
     let none: Option<String> = None;
     (
