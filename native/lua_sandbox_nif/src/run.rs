@@ -537,6 +537,7 @@ pub(crate) fn prepare_thread(
     // at index 1, where it stays referenced for the run's life.
     unsafe {
         ffi::lua_settop(l, 0);
+        sandbox::set_json_depth(l, running.max_depth);
         protect::call(l, new_thread, ptr::null_mut()).map_err(|_| SandboxError::MemoryLimit)?;
         running.thread = ffi::lua_tothread(l, 1);
     }
