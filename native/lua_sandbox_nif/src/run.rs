@@ -284,7 +284,7 @@ impl<'a> Code<'a> {
     ///
     /// # Safety
     /// `l` must be a non-running state or thread with a free stack slot.
-    unsafe fn load(&self, l: *mut ffi::lua_State) -> Result<(), SandboxError> {
+    pub(crate) unsafe fn load(&self, l: *mut ffi::lua_State) -> Result<(), SandboxError> {
         let mode = if self.binary { c"b" } else { c"t" };
         // SAFETY: `lua_load` runs the parser under its own protected call and reports errors
         // as a status with the message on the stack; it does not raise.

@@ -12,7 +12,6 @@ use std::ffi::{c_int, c_void};
 use std::sync::OnceLock;
 
 use lua_sandbox_core::{ffi, Slot};
-use mlua::{Lua, LuaOptions, StdLib};
 
 use crate::budget::{self, Abort};
 use crate::error::SandboxError;
@@ -25,12 +24,7 @@ const PRELUDE: &str = include_str!("prelude.lua");
 fn prelude_bytecode() -> &'static [u8] {
     static BYTECODE: OnceLock<Vec<u8>> = OnceLock::new();
     BYTECODE.get_or_init(|| {
-        let lua = Lua::new_with(StdLib::NONE, LuaOptions::default()).expect("a bare Lua state");
-        lua.load(PRELUDE)
-            .set_name("=prelude")
-            .into_function()
-            .expect("the prelude parses")
-            .dump(true)
+        crate::chunk::dump(PRELUDE.as_bytes(), "prelude", true).expect("the prelude parses")
     })
 }
 
