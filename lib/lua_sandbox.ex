@@ -179,4 +179,14 @@ defmodule LuaSandbox do
         ArgumentError,
         "source must be a string or a LuaSandbox.Chunk, got: #{inspect(other)}"
       )
+
+  @doc """
+  Wraps `term` as an opaque handle for a script: see `LuaSandbox.Handle`.
+
+      iex> {:ok, r} = LuaSandbox.run("return h", globals: %{h: LuaSandbox.handle(%{secret: 1})})
+      iex> r.value
+      %{secret: 1}
+  """
+  @spec handle(term) :: LuaSandbox.Handle.t()
+  def handle(term), do: %LuaSandbox.Handle{term: term}
 end

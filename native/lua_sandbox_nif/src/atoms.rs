@@ -40,4 +40,6 @@ rustler::atoms! {
     duration_us,
     tool_calls,
     struct_key = "__struct__",
+    handle_struct = "Elixir.LuaSandbox.Handle",
+    term,
 }

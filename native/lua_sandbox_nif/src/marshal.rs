@@ -354,7 +354,15 @@ impl Builder {
         term: Term,
         depth: usize,
     ) -> Result<(), Fail> {
-        if term.map_get(atoms::struct_key()).is_ok() {
+        if let Ok(name) = term.map_get(atoms::struct_key()) {
+            if name == atoms::handle_struct().to_term(term.get_env()) {
+                let inner = term
+                    .map_get(atoms::term())
+                    .map_err(|_| invalid("bad handle"))?;
+                self.reserve(LUA_VALUE_BYTES)?;
+                // SAFETY: as in `set_globals` (limit lifted, one slot free: callers check).
+                return unsafe { crate::handles::push(l, inner) }.map_err(invalid);
+            }
             return Err(invalid("struct cannot become a Lua value"));
         }
         let depth = self.enter(depth)?;
@@ -650,6 +658,18 @@ impl<'e> Reader<'e> {
                 {
                     self.charge(0)?;
                     Ok(atoms::nil().encode(env))
+                }
+                ffi::LUA_TUSERDATA => {
+                    if ffi::lua_checkstack(l, 2) == 0 {
+                        return Err(unsupported("userdata"));
+                    }
+                    match crate::handles::read(env, l, idx) {
+                        Some(t) => {
+                            self.charge(0)?;
+                            Ok(t)
+                        }
+                        None => Err(unsupported("userdata (or a handle from another run)")),
+                    }
                 }
                 ffi::LUA_TFUNCTION => Err(unsupported("a function")),
                 ffi::LUA_TTHREAD => Err(unsupported("a coroutine")),

@@ -24,6 +24,7 @@ use crate::atoms;
 use crate::budget::{self, Abort, Activation, Control};
 use crate::chunk::CompiledChunk;
 use crate::error::{line_of, SandboxError};
+use crate::handles::{self, Handles};
 use crate::marshal::{self, binary_term, Bounds};
 use crate::output::{self, Output, PrintMode};
 use crate::sandbox::{self, Key};
@@ -62,6 +63,8 @@ pub(crate) struct Running {
     pub(crate) max_memory: usize,
     pub(crate) tool_calls: u64,
     pub(crate) elapsed: Duration,
+    /// The terms behind this run's handles (boxed: activations point at it across moves).
+    pub(crate) handles: Box<Handles>,
     // Last: `thread` points into this slot.
     pub(crate) home: Home,
 }
@@ -213,6 +216,9 @@ fn run_resume<'a>(env: Env<'a>, run: ResourceArc<Run>, reply: Term<'a>) -> NifRe
     };
     Ok(stack::with_big_stack(|| {
         let t0 = Instant::now();
+        let handles_ptr: *mut Handles = &mut *session.handles;
+        // SAFETY: as in `start`: the box outlives every marshaling call of this NIF call.
+        let _handles = unsafe { handles::Activation::new_raw(handles_ptr) };
         sandbox::clear_traceback();
         let step = reply_to_lua(&mut session, reply).and_then(|nargs| {
             let _active = Activation::new(&session.control, env.as_c_arg());
@@ -368,8 +374,13 @@ fn start<'a>(
         max_memory,
         tool_calls: 0,
         elapsed: Duration::ZERO,
+        handles: Box::new(Handles::new()),
         home: Home::Fresh(lease),
     };
+    let handles_ptr: *mut Handles = &mut *session.handles;
+    // SAFETY: the box lives in `session` until `settle` is done with it (it is dropped, or
+    // parked in the resource, at the very end), after the last marshaling call.
+    let _handles = unsafe { handles::Activation::new_raw(handles_ptr) };
     if fast.is_some() {
         // A first attempt streams nothing until it has succeeded.
         session.output.defer_stream();

@@ -41,9 +41,11 @@ pub enum Key {
     MakeTools,
     /// `make_require(loaders)`.
     MakeRequire,
+    /// The metatable of handles (`handles.rs`).
+    HandleMeta,
 }
 
-static KEYS: [u8; 5] = [0; 5];
+static KEYS: [u8; 6] = [0; 6];
 
 impl Key {
     /// A unique address: the registry key of this value.
@@ -141,6 +143,16 @@ unsafe extern "C-unwind" fn build(l: *mut ffi::lua_State) -> c_int {
         // After the prelude, whose allowlist would remove it.
         ffi::lua_pushcfunction(l, lua_sandbox_open_json);
         ffi::lua_call(l, 0, 0);
+
+        // Handles: a hidden metatable that only the host attaches.
+        ffi::lua_createtable(l, 0, 3);
+        ffi::lua_pushstring(l, c"handle".as_ptr());
+        ffi::lua_setfield(l, -2, c"__name".as_ptr());
+        ffi::lua_pushboolean(l, 0);
+        ffi::lua_setfield(l, -2, c"__metatable".as_ptr());
+        ffi::lua_pushcfunction(l, crate::handles::handle_tostring);
+        ffi::lua_setfield(l, -2, c"__tostring".as_ptr());
+        ffi::lua_rawsetp(l, ffi::LUA_REGISTRYINDEX, Key::HandleMeta.ptr());
     }
     0
 }

@@ -253,6 +253,7 @@ fn session_run<'a>(
             max_memory: state.max_memory,
             tool_calls: 0,
             elapsed: std::time::Duration::ZERO,
+            handles: Box::new(crate::handles::Handles::new()),
             home: Home::Session(Loan {
                 state: Some(state),
                 owner: res.clone(),
@@ -261,6 +262,9 @@ fn session_run<'a>(
                 instructions: 0,
             }),
         };
+        let handles_ptr: *mut crate::handles::Handles = &mut *running.handles;
+        // SAFETY: as in `run::start`: the box outlives every marshaling call of this call.
+        let _handles = unsafe { crate::handles::Activation::new_raw(handles_ptr) };
         sandbox::clear_traceback();
         let entry = match &code {
             Some(code) => Entry::Chunk(code),
