@@ -220,7 +220,12 @@ pub fn charge_steps(steps: u64) -> Result<(), Abort> {
         // `Control::set_abort`);
         // `lua_sandboxpoll` subtracts from the countdown and, when it ran out, calls the
         // ticker, which never raises and never touches the stack.
-        unsafe { lua_sandboxpoll(state as *mut ffi::lua_State, steps.min(i64::MAX as u64) as _) };
+        unsafe {
+            lua_sandboxpoll(
+                state as *mut ffi::lua_State,
+                steps.min(i64::MAX as u64) as _,
+            )
+        };
         return current_abort().map_or(Ok(()), Err);
     }
     with_control(|control, env| {
@@ -278,12 +283,26 @@ extern "C-unwind" {
 }
 
 /// Installs the ticker on the state of `l` (every thread of it: the countdown is global) and
-/// records the state so aborts and Rust-side charges reach its countdown.
+/// records the state so aborts and Rust-side charges reach its countdown. Installing it again
+/// on the same state first books the work pending in the countdown.
 pub fn install_ticker(l: *mut ffi::lua_State, control: &Control) {
     // SAFETY: `l` is a valid thread of a live state; the getter reads one field.
     let main = unsafe { lua_sandboxmainthread(l) };
+    if control.state.get() == main as usize && control.abort().is_none() {
+        control.book(l);
+    }
     control.state.set(main as usize);
     control.arm(l);
+}
+
+/// [`install_ticker`] on the main state of `lua`, for work done before the run's thread
+/// exists (compiling the chunk, pushing globals), so it is charged and can be killed too.
+pub fn install_ticker_on(lua: &mlua::Lua, control: &Control) -> mlua::Result<()> {
+    // SAFETY: `exec_raw` hands the closure the main state inside a protected call;
+    // `install_ticker` only reads and stores fields of the global state, never raises and
+    // leaves the stack untouched. `control` outlives every use of the recorded state: the
+    // caller owns both for the run.
+    unsafe { lua.exec_raw::<()>((), |l| install_ticker(l, control)) }
 }
 
 impl Control {
@@ -352,9 +371,7 @@ extern "C" fn tick(l: *mut ffi::lua_State, event: c_int) -> *const c_char {
 /// Installs the ticker on the main state of `lua` (tests of the charging builtins).
 #[cfg(test)]
 pub(crate) fn install_on(lua: &mlua::Lua, control: &Control) {
-    // SAFETY (test): `exec_raw` hands us the main state, which outlives `control`'s use in the
-    // test's activation; `install_ticker` only stores fields and never raises.
-    unsafe { lua.exec_raw::<()>((), |l| install_ticker(l, control)) }.unwrap();
+    install_ticker_on(lua, control).unwrap();
 }
 
 /// Books the pending work of the main state of `lua` (tests of the charging builtins).

@@ -43,20 +43,34 @@ pub fn check_source(source: &[u8], max_source: usize, what: &str) -> Result<(), 
     Ok(())
 }
 
+/// The work a compile may do: the default `max_instructions` (at most a few seconds of CPU).
+const COMPILE_BUDGET: u64 = 100_000_000;
+
 pub fn compile_bytes(
     source: &[u8],
     name: &str,
     max_source: usize,
+    env: *mut rustler::sys::ErlNifEnv,
 ) -> Result<Vec<u8>, SandboxError> {
     check_source(source, max_source, "source")?;
     let lua = Lua::new_with(StdLib::NONE, LuaOptions::default())
         .map_err(|e| SandboxError::Runtime(e.to_string()))?;
+    // Parsing is charged to the work countdown, so a kill of the caller stops it within a
+    // tick, and it is bounded by the default instruction budget (the parser is otherwise
+    // minutes of uninterruptible CPU on some 1 MB sources, e.g. `a or a or ...`).
+    let control = crate::budget::Control::new(COMPILE_BUDGET);
+    let _active = crate::budget::Activation::new(&control, env);
+    crate::budget::install_ticker_on(&lua, &control).map_err(SandboxError::from)?;
     let f = lua
         .load(source)
         .set_name(format!("={name}"))
         .set_mode(ChunkMode::Text)
         .into_function()
-        .map_err(SandboxError::from_parse)?;
+        .map_err(|e| {
+            control
+                .abort()
+                .map_or_else(|| SandboxError::from_parse(e), SandboxError::from)
+        })?;
     Ok(f.dump(false))
 }
 
@@ -67,6 +81,7 @@ fn compile<'a>(env: Env<'a>, source: rustler::Binary<'a>, opts: CompileOpts) -> 
             source.as_slice(),
             &opts.chunk_name,
             opts.max_source as usize,
+            env.as_c_arg(),
         )
     });
     match result {
@@ -91,17 +106,17 @@ mod tests {
 
     #[test]
     fn compiles_and_rejects() {
-        assert!(compile_bytes(b"return 1", "script", 100).is_ok());
+        assert!(compile_bytes(b"return 1", "script", 100, std::ptr::null_mut()).is_ok());
         assert!(matches!(
-            compile_bytes(b"return +", "script", 100),
+            compile_bytes(b"return +", "script", 100, std::ptr::null_mut()),
             Err(SandboxError::Syntax(m)) if m.starts_with("script:1:")
         ));
         assert!(matches!(
-            compile_bytes(b"\x1bLua", "script", 100),
+            compile_bytes(b"\x1bLua", "script", 100, std::ptr::null_mut()),
             Err(SandboxError::InvalidInput(_))
         ));
         assert!(matches!(
-            compile_bytes(b"return 1", "script", 3),
+            compile_bytes(b"return 1", "script", 3, std::ptr::null_mut()),
             Err(SandboxError::InvalidInput(_))
         ));
     }

@@ -24,7 +24,6 @@ use std::ffi::c_int;
 
 use mlua::ffi;
 
-
 extern "C-unwind" {
     /// Sets the patched `find`, `match`, `gmatch` and `gsub` on the table at stack index 1.
     /// A `lua_CFunction` from `csrc/sb_strlib.c`; raises (longjmp) if argument 1 is no table.

@@ -230,6 +230,8 @@ fn prepare(
     chunk_name: &str,
 ) -> Result<(Thread, MultiValue), SandboxError> {
     let lua = &sandbox.lua;
+    // The budget and the kill check cover everything below, compiling the chunk included.
+    budget::install_ticker_on(lua, control).map_err(SandboxError::from)?;
     // Pristine states are built with the collector stopped.
     lua.gc_restart();
     let max_depth = opts.max_depth as usize;

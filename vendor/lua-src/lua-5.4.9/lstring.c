@@ -159,9 +159,8 @@ static TString *createstrobj (lua_State *L, size_t l, int tag, unsigned int h) {
 
 /*
 ** LUA_SANDBOX: a long string is charged once, when created, one unit per 16
-** bytes; that also pays for the hash it may get later ('luaS_hashlongstr'
-** has no state to charge; it runs at most once per string, ~16 ns per 16
-** bytes, far above the charge-rate floor). The debit never raises:
+** bytes (its hash, computed at most once, is charged by the table lookup
+** that needs it: 'luaS_hashlongstr' has no state). The debit never raises:
 ** 'lua_pushlstring' must only fail for lack of memory (mlua relies on it).
 */
 TString *luaS_createlngstrobj (lua_State *L, size_t l) {

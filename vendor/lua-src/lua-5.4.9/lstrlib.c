@@ -1765,8 +1765,8 @@ static int str_unpack (lua_State *L) {
   while (*fmt != '\0') {
     int size, ntoalign;
     KOption opt = getdetails(&h, pos, &fmt, &size, &ntoalign);
-    /* LUA_SANDBOX: one unit per option, plus its bytes */
-    lua_sandboxcharge(L, 1 + (((lua_Integer)ntoalign + size) >> 4));
+    /* LUA_SANDBOX: two units per option (a value pushed), plus its bytes */
+    lua_sandboxcharge(L, 2 + (((lua_Integer)ntoalign + size) >> 4));
     luaL_argcheck(L, (size_t)ntoalign + size <= ld - pos, 2,
                     "data string too short");
     pos += ntoalign;  /* skip alignment */

@@ -298,20 +298,27 @@ static unsigned int setlimittosize (Table *t) {
 */
 /*
 ** LUA_SANDBOX: the lookups below take a 'global_State' (NULL for internal
-** uses, e.g. from 'luaH_getn') and debit one unit of work per node walked
-** beyond the first, plus the bytes of a long-string key compared, from its
-** countdown (non-raising: the collector and 'luaH_next' may run them).
+** uses, e.g. from 'luaH_getn') and debit SB_NODECOST units of work per node
+** walked beyond the first, plus the bytes of a long-string key compared
+** (and hashed, the first time), from its countdown (non-raising: the collector and 'luaH_next' may run them).
 ** Keys that collide in one chain (integers are hashed by a plain modulo)
 ** otherwise make every lookup and insert walk the whole chain for the price
 ** of one instruction.
 */
 #define chaindebit(g,n)	{ if ((g) != NULL) (g)->sbticks -= cast(l_mem, (n)); }
+/* units per node walked: a long chain is a cache miss per node (measured
+   ~200 ns per node on a 2^17-node table on a loaded machine) */
+#define SB_NODECOST	2
 
 static const TValue *getgeneric (global_State *g, Table *t, const TValue *key,
                                  int deadok) {
-  Node *n = mainpositionTV(t, key);
-  l_mem walked = ttislngstring(key)  /* LUA_SANDBOX */
-                 ? luaG_sbbytes(tsvalue(key)->u.lnglen) : 0;
+  Node *n;
+  l_mem walked = 0;  /* LUA_SANDBOX */
+  if (ttislngstring(key)) {  /* LUA_SANDBOX: its compare, and its hash once */
+    TString *ts = tsvalue(key);
+    walked = luaG_sbbytes(ts->u.lnglen) * (ts->extra == 0 ? 2 : 1);
+  }
+  n = mainpositionTV(t, key);
   for (;;) {  /* check whether 'key' is somewhere in the chain */
     if (equalkey(key, n, deadok)) {
       chaindebit(g, walked);  /* LUA_SANDBOX */
@@ -324,7 +331,7 @@ static const TValue *getgeneric (global_State *g, Table *t, const TValue *key,
         return &absentkey;  /* not found */
       }
       n += nx;
-      walked++;  /* LUA_SANDBOX */
+      walked += SB_NODECOST;  /* LUA_SANDBOX */
     }
   }
 }
@@ -524,6 +531,9 @@ static void setnodevector (lua_State *L, Table *t, unsigned int size) {
 /*
 ** (Re)insert all elements from the hash part of 'ot' into table 't'.
 */
+static void luaH_newkey (lua_State *L, Table *t, const TValue *key,
+                                                 TValue *value);
+
 static void reinsert (lua_State *L, Table *ot, Table *t) {
   int j;
   int size = sizenode(ot);
@@ -534,7 +544,16 @@ static void reinsert (lua_State *L, Table *ot, Table *t) {
          already present in the table */
       TValue k;
       getnodekey(L, &k, old);
-      luaH_set(L, t, &k, gval(old));
+      /* LUA_SANDBOX: the keys are distinct, so insert without looking each
+         one up first ('luaH_set'): the lookup walks the key's chain, and a
+         table whose keys collide in one chain made every resize quadratic,
+         seconds inside one instruction, out of reach of a kill. 'alimit' is
+         the real array size here ('luaH_resize' called 'setlimittosize'). */
+      if (ttisinteger(&k) && l_castS2U(ivalue(&k)) - 1u < t->alimit) {
+        setobj2t(L, &t->array[ivalue(&k) - 1], gval(old));
+      }
+      else
+        luaH_newkey(L, t, &k, gval(old));
     }
   }
 }
@@ -784,7 +803,7 @@ static const TValue *getint (global_State *g, Table *t, lua_Integer key) {
         int nx = gnext(n);
         if (nx == 0) break;
         n += nx;
-        walked++;  /* LUA_SANDBOX */
+        walked += SB_NODECOST;  /* LUA_SANDBOX */
       }
     }
     chaindebit(g, walked);  /* LUA_SANDBOX */

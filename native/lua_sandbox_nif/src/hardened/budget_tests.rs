@@ -116,14 +116,50 @@ fn abort_is_sticky_in_builtins() {
     let table: mlua::Table = lua.globals().get("table").unwrap();
     let get = |t: &mlua::Table, k: &str| t.get::<mlua::Function>(k).unwrap();
     let calls: Vec<(&str, mlua::Function, mlua::MultiValue)> = vec![
-        ("find", get(&string, "find"), ("abc", "b").into_lua_multi(&lua).unwrap()),
-        ("find plain", get(&string, "find"), ("abc", "b", 1, true).into_lua_multi(&lua).unwrap()),
-        ("match", get(&string, "match"), ("abc", "b").into_lua_multi(&lua).unwrap()),
-        ("gsub", get(&string, "gsub"), ("abc", "b", "x").into_lua_multi(&lua).unwrap()),
-        ("upper", get(&string, "upper"), ("abc",).into_lua_multi(&lua).unwrap()),
-        ("format", get(&string, "format"), ("%d", 1).into_lua_multi(&lua).unwrap()),
-        ("sort", get(&table, "sort"), (lua.create_sequence_from([3, 2, 1]).unwrap(),).into_lua_multi(&lua).unwrap()),
-        ("unpack", get(&table, "unpack"), (lua.create_sequence_from([3, 2, 1]).unwrap(),).into_lua_multi(&lua).unwrap()),
+        (
+            "find",
+            get(&string, "find"),
+            ("abc", "b").into_lua_multi(&lua).unwrap(),
+        ),
+        (
+            "find plain",
+            get(&string, "find"),
+            ("abc", "b", 1, true).into_lua_multi(&lua).unwrap(),
+        ),
+        (
+            "match",
+            get(&string, "match"),
+            ("abc", "b").into_lua_multi(&lua).unwrap(),
+        ),
+        (
+            "gsub",
+            get(&string, "gsub"),
+            ("abc", "b", "x").into_lua_multi(&lua).unwrap(),
+        ),
+        (
+            "upper",
+            get(&string, "upper"),
+            ("abc",).into_lua_multi(&lua).unwrap(),
+        ),
+        (
+            "format",
+            get(&string, "format"),
+            ("%d", 1).into_lua_multi(&lua).unwrap(),
+        ),
+        (
+            "sort",
+            get(&table, "sort"),
+            (lua.create_sequence_from([3, 2, 1]).unwrap(),)
+                .into_lua_multi(&lua)
+                .unwrap(),
+        ),
+        (
+            "unpack",
+            get(&table, "unpack"),
+            (lua.create_sequence_from([3, 2, 1]).unwrap(),)
+                .into_lua_multi(&lua)
+                .unwrap(),
+        ),
     ];
     let _active = Activation::new(&control, std::ptr::null_mut());
     budget::install_on(&lua, &control);
