@@ -5,9 +5,18 @@
 //! sandbox wrappers (`pcall`, `coroutine.resume`, ...) all see the same state without going
 //! through the Lua registry on the hot path.
 //!
-//! Aborts are *sticky*: once a limit tripped or the caller died, every later tick,
-//! every wrapper return and every builtin step raises again, so no amount of `pcall`,
-//! `xpcall`, `coroutine.resume` or `__close` lets a script keep running.
+//! All work is measured by one countdown in the Lua state (vendor/lua-src/PATCHES.md): one
+//! unit per VM instruction, and units in proportion to the work of string operations,
+//! metamethod chains, table chains, the parser and the C builtins, charged by the VM patch,
+//! by the C copies in `csrc/` and by [`charge_steps`] on the Rust side. When it runs out the
+//! VM calls `tick`, which books the units into the run's [`Control`], checks the limit and
+//! whether the caller is alive, and re-arms it.
+//!
+//! Aborts are *sticky* and take effect at the source: setting one makes the very next VM
+//! instruction or charge raise (`lua_sandboxabort`), the allocator's refusal trips the
+//! memory abort before any handler runs (`LUA_TICK_MEMERR`), and every later tick raises
+//! again, so no amount of `pcall`, `xpcall`, `coroutine.resume` or `__close` lets a script
+//! keep running or change the reported kind.
 
 use std::cell::Cell;
 use std::ffi::{c_char, c_int};
@@ -16,8 +25,9 @@ use std::ptr;
 use mlua::ffi;
 use rustler::sys::ErlNifEnv;
 
-/// How many VM instructions run between two ticks: the kill check's granularity (a few
-/// microseconds of Lua). The per-instruction cost of the ticker does not depend on it.
+/// How many units of work (VM instructions, or their equivalent elsewhere) run between two
+/// ticks: the kill check's granularity (tens of microseconds of Lua). The per-instruction
+/// cost of the ticker does not depend on it.
 pub const TICK_INTERVAL: u64 = 1000;
 
 /// Why a run was stopped from the outside of the script's control.

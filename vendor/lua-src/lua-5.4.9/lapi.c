@@ -328,6 +328,10 @@ LUA_API int lua_isuserdata (lua_State *L, int idx) {
 LUA_API int lua_rawequal (lua_State *L, int index1, int index2) {
   const TValue *o1 = index2value(L, index1);
   const TValue *o2 = index2value(L, index2);
+  /* LUA_SANDBOX: charge the compare of long strings of equal length */
+  if (ttislngstring(o1) && ttislngstring(o2) &&
+      tsvalue(o1)->u.lnglen == tsvalue(o2)->u.lnglen)
+    luaG_sandboxdebit(L, luaG_sbbytes(tsvalue(o1)->u.lnglen));
   return (isvalid(L, o1) && isvalid(L, o2)) ? luaV_rawequalobj(o1, o2) : 0;
 }
 
