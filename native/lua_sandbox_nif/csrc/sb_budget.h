@@ -3,8 +3,8 @@
 ** of Lua 5.4.9's lstrlib.c (sb_strlib.c) and ltablib.c (sb_tablib.c).
 **
 ** Lua's count hook never fires inside a C function, so long-running
-** builtins charge their work here instead.  The two functions below are
-** implemented in Rust (src/hardened.rs).
+** builtins charge their work here instead, through
+** 'lua_sandboxcharge' of the patched VM (vendor/lua-src/PATCHES.md).
 */
 
 #ifndef sb_budget_h
@@ -14,24 +14,20 @@
 
 
 /*
-** Charges 'steps' units of work to the running script's budget.
-** Returns 0 to continue, nonzero once the run is aborted (sticky).
-** Never raises and never touches the Lua state.
+** The charging primitive is the VM's own (lua.h, 'lua_sandboxcharge'): it
+** takes units from the state's work countdown, the one the instructions
+** use, and when that runs out calls the ticker (budget.rs), which books the
+** work, checks for a kill and, once the run is aborted (sticky), makes the
+** charge raise the abort message as a plain string error, exactly like a
+** tick in the VM.  It raises only where 'luaL_error' could.
 */
-extern int lua_sandbox_charge (lua_State *L, unsigned long long steps);
-
-/*
-** Message for the current abort: a static, NUL-terminated string.
-*/
-extern const char *lua_sandbox_abort_message (void);
-
 
 /* exported openers: each expects a table at stack index 1 */
 int lua_sandbox_open_strlib (lua_State *L);
 int lua_sandbox_open_tablib (lua_State *L);
 
 
-/* steps accumulated locally before calling 'lua_sandbox_charge' */
+/* steps accumulated locally before calling 'lua_sandboxcharge' */
 #define SB_BATCH		1000u
 
 /*
@@ -43,22 +39,11 @@ int lua_sandbox_open_tablib (lua_State *L);
 #define sb_bytes(n)	(1u + (unsigned long long)(n) / SB_BYTES_PER_STEP)
 
 
-/*
-** Raises the abort message as a plain Lua string error (like the count
-** hook does).  'lua_error' does not return.
-*/
-static void sb_raise (lua_State *L) {
-  lua_pushstring(L, lua_sandbox_abort_message());
-  lua_error(L);
-}
-
-
-/* charges the accumulated steps '*ctr', resets it, raises if aborted */
+/* charges the accumulated steps '*ctr', resets it; raises once aborted */
 static void sb_flush (lua_State *L, unsigned long long *ctr) {
   unsigned long long n = *ctr;
   *ctr = 0;
-  if (lua_sandbox_charge(L, n) != 0)
-    sb_raise(L);
+  lua_sandboxcharge(L, (lua_Integer)n);
 }
 
 

@@ -124,6 +124,8 @@ static void enc_string (Enc *e, const char *s, size_t len) {
   enc_char(e, '"');
   while (i < len) {
     unsigned char c = p[i];
+    if ((i & 0xFFFF) == 0xFFFF)  /* long strings: charge as we go */
+      sb_count(e->L, e->steps, sb_bytes(0x10000));
     if (c >= 0x80) {
       size_t n = utf8_seq(p + i, len - i);
       if (n == 0)
@@ -148,7 +150,7 @@ static void enc_string (Enc *e, const char *s, size_t len) {
     i++;
   }
   enc_char(e, '"');
-  sb_count(e->L, e->steps, sb_bytes(len));
+  sb_count(e->L, e->steps, sb_bytes(len & 0xFFFF));
 }
 
 
@@ -320,6 +322,7 @@ typedef struct Dec {
 
 SB_NORETURN static void dec_error (Dec *d, const char *what) {
   size_t i, line = 1, col = 1;
+  sb_count(d->L, d->steps, sb_bytes(d->pos));  /* the position scan below */
   for (i = 0; i < d->pos && i < d->len; i++) {
     if (d->s[i] == '\n') { line++; col = 1; }
     else col++;
@@ -334,11 +337,15 @@ SB_NORETURN static void dec_error (Dec *d, const char *what) {
 
 
 static void skip_ws (Dec *d) {
+  size_t start = d->pos;
   while (d->pos < d->len) {
     unsigned char c = d->s[d->pos];
     if (c != ' ' && c != '\t' && c != '\n' && c != '\r') break;
     d->pos++;
+    if (((d->pos - start) & 0xFFFF) == 0)
+      sb_count(d->L, d->steps, sb_bytes(0x10000));
   }
+  sb_count(d->L, d->steps, sb_bytes((d->pos - start) & 0xFFFF));
 }
 
 
@@ -393,6 +400,8 @@ static void dec_string (Dec *d) {
   for (;;) {
     unsigned char c;
     if (d->pos >= d->len) dec_error(d, "unterminated string");
+    if (((d->pos - start) & 0xFFFF) == 0xFFFF)
+      sb_count(L, d->steps, sb_bytes(0x10000));
     c = d->s[d->pos];
     if (c == '"') { d->pos++; break; }
     if (c < 0x20) dec_error(d, "control character in string");
@@ -441,9 +450,13 @@ static void dec_string (Dec *d) {
     d->pos++;
   }
   luaL_pushresult(&b);
-  sb_count(L, d->steps, sb_bytes(d->pos - start));
+  sb_count(L, d->steps, sb_bytes((d->pos - start) & 0xFFFF));
 }
 
+
+#define SB_DIGITS(d,start) \
+  while ((d)->pos < (d)->len && (d)->s[(d)->pos] >= '0' && (d)->s[(d)->pos] <= '9') { \
+    if (++(d)->pos - (start) >= 128) dec_error((d), "number too long"); }
 
 static void dec_number (Dec *d) {
   size_t start = d->pos;
@@ -453,15 +466,16 @@ static void dec_number (Dec *d) {
   if (d->pos < d->len && d->s[d->pos] == '-') d->pos++;
   if (d->pos >= d->len) dec_error(d, "bad number");
   if (d->s[d->pos] == '0') d->pos++;
-  else if (d->s[d->pos] >= '1' && d->s[d->pos] <= '9')
-    while (d->pos < d->len && d->s[d->pos] >= '0' && d->s[d->pos] <= '9') d->pos++;
+  else if (d->s[d->pos] >= '1' && d->s[d->pos] <= '9') {
+    SB_DIGITS(d, start)
+  }
   else dec_error(d, "bad number");
   if (d->pos < d->len && d->s[d->pos] == '.') {
     isfloat = 1;
     d->pos++;
     if (d->pos >= d->len || d->s[d->pos] < '0' || d->s[d->pos] > '9')
       dec_error(d, "bad number");
-    while (d->pos < d->len && d->s[d->pos] >= '0' && d->s[d->pos] <= '9') d->pos++;
+    SB_DIGITS(d, start)
   }
   if (d->pos < d->len && (d->s[d->pos] == 'e' || d->s[d->pos] == 'E')) {
     isfloat = 1;
@@ -469,7 +483,7 @@ static void dec_number (Dec *d) {
     if (d->pos < d->len && (d->s[d->pos] == '+' || d->s[d->pos] == '-')) d->pos++;
     if (d->pos >= d->len || d->s[d->pos] < '0' || d->s[d->pos] > '9')
       dec_error(d, "bad number");
-    while (d->pos < d->len && d->s[d->pos] >= '0' && d->s[d->pos] <= '9') d->pos++;
+    SB_DIGITS(d, start)
   }
   n = d->pos - start;
   if (n >= sizeof(buf)) dec_error(d, "number too long");

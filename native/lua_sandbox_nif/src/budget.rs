@@ -5,19 +5,29 @@
 //! sandbox wrappers (`pcall`, `coroutine.resume`, ...) all see the same state without going
 //! through the Lua registry on the hot path.
 //!
-//! Aborts are *sticky*: once a limit tripped or the caller died, every later tick,
-//! every wrapper return and every builtin step raises again, so no amount of `pcall`,
-//! `xpcall`, `coroutine.resume` or `__close` lets a script keep running.
+//! All work is measured by one countdown in the Lua state (vendor/lua-src/PATCHES.md): one
+//! unit per VM instruction, and units in proportion to the work of string operations,
+//! metamethod chains, table chains, the parser and the C builtins, charged by the VM patch,
+//! by the C copies in `csrc/` and by [`charge_steps`] on the Rust side. When it runs out the
+//! VM calls `tick`, which books the units into the run's [`Control`], checks the limit and
+//! whether the caller is alive, and re-arms it.
+//!
+//! Aborts are *sticky* and take effect at the source: setting one makes the very next VM
+//! instruction or charge raise (`lua_sandboxabort`), the allocator's refusal trips the
+//! memory abort before any handler runs (`LUA_TICK_MEMERR`), and every later tick raises
+//! again, so no amount of `pcall`, `xpcall`, `coroutine.resume` or `__close` lets a script
+//! keep running or change the reported kind.
 
 use std::cell::Cell;
-use std::ffi::c_int;
+use std::ffi::{c_char, c_int};
 use std::ptr;
 
 use lua_sandbox_core::ffi;
 use rustler::sys::ErlNifEnv;
 
-/// How many VM instructions run between two ticks: the kill check's granularity (a few
-/// microseconds of Lua). The per-instruction cost of the ticker does not depend on it.
+/// How many units of work (VM instructions, or their equivalent elsewhere) run between two
+/// ticks: the kill check's granularity (tens of microseconds of Lua). The per-instruction
+/// cost of the ticker does not depend on it.
 pub const TICK_INTERVAL: u64 = 1000;
 
 /// Why a run was stopped from the outside of the script's control.
@@ -68,6 +78,11 @@ pub struct Control {
     abort: Cell<Option<Abort>>,
     memory_peak: Cell<usize>,
     interval: Cell<u64>,
+    /// The address of the main thread of the state whose countdown this run's ticker reads
+    /// (0 before [`install_ticker`]; the countdown is per state, and the main thread lives as
+    /// long as the state). An address rather than a pointer keeps `Control` `Send`; it is only
+    /// turned back into a pointer while the run's state is alive (see [`Control::set_abort`]).
+    state: Cell<usize>,
 }
 
 impl Control {
@@ -78,6 +93,7 @@ impl Control {
             abort: Cell::new(None),
             memory_peak: Cell::new(0),
             interval: Cell::new(TICK_INTERVAL),
+            state: Cell::new(0),
         }
     }
 
@@ -89,10 +105,21 @@ impl Control {
         self.abort.get()
     }
 
-    /// Records an abort; the first reason wins so the reported kind is the root cause.
+    /// Records an abort; the first reason wins so the reported kind is the root cause. The
+    /// abort takes effect at the source: the very next VM instruction or charge raises.
     pub fn set_abort(&self, why: Abort) {
         if self.abort.get().is_none() {
             self.abort.set(Some(why));
+        }
+        let l = self.state.get() as *mut ffi::lua_State;
+        if !l.is_null() {
+            // SAFETY: `state` is the main thread of the run's state, recorded by
+            // `install_ticker`; `set_abort` is only called while that state is alive: from the
+            // ticker and the charge functions (called by the running state), through `trip`
+            // inside an `Activation` of the run, or by the run's owner while it holds the
+            // state (run.rs `settle`).
+            // `lua_sandboxabort` only stores two integers of the global state; it never raises.
+            unsafe { lua_sandboxabort(l) };
         }
     }
 
@@ -193,9 +220,25 @@ fn caller_alive(env: *mut ErlNifEnv) -> bool {
 
 /// Charges `steps` units of work to the budget and checks for a kill.
 ///
-/// The hardened builtins call this every 1000 steps of their inner loops (the ticker does the
-/// same for VM instructions, in `tick_verdict`). Returns the abort reason once one is set.
+/// Once the ticker is installed this is the VM's own countdown (`lua_sandboxpoll`), the
+/// same one the instructions, the VM patches and the C builtins charge; before that (and in
+/// unit tests without a state) it charges the `Control` directly. Returns the abort reason
+/// once one is set. Never raises.
 pub fn charge_steps(steps: u64) -> Result<(), Abort> {
+    let state = with_control(|control, _| control.state.get()).unwrap_or(0);
+    if state != 0 {
+        // SAFETY: `state` is the main thread of the active run's state (see
+        // `Control::set_abort`);
+        // `lua_sandboxpoll` subtracts from the countdown and, when it ran out, calls the
+        // ticker, which never raises and never touches the stack.
+        unsafe {
+            lua_sandboxpoll(
+                state as *mut ffi::lua_State,
+                steps.min(i64::MAX as u64) as _,
+            )
+        };
+        return current_abort().map_or(Ok(()), Err);
+    }
     with_control(|control, env| {
         if let Some(why) = control.abort() {
             return Err(why);
@@ -216,7 +259,8 @@ pub fn current_abort() -> Option<Abort> {
     with_control(|control, _| control.abort()).flatten()
 }
 
-/// Sets an abort on the active run (used by output and tool limits).
+/// Sets an abort on the active run (used by output and tool limits); the very next
+/// instruction or charge of the run raises.
 pub fn trip(why: Abort) {
     with_control(|control, _| control.set_abort(why));
 }
@@ -231,75 +275,121 @@ fn used_memory(l: *mut ffi::lua_State) -> usize {
     }
 }
 
-type Ticker = unsafe extern "C-unwind" fn(*mut ffi::lua_State);
+type Ticker = extern "C" fn(*mut ffi::lua_State, c_int) -> *const c_char;
 
-// The instruction ticker of our Lua build (vendor/lua-src/PATCHES.md): a callback every N VM
-// instructions of any thread of the state, at the cost of one decrement per instruction. A
-// count hook makes Lua 5.4 trap on *every* instruction (2.4x slower on fib(27) here), must be
-// set per thread, and is switched off in error handlers and finalizers; the ticker is not.
+const LUA_TICK_MEMERR: c_int = 1;
+
+// The work ticker of our Lua build (vendor/lua-src/PATCHES.md, ldebug.c): one countdown per
+// state, one unit per VM instruction and units in proportion to the work of the VM patches
+// and the C builtins, and a callback when it runs out or the allocator refused. A count hook
+// makes Lua 5.4 trap on *every* instruction (2.4x slower on fib(27) here), must be set per
+// thread, is switched off in error handlers and finalizers, and sees nothing of the work done
+// inside C functions; the ticker has none of these gaps.
 extern "C-unwind" {
     fn lua_setticker(l: *mut ffi::lua_State, f: Option<Ticker>, interval: c_int);
     fn lua_getticksleft(l: *mut ffi::lua_State) -> ffi::lua_Integer;
+    fn lua_sandboxpoll(l: *mut ffi::lua_State, n: ffi::lua_Integer) -> *const c_char;
+    fn lua_sandboxabort(l: *mut ffi::lua_State);
+    fn lua_sandboxmainthread(l: *mut ffi::lua_State) -> *mut ffi::lua_State;
 }
 
-/// Installs the ticker on the state of `l` (every thread of it: the counter is global).
+/// Installs the ticker on the state of `l` (every thread of it: the countdown is global) and
+/// records the state so aborts and Rust-side charges reach its countdown. Installing it again
+/// on the same state first books the work pending in the countdown.
 pub fn install_ticker(l: *mut ffi::lua_State, control: &Control) {
-    // SAFETY: `l` is a valid state owned by the caller; `lua_setticker` only stores three
-    // fields of the global state and never raises.
-    unsafe { lua_setticker(l, Some(tick), control.next_interval()) };
-}
-
-/// Instructions executed since the last tick, to make `stats.instructions` exact.
-pub fn settle_instructions(l: *mut ffi::lua_State, control: &Control) {
-    // SAFETY: `l` is a valid state; the getter only reads one field of the global state.
-    let left = unsafe { lua_getticksleft(l) };
-    let interval = control.interval.get() as i64;
-    if (0..=interval).contains(&left) {
-        let ran = (interval - left) as u64;
-        control.used.set(control.used.get().saturating_add(ran));
-        control.interval.set(left as u64);
+    // SAFETY: `l` is a valid thread of a live state; the getter reads one field.
+    let main = unsafe { lua_sandboxmainthread(l) };
+    if control.state.get() == main as usize && control.abort().is_none() {
+        control.book(l);
     }
+    control.state.set(main as usize);
+    control.arm(l);
 }
 
-/// The ticker. It must not hold any value with a destructor when it raises, because
-/// `lua_error` leaves this frame with `longjmp` (Lua is built as C); everything with a `Drop`
-/// lives inside `tick_verdict`, which has returned by then.
-unsafe extern "C-unwind" fn tick(l: *mut ffi::lua_State) {
-    if let Some((why, next)) = tick_verdict(l) {
-        // SAFETY: `l` is the running thread handed to us by the VM, with room on its stack
-        // (`luaG_sandboxtick` checked LUA_MINSTACK). After an abort the ticker fires on every
-        // instruction, so the script cannot get far; `lua_error` from the ticker unwinds
-        // (longjmp) to the nearest protected call. No Rust value with a destructor is live.
+/// [`install_ticker`] on the main state of `lua` (tests of the charging builtins).
+#[cfg(test)]
+pub fn install_ticker_on(lua: &mlua::Lua, control: &Control) -> mlua::Result<()> {
+    // SAFETY: `exec_raw` hands the closure the main state inside a protected call;
+    // `install_ticker` only reads and stores fields of the global state, never raises and
+    // leaves the stack untouched. `control` outlives every use of the recorded state: the
+    // caller owns both for the run.
+    unsafe { lua.exec_raw::<()>((), |l| install_ticker(l, control)) }
+}
+
+impl Control {
+    /// Arms the countdown of `l` for the next interval, or for an immediate tick when the run
+    /// is aborted.
+    fn arm(&self, l: *mut ffi::lua_State) {
+        // SAFETY: `l` is a valid thread of a live state (callers: `install_ticker`, which
+        // gets it from its owner, and the ticker, which gets it from the VM); both functions
+        // only store fields of the global state and never raise.
         unsafe {
-            lua_setticker(l, Some(tick), next);
-            if let Some(why) = why {
-                ffi::lua_pushstring(l, why.c_message().as_ptr());
-                ffi::lua_error(l);
+            lua_setticker(l, Some(tick), self.next_interval());
+            if self.abort().is_some() {
+                lua_sandboxabort(l);
             }
+        }
+    }
+
+    /// Books the units taken from the countdown of `l` since it was last armed.
+    fn book(&self, l: *mut ffi::lua_State) {
+        // SAFETY: `l` is a valid state; the getter only reads one field of the global state.
+        let left = unsafe { lua_getticksleft(l) };
+        let interval = self.interval.get() as i64;
+        if left <= interval {
+            let ran = (interval as i128 - left as i128).max(0) as u64;
+            self.used.set(self.used.get().saturating_add(ran));
         }
     }
 }
 
-/// Decides what the ticker does: `None` when no run is active; otherwise the abort to raise
-/// (if any) and the interval until the next tick.
-fn tick_verdict(l: *mut ffi::lua_State) -> Option<(Option<Abort>, c_int)> {
-    with_control(|control, env| {
+/// Books the work done since the last tick, to make `stats.instructions` exact, and re-arms.
+pub fn settle_instructions(l: *mut ffi::lua_State, control: &Control) {
+    if control.abort().is_none() {
+        control.book(l);
+    }
+    control.arm(l);
+}
+
+/// The ticker. It never raises (the VM raises the message it returns) and never touches the
+/// Lua stack; `extern "C"`, so a panic aborts instead of unwinding into C.
+extern "C" fn tick(l: *mut ffi::lua_State, event: c_int) -> *const c_char {
+    let verdict = with_control(|control, env| {
+        if event == LUA_TICK_MEMERR {
+            // The allocator refused: the abort is tripped here, before any handler, `__close`
+            // or `pcall` could replace the error. The countdown keeps going until `arm`.
+            control.set_abort(Abort::Memory);
+            return None;
+        }
         control.note_memory(used_memory(l));
         if control.abort().is_none() {
-            control
-                .used
-                .set(control.used.get().saturating_add(control.interval.get()));
+            control.book(l);
             if control.used.get() >= control.max {
                 control.set_abort(Abort::Instructions);
             } else if !caller_alive(env) {
                 control.set_abort(Abort::Killed);
             }
         }
-        match control.abort() {
-            Some(why) => (Some(why), 1),
-            None => (None, control.next_interval()),
-        }
-    })
+        control.arm(l);
+        control.abort()
+    });
+    match verdict {
+        Some(Some(why)) => why.c_message().as_ptr(),
+        _ => ptr::null(),
+    }
+}
+
+/// Installs the ticker on the main state of `lua` (tests of the charging builtins).
+#[cfg(test)]
+pub(crate) fn install_on(lua: &mlua::Lua, control: &Control) {
+    install_ticker_on(lua, control).unwrap();
+}
+
+/// Books the pending work of the main state of `lua` (tests of the charging builtins).
+#[cfg(test)]
+pub(crate) fn settle_on(lua: &mlua::Lua, control: &Control) {
+    // SAFETY (test): as in `install_on`.
+    unsafe { lua.exec_raw::<()>((), |l| settle_instructions(l, control)) }.unwrap();
 }
 
 #[cfg(test)]
@@ -380,5 +470,69 @@ mod tests {
             assert!(r.is_err(), "{code}");
             assert_eq!(n, 20_000, "{code}");
         }
+    }
+
+    #[test]
+    fn an_abort_makes_the_very_next_instruction_raise() {
+        let lua = mlua::Lua::new();
+        let control = Control::new(1_000_000);
+        let _a = Activation::new(&control, ptr::null_mut());
+        install_on(&lua, &control);
+        let trip_output = lua
+            .create_function(|_, ()| {
+                trip(Abort::Output);
+                Ok(())
+            })
+            .unwrap();
+        lua.globals().set("trip_output", trip_output).unwrap();
+        // Before: the countdown was not reset and ~1000 more instructions ran.
+        let r = lua
+            .load("pcall(trip_output) after = 1 for i = 1, 100 do after = i end")
+            .exec();
+        assert!(r.unwrap_err().to_string().contains("output limit exceeded"));
+        assert_eq!(lua.globals().get::<Option<i64>>("after").unwrap(), None);
+        assert_eq!(control.abort(), Some(Abort::Output));
+    }
+
+    #[test]
+    fn a_refused_allocation_trips_the_memory_abort_itself() {
+        let lua = mlua::Lua::new();
+        crate::hardened::install(&lua).unwrap();
+        lua.set_memory_limit(32 << 20).unwrap();
+        let control = Control::new(u64::MAX);
+        let _a = Activation::new(&control, ptr::null_mut());
+        install_on(&lua, &control);
+        // A raising __close inside pcall used to replace "not enough memory", and nothing
+        // here (no prelude) recognised the refusal: the script returned normally.
+        let r = lua
+            .load(
+                r#"
+                for i = 1, 1000 do
+                  pcall(function()
+                    local guard <close> = setmetatable({}, {__close = function() error("replaced") end})
+                    local s = string.rep("x", 1 << 30)
+                  end)
+                end
+                return "survived"
+                "#,
+            )
+            .eval::<String>();
+        assert!(r.is_err(), "{r:?}");
+        assert_eq!(control.abort(), Some(Abort::Memory));
+    }
+
+    #[test]
+    fn rust_charges_use_the_vm_countdown() {
+        let lua = mlua::Lua::new();
+        let control = Control::new(10_000);
+        let _a = Activation::new(&control, ptr::null_mut());
+        install_on(&lua, &control);
+        assert!(charge_steps(5_000).is_ok());
+        // the units are pending in the countdown until a tick or a settle books them
+        settle_on(&lua, &control);
+        assert_eq!(control.instructions(), 5_000);
+        assert_eq!(charge_steps(5_000), Err(Abort::Instructions));
+        // sticky: the next instruction raises
+        assert!(lua.load("local x = 1").exec().is_err());
     }
 }

@@ -44,26 +44,46 @@ pub fn check_source(source: &[u8], max_source: usize, what: &str) -> Result<(), 
     Ok(())
 }
 
+/// The work a compile may do: the default `max_instructions` (at most a few seconds of CPU).
+const COMPILE_BUDGET: u64 = 100_000_000;
+
 pub fn compile_bytes(
     source: &[u8],
     name: &str,
     max_source: usize,
+    env: *mut rustler::sys::ErlNifEnv,
 ) -> Result<Vec<u8>, SandboxError> {
     check_source(source, max_source, "source")?;
-    dump(source, name, false)
+    // Parsing is charged to the work countdown, so a kill of the caller stops it within a
+    // tick, and it is bounded by the default instruction budget (the parser is otherwise
+    // minutes of uninterruptible CPU on some 1 MB sources, e.g. `a or a or ...`).
+    let control = crate::budget::Control::new(COMPILE_BUDGET);
+    let _active = crate::budget::Activation::new(&control, env);
+    dump(source, name, false, Some(&control))
 }
 
 /// Parses Lua source text in a throwaway state (no libraries, no code run) and returns its
-/// bytecode, with or without debug information.
-pub fn dump(source: &[u8], name: &str, strip: bool) -> Result<Vec<u8>, SandboxError> {
+/// bytecode, with or without debug information; under `control`'s budget and kill check
+/// when given (its activation must be current).
+pub fn dump(
+    source: &[u8],
+    name: &str,
+    strip: bool,
+    control: Option<&crate::budget::Control>,
+) -> Result<Vec<u8>, SandboxError> {
     let code = crate::run::Code::new(source, name, false)?;
-    // SAFETY: a private state, used on this thread and closed before returning. `Code::load`
-    // does not raise; `lua_dump` only calls `write` (which never raises or unwinds: extending
-    // a Vec can only abort on OOM); `lua_close` runs no finalizers (nothing ran).
+    // SAFETY: a private state, used on this thread and closed before returning. Installing
+    // the ticker only stores fields of the global state; `Code::load` does not raise (the
+    // ticker's abort surfaces as its status); `lua_dump` only calls `write` (which never
+    // raises or unwinds: extending a Vec can only abort on OOM); `lua_close` runs no
+    // finalizers (nothing ran).
     unsafe {
         let l = ffi::luaL_newstate();
         if l.is_null() {
             return Err(SandboxError::MemoryLimit);
+        }
+        if let Some(control) = control {
+            crate::budget::install_ticker(l, control);
         }
         let loaded = code.load(l);
         let mut out: Vec<u8> = Vec::new();
@@ -76,6 +96,9 @@ pub fn dump(source: &[u8], name: &str, strip: bool) -> Result<Vec<u8>, SandboxEr
             );
         }
         ffi::lua_close(l);
+        if let Some(why) = control.and_then(|c| c.abort()) {
+            return Err(why.into());
+        }
         loaded.map(|()| out)
     }
 }
@@ -102,6 +125,7 @@ fn compile<'a>(env: Env<'a>, source: rustler::Binary<'a>, opts: CompileOpts) -> 
             source.as_slice(),
             &opts.chunk_name,
             opts.max_source as usize,
+            env.as_c_arg(),
         )
     });
     match result {
@@ -126,17 +150,17 @@ mod tests {
 
     #[test]
     fn compiles_and_rejects() {
-        assert!(compile_bytes(b"return 1", "script", 100).is_ok());
+        assert!(compile_bytes(b"return 1", "script", 100, std::ptr::null_mut()).is_ok());
         assert!(matches!(
-            compile_bytes(b"return +", "script", 100),
+            compile_bytes(b"return +", "script", 100, std::ptr::null_mut()),
             Err(SandboxError::Syntax(m)) if m.starts_with("script:1:")
         ));
         assert!(matches!(
-            compile_bytes(b"\x1bLua", "script", 100),
+            compile_bytes(b"\x1bLua", "script", 100, std::ptr::null_mut()),
             Err(SandboxError::InvalidInput(_))
         ));
         assert!(matches!(
-            compile_bytes(b"return 1", "script", 3),
+            compile_bytes(b"return 1", "script", 3, std::ptr::null_mut()),
             Err(SandboxError::InvalidInput(_))
         ));
     }

@@ -5,25 +5,24 @@
 //! builtins could otherwise burn CPU for hours in one call (`string.find(string.rep('a', 3000), '.-.-.-b')`, a plain
 //! `find` is O(n*m), `table.sort` of a huge table). They are replaced by patched copies of Lua
 //! 5.4.9's own C code (`csrc/sb_strlib.c`, `csrc/sb_tablib.c`, built by `build.rs`): same
-//! algorithms, same argument checks and error messages, plus a step counter that calls
-//! [`lua_sandbox_charge`] every `SB_BATCH` (1000) steps. Once the run is aborted the builtin
-//! raises the abort message as a plain Lua string error, exactly like the ticker does, and
-//! the abort is sticky (see `crate::budget`).
+//! algorithms, same argument checks and error messages, plus a step counter that charges the
+//! VM's work countdown (`lua_sandboxcharge`, vendor/lua-src/PATCHES.md) every `SB_BATCH`
+//! (1000) steps: the same countdown the instructions, the VM's own patches and the Rust side
+//! ([`crate::budget::charge_steps`]) use. Once the run is aborted the charge raises the abort message
+//! as a plain Lua string error, exactly like a tick in the VM, and the abort is sticky (see
+//! `crate::budget`).
 //!
 //! # Unwinding
 //!
-//! The C functions raise with `lua_error`, i.e. `longjmp`. They are only ever entered from the
-//! Lua VM (itself C) or, for the two openers, from a protected call made by [`install`], so the
-//! jump only crosses C frames. The two Rust functions the C code calls back into,
-//! [`lua_sandbox_charge`] and [`lua_sandbox_abort_message`], never raise and hold nothing with
-//! a destructor; they are `extern "C"`, so a panic inside them aborts instead of unwinding into
-//! C.
+//! The C functions raise with `lua_error` or through `lua_sandboxcharge`, i.e. `longjmp`.
+//! They are only ever entered from the Lua VM (itself C) or, for the two openers, from a
+//! protected call made by [`install`], so the jump only crosses C frames. The ticker the
+//! charge calls back into (`budget::tick`) never raises and holds nothing with a destructor;
+//! it is `extern "C"`, so a panic inside it aborts instead of unwinding into C.
 
-use std::ffi::{c_char, c_int, c_ulonglong};
+use std::ffi::c_int;
 
 use lua_sandbox_core::ffi;
-
-use crate::budget::{self, Abort};
 
 extern "C-unwind" {
     /// Sets the patched `find`, `match`, `gmatch` and `gsub` on the table at stack index 1.
@@ -32,24 +31,6 @@ extern "C-unwind" {
     /// Sets the patched `sort` on the table at stack index 1.
     /// A `lua_CFunction` from `csrc/sb_tablib.c`; raises (longjmp) if argument 1 is no table.
     fn lua_sandbox_open_tablib(l: *mut ffi::lua_State) -> c_int;
-}
-
-/// Called by the patched builtins with the work done since the last call. Returns 0 to go on,
-/// nonzero once the run is aborted (the builtin then raises [`lua_sandbox_abort_message`]).
-///
-/// Never raises and never touches the Lua state; outside an active run it is free.
-#[no_mangle]
-pub extern "C" fn lua_sandbox_charge(_l: *mut ffi::lua_State, steps: c_ulonglong) -> c_int {
-    c_int::from(budget::charge_steps(steps).is_err())
-}
-
-/// The message the patched builtins raise once the run is aborted: a static NUL-terminated
-/// string, the same text the ticker raises.
-#[no_mangle]
-pub extern "C" fn lua_sandbox_abort_message() -> *const c_char {
-    budget::current_abort()
-        .map_or(c"run aborted", Abort::c_message)
-        .as_ptr()
 }
 
 /// Puts the budget-charging copies into the `string` and `table` globals of a state being
@@ -104,8 +85,7 @@ pub fn install(lua: &mlua::Lua) -> mlua::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-    use crate::budget::{Activation, Control};
+    use crate::budget::Abort;
 
     #[test]
     fn c_messages_match_budget_messages() {
@@ -118,19 +98,6 @@ mod tests {
         ] {
             assert_eq!(why.c_message().to_str().unwrap(), why.message());
         }
-    }
-
-    #[test]
-    fn charge_reports_the_sticky_abort() {
-        assert_eq!(lua_sandbox_charge(std::ptr::null_mut(), u64::MAX), 0);
-        let control = Control::new(10);
-        let _a = Activation::new(&control, std::ptr::null_mut());
-        assert_eq!(lua_sandbox_charge(std::ptr::null_mut(), 9), 0);
-        assert_ne!(lua_sandbox_charge(std::ptr::null_mut(), 1), 0);
-        assert_ne!(lua_sandbox_charge(std::ptr::null_mut(), 0), 0);
-        // SAFETY: the pointer is a static NUL-terminated string.
-        let msg = unsafe { std::ffi::CStr::from_ptr(lua_sandbox_abort_message()) };
-        assert_eq!(msg.to_str().unwrap(), "instruction limit exceeded");
     }
 }
 

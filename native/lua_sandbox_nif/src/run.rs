@@ -112,6 +112,11 @@ impl Running {
         self.home.slot().state()
     }
 
+    /// The main state of the run's slot (for the ticker).
+    pub(crate) fn home_state(&self) -> *mut ffi::lua_State {
+        self.main()
+    }
+
     fn bounds(&self) -> Bounds {
         Bounds {
             max_depth: self.max_depth,
@@ -395,14 +400,17 @@ fn start<'a>(
         max_memory,
         max_source,
     };
+    // The budget and the kill check cover everything below, compiling the chunk included.
     let prepared = {
-        let _active = Activation::new(&session.control, env.as_c_arg());
-        prepare_state(session.home.slot_mut(), &setup)
-    }
-    .and_then(|()| {
-        let call = opts.call.as_ref().map(|(n, a)| (n.as_str(), a.as_slice()));
-        prepare_thread(&mut session, Entry::Chunk(&code), call, opts.max_source)
-    });
+        let control: *const Control = &*session.control;
+        // SAFETY: the control is boxed in `session`, which outlives this block.
+        let _active = Activation::new(unsafe { &*control }, env.as_c_arg());
+        budget::install_ticker(session.home.slot().state(), &session.control);
+        prepare_state(session.home.slot_mut(), &setup).and_then(|()| {
+            let call = opts.call.as_ref().map(|(n, a)| (n.as_str(), a.as_slice()));
+            prepare_thread(&mut session, Entry::Chunk(&code), call, opts.max_source)
+        })
+    };
     let nargs = match prepared {
         Ok(n) => n,
         Err(e) => {

@@ -24,7 +24,7 @@ const PRELUDE: &str = include_str!("prelude.lua");
 fn prelude_bytecode() -> &'static [u8] {
     static BYTECODE: OnceLock<Vec<u8>> = OnceLock::new();
     BYTECODE.get_or_init(|| {
-        crate::chunk::dump(PRELUDE.as_bytes(), "prelude", true).expect("the prelude parses")
+        crate::chunk::dump(PRELUDE.as_bytes(), "prelude", true, None).expect("the prelude parses")
     })
 }
 

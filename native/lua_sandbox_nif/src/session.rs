@@ -169,6 +169,7 @@ fn session_new<'a>(env: Env<'a>, opts: SessionOpts<'a>) -> Term<'a> {
         let control = Control::new(u64::MAX);
         let prepared = {
             let _active = Activation::new(&control, env.as_c_arg());
+            crate::budget::install_ticker(lease.slot().state(), &control);
             run::prepare_state(lease.slot_mut(), &setup)
         };
         if let Err(e) = prepared {
@@ -271,12 +272,14 @@ fn session_run<'a>(
             None => Entry::Nothing,
         };
         let call = opts.call.as_ref().map(|(n, a)| (n.as_str(), a.as_slice()));
-        run::begin(
-            env,
-            running_prepared(&mut running, entry, call, max_source),
-            running,
-            t0,
-        )
+        let prepared = {
+            let control: *const Control = &*running.control;
+            // SAFETY: the control is boxed in `running`, which outlives this block.
+            let _active = Activation::new(unsafe { &*control }, env.as_c_arg());
+            crate::budget::install_ticker(running.home_state(), &running.control);
+            running_prepared(&mut running, entry, call, max_source)
+        };
+        run::begin(env, prepared, running, t0)
     }))
 }
 

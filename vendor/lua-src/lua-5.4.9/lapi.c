@@ -328,6 +328,10 @@ LUA_API int lua_isuserdata (lua_State *L, int idx) {
 LUA_API int lua_rawequal (lua_State *L, int index1, int index2) {
   const TValue *o1 = index2value(L, index1);
   const TValue *o2 = index2value(L, index2);
+  /* LUA_SANDBOX: charge the compare of long strings of equal length */
+  if (ttislngstring(o1) && ttislngstring(o2) &&
+      tsvalue(o1)->u.lnglen == tsvalue(o2)->u.lnglen)
+    luaG_sandboxdebit(L, luaG_sbbytes(tsvalue(o1)->u.lnglen));
   return (isvalid(L, o1) && isvalid(L, o2)) ? luaV_rawequalobj(o1, o2) : 0;
 }
 
@@ -368,8 +372,14 @@ LUA_API int lua_compare (lua_State *L, int index1, int index2, int op) {
 }
 
 
+/*
+** LUA_SANDBOX: string->number coercions scan the whole string ('s + 0' on
+** a 20 MB numeral, 'math.abs(s)'); the conversions below debit one unit per
+** 16 bytes of the string (non-raising: mlua calls them unprotected).
+*/
 LUA_API size_t lua_stringtonumber (lua_State *L, const char *s) {
   size_t sz = luaO_str2num(s, s2v(L->top.p));
+  luaG_sandboxdebit(L, luaG_sbbytes(sz ? sz : strlen(s)));  /* LUA_SANDBOX */
   if (sz != 0)
     api_incr_top(L);
   return sz;
@@ -379,7 +389,10 @@ LUA_API size_t lua_stringtonumber (lua_State *L, const char *s) {
 LUA_API lua_Number lua_tonumberx (lua_State *L, int idx, int *pisnum) {
   lua_Number n = 0;
   const TValue *o = index2value(L, idx);
-  int isnum = tonumber(o, &n);
+  int isnum;
+  if (ttisstring(o))  /* LUA_SANDBOX: see 'lua_stringtonumber' */
+    luaG_sandboxdebit(L, luaG_sbbytes(tsslen(tsvalue(o))));
+  isnum = tonumber(o, &n);
   if (pisnum)
     *pisnum = isnum;
   return n;
@@ -389,7 +402,10 @@ LUA_API lua_Number lua_tonumberx (lua_State *L, int idx, int *pisnum) {
 LUA_API lua_Integer lua_tointegerx (lua_State *L, int idx, int *pisnum) {
   lua_Integer res = 0;
   const TValue *o = index2value(L, idx);
-  int isnum = tointeger(o, &res);
+  int isnum;
+  if (ttisstring(o))  /* LUA_SANDBOX: see 'lua_stringtonumber' */
+    luaG_sandboxdebit(L, luaG_sbbytes(tsslen(tsvalue(o))));
+  isnum = tointeger(o, &res);
   if (pisnum)
     *pisnum = isnum;
   return res;
@@ -735,7 +751,7 @@ LUA_API int lua_rawget (lua_State *L, int idx) {
   lua_lock(L);
   api_checknelems(L, 1);
   t = gettable(L, idx);
-  val = luaH_get(t, s2v(L->top.p - 1));
+  val = luaH_getc(L, t, s2v(L->top.p - 1));  /* LUA_SANDBOX */
   L->top.p--;  /* remove key */
   return finishrawget(L, val);
 }
@@ -745,7 +761,7 @@ LUA_API int lua_rawgeti (lua_State *L, int idx, lua_Integer n) {
   Table *t;
   lua_lock(L);
   t = gettable(L, idx);
-  return finishrawget(L, luaH_getint(t, n));
+  return finishrawget(L, luaH_getintc(L, t, n));  /* LUA_SANDBOX */
 }
 
 
@@ -755,7 +771,7 @@ LUA_API int lua_rawgetp (lua_State *L, int idx, const void *p) {
   lua_lock(L);
   t = gettable(L, idx);
   setpvalue(&k, cast_voidp(p));
-  return finishrawget(L, luaH_get(t, &k));
+  return finishrawget(L, luaH_getc(L, t, &k));  /* LUA_SANDBOX */
 }
 
 

@@ -49,11 +49,20 @@
 ** Search for 'objidx' in table at index -1. ('objidx' must be an
 ** absolute index.) Return 1 + string at top if it found a good name.
 */
+/*
+** LUA_SANDBOX: four units of work per field visited (~100 ns), non-raising
+** charge: 'luaL_traceback' runs in message handlers and in mlua's error
+** paths, where it must not raise; once the run is aborted the search stops.
+*/
 static int findfield (lua_State *L, int objidx, int level) {
   if (level == 0 || !lua_istable(L, -1))
     return 0;  /* not found */
   lua_pushnil(L);  /* start 'next' loop */
   while (lua_next(L, -2)) {  /* for each pair in table */
+    if (l_unlikely(lua_sandboxpoll(L, 4) != NULL)) {  /* LUA_SANDBOX */
+      lua_pop(L, 2);  /* remove value and key */
+      return 0;
+    }
     if (lua_type(L, -2) == LUA_TSTRING) {  /* ignore non-string keys */
       if (lua_rawequal(L, objidx, -1)) {  /* found object? */
         lua_pop(L, 1);  /* remove value (but keep name) */
@@ -81,7 +90,8 @@ static int pushglobalfuncname (lua_State *L, lua_Debug *ar) {
   lua_getinfo(L, "f", ar);  /* push function */
   lua_getfield(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);
   luaL_checkstack(L, 6, "not enough stack");  /* slots for 'findfield' */
-  if (findfield(L, top + 1, 2)) {
+  if (findfield(L, top + 1, 2) &&
+      lua_rawlen(L, -1) <= LUA_IDSIZE) {  /* LUA_SANDBOX: bounded names */
     const char *name = lua_tostring(L, -1);
     if (strncmp(name, LUA_GNAME ".", 3) == 0) {  /* name start with '_G.'? */
       lua_pushstring(L, name + 3);  /* push name without prefix */
@@ -129,6 +139,8 @@ static int lastlevel (lua_State *L) {
 }
 
 
+static void tb_add (luaL_Buffer *B, const char *s, size_t l, int isvalue);
+
 LUALIB_API void luaL_traceback (lua_State *L, lua_State *L1,
                                 const char *msg, int level) {
   luaL_Buffer b;
@@ -136,16 +148,19 @@ LUALIB_API void luaL_traceback (lua_State *L, lua_State *L1,
   int last = lastlevel(L1);
   int limit2show = (last - level > LEVELS1 + LEVELS2) ? LEVELS1 : -1;
   luaL_buffinit(L, &b);
+  /* LUA_SANDBOX: the buffer operations below use the non-charging
+     'tb_add' (see 'prepbuffsize'); the output is bounded: at most
+     LEVELS1 + LEVELS2 lines, each with bounded names */
   if (msg) {
-    luaL_addstring(&b, msg);
-    luaL_addchar(&b, '\n');
+    tb_add(&b, msg, strlen(msg), 0);
+    tb_add(&b, "\n", 1, 0);
   }
-  luaL_addstring(&b, "stack traceback:");
+  tb_add(&b, "stack traceback:", 16, 0);
   while (lua_getstack(L1, level++, &ar)) {
     if (limit2show-- == 0) {  /* too many levels? */
       int n = last - level - LEVELS2 + 1;  /* number of levels to skip */
       lua_pushfstring(L, "\n\t...\t(skipping %d levels)", n);
-      luaL_addvalue(&b);  /* add warning about skip */
+      tb_add(&b, NULL, 0, 1);  /* add warning about skip */
       level += n;  /* and skip to last levels */
     }
     else {
@@ -154,11 +169,11 @@ LUALIB_API void luaL_traceback (lua_State *L, lua_State *L1,
         lua_pushfstring(L, "\n\t%s: in ", ar.short_src);
       else
         lua_pushfstring(L, "\n\t%s:%d: in ", ar.short_src, ar.currentline);
-      luaL_addvalue(&b);
+      tb_add(&b, NULL, 0, 1);
       pushfuncname(L, &ar);
-      luaL_addvalue(&b);
+      tb_add(&b, NULL, 0, 1);
       if (ar.istailcall)
-        luaL_addstring(&b, "\n\t(...tail calls...)");
+        tb_add(&b, "\n\t(...tail calls...)", 20, 0);
     }
   }
   luaL_pushresult(&b);
@@ -479,8 +494,9 @@ static void *resizebox (lua_State *L, int idx, size_t newsize) {
   UBox *box = (UBox *)lua_touserdata(L, idx);
   void *temp = allocf(ud, box->box, box->bsize, newsize);
   if (l_unlikely(temp == NULL && newsize > 0)) {  /* allocation error? */
-    lua_pushliteral(L, "not enough memory");
-    lua_error(L);  /* raise a memory error */
+    /* LUA_SANDBOX: a genuine memory error (LUA_ERRMEM, same message), so
+       the refusal trips the sandbox's memory abort like any other */
+    lua_sandboxmemerror(L);
   }
   box->box = temp;
   box->bsize = newsize;
@@ -560,10 +576,23 @@ static size_t newbuffsize (luaL_Buffer *B, size_t sz) {
 ** 'B'. 'boxidx' is the relative position in the stack where is the
 ** buffer's box or its placeholder.
 */
-static char *prepbuffsize (luaL_Buffer *B, size_t sz, int boxidx) {
+/*
+** LUA_SANDBOX: every buffer operation charges one unit plus one per 16
+** bytes requested, and growing the buffer one per 16 bytes of its new size
+** (the copy): this bounds everything built in a buffer at once
+** ('string.format', 'os.date', 'string.rep', 'table.concat', 'gsub', ...).
+** The bytes are charged once the space is there, so that a refused
+** allocation is reported as such. 'charge' is 0 only for 'luaL_traceback',
+** which must not raise.
+*/
+static char *prepbuffsizec (luaL_Buffer *B, size_t sz, int boxidx,
+                            int charge) {
   checkbufferlevel(B, boxidx);
-  if (B->size - B->n >= sz)  /* enough space? */
+  if (B->size - B->n >= sz) {  /* enough space? */
+    if (charge)  /* LUA_SANDBOX */
+      lua_sandboxcharge(B->L, 1 + (lua_Integer)(sz >> 4));
     return B->b + B->n;
+  }
   else {
     lua_State *L = B->L;
     char *newbuff;
@@ -581,8 +610,30 @@ static char *prepbuffsize (luaL_Buffer *B, size_t sz, int boxidx) {
     }
     B->b = newbuff;
     B->size = newsize;
+    if (charge)  /* LUA_SANDBOX: the request and the copy */
+      lua_sandboxcharge(L, 1 + (lua_Integer)(sz >> 4) + (lua_Integer)(newsize >> 4));
     return newbuff + B->n;
   }
+}
+
+#define prepbuffsize(B,sz,boxidx)	prepbuffsizec(B, sz, boxidx, 1)
+
+
+/*
+** LUA_SANDBOX: 'luaL_addlstring' ('isvalue' 0) or 'luaL_addvalue' (1)
+** without charging, for 'luaL_traceback'.
+*/
+static void tb_add (luaL_Buffer *B, const char *s, size_t l, int isvalue) {
+  char *b;
+  if (isvalue)
+    s = lua_tolstring(B->L, -1, &l);
+  if (l > 0) {
+    b = prepbuffsizec(B, l, isvalue ? -2 : -1, 0);
+    memcpy(b, s, l * sizeof(char));
+    luaL_addsize(B, l);
+  }
+  if (isvalue)
+    lua_pop(B->L, 1);
 }
 
 /*

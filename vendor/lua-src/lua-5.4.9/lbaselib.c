@@ -101,6 +101,7 @@ static int luaB_tonumber (lua_State *L) {
     luaL_checktype(L, 1, LUA_TSTRING);  /* no numbers as strings */
     s = lua_tolstring(L, 1, &l);
     luaL_argcheck(L, 2 <= base && base <= 36, 2, "base out of range");
+    lua_sandboxcharge(L, (lua_Integer)(l >> 4));  /* LUA_SANDBOX: the scan */
     if (b_str2int(s, (int)base, &n) == s + l) {
       lua_pushinteger(L, n);
       return 1;
@@ -204,6 +205,12 @@ static int luaB_collectgarbage (lua_State *L) {
     LUA_GCCOUNT, LUA_GCSTEP, LUA_GCSETPAUSE, LUA_GCSETSTEPMUL,
     LUA_GCISRUNNING, LUA_GCGEN, LUA_GCINC};
   int o = optsnum[luaL_checkoption(L, 1, "collect", opts)];
+  if (o == LUA_GCCOLLECT || o == LUA_GCSTEP) {  /* LUA_SANDBOX: */
+    /* a collection traverses the heap: one unit per 64 bytes in use */
+    int k = lua_gc(L, LUA_GCCOUNT);
+    if (k > 0)
+      lua_sandboxcharge(L, (lua_Integer)k * 16);
+  }
   switch (o) {
     case LUA_GCCOUNT: {
       int k = lua_gc(L, o);

@@ -186,8 +186,14 @@ void luaK_concat (FuncState *fs, int *l1, int l2) {
   else {
     int list = *l1;
     int next;
-    while ((next = getjump(fs, list)) != NO_JUMP)  /* find last element */
+    l_mem walked = 0;  /* LUA_SANDBOX */
+    while ((next = getjump(fs, list)) != NO_JUMP) {  /* find last element */
       list = next;
+      walked++;
+    }
+    /* LUA_SANDBOX: long 'a or a or ...' and 'elseif' chains make these
+       walks quadratic in the source; the parser may raise, so charge */
+    luaG_sandboxcharge(fs->ls->L, walked);
     fixjump(fs, list, l2);  /* last element links to 'l2' */
   }
 }
@@ -276,8 +282,12 @@ static int patchtestreg (FuncState *fs, int node, int reg) {
 ** Traverse a list of tests ensuring no one produces a value
 */
 static void removevalues (FuncState *fs, int list) {
-  for (; list != NO_JUMP; list = getjump(fs, list))
+  l_mem walked = 0;  /* LUA_SANDBOX */
+  for (; list != NO_JUMP; list = getjump(fs, list)) {
       patchtestreg(fs, list, NO_REG);
+      walked++;
+  }
+  luaG_sandboxcharge(fs->ls->L, walked);  /* LUA_SANDBOX: see 'luaK_concat' */
 }
 
 
@@ -288,6 +298,7 @@ static void removevalues (FuncState *fs, int list) {
 */
 static void patchlistaux (FuncState *fs, int list, int vtarget, int reg,
                           int dtarget) {
+  l_mem walked = 0;  /* LUA_SANDBOX */
   while (list != NO_JUMP) {
     int next = getjump(fs, list);
     if (patchtestreg(fs, list, reg))
@@ -295,7 +306,9 @@ static void patchlistaux (FuncState *fs, int list, int vtarget, int reg,
     else
       fixjump(fs, list, dtarget);  /* jump to default target */
     list = next;
+    walked++;
   }
+  luaG_sandboxcharge(fs->ls->L, walked);  /* LUA_SANDBOX: see 'luaK_concat' */
 }
 
 
@@ -545,7 +558,7 @@ static int addk (FuncState *fs, TValue *key, TValue *v) {
   TValue val;
   lua_State *L = fs->ls->L;
   Proto *f = fs->f;
-  const TValue *idx = luaH_get(fs->ls->h, key);  /* query scanner table */
+  const TValue *idx = luaH_getc(fs->ls->L, fs->ls->h, key);  /* LUA_SANDBOX */
   int k, oldsize;
   if (ttisinteger(idx)) {  /* is there an index there? */
     k = cast_int(ivalue(idx));
@@ -898,10 +911,16 @@ static int code_loadbool (FuncState *fs, int A, OpCode op) {
 ** or produce an inverted value
 */
 static int need_value (FuncState *fs, int list) {
+  l_mem walked = 0;  /* LUA_SANDBOX */
   for (; list != NO_JUMP; list = getjump(fs, list)) {
     Instruction i = *getjumpcontrol(fs, list);
-    if (GET_OPCODE(i) != OP_TESTSET) return 1;
+    walked++;
+    if (GET_OPCODE(i) != OP_TESTSET) {
+      luaG_sandboxcharge(fs->ls->L, walked);  /* LUA_SANDBOX */
+      return 1;
+    }
   }
+  luaG_sandboxcharge(fs->ls->L, walked);  /* LUA_SANDBOX: see 'luaK_concat' */
   return 0;  /* not found */
 }
 

@@ -156,7 +156,33 @@ LUA_API int lua_gethookmask (lua_State *L) {
 
 
 /*
-** LUA_SANDBOX: the instruction ticker (see 'lua_setticker' in lua.h).
+** LUA_SANDBOX: the work ticker (see 'lua_setticker' in lua.h).
+**
+** One countdown, 'g->sbticks', measures all the work done by every thread
+** of the state: the VM takes one unit per instruction, and every other place
+** whose cost grows with its input (string copies and comparisons, metamethod
+** chains, hash-chain walks, the lexer and code generator, the C libraries)
+** takes units in proportion to its work through the two primitives below.
+** When the countdown runs out the ticker 'f' is called; it does the
+** accounting (budget, kill check), re-arms the countdown with
+** 'lua_setticker' and returns NULL to go on or a static message to raise.
+** It never raises and never touches the stack itself.
+**
+** The raising discipline, written once:
+** - 'luaG_sandboxcharge' (and 'lua_sandboxcharge') may raise. Use it only
+**   where 'luaG_runerror' would be legal: where Lua itself may already raise
+**   (allocation sites, API calls that allocate, the lexer and parser, VM
+**   operations that can call metamethods, C library functions, as anywhere a
+**   C function may call 'luaL_error'). The raise pushes one string at
+**   'L->top' (EXTRA_STACK guarantees the slot, as for 'luaG_runerror') and
+**   throws LUA_ERRRUN without calling a message handler: an abort has no
+**   business running user code.
+** - 'luaG_sandboxdebit' never raises and calls nothing: it only takes units
+**   from the countdown, so the very next instruction (or raising charge)
+**   ticks. Use it where raising is not allowed: inside the collector, in
+**   table lookups that the collector or 'luaH_next' may run, in the
+**   allocator, while the stack is inconsistent (moving call results).
+** Kill latency follows: the ticker runs at least every 'interval' units.
 */
 LUA_API void lua_setticker (lua_State *L, lua_Ticker f, int interval) {
   global_State *g = G(L);
@@ -170,43 +196,122 @@ LUA_API void lua_setticker (lua_State *L, lua_Ticker f, int interval) {
 }
 
 
-/* LUA_SANDBOX: instructions left before the next tick */
+/*
+** LUA_SANDBOX: units left before the next tick; negative when a debit
+** overshot it (the interval minus this value is the work done since the
+** countdown was last armed).
+*/
 LUA_API lua_Integer lua_getticksleft (lua_State *L) {
   return (lua_Integer)G(L)->sbticks;
 }
 
 
 /*
+** LUA_SANDBOX: calls the ticker for 'event' and returns its verdict. If the
+** ticker did not re-arm a countdown that ran out, re-arm it here.
+*/
+static const char *sandboxcall (lua_State *L, int event) {
+  global_State *g = G(L);
+  const char *msg;
+  if (g->sbticker == NULL) {  /* no ticker: nothing to account */
+    g->sbticks = MAX_LMEM;
+    return NULL;
+  }
+  msg = (*g->sbticker)(L, event);
+  if (g->sbticks <= 0 && msg == NULL && g->sbticker != NULL)
+    g->sbticks = g->sbinterval;
+  return msg;
+}
+
+
+/*
+** LUA_SANDBOX: raises the ticker's message as a plain string error, with no
+** position and no message handler (see the discipline above).
+*/
+static l_noret sandboxraise (lua_State *L, const char *msg) {
+  setsvalue2s(L, L->top.p, luaS_new(L, msg));
+  L->top.p++;
+  luaD_throw(L, LUA_ERRRUN);
+}
+
+
+/* LUA_SANDBOX: the raising charge (see the discipline above) */
+void luaG_sandboxcharge (lua_State *L, l_mem n) {
+  global_State *g = G(L);
+  g->sbticks -= n;
+  if (l_unlikely(g->sbticks <= 0)) {
+    const char *msg = sandboxcall(L, LUA_TICK_WORK);
+    if (msg != NULL)
+      sandboxraise(L, msg);
+  }
+}
+
+
+/* LUA_SANDBOX: the allocator refused (called by 'luaD_throw'); never raises */
+void luaG_sandboxmemerr (lua_State *L) {
+  (void)sandboxcall(L, LUA_TICK_MEMERR);
+}
+
+
+LUA_API void lua_sandboxcharge (lua_State *L, lua_Integer n) {
+  lua_lock(L);
+  luaG_sandboxcharge(L, (n > 0) ? cast(l_mem, n) : 0);
+  lua_unlock(L);
+}
+
+
+LUA_API const char *lua_sandboxpoll (lua_State *L, lua_Integer n) {
+  global_State *g = G(L);
+  g->sbticks -= (n > 0) ? cast(l_mem, n) : 0;
+  return (g->sbticks <= 0) ? sandboxcall(L, LUA_TICK_WORK) : NULL;
+}
+
+
+/*
+** LUA_SANDBOX: makes the very next instruction or charge tick, and every
+** one after it until the ticker re-arms a longer interval (it does not once
+** the run is aborted: aborts are sticky).
+*/
+LUA_API void lua_sandboxabort (lua_State *L) {
+  global_State *g = G(L);
+  if (g->sbticker != NULL) {
+    g->sbinterval = 1;
+    g->sbticks = 0;
+  }
+}
+
+
+LUA_API int lua_sandboxmemerror (lua_State *L) {
+  lua_lock(L);
+  luaD_throw(L, LUA_ERRMEM);
+  return 0;  /* not reached */
+}
+
+
+LUA_API lua_State *lua_sandboxmainthread (lua_State *L) {
+  return G(L)->mainthread;
+}
+
+
+/*
 ** LUA_SANDBOX: called by the VM when 'sbticks' runs out, before executing the
-** instruction at 'pc'. Prepares the frame as 'luaG_traceexec' and 'luaD_hook'
-** do for a count hook (saved pc for error positions, a protected 'top', room
-** on the stack), then calls the ticker, which may raise.
+** instruction at 'pc'. Prepares the frame as 'luaG_traceexec' does for a
+** count hook (saved pc for error positions, a correct 'top'), then asks the
+** ticker and raises its message, if any.
 */
 void luaG_sandboxtick (lua_State *L, const Instruction *pc) {
-  global_State *g = G(L);
-  lua_Ticker f = g->sbticker;
   CallInfo *ci = L->ci;
-  ptrdiff_t top, ci_top;
-  if (f == NULL) {  /* no ticker: just rearm */
-    g->sbticks = MAX_LMEM;
+  const char *msg;
+  if (G(L)->sbticker == NULL) {  /* no ticker: just rearm */
+    G(L)->sbticks = MAX_LMEM;
     return;
   }
-  g->sbticks = g->sbinterval;
   ci->u.l.savedpc = pc + 1;  /* reference is always next instruction */
   if (!isIT(*pc))  /* top not being used? */
     L->top.p = ci->top.p;  /* correct top */
-  top = savestack(L, L->top.p);
-  ci_top = savestack(L, ci->top.p);
-  if (L->top.p < ci->top.p)
-    L->top.p = ci->top.p;  /* protect entire activation register */
-  luaD_checkstack(L, LUA_MINSTACK);  /* ensure minimum stack size */
-  if (ci->top.p < L->top.p + LUA_MINSTACK)
-    ci->top.p = L->top.p + LUA_MINSTACK;
-  lua_unlock(L);
-  (*f)(L);
-  lua_lock(L);
-  ci->top.p = restorestack(L, ci_top);
-  L->top.p = restorestack(L, top);
+  msg = sandboxcall(L, LUA_TICK_WORK);
+  if (msg != NULL)
+    sandboxraise(L, msg);
 }
 
 
@@ -378,8 +483,13 @@ static void collectvalidlines (lua_State *L, Closure *f) {
 
 static const char *getfuncname (lua_State *L, CallInfo *ci, const char **name) {
   /* calling function is a known function? */
-  if (ci != NULL && !(ci->callstatus & CIST_TAIL))
-    return funcnamefromcall(L, ci->previous, name);
+  if (ci != NULL && !(ci->callstatus & CIST_TAIL)) {
+    const char *kind = funcnamefromcall(L, ci->previous, name);
+    /* LUA_SANDBOX: an overlong name is no name ('SB_MAXNAME' below) */
+    if (kind != NULL && *name != NULL && strlen(*name) > LUA_IDSIZE)
+      return NULL;
+    return kind;
+  }
   else return NULL;  /* no way to find a name */
 }
 
@@ -772,10 +882,23 @@ static const char *getupvalname (CallInfo *ci, const TValue *o,
 }
 
 
+/*
+** LUA_SANDBOX: names interpolated into error messages and tracebacks are
+** bounded: a 4 MB global name otherwise makes every error message, and every
+** line of a traceback, 4 MB long.
+*/
+#define SB_MAXNAME	LUA_IDSIZE
+
 static const char *formatvarinfo (lua_State *L, const char *kind,
                                                 const char *name) {
   if (kind == NULL)
     return "";  /* no information */
+  else if (strlen(name) > SB_MAXNAME) {  /* LUA_SANDBOX: bound the name */
+    char buff[SB_MAXNAME + 1];
+    memcpy(buff, name, SB_MAXNAME);
+    buff[SB_MAXNAME] = '\0';
+    return luaO_pushfstring(L, " (%s '%s...')", kind, buff);
+  }
   else
     return luaO_pushfstring(L, " (%s '%s')", kind, name);
 }

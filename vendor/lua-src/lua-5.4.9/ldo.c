@@ -109,6 +109,10 @@ void luaD_seterrorobj (lua_State *L, int errcode, StkId oldtop) {
 
 
 l_noret luaD_throw (lua_State *L, int errcode) {
+  /* LUA_SANDBOX: a refused allocation trips the memory abort at its source,
+     before any '__close' handler or 'pcall' could replace the error */
+  if (errcode == LUA_ERRMEM)
+    luaG_sandboxmemerr(L);
   if (L->errorJmp) {  /* thread has an error handler? */
     L->errorJmp->status = errcode;  /* set status */
     LUAI_THROW(L, L->errorJmp);  /* jump to it */
@@ -283,6 +287,8 @@ int luaD_growstack (lua_State *L, int n, int raiseerror) {
       newsize = LUAI_MAXSTACK;
     if (newsize < needed)  /* but must respect what was asked for */
       newsize = needed;
+    /* LUA_SANDBOX: one unit per 4 slots copied (non-raising) */
+    luaG_sandboxdebit(L, size >> 2);
     if (l_likely(newsize <= LUAI_MAXSTACK))
       return luaD_reallocstack(L, newsize, raiseerror);
   }
@@ -509,6 +515,7 @@ l_sinline void moveresults (lua_State *L, StkId res, int nres, int wanted) {
   firstresult = L->top.p - nres;  /* index of first result */
   if (nres > wanted)  /* extra results? */
     nres = wanted;  /* don't need them */
+  luaG_sandboxdebit(L, nres >> 3);  /* LUA_SANDBOX: one unit per 8 values */
   for (i = 0; i < nres; i++)  /* move all results to correct place */
     setobjs2s(L, res + i, firstresult + i);
   for (; i < wanted; i++)  /* complete wanted number of results */

@@ -1675,10 +1675,16 @@ static void incstep (lua_State *L, global_State *g) {
   l_mem stepsize = (g->gcstepsize <= log2maxs(l_mem))
                  ? ((cast(l_mem, 1) << g->gcstepsize) / WORK2MEM) * stepmul
                  : MAX_LMEM;  /* overflow; keep maximum value */
+  lu_mem done = 0;  /* LUA_SANDBOX: work of this step */
   do {  /* repeat until pause or enough "credit" (negative debt) */
     lu_mem work = singlestep(L);  /* perform one single step */
     debt -= work;
+    done += work;
   } while (debt > -stepsize && g->gcstate != GCSpause);
+  /* LUA_SANDBOX: the collector's work is paid by the allocations that drive
+     it, and grows with the live heap: one unit per 8 units of GC work (slots
+     traversed, objects swept); a non-raising debit, this is the collector */
+  luaG_sandboxdebit(L, done >> 3);
   if (g->gcstate == GCSpause)
     setpause(g);  /* pause until next cycle */
   else {

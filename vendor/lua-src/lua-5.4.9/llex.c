@@ -134,7 +134,7 @@ l_noret luaX_syntaxerror (LexState *ls, const char *msg) {
 TString *luaX_newstring (LexState *ls, const char *str, size_t l) {
   lua_State *L = ls->L;
   TString *ts = luaS_newlstr(L, str, l);  /* create new string */
-  const TValue *o = luaH_getstr(ls->h, ts);
+  const TValue *o = luaH_getstrc(ls->L, ls->h, ts);  /* LUA_SANDBOX */
   if (!ttisnil(o))  /* string already present? */
     ts = keystrval(nodefromval(o));  /* get saved copy */
   else {  /* not in use yet */
@@ -570,6 +570,10 @@ void luaX_next (LexState *ls) {
   }
   else
     ls->t.token = llex(ls, &ls->t.seminfo);  /* read next token */
+  /* LUA_SANDBOX: the parser's work is charged per token (and per 16 bytes
+     of a long token); lexing runs inside the protected parser, so the
+     charge may raise */
+  luaG_sandboxcharge(ls->L, 1 + luaG_sbbytes(luaZ_bufflen(ls->buff)));
 }
 
 

@@ -163,6 +163,9 @@ static void *tryagain (lua_State *L, void *block,
                        size_t osize, size_t nsize) {
   global_State *g = G(L);
   if (cantryagain(g)) {
+    /* LUA_SANDBOX: the emergency collection traverses the heap: one unit
+       per 64 bytes in use (non-raising: this is inside the allocator) */
+    luaG_sandboxdebit(L, gettotalbytes(g) >> 6);
     luaC_fullgc(L, 1);  /* try to free some memory... */
     return callfrealloc(g, block, osize, nsize);  /* try again */
   }

@@ -36,6 +36,9 @@ int luaS_eqlngstr (TString *a, TString *b) {
   lua_assert(a->tt == LUA_VLNGSTR && b->tt == LUA_VLNGSTR);
   return (a == b) ||  /* same instance or... */
     ((len == b->u.lnglen) &&  /* equal length and ... */
+     /* LUA_SANDBOX: ... equal hashes, when both are known (table keys always
+        are: long keys that collide in one chain then cost no 'memcmp') ... */
+     (a->extra == 0 || b->extra == 0 || a->hash == b->hash) &&
      (memcmp(getlngstr(a), getlngstr(b), len) == 0));  /* equal contents */
 }
 
@@ -154,8 +157,16 @@ static TString *createstrobj (lua_State *L, size_t l, int tag, unsigned int h) {
 }
 
 
+/*
+** LUA_SANDBOX: a long string is charged once, when created, one unit per 16
+** bytes (its hash, computed at most once, is charged by the table lookup
+** that needs it: 'luaS_hashlongstr' has no state). The debit never raises:
+** 'lua_pushlstring' must only fail for lack of memory (mlua relies on it).
+*/
 TString *luaS_createlngstrobj (lua_State *L, size_t l) {
-  TString *ts = createstrobj(L, l, LUA_VLNGSTR, G(L)->seed);
+  TString *ts;
+  luaG_sandboxdebit(L, luaG_sbbytes(l));
+  ts = createstrobj(L, l, LUA_VLNGSTR, G(L)->seed);
   ts->u.lnglen = l;
   ts->shrlen = 0xFF;  /* signals that it is a long string */
   return ts;

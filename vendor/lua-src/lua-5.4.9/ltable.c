@@ -296,16 +296,42 @@ static unsigned int setlimittosize (Table *t) {
 ** which may be in array part, nor for floats with integral values.)
 ** See explanation about 'deadok' in function 'equalkey'.
 */
-static const TValue *getgeneric (Table *t, const TValue *key, int deadok) {
-  Node *n = mainpositionTV(t, key);
+/*
+** LUA_SANDBOX: the lookups below take a 'global_State' (NULL for internal
+** uses, e.g. from 'luaH_getn') and debit SB_NODECOST units of work per node
+** walked beyond the first, plus the bytes of a long-string key compared
+** (and hashed, the first time), from its countdown (non-raising: the collector and 'luaH_next' may run them).
+** Keys that collide in one chain (integers are hashed by a plain modulo)
+** otherwise make every lookup and insert walk the whole chain for the price
+** of one instruction.
+*/
+#define chaindebit(g,n)	{ if ((g) != NULL) (g)->sbticks -= cast(l_mem, (n)); }
+/* units per node walked: a long chain is a cache miss per node (measured
+   ~200 ns per node on a 2^17-node table on a loaded machine) */
+#define SB_NODECOST	2
+
+static const TValue *getgeneric (global_State *g, Table *t, const TValue *key,
+                                 int deadok) {
+  Node *n;
+  l_mem walked = 0;  /* LUA_SANDBOX */
+  if (ttislngstring(key)) {  /* LUA_SANDBOX: its compare, and its hash once */
+    TString *ts = tsvalue(key);
+    walked = luaG_sbbytes(ts->u.lnglen) * (ts->extra == 0 ? 2 : 1);
+  }
+  n = mainpositionTV(t, key);
   for (;;) {  /* check whether 'key' is somewhere in the chain */
-    if (equalkey(key, n, deadok))
+    if (equalkey(key, n, deadok)) {
+      chaindebit(g, walked);  /* LUA_SANDBOX */
       return gval(n);  /* that's it */
+    }
     else {
       int nx = gnext(n);
-      if (nx == 0)
+      if (nx == 0) {
+        chaindebit(g, walked);  /* LUA_SANDBOX */
         return &absentkey;  /* not found */
+      }
       n += nx;
+      walked += SB_NODECOST;  /* LUA_SANDBOX */
     }
   }
 }
@@ -336,7 +362,7 @@ static unsigned int findindex (lua_State *L, Table *t, TValue *key,
   if (i - 1u < asize)  /* is 'key' inside array part? */
     return i;  /* yes; that's the index */
   else {
-    const TValue *n = getgeneric(t, key, 1);
+    const TValue *n = getgeneric(G(L), t, key, 1);  /* LUA_SANDBOX */
     if (l_unlikely(isabstkey(n)))
       luaG_runerror(L, "invalid key to 'next'");  /* key not found */
     i = cast_int(nodefromval(n) - gnode(t, 0));  /* key index in hash table */
@@ -505,6 +531,9 @@ static void setnodevector (lua_State *L, Table *t, unsigned int size) {
 /*
 ** (Re)insert all elements from the hash part of 'ot' into table 't'.
 */
+static void luaH_newkey (lua_State *L, Table *t, const TValue *key,
+                                                 TValue *value);
+
 static void reinsert (lua_State *L, Table *ot, Table *t) {
   int j;
   int size = sizenode(ot);
@@ -515,7 +544,16 @@ static void reinsert (lua_State *L, Table *ot, Table *t) {
          already present in the table */
       TValue k;
       getnodekey(L, &k, old);
-      luaH_set(L, t, &k, gval(old));
+      /* LUA_SANDBOX: the keys are distinct, so insert without looking each
+         one up first ('luaH_set'): the lookup walks the key's chain, and a
+         table whose keys collide in one chain made every resize quadratic,
+         seconds inside one instruction, out of reach of a kill. 'alimit' is
+         the real array size here ('luaH_resize' called 'setlimittosize'). */
+      if (ttisinteger(&k) && l_castS2U(ivalue(&k)) - 1u < t->alimit) {
+        setobj2t(L, &t->array[ivalue(&k) - 1], gval(old));
+      }
+      else
+        luaH_newkey(L, t, &k, gval(old));
     }
   }
 }
@@ -694,8 +732,10 @@ static void luaH_newkey (lua_State *L, Table *t, const TValue *key,
     othern = mainpositionfromnode(t, mp);
     if (othern != mp) {  /* is colliding node out of its main position? */
       /* yes; move colliding node into free position */
-      while (othern + gnext(othern) != mp)  /* find previous */
+      while (othern + gnext(othern) != mp) {  /* find previous */
         othern += gnext(othern);
+        luaG_sandboxdebit(L, 1);  /* LUA_SANDBOX: a chain walk */
+      }
       gnext(othern) = cast_int(f - othern);  /* rechain to point to 'f' */
       *f = *mp;  /* copy colliding node into free pos. (mp->next also goes) */
       if (gnext(mp) != 0) {
@@ -742,7 +782,7 @@ static void luaH_newkey (lua_State *L, Table *t, const TValue *key,
 ** If key is 0 or negative, 'res' will have its higher bit on, so that
 ** if cannot be smaller than alimit.
 */
-const TValue *luaH_getint (Table *t, lua_Integer key) {
+static const TValue *getint (global_State *g, Table *t, lua_Integer key) {
   lua_Unsigned alimit = t->alimit;
   if (l_castS2U(key) - 1u < alimit)  /* 'key' in [1, t->alimit]? */
     return &t->array[key - 1];
@@ -753,17 +793,33 @@ const TValue *luaH_getint (Table *t, lua_Integer key) {
   }
   else {  /* key is not in the array part; check the hash */
     Node *n = hashint(t, key);
+    l_mem walked = 0;  /* LUA_SANDBOX */
     for (;;) {  /* check whether 'key' is somewhere in the chain */
-      if (keyisinteger(n) && keyival(n) == key)
+      if (keyisinteger(n) && keyival(n) == key) {
+        chaindebit(g, walked);  /* LUA_SANDBOX */
         return gval(n);  /* that's it */
+      }
       else {
         int nx = gnext(n);
         if (nx == 0) break;
         n += nx;
+        walked += SB_NODECOST;  /* LUA_SANDBOX */
       }
     }
+    chaindebit(g, walked);  /* LUA_SANDBOX */
     return &absentkey;
   }
+}
+
+
+const TValue *luaH_getint (Table *t, lua_Integer key) {
+  return getint(NULL, t, key);
+}
+
+
+/* LUA_SANDBOX: 'luaH_getint' charging its chain walk to 'L' */
+const TValue *luaH_getintc (lua_State *L, Table *t, lua_Integer key) {
+  return getint(G(L), t, key);
 }
 
 
@@ -786,34 +842,56 @@ const TValue *luaH_getshortstr (Table *t, TString *key) {
 }
 
 
-const TValue *luaH_getstr (Table *t, TString *key) {
+static const TValue *getstrkey (global_State *g, Table *t, TString *key) {
   if (key->tt == LUA_VSHRSTR)
     return luaH_getshortstr(t, key);
   else {  /* for long strings, use generic case */
     TValue ko;
     setsvalue(cast(lua_State *, NULL), &ko, key);
-    return getgeneric(t, &ko, 0);
+    return getgeneric(g, t, &ko, 0);
   }
+}
+
+
+const TValue *luaH_getstr (Table *t, TString *key) {
+  return getstrkey(NULL, t, key);
+}
+
+
+/* LUA_SANDBOX: 'luaH_getstr' charging its chain walk to 'L' */
+const TValue *luaH_getstrc (lua_State *L, Table *t, TString *key) {
+  return getstrkey(G(L), t, key);
 }
 
 
 /*
 ** main search function
 */
-const TValue *luaH_get (Table *t, const TValue *key) {
+static const TValue *get (global_State *g, Table *t, const TValue *key) {
   switch (ttypetag(key)) {
     case LUA_VSHRSTR: return luaH_getshortstr(t, tsvalue(key));
-    case LUA_VNUMINT: return luaH_getint(t, ivalue(key));
+    case LUA_VNUMINT: return getint(g, t, ivalue(key));
     case LUA_VNIL: return &absentkey;
     case LUA_VNUMFLT: {
       lua_Integer k;
       if (luaV_flttointeger(fltvalue(key), &k, F2Ieq)) /* integral index? */
-        return luaH_getint(t, k);  /* use specialized version */
+        return getint(g, t, k);  /* use specialized version */
       /* else... */
     }  /* FALLTHROUGH */
     default:
-      return getgeneric(t, key, 0);
+      return getgeneric(g, t, key, 0);
   }
+}
+
+
+const TValue *luaH_get (Table *t, const TValue *key) {
+  return get(NULL, t, key);
+}
+
+
+/* LUA_SANDBOX: 'luaH_get' charging its chain walk to 'L' */
+const TValue *luaH_getc (lua_State *L, Table *t, const TValue *key) {
+  return get(G(L), t, key);
 }
 
 
@@ -837,13 +915,13 @@ void luaH_finishset (lua_State *L, Table *t, const TValue *key,
 ** barrier and invalidate the TM cache.
 */
 void luaH_set (lua_State *L, Table *t, const TValue *key, TValue *value) {
-  const TValue *slot = luaH_get(t, key);
+  const TValue *slot = luaH_getc(L, t, key);  /* LUA_SANDBOX */
   luaH_finishset(L, t, key, slot, value);
 }
 
 
 void luaH_setint (lua_State *L, Table *t, lua_Integer key, TValue *value) {
-  const TValue *p = luaH_getint(t, key);
+  const TValue *p = luaH_getintc(L, t, key);  /* LUA_SANDBOX */
   if (isabstkey(p)) {
     TValue k;
     setivalue(&k, key);

@@ -41,6 +41,11 @@ LUAI_FUNC void luaH_setint (lua_State *L, Table *t, lua_Integer key,
 LUAI_FUNC const TValue *luaH_getshortstr (Table *t, TString *key);
 LUAI_FUNC const TValue *luaH_getstr (Table *t, TString *key);
 LUAI_FUNC const TValue *luaH_get (Table *t, const TValue *key);
+/* LUA_SANDBOX: the same lookups, charging their chain walks to 'L' */
+LUAI_FUNC const TValue *luaH_getintc (lua_State *L, Table *t, lua_Integer key);
+LUAI_FUNC const TValue *luaH_getstrc (lua_State *L, Table *t, TString *key);
+LUAI_FUNC const TValue *luaH_getc (lua_State *L, Table *t, const TValue *key);
+#define luaH_getshortstrc(L,t,k)	luaH_getshortstr(t,k)
 LUAI_FUNC void luaH_set (lua_State *L, Table *t, const TValue *key,
                                                  TValue *value);
 LUAI_FUNC void luaH_finishset (lua_State *L, Table *t, const TValue *key,

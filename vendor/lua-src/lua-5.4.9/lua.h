@@ -471,14 +471,32 @@ LUA_API int (lua_gethookmask) (lua_State *L);
 LUA_API int (lua_gethookcount) (lua_State *L);
 
 /*
-** LUA_SANDBOX: the instruction ticker. 'f' is called every 'interval' VM
-** instructions executed by any thread of the state, including inside hooks,
-** error handlers and finalizers; it may raise an error. Unlike a count hook
-** it costs one decrement per instruction instead of a trap.
+** LUA_SANDBOX: the work ticker (ldebug.c explains the mechanism and the
+** raising discipline). One countdown measures the work of every thread of
+** the state: one unit per VM instruction, and units in proportion to the
+** work done elsewhere (string operations, metamethod chains, the parser,
+** the C libraries). 'f' is called when it runs out, including inside
+** error handlers and finalizers, with LUA_TICK_WORK; and with
+** LUA_TICK_MEMERR whenever the allocator refused (from 'luaD_throw', before
+** any handler or '__close' runs; its result is ignored). 'f' must not raise
+** or use the stack: it re-arms with 'lua_setticker' and returns NULL to go
+** on or a static message, which the caller raises as a string error.
 */
-typedef void (*lua_Ticker) (lua_State *L);
+#define LUA_TICK_WORK	0
+#define LUA_TICK_MEMERR	1
+typedef const char *(*lua_Ticker) (lua_State *L, int event);
 LUA_API void (lua_setticker) (lua_State *L, lua_Ticker f, int interval);
 LUA_API lua_Integer (lua_getticksleft) (lua_State *L);
+/* charges 'n' units; may raise (only where 'luaL_error' could) */
+LUA_API void (lua_sandboxcharge) (lua_State *L, lua_Integer n);
+/* charges 'n' units; never raises: returns the message to raise or NULL */
+LUA_API const char *(lua_sandboxpoll) (lua_State *L, lua_Integer n);
+/* the very next instruction or charge ticks (an abort was set) */
+LUA_API void (lua_sandboxabort) (lua_State *L);
+/* raises a genuine memory error (LUA_ERRMEM), as the allocator's refusal */
+LUA_API int (lua_sandboxmemerror) (lua_State *L);
+/* the main thread of the state of 'L' (lives as long as the state) */
+LUA_API lua_State *(lua_sandboxmainthread) (lua_State *L);
 
 LUA_API int (lua_setcstacklimit) (lua_State *L, unsigned int limit);
 

@@ -106,6 +106,8 @@ static int utflen (lua_State *L) {
                    "initial position out of bounds");
   luaL_argcheck(L, --posj < (lua_Integer)len, 3,
                    "final position out of bounds");
+  if (posi <= posj)  /* LUA_SANDBOX: one unit per 16 bytes decoded */
+    lua_sandboxcharge(L, (posj - posi + 1) >> 4);
   while (posi <= posj) {
     const char *s1 = utf8_decode(s + posi, NULL, !lax);
     if (s1 == NULL) {  /* conversion error? */
@@ -140,6 +142,7 @@ static int codepoint (lua_State *L) {
     return luaL_error(L, "string slice too long");
   n = (int)(pose -  posi) + 1;  /* upper bound for number of returns */
   luaL_checkstack(L, n, "string slice too long");
+  lua_sandboxcharge(L, n);  /* LUA_SANDBOX: one unit per byte (value) */
   n = 0;  /* count the number of returns */
   se = s + pose;  /* string end */
   for (s += posi - 1; s < se;) {
@@ -194,6 +197,8 @@ static int byteoffset (lua_State *L) {
   posi = u_posrelat(luaL_optinteger(L, 3, posi), len);
   luaL_argcheck(L, 1 <= posi && --posi <= (lua_Integer)len, 3,
                    "position out of bounds");
+  /* LUA_SANDBOX: the moves below scan at most the whole string */
+  lua_sandboxcharge(L, 1 + (lua_Integer)(len >> 4));
   if (n == 0) {
     /* find beginning of current byte sequence */
     while (posi > 0 && iscontp(s + posi)) posi--;
@@ -232,7 +237,9 @@ static int iter_aux (lua_State *L, int strict) {
   const char *s = luaL_checklstring(L, 1, &len);
   lua_Unsigned n = (lua_Unsigned)lua_tointeger(L, 2);
   if (n < len) {
+    lua_Unsigned n0 = n;
     while (iscontp(s + n)) n++;  /* go to next character */
+    lua_sandboxcharge(L, (lua_Integer)((n - n0) >> 4));  /* LUA_SANDBOX */
   }
   if (n >= len)  /* (also handles original 'n' being negative) */
     return 0;  /* no more codepoints */
