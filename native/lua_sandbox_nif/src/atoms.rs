@@ -28,6 +28,7 @@ rustler::atoms! {
     invalid_input,
     tool_limit,
     killed,
+    timeout,
     // stats keys
     instructions,
     memory_peak,

@@ -12,6 +12,7 @@
 use std::cell::Cell;
 use std::ffi::c_int;
 use std::ptr;
+use std::time::Instant;
 
 use mlua::ffi;
 use rustler::sys::ErlNifEnv;
@@ -33,6 +34,8 @@ pub enum Abort {
     Killed,
     /// `max_tool_calls` exceeded.
     ToolCalls,
+    /// The run's `timeout:` deadline passed.
+    Timeout,
 }
 
 impl Abort {
@@ -44,6 +47,7 @@ impl Abort {
             Abort::Output => "output limit exceeded",
             Abort::Killed => "run killed",
             Abort::ToolCalls => "tool call limit exceeded",
+            Abort::Timeout => "run exceeded its timeout",
         }
     }
 
@@ -54,6 +58,7 @@ impl Abort {
             Abort::Output => c"output limit exceeded",
             Abort::Killed => c"run killed",
             Abort::ToolCalls => c"tool call limit exceeded",
+            Abort::Timeout => c"run exceeded its timeout",
         }
     }
 }
@@ -67,6 +72,7 @@ pub struct Control {
     abort: Cell<Option<Abort>>,
     memory_peak: Cell<usize>,
     interval: Cell<u64>,
+    deadline: Cell<Option<Instant>>,
 }
 
 impl Control {
@@ -77,6 +83,24 @@ impl Control {
             abort: Cell::new(None),
             memory_peak: Cell::new(0),
             interval: Cell::new(TICK_INTERVAL),
+            deadline: Cell::new(None),
+        }
+    }
+
+    /// Makes the run time out at `deadline`; checked wherever the kill is.
+    pub fn set_deadline(&self, deadline: Instant) {
+        self.deadline.set(Some(deadline));
+    }
+
+    /// Why the run must stop for a reason outside the script: its caller died or its
+    /// deadline passed.
+    fn stopped(&self, env: *mut ErlNifEnv) -> Option<Abort> {
+        if !caller_alive(env) {
+            Some(Abort::Killed)
+        } else if self.deadline.get().is_some_and(|d| Instant::now() >= d) {
+            Some(Abort::Timeout)
+        } else {
+            None
         }
     }
 
@@ -202,8 +226,8 @@ pub fn charge_steps(steps: u64) -> Result<(), Abort> {
         control.used.set(control.used.get().saturating_add(steps));
         if control.used.get() >= control.max {
             control.set_abort(Abort::Instructions);
-        } else if !caller_alive(env) {
-            control.set_abort(Abort::Killed);
+        } else if let Some(why) = control.stopped(env) {
+            control.set_abort(why);
         }
         control.abort().map_or(Ok(()), Err)
     })
@@ -290,8 +314,8 @@ fn tick_verdict(l: *mut ffi::lua_State) -> Option<(Option<Abort>, c_int)> {
                 .set(control.used.get().saturating_add(control.interval.get()));
             if control.used.get() >= control.max {
                 control.set_abort(Abort::Instructions);
-            } else if !caller_alive(env) {
-                control.set_abort(Abort::Killed);
+            } else if let Some(why) = control.stopped(env) {
+                control.set_abort(why);
             }
         }
         match control.abort() {
@@ -322,6 +346,20 @@ mod tests {
     }
 
     #[test]
+    fn a_past_deadline_times_the_run_out() {
+        let control = Control::new(u64::MAX);
+        let _a = Activation::new(&control, ptr::null_mut());
+        assert!(charge_steps(1).is_ok());
+        control.set_deadline(Instant::now());
+        assert_eq!(charge_steps(0), Err(Abort::Timeout));
+        let (r, _) = run_with_ticker_deadline(u64::MAX, "while true do end", Some(0));
+        assert!(r
+            .unwrap_err()
+            .to_string()
+            .contains("run exceeded its timeout"));
+    }
+
+    #[test]
     fn first_abort_reason_wins() {
         let control = Control::new(100);
         let _a = Activation::new(&control, ptr::null_mut());
@@ -341,8 +379,19 @@ mod tests {
     }
 
     fn run_with_ticker(max: u64, code: &str) -> (mlua::Result<()>, u64) {
+        run_with_ticker_deadline(max, code, None)
+    }
+
+    fn run_with_ticker_deadline(
+        max: u64,
+        code: &str,
+        deadline_ms: Option<u64>,
+    ) -> (mlua::Result<()>, u64) {
         let lua = mlua::Lua::new();
         let control = Control::new(max);
+        if let Some(ms) = deadline_ms {
+            control.set_deadline(Instant::now() + std::time::Duration::from_millis(ms));
+        }
         let _a = Activation::new(&control, ptr::null_mut());
         let f = lua.load(code).into_function().unwrap();
         let thread = lua.create_thread(f).unwrap();

@@ -11,7 +11,13 @@
 //! lift the memory limit while they build, track the size themselves, and restore the limit
 //! before the script runs. Only raw access is used: no metamethod runs, no atom is created
 //! from Lua data.
+//!
+//! Cost: both directions are O(values): the tables on the current path live in a hash set, and
+//! each value (plus each KiB of string data) is charged to the run's budget as it is converted,
+//! in batches, so `max_instructions`, a kill and a deadline stop a huge conversion within
+//! milliseconds like any other work.
 
+use std::collections::HashSet;
 use std::ffi::{c_int, c_void};
 use std::fmt::Write;
 
@@ -20,6 +26,7 @@ use rustler::types::{ListIterator, MapIterator};
 use rustler::{Encoder, Env, NewBinary, Term, TermType};
 
 use crate::atoms;
+use crate::budget::{self, Abort};
 use crate::error::SandboxError;
 
 /// Fixed cost, in bytes, charged per value against `max_result_bytes` on top of string bytes.
@@ -27,6 +34,38 @@ pub const VALUE_COST: u64 = 8;
 
 /// Estimated Lua heap bytes per value built from a term, for the early memory check.
 const LUA_VALUE_BYTES: usize = 40;
+
+/// The most values `push_values` hands to a run (`call:` arguments). Lua's stack holds
+/// `LUAI_MAXSTACK` (1 000 000) slots and the run coroutine's frames (runner, `xpcall`, the
+/// `call:` dispatch) copy the arguments three times: 330 000 arguments still ran here, 400 000
+/// overflowed inside the prelude. The margin leaves the called function room of its own.
+pub const MAX_VALUES: usize = 250_000;
+
+/// Values converted between two calls to `budget::charge_steps` (the kill check): a few tens
+/// of microseconds of work.
+const CHARGE_BATCH: u64 = 1024;
+
+/// Charges conversion work to the run's budget in batches; one step per value and one per
+/// KiB of string data.
+#[derive(Default)]
+struct Meter {
+    pending: u64,
+}
+
+impl Meter {
+    fn value(&mut self, bytes: usize) -> Result<(), Fail> {
+        self.pending += 1 + (bytes as u64 >> 10);
+        if self.pending >= CHARGE_BATCH {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), Fail> {
+        let steps = std::mem::take(&mut self.pending);
+        budget::charge_steps(steps).map_err(|why| Fail::new(FailKind::Abort(why)))
+    }
+}
 
 /// One step of a path like `globals.ctx.items[3]`, for error messages.
 #[derive(Clone, Debug)]
@@ -50,6 +89,8 @@ enum FailKind {
     Size(u64),
     Cycle,
     Memory,
+    /// The budget ran out, the caller died or the deadline passed during the conversion.
+    Abort(Abort),
 }
 
 impl Fail {
@@ -96,12 +137,18 @@ impl Fail {
             )),
             FailKind::Cycle => SandboxError::Cycle(format!("table contains itself at {path}")),
             FailKind::Memory => SandboxError::MemoryLimit,
+            FailKind::Abort(why) => SandboxError::from(why),
         }
     }
 }
 
 fn invalid(what: &str) -> Fail {
     Fail::new(FailKind::Invalid(what.to_string()))
+}
+
+/// `lua_checkstack` refused: the value needs more Lua stack than a state may have.
+fn stack_exhausted() -> Fail {
+    invalid("Lua stack exhausted (value too large or too deeply nested)")
 }
 
 fn unsupported(what: &str) -> Fail {
@@ -138,7 +185,9 @@ pub fn push_globals(
         // (and `exec_raw`'s protected call only guards against the impossible).
         unsafe {
             lua.exec_raw::<()>((), |l| {
-                result = builder.set_globals(l, globals);
+                result = builder
+                    .set_globals(l, globals)
+                    .and_then(|()| builder.meter.flush());
             })
         }
     });
@@ -161,7 +210,9 @@ pub fn push_values(
         // SAFETY: as in `push_globals`. The values left on the stack become the MultiValue.
         unsafe {
             lua.exec_raw::<MultiValue>((), |l| {
-                result = builder.push_all(l, terms);
+                result = builder
+                    .push_all(l, terms)
+                    .and_then(|()| builder.meter.flush());
             })
         }
     });
@@ -193,6 +244,7 @@ struct Builder {
     limit: usize,
     /// Heap size when the build started plus what it has added, estimated.
     estimate: usize,
+    meter: Meter,
 }
 
 impl Builder {
@@ -201,6 +253,7 @@ impl Builder {
             max_depth,
             limit,
             estimate: lua.used_memory(),
+            meter: Meter::default(),
         }
     }
 
@@ -231,7 +284,7 @@ impl Builder {
         // by a successful `lua_checkstack`; no call here raises (module doc).
         unsafe {
             if ffi::lua_checkstack(l, 4) == 0 {
-                return Err(invalid("Lua stack exhausted"));
+                return Err(stack_exhausted());
             }
             ffi::lua_rawgeti(l, ffi::LUA_REGISTRYINDEX, ffi::LUA_RIDX_GLOBALS);
             let g = ffi::lua_gettop(l);
@@ -250,8 +303,11 @@ impl Builder {
     unsafe fn push_all(&mut self, l: *mut ffi::lua_State, terms: &[Term]) -> Result<(), Fail> {
         // SAFETY: as in `set_globals`.
         unsafe {
-            if ffi::lua_checkstack(l, terms.len() as c_int + 4) == 0 {
-                return Err(invalid("too many values"));
+            if terms.len() > MAX_VALUES || ffi::lua_checkstack(l, terms.len() as c_int + 4) == 0 {
+                return Err(invalid(&format!(
+                    "{} values are more than Lua's stack allows (at most {MAX_VALUES})",
+                    terms.len()
+                )));
             }
             for (i, term) in terms.iter().enumerate() {
                 self.push(l, *term, 0)
@@ -268,6 +324,7 @@ impl Builder {
         term: Term,
         depth: usize,
     ) -> Result<(), Fail> {
+        self.meter.value(0)?;
         // SAFETY: as in `set_globals`; callers guarantee one free slot, tables check for more.
         unsafe {
             match term.get_type() {
@@ -312,7 +369,7 @@ impl Builder {
         // SAFETY: as in `set_globals`.
         unsafe {
             if ffi::lua_checkstack(l, 3) == 0 {
-                return Err(invalid("Lua stack exhausted"));
+                return Err(stack_exhausted());
             }
             ffi::lua_createtable(l, narr, 0);
             let t = ffi::lua_gettop(l);
@@ -343,7 +400,7 @@ impl Builder {
         // SAFETY: as in `set_globals`.
         unsafe {
             if ffi::lua_checkstack(l, 4) == 0 {
-                return Err(invalid("Lua stack exhausted"));
+                return Err(stack_exhausted());
             }
             ffi::lua_createtable(l, 0, nrec);
             let t = ffi::lua_gettop(l);
@@ -351,6 +408,7 @@ impl Builder {
             // `1.0`), so the lookup is only needed once the other kind has been seen.
             let mut seen = KeyKinds::default();
             for (k, v) in iter {
+                self.meter.value(0)?;
                 let kind = k.get_type();
                 self.push_key(l, k).map_err(|f| f.at(term_seg(k)))?;
                 if seen.may_collide(kind) {
@@ -425,6 +483,7 @@ impl Builder {
                         .decode()
                         .map_err(|_| invalid(&format!("bitstring{role}")))?;
                     self.reserve(bin.len() + LUA_VALUE_BYTES)?;
+                    self.meter.value(bin.len())?;
                     push_str(l, bin.as_slice());
                 }
                 _ => return Err(invalid("unsupported term")),
@@ -529,7 +588,9 @@ pub fn to_terms<'e>(
     // SAFETY: reading never raises (module doc), so the closure runs to its end.
     let outcome = unsafe {
         lua.exec_raw::<()>(args, |l| {
-            result = reader.read_stack(l);
+            result = reader
+                .read_stack(l)
+                .and_then(|terms| reader.meter.flush().map(|()| terms));
         })
     };
     outcome.map_err(SandboxError::from)?;
@@ -552,7 +613,9 @@ pub fn to_term<'e>(
     // SAFETY: as in `to_terms`.
     let outcome = unsafe {
         lua.exec_raw::<()>(value.clone(), |l| {
-            result = reader.read(l, 1, 0);
+            result = reader
+                .read(l, 1, 0)
+                .and_then(|term| reader.meter.flush().map(|()| term));
         })
     };
     outcome.map_err(SandboxError::from)?;
@@ -563,7 +626,9 @@ struct Reader<'e> {
     env: Env<'e>,
     bounds: Bounds,
     bytes_left: u64,
-    visiting: Vec<*const c_void>,
+    /// The tables on the path from the root to the value being read.
+    visiting: HashSet<*const c_void>,
+    meter: Meter,
 }
 
 impl<'e> Reader<'e> {
@@ -572,11 +637,13 @@ impl<'e> Reader<'e> {
             env,
             bounds,
             bytes_left: bounds.max_bytes,
-            visiting: Vec::new(),
+            visiting: HashSet::new(),
+            meter: Meter::default(),
         }
     }
 
     fn charge(&mut self, bytes: u64) -> Result<(), Fail> {
+        self.meter.value(bytes as usize)?;
         let cost = bytes.saturating_add(VALUE_COST);
         if cost > self.bytes_left {
             self.bytes_left = 0;
@@ -678,13 +745,13 @@ impl<'e> Reader<'e> {
                 return Err(Fail::new(FailKind::Depth(self.bounds.max_depth)));
             }
             if ffi::lua_checkstack(l, 4) == 0 {
-                return Err(Fail::new(FailKind::Depth(self.bounds.max_depth)));
+                return Err(stack_exhausted());
             }
             self.charge(0)?;
 
-            self.visiting.push(ptr);
+            self.visiting.insert(ptr);
             let result = self.read_entries(l, idx, depth + 1);
-            self.visiting.pop();
+            self.visiting.remove(&ptr);
             result
         }
     }

@@ -18,8 +18,9 @@ use crate::budget::{self, Abort, Activation, Control};
 
 use crate::chunk::CompiledChunk;
 use crate::error::{line_of, SandboxError};
+use crate::facts;
 use crate::marshal::{self, binary_term, Bounds};
-use crate::output::{Output, PrintMode};
+use crate::output::{self, Output, PrintMode};
 use crate::sandbox::Sandbox;
 use crate::stack;
 
@@ -35,6 +36,10 @@ pub struct RunOpts<'a> {
     pub max_tool_calls: u64,
     pub print: Atom,
     pub print_pid: Option<LocalPid>,
+    /// `{:send, pid, tag}`: the tag in the external term format.
+    pub print_tag: Option<rustler::Binary<'a>>,
+    /// Milliseconds from the start of the run to its deadline (`timeout:`).
+    pub timeout: Option<u64>,
     pub chunk_name: String,
     pub globals: Vec<(String, Term<'a>)>,
     pub call: Option<(String, Vec<Term<'a>>)>,
@@ -112,9 +117,14 @@ fn run_resume<'a>(env: Env<'a>, run: ResourceArc<Run>, reply: Term<'a>) -> NifRe
     };
     Ok(stack::with_big_stack(|| {
         let t0 = Instant::now();
+        facts::clock_start(&session.sandbox.lua);
         let step = {
             let _active = Activation::new(&session.control, env.as_c_arg());
-            reply_to_lua(&session, reply).and_then(|args| resume(&session, args))
+            // The deadline may have passed while the tool ran.
+            budget::charge_steps(0)
+                .map_err(SandboxError::from)
+                .and_then(|()| reply_to_lua(&session, reply))
+                .and_then(|args| resume(&session, args))
         };
         session.elapsed += t0.elapsed();
         settle(env, session, step, Some(run.clone()))
@@ -142,7 +152,7 @@ fn print_mode(opts: &RunOpts) -> PrintMode {
     let print = opts.print;
     if print == atoms::send() {
         match opts.print_pid {
-            Some(pid) => PrintMode::Send(pid),
+            Some(pid) => PrintMode::Send(pid, opts.print_tag.map(|t| t.as_slice().to_vec())),
             None => PrintMode::Capture,
         }
     } else if print == atoms::log() {
@@ -172,7 +182,11 @@ fn start<'a>(env: Env<'a>, source: Source<'a>, opts: RunOpts<'a>) -> Term<'a> {
         Err(e) => return early(SandboxError::from(e)),
     };
     let control = Box::new(Control::new(opts.max_instructions));
+    if let Some(ms) = opts.timeout {
+        control.set_deadline(t0 + Duration::from_millis(ms));
+    }
     let lua = &sandbox.lua;
+    facts::clock_start(lua);
     lua.set_app_data(Output::new(opts.max_output as usize, print_mode(&opts)));
     if let Err(e) = lua.set_memory_limit(opts.max_memory as usize) {
         return early(SandboxError::from(e));
@@ -356,47 +370,67 @@ fn resume(session: &Session, args: MultiValue) -> Result<Step, SandboxError> {
     }
 }
 
+/// What a finished NIF call hands back: a final answer, or a tool call to park the run at.
+enum Answer<'a> {
+    Final(Term<'a>),
+    ToolCall(Term<'a>, Vec<Term<'a>>),
+}
+
 /// Turns a step into the NIF's answer; a tool call parks the session in the resource, any
-/// other outcome hands the finished state to the pool's thread to close.
+/// other outcome hands the finished state to the pool's thread to close. Converting results
+/// is charged to the run's budget, so it runs with the run active.
 fn settle<'a>(
     env: Env<'a>,
     mut session: Session,
     step: Result<Step, SandboxError>,
     run: Option<ResourceArc<Run>>,
 ) -> Term<'a> {
-    let term = match step {
-        Err(e) => finish_error(env, &session, e, Value::Nil),
+    if let Ok(Step::ToolCall(..)) = step {
+        session.tool_calls += 1;
+        if session.tool_calls > session.max_tool_calls {
+            session.control.set_abort(Abort::ToolCalls);
+        }
+    }
+    let answer = {
+        let _active = Activation::new(&session.control, env.as_c_arg());
+        output::flush(&session.sandbox.lua);
+        answer(env, &session, step)
+    };
+    facts::clock_stop(&session.sandbox.lua);
+    match answer {
+        Answer::Final(term) => {
+            crate::pool::discard(Box::new(session));
+            term
+        }
+        Answer::ToolCall(name, terms) => {
+            let run = run.unwrap_or_else(|| {
+                ResourceArc::new(Run {
+                    owner: env.pid(),
+                    session: Mutex::new(None),
+                })
+            });
+            *run.session.lock().unwrap_or_else(|p| p.into_inner()) = Some(session);
+            (atoms::tool_call(), run.clone(), name, terms).encode(env)
+        }
+    }
+}
+
+fn answer<'a>(env: Env<'a>, session: &Session, step: Result<Step, SandboxError>) -> Answer<'a> {
+    Answer::Final(match step {
+        Err(e) => finish_error(env, session, e, Value::Nil),
         Ok(Step::Failed(value)) => {
             let message = error_message(&value);
-            finish_error(env, &session, SandboxError::Runtime(message), value)
+            finish_error(env, session, SandboxError::Runtime(message), value)
         }
-        Ok(Step::Done(values)) => finish_ok(env, &session, &values),
-        Ok(Step::ToolCall(name, args)) => {
-            session.tool_calls += 1;
-            if session.tool_calls > session.max_tool_calls {
-                session.control.set_abort(Abort::ToolCalls);
-                finish_error(env, &session, SandboxError::ToolLimit, Value::Nil)
-            } else {
-                match tool_call_args(env, &session, &name, &args) {
-                    Err(e) => finish_error(env, &session, e, Value::Nil),
-                    Ok(terms) => {
-                        let name_term = binary_term(env, name.as_bytes());
-                        drop(args);
-                        let run = run.unwrap_or_else(|| {
-                            ResourceArc::new(Run {
-                                owner: env.pid(),
-                                session: Mutex::new(None),
-                            })
-                        });
-                        *run.session.lock().unwrap_or_else(|p| p.into_inner()) = Some(session);
-                        return (atoms::tool_call(), run.clone(), name_term, terms).encode(env);
-                    }
-                }
-            }
+        Ok(Step::Done(values)) => finish_ok(env, session, &values),
+        Ok(Step::ToolCall(_, _)) if session.tool_calls > session.max_tool_calls => {
+            finish_error(env, session, SandboxError::ToolLimit, Value::Nil)
         }
-    };
-    crate::pool::discard(Box::new(session));
-    term
+        Ok(Step::ToolCall(name, args)) => match tool_call_args(env, session, &name, &args) {
+            Err(e) => finish_error(env, session, e, Value::Nil),
+            Ok(terms) => return Answer::ToolCall(binary_term(env, name.as_bytes()), terms),
+        },
+    })
 }
 
 fn bounds(session: &Session) -> Bounds {
@@ -481,7 +515,7 @@ fn take_output(sandbox: &Sandbox) -> Vec<u8> {
     sandbox
         .lua
         .app_data_mut::<Output>()
-        .map(|mut o| std::mem::take(&mut o.buf))
+        .map(|mut o| o.take())
         .unwrap_or_default()
 }
 

@@ -54,6 +54,8 @@ impl Sandbox {
         // restarts the collector (see `run::prepare`).
         lua.gc_stop();
         crate::hardened::install(&lua)?;
+        // Before the prelude copies `os.clock`.
+        crate::facts::install(&lua)?;
 
         // SAFETY: both are plain `lua_CFunction`s that follow the Lua C API contract: they only
         // touch their own stack slots, and raise (longjmp) with no Rust value alive that has a
