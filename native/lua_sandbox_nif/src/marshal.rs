@@ -20,6 +20,7 @@
 use std::collections::HashSet;
 use std::ffi::{c_int, c_void};
 use std::fmt::Write;
+use std::hash::{BuildHasherDefault, Hasher};
 
 use mlua::{ffi, Lua, MultiValue, Value};
 use rustler::types::{ListIterator, MapIterator};
@@ -40,6 +41,33 @@ const LUA_VALUE_BYTES: usize = 40;
 /// `call:` dispatch) copy the arguments three times: 330 000 arguments still ran here, 400 000
 /// overflowed inside the prelude. The margin leaves the called function room of its own.
 pub const MAX_VALUES: usize = 250_000;
+
+/// Hashes a table pointer with one multiply: SipHash was 5% of a 1 MB result's conversion.
+/// The keys are addresses the script cannot choose freely, and only the set's speed (not the
+/// sandbox's safety) depends on their spread.
+#[derive(Default)]
+struct PtrHasher(u64);
+
+impl Hasher for PtrHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+
+    fn write_usize(&mut self, n: usize) {
+        // Fibonacci hashing; the low bits of an aligned address are always zero.
+        self.0 = (n as u64)
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            .rotate_left(26);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type PtrSet = HashSet<*const c_void, BuildHasherDefault<PtrHasher>>;
 
 /// Values converted between two calls to `budget::charge_steps` (the kill check): a few tens
 /// of microseconds of work.
@@ -331,8 +359,8 @@ impl Builder {
                 TermType::Atom if term == atoms::nil().to_term(term.get_env()) => {
                     ffi::lua_pushnil(l)
                 }
-                TermType::Atom | TermType::Integer | TermType::Float | TermType::Binary => {
-                    self.push_scalar(l, term, "")?
+                ty @ (TermType::Atom | TermType::Integer | TermType::Float | TermType::Binary) => {
+                    self.push_scalar(l, term, ty, "")?
                 }
                 TermType::List => self.push_list(l, term, depth)?,
                 TermType::Map => self.push_map(l, term, depth)?,
@@ -410,7 +438,7 @@ impl Builder {
             for (k, v) in iter {
                 self.meter.value(0)?;
                 let kind = k.get_type();
-                self.push_key(l, k).map_err(|f| f.at(term_seg(k)))?;
+                self.push_key(l, k, kind).map_err(|f| f.at(term_seg(k)))?;
                 if seen.may_collide(kind) {
                     ffi::lua_pushvalue(l, -1);
                     let taken = ffi::lua_rawget(l, t) != ffi::LUA_TNIL;
@@ -428,14 +456,19 @@ impl Builder {
     }
 
     /// Pushes a map key.
-    unsafe fn push_key(&mut self, l: *mut ffi::lua_State, k: Term) -> Result<(), Fail> {
-        match k.get_type() {
+    unsafe fn push_key(
+        &mut self,
+        l: *mut ffi::lua_State,
+        k: Term,
+        kind: TermType,
+    ) -> Result<(), Fail> {
+        match kind {
             TermType::Atom if k == atoms::nil().to_term(k.get_env()) => {
                 Err(invalid("nil cannot be a Lua table key"))
             }
             // SAFETY: `push_map` reserved the slot.
-            TermType::Atom | TermType::Integer | TermType::Float | TermType::Binary => unsafe {
-                self.push_scalar(l, k, " key")
+            ty @ (TermType::Atom | TermType::Integer | TermType::Float | TermType::Binary) => unsafe {
+                self.push_scalar(l, k, ty, " key")
             },
             _ => Err(invalid(
                 "map key must be a binary, atom, integer, float or boolean",
@@ -445,16 +478,18 @@ impl Builder {
 
     /// Pushes a boolean, non-nil atom, integer, float or binary, as a value or a map key
     /// (`role` is `""` or `" key"`, for messages). Lua turns float keys with an integer value
-    /// into integers itself; NaN cannot come from Erlang.
+    /// into integers itself; NaN cannot come from Erlang. `ty` is `term`'s type, which the
+    /// caller has already asked the VM for.
     unsafe fn push_scalar(
         &mut self,
         l: *mut ffi::lua_State,
         term: Term,
+        ty: TermType,
         role: &str,
     ) -> Result<(), Fail> {
         // SAFETY: as in `set_globals`; the caller guarantees one free slot.
         unsafe {
-            match term.get_type() {
+            match ty {
                 TermType::Atom => {
                     if let Ok(b) = term.decode::<bool>() {
                         ffi::lua_pushboolean(l, c_int::from(b));
@@ -627,7 +662,12 @@ struct Reader<'e> {
     bounds: Bounds,
     bytes_left: u64,
     /// The tables on the path from the root to the value being read.
-    visiting: HashSet<*const c_void>,
+    visiting: PtrSet,
+    /// Scratch stacks shared by every table being read: each `read_entries` works above the
+    /// length it found and truncates back, so tables cost no allocation of their own.
+    keys: Vec<Term<'e>>,
+    values: Vec<Term<'e>>,
+    indices: Vec<i64>,
     meter: Meter,
 }
 
@@ -637,7 +677,10 @@ impl<'e> Reader<'e> {
             env,
             bounds,
             bytes_left: bounds.max_bytes,
-            visiting: HashSet::new(),
+            visiting: PtrSet::default(),
+            keys: Vec::new(),
+            values: Vec::new(),
+            indices: Vec::new(),
             meter: Meter::default(),
         }
     }
@@ -766,10 +809,10 @@ impl<'e> Reader<'e> {
         depth: usize,
     ) -> Result<Term<'e>, Fail> {
         let env = self.env;
-        let mut keys = Vec::new();
-        let mut values = Vec::new();
-        // Positive integer keys, as long as every key so far was one.
-        let mut indices: Vec<i64> = Vec::new();
+        // This table's entries are `keys[base..]`, `values[base..]`; positive integer keys,
+        // as long as every key so far was one, `indices[ibase..]`.
+        let base = self.values.len();
+        let ibase = self.indices.len();
         let mut sequence = true;
         let mut max_index: i64 = 0;
         let mut integer_keys: u64 = 0;
@@ -784,7 +827,7 @@ impl<'e> Reader<'e> {
                         let i = ffi::lua_tointegerx(l, -2, std::ptr::null_mut());
                         integer_keys += 1;
                         if sequence && i >= 1 {
-                            indices.push(i);
+                            self.indices.push(i);
                             max_index = max_index.max(i);
                         } else {
                             sequence = false;
@@ -817,28 +860,39 @@ impl<'e> Reader<'e> {
                     // A failed read may leave slots behind: address the key absolutely.
                     Err(f) => return Err(f.at(lua_key_seg(l, value_idx - 1))),
                 };
-                keys.push(key);
-                values.push(value);
+                self.keys.push(key);
+                self.values.push(value);
                 ffi::lua_pop(l, 1);
             }
         }
-        let n = values.len();
-        if sequence && n > 0 && max_index as usize == n {
-            // Distinct integers in 1..=n: a permutation of the slots.
-            let mut slots: Vec<Option<Term<'e>>> = vec![None; n];
-            for (i, v) in indices.iter().zip(values) {
-                slots[(*i - 1) as usize] = Some(v);
+        let n = self.values.len() - base;
+        let result = if sequence && n > 0 && max_index as usize == n {
+            let values = &self.values[base..];
+            let indices = &self.indices[ibase..];
+            if indices.iter().zip(1..).all(|(&i, k)| i == k) {
+                // The array part, in order: the common case.
+                Ok(values.encode(env))
+            } else {
+                // Distinct integers in 1..=n: a permutation of the slots.
+                let nil = atoms::nil().encode(env);
+                let mut items = vec![nil; n];
+                for (&i, &v) in indices.iter().zip(values) {
+                    items[(i - 1) as usize] = v;
+                }
+                Ok(items.encode(env))
             }
-            let nil = atoms::nil().encode(env);
-            let items: Vec<Term<'e>> = slots.into_iter().map(|v| v.unwrap_or(nil)).collect();
-            return Ok(items.encode(env));
-        }
-        // A map after all: its integer keys count as values too.
-        for _ in 0..integer_keys {
-            self.charge(0)?;
-        }
-        Term::map_from_arrays(env, &keys, &values)
-            .map_err(|_| unsupported("a table whose keys collide"))
+        } else {
+            // A map after all: its integer keys count as values too.
+            for _ in 0..integer_keys {
+                self.charge(0)?;
+            }
+            Term::map_from_arrays(env, &self.keys[base..], &self.values[base..])
+                .map_err(|_| unsupported("a table whose keys collide"))
+        };
+        self.keys.truncate(base);
+        self.values.truncate(base);
+        self.indices.truncate(ibase);
+        result
     }
 }
 
