@@ -8,10 +8,11 @@ defmodule LuaSandbox.Runner do
   alias LuaSandbox.{Chunk, Error, Native, Options, Result}
 
   def run(source, opts) do
-    native_source =
+    {native_source, opts} =
       case source do
-        %Chunk{ref: ref} -> ref
-        source when is_binary(source) -> source
+        # A chunk runs under its own name (in messages and the :log metadata).
+        %Chunk{ref: ref, name: name} -> {ref, Keyword.put(opts, :chunk_name, name)}
+        source when is_binary(source) -> {source, opts}
       end
 
     tools = Map.new(opts[:tools], fn {k, f} -> {to_string(k), f} end)
@@ -100,11 +101,22 @@ defmodule LuaSandbox.Runner do
 
     cut =
       case :binary.matches(window, "\n") do
-        [] -> @log_bytes
+        [] -> char_boundary(output, @log_bytes)
         matches -> matches |> List.last() |> elem(0) |> Kernel.+(1)
       end
 
     <<piece::binary-size(cut), rest::binary>> = output
     log_pieces(rest, [String.trim_trailing(piece, "\n") | acc])
+  end
+
+  # A long line is cut before a UTF-8 continuation byte, not inside a character.
+  defp char_boundary(bin, cut) do
+    back =
+      Enum.find(0..3, 0, fn k ->
+        b = :binary.at(bin, cut - k)
+        b < 0x80 or b >= 0xC0
+      end)
+
+    if back < cut, do: cut - back, else: cut
   end
 end

@@ -175,6 +175,31 @@ defmodule LuaSandbox.RunFactsTest do
       assert is_integer(run_id)
       assert List.last(events).msg |> elem(1) |> IO.chardata_to_string() =~ "last"
     end
+
+    test "a compiled chunk logs under its own name" do
+      {:ok, chunk} = LuaSandbox.compile("print('hi')", chunk_name: "tool_script")
+
+      ExUnit.CaptureLog.capture_log(fn ->
+        assert {:ok, _} = LuaSandbox.run(chunk, print: :log)
+      end)
+
+      assert [%{meta: %{lua_chunk: "tool_script"}}] = log_events()
+    end
+  end
+
+  describe "log pieces" do
+    test "cut after a newline, or before a character, never inside one" do
+      alias LuaSandbox.Runner
+      lines = String.duplicate("line\n", 2000)
+      pieces = Runner.log_pieces(lines, [])
+      assert length(pieces) == 3
+      assert Enum.join(pieces, "\n") <> "\n" == lines
+
+      long = String.duplicate("é", 5000)
+      pieces = Runner.log_pieces(long, [])
+      assert Enum.all?(pieces, &String.valid?/1)
+      assert Enum.join(pieces) == long
+    end
   end
 
   describe "timeout:" do
