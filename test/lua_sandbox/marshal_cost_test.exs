@@ -30,6 +30,28 @@ defmodule LuaSandbox.MarshalCostTest do
     assert us < 8_000_000, "took #{div(us, 1000)} ms"
   end
 
+  test "the deadline stops a long conversion, keeping output and stats" do
+    # ~0.1 s to build, ~1 s to convert (1.9 M values): the deadline passes while converting.
+    src = """
+    local leaf = {}
+    local t = leaf
+    for i = 1, 9990 do
+      local node = {t}
+      for j = 2, 190 do node[j] = leaf end
+      t = node
+    end
+    print('built')
+    return t
+    """
+
+    assert {:error, %Error{kind: :timeout} = e} =
+             LuaSandbox.run(src, max_depth: 10_000, timeout: 500)
+
+    # the NIF answered (the backstop kill would have lost both)
+    assert e.output == "built\n"
+    assert e.stats.instructions > 1_000_000
+  end
+
   test "a cycle is still found" do
     assert {:error, %Error{kind: :cycle}} = LuaSandbox.run("local t = {} t[1] = {t} return t")
   end
