@@ -31,6 +31,9 @@ defmodule LuaSandbox.RunFactsTest do
 
       {:ok, r} = LuaSandbox.run("local x = 0 for i = 1, 3e6 do x = x + i end return os.clock()")
       assert r.value > 0 and r.value < 5
+      # stats.cpu_us is the same clock, read at the end
+      assert r.stats.cpu_us >= trunc(r.value * 1_000_000)
+      assert r.stats.cpu_us <= r.stats.duration_us + 1_000
     end
 
     test "does not count the time spent in tools" do

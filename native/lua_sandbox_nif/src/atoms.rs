@@ -34,5 +34,6 @@ rustler::atoms! {
     memory_peak,
     duration_us,
     tool_calls,
+    cpu_us,
     struct_key = "__struct__",
 }

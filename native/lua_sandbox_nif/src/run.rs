@@ -544,17 +544,20 @@ fn stats_term<'a>(
             control.memory_peak() as u64,
             elapsed.as_micros() as u64,
             tool_calls,
+            facts::cpu_time(&sandbox.lua).as_micros() as u64,
         ],
     )
 }
 
-/// `%{instructions:, memory_peak:, duration_us:, tool_calls:}` from values in that order.
-fn stats_map(env: Env<'_>, values: [u64; 4]) -> Term<'_> {
+/// `%{instructions:, memory_peak:, duration_us:, tool_calls:, cpu_us:}` from values in that
+/// order.
+fn stats_map(env: Env<'_>, values: [u64; 5]) -> Term<'_> {
     let keys = [
         atoms::instructions().encode(env),
         atoms::memory_peak().encode(env),
         atoms::duration_us().encode(env),
         atoms::tool_calls().encode(env),
+        atoms::cpu_us().encode(env),
     ];
     let values = values.map(|v| v.encode(env));
     Term::map_from_arrays(env, &keys, &values).unwrap_or_else(|_| atoms::nil().encode(env))
@@ -619,7 +622,7 @@ fn error_term<'a>(
 }
 
 fn early_error(env: Env<'_>, e: SandboxError, t0: Instant) -> Term<'_> {
-    let stats = stats_map(env, [0, 0, t0.elapsed().as_micros() as u64, 0]);
+    let stats = stats_map(env, [0, 0, t0.elapsed().as_micros() as u64, 0, 0]);
     let none: Option<String> = None;
     (
         atoms::error(),
