@@ -227,6 +227,11 @@ defmodule LuaSandbox.RunFactsTest do
       assert {:error, %Error{kind: :timeout}} = LuaSandbox.run(src, tools: tools, timeout: 200)
     end
 
+    test "a deadline that passed before the script starts still counts" do
+      assert {:error, %Error{kind: :timeout, stats: %{instructions: _}}} =
+               LuaSandbox.run("return 1", timeout: 0)
+    end
+
     test "a run that ends in time is unaffected" do
       assert {:ok, %{value: 3}} = LuaSandbox.run("return 1 + 2", timeout: 5_000)
     end

@@ -120,11 +120,7 @@ fn run_resume<'a>(env: Env<'a>, run: ResourceArc<Run>, reply: Term<'a>) -> NifRe
         facts::clock_start(&session.sandbox.lua);
         let step = {
             let _active = Activation::new(&session.control, env.as_c_arg());
-            // The deadline may have passed while the tool ran.
-            budget::charge_steps(0)
-                .map_err(SandboxError::from)
-                .and_then(|()| reply_to_lua(&session, reply))
-                .and_then(|args| resume(&session, args))
+            reply_to_lua(&session, reply).and_then(|args| resume(&session, args))
         };
         session.elapsed += t0.elapsed();
         settle(env, session, step, Some(run.clone()))
@@ -336,6 +332,9 @@ fn bad_module(name: &str) -> SandboxError {
 
 /// Resumes the run coroutine once and classifies what came back.
 fn resume(session: &Session, args: MultiValue) -> Result<Step, SandboxError> {
+    // The deadline may have passed before the script gets to a check of its own: while a
+    // tool ran, or while the state was prepared.
+    budget::charge_steps(0)?;
     let result = session.thread.resume::<MultiValue>(args);
     budget::settle_instructions(session.thread.state(), &session.control);
     if let Some(why) = session.control.abort() {
