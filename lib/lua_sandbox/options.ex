@@ -148,7 +148,7 @@ defmodule LuaSandbox.Options do
       print: print,
       print_pid: pid,
       print_tag: tag,
-      timeout: if(opts[:timeout] == :infinity, do: nil, else: opts[:timeout]),
+      timeout: native_timeout(opts[:deadline], opts[:timeout]),
       chunk_name: opts[:chunk_name],
       globals: Enum.map(opts[:globals], fn {k, v} -> {to_string(k), v} end),
       call: native_call(opts[:call]),
@@ -156,6 +156,14 @@ defmodule LuaSandbox.Options do
       modules: Enum.map(opts[:modules], fn {k, m} -> {to_string(k), module_source(m)} end)
     }
   end
+
+  # Milliseconds left for the run: from the caller's deadline (set by LuaSandbox.Supervisor,
+  # internal), else the whole timeout.
+  defp native_timeout(deadline, _) when is_integer(deadline),
+    do: max(deadline - System.monotonic_time(:millisecond), 0)
+
+  defp native_timeout(_, :infinity), do: nil
+  defp native_timeout(_, timeout), do: timeout
 
   defp native_call(nil), do: nil
   defp native_call({name, args}), do: {to_string(name), args}

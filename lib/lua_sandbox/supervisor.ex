@@ -63,8 +63,9 @@ defmodule LuaSandbox.Supervisor do
     caller = self()
     ref = make_ref()
     # The run keeps its timeout: the NIF stops at the deadline itself and answers :timeout
-    # with the output and stats; the kill below is the backstop for time spent in tools.
-    task_opts = Keyword.merge(opts, node: nil)
+    # with the output and stats; the kill below is the backstop for time spent in tools. On
+    # this node the deadline counts from now, so time queued for a scheduler counts too.
+    task_opts = Keyword.merge(opts, node: nil, deadline: deadline(node, opts[:timeout]))
     args = [caller, ref, source, task_opts]
     sup = if node == node(), do: opts[:supervisor], else: {opts[:supervisor], node}
 
@@ -101,6 +102,11 @@ defmodule LuaSandbox.Supervisor do
   def task(caller, ref, source, opts) do
     send(caller, {ref, Runner.run(source, opts)})
   end
+
+  defp deadline(node, timeout) when node == node() and is_integer(timeout),
+    do: System.monotonic_time(:millisecond) + timeout
+
+  defp deadline(_node, _timeout), do: nil
 
   # How long after `timeout` the task is killed: time for the NIF's own :timeout to arrive.
   defp backstop(:infinity), do: :infinity

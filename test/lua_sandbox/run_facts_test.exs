@@ -208,13 +208,14 @@ defmodule LuaSandbox.RunFactsTest do
   describe "timeout:" do
     test "ends the run inside the NIF with its output and full stats" do
       src = "print('a') while true do end"
-      opts = [timeout: 300, max_instructions: 1_000_000_000_000_000]
+      opts = [timeout: 500, max_instructions: 1_000_000_000_000_000]
       {us, result} = :timer.tc(fn -> LuaSandbox.run(src, opts) end)
       assert {:error, %Error{kind: :timeout} = e} = result
-      assert e.message == "run exceeded its timeout of 300 ms"
+      assert e.message == "run exceeded its timeout of 500 ms"
       assert e.output == "a\n"
       assert e.stats.instructions > 0
-      assert e.stats.duration_us >= 300_000
+      # the deadline counts from the call: time queued for a scheduler is part of it
+      assert us >= 500_000
       assert us < 5_000_000
     end
 
@@ -228,8 +229,8 @@ defmodule LuaSandbox.RunFactsTest do
     end
 
     test "a deadline that passed before the script starts still counts" do
-      assert {:error, %Error{kind: :timeout, stats: %{instructions: _}}} =
-               LuaSandbox.run("return 1", timeout: 0)
+      # (without the check before the first resume it returned {:ok, 1})
+      assert {:error, %Error{kind: :timeout}} = LuaSandbox.run("return 1", timeout: 0)
     end
 
     test "a run that ends in time is unaffected" do
