@@ -40,12 +40,12 @@ defmodule LuaSandbox do
   | `max_result_bytes` | `16_777_216` (16 MiB) | string bytes plus 8 per value of a result |
   | `max_output` | `1_048_576` (1 MiB) | bytes of `print`/`io.write` output before `:output_limit` |
   | `max_source` | `1_048_576` (1 MiB) | bytes of source (and of each `load`) |
-  | `print` | `:capture` | `:capture`, `{:send, pid}` (sends `{:lua_print, chunk}` as it happens), `:log` (Logger, at the end), `:discard` |
+  | `print` | `:capture` | `:capture`, `{:send, pid}` (streams `{:lua_print, chunk}`, coalesced), `{:send, pid, tag}` (`{:lua_print, tag, chunk}`), `:log` (Logger, at the end, metadata `lua_chunk`, `lua_run`), `:discard` |
   | `chunk_name` | `"script"` | name in messages: `script:3: attempt to ...` |
   | `tools` | `%{}` | `%{name => fun/1}` callable from Lua as `tools.name(...)` |
   | `modules` | `%{}` | `%{name => source \\| %LuaSandbox.Chunk{}}` loadable with `require(name)` |
   | `max_tool_calls` | `1000` | tool calls before `:tool_limit` |
-  | `timeout` | `:infinity` | ms; with a number the run happens in a supervised task that is killed on expiry (`:timeout`) |
+  | `timeout` | `:infinity` | ms; a deadline checked inside the run (`:timeout` with output and stats); the run happens in a supervised task, killed as a backstop 500 ms later |
   | `supervisor` | `LuaSandbox.TaskSupervisor` | the `LuaSandbox.Supervisor` used with `timeout`/`node` |
   | `node` | `nil` | run on another connected node (through its `LuaSandbox.TaskSupervisor`) |
 

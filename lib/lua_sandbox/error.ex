@@ -18,7 +18,7 @@ defmodule LuaSandbox.Error do
     * `:invalid_input` — globals/args that cannot become Lua values, source over
       `max_source`, binary chunks, a forged chunk
     * `:tool_limit` — more than `max_tool_calls` tool calls
-    * `:timeout` — the run exceeded its `timeout:` and was killed
+    * `:timeout` — the run passed its `timeout:` deadline (or, stuck in a tool, was killed)
     * `:overloaded` — the supervisor was at `max_concurrency`
     * `:node_down` — the node running the script went down
 

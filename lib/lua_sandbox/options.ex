@@ -76,12 +76,14 @@ defmodule LuaSandbox.Options do
 
   defp check!({:print, p}) when p in [:capture, :log, :discard], do: :ok
   defp check!({:print, {:send, pid}}) when is_pid(pid), do: :ok
+  defp check!({:print, {:send, pid, _tag}}) when is_pid(pid), do: :ok
 
   defp check!({:print, p}),
     do:
       raise(
         ArgumentError,
-        "print must be :capture, {:send, pid}, :log or :discard, got: #{inspect(p)}"
+        "print must be :capture, {:send, pid}, {:send, pid, tag}, :log or :discard, got: " <>
+          inspect(p)
       )
 
   defp check!({:chunk_name, name}) do
@@ -127,10 +129,12 @@ defmodule LuaSandbox.Options do
 
   @doc "The map `LuaSandbox.Native.run_start/2` decodes."
   def to_native(opts) do
-    {print, pid} =
+    {print, pid, tag} =
       case opts[:print] do
-        {:send, pid} -> {:send, pid}
-        mode -> {mode, nil}
+        {:send, pid} -> {:send, pid, nil}
+        # A term cannot outlive the NIF call that received it; a run spans several.
+        {:send, pid, tag} -> {:send, pid, :erlang.term_to_binary(tag)}
+        mode -> {mode, nil, nil}
       end
 
     %{
@@ -143,6 +147,8 @@ defmodule LuaSandbox.Options do
       max_tool_calls: opts[:max_tool_calls],
       print: print,
       print_pid: pid,
+      print_tag: tag,
+      timeout: native_timeout(opts[:deadline], opts[:timeout]),
       chunk_name: opts[:chunk_name],
       globals: Enum.map(opts[:globals], fn {k, v} -> {to_string(k), v} end),
       call: native_call(opts[:call]),
@@ -150,6 +156,14 @@ defmodule LuaSandbox.Options do
       modules: Enum.map(opts[:modules], fn {k, m} -> {to_string(k), module_source(m)} end)
     }
   end
+
+  # Milliseconds left for the run: from the caller's deadline (set by LuaSandbox.Supervisor,
+  # internal), else the whole timeout.
+  defp native_timeout(deadline, _) when is_integer(deadline),
+    do: max(deadline - System.monotonic_time(:millisecond), 0)
+
+  defp native_timeout(_, :infinity), do: nil
+  defp native_timeout(_, timeout), do: timeout
 
   defp native_call(nil), do: nil
   defp native_call({name, args}), do: {to_string(name), args}

@@ -8,10 +8,11 @@ defmodule LuaSandbox.Runner do
   alias LuaSandbox.{Chunk, Error, Native, Options, Result}
 
   def run(source, opts) do
-    native_source =
+    {native_source, opts} =
       case source do
-        %Chunk{ref: ref} -> ref
-        source when is_binary(source) -> source
+        # A chunk runs under its own name (in messages and the :log metadata).
+        %Chunk{ref: ref, name: name} -> {ref, Keyword.put(opts, :chunk_name, name)}
+        source when is_binary(source) -> {source, opts}
       end
 
     tools = Map.new(opts[:tools], fn {k, f} -> {to_string(k), f} end)
@@ -61,6 +62,7 @@ defmodule LuaSandbox.Runner do
 
   def drive({:error, {kind, message, line, traceback, value}, output, stats}, _tools, opts) do
     log_output(output, opts)
+    message = if kind == :timeout, do: timeout_message(opts[:timeout]), else: message
 
     {:error,
      %Error{
@@ -94,22 +96,51 @@ defmodule LuaSandbox.Runner do
   defp reason_text(reason) when is_atom(reason), do: Atom.to_string(reason)
   defp reason_text(reason), do: inspect(reason)
 
+  @doc false
+  def timeout_message(ms), do: "run exceeded its timeout of #{ms} ms"
+
+  # print: :log logs the output in pieces of at most @log_bytes, cut after a newline when
+  # there is one: one Logger call per piece, not per line (a MiB of newlines was 10^6 calls).
+  @log_bytes 4096
+
   defp log_output("", _opts), do: :ok
 
   defp log_output(output, opts) do
     if opts[:print] == :log do
-      output
-      |> String.split("\n")
-      |> Enum.drop(-1)
-      |> Enum.each(&Logger.info(&1))
-
-      # a last line without its newline
-      case String.split(output, "\n") |> List.last() do
-        "" -> :ok
-        rest -> Logger.info(rest)
-      end
+      metadata = [lua_chunk: opts[:chunk_name], lua_run: System.unique_integer([:positive])]
+      output |> log_pieces([]) |> Enum.each(&Logger.info(&1, metadata))
     end
 
     :ok
+  end
+
+  @doc false
+  def log_pieces("", acc), do: Enum.reverse(acc)
+
+  def log_pieces(output, acc) when byte_size(output) <= @log_bytes,
+    do: log_pieces("", [String.trim_trailing(output, "\n") | acc])
+
+  def log_pieces(output, acc) do
+    window = binary_part(output, 0, @log_bytes)
+
+    cut =
+      case :binary.matches(window, "\n") do
+        [] -> char_boundary(output, @log_bytes)
+        matches -> matches |> List.last() |> elem(0) |> Kernel.+(1)
+      end
+
+    <<piece::binary-size(cut), rest::binary>> = output
+    log_pieces(rest, [String.trim_trailing(piece, "\n") | acc])
+  end
+
+  # A long line is cut before a UTF-8 continuation byte, not inside a character.
+  defp char_boundary(bin, cut) do
+    back =
+      Enum.find(0..3, 0, fn k ->
+        b = :binary.at(bin, cut - k)
+        b < 0x80 or b >= 0xC0
+      end)
+
+    if back < cut, do: cut - back, else: cut
   end
 end

@@ -136,7 +136,9 @@ defmodule LuaSandbox.Session do
             exec_here(session, source, call_opts)
           end)
 
-        case Task.yield(task, ms) || Task.shutdown(task, :brutal_kill) do
+        # The deadline is checked inside the call; the task's kill is the backstop (time
+        # spent in tools).
+        case Task.yield(task, ms + 100) || Task.shutdown(task, :brutal_kill) do
           {:ok, result} ->
             result
 
@@ -198,7 +200,8 @@ defmodule LuaSandbox.Session do
        max_tool_calls: o[:max_tool_calls],
        max_result_bytes: o[:max_result_bytes],
        rollback: rollback,
-       call: call
+       call: call,
+       timeout: if(o[:timeout] == :infinity, do: nil, else: o[:timeout])
      }}
   end
 

@@ -62,14 +62,17 @@ defmodule LuaSandbox.Supervisor do
   defp start_and_wait(node, source, opts) do
     caller = self()
     ref = make_ref()
-    task_opts = Keyword.merge(opts, timeout: :infinity, node: nil)
+    # The run keeps its timeout: the NIF stops at the deadline itself and answers :timeout
+    # with the output and stats; the kill below is the backstop for time spent in tools. On
+    # this node the deadline counts from now, so time queued for a scheduler counts too.
+    task_opts = Keyword.merge(opts, node: nil, deadline: deadline(node, opts[:timeout]))
     args = [caller, ref, source, task_opts]
     sup = if node == node(), do: opts[:supervisor], else: {opts[:supervisor], node}
 
     case start_child(sup, args) do
       {:ok, pid} ->
         mref = Process.monitor(pid)
-        wait(pid, mref, ref, opts[:timeout], node)
+        wait(pid, mref, ref, opts[:timeout], node, backstop(opts[:timeout]))
 
       {:error, :max_children} ->
         {:error,
@@ -100,7 +103,16 @@ defmodule LuaSandbox.Supervisor do
     send(caller, {ref, Runner.run(source, opts)})
   end
 
-  defp wait(pid, mref, ref, timeout, node) do
+  defp deadline(node, timeout) when node == node() and is_integer(timeout),
+    do: System.monotonic_time(:millisecond) + timeout
+
+  defp deadline(_node, _timeout), do: nil
+
+  # How long after `timeout` the task is killed: time for the NIF's own :timeout to arrive.
+  defp backstop(:infinity), do: :infinity
+  defp backstop(timeout), do: timeout + 500
+
+  defp wait(pid, mref, ref, timeout, node, backstop) do
     receive do
       {^ref, result} ->
         Process.demonitor(mref, [:flush])
@@ -117,7 +129,7 @@ defmodule LuaSandbox.Supervisor do
           0 -> {:error, %Error{kind: :runtime, message: "run crashed: #{inspect(reason)}"}}
         end
     after
-      timeout ->
+      backstop ->
         Process.exit(pid, :kill)
 
         receive do
@@ -130,7 +142,7 @@ defmodule LuaSandbox.Supervisor do
           0 -> :ok
         end
 
-        {:error, %Error{kind: :timeout, message: "run exceeded its timeout of #{timeout} ms"}}
+        {:error, %Error{kind: :timeout, message: Runner.timeout_message(timeout)}}
     end
   end
 end

@@ -34,11 +34,13 @@ rustler::atoms! {
     invalid_input,
     tool_limit,
     killed,
+    timeout,
     // stats keys
     instructions,
     memory_peak,
     duration_us,
     tool_calls,
+    cpu_us,
     struct_key = "__struct__",
     handle_struct = "Elixir.LuaSandbox.Handle",
     term,

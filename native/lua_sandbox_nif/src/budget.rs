@@ -21,6 +21,7 @@
 use std::cell::Cell;
 use std::ffi::{c_char, c_int};
 use std::ptr;
+use std::time::{Duration, Instant};
 
 use lua_sandbox_core::ffi;
 use rustler::sys::ErlNifEnv;
@@ -43,6 +44,8 @@ pub enum Abort {
     Killed,
     /// `max_tool_calls` exceeded.
     ToolCalls,
+    /// The run's `timeout:` deadline passed.
+    Timeout,
 }
 
 impl Abort {
@@ -55,6 +58,7 @@ impl Abort {
             Abort::Output => "output limit exceeded",
             Abort::Killed => "run killed",
             Abort::ToolCalls => "tool call limit exceeded",
+            Abort::Timeout => "run exceeded its timeout",
         }
     }
 
@@ -65,6 +69,7 @@ impl Abort {
             Abort::Output => c"output limit exceeded",
             Abort::Killed => c"run killed",
             Abort::ToolCalls => c"tool call limit exceeded",
+            Abort::Timeout => c"run exceeded its timeout",
         }
     }
 }
@@ -83,6 +88,11 @@ pub struct Control {
     /// long as the state). An address rather than a pointer keeps `Control` `Send`; it is only
     /// turned back into a pointer while the run's state is alive (see [`Control::set_abort`]).
     state: Cell<usize>,
+    deadline: Cell<Option<Instant>>,
+    /// CPU time of the run's finished NIF calls (`os.clock`, `stats.cpu_us`; see facts.rs).
+    cpu_before: Cell<Duration>,
+    /// This thread's CPU time when the current NIF call started running the script.
+    cpu_start: Cell<Option<Duration>>,
 }
 
 impl Control {
@@ -94,6 +104,47 @@ impl Control {
             memory_peak: Cell::new(0),
             interval: Cell::new(TICK_INTERVAL),
             state: Cell::new(0),
+            deadline: Cell::new(None),
+            cpu_before: Cell::new(Duration::ZERO),
+            cpu_start: Cell::new(None),
+        }
+    }
+
+    /// Starts counting CPU time for the NIF call running the script on this thread.
+    pub fn clock_start(&self) {
+        self.cpu_start.set(Some(crate::facts::thread_cpu()));
+    }
+
+    /// Stops counting at the end of a NIF call (before a tool call or the end of the run).
+    pub fn clock_stop(&self) {
+        if let Some(start) = self.cpu_start.take() {
+            let spent = crate::facts::thread_cpu().saturating_sub(start);
+            self.cpu_before.set(self.cpu_before.get() + spent);
+        }
+    }
+
+    /// The run's own CPU time so far.
+    pub fn cpu_time(&self) -> Duration {
+        self.cpu_before.get()
+            + self.cpu_start.get().map_or(Duration::ZERO, |s| {
+                crate::facts::thread_cpu().saturating_sub(s)
+            })
+    }
+
+    /// Makes the run time out at `deadline`; checked wherever the kill is.
+    pub fn set_deadline(&self, deadline: Instant) {
+        self.deadline.set(Some(deadline));
+    }
+
+    /// Why the run must stop for a reason outside the script: its caller died or its
+    /// deadline passed.
+    fn stopped(&self, env: *mut ErlNifEnv) -> Option<Abort> {
+        if !caller_alive(env) {
+            Some(Abort::Killed)
+        } else if self.deadline.get().is_some_and(|d| Instant::now() >= d) {
+            Some(Abort::Timeout)
+        } else {
+            None
         }
     }
 
@@ -246,12 +297,31 @@ pub fn charge_steps(steps: u64) -> Result<(), Abort> {
         control.used.set(control.used.get().saturating_add(steps));
         if control.used.get() >= control.max {
             control.set_abort(Abort::Instructions);
-        } else if !caller_alive(env) {
-            control.set_abort(Abort::Killed);
+        } else if let Some(why) = control.stopped(env) {
+            control.set_abort(why);
         }
         control.abort().map_or(Ok(()), Err)
     })
     .unwrap_or(Ok(()))
+}
+
+/// Checks the kill and the deadline now (before resuming a run: a tool may have taken the
+/// time, and the countdown only ticks when it runs out).
+pub fn check_now() -> Result<(), Abort> {
+    with_control(|control, env| {
+        if control.abort().is_none() {
+            if let Some(why) = control.stopped(env) {
+                control.set_abort(why);
+            }
+        }
+        control.abort().map_or(Ok(()), Err)
+    })
+    .unwrap_or(Ok(()))
+}
+
+/// The active run's own CPU time (`os.clock`), zero outside a run.
+pub fn active_cpu_time() -> Duration {
+    with_control(|control, _| control.cpu_time()).unwrap_or(Duration::ZERO)
 }
 
 /// The abort reason of the active run, if any.
@@ -366,8 +436,8 @@ extern "C" fn tick(l: *mut ffi::lua_State, event: c_int) -> *const c_char {
             control.book(l);
             if control.used.get() >= control.max {
                 control.set_abort(Abort::Instructions);
-            } else if !caller_alive(env) {
-                control.set_abort(Abort::Killed);
+            } else if let Some(why) = control.stopped(env) {
+                control.set_abort(why);
             }
         }
         control.arm(l);
@@ -413,6 +483,20 @@ mod tests {
     }
 
     #[test]
+    fn a_past_deadline_times_the_run_out() {
+        let control = Control::new(u64::MAX);
+        let _a = Activation::new(&control, ptr::null_mut());
+        assert!(charge_steps(1).is_ok());
+        control.set_deadline(Instant::now());
+        assert_eq!(charge_steps(0), Err(Abort::Timeout));
+        let (r, _) = run_with_ticker_deadline(u64::MAX, "while true do end", Some(0));
+        assert!(r
+            .unwrap_err()
+            .to_string()
+            .contains("run exceeded its timeout"));
+    }
+
+    #[test]
     fn first_abort_reason_wins() {
         let control = Control::new(100);
         let _a = Activation::new(&control, ptr::null_mut());
@@ -432,8 +516,19 @@ mod tests {
     }
 
     fn run_with_ticker(max: u64, code: &str) -> (mlua::Result<()>, u64) {
+        run_with_ticker_deadline(max, code, None)
+    }
+
+    fn run_with_ticker_deadline(
+        max: u64,
+        code: &str,
+        deadline_ms: Option<u64>,
+    ) -> (mlua::Result<()>, u64) {
         let lua = mlua::Lua::new();
         let control = Control::new(max);
+        if let Some(ms) = deadline_ms {
+            control.set_deadline(Instant::now() + std::time::Duration::from_millis(ms));
+        }
         let _a = Activation::new(&control, ptr::null_mut());
         let f = lua.load(code).into_function().unwrap();
         let thread = lua.create_thread(f).unwrap();

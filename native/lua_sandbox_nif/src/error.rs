@@ -43,6 +43,9 @@ pub enum SandboxError {
     /// The calling process died; nobody will read this.
     #[error("run killed")]
     Killed,
+    /// The run's `timeout:` passed (checked inside the run, like the kill).
+    #[error("run exceeded its timeout")]
+    Timeout,
 }
 
 impl SandboxError {
@@ -60,6 +63,7 @@ impl SandboxError {
             SandboxError::InvalidInput(_) => atoms::invalid_input(),
             SandboxError::ToolLimit => atoms::tool_limit(),
             SandboxError::Killed => atoms::killed(),
+            SandboxError::Timeout => atoms::timeout(),
         }
     }
 }
@@ -72,6 +76,7 @@ impl From<Abort> for SandboxError {
             Abort::Output => SandboxError::OutputLimit,
             Abort::Killed => SandboxError::Killed,
             Abort::ToolCalls => SandboxError::ToolLimit,
+            Abort::Timeout => SandboxError::Timeout,
         }
     }
 }

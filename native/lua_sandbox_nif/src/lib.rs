@@ -4,6 +4,7 @@ mod atoms;
 mod budget;
 mod chunk;
 mod error;
+mod facts;
 mod handles;
 mod hardened;
 mod marshal;

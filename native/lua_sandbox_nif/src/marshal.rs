@@ -9,15 +9,23 @@
 //! lift the memory limit while they build, track the size themselves, and restore the limit
 //! before the script runs. Only raw access is used: no metamethod runs, no atom is created
 //! from Lua data.
+//!
+//! Cost: both directions are O(values): the tables on the current path live in a hash set, and
+//! each value (plus each KiB of string data) is charged to the run's budget as it is converted,
+//! in batches, so `max_instructions`, a kill and a deadline stop a huge conversion within
+//! milliseconds like any other work.
 
+use std::collections::HashSet;
 use std::ffi::{c_int, c_void};
 use std::fmt::Write;
+use std::hash::{BuildHasherDefault, Hasher};
 
 use lua_sandbox_core::{ffi, protect};
 use rustler::types::{ListIterator, MapIterator};
 use rustler::{Encoder, Env, NewBinary, Term, TermType};
 
 use crate::atoms;
+use crate::budget::{self, Abort};
 use crate::error::SandboxError;
 
 /// Fixed cost, in bytes, charged per value against `max_result_bytes` on top of string bytes.
@@ -25,6 +33,65 @@ pub const VALUE_COST: u64 = 8;
 
 /// Estimated Lua heap bytes per value built from a term, for the early memory check.
 const LUA_VALUE_BYTES: usize = 40;
+
+/// The most values `push_values` hands to a run (`call:` arguments). Lua's stack holds
+/// `LUAI_MAXSTACK` (1 000 000) slots and the run coroutine's frames (runner, `xpcall`, the
+/// `call:` dispatch) copy the arguments three times: 330 000 arguments still ran here, 400 000
+/// overflowed inside the prelude. The margin leaves the called function room of its own.
+pub const MAX_VALUES: usize = 250_000;
+
+/// Hashes a table pointer with one multiply: SipHash was 5% of a 1 MB result's conversion.
+/// The keys are addresses the script cannot choose freely, and only the set's speed (not the
+/// sandbox's safety) depends on their spread.
+#[derive(Default)]
+struct PtrHasher(u64);
+
+impl Hasher for PtrHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+
+    fn write_usize(&mut self, n: usize) {
+        // Fibonacci hashing; the low bits of an aligned address are always zero.
+        self.0 = (n as u64)
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            .rotate_left(26);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type PtrSet = HashSet<*const c_void, BuildHasherDefault<PtrHasher>>;
+
+/// Values converted between two calls to `budget::charge_steps` (the kill check): a few tens
+/// of microseconds of work.
+const CHARGE_BATCH: u64 = 1024;
+
+/// Charges conversion work to the run's budget in batches; one step per value and one per
+/// KiB of string data.
+#[derive(Default)]
+struct Meter {
+    pending: u64,
+}
+
+impl Meter {
+    fn value(&mut self, bytes: usize) -> Result<(), Fail> {
+        self.pending += 1 + (bytes as u64 >> 10);
+        if self.pending >= CHARGE_BATCH {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), Fail> {
+        let steps = std::mem::take(&mut self.pending);
+        budget::charge_steps(steps).map_err(|why| Fail::new(FailKind::Abort(why)))
+    }
+}
 
 /// One step of a path like `globals.ctx.items[3]`, for error messages.
 #[derive(Clone, Debug)]
@@ -48,6 +115,8 @@ enum FailKind {
     Size(u64),
     Cycle,
     Memory,
+    /// The budget ran out, the caller died or the deadline passed during the conversion.
+    Abort(Abort),
 }
 
 impl Fail {
@@ -94,12 +163,18 @@ impl Fail {
             )),
             FailKind::Cycle => SandboxError::Cycle(format!("table contains itself at {path}")),
             FailKind::Memory => SandboxError::MemoryLimit,
+            FailKind::Abort(why) => SandboxError::from(why),
         }
     }
 }
 
 fn invalid(what: &str) -> Fail {
     Fail::new(FailKind::Invalid(what.to_string()))
+}
+
+/// `lua_checkstack` refused: the value needs more Lua stack than a state may have.
+fn stack_exhausted() -> Fail {
+    invalid("Lua stack exhausted (value too large or too deeply nested)")
 }
 
 fn unsupported(what: &str) -> Fail {
@@ -138,7 +213,9 @@ pub unsafe fn push_globals(
     // SAFETY: nothing in the closure raises (module doc); the backstop catches the impossible.
     let outcome = unsafe {
         building(l, |l| {
-            result = builder.set_globals(l, globals);
+            result = builder
+                .set_globals(l, globals)
+                .and_then(|()| builder.meter.flush());
         })
     };
     outcome?;
@@ -165,7 +242,9 @@ pub unsafe fn push_values(
     // SAFETY: as in `push_globals`. The values left on the closure's stack are its results.
     let outcome = unsafe {
         building(l, |l| {
-            result = builder.push_all(l, terms);
+            result = builder
+                .push_all(l, terms)
+                .and_then(|()| builder.meter.flush());
             if result.is_err() {
                 ffi::lua_settop(l, 0);
             }
@@ -215,6 +294,7 @@ struct Builder {
     limit: usize,
     /// Heap size when the build started plus what it has added, estimated.
     estimate: usize,
+    meter: Meter,
 }
 
 impl Builder {
@@ -223,6 +303,7 @@ impl Builder {
             max_depth,
             limit,
             estimate: used_memory(l),
+            meter: Meter::default(),
         }
     }
 
@@ -253,7 +334,7 @@ impl Builder {
         // by a successful `lua_checkstack`; no call here raises (module doc).
         unsafe {
             if ffi::lua_checkstack(l, 4) == 0 {
-                return Err(invalid("Lua stack exhausted"));
+                return Err(stack_exhausted());
             }
             ffi::lua_rawgeti(l, ffi::LUA_REGISTRYINDEX, ffi::LUA_RIDX_GLOBALS);
             let g = ffi::lua_gettop(l);
@@ -272,8 +353,11 @@ impl Builder {
     unsafe fn push_all(&mut self, l: *mut ffi::lua_State, terms: &[Term]) -> Result<(), Fail> {
         // SAFETY: as in `set_globals`.
         unsafe {
-            if ffi::lua_checkstack(l, terms.len() as c_int + 4) == 0 {
-                return Err(invalid("too many values"));
+            if terms.len() > MAX_VALUES || ffi::lua_checkstack(l, terms.len() as c_int + 4) == 0 {
+                return Err(invalid(&format!(
+                    "{} values are more than Lua's stack allows (at most {MAX_VALUES})",
+                    terms.len()
+                )));
             }
             for (i, term) in terms.iter().enumerate() {
                 self.push(l, *term, 0)
@@ -290,14 +374,15 @@ impl Builder {
         term: Term,
         depth: usize,
     ) -> Result<(), Fail> {
+        self.meter.value(0)?;
         // SAFETY: as in `set_globals`; callers guarantee one free slot, tables check for more.
         unsafe {
             match term.get_type() {
                 TermType::Atom if term == atoms::nil().to_term(term.get_env()) => {
                     ffi::lua_pushnil(l)
                 }
-                TermType::Atom | TermType::Integer | TermType::Float | TermType::Binary => {
-                    self.push_scalar(l, term, "")?
+                ty @ (TermType::Atom | TermType::Integer | TermType::Float | TermType::Binary) => {
+                    self.push_scalar(l, term, ty, "")?
                 }
                 TermType::List => self.push_list(l, term, depth)?,
                 TermType::Map => self.push_map(l, term, depth)?,
@@ -334,7 +419,7 @@ impl Builder {
         // SAFETY: as in `set_globals`.
         unsafe {
             if ffi::lua_checkstack(l, 3) == 0 {
-                return Err(invalid("Lua stack exhausted"));
+                return Err(stack_exhausted());
             }
             ffi::lua_createtable(l, narr, 0);
             let t = ffi::lua_gettop(l);
@@ -373,7 +458,7 @@ impl Builder {
         // SAFETY: as in `set_globals`.
         unsafe {
             if ffi::lua_checkstack(l, 4) == 0 {
-                return Err(invalid("Lua stack exhausted"));
+                return Err(stack_exhausted());
             }
             ffi::lua_createtable(l, 0, nrec);
             let t = ffi::lua_gettop(l);
@@ -381,8 +466,9 @@ impl Builder {
             // `1.0`), so the lookup is only needed once the other kind has been seen.
             let mut seen = KeyKinds::default();
             for (k, v) in iter {
+                self.meter.value(0)?;
                 let kind = k.get_type();
-                self.push_key(l, k).map_err(|f| f.at(term_seg(k)))?;
+                self.push_key(l, k, kind).map_err(|f| f.at(term_seg(k)))?;
                 if seen.may_collide(kind) {
                     ffi::lua_pushvalue(l, -1);
                     let taken = ffi::lua_rawget(l, t) != ffi::LUA_TNIL;
@@ -400,14 +486,19 @@ impl Builder {
     }
 
     /// Pushes a map key.
-    unsafe fn push_key(&mut self, l: *mut ffi::lua_State, k: Term) -> Result<(), Fail> {
-        match k.get_type() {
+    unsafe fn push_key(
+        &mut self,
+        l: *mut ffi::lua_State,
+        k: Term,
+        kind: TermType,
+    ) -> Result<(), Fail> {
+        match kind {
             TermType::Atom if k == atoms::nil().to_term(k.get_env()) => {
                 Err(invalid("nil cannot be a Lua table key"))
             }
             // SAFETY: `push_map` reserved the slot.
-            TermType::Atom | TermType::Integer | TermType::Float | TermType::Binary => unsafe {
-                self.push_scalar(l, k, " key")
+            ty @ (TermType::Atom | TermType::Integer | TermType::Float | TermType::Binary) => unsafe {
+                self.push_scalar(l, k, ty, " key")
             },
             _ => Err(invalid(
                 "map key must be a binary, atom, integer, float or boolean",
@@ -417,16 +508,18 @@ impl Builder {
 
     /// Pushes a boolean, non-nil atom, integer, float or binary, as a value or a map key
     /// (`role` is `""` or `" key"`, for messages). Lua turns float keys with an integer value
-    /// into integers itself; NaN cannot come from Erlang.
+    /// into integers itself; NaN cannot come from Erlang. `ty` is `term`'s type, which the
+    /// caller has already asked the VM for.
     unsafe fn push_scalar(
         &mut self,
         l: *mut ffi::lua_State,
         term: Term,
+        ty: TermType,
         role: &str,
     ) -> Result<(), Fail> {
         // SAFETY: as in `set_globals`; the caller guarantees one free slot.
         unsafe {
-            match term.get_type() {
+            match ty {
                 TermType::Atom => {
                     if let Ok(b) = term.decode::<bool>() {
                         ffi::lua_pushboolean(l, c_int::from(b));
@@ -455,6 +548,7 @@ impl Builder {
                         .decode()
                         .map_err(|_| invalid(&format!("bitstring{role}")))?;
                     self.reserve(bin.len() + LUA_VALUE_BYTES)?;
+                    self.meter.value(bin.len())?;
                     push_str(l, bin.as_slice());
                 }
                 _ => return Err(invalid("unsupported term")),
@@ -561,6 +655,7 @@ pub unsafe fn to_terms<'e>(
                 }
             }
         }
+        let result = result.and_then(|()| reader.meter.flush());
         ffi::lua_settop(l, top);
         result.map_err(|f| f.into_error(root))?;
         Ok(out)
@@ -583,7 +678,9 @@ pub unsafe fn to_term<'e>(
     // SAFETY: as in `to_terms`.
     unsafe {
         let top = ffi::lua_gettop(l);
-        let r = reader.read(l, idx, 0);
+        let r = reader
+            .read(l, idx, 0)
+            .and_then(|term| reader.meter.flush().map(|()| term));
         ffi::lua_settop(l, top);
         r.map_err(|f| f.into_error(root))
     }
@@ -593,7 +690,14 @@ struct Reader<'e> {
     env: Env<'e>,
     bounds: Bounds,
     bytes_left: u64,
-    visiting: Vec<*const c_void>,
+    /// The tables on the path from the root to the value being read.
+    visiting: PtrSet,
+    /// Scratch stacks shared by every table being read: each `read_entries` works above the
+    /// length it found and truncates back, so tables cost no allocation of their own.
+    keys: Vec<Term<'e>>,
+    values: Vec<Term<'e>>,
+    indices: Vec<i64>,
+    meter: Meter,
 }
 
 impl<'e> Reader<'e> {
@@ -602,11 +706,16 @@ impl<'e> Reader<'e> {
             env,
             bounds,
             bytes_left: bounds.max_bytes,
-            visiting: Vec::new(),
+            visiting: PtrSet::default(),
+            keys: Vec::new(),
+            values: Vec::new(),
+            indices: Vec::new(),
+            meter: Meter::default(),
         }
     }
 
     fn charge(&mut self, bytes: u64) -> Result<(), Fail> {
+        self.meter.value(bytes as usize)?;
         let cost = bytes.saturating_add(VALUE_COST);
         if cost > self.bytes_left {
             self.bytes_left = 0;
@@ -695,13 +804,13 @@ impl<'e> Reader<'e> {
                 return Err(Fail::new(FailKind::Depth(self.bounds.max_depth)));
             }
             if ffi::lua_checkstack(l, 4) == 0 {
-                return Err(Fail::new(FailKind::Depth(self.bounds.max_depth)));
+                return Err(stack_exhausted());
             }
             self.charge(0)?;
 
-            self.visiting.push(ptr);
+            self.visiting.insert(ptr);
             let result = self.read_entries(l, idx, depth + 1);
-            self.visiting.pop();
+            self.visiting.remove(&ptr);
             result
         }
     }
@@ -716,10 +825,10 @@ impl<'e> Reader<'e> {
         depth: usize,
     ) -> Result<Term<'e>, Fail> {
         let env = self.env;
-        let mut keys = Vec::new();
-        let mut values = Vec::new();
-        // Positive integer keys, as long as every key so far was one.
-        let mut indices: Vec<i64> = Vec::new();
+        // This table's entries are `keys[base..]`, `values[base..]`; positive integer keys,
+        // as long as every key so far was one, `indices[ibase..]`.
+        let base = self.values.len();
+        let ibase = self.indices.len();
         let mut sequence = true;
         let mut max_index: i64 = 0;
         let mut integer_keys: u64 = 0;
@@ -734,7 +843,7 @@ impl<'e> Reader<'e> {
                         let i = ffi::lua_tointegerx(l, -2, std::ptr::null_mut());
                         integer_keys += 1;
                         if sequence && i >= 1 {
-                            indices.push(i);
+                            self.indices.push(i);
                             max_index = max_index.max(i);
                         } else {
                             sequence = false;
@@ -767,28 +876,39 @@ impl<'e> Reader<'e> {
                     // A failed read may leave slots behind: address the key absolutely.
                     Err(f) => return Err(f.at(lua_key_seg(l, value_idx - 1))),
                 };
-                keys.push(key);
-                values.push(value);
+                self.keys.push(key);
+                self.values.push(value);
                 ffi::lua_pop(l, 1);
             }
         }
-        let n = values.len();
-        if sequence && n > 0 && max_index as usize == n {
-            // Distinct integers in 1..=n: a permutation of the slots.
-            let mut slots: Vec<Option<Term<'e>>> = vec![None; n];
-            for (i, v) in indices.iter().zip(values) {
-                slots[(*i - 1) as usize] = Some(v);
+        let n = self.values.len() - base;
+        let result = if sequence && n > 0 && max_index as usize == n {
+            let values = &self.values[base..];
+            let indices = &self.indices[ibase..];
+            if indices.iter().zip(1..).all(|(&i, k)| i == k) {
+                // The array part, in order: the common case.
+                Ok(values.encode(env))
+            } else {
+                // Distinct integers in 1..=n: a permutation of the slots.
+                let nil = atoms::nil().encode(env);
+                let mut items = vec![nil; n];
+                for (&i, &v) in indices.iter().zip(values) {
+                    items[(i - 1) as usize] = v;
+                }
+                Ok(items.encode(env))
             }
-            let nil = atoms::nil().encode(env);
-            let items: Vec<Term<'e>> = slots.into_iter().map(|v| v.unwrap_or(nil)).collect();
-            return Ok(items.encode(env));
-        }
-        // A map after all: its integer keys count as values too.
-        for _ in 0..integer_keys {
-            self.charge(0)?;
-        }
-        Term::map_from_arrays(env, &keys, &values)
-            .map_err(|_| unsupported("a table whose keys collide"))
+        } else {
+            // A map after all: its integer keys count as values too.
+            for _ in 0..integer_keys {
+                self.charge(0)?;
+            }
+            Term::map_from_arrays(env, &self.keys[base..], &self.values[base..])
+                .map_err(|_| unsupported("a table whose keys collide"))
+        };
+        self.keys.truncate(base);
+        self.values.truncate(base);
+        self.indices.truncate(ibase);
+        result
     }
 }
 

@@ -43,6 +43,10 @@ pub struct RunOpts<'a> {
     pub max_tool_calls: u64,
     pub print: Atom,
     pub print_pid: Option<LocalPid>,
+    /// `{:send, pid, tag}`: the tag in the external term format.
+    pub print_tag: Option<rustler::Binary<'a>>,
+    /// Milliseconds from the start of the run to its deadline (`timeout:`).
+    pub timeout: Option<u64>,
     pub chunk_name: String,
     pub globals: Vec<(String, Term<'a>)>,
     pub call: Option<(String, Vec<Term<'a>>)>,
@@ -221,15 +225,20 @@ fn run_resume<'a>(env: Env<'a>, run: ResourceArc<Run>, reply: Term<'a>) -> NifRe
     };
     Ok(stack::with_big_stack(|| {
         let t0 = Instant::now();
+        session.control.clock_start();
         let handles_ptr: *mut Handles = &mut *session.handles;
         // SAFETY: as in `start`: the box outlives every marshaling call of this NIF call.
         let _handles = unsafe { handles::Activation::new_raw(handles_ptr) };
         sandbox::clear_traceback();
-        let step = reply_to_lua(&mut session, reply).and_then(|nargs| {
-            let _active = Activation::new(&session.control, env.as_c_arg());
-            let _out = output::Activation::new(&mut session.output);
-            resume(session.thread, &session.control, nargs)
-        });
+        let control: *const Control = &*session.control;
+        // SAFETY: the control is boxed in `session`, which outlives this block.
+        let step = {
+            let _active = Activation::new(unsafe { &*control }, env.as_c_arg());
+            reply_to_lua(&mut session, reply).and_then(|nargs| {
+                let _out = output::Activation::new(&mut session.output);
+                resume(session.thread, &session.control, nargs)
+            })
+        };
         session.elapsed += t0.elapsed();
         settle(env, session, step, Some(run.clone()))
     }))
@@ -253,14 +262,22 @@ impl<'a> Source<'a> {
 }
 
 fn print_mode(opts: &RunOpts) -> PrintMode {
-    print_mode_of(opts.print, opts.print_pid)
+    print_mode_of(
+        opts.print,
+        opts.print_pid,
+        opts.print_tag.map(|t| t.as_slice().to_vec()),
+    )
 }
 
-/// The print mode from the NIF's `print` atom and `print_pid`.
-pub(crate) fn print_mode_of(print: Atom, print_pid: Option<LocalPid>) -> PrintMode {
+/// The print mode from the NIF's `print` atom, `print_pid` and encoded `print_tag`.
+pub(crate) fn print_mode_of(
+    print: Atom,
+    print_pid: Option<LocalPid>,
+    print_tag: Option<Vec<u8>>,
+) -> PrintMode {
     if print == atoms::send() {
         match print_pid {
-            Some(pid) => PrintMode::Send(pid),
+            Some(pid) => PrintMode::Send(pid, print_tag),
             None => PrintMode::Capture,
         }
     } else if print == atoms::log() {
@@ -368,9 +385,14 @@ fn start<'a>(
         Ok(lease) => lease,
         Err(e) => return early(e),
     };
+    let control = Box::new(Control::new(opts.max_instructions));
+    if let Some(ms) = opts.timeout {
+        control.set_deadline(t0 + Duration::from_millis(ms));
+    }
+    control.clock_start();
     let mut session = Running {
         thread: ptr::null_mut(),
-        control: Box::new(Control::new(opts.max_instructions)),
+        control,
         output: Output::new(opts.max_output as usize, print_mode(&opts)),
         chunk_name,
         max_depth: opts.max_depth as usize,
@@ -388,7 +410,7 @@ fn start<'a>(
     let _handles = unsafe { handles::Activation::new_raw(handles_ptr) };
     if fast.is_some() {
         // A first attempt streams nothing until it has succeeded.
-        session.output.defer_stream();
+        session.output.hold();
     }
     sandbox::clear_traceback();
 
@@ -438,8 +460,8 @@ fn start<'a>(
                 };
                 match terms {
                     Ok(terms) => {
-                        session.output.send_deferred(env);
-                        let output = std::mem::take(&mut session.output.buf);
+                        session.output.release(env);
+                        let output = session.output.take();
                         let stats = stats_term(env, &session);
                         return (atoms::ok(), terms, binary_term(env, &output), stats).encode(env);
                     }
@@ -465,7 +487,7 @@ fn start<'a>(
         if retry {
             return atoms::retry().encode(env);
         }
-        session.output.send_deferred(env);
+        session.output.release(env);
     }
     settle(env, session, step, None)
 }
@@ -750,6 +772,9 @@ pub(crate) fn resume(
     control: &Control,
     nargs: c_int,
 ) -> Result<Step, SandboxError> {
+    // The deadline may have passed before the script gets to a check of its own: while a
+    // tool ran, or while the state was prepared.
+    budget::check_now()?;
     let mut nres: c_int = 0;
     // SAFETY: `thread` is the run coroutine (fresh or suspended at a yield) with its
     // arguments on top; `lua_resume` is a protected entry into Lua.
@@ -833,13 +858,50 @@ pub(crate) fn settle<'a>(
     step: Result<Step, SandboxError>,
     run: Option<ResourceArc<Run>>,
 ) -> Term<'a> {
+    // Converting results and tool arguments is charged to the run's budget (and can be
+    // killed or time out), so it runs with the run active; streamed output goes out before a
+    // tool call and at the end.
+    let control: *const Control = &*session.control;
+    // SAFETY: the control is boxed in `session`, which lives until the end of this function
+    // (dropped, or parked in the resource); the activation ends before that.
+    let _active = Activation::new(unsafe { &*control }, env.as_c_arg());
+    output::flush(&mut session.output, env);
     let thread = session.thread;
-    match step {
-        Err(e) => finish_error(env, &mut session, e, None),
+    let answer = settle_step(env, &mut session, step, thread);
+    session.control.clock_stop();
+    match answer {
+        Answer::Final(term) => term,
+        Answer::ToolCall(name_term, terms) => {
+            let run = run.unwrap_or_else(|| {
+                ResourceArc::new(Run {
+                    owner: env.pid(),
+                    session: Mutex::new(None),
+                })
+            });
+            *run.session.lock().unwrap_or_else(|p| p.into_inner()) = Some(session);
+            (atoms::tool_call(), run.clone(), name_term, terms).encode(env)
+        }
+    }
+}
+
+/// What a finished NIF call hands back: a final answer, or a tool call to park the run at.
+enum Answer<'a> {
+    Final(Term<'a>),
+    ToolCall(Term<'a>, Vec<Term<'a>>),
+}
+
+fn settle_step<'a>(
+    env: Env<'a>,
+    session: &mut Running,
+    step: Result<Step, SandboxError>,
+    thread: *mut ffi::lua_State,
+) -> Answer<'a> {
+    Answer::Final(match step {
+        Err(e) => finish_error(env, session, e, None),
         Ok(Step::Failed { idx }) => {
             // SAFETY: `idx` is the error object's slot on the finished thread.
             let message = unsafe { protect::describe(thread, idx) };
-            finish_error(env, &mut session, SandboxError::Runtime(message), Some(idx))
+            finish_error(env, session, SandboxError::Runtime(message), Some(idx))
         }
         Ok(Step::Done { first, n }) => {
             // SAFETY: the results are on the finished thread's stack at `first..first + n`.
@@ -850,11 +912,11 @@ pub(crate) fn settle<'a>(
                     if let Home::Session(loan) = &mut session.home {
                         loan.succeeded();
                     }
-                    let output = std::mem::take(&mut session.output.buf);
-                    let stats = stats_term(env, &session);
+                    let output = session.output.take();
+                    let stats = stats_term(env, session);
                     (atoms::ok(), terms, binary_term(env, &output), stats).encode(env)
                 }
-                Err(e) => finish_error(env, &mut session, e, None),
+                Err(e) => finish_error(env, session, e, None),
             }
         }
         Ok(Step::ToolCall {
@@ -866,7 +928,7 @@ pub(crate) fn settle<'a>(
             session.tool_calls += 1;
             if session.tool_calls > session.max_tool_calls {
                 session.control.set_abort(Abort::ToolCalls);
-                return finish_error(env, &mut session, SandboxError::ToolLimit, None);
+                return Answer::Final(finish_error(env, session, SandboxError::ToolLimit, None));
             }
             let root = format!("tools.{name}");
             // SAFETY: the arguments are on the suspended thread at `first..first + n`; then
@@ -876,21 +938,11 @@ pub(crate) fn settle<'a>(
             // SAFETY: `keep` is below the yielded values on the suspended thread.
             unsafe { ffi::lua_settop(thread, keep) };
             match terms {
-                Err(e) => finish_error(env, &mut session, e, None),
-                Ok(terms) => {
-                    let name_term = binary_term(env, name.as_bytes());
-                    let run = run.unwrap_or_else(|| {
-                        ResourceArc::new(Run {
-                            owner: env.pid(),
-                            session: Mutex::new(None),
-                        })
-                    });
-                    *run.session.lock().unwrap_or_else(|p| p.into_inner()) = Some(session);
-                    (atoms::tool_call(), run.clone(), name_term, terms).encode(env)
-                }
+                Err(e) => finish_error(env, session, e, None),
+                Ok(terms) => return Answer::ToolCall(binary_term(env, name.as_bytes()), terms),
             }
         }
-    }
+    })
 }
 
 /// Elixir's answer to a tool call, pushed onto the suspended run coroutine as the values the
@@ -949,17 +1001,20 @@ fn stats_term<'a>(env: Env<'a>, session: &Running) -> Term<'a> {
             control.memory_peak() as u64,
             session.elapsed.as_micros() as u64,
             session.tool_calls,
+            control.cpu_time().as_micros() as u64,
         ],
     )
 }
 
-/// `%{instructions:, memory_peak:, duration_us:, tool_calls:}` from values in that order.
-fn stats_map(env: Env<'_>, values: [u64; 4]) -> Term<'_> {
+/// `%{instructions:, memory_peak:, duration_us:, tool_calls:, cpu_us:}` from values in that
+/// order.
+fn stats_map(env: Env<'_>, values: [u64; 5]) -> Term<'_> {
     let keys = [
         atoms::instructions().encode(env),
         atoms::memory_peak().encode(env),
         atoms::duration_us().encode(env),
         atoms::tool_calls().encode(env),
+        atoms::cpu_us().encode(env),
     ];
     let values = values.map(|v| v.encode(env));
     Term::map_from_arrays(env, &keys, &values).unwrap_or_else(|_| atoms::nil().encode(env))
@@ -999,7 +1054,7 @@ fn finish_error<'a>(
         }
         _ => atoms::nil().encode(env),
     };
-    let output = std::mem::take(&mut session.output.buf);
+    let output = session.output.take();
     let stats = stats_term(env, session);
     (
         atoms::error(),
@@ -1011,7 +1066,7 @@ fn finish_error<'a>(
 }
 
 pub(crate) fn early_error(env: Env<'_>, e: SandboxError, t0: Instant) -> Term<'_> {
-    let stats = stats_map(env, [0, 0, t0.elapsed().as_micros() as u64, 0]);
+    let stats = stats_map(env, [0, 0, t0.elapsed().as_micros() as u64, 0, 0]);
     let none: Option<String> = None;
     (
         atoms::error(),

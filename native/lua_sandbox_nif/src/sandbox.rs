@@ -119,6 +119,8 @@ unsafe extern "C-unwind" fn build(l: *mut ffi::lua_State) -> c_int {
             ffi::lua_settop(l, 0);
         }
         crate::hardened::open_into_globals(l);
+        // Before the prelude copies `os.clock`.
+        crate::facts::install(l);
 
         if ffi::luaL_loadbufferx(l, code.cast(), len, c"=prelude".as_ptr(), c"b".as_ptr())
             != ffi::LUA_OK

@@ -33,6 +33,7 @@ pub struct SessionOpts<'a> {
     pub max_source: u64,
     pub print: Atom,
     pub print_pid: Option<LocalPid>,
+    pub print_tag: Option<rustler::Binary<'a>>,
     pub chunk_name: String,
     pub globals: Vec<(String, Term<'a>)>,
     pub tools: Vec<String>,
@@ -48,6 +49,8 @@ pub struct CallOpts<'a> {
     pub max_result_bytes: u64,
     pub rollback: bool,
     pub call: Option<(String, Vec<Term<'a>>)>,
+    /// Milliseconds to the call's deadline (`timeout:`), checked inside the run.
+    pub timeout: Option<u64>,
 }
 
 /// What a session keeps between calls.
@@ -61,6 +64,7 @@ pub struct SessionState {
     chunk_name: String,
     print: Atom,
     print_pid: Option<LocalPid>,
+    print_tag: Option<Vec<u8>>,
     calls: u64,
     instructions: u64,
     rollbacks: u64,
@@ -184,6 +188,7 @@ fn session_new<'a>(env: Env<'a>, opts: SessionOpts<'a>) -> Term<'a> {
             chunk_name: opts.chunk_name,
             print: opts.print,
             print_pid: opts.print_pid,
+            print_tag: opts.print_tag.map(|t| t.as_slice().to_vec()),
             calls: 0,
             instructions: 0,
             rollbacks: 0,
@@ -241,11 +246,16 @@ fn session_run<'a>(
             Some(Source::Chunk(chunk)) => chunk.name.clone(),
             _ => state.chunk_name.clone(),
         };
-        let print = run::print_mode_of(state.print, state.print_pid);
+        let print = run::print_mode_of(state.print, state.print_pid, state.print_tag.clone());
         let max_source = state.max_source;
+        let control = Box::new(Control::new(opts.max_instructions));
+        if let Some(ms) = opts.timeout {
+            control.set_deadline(t0 + std::time::Duration::from_millis(ms));
+        }
+        control.clock_start();
         let mut running = Running {
             thread: std::ptr::null_mut(),
-            control: Box::new(Control::new(opts.max_instructions)),
+            control,
             output: Output::new(opts.max_output as usize, print),
             chunk_name,
             max_depth: state.max_depth,

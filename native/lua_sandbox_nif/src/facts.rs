@@ -1,0 +1,76 @@
+//! Per-run facts a script can observe: its own CPU time (`os.clock`).
+//!
+//! Lua's `os.clock` is `clock()`, the CPU time of the whole BEAM process: a side channel on
+//! every other run and on the host. Here it is the CPU time of the run's own thread
+//! (`CLOCK_THREAD_CPUTIME_ID`), summed over the NIF calls that ran it (a run parked at a tool
+//! call may resume on another scheduler thread), so time spent in tools is not counted. The
+//! sum lives in the run's `budget::Control` (`clock_start`/`clock_stop`).
+//!
+//! (`math.random` is seeded per run from the kernel by `lua_sandbox_core::seed`.)
+
+use std::ffi::c_int;
+use std::time::Duration;
+
+use lua_sandbox_core::ffi;
+
+/// The calling thread's CPU time.
+pub fn thread_cpu() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; CLOCK_THREAD_CPUTIME_ID exists on every
+    // platform the BEAM's dirty schedulers run on (POSIX threads). On failure `ts` stays zero.
+    unsafe {
+        libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts);
+    }
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// `os.clock()`: the run's own CPU time in seconds.
+unsafe extern "C-unwind" fn os_clock(l: *mut ffi::lua_State) -> c_int {
+    // SAFETY: pushes one number (no allocation) onto the calling thread's stack.
+    unsafe {
+        ffi::lua_pushnumber(l, crate::budget::active_cpu_time().as_secs_f64());
+    }
+    1
+}
+
+/// Replaces `os.clock` in a state being built, before the prelude copies it.
+///
+/// # Safety
+/// Only inside a protected call on `l` (it may raise), with `os` opened.
+pub unsafe fn install(l: *mut ffi::lua_State) {
+    // SAFETY: per the contract.
+    unsafe {
+        ffi::lua_getglobal(l, c"os".as_ptr());
+        ffi::lua_pushcfunction(l, os_clock);
+        ffi::lua_setfield(l, -2, c"clock".as_ptr());
+        ffi::lua_pop(l, 1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::budget::Control;
+
+    #[test]
+    fn the_clock_counts_only_the_runs_own_calls() {
+        let control = Control::new(u64::MAX);
+        assert_eq!(control.cpu_time(), Duration::ZERO);
+        // Spin on this thread's own CPU time: wall time says nothing on a loaded machine.
+        let spin = |d: Duration| {
+            let until = thread_cpu() + d;
+            while thread_cpu() < until {}
+        };
+        control.clock_start();
+        spin(Duration::from_millis(30));
+        control.clock_stop();
+        let after_call = control.cpu_time();
+        assert!(after_call >= Duration::from_millis(30), "{after_call:?}");
+        // between calls (a tool running in Elixir) the clock stands still
+        spin(Duration::from_millis(30));
+        assert_eq!(control.cpu_time(), after_call);
+    }
+}
