@@ -6,12 +6,16 @@ defmodule LuaSandbox.Supervisor do
         {LuaSandbox.Supervisor, name: MyApp.Lua, max_concurrency: 8}
       ]
 
-  then `LuaSandbox.run(source, supervisor: MyApp.Lua, timeout: 1_000)`. The application
-  starts one named `LuaSandbox.TaskSupervisor` (size from `config :lua_sandbox,
-  max_concurrency:`, default: dirty CPU schedulers × 4).
+  then `LuaSandbox.run(source, supervisor: MyApp.Lua)`. The application starts one named
+  `LuaSandbox.TaskSupervisor` (size from `config :lua_sandbox, max_concurrency:`, default:
+  dirty CPU schedulers × 4).
 
-  Runs beyond `max_concurrency` are refused at once with `kind: :overloaded`: there is no
-  queue to grow without bound.
+  Every run counts against its supervisor's `max_concurrency`, whatever its options: a run
+  without `timeout:` stays in the calling process and holds a slot (a small child process
+  that lives as long as the run, or its caller) for its duration; a run with `timeout:` runs in
+  a task under the supervisor. `LuaSandbox.run/2` beyond the bound is refused at once with
+  `kind: :overloaded` — there is no queue to grow without bound; `LuaSandbox.async_stream/2`
+  waits for a free slot instead. A `supervisor:` that is not running is an `ArgumentError`.
   """
 
   alias LuaSandbox.{Chunk, Error, Runner}
@@ -27,6 +31,7 @@ defmodule LuaSandbox.Supervisor do
   end
 
   @doc false
+  @spec child_spec(keyword) :: Supervisor.child_spec()
   def child_spec(opts) do
     name = Keyword.fetch!(opts, :name)
 
@@ -38,11 +43,75 @@ defmodule LuaSandbox.Supervisor do
   end
 
   @doc """
-  Starts a `Task.Supervisor` named `name` that runs at most `max_concurrency` scripts at once.
+  Starts a supervisor named `name` that runs at most `max_concurrency` scripts at once.
+
+  Options: `name` (required), `max_concurrency` (default `default_max_concurrency/0`).
   """
+  @spec start_link(keyword) :: Supervisor.on_start()
   def start_link(opts) do
     opts = Keyword.validate!(opts, [:name, max_concurrency: default_max_concurrency()])
     Task.Supervisor.start_link(name: opts[:name], max_children: opts[:max_concurrency])
+  end
+
+  @doc false
+  # Runs `source` in the calling process while holding a slot of `opts[:supervisor]`.
+  @spec run_local(LuaSandbox.source(), keyword) ::
+          {:ok, LuaSandbox.Result.t()} | {:error, Error.t()}
+  def run_local(source, opts) do
+    case checkout(opts[:supervisor], :refuse) do
+      {:ok, slot} ->
+        try do
+          Runner.run(source, opts)
+        after
+          checkin(opts[:supervisor], slot)
+        end
+
+      {:error, _} = error ->
+        error
+    end
+  end
+
+  @doc false
+  # Like run_local/2, but waits (with backoff) for a free slot instead of answering
+  # :overloaded; used by LuaSandbox.async_stream/3, whose own timeout bounds the wait.
+  def run_queued(source, opts) do
+    {:ok, slot} = checkout(opts[:supervisor], :wait)
+
+    try do
+      Runner.run(source, opts)
+    after
+      checkin(opts[:supervisor], slot)
+    end
+  end
+
+  # A slot is a child of the Task.Supervisor, so its max_children bounds runs of every kind.
+  # The child monitors the caller: if the caller dies mid-run (its Lua run stopped by the
+  # NIF's kill check), the slot goes with it.
+  defp checkout(sup, mode, backoff \\ 1) do
+    case start_child(sup, :slot, [self()]) do
+      {:ok, pid} ->
+        {:ok, pid}
+
+      {:error, :max_children} when mode == :wait ->
+        Process.sleep(backoff)
+        checkout(sup, mode, min(backoff * 2, 20))
+
+      {:error, :max_children} ->
+        {:error, overloaded(sup)}
+    end
+  end
+
+  # terminate_child is synchronous: once it returns the supervisor has already freed the
+  # slot, so the caller's next run cannot see its own previous one as still running.
+  defp checkin(sup, pid), do: Task.Supervisor.terminate_child(sup, pid)
+
+  @doc false
+  def slot(caller) do
+    ref = Process.monitor(caller)
+
+    receive do
+      {:DOWN, ^ref, :process, _, _} -> :ok
+    end
   end
 
   @doc false
@@ -53,7 +122,11 @@ defmodule LuaSandbox.Supervisor do
 
     if node != node() and is_struct(source, Chunk) do
       {:error,
-       %Error{kind: :invalid_input, message: "a compiled chunk cannot be sent to another node"}}
+       %Error{
+         kind: :invalid_input,
+         message: "a compiled chunk cannot be sent to another node",
+         stats: Error.empty_stats()
+       }}
     else
       start_and_wait(node, source, opts)
     end
@@ -63,58 +136,99 @@ defmodule LuaSandbox.Supervisor do
     caller = self()
     ref = make_ref()
     task_opts = Keyword.merge(opts, timeout: :infinity, node: nil)
-    args = [caller, ref, source, task_opts]
     sup = if node == node(), do: opts[:supervisor], else: {opts[:supervisor], node}
+    started = System.monotonic_time(:microsecond)
 
-    case start_child(sup, args) do
+    case start_child(sup, :task, [caller, ref, source, task_opts]) do
       {:ok, pid} ->
         mref = Process.monitor(pid)
-        wait(pid, mref, ref, opts[:timeout], node)
+        wait(pid, mref, ref, opts[:timeout], node, started)
 
       {:error, :max_children} ->
-        {:error,
-         %Error{
-           kind: :overloaded,
-           message: "supervisor #{inspect(opts[:supervisor])} is at max_concurrency"
-         }}
+        {:error, overloaded(opts[:supervisor])}
 
       {:error, :noconnection} ->
-        {:error, %Error{kind: :node_down, message: "node #{node} is not reachable"}}
-
-      {:error, reason} ->
         {:error,
-         %Error{kind: :overloaded, message: "could not start the run: #{inspect(reason)}"}}
+         %Error{
+           kind: :node_down,
+           message: "node #{node} is not reachable",
+           stats: Error.empty_stats()
+         }}
     end
   end
 
-  defp start_child(sup, args) do
-    Task.Supervisor.start_child(sup, __MODULE__, :task, args, restart: :temporary)
+  defp overloaded(sup) do
+    %Error{
+      kind: :overloaded,
+      message: "supervisor #{inspect(sup)} is at max_concurrency",
+      stats: Error.empty_stats()
+    }
+  end
+
+  defp start_child(sup, fun, args) do
+    Task.Supervisor.start_child(sup, __MODULE__, fun, args, restart: :temporary)
   catch
-    :exit, {{:nodedown, _}, _} -> {:error, :noconnection}
-    :exit, {:noproc, _} -> {:error, :noproc}
-    :exit, reason -> {:error, reason}
+    :exit, {{:nodedown, _}, _} ->
+      {:error, :noconnection}
+
+    :exit, {:noproc, _} ->
+      raise ArgumentError, "supervisor #{inspect(sup)} is not running"
+
+    :exit, {reason, _} when reason in [:normal, :shutdown, :killed] ->
+      raise ArgumentError, "supervisor #{inspect(sup)} is not running"
+  end
+
+  defp watch(caller, task) do
+    spawn(fn ->
+      caller_ref = Process.monitor(caller)
+      task_ref = Process.monitor(task)
+
+      receive do
+        {:DOWN, ^caller_ref, _, _, _} -> Process.exit(task, :kill)
+        {:DOWN, ^task_ref, _, _, _} -> :ok
+      end
+    end)
   end
 
   @doc false
   def task(caller, ref, source, opts) do
-    send(caller, {ref, Runner.run(source, opts)})
+    # A caller that dies must stop the run (the NIF checks that its own process is alive):
+    # a watcher kills this task then. Not a link, which would also take the caller down with a
+    # remote task's node (:noconnection) or with our kill on a timeout.
+    watch(caller, self())
+
+    result =
+      try do
+        Runner.run(source, opts)
+      rescue
+        e -> {:error, %Error{message: "run crashed: " <> Exception.message(e)}}
+      end
+
+    send(caller, {ref, result})
   end
 
-  defp wait(pid, mref, ref, timeout, node) do
+  defp wait(pid, mref, ref, timeout, node, started) do
     receive do
       {^ref, result} ->
         Process.demonitor(mref, [:flush])
         result
 
       {:DOWN, ^mref, :process, ^pid, :noconnection} ->
-        {:error, %Error{kind: :node_down, message: "node #{node} went down during the run"}}
+        {:error,
+         %Error{
+           kind: :node_down,
+           message: "node #{node} went down during the run",
+           stats: stats_since(started)
+         }}
 
       {:DOWN, ^mref, :process, ^pid, reason} ->
         # The result may already be in the mailbox if the task exited right after sending it.
         receive do
           {^ref, result} -> result
         after
-          0 -> {:error, %Error{kind: :runtime, message: "run crashed: #{inspect(reason)}"}}
+          0 ->
+            {:error,
+             %Error{message: "run crashed: #{inspect(reason)}", stats: stats_since(started)}}
         end
     after
       timeout ->
@@ -130,7 +244,17 @@ defmodule LuaSandbox.Supervisor do
           0 -> :ok
         end
 
-        {:error, %Error{kind: :timeout, message: "run exceeded its timeout of #{timeout} ms"}}
+        {:error,
+         %Error{
+           kind: :timeout,
+           message: "run exceeded its timeout of #{timeout} ms",
+           stats: stats_since(started)
+         }}
     end
+  end
+
+  # What the caller knows of a run it had to stop: the wall time; the rest stays zero.
+  defp stats_since(started) do
+    %{Error.empty_stats() | duration_us: System.monotonic_time(:microsecond) - started}
   end
 end

@@ -13,7 +13,7 @@ defmodule LuaSandbox.ToolsTest do
       :exits => fn _ -> exit(:gone) end,
       :throws => fn _ -> throw(:ball) end,
       :ok_tuple => fn _ -> {:ok, [1, 2]} end,
-      :bad => fn _ -> {:tuple, :cannot, :cross} end
+      :bad => fn _ -> %{pid: self()} end
     }
   end
 
