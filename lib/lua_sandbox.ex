@@ -80,7 +80,7 @@ defmodule LuaSandbox do
           | {:modules, names(String.t() | Chunk.t())}
           | {:max_tool_calls, non_neg_integer}
           | {:timeout, timeout}
-          | {:supervisor, atom | pid}
+          | {:supervisor, atom}
           | {:node, node | nil}
 
   @type options :: [option]
@@ -224,17 +224,9 @@ defmodule LuaSandbox do
     run_opts = Keyword.merge(opts, timeout: :infinity, node: nil)
     sup = opts[:supervisor]
 
+    # The task takes its slot when it starts (an :overloaded result if there is none).
     try do
-      Task.Supervisor.async_nolink(sup, LuaSandbox.Runner, :run, [source, run_opts])
-    rescue
-      e in RuntimeError ->
-        overloaded = %Error{
-          kind: :overloaded,
-          message: Exception.message(e),
-          stats: Error.empty_stats()
-        }
-
-        Task.async(fn -> {:error, overloaded} end)
+      Task.Supervisor.async_nolink(sup, LuaSandbox.Supervisor, :run_local, [source, run_opts])
     catch
       :exit, {reason, _} when reason in [:noproc, :normal, :shutdown, :killed] ->
         raise ArgumentError, "supervisor #{inspect(sup)} is not running"
@@ -317,9 +309,9 @@ defmodule LuaSandbox do
     end
 
     {timeout, run_opts} = Keyword.pop(run_opts, :timeout, :infinity)
-    # Validated now, so a bad option raises here rather than in the first worker.
+    # Validated now (and the supervisor looked up), so a mistake raises here, not in a worker.
     shared = Options.validate!(Keyword.put(run_opts, :timeout, timeout))
-    check_supervisor!(shared[:supervisor])
+    _ = LuaSandbox.Supervisor.running(shared[:supervisor])
 
     sources
     |> Stream.map(&stream_item!(&1, run_opts))
@@ -355,16 +347,6 @@ defmodule LuaSandbox do
     else
       LuaSandbox.Supervisor.run(source, Keyword.put(opts, :timeout, :infinity))
     end
-  end
-
-  defp check_supervisor!(sup) do
-    alive =
-      case sup do
-        pid when is_pid(pid) -> Process.alive?(pid)
-        name -> is_pid(Process.whereis(name))
-      end
-
-    unless alive, do: raise(ArgumentError, "supervisor #{inspect(sup)} is not running")
   end
 
   @doc """

@@ -19,6 +19,7 @@ defmodule LuaSandbox.Supervisor do
   """
 
   alias LuaSandbox.{Chunk, Error, Runner}
+  alias LuaSandbox.Supervisor.Slots
 
   @doc "The default size: dirty CPU schedulers × 4, unless configured."
   @spec default_max_concurrency() :: pos_integer
@@ -43,74 +44,76 @@ defmodule LuaSandbox.Supervisor do
   end
 
   @doc """
-  Starts a supervisor named `name` that runs at most `max_concurrency` scripts at once.
+  Starts a supervisor for Lua runs registered as `name`, running at most `max_concurrency`
+  scripts at once.
 
-  Options: `name` (required), `max_concurrency` (default `default_max_concurrency/0`).
+  Options: `name` (required, an atom: pass it as `supervisor:`), `max_concurrency` (default
+  `default_max_concurrency/0`).
   """
   @spec start_link(keyword) :: Supervisor.on_start()
   def start_link(opts) do
     opts = Keyword.validate!(opts, [:name, max_concurrency: default_max_concurrency()])
-    Task.Supervisor.start_link(name: opts[:name], max_children: opts[:max_concurrency])
+
+    unless is_atom(opts[:name]) and opts[:name] not in [nil, true, false] do
+      raise ArgumentError, "name must be an atom, got: #{inspect(opts[:name])}"
+    end
+
+    unless is_integer(opts[:max_concurrency]) and opts[:max_concurrency] > 0 do
+      raise ArgumentError,
+            "max_concurrency must be a positive integer, got: #{inspect(opts[:max_concurrency])}"
+    end
+
+    children = [
+      {Slots, {opts[:name], opts[:max_concurrency]}},
+      # Unbounded: the bound is the slots', which every run takes wherever it runs.
+      {Task.Supervisor, name: opts[:name]}
+    ]
+
+    Supervisor.start_link(children, strategy: :one_for_all)
   end
+
+  @doc """
+  How many runs hold a slot of the supervisor `name` right now (at most its
+  `max_concurrency`). Raises `ArgumentError` if it is not running.
+  """
+  @spec running(atom) :: non_neg_integer
+  def running(name), do: Slots.count(name)
 
   @doc false
   # Runs `source` in the calling process while holding a slot of `opts[:supervisor]`.
   @spec run_local(LuaSandbox.source(), keyword) ::
           {:ok, LuaSandbox.Result.t()} | {:error, Error.t()}
   def run_local(source, opts) do
-    case checkout(opts[:supervisor], :refuse) do
+    sup = opts[:supervisor]
+
+    case Slots.checkout(sup) do
       {:ok, slot} ->
         try do
           Runner.run(source, opts)
         after
-          checkin(opts[:supervisor], slot)
+          Slots.checkin(slot)
         end
 
-      {:error, _} = error ->
-        error
+      :full ->
+        {:error, overloaded(sup)}
     end
   end
 
   @doc false
   # Like run_local/2, but waits (with backoff) for a free slot instead of answering
-  # :overloaded; used by LuaSandbox.async_stream/3, whose own timeout bounds the wait.
-  def run_queued(source, opts) do
-    {:ok, slot} = checkout(opts[:supervisor], :wait)
+  # :overloaded; used by LuaSandbox.async_stream/2, whose own timeout bounds the wait.
+  def run_queued(source, opts, backoff \\ 1) do
+    case Slots.checkout(opts[:supervisor]) do
+      {:ok, slot} ->
+        try do
+          Runner.run(source, opts)
+        after
+          Slots.checkin(slot)
+        end
 
-    try do
-      Runner.run(source, opts)
-    after
-      checkin(opts[:supervisor], slot)
-    end
-  end
-
-  # A slot is a child of the Task.Supervisor, so its max_children bounds runs of every kind.
-  # The child monitors the caller: if the caller dies mid-run (its Lua run stopped by the
-  # NIF's kill check), the slot goes with it.
-  defp checkout(sup, mode, backoff \\ 1) do
-    case start_child(sup, :slot, [self()]) do
-      {:ok, pid} ->
-        {:ok, pid}
-
-      {:error, :max_children} when mode == :wait ->
+      :full ->
         Process.sleep(backoff)
-        checkout(sup, mode, min(backoff * 2, 20))
-
-      {:error, :max_children} ->
-        {:error, overloaded(sup)}
-    end
-  end
-
-  # terminate_child is synchronous: once it returns the supervisor has already freed the
-  # slot, so the caller's next run cannot see its own previous one as still running.
-  defp checkin(sup, pid), do: Task.Supervisor.terminate_child(sup, pid)
-
-  @doc false
-  def slot(caller) do
-    ref = Process.monitor(caller)
-
-    receive do
-      {:DOWN, ^ref, :process, _, _} -> :ok
+        run_queued(source, opts, min(backoff * 2, 20))
     end
   end
 
@@ -144,9 +147,6 @@ defmodule LuaSandbox.Supervisor do
         mref = Process.monitor(pid)
         wait(pid, mref, ref, opts[:timeout], node, started)
 
-      {:error, :max_children} ->
-        {:error, overloaded(opts[:supervisor])}
-
       {:error, :noconnection} ->
         {:error,
          %Error{
@@ -157,7 +157,8 @@ defmodule LuaSandbox.Supervisor do
     end
   end
 
-  defp overloaded(sup) do
+  @doc false
+  def overloaded(sup) do
     %Error{
       kind: :overloaded,
       message: "supervisor #{inspect(sup)} is at max_concurrency",
@@ -199,7 +200,7 @@ defmodule LuaSandbox.Supervisor do
 
     result =
       try do
-        Runner.run(source, opts)
+        run_local(source, opts)
       rescue
         e -> {:error, %Error{message: "run crashed: " <> Exception.message(e)}}
       end

@@ -157,3 +157,21 @@ defmodule LuaSandbox.OptionsTest do
     end
   end
 end
+
+defmodule LuaSandbox.OptionsDefaultsTest do
+  use ExUnit.Case, async: true
+
+  test "the precomputed normalized defaults equal the validated defaults" do
+    assert LuaSandbox.Options.validate!([]) ==
+             LuaSandbox.Options.validate!(LuaSandbox.Options.defaults())
+  end
+
+  test "unknown options and non-keyword lists are ArgumentErrors" do
+    assert_raise ArgumentError, ~r/unknown option :nope/, fn ->
+      LuaSandbox.run("return 1", nope: 1)
+    end
+
+    assert_raise ArgumentError, ~r/keyword list/, fn -> LuaSandbox.run("return 1", [1]) end
+    assert_raise ArgumentError, ~r/keyword list/, fn -> LuaSandbox.run("return 1", %{}) end
+  end
+end
