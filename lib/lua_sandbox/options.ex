@@ -384,7 +384,7 @@ defmodule LuaSandbox.Options do
       chunk_name: opts[:chunk_name],
       globals: opts[:globals],
       call: opts[:call],
-      tools: Map.keys(opts[:tools]),
+      tools: opts[:tools] |> Map.keys() |> Enum.sort(),
       modules: Enum.map(opts[:modules], fn {k, m} -> {k, module_source(m)} end)
     }
   end
