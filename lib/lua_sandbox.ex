@@ -211,7 +211,8 @@ defmodule LuaSandbox do
   it with `await/2` or `await_many/2`. The `timeout` belongs to the await.
 
   Takes the options of `run/2` (its `timeout` and `node` are ignored). A full supervisor gives
-  a task that returns `:overloaded`; to queue instead, use `async_stream/2`.
+  a task that returns `:overloaded`; to queue instead, use `async_stream/2`. The run stops if
+  the calling process dies.
 
       iex> tasks = for n <- 1..3, do: LuaSandbox.async("return n * n", globals: %{n: n})
       iex> LuaSandbox.await_many(tasks) |> Enum.map(fn {:ok, r} -> r.value end)
@@ -226,7 +227,11 @@ defmodule LuaSandbox do
 
     # The task takes its slot when it starts (an :overloaded result if there is none).
     try do
-      Task.Supervisor.async_nolink(sup, LuaSandbox.Supervisor, :run_local, [source, run_opts])
+      Task.Supervisor.async_nolink(sup, LuaSandbox.Supervisor, :run_for, [
+        self(),
+        source,
+        run_opts
+      ])
     catch
       :exit, {reason, _} when reason in [:noproc, :normal, :shutdown, :killed] ->
         raise ArgumentError, "supervisor #{inspect(sup)} is not running"

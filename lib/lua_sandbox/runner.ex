@@ -53,7 +53,7 @@ defmodule LuaSandbox.Runner do
   defp check_call(nil), do: :ok
 
   defp drive({:tool_call, run, name, args}, tools, opts) do
-    reply = Tools.call(name, Map.fetch!(tools, name), args, tools)
+    reply = Tools.call(name, Map.fetch!(tools, name), args)
 
     run
     |> Native.run_resume(reply)

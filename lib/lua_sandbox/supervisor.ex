@@ -100,6 +100,13 @@ defmodule LuaSandbox.Supervisor do
   end
 
   @doc false
+  # run_local/2 in a task started for `owner` (LuaSandbox.async/2): the run stops if the owner dies.
+  def run_for(owner, source, opts) do
+    watch(owner, self())
+    run_local(source, opts)
+  end
+
+  @doc false
   # Like run_local/2, but waits (with backoff) for a free slot instead of answering
   # :overloaded; used by LuaSandbox.async_stream/2, whose own timeout bounds the wait.
   def run_queued(source, opts, backoff \\ 1) do

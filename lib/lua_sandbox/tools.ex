@@ -10,14 +10,14 @@ defmodule LuaSandbox.Tools do
 
   @max_shown 120
 
-  def call(name, {fun, spec}, args, tools) do
+  def call(name, {fun, spec}, args) do
     case check_args(name, spec.args, args) do
-      :ok -> apply_tool(name, fun, args, tools)
+      :ok -> apply_tool(name, fun, args)
       {:error, message} -> {:raise, message}
     end
   end
 
-  defp apply_tool(name, fun, args, _tools) do
+  defp apply_tool(name, fun, args) do
     case fun.(args) do
       {:ok, value} -> {:ok, Encoding.encode(value)}
       {:error, reason} -> {:error, reason_text(reason)}

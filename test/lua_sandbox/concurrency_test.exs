@@ -106,6 +106,22 @@ defmodule LuaSandbox.ConcurrencyTest do
       assert_receive {:DOWN, ^ref, :process, ^task, :killed}, 2_000
     end
 
+    test "an async/2 task stops when the process that started it dies" do
+      parent = self()
+
+      owner =
+        spawn(fn ->
+          task = LuaSandbox.async(@loop, @forever)
+          send(parent, {:task, task.pid})
+          Process.sleep(:infinity)
+        end)
+
+      assert_receive {:task, task_pid}, 2_000
+      ref = Process.monitor(task_pid)
+      Process.exit(owner, :kill)
+      assert_receive {:DOWN, ^ref, :process, ^task_pid, :killed}, 2_000
+    end
+
     test "a :timeout error keeps stats with every key" do
       assert {:error, %Error{kind: :timeout, stats: stats}} =
                LuaSandbox.run(@loop, [timeout: 100] ++ @forever)
