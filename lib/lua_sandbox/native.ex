@@ -8,9 +8,15 @@ defmodule LuaSandbox.Native do
     :erlang.load_nif(path, 0)
   end
 
-  # running code (dirty CPU)
+  # running code (dirty CPU), and a first attempt at a short run (normal scheduler)
   def run_start(_source, _opts), do: :erlang.nif_error(:nif_not_loaded)
+  def run_try(_source, _opts), do: :erlang.nif_error(:nif_not_loaded)
   def run_resume(_run, _reply), do: :erlang.nif_error(:nif_not_loaded)
+
+  # sessions: a state across calls (session_new/session_run dirty CPU; info normal)
+  def session_new(_opts), do: :erlang.nif_error(:nif_not_loaded)
+  def session_run(_session, _source, _opts), do: :erlang.nif_error(:nif_not_loaded)
+  def session_info(_session), do: :erlang.nif_error(:nif_not_loaded)
 
   # compiled chunks (dirty CPU)
   def compile(_source, _opts), do: :erlang.nif_error(:nif_not_loaded)

@@ -22,17 +22,30 @@ defmodule LuaSandbox.Runner do
         source when is_binary(source) -> source
       end
 
-    opts =
-      opts
-      |> Keyword.update!(:globals, &Encoding.encode_pairs/1)
-      |> Keyword.update!(:call, fn
-        nil -> nil
-        {name, args} -> {name, Enum.map(args, &Encoding.encode/1)}
-      end)
+    native_opts = opts |> encode_opts() |> Options.to_native()
 
-    native_source
-    |> Native.run_start(Options.to_native(opts))
+    first =
+      if short?(source, opts),
+        do: Native.run_try(native_source, native_opts),
+        else: :retry
+
+    case first do
+      :retry -> Native.run_start(native_source, native_opts)
+      answer -> answer
+    end
     |> drive(opts[:tools], opts)
+  end
+
+  @doc false
+  # Globals and call: arguments through LuaSandbox.Encoder (tool results are encoded where
+  # the tool answers, in LuaSandbox.Tools).
+  def encode_opts(opts) do
+    opts
+    |> Keyword.update!(:globals, &Encoding.encode_pairs/1)
+    |> Keyword.update!(:call, fn
+      nil -> nil
+      {name, args} -> {name, Enum.map(args, &Encoding.encode/1)}
+    end)
   end
 
   defp check_call({_name, args}) do
@@ -52,7 +65,24 @@ defmodule LuaSandbox.Runner do
 
   defp check_call(nil), do: :ok
 
-  defp drive({:tool_call, run, name, args}, tools, opts) do
+  # Worth a first attempt on this (normal) scheduler: no tools (a tool call ends the attempt)
+  # and little source to parse, since parsing is the one step of the attempt whose cost is
+  # bounded by the source's size rather than by the attempt's instruction slice. The attempt
+  # is thrown away unseen when the run needs more than its slice (see run.rs `run_try`).
+  @short_source 4096
+  defp short?(source, opts) do
+    opts[:tools] == %{} and source_bytes(source) <= @short_source and
+      Enum.reduce(opts[:modules], 0, fn {_, m}, acc -> acc + source_bytes(m) end) <=
+        @short_source
+  end
+
+  defp source_bytes(%Chunk{}), do: 0
+  defp source_bytes(source) when is_binary(source), do: byte_size(source)
+
+  @doc false
+  # Answers a native run's tool calls until it finishes; `tools` is the normalized tools map
+  # (LuaSandbox.Options: name => {fun, spec}).
+  def drive({:tool_call, run, name, args}, tools, opts) do
     reply = Tools.call(name, Map.fetch!(tools, name), args)
 
     run
@@ -60,13 +90,13 @@ defmodule LuaSandbox.Runner do
     |> drive(tools, opts)
   end
 
-  defp drive({:ok, values, output, stats}, _tools, opts) do
+  def drive({:ok, values, output, stats}, _tools, opts) do
     log_output(output, opts)
     value = List.first(values)
     {:ok, %Result{value: value, values: values, output: output, stats: stats}}
   end
 
-  defp drive({:error, {kind, message, line, traceback, value}, output, stats}, _tools, opts) do
+  def drive({:error, {kind, message, line, traceback, value}, output, stats}, _tools, opts) do
     log_output(output, opts)
 
     {:error,

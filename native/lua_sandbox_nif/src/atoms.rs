@@ -5,6 +5,12 @@ rustler::atoms! {
     error,
     nil,
     tool_call,
+    retry,
+    busy,
+    // session info keys
+    memory,
+    calls,
+    rollbacks,
     lua_print,
     // print modes
     capture,

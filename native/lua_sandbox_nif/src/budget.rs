@@ -37,6 +37,7 @@ pub enum Abort {
 
 impl Abort {
     /// The message raised inside Lua; it only surfaces if Lua formats the error itself.
+    #[cfg(test)]
     pub fn message(self) -> &'static str {
         match self {
             Abort::Instructions => "instruction limit exceeded",

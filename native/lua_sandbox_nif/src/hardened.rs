@@ -52,12 +52,33 @@ pub extern "C" fn lua_sandbox_abort_message() -> *const c_char {
         .as_ptr()
 }
 
+/// Puts the budget-charging copies into the `string` and `table` globals of a state being
+/// built (raw API; see `install` for what they replace).
+///
+/// # Safety
+/// Only inside a protected call on `l` (it may raise), with `string` and `table` opened.
+pub unsafe fn open_into_globals(l: *mut ffi::lua_State) {
+    // SAFETY: per the contract; the openers are genuine `lua_CFunction`s (see `install`),
+    // called with the library table as their only argument.
+    unsafe {
+        for (name, open) in [
+            (c"string", lua_sandbox_open_strlib as ffi::lua_CFunction),
+            (c"table", lua_sandbox_open_tablib as ffi::lua_CFunction),
+        ] {
+            ffi::lua_pushcfunction(l, open);
+            ffi::lua_getglobal(l, name.as_ptr());
+            ffi::lua_call(l, 1, 0);
+        }
+    }
+}
+
 /// Replaces `string.find`, `string.match`, `string.gmatch`, `string.gsub` and `table.sort`
 /// (in the `string` and `table` global tables, which the string metatable's `__index` shares)
 /// with the budget-charging copies.
 ///
 /// Call it once per state, before running untrusted code and before anything copies the
 /// originals. Calling it again is harmless.
+#[cfg(test)]
 pub fn install(lua: &mlua::Lua) -> mlua::Result<()> {
     let globals = lua.globals();
     let string: mlua::Table = globals.get("string")?;

@@ -7,9 +7,10 @@ mod error;
 mod hardened;
 mod marshal;
 mod output;
-mod pool;
 mod run;
 mod sandbox;
+mod session;
+mod slots;
 mod stack;
 #[cfg(test)]
 mod test_stubs;

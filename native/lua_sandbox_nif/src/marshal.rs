@@ -1,8 +1,6 @@
 //! Terms to Lua values and back, bounded in depth and size, with cycle detection.
 //!
-//! Both directions walk the Lua C API directly on the Lua stack (through `Lua::exec_raw`):
-//! going through mlua's `Value`/`Table` handles costs a registry reference per value and made
-//! a 1 MB term slower to marshal than Luerl's encode/decode.
+//! Both directions walk the Lua C API directly on the Lua stack.
 //!
 //! Soundness rests on one rule: no Lua API call made here may raise, because a raise would
 //! `longjmp` over Rust frames that own heap values. Reading (`lua_next`, `lua_rawgeti`,
@@ -15,7 +13,7 @@
 use std::ffi::{c_int, c_void};
 use std::fmt::Write;
 
-use mlua::{ffi, Lua, MultiValue, Value};
+use lua_sandbox_core::{ffi, protect};
 use rustler::types::{ListIterator, MapIterator};
 use rustler::{Encoder, Env, NewBinary, Term, TermType};
 
@@ -121,70 +119,94 @@ fn is_identifier(s: &str) -> bool {
 // ---------------------------------------------------------------------------------------------
 // Elixir -> Lua
 
-/// Sets each `(name, term)` as a global of `lua`. Paths in errors start at `globals`.
-pub fn push_globals(
-    lua: &Lua,
+/// Sets each `(name, term)` as a global of `l`. Paths in errors start at `globals`.
+///
+/// # Safety
+/// `l` must be a non-running state whose memory limit the caller lifted (see the module doc);
+/// `limit` is the run's limit, checked here.
+pub unsafe fn push_globals(
+    l: *mut ffi::lua_State,
     globals: &[(String, Term)],
     max_depth: usize,
+    limit: usize,
 ) -> Result<(), SandboxError> {
     if globals.is_empty() {
         return Ok(());
     }
     let mut result = Ok(());
-    let mut builder = None;
-    let outcome = building(lua, |lua, limit| {
-        let builder = builder.insert(Builder::new(lua, limit, max_depth));
-        // SAFETY: see the module doc: nothing in the closure raises, so it runs to its end
-        // (and `exec_raw`'s protected call only guards against the impossible).
-        unsafe {
-            lua.exec_raw::<()>((), |l| {
-                result = builder.set_globals(l, globals);
-            })
-        }
-    });
-    outcome.map_err(SandboxError::from)?;
+    let mut builder = Builder::new(l, limit, max_depth);
+    // SAFETY: nothing in the closure raises (module doc); the backstop catches the impossible.
+    let outcome = unsafe {
+        building(l, |l| {
+            result = builder.set_globals(l, globals);
+        })
+    };
+    outcome?;
     result.map_err(|f| f.into_error("globals"))?;
-    builder.map_or(Ok(()), |b| b.check_memory(lua))
+    builder.check_memory(l)
 }
 
-/// Converts `terms` to Lua values; paths in errors start at `root` and index from 1.
-pub fn push_values(
-    lua: &Lua,
+/// Converts `terms` to Lua values, left on top of `l`'s stack; paths in errors start at
+/// `root` and index from 1. Returns how many values were pushed.
+///
+/// # Safety
+/// As for [`push_globals`].
+pub unsafe fn push_values(
+    l: *mut ffi::lua_State,
     terms: &[Term],
     max_depth: usize,
     root: &str,
-) -> Result<MultiValue, SandboxError> {
+    limit: usize,
+) -> Result<c_int, SandboxError> {
     let mut result = Ok(());
-    let mut builder = None;
-    let values = building(lua, |lua, limit| {
-        let builder = builder.insert(Builder::new(lua, limit, max_depth));
-        // SAFETY: as in `push_globals`. The values left on the stack become the MultiValue.
-        unsafe {
-            lua.exec_raw::<MultiValue>((), |l| {
-                result = builder.push_all(l, terms);
-            })
-        }
-    });
-    let values = values.map_err(SandboxError::from)?;
+    let mut builder = Builder::new(l, limit, max_depth);
+    // SAFETY: `lua_gettop` only reads.
+    let base = unsafe { ffi::lua_gettop(l) };
+    // SAFETY: as in `push_globals`. The values left on the closure's stack are its results.
+    let outcome = unsafe {
+        building(l, |l| {
+            result = builder.push_all(l, terms);
+            if result.is_err() {
+                ffi::lua_settop(l, 0);
+            }
+        })
+    };
+    outcome?;
     result.map_err(|f| f.into_error(root))?;
-    if let Some(b) = builder {
-        b.check_memory(lua)?;
-    }
-    Ok(values)
+    builder.check_memory(l)?;
+    // SAFETY: only reads.
+    Ok(unsafe { ffi::lua_gettop(l) } - base)
 }
 
-/// Runs `f` with the state's memory limit lifted (so building cannot raise) and the collector
-/// paused (everything built is reachable anyway), then restores both.
-fn building<R>(lua: &Lua, f: impl FnOnce(&Lua, usize) -> R) -> R {
-    let limit = lua.set_memory_limit(0).unwrap_or(0);
-    let was_running = lua.gc_is_running();
-    lua.gc_stop();
-    let r = f(lua, limit);
-    if was_running {
-        lua.gc_restart();
+/// Runs `f` under the backstop with the collector paused (everything built is reachable
+/// anyway), then restarts it.
+///
+/// # Safety
+/// `f` must not raise by construction.
+unsafe fn building(
+    l: *mut ffi::lua_State,
+    mut f: impl FnMut(*mut ffi::lua_State),
+) -> Result<(), SandboxError> {
+    // SAFETY: stopping/restarting the collector and querying it never raise.
+    unsafe {
+        let was_running = ffi::lua_gc(l, ffi::LUA_GCISRUNNING, 0) != 0;
+        ffi::lua_gc(l, ffi::LUA_GCSTOP, 0);
+        let r = protect::call_backstop(l, &mut f);
+        if was_running {
+            ffi::lua_gc(l, ffi::LUA_GCRESTART, 0);
+        }
+        r.map_err(|e| SandboxError::Runtime(e.message))
     }
-    let _ = lua.set_memory_limit(limit);
-    r
+}
+
+/// Bytes the state's heap holds (Lua's own count).
+fn used_memory(l: *mut ffi::lua_State) -> usize {
+    // SAFETY: LUA_GCCOUNT/COUNTB only read the collector's counters.
+    unsafe {
+        let kb = ffi::lua_gc(l, ffi::LUA_GCCOUNT, 0) as usize;
+        let b = ffi::lua_gc(l, ffi::LUA_GCCOUNTB, 0) as usize;
+        kb * 1024 + b
+    }
 }
 
 struct Builder {
@@ -196,11 +218,11 @@ struct Builder {
 }
 
 impl Builder {
-    fn new(lua: &Lua, limit: usize, max_depth: usize) -> Builder {
+    fn new(l: *mut ffi::lua_State, limit: usize, max_depth: usize) -> Builder {
         Builder {
             max_depth,
             limit,
-            estimate: lua.used_memory(),
+            estimate: used_memory(l),
         }
     }
 
@@ -214,8 +236,8 @@ impl Builder {
         }
     }
 
-    fn check_memory(&self, lua: &Lua) -> Result<(), SandboxError> {
-        if self.limit > 0 && lua.used_memory() > self.limit {
+    fn check_memory(&self, l: *mut ffi::lua_State) -> Result<(), SandboxError> {
+        if self.limit > 0 && used_memory(l) > self.limit {
             Err(SandboxError::MemoryLimit)
         } else {
             Ok(())
@@ -227,7 +249,7 @@ impl Builder {
         l: *mut ffi::lua_State,
         globals: &[(String, Term)],
     ) -> Result<(), Fail> {
-        // SAFETY (whole fn): `l` is the running thread inside `exec_raw`; each push is preceded
+        // SAFETY (whole fn): `l` is the running thread inside the backstop; each push is preceded
         // by a successful `lua_checkstack`; no call here raises (module doc).
         unsafe {
             if ffi::lua_checkstack(l, 4) == 0 {
@@ -503,60 +525,60 @@ pub struct Bounds {
     pub max_bytes: u64,
 }
 
-/// Converts each value to a term; paths in errors look like `root[i]...`.
-pub fn to_terms<'e>(
+/// Converts the `n` values from absolute index `first` of `l`'s stack to terms; paths in
+/// errors look like `root[i]...`. The stack is left as it was.
+///
+/// # Safety
+/// `first..first + n` must be valid indices of `l`, which must not be running.
+pub unsafe fn to_terms<'e>(
     env: Env<'e>,
-    lua: &Lua,
-    values: &MultiValue,
+    l: *mut ffi::lua_State,
+    first: c_int,
+    n: c_int,
     bounds: Bounds,
     root: &str,
 ) -> Result<Vec<Term<'e>>, SandboxError> {
     let mut reader = Reader::new(env, bounds);
-    // Scalars need no trip to the Lua stack.
-    if values.iter().all(|v| !matches!(v, Value::Table(_))) {
-        return values
-            .iter()
-            .enumerate()
-            .map(|(i, v)| {
-                reader
-                    .scalar(v)
-                    .map_err(|f| f.at(Seg::Index(i as i64 + 1)).into_error(root))
-            })
-            .collect();
+    // SAFETY: reading never raises (module doc); the stack is reset afterwards.
+    unsafe {
+        let top = ffi::lua_gettop(l);
+        let mut out = Vec::with_capacity(n.max(0) as usize);
+        let mut result = Ok(());
+        for (i, idx) in (first..first + n).enumerate() {
+            match reader.read(l, idx, 0) {
+                Ok(t) => out.push(t),
+                Err(f) => {
+                    result = Err(f.at(Seg::Index(i as i64 + 1)));
+                    break;
+                }
+            }
+        }
+        ffi::lua_settop(l, top);
+        result.map_err(|f| f.into_error(root))?;
+        Ok(out)
     }
-    let mut result = Ok(Vec::new());
-    let args: MultiValue = values.iter().cloned().collect();
-    // SAFETY: reading never raises (module doc), so the closure runs to its end.
-    let outcome = unsafe {
-        lua.exec_raw::<()>(args, |l| {
-            result = reader.read_stack(l);
-        })
-    };
-    outcome.map_err(SandboxError::from)?;
-    result.map_err(|f| f.into_error(root))
 }
 
-/// Converts one value with the path rooted at `root` itself (for error objects).
-pub fn to_term<'e>(
+/// Converts the value at absolute index `idx` with the path rooted at `root` itself (for
+/// error objects). The stack is left as it was.
+///
+/// # Safety
+/// As for [`to_terms`].
+pub unsafe fn to_term<'e>(
     env: Env<'e>,
-    lua: &Lua,
-    value: &Value,
+    l: *mut ffi::lua_State,
+    idx: c_int,
     bounds: Bounds,
     root: &str,
 ) -> Result<Term<'e>, SandboxError> {
     let mut reader = Reader::new(env, bounds);
-    if !matches!(value, Value::Table(_)) {
-        return reader.scalar(value).map_err(|f| f.into_error(root));
-    }
-    let mut result = Err(invalid("not converted"));
     // SAFETY: as in `to_terms`.
-    let outcome = unsafe {
-        lua.exec_raw::<()>(value.clone(), |l| {
-            result = reader.read(l, 1, 0);
-        })
-    };
-    outcome.map_err(SandboxError::from)?;
-    result.map_err(|f| f.into_error(root))
+    unsafe {
+        let top = ffi::lua_gettop(l);
+        let r = reader.read(l, idx, 0);
+        ffi::lua_settop(l, top);
+        r.map_err(|f| f.into_error(root))
+    }
 }
 
 struct Reader<'e> {
@@ -586,37 +608,6 @@ impl<'e> Reader<'e> {
         Ok(())
     }
 
-    /// Non-table values straight from mlua handles.
-    fn scalar(&mut self, v: &Value) -> Result<Term<'e>, Fail> {
-        let env = self.env;
-        self.charge(match v {
-            Value::String(s) => s.as_bytes().len() as u64,
-            _ => 0,
-        })?;
-        match v {
-            Value::Nil => Ok(atoms::nil().encode(env)),
-            Value::Boolean(b) => Ok(b.encode(env)),
-            Value::Integer(i) => Ok(i.encode(env)),
-            Value::Number(f) => Ok(float_term(env, *f)),
-            Value::String(s) => Ok(binary_term(env, &s.as_bytes())),
-            Value::Function(_) => Err(unsupported("a function")),
-            Value::Thread(_) => Err(unsupported("a coroutine")),
-            _ => Err(unsupported("userdata")),
-        }
-    }
-
-    unsafe fn read_stack(&mut self, l: *mut ffi::lua_State) -> Result<Vec<Term<'e>>, Fail> {
-        // SAFETY: `l` is the running thread in `exec_raw`; slots 1..=top are the arguments.
-        let top = unsafe { ffi::lua_gettop(l) };
-        let mut out = Vec::with_capacity(top as usize);
-        for i in 1..=top {
-            // SAFETY: `i` is a valid slot.
-            let t = unsafe { self.read(l, i, 0) }.map_err(|f| f.at(Seg::Index(i as i64)))?;
-            out.push(t);
-        }
-        Ok(out)
-    }
-
     /// Converts the value at absolute stack index `idx`.
     unsafe fn read(
         &mut self,
@@ -625,7 +616,7 @@ impl<'e> Reader<'e> {
         depth: usize,
     ) -> Result<Term<'e>, Fail> {
         let env = self.env;
-        // SAFETY: `idx` is a valid absolute index on the running thread; the `lua_to*` calls
+        // SAFETY: `idx` is a valid absolute index; the `lua_to*` calls
         // are made only on values of the matching type, so none converts or allocates.
         unsafe {
             match ffi::lua_type(l, idx) {
@@ -708,7 +699,7 @@ impl<'e> Reader<'e> {
         let mut integer_keys: u64 = 0;
         // SAFETY: as in `read_table`; `lua_next` is driven with the key it returned and the
         // table is not modified. On an early return the key/value slots stay on the stack;
-        // `exec_raw`'s stack guard resets the stack afterwards.
+        // `to_terms`/`to_term` reset the stack afterwards.
         unsafe {
             ffi::lua_pushnil(l);
             while ffi::lua_next(l, idx) != 0 {

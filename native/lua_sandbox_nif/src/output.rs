@@ -1,6 +1,9 @@
 //! What `print` and `io.write` produce: captured, capped at `max_output`, optionally streamed.
 
-use mlua::Lua;
+use std::cell::Cell;
+use std::marker::PhantomData;
+use std::ptr;
+
 use rustler::{Encoder, Env, LocalPid};
 
 use crate::atoms;
@@ -15,11 +18,13 @@ pub enum PrintMode {
     Discard,
 }
 
-/// The output of one run; kept in the state's app data while the run lives.
+/// The output of one run; owned by the run, active on the thread that executes it.
 pub struct Output {
     pub buf: Vec<u8>,
     max: usize,
     mode: PrintMode,
+    /// With `defer_stream`: the chunks (ends in `buf`) to send once the attempt succeeded.
+    deferred: Option<Vec<usize>>,
 }
 
 impl Output {
@@ -28,28 +33,78 @@ impl Output {
             buf: Vec::new(),
             max,
             mode,
+            deferred: None,
+        }
+    }
+
+    /// Streamed chunks are held back (a first attempt must not be seen before it succeeds).
+    pub fn defer_stream(&mut self) {
+        self.deferred = Some(Vec::new());
+    }
+
+    /// Sends the held-back chunks, in order, from the NIF call's own env.
+    pub fn send_deferred(&mut self, env: Env) {
+        let (Some(ends), PrintMode::Send(pid)) = (self.deferred.take(), self.mode) else {
+            return;
+        };
+        let mut start = 0;
+        for end in ends {
+            let chunk = crate::marshal::binary_term(env, &self.buf[start..end]);
+            let _ = env.send(&pid, (atoms::lua_print(), chunk).encode(env));
+            start = end;
         }
     }
 }
 
+thread_local! {
+    static ACTIVE: Cell<*mut Output> = const { Cell::new(ptr::null_mut()) };
+}
+
+/// Makes `out` the output that `emit` appends to on this thread until dropped.
+pub struct Activation<'o> {
+    previous: *mut Output,
+    _out: PhantomData<&'o mut Output>,
+}
+
+impl<'o> Activation<'o> {
+    pub fn new(out: &'o mut Output) -> Activation<'o> {
+        let previous = ACTIVE.with(|a| a.replace(out as *mut Output));
+        Activation {
+            previous,
+            _out: PhantomData,
+        }
+    }
+}
+
+impl Drop for Activation<'_> {
+    fn drop(&mut self) {
+        ACTIVE.with(|a| a.set(self.previous));
+    }
+}
+
 /// Appends one printed chunk. Over `max_output` the run is aborted (sticky, like every limit).
-pub fn emit(lua: &Lua, bytes: &[u8]) -> mlua::Result<()> {
-    let Some(mut out) = lua.app_data_mut::<Output>() else {
+pub fn emit(bytes: &[u8]) -> Result<(), Abort> {
+    let out = ACTIVE.with(|a| a.get());
+    if out.is_null() {
         return Ok(());
-    };
+    }
+    // SAFETY: `out` was set by an `Activation` holding the `&mut Output` for its lifetime, on
+    // this thread; we are strictly inside it (called from Lua code run by that NIF call), and
+    // no other reference to the Output is used meanwhile.
+    let out = unsafe { &mut *out };
     if let PrintMode::Discard = out.mode {
         return Ok(());
     }
     if out.buf.len().saturating_add(bytes.len()) > out.max {
-        drop(out);
         budget::trip(Abort::Output);
-        return Err(mlua::Error::RuntimeError(
-            Abort::Output.message().to_string(),
-        ));
+        return Err(Abort::Output);
     }
     out.buf.extend_from_slice(bytes);
     if let PrintMode::Send(pid) = out.mode {
-        send_chunk(&pid, bytes);
+        match &mut out.deferred {
+            Some(ends) => ends.push(out.buf.len()),
+            None => send_chunk(&pid, bytes),
+        }
     }
     Ok(())
 }

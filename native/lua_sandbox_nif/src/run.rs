@@ -1,26 +1,33 @@
 //! The NIFs that run Lua: start a run, resume it after a tool call.
 //!
-//! A run is a coroutine inside a fresh sandboxed state, kept in a resource so a tool call can
-//! suspend it, hand `{:tool_call, run, name, args}` to Elixir, and be resumed later on any
-//! dirty scheduler. The resource belongs to the process that started the run: only it may
-//! resume, and when it dies the resource (and the whole Lua state) is freed by the GC.
+//! A run leases a pristine slot (`slots.rs`) and executes in a coroutine of the slot's state,
+//! kept in a resource so a tool call can suspend it, hand `{:tool_call, run, name, args}` to
+//! Elixir, and be resumed later on any dirty scheduler. The resource belongs to the process
+//! that started the run: only it may resume, and when it dies the resource is freed by the GC,
+//! which hands the slot back (a restore, O(1) in the state's size).
+//!
+//! Every Lua API call here follows `lua_sandbox_core::protect`: what can raise runs under a
+//! protected call (`protect::call` of a C function, `lua_pcall`, `lua_resume`), and what runs
+//! outside one is a call that cannot raise (reads, non-allocating pushes, `lua_load`, which
+//! protects itself).
 
+use std::ffi::{c_int, CString};
+use std::ptr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use mlua::chunk::ChunkMode;
-use mlua::{Function, MultiValue, Table, Thread, Value};
+use lua_sandbox_core::{ffi, protect, seed};
 use rustler::types::LocalPid;
 use rustler::{Atom, Encoder, Env, NifMap, NifResult, ResourceArc, Term, TermType};
 
 use crate::atoms;
 use crate::budget::{self, Abort, Activation, Control};
-
 use crate::chunk::CompiledChunk;
 use crate::error::{line_of, SandboxError};
 use crate::marshal::{self, binary_term, Bounds};
-use crate::output::{Output, PrintMode};
-use crate::sandbox::Sandbox;
+use crate::output::{self, Output, PrintMode};
+use crate::sandbox::{self, Key};
+use crate::slots::{self, Lease};
 use crate::stack;
 
 /// Options, already validated and defaulted by `LuaSandbox.Options`.
@@ -42,55 +49,149 @@ pub struct RunOpts<'a> {
     pub modules: Vec<(String, Term<'a>)>,
 }
 
-struct Session {
-    thread: Thread,
-    tool_marker: Table,
-    control: Box<Control>,
-    chunk_name: String,
-    max_depth: usize,
-    max_result_bytes: u64,
-    max_tool_calls: u64,
-    tool_calls: u64,
-    elapsed: Duration,
-    // Last: every Lua value above refers into this state.
-    sandbox: Sandbox,
+pub(crate) struct Running {
+    /// The run coroutine: a thread of the leased state, kept alive on its main stack (index
+    /// 1). Valid as long as the lease (the slot is restored only when the lease ends).
+    pub(crate) thread: *mut ffi::lua_State,
+    pub(crate) control: Box<Control>,
+    pub(crate) output: Output,
+    pub(crate) chunk_name: String,
+    pub(crate) max_depth: usize,
+    pub(crate) max_result_bytes: u64,
+    pub(crate) max_tool_calls: u64,
+    pub(crate) max_memory: usize,
+    pub(crate) tool_calls: u64,
+    pub(crate) elapsed: Duration,
+    // Last: `thread` points into this slot.
+    pub(crate) home: Home,
+}
+
+/// Where a run's slot comes from, and where it goes when the run ends.
+pub(crate) enum Home {
+    /// A fresh run's own slot, restored from its snapshot when the run ends.
+    Fresh(Lease),
+    /// A session's slot, lent to one call and given back (rolled back if the call failed).
+    Session(crate::session::Loan),
+}
+
+impl Home {
+    fn slot(&self) -> &lua_sandbox_core::Slot {
+        match self {
+            Home::Fresh(lease) => lease.slot(),
+            Home::Session(loan) => loan.slot(),
+        }
+    }
+
+    fn slot_mut(&mut self) -> &mut lua_sandbox_core::Slot {
+        match self {
+            Home::Fresh(lease) => lease.slot_mut(),
+            Home::Session(loan) => loan.slot_mut(),
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Home::Session(loan) = &mut self.home {
+            loan.record(self.control.instructions());
+        }
+    }
+}
+
+// SAFETY: `thread` points into the leased slot's arena, which the session owns exclusively and
+// which moves with it (a `Slot` is `Send`); nothing else in a session is tied to a thread. All
+// access goes through `&mut Running` (taken out of the resource's mutex), so never concurrent.
+unsafe impl Send for Running {}
+
+impl Running {
+    /// The main state of the leased slot.
+    fn main(&self) -> *mut ffi::lua_State {
+        self.home.slot().state()
+    }
+
+    fn bounds(&self) -> Bounds {
+        Bounds {
+            max_depth: self.max_depth,
+            max_bytes: self.max_result_bytes,
+        }
+    }
 }
 
 pub struct Run {
     owner: LocalPid,
-    session: Mutex<Option<Session>>,
+    session: Mutex<Option<Running>>,
 }
 
 #[rustler::resource_impl]
 impl rustler::Resource for Run {}
 
-impl Drop for Run {
-    /// A run parked at a tool call is dropped when its owner dies (the GC of the dead
-    /// process's heap, on a normal scheduler): closing a large Lua state there would stall that
-    /// scheduler, so the state goes to the pool's thread like any finished run.
-    fn drop(&mut self) {
-        let session = self
-            .session
-            .get_mut()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        if let Some(session) = session {
-            crate::pool::discard(Box::new(session));
-        }
-    }
-}
-
-/// What a step of the run produced.
-enum Step {
-    Done(MultiValue),
-    Failed(Value),
-    ToolCall(String, MultiValue),
+/// What a step of the run produced, as stack positions on the run coroutine.
+pub(crate) enum Step {
+    /// Finished: `n` results from absolute index `first`.
+    Done { first: c_int, n: c_int },
+    /// Failed with the error object at `idx`.
+    Failed { idx: c_int },
+    /// Yielded a tool call: `n` arguments from `first`; `keep` is the stack height to restore
+    /// once they are converted.
+    ToolCall {
+        name: String,
+        first: c_int,
+        n: c_int,
+        keep: c_int,
+    },
 }
 
 #[rustler::nif(schedule = "DirtyCpu")]
 fn run_start<'a>(env: Env<'a>, source: Term<'a>, opts: RunOpts<'a>) -> NifResult<Term<'a>> {
     let source = Source::decode(source)?;
-    Ok(stack::with_big_stack(|| start(env, source, opts)))
+    Ok(stack::with_big_stack(|| start(env, source, opts, None)))
+}
+
+/// Instructions a first attempt on a normal scheduler may execute (~0.25 ms of Lua).
+pub const FAST_INSTRUCTIONS: u64 = 10_000;
+/// Lua heap a first attempt may use.
+pub const FAST_MEMORY: usize = 1 << 20;
+/// Result bytes a first attempt may return.
+pub const FAST_RESULT_BYTES: u64 = 256 << 10;
+
+/// The tighter limits of a first attempt, and the run's real ones.
+#[derive(Clone, Copy)]
+struct Fast {
+    max_instructions: u64,
+    max_memory: usize,
+    max_result_bytes: u64,
+}
+
+impl Fast {
+    /// Whether `e`, met under the attempt's limits, may not be the run's real outcome.
+    fn retry(&self, e: &SandboxError) -> bool {
+        match e {
+            SandboxError::InstructionLimit => self.max_instructions > FAST_INSTRUCTIONS,
+            SandboxError::MemoryLimit => self.max_memory > FAST_MEMORY,
+            SandboxError::SizeLimit(_) => self.max_result_bytes > FAST_RESULT_BYTES,
+            _ => false,
+        }
+    }
+}
+
+/// A first attempt at a short run, on the caller's normal scheduler, under tighter limits
+/// (`FAST_*`). It answers like `run_start` when the run finishes within them, and `:retry`
+/// when it did not (a limit of the attempt, or a tool call): the attempt's state, output and
+/// stream are then thrown away unseen, and the caller runs it with `run_start`.
+#[rustler::nif]
+fn run_try<'a>(env: Env<'a>, source: Term<'a>, opts: RunOpts<'a>) -> NifResult<Term<'a>> {
+    let source = Source::decode(source)?;
+    let fast = Fast {
+        max_instructions: opts.max_instructions,
+        max_memory: match opts.max_memory as usize {
+            0 => usize::MAX,
+            n => n,
+        },
+        max_result_bytes: opts.max_result_bytes,
+    };
+    Ok(stack::with_big_stack(|| {
+        start(env, source, opts, Some(fast))
+    }))
 }
 
 #[rustler::nif(schedule = "DirtyCpu")]
@@ -112,22 +213,24 @@ fn run_resume<'a>(env: Env<'a>, run: ResourceArc<Run>, reply: Term<'a>) -> NifRe
     };
     Ok(stack::with_big_stack(|| {
         let t0 = Instant::now();
-        let step = {
+        sandbox::clear_traceback();
+        let step = reply_to_lua(&mut session, reply).and_then(|nargs| {
             let _active = Activation::new(&session.control, env.as_c_arg());
-            reply_to_lua(&session, reply).and_then(|args| resume(&session, args))
-        };
+            let _out = output::Activation::new(&mut session.output);
+            resume(session.thread, &session.control, nargs)
+        });
         session.elapsed += t0.elapsed();
         settle(env, session, step, Some(run.clone()))
     }))
 }
 
-enum Source<'a> {
+pub(crate) enum Source<'a> {
     Text(rustler::Binary<'a>),
     Chunk(ResourceArc<CompiledChunk>),
 }
 
 impl<'a> Source<'a> {
-    fn decode(term: Term<'a>) -> NifResult<Source<'a>> {
+    pub(crate) fn decode(term: Term<'a>) -> NifResult<Source<'a>> {
         if term.get_type() == TermType::Binary {
             return Ok(Source::Text(term.decode()?));
         }
@@ -139,9 +242,13 @@ impl<'a> Source<'a> {
 }
 
 fn print_mode(opts: &RunOpts) -> PrintMode {
-    let print = opts.print;
+    print_mode_of(opts.print, opts.print_pid)
+}
+
+/// The print mode from the NIF's `print` atom and `print_pid`.
+pub(crate) fn print_mode_of(print: Atom, print_pid: Option<LocalPid>) -> PrintMode {
     if print == atoms::send() {
-        match opts.print_pid {
+        match print_pid {
             Some(pid) => PrintMode::Send(pid),
             None => PrintMode::Capture,
         }
@@ -154,164 +261,460 @@ fn print_mode(opts: &RunOpts) -> PrintMode {
     }
 }
 
-fn start<'a>(env: Env<'a>, source: Source<'a>, opts: RunOpts<'a>) -> Term<'a> {
-    let t0 = Instant::now();
-    let max_source = opts.max_source as usize;
-    let (bytes, mode, chunk_name): (&[u8], ChunkMode, String) = match &source {
-        Source::Text(bin) => (bin.as_slice(), ChunkMode::Text, opts.chunk_name.clone()),
-        Source::Chunk(chunk) => (&chunk.bytecode, ChunkMode::Binary, chunk.name.clone()),
-    };
-    let early = |e: SandboxError| early_error(env, e, t0);
-    if mode == ChunkMode::Text {
-        if let Err(e) = crate::chunk::check_source(bytes, max_source, "source") {
-            return early(e);
-        }
-    }
-    let sandbox = match crate::pool::take() {
-        Ok(s) => s,
-        Err(e) => return early(SandboxError::from(e)),
-    };
-    let control = Box::new(Control::new(opts.max_instructions));
-    let lua = &sandbox.lua;
-    lua.set_app_data(Output::new(opts.max_output as usize, print_mode(&opts)));
-    if let Err(e) = lua.set_memory_limit(opts.max_memory as usize) {
-        return early(SandboxError::from(e));
+/// A chunk to load: its bytes, its `=name` and whether it is text or our own bytecode.
+pub(crate) struct Code<'a> {
+    bytes: &'a [u8],
+    name: CString,
+    binary: bool,
+}
+
+impl<'a> Code<'a> {
+    pub(crate) fn new(bytes: &'a [u8], name: &str, binary: bool) -> Result<Code<'a>, SandboxError> {
+        let name = CString::new(format!("={name}")).map_err(|_| {
+            SandboxError::InvalidInput(format!("chunk name {name:?} contains a NUL byte"))
+        })?;
+        Ok(Code {
+            bytes,
+            name,
+            binary,
+        })
     }
 
-    let prepared = {
-        let _active = Activation::new(&control, env.as_c_arg());
-        prepare(&sandbox, &control, &opts, bytes, mode, &chunk_name)
-    };
-    let (thread, args) = match prepared {
-        Ok(x) => x,
-        Err(e) => {
-            let e = control.abort().map(SandboxError::from).unwrap_or(e);
-            return error_term(
-                env,
-                &sandbox,
-                &control,
-                t0.elapsed(),
-                0,
-                &chunk_name,
-                e,
-                Value::Nil,
+    /// Loads the chunk onto `l`'s stack (a function on success, nothing on failure).
+    ///
+    /// # Safety
+    /// `l` must be a non-running state or thread with a free stack slot.
+    unsafe fn load(&self, l: *mut ffi::lua_State) -> Result<(), SandboxError> {
+        let mode = if self.binary { c"b" } else { c"t" };
+        // SAFETY: `lua_load` runs the parser under its own protected call and reports errors
+        // as a status with the message on the stack; it does not raise.
+        unsafe {
+            let status = ffi::luaL_loadbufferx(
+                l,
+                self.bytes.as_ptr().cast(),
+                self.bytes.len(),
+                self.name.as_ptr(),
+                mode.as_ptr(),
             );
+            if status == ffi::LUA_OK {
+                return Ok(());
+            }
+            let message = protect::describe(l, -1);
+            ffi::lua_pop(l, 1);
+            Err(match status {
+                ffi::LUA_ERRSYNTAX => SandboxError::Syntax(message),
+                ffi::LUA_ERRMEM => SandboxError::MemoryLimit,
+                // The parser's own nesting limit surfaces as a runtime "C stack overflow", but
+                // it is a property of the source.
+                _ => {
+                    let first = message.lines().next().unwrap_or_default();
+                    SandboxError::Syntax(format!("{first} (source nested too deeply)"))
+                }
+            })
         }
+    }
+}
+
+fn start<'a>(
+    env: Env<'a>,
+    source: Source<'a>,
+    mut opts: RunOpts<'a>,
+    fast: Option<Fast>,
+) -> Term<'a> {
+    if fast.is_some() {
+        opts.max_instructions = opts.max_instructions.min(FAST_INSTRUCTIONS);
+        opts.max_memory = match opts.max_memory {
+            0 => FAST_MEMORY as u64,
+            n => n.min(FAST_MEMORY as u64),
+        };
+        opts.max_result_bytes = opts.max_result_bytes.min(FAST_RESULT_BYTES);
+    }
+    let t0 = Instant::now();
+    let early = |e: SandboxError| early_error(env, e, t0);
+    let max_source = opts.max_source as usize;
+    let code = match &source {
+        Source::Text(bin) => {
+            if let Err(e) = crate::chunk::check_source(bin.as_slice(), max_source, "source") {
+                return early(e);
+            }
+            Code::new(bin.as_slice(), &opts.chunk_name, false)
+        }
+        Source::Chunk(chunk) => Code::new(&chunk.bytecode, &chunk.name, true),
     };
-    let session = Session {
-        thread,
-        tool_marker: sandbox.tool_marker.clone(),
-        control,
+    let code = match code {
+        Ok(c) => c,
+        Err(e) => return early(e),
+    };
+    let chunk_name = match &source {
+        Source::Text(_) => opts.chunk_name.clone(),
+        Source::Chunk(chunk) => chunk.name.clone(),
+    };
+    let max_memory = match opts.max_memory as usize {
+        0 => slots::MAX_MEMORY,
+        n => n.min(slots::MAX_MEMORY),
+    };
+    let lease = match slots::lease(max_memory) {
+        Ok(lease) => lease,
+        Err(e) => return early(e),
+    };
+    let mut session = Running {
+        thread: ptr::null_mut(),
+        control: Box::new(Control::new(opts.max_instructions)),
+        output: Output::new(opts.max_output as usize, print_mode(&opts)),
         chunk_name,
         max_depth: opts.max_depth as usize,
         max_result_bytes: opts.max_result_bytes,
         max_tool_calls: opts.max_tool_calls,
+        max_memory,
         tool_calls: 0,
         elapsed: Duration::ZERO,
-        sandbox,
+        home: Home::Fresh(lease),
+    };
+    if fast.is_some() {
+        // A first attempt streams nothing until it has succeeded.
+        session.output.defer_stream();
+    }
+    sandbox::clear_traceback();
+
+    let setup = StateSetup {
+        globals: &opts.globals,
+        tools: &opts.tools,
+        modules: &opts.modules,
+        max_depth: opts.max_depth as usize,
+        max_memory,
+        max_source,
+    };
+    let prepared = {
+        let _active = Activation::new(&session.control, env.as_c_arg());
+        prepare_state(session.home.slot_mut(), &setup)
+    }
+    .and_then(|()| {
+        let call = opts.call.as_ref().map(|(n, a)| (n.as_str(), a.as_slice()));
+        prepare_thread(&mut session, Entry::Chunk(&code), call, opts.max_source)
+    });
+    let nargs = match prepared {
+        Ok(n) => n,
+        Err(e) => {
+            session.elapsed = t0.elapsed();
+            if fast.is_some_and(|f| f.retry(&e)) {
+                return atoms::retry().encode(env);
+            }
+            return finish_error(env, &mut session, e, None);
+        }
     };
     let step = {
         let _active = Activation::new(&session.control, env.as_c_arg());
-        resume(&session, args)
+        let _out = output::Activation::new(&mut session.output);
+        resume(session.thread, &session.control, nargs)
     };
-    let mut session = session;
     session.elapsed = t0.elapsed();
+    if let Some(fast) = fast {
+        let retry = match &step {
+            Ok(Step::ToolCall { .. }) => true,
+            Ok(Step::Done { first, n }) => {
+                // The result must fit the attempt's bounds; convert it now to know.
+                // SAFETY: the results are on the finished thread at `first..first + n`.
+                let terms = unsafe {
+                    marshal::to_terms(env, session.thread, *first, *n, session.bounds(), "result")
+                };
+                match terms {
+                    Ok(terms) => {
+                        session.output.send_deferred(env);
+                        let output = std::mem::take(&mut session.output.buf);
+                        let stats = stats_term(env, &session);
+                        return (atoms::ok(), terms, binary_term(env, &output), stats).encode(env);
+                    }
+                    Err(e) => {
+                        fast.retry(&e) || {
+                            return finish_error(env, &mut session, e, None);
+                        }
+                    }
+                }
+            }
+            Err(e) => fast.retry(
+                &session
+                    .control
+                    .abort()
+                    .map(SandboxError::from)
+                    .unwrap_or_else(|| e.clone()),
+            ),
+            Ok(Step::Failed { .. }) => session
+                .control
+                .abort()
+                .is_some_and(|why| fast.retry(&why.into())),
+        };
+        if retry {
+            return atoms::retry().encode(env);
+        }
+        session.output.send_deferred(env);
+    }
     settle(env, session, step, None)
 }
 
-/// Everything between a pristine state and the first resume: globals, tools, modules, the
-/// chunk itself and the run coroutine. Runs under the budget and memory limit.
-fn prepare(
-    sandbox: &Sandbox,
-    control: &Control,
-    opts: &RunOpts,
-    bytes: &[u8],
-    mode: ChunkMode,
-    chunk_name: &str,
-) -> Result<(Thread, MultiValue), SandboxError> {
-    let lua = &sandbox.lua;
-    // Pristine states are built with the collector stopped.
-    lua.gc_restart();
-    let max_depth = opts.max_depth as usize;
-    marshal::push_globals(lua, &opts.globals, max_depth)?;
-    if !opts.tools.is_empty() {
-        let names = lua
-            .create_sequence_from(opts.tools.iter().map(|s| s.as_str()))
-            .map_err(SandboxError::from)?;
-        sandbox
-            .make_tools
-            .call::<()>(names)
-            .map_err(SandboxError::from)?;
-    }
-    // The pristine state already has a `require` that knows no module.
-    if !opts.modules.is_empty() {
-        let loaders = lua.create_table().map_err(SandboxError::from)?;
-        for (name, term) in &opts.modules {
-            let f = load_module(sandbox, name, *term, opts.max_source as usize)?;
-            loaders
-                .raw_set(name.as_str(), f)
-                .map_err(SandboxError::from)?;
+/// Runs a prepared run coroutine to its first stop and answers (no first attempt).
+pub(crate) fn begin<'a>(
+    env: Env<'a>,
+    prepared: Result<c_int, SandboxError>,
+    mut running: Running,
+    t0: Instant,
+) -> Term<'a> {
+    let nargs = match prepared {
+        Ok(n) => n,
+        Err(e) => {
+            running.elapsed = t0.elapsed();
+            return finish_error(env, &mut running, e, None);
         }
-        sandbox
-            .make_require
-            .call::<()>(loaders)
-            .map_err(SandboxError::from)?;
-    }
-
-    let chunk = lua
-        .load(bytes)
-        .set_name(format!("={chunk_name}"))
-        .set_mode(mode)
-        .into_function()
-        .map_err(SandboxError::from_parse)?;
-
-    let mut args = MultiValue::new();
-    args.push_back(Value::Function(chunk));
-    if let Some((name, call_args)) = &opts.call {
-        args.push_back(Value::String(
-            lua.create_string(name).map_err(SandboxError::from)?,
-        ));
-        args.extend(marshal::push_values(
-            lua,
-            call_args,
-            max_depth,
-            "call.args",
-        )?);
-    }
-    let thread = lua
-        .create_thread(sandbox.runner.clone())
-        .map_err(SandboxError::from)?;
-    budget::install_ticker(thread.state(), control);
-    sandbox
-        .configure
-        .call::<()>((thread.clone(), opts.max_source))
-        .map_err(SandboxError::from)?;
-    Ok((thread, args))
+    };
+    let step = {
+        let _active = Activation::new(&running.control, env.as_c_arg());
+        let _out = output::Activation::new(&mut running.output);
+        resume(running.thread, &running.control, nargs)
+    };
+    running.elapsed = t0.elapsed();
+    settle(env, running, step, None)
 }
 
-fn load_module(
-    sandbox: &Sandbox,
-    name: &str,
-    term: Term,
-    max_source: usize,
-) -> Result<Function, SandboxError> {
-    let lua = &sandbox.lua;
-    if term.get_type() == TermType::Binary {
-        let bin: rustler::Binary = term.decode().map_err(|_| bad_module(name))?;
-        crate::chunk::check_source(bin.as_slice(), max_source, &format!("module '{name}'"))?;
-        lua.load(bin.as_slice())
-            .set_name(format!("={name}"))
-            .set_mode(ChunkMode::Text)
-            .into_function()
-            .map_err(SandboxError::from_parse)
-    } else {
-        let chunk: ResourceArc<CompiledChunk> = term.decode().map_err(|_| bad_module(name))?;
-        lua.load(&chunk.bytecode[..])
-            .set_name(format!("={}", chunk.name))
-            .set_mode(ChunkMode::Binary)
-            .into_function()
-            .map_err(SandboxError::from)
+/// The state-wide part of a run's setup: what `globals:`, `tools:` and `modules:` put into a
+/// pristine state (once per run, or once per session).
+pub(crate) struct StateSetup<'s, 'a> {
+    pub globals: &'s [(String, Term<'a>)],
+    pub tools: &'s [String],
+    pub modules: &'s [(String, Term<'a>)],
+    pub max_depth: usize,
+    pub max_memory: usize,
+    pub max_source: usize,
+}
+
+/// Gives a pristine state a fresh random seed, the globals, the tools and the modules. Runs
+/// under the memory limit (lifted only while terms are converted, which checks it itself)
+/// and, for charging, under the caller's budget activation.
+pub(crate) fn prepare_state(
+    slot: &mut lua_sandbox_core::Slot,
+    setup: &StateSetup,
+) -> Result<(), SandboxError> {
+    let l = slot.state();
+    // SAFETY: the state is pristine and not running, its main stack empty.
+    unsafe { seed::reseed(l) }.map_err(|e| SandboxError::Runtime(e.message))?;
+    if !setup.globals.is_empty() {
+        slot.set_limit(usize::MAX);
+        // SAFETY: `l` is not running; the limit is lifted (marshal's contract).
+        let pushed =
+            unsafe { marshal::push_globals(l, setup.globals, setup.max_depth, setup.max_memory) };
+        slot.set_limit(setup.max_memory);
+        pushed?;
     }
+    slot.set_limit(setup.max_memory);
+    if !setup.tools.is_empty() {
+        let mut names: &[String] = setup.tools;
+        // SAFETY: `make_tools` follows the raising discipline and only borrows `names`.
+        unsafe { protect::call(l, make_tools, (&mut names as *mut &[String]).cast()) }
+            .map_err(|e| SandboxError::Runtime(e.message))?;
+    }
+    if !setup.modules.is_empty() {
+        load_modules(l, setup.modules, setup.max_source)?;
+    }
+    Ok(())
+}
+
+/// What the run coroutine runs first: a chunk, or nothing (a session's `call`).
+pub(crate) enum Entry<'c> {
+    Chunk(&'c Code<'c>),
+    Nothing,
+}
+
+/// Creates the run coroutine on a state whose main stack is empty: the prelude's runner with
+/// the entry chunk and the optional `call:` function name and arguments, `configure`d as
+/// the run's main thread, with the ticker installed. Returns how many arguments the first
+/// resume passes.
+pub(crate) fn prepare_thread(
+    running: &mut Running,
+    entry: Entry,
+    call: Option<(&str, &[Term])>,
+    max_source: u64,
+) -> Result<c_int, SandboxError> {
+    let l = running.main();
+    // SAFETY: the state is not running and its main stack is empty, so the new thread lands
+    // at index 1, where it stays referenced for the run's life.
+    unsafe {
+        ffi::lua_settop(l, 0);
+        protect::call(l, new_thread, ptr::null_mut()).map_err(|_| SandboxError::MemoryLimit)?;
+        running.thread = ffi::lua_tothread(l, 1);
+    }
+    let limit = running.max_memory;
+    let max_depth = running.max_depth;
+    let call_values = match call {
+        None => 0,
+        Some((name, args)) => {
+            running.home.slot_mut().set_limit(usize::MAX);
+            // SAFETY: `l` is not running; the limit is lifted (marshal's contract).
+            let pushed = unsafe {
+                push_string(l, name.as_bytes()).and_then(|()| {
+                    marshal::push_values(l, args, max_depth, "call.args", limit).map(|n| n + 1)
+                })
+            };
+            running.home.slot_mut().set_limit(limit);
+            pushed?
+        }
+    };
+
+    let thread = running.thread;
+    // SAFETY: the thread is fresh (not started) with LUA_MINSTACK free slots; `lua_rawgetp`
+    // reads the registry without allocating, and pushing a C function does not allocate;
+    // `Code::load` does not raise; `lua_xmove` moves values already built, after
+    // `lua_checkstack` made room (which does not raise either).
+    unsafe {
+        ffi::lua_rawgetp(thread, ffi::LUA_REGISTRYINDEX, Key::Runner.ptr());
+        match entry {
+            Entry::Chunk(code) => code.load(thread)?,
+            Entry::Nothing => ffi::lua_pushcfunction(thread, nothing),
+        }
+        if call_values > 0 {
+            if ffi::lua_checkstack(thread, call_values + 4) == 0 {
+                return Err(SandboxError::InvalidInput(
+                    "call: has more arguments than the Lua stack allows".to_string(),
+                ));
+            }
+            ffi::lua_xmove(l, thread, call_values);
+        }
+        // configure(run_coroutine, max_source)
+        ffi::lua_rawgetp(l, ffi::LUA_REGISTRYINDEX, Key::Configure.ptr());
+        ffi::lua_pushvalue(l, 1);
+        ffi::lua_pushinteger(l, max_source.min(i64::MAX as u64) as i64);
+        if ffi::lua_pcall(l, 2, 0, 0) != ffi::LUA_OK {
+            let message = protect::describe(l, -1);
+            ffi::lua_pop(l, 1);
+            return Err(SandboxError::Runtime(message));
+        }
+    }
+    budget::install_ticker(thread, &running.control);
+    Ok(1 + call_values)
+}
+
+/// The chunk of a call that only calls a function.
+unsafe extern "C-unwind" fn nothing(_l: *mut ffi::lua_State) -> c_int {
+    0
+}
+
+/// Pushes a string with the memory limit lifted, under the backstop.
+///
+/// # Safety
+/// `l` must not be running, and its limit must be lifted.
+unsafe fn push_string(l: *mut ffi::lua_State, bytes: &[u8]) -> Result<(), SandboxError> {
+    // SAFETY: pushing a string can only raise on allocation failure, which the lifted limit
+    // rules out; the backstop's results (the string) stay on `l`.
+    unsafe {
+        protect::call_backstop(l, &mut |l| {
+            ffi::lua_pushlstring(l, bytes.as_ptr().cast(), bytes.len());
+        })
+    }
+    .map_err(|_| SandboxError::MemoryLimit)
+}
+
+/// `lua_newthread` under a protected call: the new thread is the result.
+unsafe extern "C-unwind" fn new_thread(l: *mut ffi::lua_State) -> c_int {
+    // SAFETY: may raise (memory) with no Rust value alive.
+    unsafe {
+        ffi::lua_settop(l, 0);
+        ffi::lua_newthread(l);
+    }
+    1
+}
+
+/// `make_tools(names)`: argument 1 points at the `&[String]` of tool names.
+unsafe extern "C-unwind" fn make_tools(l: *mut ffi::lua_State) -> c_int {
+    // SAFETY: the names are borrowed (no destructor runs here); the pushes may raise with
+    // only the slice iterator (no Drop) alive.
+    unsafe {
+        let names: &[String] = *ffi::lua_touserdata(l, 1).cast::<&[String]>();
+        ffi::lua_settop(l, 0);
+        ffi::lua_rawgetp(l, ffi::LUA_REGISTRYINDEX, Key::MakeTools.ptr());
+        ffi::lua_createtable(l, names.len().min(i32::MAX as usize) as c_int, 0);
+        for (i, name) in names.iter().enumerate() {
+            ffi::lua_pushlstring(l, name.as_ptr().cast(), name.len());
+            ffi::lua_rawseti(l, -2, i as ffi::lua_Integer + 1);
+        }
+        ffi::lua_call(l, 1, 0);
+    }
+    0
+}
+
+/// One module for `make_require`: its name and its loaded function's chunk.
+struct ModuleCode<'a> {
+    name: &'a str,
+    code: Code<'a>,
+}
+
+/// What `make_require` receives: the modules, and where it reports a load failure.
+struct Modules<'a> {
+    modules: &'a [ModuleCode<'a>],
+    failed: Option<(usize, SandboxError)>,
+}
+
+/// A module's source as the NIF received it.
+enum ModuleSource<'a> {
+    Text(rustler::Binary<'a>),
+    Chunk(ResourceArc<CompiledChunk>),
+}
+
+fn load_modules(
+    l: *mut ffi::lua_State,
+    modules: &[(String, Term)],
+    max_source: usize,
+) -> Result<(), SandboxError> {
+    let mut sources = Vec::with_capacity(modules.len());
+    for (name, term) in modules {
+        let source = if term.get_type() == TermType::Binary {
+            let bin: rustler::Binary = term.decode().map_err(|_| bad_module(name))?;
+            crate::chunk::check_source(bin.as_slice(), max_source, &format!("module '{name}'"))?;
+            ModuleSource::Text(bin)
+        } else {
+            ModuleSource::Chunk(term.decode().map_err(|_| bad_module(name))?)
+        };
+        sources.push((name.as_str(), source));
+    }
+    let modules = sources
+        .iter()
+        .map(|(name, source)| {
+            let code = match source {
+                ModuleSource::Text(bin) => Code::new(bin.as_slice(), name, false)?,
+                ModuleSource::Chunk(chunk) => Code::new(&chunk.bytecode, &chunk.name, true)?,
+            };
+            Ok(ModuleCode { name, code })
+        })
+        .collect::<Result<Vec<_>, SandboxError>>()?;
+    let mut req = Modules {
+        modules: &modules,
+        failed: None,
+    };
+    // SAFETY: `make_require` follows the raising discipline; `req` outlives the call.
+    let r = unsafe { protect::call(l, make_require, (&mut req as *mut Modules).cast()) };
+    if let Some((_, e)) = req.failed.take() {
+        return Err(e);
+    }
+    r.map_err(|e| SandboxError::Runtime(e.message))
+}
+
+/// `make_require(loaders)` with every module loaded (argument 1 points at a `Modules`).
+unsafe extern "C-unwind" fn make_require(l: *mut ffi::lua_State) -> c_int {
+    // SAFETY: the modules are borrowed; `Code::load` does not raise and the error it returns
+    // is moved into `req.failed` before anything raises; the other calls may raise (memory)
+    // with no Rust value with a destructor alive.
+    unsafe {
+        let req = &mut *ffi::lua_touserdata(l, 1).cast::<Modules>();
+        ffi::lua_settop(l, 0);
+        ffi::lua_rawgetp(l, ffi::LUA_REGISTRYINDEX, Key::MakeRequire.ptr());
+        ffi::lua_createtable(l, 0, req.modules.len().min(i32::MAX as usize) as c_int);
+        for (i, module) in req.modules.iter().enumerate() {
+            ffi::lua_pushlstring(l, module.name.as_ptr().cast(), module.name.len());
+            if let Err(e) = module.code.load(l) {
+                req.failed = Some((i, e));
+                return 0;
+            }
+            ffi::lua_rawset(l, -3);
+        }
+        ffi::lua_call(l, 1, 0);
+    }
+    0
 }
 
 fn bad_module(name: &str) -> SandboxError {
@@ -320,196 +723,212 @@ fn bad_module(name: &str) -> SandboxError {
     ))
 }
 
-/// Resumes the run coroutine once and classifies what came back.
-fn resume(session: &Session, args: MultiValue) -> Result<Step, SandboxError> {
-    let result = session.thread.resume::<MultiValue>(args);
-    budget::settle_instructions(session.thread.state(), &session.control);
-    if let Some(why) = session.control.abort() {
+/// Resumes the run coroutine once with the `nargs` values on top of its stack and classifies
+/// what came back.
+pub(crate) fn resume(
+    thread: *mut ffi::lua_State,
+    control: &Control,
+    nargs: c_int,
+) -> Result<Step, SandboxError> {
+    let mut nres: c_int = 0;
+    // SAFETY: `thread` is the run coroutine (fresh or suspended at a yield) with its
+    // arguments on top; `lua_resume` is a protected entry into Lua.
+    let status = unsafe { ffi::lua_resume(thread, ptr::null_mut(), nargs, &mut nres) };
+    budget::settle_instructions(thread, control);
+    if let Some(why) = control.abort() {
         return Err(why.into());
     }
-    let mut values = result.map_err(SandboxError::from)?;
-    if session.thread.status() == mlua::thread::ThreadStatus::Resumable {
-        let is_tool = matches!(values.front(), Some(Value::Table(t)) if t.to_pointer() == session.tool_marker.to_pointer());
-        if !is_tool {
-            return Err(SandboxError::Runtime(
-                "attempt to yield from outside a coroutine".to_string(),
-            ));
-        }
-        values.pop_front();
-        let name = match values.pop_front() {
-            Some(Value::String(s)) => s.to_string_lossy(),
-            _ => String::new(),
-        };
-        return Ok(Step::ToolCall(name, values));
-    }
-    match values.pop_front() {
-        Some(Value::Boolean(true)) => Ok(Step::Done(values)),
-        _ => {
-            let err = values.pop_front().unwrap_or(Value::Nil);
-            if let Value::String(s) = &err {
-                if &*s.as_bytes() == b"not enough memory" {
+    // SAFETY: after `lua_resume`, the `nres` results (or the error object) are on top of the
+    // thread's stack; only reads and a `lua_rawgetp` (no allocation) with room checked.
+    unsafe {
+        let top = ffi::lua_gettop(thread);
+        match status {
+            ffi::LUA_YIELD => {
+                let base = top - nres + 1;
+                if ffi::lua_checkstack(thread, 2) == 0 {
+                    return Err(SandboxError::Runtime("Lua stack exhausted".to_string()));
+                }
+                ffi::lua_rawgetp(thread, ffi::LUA_REGISTRYINDEX, Key::ToolMarker.ptr());
+                let is_tool = nres >= 2 && ffi::lua_rawequal(thread, base, -1) != 0;
+                ffi::lua_pop(thread, 1);
+                if !is_tool {
+                    return Err(SandboxError::Runtime(
+                        "attempt to yield from outside a coroutine".to_string(),
+                    ));
+                }
+                let name = protect::describe(thread, base + 1);
+                Ok(Step::ToolCall {
+                    name,
+                    first: base + 2,
+                    n: nres - 2,
+                    keep: base - 1,
+                })
+            }
+            ffi::LUA_OK => {
+                let base = top - nres + 1;
+                if nres >= 1 && ffi::lua_toboolean(thread, base) != 0 {
+                    return Ok(Step::Done {
+                        first: base + 1,
+                        n: nres - 1,
+                    });
+                }
+                if nres < 2 {
+                    return Err(SandboxError::Runtime(
+                        "(error object is a nil value)".to_string(),
+                    ));
+                }
+                if is_memory_error(thread, base + 1) {
                     return Err(SandboxError::MemoryLimit);
                 }
+                Ok(Step::Failed { idx: base + 1 })
             }
-            Ok(Step::Failed(err))
+            ffi::LUA_ERRMEM => Err(SandboxError::MemoryLimit),
+            _ => {
+                if top >= 1 && is_memory_error(thread, top) {
+                    return Err(SandboxError::MemoryLimit);
+                }
+                Ok(Step::Failed { idx: top })
+            }
         }
+    }
+}
+
+/// Whether stack slot `idx` holds Lua's out-of-memory message.
+///
+/// # Safety
+/// `idx` must be a valid index of `l`.
+unsafe fn is_memory_error(l: *mut ffi::lua_State, idx: c_int) -> bool {
+    // SAFETY: per the contract; `describe` only reads.
+    unsafe {
+        ffi::lua_type(l, idx) == ffi::LUA_TSTRING
+            && protect::describe(l, idx) == "not enough memory"
     }
 }
 
 /// Turns a step into the NIF's answer; a tool call parks the session in the resource, any
-/// other outcome hands the finished state to the pool's thread to close.
-fn settle<'a>(
+/// other outcome ends the lease (the slot is restored and reused).
+pub(crate) fn settle<'a>(
     env: Env<'a>,
-    mut session: Session,
+    mut session: Running,
     step: Result<Step, SandboxError>,
     run: Option<ResourceArc<Run>>,
 ) -> Term<'a> {
-    let term = match step {
-        Err(e) => finish_error(env, &session, e, Value::Nil),
-        Ok(Step::Failed(value)) => {
-            let message = error_message(&value);
-            finish_error(env, &session, SandboxError::Runtime(message), value)
+    let thread = session.thread;
+    match step {
+        Err(e) => finish_error(env, &mut session, e, None),
+        Ok(Step::Failed { idx }) => {
+            // SAFETY: `idx` is the error object's slot on the finished thread.
+            let message = unsafe { protect::describe(thread, idx) };
+            finish_error(env, &mut session, SandboxError::Runtime(message), Some(idx))
         }
-        Ok(Step::Done(values)) => finish_ok(env, &session, &values),
-        Ok(Step::ToolCall(name, args)) => {
+        Ok(Step::Done { first, n }) => {
+            // SAFETY: the results are on the finished thread's stack at `first..first + n`.
+            let terms =
+                unsafe { marshal::to_terms(env, thread, first, n, session.bounds(), "result") };
+            match terms {
+                Ok(terms) => {
+                    if let Home::Session(loan) = &mut session.home {
+                        loan.succeeded();
+                    }
+                    let output = std::mem::take(&mut session.output.buf);
+                    let stats = stats_term(env, &session);
+                    (atoms::ok(), terms, binary_term(env, &output), stats).encode(env)
+                }
+                Err(e) => finish_error(env, &mut session, e, None),
+            }
+        }
+        Ok(Step::ToolCall {
+            name,
+            first,
+            n,
+            keep,
+        }) => {
             session.tool_calls += 1;
             if session.tool_calls > session.max_tool_calls {
                 session.control.set_abort(Abort::ToolCalls);
-                finish_error(env, &session, SandboxError::ToolLimit, Value::Nil)
-            } else {
-                match tool_call_args(env, &session, &name, &args) {
-                    Err(e) => finish_error(env, &session, e, Value::Nil),
-                    Ok(terms) => {
-                        let name_term = binary_term(env, name.as_bytes());
-                        drop(args);
-                        let run = run.unwrap_or_else(|| {
-                            ResourceArc::new(Run {
-                                owner: env.pid(),
-                                session: Mutex::new(None),
-                            })
-                        });
-                        *run.session.lock().unwrap_or_else(|p| p.into_inner()) = Some(session);
-                        return (atoms::tool_call(), run.clone(), name_term, terms).encode(env);
-                    }
+                return finish_error(env, &mut session, SandboxError::ToolLimit, None);
+            }
+            let root = format!("tools.{name}");
+            // SAFETY: the arguments are on the suspended thread at `first..first + n`; then
+            // the yielded values are popped, so the next resume finds only its arguments.
+            let terms =
+                unsafe { marshal::to_terms(env, thread, first, n, session.bounds(), &root) };
+            // SAFETY: `keep` is below the yielded values on the suspended thread.
+            unsafe { ffi::lua_settop(thread, keep) };
+            match terms {
+                Err(e) => finish_error(env, &mut session, e, None),
+                Ok(terms) => {
+                    let name_term = binary_term(env, name.as_bytes());
+                    let run = run.unwrap_or_else(|| {
+                        ResourceArc::new(Run {
+                            owner: env.pid(),
+                            session: Mutex::new(None),
+                        })
+                    });
+                    *run.session.lock().unwrap_or_else(|p| p.into_inner()) = Some(session);
+                    (atoms::tool_call(), run.clone(), name_term, terms).encode(env)
                 }
             }
         }
-    };
-    crate::pool::discard(Box::new(session));
-    term
-}
-
-fn bounds(session: &Session) -> Bounds {
-    Bounds {
-        max_depth: session.max_depth,
-        max_bytes: session.max_result_bytes,
     }
 }
 
-fn finish_ok<'a>(env: Env<'a>, session: &Session, values: &MultiValue) -> Term<'a> {
-    let lua = &session.sandbox.lua;
-    let terms = match marshal::to_terms(env, lua, values, bounds(session), "result") {
-        Ok(terms) => terms,
-        Err(e) => return finish_error(env, session, e, Value::Nil),
-    };
-    let output = take_output(&session.sandbox);
-    (
-        atoms::ok(),
-        terms,
-        binary_term(env, &output),
-        stats(env, session),
-    )
-        .encode(env)
-}
-
-fn tool_call_args<'a>(
-    env: Env<'a>,
-    session: &Session,
-    name: &str,
-    args: &MultiValue,
-) -> Result<Vec<Term<'a>>, SandboxError> {
-    let root = format!("tools.{name}");
-    marshal::to_terms(env, &session.sandbox.lua, args, bounds(session), &root)
-}
-
-/// Lua's own rendering of an error object, without running metamethods.
-fn error_message(value: &Value) -> String {
-    match value {
-        Value::String(s) => s.to_string_lossy(),
-        Value::Integer(i) => i.to_string(),
-        Value::Number(n) => format!("{n}"),
-        Value::Nil => "(error object is a nil value)".to_string(),
-        other => format!("(error object is a {} value)", other.type_name()),
-    }
-}
-
-/// Elixir's answer to a tool call, as the values the tool function sees.
-fn reply_to_lua(session: &Session, reply: Term) -> Result<MultiValue, SandboxError> {
-    let lua = &session.sandbox.lua;
+/// Elixir's answer to a tool call, pushed onto the suspended run coroutine as the values the
+/// tool function sees. Returns how many.
+fn reply_to_lua(session: &mut Running, reply: Term) -> Result<c_int, SandboxError> {
     let (tag, payload): (Atom, Term) = reply
         .decode()
         .map_err(|_| SandboxError::InvalidInput("bad tool reply".to_string()))?;
-    let mut values = MultiValue::new();
-    if tag == atoms::ok() {
-        let converted = marshal::push_values(lua, &[payload], session.max_depth, "tool result")?;
-        values.push_back(Value::Boolean(true));
-        values.extend(converted);
-    } else if tag == atoms::error() {
-        let msg: rustler::Binary = payload
-            .decode()
-            .map_err(|_| SandboxError::InvalidInput("bad tool error".to_string()))?;
-        values.push_back(Value::Boolean(true));
-        values.push_back(Value::Nil);
-        values.push_back(Value::String(
-            lua.create_string(msg.as_slice())
-                .map_err(SandboxError::from)?,
-        ));
-    } else {
-        let msg: rustler::Binary = payload
-            .decode()
-            .map_err(|_| SandboxError::InvalidInput("bad tool failure".to_string()))?;
-        values.push_back(Value::Boolean(false));
-        values.push_back(Value::String(
-            lua.create_string(msg.as_slice())
-                .map_err(SandboxError::from)?,
-        ));
-    }
-    Ok(values)
+    let l = session.main();
+    let thread = session.thread;
+    let max_depth = session.max_depth;
+    let limit = session.max_memory;
+    session.home.slot_mut().set_limit(usize::MAX);
+    let built = (|| -> Result<c_int, SandboxError> {
+        // SAFETY: the main state is not running (the thread is suspended at its yield) and
+        // its limit is lifted; values are built on the main stack and moved to the thread
+        // after room is checked. `lua_push{boolean,nil}` do not allocate.
+        unsafe {
+            if ffi::lua_checkstack(thread, 4) == 0 {
+                return Err(SandboxError::Runtime("Lua stack exhausted".to_string()));
+            }
+            if tag == atoms::ok() {
+                let n = marshal::push_values(l, &[payload], max_depth, "tool result", limit)?;
+                ffi::lua_pushboolean(thread, 1);
+                ffi::lua_xmove(l, thread, n);
+                Ok(1 + n)
+            } else {
+                let msg: rustler::Binary = payload
+                    .decode()
+                    .map_err(|_| SandboxError::InvalidInput("bad tool error".to_string()))?;
+                push_string(l, msg.as_slice())?;
+                if tag == atoms::error() {
+                    ffi::lua_pushboolean(thread, 1);
+                    ffi::lua_pushnil(thread);
+                    ffi::lua_xmove(l, thread, 1);
+                    Ok(3)
+                } else {
+                    ffi::lua_pushboolean(thread, 0);
+                    ffi::lua_xmove(l, thread, 1);
+                    Ok(2)
+                }
+            }
+        }
+    })();
+    session.home.slot_mut().set_limit(limit);
+    built
 }
 
-fn take_output(sandbox: &Sandbox) -> Vec<u8> {
-    sandbox
-        .lua
-        .app_data_mut::<Output>()
-        .map(|mut o| std::mem::take(&mut o.buf))
-        .unwrap_or_default()
-}
-
-fn stats<'a>(env: Env<'a>, session: &Session) -> Term<'a> {
-    stats_term(
-        env,
-        &session.sandbox,
-        &session.control,
-        session.elapsed,
-        session.tool_calls,
-    )
-}
-
-fn stats_term<'a>(
-    env: Env<'a>,
-    sandbox: &Sandbox,
-    control: &Control,
-    elapsed: Duration,
-    tool_calls: u64,
-) -> Term<'a> {
-    control.note_memory(sandbox.lua.used_memory());
+fn stats_term<'a>(env: Env<'a>, session: &Running) -> Term<'a> {
+    let control = &session.control;
+    control.note_memory(session.home.slot().peak());
     stats_map(
         env,
         [
             control.instructions(),
             control.memory_peak() as u64,
-            elapsed.as_micros() as u64,
-            tool_calls,
+            session.elapsed.as_micros() as u64,
+            session.tool_calls,
         ],
     )
 }
@@ -526,55 +945,42 @@ fn stats_map(env: Env<'_>, values: [u64; 4]) -> Term<'_> {
     Term::map_from_arrays(env, &keys, &values).unwrap_or_else(|_| atoms::nil().encode(env))
 }
 
-fn finish_error<'a>(env: Env<'a>, session: &Session, e: SandboxError, value: Value) -> Term<'a> {
-    let e = session.control.abort().map(SandboxError::from).unwrap_or(e);
-    error_term(
-        env,
-        &session.sandbox,
-        &session.control,
-        session.elapsed,
-        session.tool_calls,
-        &session.chunk_name,
-        e,
-        value,
-    )
-}
-
-#[allow(clippy::too_many_arguments)]
-fn error_term<'a>(
+/// The error answer; `value_idx` is the error object's slot on the run coroutine, if any.
+fn finish_error<'a>(
     env: Env<'a>,
-    sandbox: &Sandbox,
-    control: &Control,
-    elapsed: Duration,
-    tool_calls: u64,
-    chunk_name: &str,
+    session: &mut Running,
     e: SandboxError,
-    value: Value,
+    value_idx: Option<c_int>,
 ) -> Term<'a> {
+    let e = session.control.abort().map(SandboxError::from).unwrap_or(e);
     let message = e.to_string();
-    let line = line_of(&message, chunk_name);
+    let line = line_of(&message, &session.chunk_name);
     let traceback = if matches!(e, SandboxError::Runtime(_)) {
-        sandbox
-            .lua
-            .remove_app_data::<crate::sandbox::Traceback>()
-            .map(|t| t.0)
+        sandbox::take_traceback()
     } else {
         None
     };
     // A non-string error object travels as a value, bounded like any result.
-    let value_term = match &value {
-        Value::Nil | Value::String(_) => atoms::nil().encode(env),
-        v => {
-            let bounds = Bounds {
-                max_depth: 64,
-                max_bytes: 1 << 20,
-            };
-            marshal::to_term(env, &sandbox.lua, v, bounds, "error")
-                .unwrap_or_else(|_| atoms::nil().encode(env))
+    let value_term = match value_idx {
+        Some(idx) if matches!(e, SandboxError::Runtime(_)) => {
+            // SAFETY: `idx` is a valid slot of the finished thread; reading never raises.
+            let t = unsafe { ffi::lua_type(session.thread, idx) };
+            if t == ffi::LUA_TNIL || t == ffi::LUA_TSTRING {
+                atoms::nil().encode(env)
+            } else {
+                let bounds = Bounds {
+                    max_depth: 64,
+                    max_bytes: 1 << 20,
+                };
+                // SAFETY: as above.
+                unsafe { marshal::to_term(env, session.thread, idx, bounds, "error") }
+                    .unwrap_or_else(|_| atoms::nil().encode(env))
+            }
         }
+        _ => atoms::nil().encode(env),
     };
-    let output = take_output(sandbox);
-    let stats = stats_term(env, sandbox, control, elapsed, tool_calls);
+    let output = std::mem::take(&mut session.output.buf);
+    let stats = stats_term(env, session);
     (
         atoms::error(),
         (e.kind(), message, line, traceback, value_term),
@@ -584,7 +990,7 @@ fn error_term<'a>(
         .encode(env)
 }
 
-fn early_error(env: Env<'_>, e: SandboxError, t0: Instant) -> Term<'_> {
+pub(crate) fn early_error(env: Env<'_>, e: SandboxError, t0: Instant) -> Term<'_> {
     let stats = stats_map(env, [0, 0, t0.elapsed().as_micros() as u64, 0]);
     let none: Option<String> = None;
     (

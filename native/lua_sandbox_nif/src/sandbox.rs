@@ -1,18 +1,27 @@
-//! Building a sandboxed Lua state: the standard-library allowlist, the hardened builtins, the
-//! prelude that wraps everything a script could use to dodge a limit, and print capture.
+//! Building a sandboxed Lua state in a slot: the standard-library allowlist, the hardened
+//! builtins, the prelude that wraps everything a script could use to dodge a limit, and the
+//! natives the prelude calls (print capture, sticky aborts, tracebacks).
+//!
+//! The state is built once per slot, in place, and then snapshotted (see `slots.rs`); every
+//! run starts from that snapshot. Everything below follows the raising discipline of
+//! `lua_sandbox_core::protect`: the functions Lua calls are C-ABI, and none holds a Rust value
+//! with a destructor across a call that may raise.
 
-use std::ffi::c_int;
+use std::cell::RefCell;
+use std::ffi::{c_int, c_void};
 use std::sync::OnceLock;
 
-use mlua::{ffi, Function, Lua, LuaOptions, StdLib, Table};
+use lua_sandbox_core::{ffi, Slot};
+use mlua::{Lua, LuaOptions, StdLib};
 
 use crate::budget::{self, Abort};
+use crate::error::SandboxError;
 use crate::output;
 
 const PRELUDE: &str = include_str!("prelude.lua");
 
 /// The prelude compiled once per process: loading bytecode is several times cheaper than
-/// parsing the source for every state. It is our own compiler's output, never user input.
+/// parsing the source for every slot. It is our own compiler's output, never user input.
 fn prelude_bytecode() -> &'static [u8] {
     static BYTECODE: OnceLock<Vec<u8>> = OnceLock::new();
     BYTECODE.get_or_init(|| {
@@ -25,69 +34,104 @@ fn prelude_bytecode() -> &'static [u8] {
     })
 }
 
-/// The traceback the prelude's error handler saved for the last runtime error.
-pub struct Traceback(pub String);
-
-/// A fresh state with the sandbox installed, before any run-specific setup.
-pub struct Sandbox {
-    pub lua: Lua,
-    /// Identifies tool calls yielded up to the host (see prelude.lua).
-    pub tool_marker: Table,
+/// What the prelude returns, kept in the registry under these light-userdata keys.
+#[derive(Clone, Copy)]
+pub enum Key {
+    /// Identifies tool calls yielded up to the host.
+    ToolMarker,
     /// Runs the chunk (and the optional `call:` function) inside the run coroutine.
-    pub runner: Function,
+    Runner,
     /// `configure(run_coroutine, max_source)`: per-run settings of the prelude.
-    pub configure: Function,
-    pub make_tools: Function,
-    pub make_require: Function,
+    Configure,
+    /// `make_tools(names)`.
+    MakeTools,
+    /// `make_require(loaders)`.
+    MakeRequire,
+}
+
+static KEYS: [u8; 5] = [0; 5];
+
+impl Key {
+    /// A unique address: the registry key of this value.
+    pub fn ptr(self) -> *const c_void {
+        (&KEYS[self as usize] as *const u8).cast()
+    }
 }
 
 /// The libraries a script may see; the prelude trims `os` and `string` further.
-fn libs() -> StdLib {
-    StdLib::STRING | StdLib::TABLE | StdLib::MATH | StdLib::UTF8 | StdLib::COROUTINE | StdLib::OS
+const LIBS: [(&std::ffi::CStr, ffi::lua_CFunction); 7] = [
+    (c"_G", ffi::luaopen_base),
+    (c"string", ffi::luaopen_string),
+    (c"table", ffi::luaopen_table),
+    (c"math", ffi::luaopen_math),
+    (c"utf8", ffi::luaopen_utf8),
+    (c"coroutine", ffi::luaopen_coroutine),
+    (c"os", ffi::luaopen_os),
+];
+
+/// A new slot of `capacity` bytes holding a pristine sandbox.
+pub fn new_slot(capacity: usize) -> Result<Slot, SandboxError> {
+    let bytecode = prelude_bytecode();
+    let mut piece: (*const u8, usize) = (bytecode.as_ptr(), bytecode.len());
+    // SAFETY: `build` follows the raising discipline; its argument points at `piece`, which
+    // outlives the call and describes the 'static prelude bytecode.
+    unsafe {
+        Slot::new(
+            capacity,
+            build,
+            (&mut piece as *mut (*const u8, usize)).cast(),
+        )
+    }
+    .map_err(|e| SandboxError::Runtime(e.to_string()))
 }
 
-impl Sandbox {
-    /// Creates a pristine sandboxed state: no user code has run in it, and no limit is set yet.
-    pub fn new() -> mlua::Result<Sandbox> {
-        let lua = Lua::new_with(libs(), LuaOptions::default())?;
-        // Nothing built here is garbage: collecting while building is wasted work. The run
-        // restarts the collector (see `run::prepare`).
-        lua.gc_stop();
-        crate::hardened::install(&lua)?;
+/// Builds the sandbox in a fresh state (run under `lua_pcall` by `Slot::new`). Argument 1 is
+/// a light userdata pointing at the prelude's bytecode `(ptr, len)`.
+unsafe extern "C-unwind" fn build(l: *mut ffi::lua_State) -> c_int {
+    // SAFETY: the calls below may raise (longjmp) to `Slot::new`'s protected call; only raw
+    // pointers and integers are live. The bytecode pointer/length describe a 'static slice.
+    unsafe {
+        let (code, len) = *ffi::lua_touserdata(l, 1).cast::<(*const u8, usize)>();
+        ffi::lua_settop(l, 0);
+        for (name, open) in LIBS {
+            ffi::luaL_requiref(l, name.as_ptr(), open, 1);
+            ffi::lua_settop(l, 0);
+        }
+        crate::hardened::open_into_globals(l);
 
-        // SAFETY: both are plain `lua_CFunction`s that follow the Lua C API contract: they only
-        // touch their own stack slots, and raise (longjmp) with no Rust value alive that has a
-        // destructor.
-        let check = unsafe { lua.create_c_function(check_abort) }?;
-        let aborted = unsafe { lua.create_c_function(is_aborted) }?;
-        let charge = unsafe { lua.create_c_function(charge_work) }?;
-        let emit =
-            lua.create_function(|lua, s: mlua::LuaString| output::emit(lua, &s.as_bytes()))?;
-        let save_traceback = lua.create_function(|lua, ()| {
-            let tb = lua.traceback(None, 2)?;
-            lua.set_app_data(Traceback(user_frames(&tb.to_string_lossy())));
-            Ok(())
-        })?;
+        if ffi::luaL_loadbufferx(l, code.cast(), len, c"=prelude".as_ptr(), c"b".as_ptr())
+            != ffi::LUA_OK
+        {
+            ffi::lua_error(l);
+        }
+        ffi::lua_pushcfunction(l, check_abort);
+        ffi::lua_pushcfunction(l, is_aborted);
+        ffi::lua_pushcfunction(l, emit);
+        ffi::lua_pushcfunction(l, save_traceback);
+        ffi::lua_pushcfunction(l, charge_work);
+        ffi::lua_call(l, 5, 5);
+        for key in [
+            Key::MakeRequire,
+            Key::MakeTools,
+            Key::Configure,
+            Key::Runner,
+            Key::ToolMarker,
+        ] {
+            ffi::lua_rawsetp(l, ffi::LUA_REGISTRYINDEX, key.ptr());
+        }
+    }
+    0
+}
 
-        let (tool_marker, runner, configure, make_tools, make_require) = lua
-            .load(prelude_bytecode())
-            .set_name("=prelude")
-            .set_mode(mlua::chunk::ChunkMode::Binary)
-            .call::<(Table, Function, Function, Function, Function)>((
-                check,
-                aborted,
-                emit,
-                save_traceback,
-                charge,
-            ))?;
-        Ok(Sandbox {
-            lua,
-            tool_marker,
-            runner,
-            configure,
-            make_tools,
-            make_require,
-        })
+/// Raises the abort's message as a plain string error.
+///
+/// # Safety
+/// Only from a C function called by Lua, with no Rust value with a destructor alive.
+unsafe fn raise_abort(l: *mut ffi::lua_State, why: Abort) -> ! {
+    // SAFETY: per the contract; the message is a static C string.
+    unsafe {
+        ffi::lua_pushstring(l, why.c_message().as_ptr());
+        ffi::lua_error(l)
     }
 }
 
@@ -95,9 +139,8 @@ impl Sandbox {
 /// raises again. It also recognises the allocator's refusal that `pcall` and friends turned
 /// into a `false, "not enough memory"` pair, and makes that abort sticky too.
 unsafe extern "C-unwind" fn check_abort(l: *mut ffi::lua_State) -> c_int {
-    // SAFETY: `l` is the calling thread, as Lua guarantees for a C function; the helpers only
-    // read stack slots that exist (`lua_gettop`), and `lua_error` leaves with no live Drop
-    // values in this frame.
+    // SAFETY: `l` is the calling thread; the helpers only read stack slots that exist, and
+    // `raise_abort` leaves with no live Drop values in this frame.
     unsafe {
         let n = ffi::lua_gettop(l);
         let memory_error = n >= 2 && ffi::lua_toboolean(l, 1) == 0 && is_memory_error(l, 2);
@@ -105,9 +148,7 @@ unsafe extern "C-unwind" fn check_abort(l: *mut ffi::lua_State) -> c_int {
             budget::trip(Abort::Memory);
         }
         if let Some(why) = budget::current_abort() {
-            let msg = why.message();
-            ffi::lua_pushlstring(l, msg.as_ptr().cast(), msg.len());
-            ffi::lua_error(l);
+            raise_abort(l, why);
         }
         n
     }
@@ -120,9 +161,7 @@ unsafe extern "C-unwind" fn charge_work(l: *mut ffi::lua_State) -> c_int {
     unsafe {
         let n = ffi::lua_tointegerx(l, 1, std::ptr::null_mut()).max(0) as u64;
         if let Err(why) = budget::charge_steps(n) {
-            let msg = why.message();
-            ffi::lua_pushlstring(l, msg.as_ptr().cast(), msg.len());
-            ffi::lua_error(l);
+            raise_abort(l, why);
         }
     }
     0
@@ -135,6 +174,63 @@ unsafe extern "C-unwind" fn is_aborted(l: *mut ffi::lua_State) -> c_int {
         ffi::lua_pushboolean(l, budget::current_abort().is_some() as c_int);
     }
     1
+}
+
+/// `emit(s)`: appends printed text to the run's output (see `output.rs`).
+unsafe extern "C-unwind" fn emit(l: *mut ffi::lua_State) -> c_int {
+    // SAFETY: the prelude always passes a string, checked anyway; the bytes stay valid while
+    // the argument is on the stack. `output::emit` returns before any raise, so nothing with
+    // a destructor is alive when `raise_abort` jumps.
+    unsafe {
+        if ffi::lua_type(l, 1) != ffi::LUA_TSTRING {
+            return 0;
+        }
+        let mut len = 0usize;
+        let p = ffi::lua_tolstring(l, 1, &mut len);
+        let verdict = if p.is_null() {
+            Ok(())
+        } else {
+            output::emit(std::slice::from_raw_parts(p.cast::<u8>(), len))
+        };
+        if let Err(why) = verdict {
+            raise_abort(l, why);
+        }
+    }
+    0
+}
+
+thread_local! {
+    /// The traceback the prelude's error handler saved for the last runtime error on this
+    /// thread; taken (and so cleared) by the run that reports the error.
+    static TRACEBACK: RefCell<Option<String>> = const { RefCell::new(None) };
+}
+
+/// The traceback saved by the current run's error handler, if any.
+pub fn take_traceback() -> Option<String> {
+    TRACEBACK.with(|t| t.borrow_mut().take())
+}
+
+/// Forgets a traceback a previous run on this thread left behind.
+pub fn clear_traceback() {
+    TRACEBACK.with(|t| t.borrow_mut().take());
+}
+
+/// `save_traceback()`: records the traceback of the error being handled (script frames only).
+unsafe extern "C-unwind" fn save_traceback(l: *mut ffi::lua_State) -> c_int {
+    // SAFETY: `luaL_traceback` may raise (memory) before any Rust value exists; afterwards
+    // only non-raising reads happen, and the String built from them is moved into the
+    // thread-local before returning.
+    unsafe {
+        ffi::luaL_traceback(l, l, std::ptr::null(), 2);
+        let mut len = 0usize;
+        let p = ffi::lua_tolstring(l, -1, &mut len);
+        if !p.is_null() {
+            let tb = String::from_utf8_lossy(std::slice::from_raw_parts(p.cast::<u8>(), len));
+            let frames = user_frames(&tb);
+            TRACEBACK.with(|t| *t.borrow_mut() = Some(frames));
+        }
+    }
+    0
 }
 
 /// Whether stack slot `idx` holds Lua's out-of-memory message.
@@ -171,60 +267,4 @@ fn user_frames(tb: &str) -> String {
         lines.pop();
     }
     lines.join("\n")
-}
-
-#[cfg(test)]
-mod timing_probe {
-    use super::*;
-
-    /// Where building a state goes: `cargo test --release probe -- --ignored --nocapture`.
-    #[test]
-    #[ignore]
-    fn probe() {
-        let n = 2000u32;
-        let mut t = [std::time::Duration::ZERO; 6];
-        for _ in 0..n {
-            let t0 = std::time::Instant::now();
-            let lua = Lua::new_with(libs(), LuaOptions::default()).unwrap();
-            let t1 = std::time::Instant::now();
-            crate::hardened::install(&lua).unwrap();
-            let t2 = std::time::Instant::now();
-            let f = lua
-                .load(prelude_bytecode())
-                .set_mode(mlua::chunk::ChunkMode::Binary)
-                .into_function()
-                .unwrap();
-            let t3 = std::time::Instant::now();
-            let check = unsafe { lua.create_c_function(check_abort) }.unwrap();
-            let aborted = unsafe { lua.create_c_function(is_aborted) }.unwrap();
-            let emit = lua
-                .create_function(|_, _s: mlua::LuaString| Ok(()))
-                .unwrap();
-            let st = lua.create_function(|_, ()| Ok(())).unwrap();
-            let charge = unsafe { lua.create_c_function(charge_work) }.unwrap();
-            let t4 = std::time::Instant::now();
-            let _r: mlua::MultiValue = f.call((check, aborted, emit, st, charge)).unwrap();
-            let t5 = std::time::Instant::now();
-            drop(_r);
-            drop(lua);
-            let t6 = std::time::Instant::now();
-            for (k, d) in [t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5]
-                .iter()
-                .enumerate()
-            {
-                t[k] += *d;
-            }
-        }
-        let names = [
-            "new_with",
-            "hardened",
-            "load prelude",
-            "create fns",
-            "run prelude",
-            "drop",
-        ];
-        for (name, d) in names.iter().zip(t) {
-            eprintln!("{name}: {:?}", d / n);
-        }
-    }
 }

@@ -91,7 +91,7 @@ pub fn with_big_stack<R>(f: impl FnOnce() -> R) -> R {
     // the page size; the segment is owned by this frame and not shared (taken out of the
     // thread-local, so a nested call cannot reuse it). The callback cannot unwind across the
     // switch: panics are caught inside it and resumed after switching back. Lua errors never
-    // cross it either: every entry into Lua below is a protected call (mlua), so their
+    // cross it either: every entry into Lua below is a protected call, so their
     // longjmps land on this segment.
     let panic = unsafe {
         psm::on_stack(base, size, || {

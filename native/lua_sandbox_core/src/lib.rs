@@ -1,0 +1,17 @@
+//! lua_sandbox_core: the rustler-free core of lua_sandbox.
+//!
+//! - [`heap`]: an allocator whose bookkeeping lives inside its arena, exact to the byte.
+//! - [`slot`]: a Lua state in a fixed arena, restored from its pristine snapshot by a `memcpy`.
+//! - [`protect`]: the one discipline for raising (longjmp) that every caller of the C API follows.
+//! - [`seed`]: per-run randomness (`math.random`) for restored states.
+
+pub mod heap;
+pub mod protect;
+pub mod seed;
+pub mod slot;
+
+pub use protect::LuaFailure;
+pub use slot::{Slot, SlotError};
+
+/// The raw Lua C API of the linked (vendored, patched) Lua 5.4.
+pub use mlua_sys as ffi;

@@ -1,0 +1,134 @@
+//! The one discipline for raising.
+//!
+//! Lua is built as C: an error is a `longjmp` to the nearest protected call. A `longjmp` over a
+//! Rust frame that owns a value with a destructor skips that destructor (a leak at best, a
+//! double free or a broken invariant at worst), and over a frame that expects to unwind it is
+//! undefined behaviour. So, everywhere in this crate and in the NIF built on it:
+//!
+//! 1. **Every Lua API call that can raise runs inside a protected call.** Only the calls Lua
+//!    documents as never raising (`lua_settop` down, `lua_push{nil,boolean,integer,number,
+//!    lightuserdata,cfunction}` with stack room, `lua_to*`/`lua_type`/`lua_raw{get,geti}`
+//!    reads, `lua_gettop`, `lua_checkstack`, `lua_pcall`/`lua_resume` themselves) may be made
+//!    outside one.
+//! 2. **A protected call runs a C-ABI `lua_CFunction`** ([`call`] pushes it and calls it with
+//!    `lua_pcall`), never a Rust closure that could own heap values.
+//! 3. **Inside such a function, no live Rust value has a destructor** when a raising call is
+//!    made: only raw pointers, integers and `Copy` data. Anything that needs freeing is
+//!    allocated in the Lua heap (it is then the collector's), or outside the protected call.
+//! 4. **Rust panics never reach C**: functions called by Lua are `extern "C-unwind"` only
+//!    because Lua's own raising goes through them; they must not panic (no indexing that can
+//!    fail, no `unwrap`), and the allocator (`heap::lua_alloc`) is plain `extern "C"`, so a
+//!    panic there aborts instead of unwinding into C.
+
+use std::ffi::{c_int, c_void, CStr};
+use std::fmt;
+
+use mlua_sys as ffi;
+
+/// A Lua error caught by a protected call: its status and message (or a description of a
+/// non-string error object).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LuaFailure {
+    pub status: c_int,
+    pub message: String,
+}
+
+impl fmt::Display for LuaFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// Runs `f` under `lua_pcall` with `ud` as a light userdata argument; on error, pops the error
+/// object and returns it as a [`LuaFailure`]. `f`'s results are left on the stack.
+///
+/// # Safety
+/// `l` must be a valid state (or thread) that is not running, with room for two values, and
+/// `f` must follow the discipline above.
+pub unsafe fn call(
+    l: *mut ffi::lua_State,
+    f: ffi::lua_CFunction,
+    ud: *mut c_void,
+) -> Result<(), LuaFailure> {
+    // SAFETY: pushing a light C function and a light userdata never allocates or raises, and
+    // the caller guarantees stack room; `lua_pcall` is the protected call.
+    unsafe {
+        ffi::lua_pushcfunction(l, f);
+        ffi::lua_pushlightuserdata(l, ud);
+        let status = ffi::lua_pcall(l, 1, ffi::LUA_MULTRET, 0);
+        if status == ffi::LUA_OK {
+            return Ok(());
+        }
+        let message = describe(l, -1);
+        ffi::lua_pop(l, 1);
+        Err(LuaFailure { status, message })
+    }
+}
+
+/// Runs Rust code that makes Lua API calls which cannot raise *by construction* (e.g. pushes
+/// made with the memory limit lifted and the size checked beforehand) under `lua_pcall`, as a
+/// backstop: if one raised after all, the error is caught here instead of reaching Lua's
+/// panic handler, which aborts the process. Such a raise would skip the destructors of the
+/// closure's frames (a leak); the callers' construction is what rules it out. The values the
+/// closure leaves on its stack are the results, left on `l`'s stack.
+///
+/// # Safety
+/// As for [`call`]; `f` must uphold the "cannot raise" construction it relies on.
+pub unsafe fn call_backstop(
+    l: *mut ffi::lua_State,
+    f: &mut dyn FnMut(*mut ffi::lua_State),
+) -> Result<(), LuaFailure> {
+    let mut f = Some(f);
+    // SAFETY: `trampoline` receives a pointer to `f`, which outlives the protected call.
+    unsafe {
+        call(
+            l,
+            trampoline,
+            (&mut f as *mut Option<&mut dyn FnMut(*mut ffi::lua_State)>).cast(),
+        )
+    }
+}
+
+unsafe extern "C-unwind" fn trampoline(l: *mut ffi::lua_State) -> c_int {
+    // SAFETY: argument 1 is the pointer `call_backstop` pushed; the closure is called once.
+    unsafe {
+        let slot = ffi::lua_touserdata(l, 1).cast::<Option<&mut dyn FnMut(*mut ffi::lua_State)>>();
+        ffi::lua_settop(l, 0);
+        if let Some(f) = (*slot).take() {
+            f(l);
+        }
+        // Whatever the closure pushed becomes the protected call's results.
+        ffi::lua_gettop(l)
+    }
+}
+
+/// A readable description of the value at `idx`, without calling metamethods.
+///
+/// # Safety
+/// `idx` must be a valid index of `l`.
+pub unsafe fn describe(l: *mut ffi::lua_State, idx: c_int) -> String {
+    // SAFETY: `lua_type`, `lua_tolstring` on a value that already is a string, and the
+    // number getters never allocate or raise.
+    unsafe {
+        match ffi::lua_type(l, idx) {
+            ffi::LUA_TSTRING => {
+                let mut len = 0usize;
+                let p = ffi::lua_tolstring(l, idx, &mut len);
+                if p.is_null() {
+                    String::new()
+                } else {
+                    String::from_utf8_lossy(std::slice::from_raw_parts(p.cast::<u8>(), len))
+                        .into_owned()
+                }
+            }
+            ffi::LUA_TNUMBER if ffi::lua_isinteger(l, idx) != 0 => {
+                ffi::lua_tointegerx(l, idx, std::ptr::null_mut()).to_string()
+            }
+            ffi::LUA_TNUMBER => ffi::lua_tonumberx(l, idx, std::ptr::null_mut()).to_string(),
+            t => {
+                let name = CStr::from_ptr(ffi::lua_typename(l, t));
+                format!("(error object is a {} value)", name.to_string_lossy())
+            }
+        }
+    }
+}

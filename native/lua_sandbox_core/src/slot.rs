@@ -1,0 +1,300 @@
+//! Slots: a Lua state in a fixed arena, restored from its pristine snapshot for every run.
+//!
+//! A slot reserves one address range without committing memory (`MAP_NORESERVE`; pages
+//! become resident when touched). The [`Heap`] header sits at its start and the Lua state,
+//! with everything it allocates, lives after it. When the slot is created, the caller's
+//! `build` function sets the state up (libraries, sandbox functions); the slot then collects
+//! garbage and copies the arena's used prefix aside: the snapshot.
+//!
+//! [`Slot::restore`] copies the snapshot back over the arena, at the same address. That is a
+//! complete fresh state: every pointer inside the state points into the arena (the state, the
+//! allocator's lists) or at static data and code (C functions, `lua_alloc`), so the copy is
+//! valid where it was taken, and whatever the previous run created, changed or deleted lives
+//! in bytes the restored allocator considers free or has overwritten. After a run that grew
+//! the arena by more than [`TRIM_THRESHOLD`], the pages above the snapshot go back to the OS
+//! (`MADV_DONTNEED`), so the slot's resident size returns to its baseline.
+//!
+//! Releasing a slot needs no `lua_close`: the next restore overwrites it, and dropping the
+//! slot unmaps the range (no finalizer runs: the sandbox's states have none to run).
+
+use std::ffi::{c_int, c_void};
+use std::ptr::{self, NonNull};
+
+use mlua_sys as ffi;
+
+use crate::heap::{self, Heap};
+use crate::protect::{self, LuaFailure};
+
+/// Growth above the snapshot, in bytes, past which a restore returns the pages to the OS.
+pub const TRIM_THRESHOLD: usize = 1 << 20;
+
+/// The largest arena a slot may reserve (virtual address space only).
+pub const MAX_CAPACITY: usize = 1 << 40;
+
+/// Why a slot could not be created.
+#[derive(Debug)]
+pub enum SlotError {
+    /// `mmap` refused the reservation.
+    Reserve(std::io::Error),
+    /// `lua_newstate` failed (arena too small for a state).
+    NewState,
+    /// The build function raised.
+    Build(LuaFailure),
+    /// Capacity outside `HEADER + 64 KiB ..= MAX_CAPACITY`.
+    Capacity(usize),
+}
+
+impl std::fmt::Display for SlotError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SlotError::Reserve(e) => write!(f, "cannot reserve the arena: {e}"),
+            SlotError::NewState => write!(f, "cannot create a Lua state in the arena"),
+            SlotError::Build(e) => write!(f, "building the pristine state failed: {e}"),
+            SlotError::Capacity(n) => write!(f, "arena capacity out of range: {n}"),
+        }
+    }
+}
+
+impl std::error::Error for SlotError {}
+
+/// One arena, its Lua state and its pristine snapshot.
+pub struct Slot {
+    base: NonNull<u8>,
+    capacity: usize,
+    page: usize,
+    state: *mut ffi::lua_State,
+    snapshot: Box<[u8]>,
+}
+
+// SAFETY: a slot owns its mapping and its state exclusively; nothing in them is tied to the
+// thread that created them (the allocator keeps no thread-local data, Lua keeps none), so a
+// slot may move to another thread. It is not `Sync`: using the state needs `&mut`.
+unsafe impl Send for Slot {}
+
+impl Slot {
+    /// Reserves an arena of `capacity` bytes, builds a state in it with `build` (a
+    /// `lua_CFunction` run under `lua_pcall`, receiving `ud` as a light userdata at index 1),
+    /// collects garbage twice and takes the snapshot.
+    ///
+    /// # Safety
+    /// `build` must follow the raising discipline (`protect.rs`) and may use `ud` only as the
+    /// caller allows; it runs once, before `new` returns.
+    pub unsafe fn new(
+        capacity: usize,
+        build: ffi::lua_CFunction,
+        ud: *mut c_void,
+    ) -> Result<Slot, SlotError> {
+        if !(heap::HEADER + (64 << 10)..=MAX_CAPACITY).contains(&capacity) {
+            return Err(SlotError::Capacity(capacity));
+        }
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+        let capacity = capacity.div_ceil(page) * page;
+        // SAFETY: an anonymous private mapping at an address of the kernel's choosing; no
+        // existing memory is affected. MAP_NORESERVE: untouched pages cost nothing.
+        let mapping = unsafe {
+            libc::mmap(
+                ptr::null_mut(),
+                capacity,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if mapping == libc::MAP_FAILED {
+            return Err(SlotError::Reserve(std::io::Error::last_os_error()));
+        }
+        let base = NonNull::new(mapping.cast::<u8>()).ok_or(SlotError::NewState)?;
+        let mut slot = Slot {
+            base,
+            capacity,
+            page,
+            state: ptr::null_mut(),
+            snapshot: Box::new([]),
+        };
+        // SAFETY: the mapping is page-aligned, writable, `capacity` bytes, and ours alone.
+        let heap = unsafe { Heap::init(base.as_ptr(), capacity) };
+        // SAFETY: `lua_alloc` implements the allocator contract on `heap`, which lives as long
+        // as the mapping, i.e. as long as the state (both end in `Drop`).
+        let state = unsafe { ffi::lua_newstate(heap::lua_alloc, heap.cast()) };
+        if state.is_null() {
+            return Err(SlotError::NewState);
+        }
+        slot.state = state;
+        // SAFETY: `state` is a fresh state with an empty stack; `protect::call` runs `build`
+        // and the collections under `lua_pcall` (see protect.rs).
+        unsafe {
+            protect::call(state, build, ud).map_err(SlotError::Build)?;
+            protect::call(state, collect, ptr::null_mut()).map_err(SlotError::Build)?;
+            ffi::lua_settop(state, 0);
+        }
+        slot.heap_mut().reset_peak();
+        let extent = slot.heap().extent();
+        // SAFETY: `[base, base + extent)` lies inside the mapping and holds the state just
+        // built; nothing writes it while we copy.
+        slot.snapshot = unsafe { std::slice::from_raw_parts(base.as_ptr(), extent) }.into();
+        slot.heap_mut().reset_peak();
+        Ok(slot)
+    }
+
+    /// The state. Valid until the next [`Slot::restore`] or the slot's drop; every thread
+    /// (coroutine) pointer taken from it is valid only until the next restore.
+    pub fn state(&self) -> *mut ffi::lua_State {
+        self.state
+    }
+
+    fn heap(&self) -> &Heap {
+        // SAFETY: the header was written by `Heap::init` at the mapping's start and stays
+        // there for the slot's life (restores rewrite it with a copy of itself).
+        unsafe { &*self.base.as_ptr().cast::<Heap>() }
+    }
+
+    fn heap_mut(&mut self) -> &mut Heap {
+        // SAFETY: as in `heap`; `&mut self` means no Lua code is running on this state.
+        unsafe { &mut *self.base.as_ptr().cast::<Heap>() }
+    }
+
+    /// Bytes Lua holds now (exact: Lua's own count).
+    pub fn used(&self) -> usize {
+        self.heap().used()
+    }
+
+    /// The most Lua held since the last restore.
+    pub fn peak(&self) -> usize {
+        self.heap().peak()
+    }
+
+    /// Starts a new peak measurement from the current use.
+    pub fn reset_peak(&mut self) {
+        self.heap_mut().reset_peak();
+    }
+
+    /// Allocation requests refused since the last restore (limit or arena full).
+    pub fn refusals(&self) -> u64 {
+        self.heap().refusals()
+    }
+
+    /// Limits the bytes Lua may hold; refused requests raise "not enough memory" in Lua.
+    pub fn set_limit(&mut self, bytes: usize) {
+        self.heap_mut().set_limit(bytes);
+    }
+
+    /// Size of the pristine snapshot, in bytes.
+    pub fn snapshot_len(&self) -> usize {
+        self.snapshot.len()
+    }
+
+    /// Size of the arena's reservation, in bytes.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Bytes of the arena that are resident right now (`mincore`).
+    pub fn resident(&self) -> usize {
+        let pages = self.capacity / self.page;
+        let mut vec = vec![0u8; pages];
+        // SAFETY: the range is our mapping, page-aligned; `vec` has one byte per page.
+        let rc = unsafe {
+            libc::mincore(
+                self.base.as_ptr().cast(),
+                self.capacity,
+                vec.as_mut_ptr().cast(),
+            )
+        };
+        if rc != 0 {
+            return 0;
+        }
+        vec.iter().filter(|b| **b & 1 != 0).count() * self.page
+    }
+
+    /// Makes the state pristine again: the snapshot copied back, the limit lifted, and the
+    /// pages above the snapshot returned to the OS if the last run grew past the threshold.
+    pub fn restore(&mut self) {
+        let extent = self.heap().extent();
+        let len = self.snapshot.len();
+        // SAFETY: `&mut self`: no Lua code runs on this state and no reference into the arena
+        // is live. The snapshot was taken from this very range, at this address.
+        unsafe {
+            ptr::copy_nonoverlapping(self.snapshot.as_ptr(), self.base.as_ptr(), len);
+        }
+        if extent > len + TRIM_THRESHOLD {
+            self.trim_above(len, extent);
+        }
+    }
+
+    /// Bytes of the arena in use by the state now (what a checkpoint copies).
+    pub fn extent(&self) -> usize {
+        self.heap().extent()
+    }
+
+    /// Copies the state as it is now into `into` (reusing its allocation), so that
+    /// [`Slot::rollback`] can return to exactly this point. Take it only between runs: with no
+    /// Lua code active on the state.
+    pub fn checkpoint(&self, into: &mut Vec<u8>) {
+        let extent = self.heap().extent();
+        into.clear();
+        // SAFETY: `[base, base + extent)` lies inside the mapping; `&self` means no Lua code
+        // is running on the state while we read it.
+        into.extend_from_slice(unsafe { std::slice::from_raw_parts(self.base.as_ptr(), extent) });
+    }
+
+    /// Returns the state to the point `checkpoint` recorded (taken from this slot, at this
+    /// address): everything Lua did since is undone, allocator included. Pages the state grew
+    /// into since then go back to the OS if they pass the threshold.
+    ///
+    /// # Panics
+    /// If `checkpoint` is larger than the arena (it was not taken from this slot).
+    pub fn rollback(&mut self, checkpoint: &[u8]) {
+        assert!(checkpoint.len() <= self.capacity && checkpoint.len() >= heap::HEADER);
+        let extent = self.heap().extent();
+        // SAFETY: as in `restore`: `&mut self`, no reference into the arena is live, and the
+        // checkpoint is a copy of this arena's own prefix, valid at this address.
+        unsafe {
+            ptr::copy_nonoverlapping(checkpoint.as_ptr(), self.base.as_ptr(), checkpoint.len());
+        }
+        if extent > checkpoint.len() + TRIM_THRESHOLD {
+            self.trim_above(checkpoint.len(), extent);
+        }
+    }
+
+    /// Returns the pages of `[from, to)` (rounded inward to pages) to the OS.
+    fn trim_above(&mut self, from: usize, to: usize) {
+        let start = from.div_ceil(self.page) * self.page;
+        let end = (to.div_ceil(self.page) * self.page).min(self.capacity);
+        if end > start {
+            // SAFETY: `[start, end)` is inside our private anonymous mapping and above
+            // everything the restored allocator hands out before bumping past it; after
+            // MADV_DONTNEED those pages read as zeros, which is fine for unused memory.
+            unsafe {
+                libc::madvise(
+                    self.base.as_ptr().add(start).cast(),
+                    end - start,
+                    libc::MADV_DONTNEED,
+                );
+            }
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        // SAFETY: the mapping is ours; the state in it is abandoned without `lua_close`
+        // (nothing outside the arena refers to it, and the sandbox's states have no
+        // finalizers that would need to run).
+        unsafe {
+            libc::munmap(self.base.as_ptr().cast(), self.capacity);
+        }
+    }
+}
+
+/// Two full collections, so the snapshot holds no garbage (run under `lua_pcall`).
+unsafe extern "C-unwind" fn collect(l: *mut ffi::lua_State) -> c_int {
+    // SAFETY: `l` is the running state; `lua_gc` may run the collector, which may raise only
+    // inside this protected call. No Rust value with a destructor is live.
+    unsafe {
+        ffi::lua_gc(l, ffi::LUA_GCCOLLECT, 0);
+        ffi::lua_gc(l, ffi::LUA_GCCOLLECT, 0);
+    }
+    0
+}

@@ -1,0 +1,77 @@
+//! Shared by the core's integration tests: a sandbox-like state built in a slot, and a way to
+//! run a chunk in it and read its first result as a string.
+#![allow(dead_code)]
+
+use std::ffi::{c_int, c_void};
+
+use lua_sandbox_core::{ffi, protect, LuaFailure, Slot};
+
+pub const MIB: usize = 1 << 20;
+
+/// Opens the libraries the sandbox exposes (base, string, table, math, utf8, coroutine, os).
+pub unsafe extern "C-unwind" fn build_libs(l: *mut ffi::lua_State) -> c_int {
+    // SAFETY: runs under lua_pcall (Slot::new); only the C API, no Rust values with Drop.
+    unsafe {
+        let libs: [(&std::ffi::CStr, ffi::lua_CFunction); 7] = [
+            (c"_G", ffi::luaopen_base),
+            (c"string", ffi::luaopen_string),
+            (c"table", ffi::luaopen_table),
+            (c"math", ffi::luaopen_math),
+            (c"utf8", ffi::luaopen_utf8),
+            (c"coroutine", ffi::luaopen_coroutine),
+            (c"os", ffi::luaopen_os),
+        ];
+        for (name, open) in libs {
+            ffi::luaL_requiref(l, name.as_ptr(), open, 1);
+            ffi::lua_settop(l, 1);
+        }
+    }
+    0
+}
+
+pub fn new_slot(capacity: usize) -> Slot {
+    // SAFETY: `build_libs` follows the raising discipline and ignores its argument.
+    unsafe { Slot::new(capacity, build_libs, std::ptr::null_mut()) }.expect("a slot")
+}
+
+struct Chunk<'a> {
+    code: &'a [u8],
+}
+
+unsafe extern "C-unwind" fn run_chunk(l: *mut ffi::lua_State) -> c_int {
+    // SAFETY: argument 1 is a pointer to a live `Chunk`; everything below may raise with no
+    // Rust value with a destructor alive (the slice is borrowed, not owned).
+    unsafe {
+        let chunk = &*ffi::lua_touserdata(l, 1).cast::<Chunk>();
+        ffi::lua_settop(l, 0);
+        if ffi::luaL_loadbufferx(
+            l,
+            chunk.code.as_ptr().cast(),
+            chunk.code.len(),
+            c"=test".as_ptr(),
+            c"t".as_ptr(),
+        ) != ffi::LUA_OK
+        {
+            ffi::lua_error(l);
+        }
+        ffi::lua_call(l, 0, 1);
+        ffi::luaL_tolstring(l, -1, std::ptr::null_mut());
+    }
+    1
+}
+
+/// Runs `code` and returns `tostring` of its first result.
+pub fn eval(slot: &mut Slot, code: &str) -> Result<String, LuaFailure> {
+    let l = slot.state();
+    let mut chunk = Chunk {
+        code: code.as_bytes(),
+    };
+    // SAFETY: the state is not running; `run_chunk` follows the discipline and `chunk`
+    // outlives the call.
+    unsafe {
+        protect::call(l, run_chunk, (&mut chunk as *mut Chunk).cast::<c_void>())?;
+        let s = protect::describe(l, -1);
+        ffi::lua_settop(l, 0);
+        Ok(s)
+    }
+}

@@ -1,0 +1,311 @@
+//! Sessions: a sandboxed state that lives across calls, with per-call limits and rollback.
+//!
+//! A session owns a slot (`slots.rs`) for its whole life: its state-wide setup (globals,
+//! tools, modules) is done once, and each call runs a new coroutine in that same state. A
+//! call borrows the session's state (a [`Loan`]): before it starts, the slot's used prefix is
+//! copied aside (a checkpoint, the same `memcpy` machinery as fresh states); when the call
+//! ends in any error — a script error, a limit, the caller's death, also while parked at a
+//! tool call — the checkpoint is copied back, so the session is exactly as it was before the
+//! call. With `rollback: false` a failed call keeps what it changed, as Lua would.
+//!
+//! The resource belongs to the `LuaSandbox.Session` process, which serializes calls; the
+//! call itself runs in the calling process (so its death stops the call, as for `run/2`).
+
+use std::sync::Mutex;
+
+use rustler::types::LocalPid;
+use rustler::{Atom, Encoder, Env, NifMap, NifResult, ResourceArc, Term};
+
+use crate::atoms;
+use crate::budget::{Activation, Control};
+use crate::error::SandboxError;
+use crate::output::Output;
+use crate::run::{self, Code, Entry, Home, Running, Source, StateSetup};
+use crate::sandbox;
+use crate::slots::{self, Lease};
+use lua_sandbox_core::Slot;
+
+/// State-wide options, validated by `LuaSandbox.Session`.
+#[derive(NifMap)]
+pub struct SessionOpts<'a> {
+    pub max_memory: u64,
+    pub max_depth: u64,
+    pub max_source: u64,
+    pub print: Atom,
+    pub print_pid: Option<LocalPid>,
+    pub chunk_name: String,
+    pub globals: Vec<(String, Term<'a>)>,
+    pub tools: Vec<String>,
+    pub modules: Vec<(String, Term<'a>)>,
+}
+
+/// Per-call options.
+#[derive(NifMap)]
+pub struct CallOpts<'a> {
+    pub max_instructions: u64,
+    pub max_output: u64,
+    pub max_tool_calls: u64,
+    pub max_result_bytes: u64,
+    pub rollback: bool,
+    pub call: Option<(String, Vec<Term<'a>>)>,
+}
+
+/// What a session keeps between calls.
+pub struct SessionState {
+    lease: Lease,
+    /// The slot's used prefix before the current call (reused buffer).
+    checkpoint: Vec<u8>,
+    max_memory: usize,
+    max_depth: usize,
+    max_source: u64,
+    chunk_name: String,
+    print: Atom,
+    print_pid: Option<LocalPid>,
+    calls: u64,
+    instructions: u64,
+    rollbacks: u64,
+}
+
+/// The session resource: its state, or `None` while a call has it on loan.
+pub struct SessionRes {
+    state: Mutex<Option<SessionState>>,
+}
+
+#[rustler::resource_impl]
+impl rustler::Resource for SessionRes {}
+
+impl SessionRes {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<SessionState>> {
+        // Only take/put happen under the lock: a panic cannot leave it inconsistent.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A session's state lent to one call; given back when the call ends (in `Drop`), rolled
+/// back first unless the call succeeded or rollback is off.
+pub struct Loan {
+    state: Option<SessionState>,
+    owner: ResourceArc<SessionRes>,
+    rollback: bool,
+    ok: bool,
+    instructions: u64,
+}
+
+impl Loan {
+    fn state(&self) -> &SessionState {
+        self.state
+            .as_ref()
+            .expect("a loan holds the state until dropped")
+    }
+
+    pub fn slot(&self) -> &Slot {
+        self.state().lease.slot()
+    }
+
+    pub fn slot_mut(&mut self) -> &mut Slot {
+        self.state
+            .as_mut()
+            .expect("a loan holds the state until dropped")
+            .lease
+            .slot_mut()
+    }
+
+    /// The call finished with a result: its changes stay.
+    pub fn succeeded(&mut self) {
+        self.ok = true;
+    }
+
+    /// The instructions the call used (for `info/1`).
+    pub fn record(&mut self, instructions: u64) {
+        self.instructions = instructions;
+    }
+}
+
+impl Drop for Loan {
+    fn drop(&mut self) {
+        let Some(mut state) = self.state.take() else {
+            return;
+        };
+        if self.rollback && !self.ok {
+            let SessionState {
+                lease, checkpoint, ..
+            } = &mut state;
+            lease.slot_mut().rollback(checkpoint);
+            state.rollbacks += 1;
+        } else {
+            let l = state.lease.slot().state();
+            // SAFETY: the call is over (finished, or abandoned while suspended): nothing runs
+            // on the state; dropping the main stack's values (the run coroutine) never raises.
+            unsafe { lua_sandbox_core::ffi::lua_settop(l, 0) };
+        }
+        state.calls += 1;
+        state.instructions += self.instructions;
+        *self.owner.lock() = Some(state);
+    }
+}
+
+#[rustler::nif(schedule = "DirtyCpu")]
+fn session_new<'a>(env: Env<'a>, opts: SessionOpts<'a>) -> Term<'a> {
+    let t0 = std::time::Instant::now();
+    crate::stack::with_big_stack(|| {
+        let max_memory = match opts.max_memory as usize {
+            0 => slots::MAX_MEMORY,
+            n => n.min(slots::MAX_MEMORY),
+        };
+        let mut lease = match slots::lease(max_memory) {
+            Ok(lease) => lease,
+            Err(e) => return run::early_error(env, e, t0),
+        };
+        let setup = StateSetup {
+            globals: &opts.globals,
+            tools: &opts.tools,
+            modules: &opts.modules,
+            max_depth: opts.max_depth as usize,
+            max_memory,
+            max_source: opts.max_source as usize,
+        };
+        // The setup runs no script code; the activation only makes a kill stop a huge
+        // conversion of globals.
+        let control = Control::new(u64::MAX);
+        let prepared = {
+            let _active = Activation::new(&control, env.as_c_arg());
+            run::prepare_state(lease.slot_mut(), &setup)
+        };
+        if let Err(e) = prepared {
+            return run::early_error(env, e, t0);
+        }
+        let state = SessionState {
+            lease,
+            checkpoint: Vec::new(),
+            max_memory,
+            max_depth: opts.max_depth as usize,
+            max_source: opts.max_source,
+            chunk_name: opts.chunk_name,
+            print: opts.print,
+            print_pid: opts.print_pid,
+            calls: 0,
+            instructions: 0,
+            rollbacks: 0,
+        };
+        let res = ResourceArc::new(SessionRes {
+            state: Mutex::new(Some(state)),
+        });
+        (atoms::ok(), res).encode(env)
+    })
+}
+
+/// Runs `source` (text, a compiled chunk, or `nil` for a `call:` only) in the session's
+/// state. Answers like `run_start`, or `:busy` if another call has the state.
+#[rustler::nif(schedule = "DirtyCpu")]
+fn session_run<'a>(
+    env: Env<'a>,
+    res: ResourceArc<SessionRes>,
+    source: Term<'a>,
+    opts: CallOpts<'a>,
+) -> NifResult<Term<'a>> {
+    let source = if source == atoms::nil().encode(env) {
+        None
+    } else {
+        Some(Source::decode(source)?)
+    };
+    let Some(mut state) = res.lock().take() else {
+        return Ok(atoms::busy().encode(env));
+    };
+    Ok(crate::stack::with_big_stack(|| {
+        let t0 = std::time::Instant::now();
+        let code = match &source {
+            None => Ok(None),
+            Some(Source::Text(bin)) => {
+                crate::chunk::check_source(bin.as_slice(), state.max_source as usize, "source")
+                    .and_then(|()| Code::new(bin.as_slice(), &state.chunk_name, false))
+                    .map(Some)
+            }
+            Some(Source::Chunk(chunk)) => Code::new(&chunk.bytecode, &chunk.name, true).map(Some),
+        };
+        let code = match code {
+            Ok(code) => code,
+            Err(e) => {
+                *res.lock() = Some(state);
+                return run::early_error(env, e, t0);
+            }
+        };
+        state.lease.slot_mut().reset_peak();
+        if opts.rollback {
+            let SessionState {
+                lease, checkpoint, ..
+            } = &mut state;
+            lease.slot().checkpoint(checkpoint);
+        }
+        let chunk_name = match &source {
+            Some(Source::Chunk(chunk)) => chunk.name.clone(),
+            _ => state.chunk_name.clone(),
+        };
+        let print = run::print_mode_of(state.print, state.print_pid);
+        let max_source = state.max_source;
+        let mut running = Running {
+            thread: std::ptr::null_mut(),
+            control: Box::new(Control::new(opts.max_instructions)),
+            output: Output::new(opts.max_output as usize, print),
+            chunk_name,
+            max_depth: state.max_depth,
+            max_result_bytes: opts.max_result_bytes,
+            max_tool_calls: opts.max_tool_calls,
+            max_memory: state.max_memory,
+            tool_calls: 0,
+            elapsed: std::time::Duration::ZERO,
+            home: Home::Session(Loan {
+                state: Some(state),
+                owner: res.clone(),
+                rollback: opts.rollback,
+                ok: false,
+                instructions: 0,
+            }),
+        };
+        sandbox::clear_traceback();
+        let entry = match &code {
+            Some(code) => Entry::Chunk(code),
+            None => Entry::Nothing,
+        };
+        let call = opts.call.as_ref().map(|(n, a)| (n.as_str(), a.as_slice()));
+        run::begin(
+            env,
+            running_prepared(&mut running, entry, call, max_source),
+            running,
+            t0,
+        )
+    }))
+}
+
+fn running_prepared(
+    running: &mut Running,
+    entry: Entry,
+    call: Option<(&str, &[Term])>,
+    max_source: u64,
+) -> Result<std::ffi::c_int, SandboxError> {
+    run::prepare_thread(running, entry, call, max_source)
+}
+
+/// `{:ok, %{memory:, calls:, instructions:, rollbacks:}}`, or `:busy` during a call.
+#[rustler::nif]
+fn session_info(env: Env<'_>, res: ResourceArc<SessionRes>) -> Term<'_> {
+    let guard = res.lock();
+    let Some(state) = guard.as_ref() else {
+        return atoms::busy().encode(env);
+    };
+    let keys = [
+        atoms::memory().encode(env),
+        atoms::calls().encode(env),
+        atoms::instructions().encode(env),
+        atoms::rollbacks().encode(env),
+    ];
+    let values = [
+        (state.lease.slot().used() as u64).encode(env),
+        state.calls.encode(env),
+        state.instructions.encode(env),
+        state.rollbacks.encode(env),
+    ];
+    match Term::map_from_arrays(env, &keys, &values) {
+        Ok(map) => (atoms::ok(), map).encode(env),
+        Err(_) => atoms::error().encode(env),
+    }
+}

@@ -1,0 +1,87 @@
+defmodule LuaSandbox.FirstAttemptTest do
+  # Short runs start on the caller's scheduler under tighter limits (run.rs `run_try`); a run
+  # that outgrows them is run again from a pristine state on a dirty scheduler. The first
+  # attempt must leave no trace: no duplicated output or messages, exact stats, same results.
+  use ExUnit.Case, async: true
+
+  @slice_plus "local n = 0 for i = 1, 200000 do n = n + i end"
+
+  test "a run longer than the slice gives the full result and exact instruction count" do
+    {:ok, long} = LuaSandbox.run(@slice_plus <> " return n")
+    assert long.value == 20_000_100_000
+    # The loop alone is two instructions per iteration: well over the 10 000-instruction slice,
+    # and nothing of the discarded attempt is counted twice.
+    assert long.stats.instructions in 400_000..400_100
+  end
+
+  test "output printed before the slice ran out appears once" do
+    {:ok, r} = LuaSandbox.run("print('before') " <> @slice_plus <> " print('after') return n")
+    assert r.output == "before\nafter\n"
+  end
+
+  test "streamed chunks of a discarded attempt are never sent" do
+    {:ok, r} =
+      LuaSandbox.run("io.write('x') " <> @slice_plus <> " io.write('y') return 1",
+        print: {:send, self()}
+      )
+
+    assert r.output == "xy"
+    assert_received {:lua_print, "x"}
+    assert_received {:lua_print, "y"}
+    refute_received {:lua_print, _}
+  end
+
+  test "a short run that streams sends its chunks in order before answering" do
+    {:ok, _} = LuaSandbox.run("io.write('a') io.write('b') return 1", print: {:send, self()})
+    assert_received {:lua_print, "a"}
+    assert_received {:lua_print, "b"}
+    refute_received {:lua_print, _}
+  end
+
+  test "more memory than the attempt allows, within max_memory, is retried" do
+    {:ok, r} = LuaSandbox.run("local s = string.rep('x', 4 * 1024 * 1024) return #s")
+    assert r.value == 4 * 1024 * 1024
+    assert r.stats.memory_peak > 4 * 1024 * 1024
+  end
+
+  test "a result larger than the attempt's bound is retried" do
+    {:ok, r} = LuaSandbox.run("return string.rep('y', 300000)")
+    assert byte_size(r.value) == 300_000
+  end
+
+  test "genuine limits are still reported from a short run" do
+    assert {:error, %{kind: :instruction_limit}} =
+             LuaSandbox.run("while true do end", max_instructions: 5_000)
+
+    assert {:error, %{kind: :memory_limit}} =
+             LuaSandbox.run("return string.rep('x', 200000)", max_memory: 150_000)
+
+    assert {:error, %{kind: :runtime, message: "script:1: boom"}} =
+             LuaSandbox.run("print('seen') error('boom')")
+  end
+
+  test "a tool call ends the attempt; the run then calls the tool exactly once" do
+    me = self()
+
+    {:ok, r} =
+      LuaSandbox.run("return tools.ping(1) + 1",
+        tools: %{
+          ping: fn [x] ->
+            send(me, :pinged)
+            x
+          end
+        }
+      )
+
+    assert r.value == 2
+    assert_received :pinged
+    refute_received :pinged
+  end
+
+  test "the attempt itself answers :retry at a tool call and at its slice's end" do
+    native = LuaSandbox.Options.to_native(LuaSandbox.Options.validate!(tools: %{t: & &1}))
+    assert LuaSandbox.Native.run_try("return tools.t()", native) == :retry
+    assert LuaSandbox.Native.run_try("while true do end", native) == :retry
+    assert {:ok, [3], "", _} = LuaSandbox.Native.run_try("return 1 + 2", native)
+  end
+end
