@@ -84,8 +84,8 @@ defmodule LuaSandbox.ConcurrencyTest do
       {:ok, pid} = LuaSandbox.Supervisor.start_link(name: name, max_concurrency: 2)
       assert {:ok, _} = LuaSandbox.run("return 1", supervisor: name)
       Process.unlink(pid)
-      Process.exit(pid, :kill)
-      wait_until(fn -> not Process.alive?(pid) and Process.whereis(name) == nil end)
+      Supervisor.stop(pid)
+      wait_until(fn -> Process.whereis(name) == nil end)
 
       for opts <- [[], [timeout: 1_000]] do
         assert_raise ArgumentError, ~r/not running/, fn ->

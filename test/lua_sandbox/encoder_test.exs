@@ -70,6 +70,16 @@ defmodule LuaSandbox.EncoderTest do
                ["10:00:00", "2026-12-01", ["ok", 1]]
     end
 
+    test "sessions: globals at start and call: arguments" do
+      {:ok, s} = LuaSandbox.Session.start_link(globals: [d: ~D[2026-12-01]])
+      assert {:ok, _} = LuaSandbox.Session.run(s, "function f(t) return d, t end")
+
+      assert {:ok, %{values: ["2026-12-01", "10:00:00"]}} =
+               LuaSandbox.Session.call(s, "f", [~T[10:00:00]])
+
+      LuaSandbox.Session.stop(s)
+    end
+
     test "tuples become lists" do
       assert value("return t[1], t[2], #t", globals: %{t: {:ok, 42}}) == "ok"
       assert LuaSandbox.run!("return t[2]", globals: %{t: {:ok, 42}}).value == 42

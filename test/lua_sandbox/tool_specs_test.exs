@@ -112,6 +112,17 @@ defmodule LuaSandbox.ToolSpecsTest do
       refute_received {:called, _}
     end
 
+    test "in a session too" do
+      {:ok, s} = LuaSandbox.Session.start_link(tools: spec_tools(self()))
+
+      assert {:ok, %{values: [false, msg]}} =
+               LuaSandbox.Session.run(s, "return pcall(tools.search, 1)")
+
+      assert msg =~ "argument 1 (query) must be a string"
+      assert {:ok, %{value: "ok"}} = LuaSandbox.Session.run(s, "return tools.search('x')")
+      LuaSandbox.Session.stop(s)
+    end
+
     test "bad specs are ArgumentErrors" do
       for spec <- [
             [args: [q: :str]],

@@ -87,7 +87,11 @@ defmodule LuaSandbox.Packaging.CompileNifTest do
 
   defp copy_project(dest) do
     File.mkdir_p!(dest)
-    for s <- @sources, do: File.cp_r!(Path.join(@root, s), Path.join(dest, s))
+
+    for s <- @sources,
+        File.exists?(Path.join(@root, s)),
+        do: File.cp_r!(Path.join(@root, s), Path.join(dest, s))
+
     dest
   end
 
