@@ -92,7 +92,8 @@ defmodule Bench.Run do
       fn -> cpu_bound() end,
       fn -> marshaling() end,
       fn -> kill_latency() end,
-      fn -> memory() end
+      fn -> memory() end,
+      fn -> sessions() end
     ]
 
     {rows, notes} =
@@ -315,17 +316,132 @@ defmodule Bench.Run do
       [_ | _] = :luerl.decode(enc, st)
     end
 
-    res = H.alternate([sys(@ours, ours, 600, 300), sys(@luerl, luerl, 600, 300)], 6)
+    codec = fn -> ^term = :erlang.binary_to_term(:erlang.term_to_binary(term)) end
+
+    res =
+      H.alternate(
+        [
+          sys(@ours, ours, 600, 300),
+          sys(@luerl, luerl, 600, 300),
+          sys("BEAM term_to_binary + binary_to_term", codec, 400, 200)
+        ],
+        6
+      )
+
     label = "4. marshaling: #{H.fmt_bytes(size)} nested map/list in and back out"
 
     notes = [
       "Marshaling: the term is #{H.fmt_bytes(size)} in external term format " <>
         "(4 700 records of maps, lists, strings, floats, booleans). Ours: global `v` + " <>
         "`return v` (fresh state included); Luerl: `luerl:encode/2` + `luerl:decode/2` on a " <>
-        "prebuilt `luerl:init()` state (state creation not counted for Luerl)."
+        "prebuilt `luerl:init()` state (state creation not counted for Luerl). Info row: the " <>
+        "BEAM's own `term_to_binary` + `binary_to_term` of the same term (issue 10's yardstick: " <>
+        "ours ≤ 1.5× of it)."
     ]
 
-    {pair_rows(label, res), notes}
+    {pair_rows(label, res) ++ [info_row(label, "BEAM term_to_binary + binary_to_term", res)],
+     notes}
+  end
+
+  ## 7. sessions: a call into a loaded state
+
+  @handler_source """
+  local seen = 0
+  function handle(msg)
+    seen = seen + 1
+    local n = 0
+    for i = 1, #msg.items do n = n + msg.items[i] end
+    return {ok = true, sum = n, seen = seen}
+  end
+  """
+
+  defp sessions do
+    step("7. sessions")
+    msg = %{"items" => Enum.to_list(1..10)}
+    {:ok, s} = LuaSandbox.Session.start_link()
+    {:ok, _} = LuaSandbox.Session.run(s, @handler_source)
+    {_, st0} = :luerl.do(@handler_source, :luerl.init())
+
+    {:ok, %{value: %{"ok" => true, "sum" => 55}}} = LuaSandbox.Session.call(s, "handle", [msg])
+    {[res], _} = :luerl.call_function([:handle], [msg], st0)
+    check!("session call", @luerl, from_luerl(res)["sum"], 55)
+
+    ours = fn -> {:ok, %{value: %{"sum" => 55}}} = LuaSandbox.Session.call(s, "handle", [msg]) end
+
+    ours_no_rb = fn ->
+      {:ok, %{value: %{"sum" => 55}}} =
+        LuaSandbox.Session.call(s, "handle", [msg], rollback: false)
+    end
+
+    # Luerl threads its state through calls (what tv-labs/lua, built on Luerl, does too).
+    luerl_state = :ets.new(:luerl_state, [:public])
+    :ets.insert(luerl_state, {:st, st0})
+
+    luerl = fn ->
+      [{:st, st}] = :ets.lookup(luerl_state, :st)
+      {[_], st} = :luerl.call_function([:handle], [msg], st)
+      :ets.insert(luerl_state, {:st, st})
+    end
+
+    res =
+      H.alternate(
+        [
+          sys(@ours, ours, 400, 200),
+          sys(@luerl, luerl, 400, 200),
+          sys("#{@ours} (rollback: false)", ours_no_rb, 300, 100)
+        ],
+        6
+      )
+
+    label = "7. session call: `handle(msg)` on a loaded state (10-item msg in, 3-key table out)"
+    rows = pair_rows(label, res) ++ [info_row(label, "#{@ours} (rollback: false)", res)]
+
+    # Checkpoint cost as a function of the state's size: a no-op call with and without
+    # rollback on sessions holding 64 KiB, 1 MiB and 16 MiB.
+    ck_rows =
+      for {label, bytes} <- [
+            {"64 KiB", 64 * 1024},
+            {"1 MiB", 1024 * 1024},
+            {"16 MiB", 16 * 1024 * 1024}
+          ] do
+        {:ok, s2} = LuaSandbox.Session.start_link(max_memory: 256 * 1024 * 1024)
+
+        {:ok, _} =
+          LuaSandbox.Session.run(s2, "blob = string.rep('x', #{bytes}) function noop() end")
+
+        with_rb = fn -> {:ok, _} = LuaSandbox.Session.call(s2, "noop", []) end
+        without = fn -> {:ok, _} = LuaSandbox.Session.call(s2, "noop", [], rollback: false) end
+
+        r =
+          H.alternate(
+            [sys("with rollback", with_rb, 200, 50), sys("rollback: false", without, 200, 50)],
+            4
+          )
+
+        a = H.summary(r["with rollback"])
+        b = H.summary(r["rollback: false"])
+        LuaSandbox.Session.stop(s2)
+
+        Map.merge(a, %{
+          scenario:
+            "7. checkpoint cost, #{label} state (no-op call; +#{H.fmt_ns(a.median - b.median)} over rollback: false)",
+          system: @ours,
+          info: true
+        })
+      end
+
+    LuaSandbox.Session.stop(s)
+
+    notes = [
+      "Sessions: ours is `LuaSandbox.Session.call(s, \"handle\", [msg])` on a session that ran the " <>
+        "handler's source once (rollback on: the state's used prefix is copied aside before the " <>
+        "call); Luerl is `luerl:call_function([handle], [Msg], St)` with the state threaded " <>
+        "through calls (kept in ETS between calls). tv-labs/lua is a wrapper over Luerl (Hex " <>
+        "only, not reachable here), so its state reuse is Luerl's. Checkpoint rows: a no-op " <>
+        "`call` on sessions holding a 64 KiB / 1 MiB / 16 MiB string, with and without rollback."
+    ]
+
+    {rows ++ ck_rows, notes}
   end
 
   defp big_term(n) do
@@ -694,6 +810,14 @@ defmodule Bench.Run do
     tput = find.("1.", &String.contains?(&1.scenario, "throughput"))
     cpu = Enum.filter(rows, &(String.starts_with?(&1.scenario, "3") and &1.system == @ours))
     marsh = find.("4.", fn _ -> true end)
+
+    codec =
+      Enum.find(
+        rows,
+        &(String.starts_with?(&1.scenario, "4.") and String.starts_with?(&1.system, "BEAM"))
+      )
+
+    session = find.("7. session call", fn _ -> true end)
     kill = find.("5.", fn _ -> true end)
 
     mark = fn ok -> if ok, do: "met", else: "MISSED" end
@@ -714,6 +838,15 @@ defmodule Bench.Run do
       end,
       if marsh do
         "- marshaling ≥ 10× Luerl: #{H.fmt_ratio(marsh.ratio)} — #{mark.(marsh.ratio >= 10)}"
+      end,
+      if marsh && codec do
+        x = marsh.median / codec.median
+
+        "- marshaling ≤ 1.5× BEAM term_to_binary + binary_to_term: #{H.fmt_num(x)}× " <>
+          "(#{H.fmt_ns(marsh.median)} vs #{H.fmt_ns(codec.median)}) — #{mark.(x <= 1.5)}"
+      end,
+      if session do
+        "- session call ≥ 3× Luerl call_function: #{H.fmt_ratio(session.ratio)} — #{mark.(session.ratio >= 3)}"
       end,
       cond do
         kill && kill[:fail] ->

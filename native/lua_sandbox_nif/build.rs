@@ -15,6 +15,7 @@ fn main() {
         .include("../../vendor/lua-src/lua-5.4.9")
         .file("csrc/sb_strlib.c")
         .file("csrc/sb_tablib.c")
+        .file("csrc/sb_json.c")
         // lua-src defines LUA_COMPAT_5_3 for every Lua 5.4 build.
         .define("LUA_COMPAT_5_3", None)
         .flag_if_supported("-fno-common");
@@ -37,7 +38,7 @@ fn main() {
 
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=csrc");
-    for f in ["sb_strlib.c", "sb_tablib.c", "sb_budget.h"] {
+    for f in ["sb_strlib.c", "sb_tablib.c", "sb_json.c", "sb_budget.h"] {
         println!("cargo:rerun-if-changed=csrc/{f}");
     }
 }

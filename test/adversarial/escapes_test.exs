@@ -5,7 +5,7 @@ defmodule LuaSandbox.Adversarial.EscapesTest do
 
   @allowed_globals ~w(assert error getmetatable ipairs next pairs pcall rawequal rawget rawlen
     rawset select setmetatable tonumber tostring type xpcall _G _VERSION load collectgarbage
-    print string table math utf8 coroutine os io require)
+    print string table math utf8 coroutine os io require json)
 
   describe "bytecode" do
     test "a source starting with the binary signature is refused before Lua sees it" do

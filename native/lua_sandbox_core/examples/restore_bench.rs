@@ -48,6 +48,9 @@ unsafe extern "C-unwind" fn one_plus_one(l: *mut ffi::lua_State) -> c_int {
 }
 
 fn main() {
+    if std::env::args().any(|a| a == "checkpoint") {
+        return checkpoints();
+    }
     let mut slot = common::new_slot(1 << 30);
     println!(
         "snapshot: {} bytes; resident {} bytes",
@@ -80,4 +83,44 @@ fn main() {
             ffi::lua_close(l);
         }
     });
+}
+
+/// Checkpoint + rollback cost by state size (sessions): `... --example restore_bench -- checkpoint`
+fn checkpoints() {
+    for (label, bytes) in [
+        ("64 KiB", 64 << 10),
+        ("1 MiB", 1 << 20),
+        ("16 MiB", 16 << 20),
+    ] {
+        let mut slot = common::new_slot(256 << 20);
+        common::eval(
+            &mut slot,
+            &format!("blob = string.rep('x', {bytes}) return 1"),
+        )
+        .unwrap();
+        let mut cp = Vec::new();
+        let n = if bytes > (1 << 20) { 200 } else { 2000 };
+        let mut ck: Vec<f64> = (0..n)
+            .map(|_| {
+                let t = Instant::now();
+                slot.checkpoint(&mut cp);
+                t.elapsed().as_nanos() as f64 / 1000.0
+            })
+            .collect();
+        let mut rb: Vec<f64> = (0..n)
+            .map(|_| {
+                let t = Instant::now();
+                slot.rollback(&cp);
+                t.elapsed().as_nanos() as f64 / 1000.0
+            })
+            .collect();
+        ck.sort_by(|a, b| a.total_cmp(b));
+        rb.sort_by(|a, b| a.total_cmp(b));
+        println!(
+            "{label:>7} state ({} bytes used): checkpoint p50 {:.1} µs, rollback p50 {:.1} µs",
+            cp.len(),
+            ck[n / 2],
+            rb[n / 2]
+        );
+    }
 }

@@ -13,7 +13,7 @@ use std::cell::Cell;
 use std::ffi::c_int;
 use std::ptr;
 
-use mlua::ffi;
+use lua_sandbox_core::ffi;
 use rustler::sys::ErlNifEnv;
 
 /// How many VM instructions run between two ticks: the kill check's granularity (a few

@@ -3,8 +3,9 @@
 //! Lua does not verify bytecode, so bytecode never leaves the NIF as a binary a caller could
 //! edit: it lives in an opaque resource, and only bytecode this module produced is ever loaded.
 
-use mlua::chunk::ChunkMode;
-use mlua::{Lua, LuaOptions, StdLib};
+use std::ffi::{c_int, c_void};
+
+use lua_sandbox_core::ffi;
 use rustler::{Encoder, Env, NifMap, ResourceArc, Term};
 
 use crate::atoms;
@@ -49,15 +50,49 @@ pub fn compile_bytes(
     max_source: usize,
 ) -> Result<Vec<u8>, SandboxError> {
     check_source(source, max_source, "source")?;
-    let lua = Lua::new_with(StdLib::NONE, LuaOptions::default())
-        .map_err(|e| SandboxError::Runtime(e.to_string()))?;
-    let f = lua
-        .load(source)
-        .set_name(format!("={name}"))
-        .set_mode(ChunkMode::Text)
-        .into_function()
-        .map_err(SandboxError::from_parse)?;
-    Ok(f.dump(false))
+    dump(source, name, false)
+}
+
+/// Parses Lua source text in a throwaway state (no libraries, no code run) and returns its
+/// bytecode, with or without debug information.
+pub fn dump(source: &[u8], name: &str, strip: bool) -> Result<Vec<u8>, SandboxError> {
+    let code = crate::run::Code::new(source, name, false)?;
+    // SAFETY: a private state, used on this thread and closed before returning. `Code::load`
+    // does not raise; `lua_dump` only calls `write` (which never raises or unwinds: extending
+    // a Vec can only abort on OOM); `lua_close` runs no finalizers (nothing ran).
+    unsafe {
+        let l = ffi::luaL_newstate();
+        if l.is_null() {
+            return Err(SandboxError::MemoryLimit);
+        }
+        let loaded = code.load(l);
+        let mut out: Vec<u8> = Vec::new();
+        if loaded.is_ok() {
+            ffi::lua_dump(
+                l,
+                write,
+                (&mut out as *mut Vec<u8>).cast(),
+                c_int::from(strip),
+            );
+        }
+        ffi::lua_close(l);
+        loaded.map(|()| out)
+    }
+}
+
+/// `lua_Writer` appending to the `Vec<u8>` at `ud`.
+unsafe extern "C-unwind" fn write(
+    _l: *mut ffi::lua_State,
+    p: *const c_void,
+    sz: usize,
+    ud: *mut c_void,
+) -> c_int {
+    // SAFETY: `ud` is the Vec `dump` passed, alive for the call; `p` points at `sz` bytes.
+    unsafe {
+        let out = &mut *ud.cast::<Vec<u8>>();
+        out.extend_from_slice(std::slice::from_raw_parts(p.cast::<u8>(), sz));
+    }
+    0
 }
 
 #[rustler::nif(schedule = "DirtyCpu")]

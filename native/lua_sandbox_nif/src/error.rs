@@ -76,32 +76,6 @@ impl From<Abort> for SandboxError {
     }
 }
 
-impl From<mlua::Error> for SandboxError {
-    fn from(e: mlua::Error) -> Self {
-        match e {
-            mlua::Error::MemoryError(_) => SandboxError::MemoryLimit,
-            mlua::Error::SyntaxError { message, .. } => SandboxError::Syntax(message),
-            mlua::Error::RuntimeError(message) => SandboxError::Runtime(message),
-            other => SandboxError::Runtime(other.to_string()),
-        }
-    }
-}
-
-impl SandboxError {
-    /// An error from loading a chunk, which can only fail to parse (or run out of memory): the
-    /// parser's own nesting limit surfaces from Lua as a runtime "C stack overflow", but it is
-    /// a property of the source.
-    pub fn from_parse(e: mlua::Error) -> Self {
-        match SandboxError::from(e) {
-            SandboxError::Runtime(message) => {
-                let first = message.lines().next().unwrap_or_default();
-                SandboxError::Syntax(format!("{first} (source nested too deeply)"))
-            }
-            other => other,
-        }
-    }
-}
-
 /// The line of `chunk_name:LINE: message`, when the message starts that way.
 pub fn line_of(message: &str, chunk_name: &str) -> Option<u32> {
     let rest = message.strip_prefix(chunk_name)?.strip_prefix(':')?;

@@ -21,7 +21,7 @@
 
 use std::ffi::{c_char, c_int, c_ulonglong};
 
-use mlua::ffi;
+use lua_sandbox_core::ffi;
 
 use crate::budget::{self, Abort};
 

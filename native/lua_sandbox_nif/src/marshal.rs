@@ -645,6 +645,12 @@ impl<'e> Reader<'e> {
                     Ok(binary_term(env, bytes))
                 }
                 ffi::LUA_TTABLE => self.read_table(l, idx, depth),
+                ffi::LUA_TLIGHTUSERDATA
+                    if ffi::lua_touserdata(l, idx).cast_const() == crate::sandbox::json_null() =>
+                {
+                    self.charge(0)?;
+                    Ok(atoms::nil().encode(env))
+                }
                 ffi::LUA_TFUNCTION => Err(unsupported("a function")),
                 ffi::LUA_TTHREAD => Err(unsupported("a coroutine")),
                 _ => Err(unsupported("userdata")),

@@ -284,7 +284,7 @@ impl<'a> Code<'a> {
     ///
     /// # Safety
     /// `l` must be a non-running state or thread with a free stack slot.
-    unsafe fn load(&self, l: *mut ffi::lua_State) -> Result<(), SandboxError> {
+    pub(crate) unsafe fn load(&self, l: *mut ffi::lua_State) -> Result<(), SandboxError> {
         let mode = if self.binary { c"b" } else { c"t" };
         // SAFETY: `lua_load` runs the parser under its own protected call and reports errors
         // as a status with the message on the stack; it does not raise.
@@ -537,6 +537,7 @@ pub(crate) fn prepare_thread(
     // at index 1, where it stays referenced for the run's life.
     unsafe {
         ffi::lua_settop(l, 0);
+        sandbox::set_json_depth(l, running.max_depth);
         protect::call(l, new_thread, ptr::null_mut()).map_err(|_| SandboxError::MemoryLimit)?;
         running.thread = ffi::lua_tothread(l, 1);
     }

@@ -12,7 +12,6 @@ use std::ffi::{c_int, c_void};
 use std::sync::OnceLock;
 
 use lua_sandbox_core::{ffi, Slot};
-use mlua::{Lua, LuaOptions, StdLib};
 
 use crate::budget::{self, Abort};
 use crate::error::SandboxError;
@@ -25,12 +24,7 @@ const PRELUDE: &str = include_str!("prelude.lua");
 fn prelude_bytecode() -> &'static [u8] {
     static BYTECODE: OnceLock<Vec<u8>> = OnceLock::new();
     BYTECODE.get_or_init(|| {
-        let lua = Lua::new_with(StdLib::NONE, LuaOptions::default()).expect("a bare Lua state");
-        lua.load(PRELUDE)
-            .set_name("=prelude")
-            .into_function()
-            .expect("the prelude parses")
-            .dump(true)
+        crate::chunk::dump(PRELUDE.as_bytes(), "prelude", true).expect("the prelude parses")
     })
 }
 
@@ -68,6 +62,31 @@ const LIBS: [(&std::ffi::CStr, ffi::lua_CFunction); 7] = [
     (c"coroutine", ffi::luaopen_coroutine),
     (c"os", ffi::luaopen_os),
 ];
+
+extern "C-unwind" {
+    /// Sets the global `json` (csrc/sb_json.c): a `lua_CFunction` that may raise (memory).
+    fn lua_sandbox_open_json(l: *mut ffi::lua_State) -> c_int;
+    /// Sets the nesting bound of `json.encode`/`json.decode`; never raises (the registry key
+    /// exists once the library is open).
+    fn lua_sandbox_json_set_depth(l: *mut ffi::lua_State, depth: ffi::lua_Integer);
+    /// The address `json.null` stands for (a light userdata).
+    fn lua_sandbox_json_null() -> *const c_void;
+}
+
+/// `json.null`'s address: it marshals to `nil`.
+pub fn json_null() -> *const c_void {
+    // SAFETY: returns the address of a static; no arguments, no state.
+    unsafe { lua_sandbox_json_null() }
+}
+
+/// Bounds `json.encode`/`json.decode` nesting by the run's `max_depth`.
+///
+/// # Safety
+/// `l` must be a state built by [`new_slot`], not running, with a free stack slot.
+pub unsafe fn set_json_depth(l: *mut ffi::lua_State, depth: usize) {
+    // SAFETY: per the contract; the setter only replaces an existing registry entry.
+    unsafe { lua_sandbox_json_set_depth(l, depth.min(i64::MAX as usize) as ffi::lua_Integer) }
+}
 
 /// A new slot of `capacity` bytes holding a pristine sandbox.
 pub fn new_slot(capacity: usize) -> Result<Slot, SandboxError> {
@@ -119,6 +138,9 @@ unsafe extern "C-unwind" fn build(l: *mut ffi::lua_State) -> c_int {
         ] {
             ffi::lua_rawsetp(l, ffi::LUA_REGISTRYINDEX, key.ptr());
         }
+        // After the prelude, whose allowlist would remove it.
+        ffi::lua_pushcfunction(l, lua_sandbox_open_json);
+        ffi::lua_call(l, 0, 0);
     }
     0
 }
