@@ -3,7 +3,9 @@
 # make bench — benchmarks side by side with Luerl; make fuzz — the long property run
 
 SHELL := /bin/bash
-export MIX_ENV ?= test
+# The tests run in MIX_ENV=test whatever the caller's environment or command line holds: set
+# per command, not exported, so `MIX_ENV=prod make test` cannot run them against prod config.
+TEST_ENV := MIX_ENV=test
 LUA_PROPERTY_CASES ?= 10000
 
 .PHONY: all deps build demo test check-format clippy cargo-test mix-test bench fuzz
@@ -14,7 +16,7 @@ deps:
 	@scripts/ensure_deps.sh
 
 build: deps
-	mix compile --warnings-as-errors
+	$(TEST_ENV) mix compile --warnings-as-errors
 
 demo: deps
 	MIX_ENV=dev mix lua_sandbox.run examples/demo.lua --global 'name=Ada' --max-instructions 5000000
@@ -26,7 +28,7 @@ demo: deps
 	MIX_ENV=dev mix run examples/agent.exs
 
 check-format: deps
-	mix format --check-formatted
+	$(TEST_ENV) mix format --check-formatted
 	cargo fmt --all -- --check
 
 clippy:
@@ -36,8 +38,8 @@ cargo-test:
 	cargo test --release
 
 mix-test: deps
-	mix compile --warnings-as-errors
-	LUA_PROPERTY_CASES=$(LUA_PROPERTY_CASES) mix test --warnings-as-errors
+	$(TEST_ENV) mix compile --warnings-as-errors
+	$(TEST_ENV) LUA_PROPERTY_CASES=$(LUA_PROPERTY_CASES) mix test --warnings-as-errors
 
 test: check-format clippy cargo-test mix-test
 
@@ -45,4 +47,4 @@ bench: deps
 	MIX_ENV=prod mix run bench/run.exs
 
 fuzz: deps
-	LUA_PROPERTY_CASES=200000 mix test --only property
+	$(TEST_ENV) LUA_PROPERTY_CASES=200000 mix test --only property

@@ -30,34 +30,79 @@ defmodule LuaSandbox do
 
   ## Options
 
-  | option | default | meaning |
-  | --- | --- | --- |
-  | `globals` | `%{}` | `%{name => term}` set as Lua globals before the chunk runs |
-  | `call` | `nil` | `{name, args}`: after the chunk ran, call global `name` with `args`; its return values are the result |
-  | `max_instructions` | `100_000_000` | VM instructions (and builtin work) before `:instruction_limit` |
-  | `max_memory` | `67_108_864` (64 MiB) | Lua heap bytes before `:memory_limit` |
-  | `max_depth` | `64` | table nesting allowed when marshaling, both directions |
-  | `max_result_bytes` | `16_777_216` (16 MiB) | string bytes plus 8 per value of a result |
-  | `max_output` | `1_048_576` (1 MiB) | bytes of `print`/`io.write` output before `:output_limit` |
-  | `max_source` | `1_048_576` (1 MiB) | bytes of source (and of each `load`) |
-  | `print` | `:capture` | `:capture`, `{:send, pid}` (streams `{:lua_print, chunk}`, coalesced), `{:send, pid, tag}` (`{:lua_print, tag, chunk}`), `:log` (Logger, at the end, metadata `lua_chunk`, `lua_run`), `:discard` |
-  | `chunk_name` | `"script"` | name in messages: `script:3: attempt to ...` |
-  | `tools` | `%{}` | `%{name => fun/1}` callable from Lua as `tools.name(...)` |
-  | `modules` | `%{}` | `%{name => source \\| %LuaSandbox.Chunk{}}` loadable with `require(name)` |
-  | `max_tool_calls` | `1000` | tool calls before `:tool_limit` |
-  | `timeout` | `:infinity` | ms; a deadline checked inside the run (`:timeout` with output and stats); the run happens in a supervised task, killed as a backstop 500 ms later |
-  | `supervisor` | `LuaSandbox.TaskSupervisor` | the `LuaSandbox.Supervisor` used with `timeout`/`node` |
-  | `node` | `nil` | run on another connected node (through its `LuaSandbox.TaskSupervisor`) |
+  Every function that runs code takes these (`t:option/0`):
 
-  Unknown options raise `ArgumentError`.
+  #{LuaSandbox.Options.table()}
+
+  Unknown options and bad values raise `ArgumentError`. Names (of globals, tools, modules and
+  the `call:` function) are non-empty UTF-8 strings or atoms; where a map of names is taken, a
+  keyword list is too. Values crossing into Lua go through `LuaSandbox.Encoder`.
+
+  ## Errors
+
+  Failures are `{:error, %LuaSandbox.Error{}}` with a `kind` from a closed list
+  (`LuaSandbox.Error.kinds/0`); each function below lists the kinds it typically returns.
   """
 
-  alias LuaSandbox.{Chunk, Error, Native, Options, Result, Runner}
+  alias LuaSandbox.{Chunk, Error, Native, Options, Result, Tools}
 
+  @typedoc "Lua source text or a chunk from `compile/2`."
   @type source :: String.t() | Chunk.t()
+
+  @typedoc "A map (or keyword list) of names to values."
+  @type names(value) :: %{optional(String.t() | atom) => value} | [{atom | String.t(), value}]
+
+  @typedoc "A tool: a function of the argument list, optionally with a spec checked before it runs."
+  @type tool ::
+          (list -> term)
+          | {(list -> term),
+             [
+               args: [{atom, tool_type | {tool_type, :optional}}],
+               doc: String.t()
+             ]}
+
+  @typedoc "The argument types a tool spec may name."
+  @type tool_type :: :string | :integer | :number | :boolean | :table | :list | :map | :any
+
+  @typedoc "One option of `run/2` (see the table in the module docs)."
+  @type option ::
+          {:globals, names(term)}
+          | {:call, {String.t() | atom, list} | nil}
+          | {:max_instructions, non_neg_integer}
+          | {:max_memory, non_neg_integer}
+          | {:max_depth, non_neg_integer}
+          | {:max_result_bytes, non_neg_integer}
+          | {:max_output, non_neg_integer}
+          | {:max_source, non_neg_integer}
+          | {:print, :capture | :log | :discard | {:send, pid}}
+          | {:chunk_name, String.t()}
+          | {:tools, names(tool)}
+          | {:modules, names(String.t() | Chunk.t())}
+          | {:max_tool_calls, non_neg_integer}
+          | {:timeout, timeout}
+          | {:supervisor, atom}
+          | {:node, node | nil}
+
+  @type options :: [option]
+
+  @typedoc "An option of `compile/2`."
+  @type compile_option :: {:chunk_name, String.t()} | {:max_source, non_neg_integer}
+
+  @typedoc "Options of `async_stream/2`: every `t:option/0` plus the stream's own."
+  @type stream_option ::
+          option
+          | {:max_concurrency, pos_integer}
+          | {:ordered, boolean}
+          | {:on_timeout, :kill_task}
+
+  @type result :: {:ok, Result.t()} | {:error, Error.t()}
 
   @doc """
   Runs `source` (Lua text or a `LuaSandbox.Chunk`) in a fresh sandboxed state.
+
+  Takes every option in the module docs' table. Without `timeout:` the run happens in the
+  calling process (tool functions too); with it, in a task under `supervisor:` that is killed
+  on expiry. Either way it counts against the supervisor's `max_concurrency`.
 
       iex> LuaSandbox.run("return 1, 'two', {3}") |> elem(1) |> Map.get(:values)
       [1, "two", [3]]
@@ -65,14 +110,28 @@ defmodule LuaSandbox do
       iex> {:error, %LuaSandbox.Error{kind: :runtime, line: 1}} = LuaSandbox.run("error('boom')")
       iex> :ok
       :ok
+
+  ## Typical error kinds
+
+    * `:syntax` — the source does not parse
+    * `:runtime` — the script raised an error (`line`, `traceback`, `value` set)
+    * `:instruction_limit`, `:memory_limit`, `:output_limit`, `:tool_limit` — a limit was hit
+    * `:invalid_input` — a global or argument that cannot become a Lua value, source over
+      `max_source`, more than #{Options.max_call_args()} `call:` arguments
+    * `:unsupported_value`, `:cycle`, `:depth_limit`, `:size_limit` — the result cannot leave
+    * `:timeout` — `timeout:` expired; `:overloaded` — the supervisor is full;
+      `:node_down` — `node:` went away
+
+  Raises `ArgumentError` for unknown options, bad option values and a `supervisor:` that is
+  not running.
   """
-  @spec run(source, keyword) :: {:ok, Result.t()} | {:error, Error.t()}
+  @spec run(source, options) :: result
   def run(source, opts \\ []) do
     check_source!(source)
     opts = Options.validate!(opts)
 
     if opts[:timeout] == :infinity and is_nil(opts[:node]) do
-      Runner.run(source, opts)
+      LuaSandbox.Supervisor.run_local(source, opts)
     else
       LuaSandbox.Supervisor.run(source, opts)
     end
@@ -81,10 +140,12 @@ defmodule LuaSandbox do
   @doc """
   Like `run/2`, but returns the `LuaSandbox.Result` or raises the `LuaSandbox.Error`.
 
+  Same options and error kinds as `run/2`.
+
       iex> LuaSandbox.run!("return 'ok'").value
       "ok"
   """
-  @spec run!(source, keyword) :: Result.t()
+  @spec run!(source, options) :: Result.t()
   def run!(source, opts \\ []) do
     case run(source, opts) do
       {:ok, result} -> result
@@ -95,22 +156,53 @@ defmodule LuaSandbox do
   @doc """
   Parses `source` once. Run the chunk as often as needed; each run still gets a fresh state.
 
-  Options: `chunk_name` (default `"script"`), `max_source` (default 1 MiB).
+  ## Options
+
+  #{Options.table([:chunk_name, :max_source])}
 
       iex> {:ok, chunk} = LuaSandbox.compile("return x * 2", chunk_name: "double")
       iex> LuaSandbox.run!(chunk, globals: %{x: 21}).value
       42
+
+      iex> {:error, e} = LuaSandbox.compile("return +")
+      iex> {e.kind, e.line}
+      {:syntax, 1}
+
+  ## Typical error kinds
+
+    * `:syntax` — the source does not parse
+    * `:invalid_input` — the source is over `max_source` or is a binary chunk
+
+  Raises `ArgumentError` when `source` is not a binary or an option is unknown or invalid.
   """
-  @spec compile(String.t(), keyword) :: {:ok, Chunk.t()} | {:error, Error.t()}
-  def compile(source, opts \\ []) when is_binary(source) do
-    opts = Keyword.validate!(opts, chunk_name: "script", max_source: 1024 * 1024)
+  @spec compile(String.t(), [compile_option]) :: {:ok, Chunk.t()} | {:error, Error.t()}
+  def compile(source, opts \\ []) do
+    unless is_binary(source) do
+      raise ArgumentError, "source must be a string, got: #{inspect(source)}"
+    end
+
+    opts = Options.validate_compile!(opts)
 
     case Native.compile(source, %{chunk_name: opts[:chunk_name], max_source: opts[:max_source]}) do
       {:ok, ref} ->
         {:ok, %Chunk{ref: ref, name: opts[:chunk_name]}}
 
       {:error, kind, message, line} ->
-        {:error, %Error{kind: kind, message: message, line: line}}
+        {:error, %Error{kind: kind, message: message, line: line, stats: Error.empty_stats()}}
+    end
+  end
+
+  @doc """
+  Like `compile/2`, but returns the chunk or raises the `LuaSandbox.Error`.
+
+      iex> LuaSandbox.compile!("return 1") |> LuaSandbox.run!() |> Map.get(:value)
+      1
+  """
+  @spec compile!(String.t(), [compile_option]) :: Chunk.t()
+  def compile!(source, opts \\ []) do
+    case compile(source, opts) do
+      {:ok, chunk} -> chunk
+      {:error, error} -> raise error
     end
   end
 
@@ -118,30 +210,43 @@ defmodule LuaSandbox do
   Starts `run/2` in a task under the supervisor (`supervisor:` option) and returns it; await
   it with `await/2` or `await_many/2`. The `timeout` belongs to the await.
 
+  Takes the options of `run/2` (its `timeout` and `node` are ignored). A full supervisor gives
+  a task that returns `:overloaded`; to queue instead, use `async_stream/2`. The run stops if
+  the calling process dies.
+
       iex> tasks = for n <- 1..3, do: LuaSandbox.async("return n * n", globals: %{n: n})
       iex> LuaSandbox.await_many(tasks) |> Enum.map(fn {:ok, r} -> r.value end)
       [1, 4, 9]
   """
-  @spec async(source, keyword) :: Task.t()
+  @spec async(source, options) :: Task.t()
   def async(source, opts \\ []) do
     check_source!(source)
     opts = Options.validate!(opts)
     run_opts = Keyword.merge(opts, timeout: :infinity, node: nil)
+    sup = opts[:supervisor]
 
+    # The task takes its slot when it starts (an :overloaded result if there is none).
     try do
-      Task.Supervisor.async_nolink(opts[:supervisor], Runner, :run, [source, run_opts])
-    rescue
-      e in RuntimeError ->
-        overloaded = %Error{kind: :overloaded, message: Exception.message(e)}
-        Task.async(fn -> {:error, overloaded} end)
+      Task.Supervisor.async_nolink(sup, LuaSandbox.Supervisor, :run_for, [
+        self(),
+        source,
+        run_opts
+      ])
+    catch
+      :exit, {reason, _} when reason in [:noproc, :normal, :shutdown, :killed] ->
+        raise ArgumentError, "supervisor #{inspect(sup)} is not running"
     end
   end
 
   @doc """
   Waits for a task from `async/2`. On timeout the task is killed (stopping the Lua run) and
   `{:error, %LuaSandbox.Error{kind: :timeout}}` is returned.
+
+  ## Typical error kinds
+
+  Those of `run/2`, and `:timeout` when `timeout` ms pass first.
   """
-  @spec await(Task.t(), timeout) :: {:ok, Result.t()} | {:error, Error.t()}
+  @spec await(Task.t(), timeout) :: result
   def await(task, timeout \\ 5000) do
     task |> Task.yield(timeout) |> settle(task, timeout)
   end
@@ -150,7 +255,7 @@ defmodule LuaSandbox do
   Waits for several tasks from `async/2` with one shared deadline; results in order.
   Tasks still running at the deadline are killed and give `:timeout` errors.
   """
-  @spec await_many([Task.t()], timeout) :: [{:ok, Result.t()} | {:error, Error.t()}]
+  @spec await_many([Task.t()], timeout) :: [result]
   def await_many(tasks, timeout \\ 5000) do
     tasks
     |> Task.yield_many(timeout)
@@ -159,15 +264,124 @@ defmodule LuaSandbox do
 
   defp settle(res, task, timeout) do
     case res || Task.shutdown(task, :brutal_kill) do
-      {:ok, result} ->
-        result
-
-      nil ->
-        {:error, %Error{kind: :timeout, message: "run exceeded its timeout of #{timeout} ms"}}
-
-      {:exit, reason} ->
-        {:error, %Error{kind: :runtime, message: "run crashed: #{inspect(reason)}"}}
+      {:ok, result} -> result
+      nil -> {:error, timeout_error(timeout)}
+      {:exit, reason} -> {:error, crash_error(reason)}
     end
+  end
+
+  @doc """
+  Runs many scripts, at most `max_concurrency` at once, and streams their results, like
+  `Task.async_stream/3`. Unlike `async/2` it queues: a run that finds its supervisor full
+  waits for a free slot instead of answering `:overloaded`.
+
+  Each element of `sources` is a source or `{source, opts}`; an element's `opts` are merged
+  over the shared ones (they may not set `timeout`). The stream yields `t:result/0`s.
+
+  ## Options
+
+  The options of `run/2`, shared by every run, and:
+
+    * `max_concurrency` — runs at once (default: dirty CPU schedulers)
+    * `ordered` — results in input order (default `true`)
+    * `timeout` — ms for each run, counted from its start (default `:infinity`); a run over it
+      is killed and gives `:timeout`
+    * `on_timeout` — `:kill_task` (the only choice: a run is never left going)
+
+      iex> ["return 1", {"return x", globals: %{x: 2}}, "error('no')"]
+      ...> |> LuaSandbox.async_stream(max_concurrency: 2)
+      ...> |> Enum.map(fn {:ok, r} -> r.value; {:error, e} -> e.kind end)
+      [1, 2, :runtime]
+
+  ## Typical error kinds
+
+  Those of `run/2` (except `:overloaded`), `:timeout` for a run over `timeout`.
+  """
+  @spec async_stream(Enumerable.t(), [stream_option]) :: Enumerable.t()
+  def async_stream(sources, opts \\ []) do
+    {stream_opts, run_opts} = Keyword.split(opts, [:max_concurrency, :ordered, :on_timeout])
+
+    stream_opts =
+      Keyword.validate!(stream_opts,
+        max_concurrency: :erlang.system_info(:dirty_cpu_schedulers),
+        ordered: true,
+        on_timeout: :kill_task
+      )
+
+    if stream_opts[:on_timeout] != :kill_task do
+      raise ArgumentError,
+            "on_timeout must be :kill_task, got: #{inspect(stream_opts[:on_timeout])}"
+    end
+
+    {timeout, run_opts} = Keyword.pop(run_opts, :timeout, :infinity)
+    # Validated now (and the supervisor looked up), so a mistake raises here, not in a worker.
+    shared = Options.validate!(Keyword.put(run_opts, :timeout, timeout))
+    _ = LuaSandbox.Supervisor.running(shared[:supervisor])
+
+    sources
+    |> Stream.map(&stream_item!(&1, run_opts))
+    |> Task.async_stream(&stream_run/1,
+      max_concurrency: stream_opts[:max_concurrency],
+      ordered: stream_opts[:ordered],
+      timeout: timeout,
+      on_timeout: :kill_task
+    )
+    |> Stream.map(fn
+      {:ok, result} -> result
+      {:exit, :timeout} -> {:error, timeout_error(timeout)}
+      {:exit, reason} -> {:error, crash_error(reason)}
+    end)
+  end
+
+  defp stream_item!({source, item_opts}, shared) when is_list(item_opts) do
+    if Keyword.has_key?(item_opts, :timeout) do
+      raise ArgumentError, "an async_stream element may not set timeout; pass it to async_stream"
+    end
+
+    stream_item!(source, Keyword.merge(shared, item_opts))
+  end
+
+  defp stream_item!(source, shared) do
+    check_source!(source)
+    {source, Options.validate!(shared)}
+  end
+
+  defp stream_run({source, opts}) do
+    if is_nil(opts[:node]) do
+      LuaSandbox.Supervisor.run_queued(source, opts)
+    else
+      LuaSandbox.Supervisor.run(source, Keyword.put(opts, :timeout, :infinity))
+    end
+  end
+
+  @doc """
+  Renders a tool set (the `tools:` option) as text to put in a model's prompt: one line per
+  tool, `tools.name(arg: type, opt?: type) -- doc`, sorted by name. Tools without a spec show
+  as `tools.name(...)`.
+
+      iex> LuaSandbox.describe_tools(
+      ...>   search: {fn [q | _] -> [q] end, args: [query: :string, limit: {:integer, :optional}], doc: "web search"},
+      ...>   now: fn [] -> 0 end
+      ...> )
+      "tools.now(...)\\ntools.search(query: string, limit?: integer) -- web search"
+
+  Raises `ArgumentError` when `tools` is not a valid `tools:` option.
+  """
+  @spec describe_tools(names(tool)) :: String.t()
+  def describe_tools(tools) do
+    [tools: tools] |> Options.validate!() |> Keyword.fetch!(:tools) |> Tools.describe()
+  end
+
+  defp timeout_error(timeout) do
+    %Error{
+      kind: :timeout,
+      message: "run exceeded its timeout of #{timeout} ms",
+      stats: %{Error.empty_stats() | duration_us: timeout * 1000}
+    }
+  end
+
+  defp crash_error(reason) do
+    %Error{message: "run crashed: #{inspect(reason)}", stats: Error.empty_stats()}
   end
 
   defp check_source!(source) when is_binary(source), do: :ok

@@ -1,64 +1,59 @@
 defmodule LuaSandbox.Error do
+  # The one list of error kinds: the moduledoc, the `kind` type and `kinds/0` are built from it,
+  # and test/lua_sandbox/error_kinds_test.exs checks the README table and the NIF's kinds
+  # (native/lua_sandbox_nif/src/error.rs) against it.
+  @kinds [
+    syntax: "the source (or a module) does not parse",
+    runtime: "the script raised an error, or Lua did (`line` and `traceback` when known)",
+    instruction_limit: "`max_instructions` used up",
+    memory_limit: "the Lua heap reached `max_memory`",
+    output_limit: "printed output exceeded `max_output`",
+    depth_limit: "a value nested deeper than `max_depth`, either direction",
+    size_limit: "a result or tool argument larger than `max_result_bytes`",
+    cycle: "a returned table contains itself (the message names the path)",
+    unsupported_value: "a function, coroutine or userdata (or a table/function key) in a result",
+    invalid_input:
+      "globals, args or tool results that cannot become Lua values (the message names the " <>
+        "path, e.g. `globals.ctx.items[3]`), source over `max_source`, binary chunks, more " <>
+        "`call:` arguments than the limit, a chunk sent to another node",
+    tool_limit: "more than `max_tool_calls` tool calls",
+    timeout:
+      "the run passed its `timeout:` deadline (output and stats kept), or was killed in a tool",
+    overloaded: "the supervisor is at `max_concurrency`; returned at once",
+    node_down: "the node running the script went down or was unreachable"
+  ]
+
+  # Kinds made on the Elixir side only: the NIF never returns them.
+  @elixir_only [:overloaded, :node_down]
+
   @moduledoc """
   Why a run failed. Returned as `{:error, %LuaSandbox.Error{}}` and raised by the `!` functions.
 
   ## Kinds
 
-  The `kind` field is one of a closed list:
+  The `kind` field is one of a closed list (`kinds/0`):
 
-    * `:syntax` — the source (or a module) does not parse
-    * `:runtime` — the script raised an error, or Lua did
-    * `:instruction_limit` — `max_instructions` used up
-    * `:memory_limit` — the Lua heap reached `max_memory`
-    * `:output_limit` — printed output exceeded `max_output`
-    * `:depth_limit` — a value nested deeper than `max_depth` (either direction)
-    * `:size_limit` — a result larger than `max_result_bytes`
-    * `:cycle` — a returned table contains itself
-    * `:unsupported_value` — a function, coroutine or userdata in a result
-    * `:invalid_input` — globals/args that cannot become Lua values, source over
-      `max_source`, binary chunks, a forged chunk
-    * `:tool_limit` — more than `max_tool_calls` tool calls
-    * `:timeout` — the run passed its `timeout:` deadline (or, stuck in a tool, was killed)
-    * `:overloaded` — the supervisor was at `max_concurrency`
-    * `:node_down` — the node running the script went down
+  #{Enum.map_join(@kinds, "\n", fn {k, doc} -> "  * `#{inspect(k)}` — #{doc}" end)}
 
-  `value` holds the error object when the script raised a non-string
-  (`error({code = 1})` gives `%{"code" => 1}`); `output` what was printed before the failure;
-  `line` the script line when the message names one.
+  ## Fields
+
+    * `message` — Lua's message (`script:3: attempt to ...`) or ours for a limit
+    * `line` — the script line when the message names one, else `nil`
+    * `traceback` — Lua's traceback for `:runtime` errors, when known
+    * `value` — the error object when the script raised a non-string
+      (`error({code = 1})` gives `%{"code" => 1}`)
+    * `output` — what was printed before the failure
+    * `stats` — always all four keys of `t:LuaSandbox.Result.stats/0` (zeros when unknown,
+      e.g. for a `:timeout` the Elixir side had to enforce)
   """
 
-  @kinds [
-    :syntax,
-    :runtime,
-    :instruction_limit,
-    :memory_limit,
-    :output_limit,
-    :depth_limit,
-    :size_limit,
-    :cycle,
-    :unsupported_value,
-    :invalid_input,
-    :tool_limit,
-    :timeout,
-    :overloaded,
-    :node_down
-  ]
-
   @type kind ::
-          :syntax
-          | :runtime
-          | :instruction_limit
-          | :memory_limit
-          | :output_limit
-          | :depth_limit
-          | :size_limit
-          | :cycle
-          | :unsupported_value
-          | :invalid_input
-          | :tool_limit
-          | :timeout
-          | :overloaded
-          | :node_down
+          unquote(
+            @kinds
+            |> Keyword.keys()
+            |> Enum.reverse()
+            |> Enum.reduce(fn k, acc -> {:|, [], [k, acc]} end)
+          )
 
   @type t :: %__MODULE__{
           kind: kind,
@@ -67,8 +62,10 @@ defmodule LuaSandbox.Error do
           traceback: String.t() | nil,
           value: term,
           output: binary,
-          stats: map
+          stats: LuaSandbox.Result.stats()
         }
+
+  @empty_stats %{instructions: 0, memory_peak: 0, duration_us: 0, tool_calls: 0, cpu_us: 0}
 
   defexception kind: :runtime,
                message: "",
@@ -76,11 +73,38 @@ defmodule LuaSandbox.Error do
                traceback: nil,
                value: nil,
                output: "",
-               stats: %{}
+               stats: @empty_stats
 
-  @doc "Every error kind a run can return."
+  @doc """
+  Every error kind a run can return, in the documented order.
+
+      iex> :instruction_limit in LuaSandbox.Error.kinds()
+      true
+  """
   @spec kinds() :: [kind]
-  def kinds, do: @kinds
+  def kinds, do: Keyword.keys(@kinds)
+
+  @doc false
+  # The kinds only the Elixir side produces (for the test against the NIF's list).
+  @spec elixir_only_kinds() :: [kind]
+  def elixir_only_kinds, do: @elixir_only
+
+  @doc false
+  @spec describe_kinds() :: [{kind, String.t()}]
+  def describe_kinds, do: @kinds
+
+  @doc false
+  # The README's table of kinds (test/lua_sandbox/error_kinds_test.exs checks it is there).
+  @spec kinds_table() :: String.t()
+  def kinds_table do
+    "| kind | when |\n| --- | --- |\n" <>
+      Enum.map_join(@kinds, "\n", fn {k, doc} -> "| `#{inspect(k)}` | #{doc} |" end)
+  end
+
+  @doc false
+  # Stats with every key, for errors built on the Elixir side.
+  @spec empty_stats() :: LuaSandbox.Result.stats()
+  def empty_stats, do: @empty_stats
 
   @impl true
   def message(%__MODULE__{kind: kind, message: message}), do: "#{kind}: #{message}"

@@ -1,13 +1,21 @@
 defmodule LuaSandbox.Runner do
   @moduledoc false
-  # Drives one run in the calling process: start it in the NIF, answer its tool calls,
-  # and turn the NIF's tuples into LuaSandbox.Result / LuaSandbox.Error.
+  # Drives one run in the calling process (the Elixir half of native/.../src/run.rs): start it
+  # in the NIF, answer its tool calls, and turn the NIF's tuples into LuaSandbox.Result /
+  # LuaSandbox.Error. Expects options already normalized by LuaSandbox.Options.validate!/1.
 
   require Logger
 
-  alias LuaSandbox.{Chunk, Error, Native, Options, Result}
+  alias LuaSandbox.{Chunk, Encoding, Error, Native, Options, Result, Tools}
 
   def run(source, opts) do
+    case check_call(opts[:call]) do
+      :ok -> start(source, opts)
+      {:error, _} = error -> error
+    end
+  end
+
+  defp start(source, opts) do
     {native_source, opts} =
       case source do
         # A chunk runs under its own name (in messages and the :log metadata).
@@ -15,8 +23,7 @@ defmodule LuaSandbox.Runner do
         source when is_binary(source) -> {source, opts}
       end
 
-    tools = Map.new(opts[:tools], fn {k, f} -> {to_string(k), f} end)
-    native_opts = Options.to_native(opts)
+    native_opts = opts |> encode_opts() |> Options.to_native()
 
     first =
       if short?(source, opts),
@@ -27,8 +34,37 @@ defmodule LuaSandbox.Runner do
       :retry -> Native.run_start(native_source, native_opts)
       answer -> answer
     end
-    |> drive(tools, opts)
+    |> drive(opts[:tools], opts)
   end
+
+  @doc false
+  # Globals and call: arguments through LuaSandbox.Encoder (tool results are encoded where
+  # the tool answers, in LuaSandbox.Tools).
+  def encode_opts(opts) do
+    opts
+    |> Keyword.update!(:globals, &Encoding.encode_pairs/1)
+    |> Keyword.update!(:call, fn
+      nil -> nil
+      {name, args} -> {name, Enum.map(args, &Encoding.encode/1)}
+    end)
+  end
+
+  defp check_call({_name, args}) do
+    max = Options.max_call_args()
+
+    if length(args) > max do
+      {:error,
+       %Error{
+         kind: :invalid_input,
+         message: "call: has #{length(args)} arguments, more than the limit of #{max}",
+         stats: Error.empty_stats()
+       }}
+    else
+      :ok
+    end
+  end
+
+  defp check_call(nil), do: :ok
 
   # Worth a first attempt on this (normal) scheduler: no tools (a tool call ends the attempt)
   # and little source to parse, since parsing is the one step of the attempt whose cost is
@@ -45,9 +81,10 @@ defmodule LuaSandbox.Runner do
   defp source_bytes(source) when is_binary(source), do: byte_size(source)
 
   @doc false
-  # Answers a native run's tool calls until it finishes; `tools` maps names to functions.
+  # Answers a native run's tool calls until it finishes; `tools` is the normalized tools map
+  # (LuaSandbox.Options: name => {fun, spec}).
   def drive({:tool_call, run, name, args}, tools, opts) do
-    reply = call_tool(Map.fetch!(tools, name), name, args)
+    reply = Tools.call(name, Map.fetch!(tools, name), args)
 
     run
     |> Native.run_resume(reply)
@@ -75,26 +112,6 @@ defmodule LuaSandbox.Runner do
        stats: stats
      }}
   end
-
-  # A tool's answer, as the Lua side expects it: {:ok, value} is returned to the script,
-  # {:error, message} becomes `nil, message`, {:raise, message} a Lua error.
-  defp call_tool(fun, name, args) do
-    case fun.(args) do
-      {:ok, value} -> {:ok, value}
-      {:error, reason} -> {:error, reason_text(reason)}
-      :ok -> {:ok, nil}
-      value -> {:ok, value}
-    end
-  rescue
-    e -> {:raise, "tool '#{name}' failed: " <> Exception.message(e)}
-  catch
-    :exit, reason -> {:raise, "tool '#{name}' failed: exit #{inspect(reason)}"}
-    :throw, value -> {:raise, "tool '#{name}' failed: throw #{inspect(value)}"}
-  end
-
-  defp reason_text(reason) when is_binary(reason), do: reason
-  defp reason_text(reason) when is_atom(reason), do: Atom.to_string(reason)
-  defp reason_text(reason), do: inspect(reason)
 
   @doc false
   def timeout_message(ms), do: "run exceeded its timeout of #{ms} ms"

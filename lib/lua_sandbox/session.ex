@@ -67,12 +67,13 @@ defmodule LuaSandbox.Session do
   @spec start_link(keyword) :: GenServer.on_start() | {:error, Error.t()}
   def start_link(opts \\ []) do
     {name, opts} = Keyword.pop(opts, :name)
-    native = native_state_opts(opts)
+    validated = state_options(opts)
+    native = validated |> Runner.encode_opts() |> Options.to_native()
     gen_opts = if name, do: [name: name], else: []
 
     case Native.session_new(native) do
       {:ok, res} ->
-        GenServer.start_link(__MODULE__, {res, opts[:tools] || %{}, opts}, gen_opts)
+        GenServer.start_link(__MODULE__, {res, validated[:tools], validated}, gen_opts)
 
       {:error, {kind, message, line, traceback, value}, _output, stats} ->
         {:error,
@@ -105,7 +106,7 @@ defmodule LuaSandbox.Session do
   @spec call(t, String.t() | atom, list, keyword) ::
           {:ok, LuaSandbox.Result.t()} | {:error, Error.t()}
   def call(session, name, args, opts \\ []) when is_list(args) do
-    exec(session, nil, {to_string(name), args}, opts)
+    exec(session, nil, {to_string(name), Enum.map(args, &LuaSandbox.Encoding.encode/1)}, opts)
   end
 
   @doc "Memory in use (bytes), calls made, instructions used and rollbacks done so far."
@@ -173,7 +174,7 @@ defmodule LuaSandbox.Session do
 
       :busy ->
         {:error, {:runtime, "session state did not come back", nil, nil, nil}, "",
-         %{instructions: 0, memory_peak: 0, duration_us: 0, tool_calls: 0}}
+         Error.empty_stats()}
 
       answer ->
         answer
@@ -205,21 +206,20 @@ defmodule LuaSandbox.Session do
      }}
   end
 
-  defp native_state_opts(opts) do
+  # Validated and normalized (names as strings, tools as name => {fun, spec}).
+  defp state_options(opts) do
     case Keyword.keys(opts) -- @state_keys do
       [] -> :ok
       bad -> raise ArgumentError, "unknown session options: #{inspect(bad)}"
     end
 
-    opts |> Options.validate!() |> Options.to_native()
+    Options.validate!(opts)
   end
 
   ## Server
 
   @impl true
   def init({res, tools, opts}) do
-    tools = Map.new(tools, fn {k, f} -> {to_string(k), f} end)
-
     {:ok,
      %{res: res, tools: tools, print: opts[:print] || :capture, owner: nil, queue: :queue.new()}}
   end

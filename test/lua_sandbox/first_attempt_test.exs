@@ -59,7 +59,7 @@ defmodule LuaSandbox.FirstAttemptTest do
              LuaSandbox.run("while true do end", max_instructions: 5_000)
 
     assert {:error, %{kind: :memory_limit}} =
-             LuaSandbox.run("return string.rep('x', 200000)", max_memory: 150_000)
+             LuaSandbox.run("return string.rep('x', 400000)", max_memory: 300_000)
 
     assert {:error, %{kind: :runtime, message: "script:1: boom"}} =
              LuaSandbox.run("print('seen') error('boom')")

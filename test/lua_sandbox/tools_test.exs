@@ -13,7 +13,7 @@ defmodule LuaSandbox.ToolsTest do
       :exits => fn _ -> exit(:gone) end,
       :throws => fn _ -> throw(:ball) end,
       :ok_tuple => fn _ -> {:ok, [1, 2]} end,
-      :bad => fn _ -> {:tuple, :cannot, :cross} end
+      :bad => fn _ -> %{pid: self()} end
     }
   end
 
@@ -74,8 +74,15 @@ defmodule LuaSandbox.ToolsTest do
       assert {:ok, %{value: false}} = run("return getmetatable(tools)")
     end
 
-    test "unknown tools are nil" do
-      assert {:error, %Error{kind: :runtime}} = run("return tools.nope()")
+    test "an unknown tool is an error at the calling line that lists the tools" do
+      assert {:error, %Error{kind: :runtime, line: 2, message: msg}} =
+               run("local x = 1\nreturn tools.nope()")
+
+      assert msg ==
+               "script:2: unknown tool 'nope'; the tools are: add, bad, boom, echo, exits, " <>
+                 "lookup, missing, ok_tuple, throws"
+
+      assert {:ok, %{values: [false, _]}} = run("return pcall(function() return tools[1] end)")
     end
   end
 

@@ -267,8 +267,18 @@ local function make_tools(names)
       return finish_tool(co_yield(TOOL, name, ...))
     end
   end
+  -- An unknown name is an error that lists the tools (the host sends the names sorted):
+  -- a model that guessed a tool learns which exist instead of "attempt to call a nil value".
+  local known = concat(names, ", ")
   local proxy = raw_setmetatable({}, {
-    __index = impl,
+    __index = function(_, k)
+      local f = impl[k]
+      if f == nil then
+        local shown = type(k) == "string" and ("'" .. k .. "'") or ("a " .. type(k) .. " key")
+        error("unknown tool " .. shown .. "; the tools are: " .. known, 2)
+      end
+      return f
+    end,
     __newindex = function()
       error("tools is read-only", 2)
     end,

@@ -1,0 +1,64 @@
+defmodule LuaSandbox.ErrorKindsTest do
+  # LuaSandbox.Error's @kinds is the one list of error kinds; every other copy must agree.
+  use ExUnit.Case, async: true
+
+  alias LuaSandbox.Error
+
+  @root Path.expand("../..", __DIR__)
+
+  defp readme_kinds do
+    [_, section] =
+      String.split(File.read!(Path.join(@root, "README.md")), "## Error kinds", parts: 2)
+
+    [section | _] = String.split(section, "\n## ", parts: 2)
+
+    Regex.scan(~r/^\| `:([a-z_]+)` \|/m, section, capture: :all_but_first)
+    |> List.flatten()
+    |> Enum.map(&String.to_atom/1)
+  end
+
+  # The atoms SandboxError::kind returns, read from the NIF's source.
+  defp nif_kinds do
+    src = File.read!(Path.join(@root, "native/lua_sandbox_nif/src/error.rs"))
+    [_, body] = String.split(src, "pub fn kind(&self) -> Atom {", parts: 2)
+    [body | _] = String.split(body, "\n    }\n", parts: 2)
+
+    Regex.scan(~r/=> atoms::([a-z_]+)\(\)/, body, capture: :all_but_first)
+    |> List.flatten()
+    |> Enum.map(&String.to_atom/1)
+  end
+
+  test "the README's table lists exactly Error.kinds/0, in order, with the docs' wording" do
+    assert readme_kinds() == Error.kinds()
+    assert File.read!(Path.join(@root, "README.md")) =~ Error.kinds_table()
+  end
+
+  test "the NIF's kinds are Error.kinds/0 minus the Elixir-only ones" do
+    # :killed is internal: the caller that would read it is dead.
+    nif = nif_kinds() -- [:killed]
+    assert length(nif) > 5, "could not parse error.rs"
+    assert Enum.sort(nif) == Enum.sort(Error.kinds() -- Error.elixir_only_kinds())
+  end
+
+  test "the kind typespec and the moduledoc are built from the same list" do
+    {:ok, types} = Code.Typespec.fetch_types(Error)
+
+    {:type, {:kind, spec, []}} = Enum.find(types, &match?({:type, {:kind, _, _}}, &1))
+
+    {:type, _, :union, atoms} = spec
+    assert Enum.map(atoms, fn {:atom, _, a} -> a end) == Error.kinds()
+
+    {:docs_v1, _, _, _, %{"en" => doc}, _, _} = Code.fetch_docs(Error)
+    for kind <- Error.kinds(), do: assert(doc =~ "`#{inspect(kind)}`")
+  end
+
+  test "errors made on the Elixir side carry full stats" do
+    assert Map.keys(%Error{}.stats) == [
+             :cpu_us,
+             :duration_us,
+             :instructions,
+             :memory_peak,
+             :tool_calls
+           ]
+  end
+end
