@@ -12,7 +12,8 @@ defmodule LuaSandbox.Adversarial.BoundedOpsTest do
   # Sizes: LUA_BOUNDED_MIB (default 1) for the huge strings, LUA_BOUNDED_ELEMS (default
   # 100_000) for tables, LUA_BOUNDED_WORK (default 200_000) units of work per loop. `make
   # test` runs the defaults (~2400 runs in about a minute); the issue's sizes are
-  # LUA_BOUNDED_MIB=16 LUA_BOUNDED_WORK=1000000 (about 15 minutes here).
+  # LUA_BOUNDED_MIB=16 LUA_BOUNDED_WORK=1000000 (about 2 minutes here); charge rates free of
+  # the noise of building 16 MiB inputs need LUA_BOUNDED_WORK=10000000 (about 4 minutes).
   # LUA_BOUNDED_REPORT=1 prints the measured charge rates and kill latencies.
   #
   # Charge-rate floor: the targets are >= 5000 units per ms of CPU (so the default

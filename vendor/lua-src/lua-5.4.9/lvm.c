@@ -1878,7 +1878,6 @@ void luaV_execute (lua_State *L, CallInfo *ci) {
           n = cast_int(L->top.p - ra) - 1;  /* get up to the top */
         else
           L->top.p = ci->top.p;  /* correct top in case of emergency GC */
-        luaG_sandboxdebit(L, n);  /* LUA_SANDBOX: one unit per value stored */
         last += n;
         if (TESTARG_k(i)) {
           last += GETARG_Ax(*pc) * (MAXARG_C + 1);
