@@ -27,10 +27,11 @@ pub struct Handles {
 }
 
 impl Handles {
+    /// No handles yet: the token is drawn (from the kernel) with the first one, so runs
+    /// that pass none pay nothing.
     pub fn new() -> Handles {
-        let (a, _) = lua_sandbox_core::seed::random_pair();
         Handles {
-            token: a as u64,
+            token: 0,
             owned: None,
             saved: Vec::new(),
         }
@@ -93,6 +94,9 @@ fn with_active<R>(f: impl FnOnce(&mut Handles) -> R) -> Option<R> {
 /// lifted (so neither push raises); the caller reserved the bytes.
 pub unsafe fn push(l: *mut ffi::lua_State, term: Term) -> Result<(), &'static str> {
     let payload = with_active(|h| {
+        if h.owned.is_none() {
+            h.token = lua_sandbox_core::seed::random_pair().0 as u64 | 1;
+        }
         let owned = h.owned.get_or_insert_with(OwnedEnv::new);
         h.saved.push(owned.save(term));
         Payload {
@@ -132,7 +136,7 @@ pub unsafe fn read<'e>(env: Env<'e>, l: *mut ffi::lua_State, idx: c_int) -> Opti
         *ffi::lua_touserdata(l, idx).cast::<Payload>()
     };
     with_active(|h| {
-        if payload.token != h.token {
+        if h.token == 0 || payload.token != h.token {
             return None;
         }
         let saved = h.saved.get(payload.index as usize)?;
