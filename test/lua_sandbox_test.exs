@@ -228,15 +228,7 @@ defmodule LuaSandboxTest do
       r = run_ok("print('a') io.write('b')", print: {:send, self()})
       assert r.output == "a\nb"
       # Streamed chunks are coalesced; together they are the output, in order, once.
-      assert streamed() == "a\nb"
-    end
-  end
-
-  defp streamed(acc \\ "") do
-    receive do
-      {:lua_print, chunk} -> streamed(acc <> chunk)
-    after
-      0 -> acc
+      assert LuaSandbox.TestStream.streamed() == "a\nb"
     end
   end
 

@@ -75,17 +75,8 @@ defmodule LuaSandbox.Session do
       {:ok, res} ->
         GenServer.start_link(__MODULE__, {res, validated[:tools], validated}, gen_opts)
 
-      {:error, {kind, message, line, traceback, value}, _output, stats} ->
-        {:error,
-         %Error{
-           kind: kind,
-           message: message,
-           line: line,
-           traceback: traceback,
-           value: value,
-           output: "",
-           stats: stats
-         }}
+      {:error, _, _, _} = failed ->
+        Runner.drive(failed, %{}, [])
     end
   end
 

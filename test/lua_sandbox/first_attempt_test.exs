@@ -26,21 +26,12 @@ defmodule LuaSandbox.FirstAttemptTest do
       )
 
     assert r.output == "xy"
-    assert streamed() == "xy"
+    assert LuaSandbox.TestStream.streamed() == "xy"
   end
 
   test "a short run that streams sends its chunks in order before answering" do
     {:ok, _} = LuaSandbox.run("io.write('a') io.write('b') return 1", print: {:send, self()})
-    assert streamed() == "ab"
-  end
-
-  # Everything streamed so far, in order (chunks are coalesced).
-  defp streamed(acc \\ "") do
-    receive do
-      {:lua_print, chunk} -> streamed(acc <> chunk)
-    after
-      0 -> acc
-    end
+    assert LuaSandbox.TestStream.streamed() == "ab"
   end
 
   test "more memory than the attempt allows, within max_memory, is retried" do
