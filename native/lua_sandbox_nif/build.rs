@@ -15,6 +15,7 @@ fn main() {
         .include("../../vendor/lua-src/lua-5.4.9")
         .file("csrc/sb_strlib.c")
         .file("csrc/sb_tablib.c")
+        .files(["csrc/sb_baselib.c", "csrc/sb_corolib.c"])
         // lua-src defines LUA_COMPAT_5_3 for every Lua 5.4 build.
         .define("LUA_COMPAT_5_3", None)
         .flag_if_supported("-fno-common");

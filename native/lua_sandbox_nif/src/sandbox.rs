@@ -1,7 +1,9 @@
 //! Building a sandboxed Lua state: the standard-library allowlist, the hardened builtins, the
-//! prelude that wraps everything a script could use to dodge a limit, and print capture.
+//! sandbox's C versions of the functions that must differ from stock (csrc/sb_baselib.c,
+//! csrc/sb_corolib.c), the prelude that trims the globals, and the C-ABI hooks those C
+//! functions call (output, abort checks, the saved traceback).
 
-use std::ffi::c_int;
+use std::ffi::{c_char, c_int};
 use std::sync::OnceLock;
 
 use mlua::{ffi, Function, Lua, LuaOptions, StdLib, Table};
@@ -10,6 +12,14 @@ use crate::budget::{self, Abort};
 use crate::output;
 
 const PRELUDE: &str = include_str!("prelude.lua");
+
+extern "C-unwind" {
+    /// Installs the C versions of print, io, load, pcall, xpcall, collectgarbage, require,
+    /// coroutine.*, debug.traceback and the stubs of removed functions in the globals, and
+    /// returns the host's handles (tool marker, runner, configure, tool factory, set-modules).
+    /// A `lua_CFunction` from csrc/sb_baselib.c.
+    fn lua_sandbox_open_stock(l: *mut ffi::lua_State) -> c_int;
+}
 
 /// The prelude compiled once per process: loading bytecode is several times cheaper than
 /// parsing the source for every state. It is our own compiler's output, never user input.
@@ -25,23 +35,25 @@ fn prelude_bytecode() -> &'static [u8] {
     })
 }
 
-/// The traceback the prelude's error handler saved for the last runtime error.
+/// The traceback saved for the last runtime error (only the script's frames).
 pub struct Traceback(pub String);
 
 /// A fresh state with the sandbox installed, before any run-specific setup.
 pub struct Sandbox {
     pub lua: Lua,
-    /// Identifies tool calls yielded up to the host (see prelude.lua).
+    /// Identifies tool calls yielded up to the host.
     pub tool_marker: Table,
     /// Runs the chunk (and the optional `call:` function) inside the run coroutine.
     pub runner: Function,
-    /// `configure(run_coroutine, max_source)`: per-run settings of the prelude.
+    /// `configure(run_coroutine, max_source)`: per-run settings.
     pub configure: Function,
+    /// `make_tools(names)`: builds the `tools` table.
     pub make_tools: Function,
+    /// `make_require(loaders)`: the host's modules for `require`.
     pub make_require: Function,
 }
 
-/// The libraries a script may see; the prelude trims `os` and `string` further.
+/// The libraries a script may see; csrc/sb_baselib.c trims `os` and `string` further.
 fn libs() -> StdLib {
     StdLib::STRING | StdLib::TABLE | StdLib::MATH | StdLib::UTF8 | StdLib::COROUTINE | StdLib::OS
 }
@@ -55,31 +67,20 @@ impl Sandbox {
         lua.gc_stop();
         crate::hardened::install(&lua)?;
 
-        // SAFETY: both are plain `lua_CFunction`s that follow the Lua C API contract: they only
-        // touch their own stack slots, and raise (longjmp) with no Rust value alive that has a
-        // destructor.
-        let check = unsafe { lua.create_c_function(check_abort) }?;
-        let aborted = unsafe { lua.create_c_function(is_aborted) }?;
-        let charge = unsafe { lua.create_c_function(charge_work) }?;
-        let emit =
-            lua.create_function(|lua, s: mlua::LuaString| output::emit(lua, &s.as_bytes()))?;
-        let save_traceback = lua.create_function(|lua, ()| {
-            let tb = lua.traceback(None, 2)?;
-            lua.set_app_data(Traceback(user_frames(&tb.to_string_lossy())));
-            Ok(())
-        })?;
+        // SAFETY: `lua_sandbox_open_stock` is a genuine `lua_CFunction` compiled against the
+        // same Lua headers and configuration as the VM: it uses the documented C API on its
+        // own frame, and can only fail with a Lua error (longjmp), which lands in the
+        // `lua_pcall` that `Function::call` runs it under, crossing no Rust frame. The C
+        // functions it installs follow the same rule (they raise only from C frames).
+        let open = unsafe { lua.create_c_function(lua_sandbox_open_stock) }?;
+        let (tool_marker, runner, configure, make_tool, make_require) =
+            open.call::<(Table, Function, Function, Function, Function)>(())?;
 
-        let (tool_marker, runner, configure, make_tools, make_require) = lua
+        let make_tools = lua
             .load(prelude_bytecode())
             .set_name("=prelude")
             .set_mode(mlua::chunk::ChunkMode::Binary)
-            .call::<(Table, Function, Function, Function, Function)>((
-                check,
-                aborted,
-                emit,
-                save_traceback,
-                charge,
-            ))?;
+            .call::<Function>(make_tool)?;
         Ok(Sandbox {
             lua,
             tool_marker,
@@ -91,86 +92,66 @@ impl Sandbox {
     }
 }
 
-/// `check(...)`: returns its arguments unchanged unless the run was aborted, in which case it
-/// raises again. It also recognises the allocator's refusal that `pcall` and friends turned
-/// into a `false, "not enough memory"` pair, and makes that abort sticky too.
-unsafe extern "C-unwind" fn check_abort(l: *mut ffi::lua_State) -> c_int {
-    // SAFETY: `l` is the calling thread, as Lua guarantees for a C function; the helpers only
-    // read stack slots that exist (`lua_gettop`), and `lua_error` leaves with no live Drop
-    // values in this frame.
-    unsafe {
-        let n = ffi::lua_gettop(l);
-        let memory_error = n >= 2 && ffi::lua_toboolean(l, 1) == 0 && is_memory_error(l, 2);
-        if memory_error {
-            budget::trip(Abort::Memory);
-        }
-        if let Some(why) = budget::current_abort() {
-            let msg = why.message();
-            ffi::lua_pushlstring(l, msg.as_ptr().cast(), msg.len());
-            ffi::lua_error(l);
-        }
-        n
-    }
-}
-
-/// `charge(n)`: charges `n` steps of work the ticker cannot see (parsing in `load`), raising
-/// once the budget is used up.
-unsafe extern "C-unwind" fn charge_work(l: *mut ffi::lua_State) -> c_int {
-    // SAFETY: reads argument 1 (absent reads as 0) and raises with no live Drop values.
-    unsafe {
-        let n = ffi::lua_tointegerx(l, 1, std::ptr::null_mut()).max(0) as u64;
-        if let Err(why) = budget::charge_steps(n) {
-            let msg = why.message();
-            ffi::lua_pushlstring(l, msg.as_ptr().cast(), msg.len());
-            ffi::lua_error(l);
-        }
-    }
-    0
-}
-
-/// `aborted()`: whether the run was aborted (used by the `xpcall` handler wrapper).
-unsafe extern "C-unwind" fn is_aborted(l: *mut ffi::lua_State) -> c_int {
-    // SAFETY: pushes one boolean onto the calling thread's stack; never raises.
-    unsafe {
-        ffi::lua_pushboolean(l, budget::current_abort().is_some() as c_int);
-    }
-    1
-}
-
-/// Whether stack slot `idx` holds Lua's out-of-memory message.
+/// `print` and `io.write` (csrc/sb_baselib.c): appends `n` bytes to the run's output.
+/// Returns 0, or 1 once the run is aborted (the caller then raises the abort).
 ///
-/// # Safety
-/// `idx` must be a valid index on `l`.
-unsafe fn is_memory_error(l: *mut ffi::lua_State, idx: c_int) -> bool {
-    const MSG: &[u8] = b"not enough memory";
-    // SAFETY: only called on an existing slot; `lua_tolstring` on a value that already is a
-    // string neither allocates nor raises, and the bytes stay valid while the slot holds it.
-    unsafe {
-        if ffi::lua_type(l, idx) != ffi::LUA_TSTRING {
-            return false;
+/// Never raises: errors of `output::emit` become the output abort it trips, and a panic is
+/// caught here rather than unwinding into C.
+#[no_mangle]
+pub extern "C-unwind" fn lua_sandbox_emit(l: *mut ffi::lua_State, s: *const c_char, n: usize) -> c_int {
+    let r = std::panic::catch_unwind(|| {
+        // SAFETY: `l` is the running thread of a state built by `Sandbox::new`, whose `Lua`
+        // lives (in the run's session) for the whole call; `get_or_init_from_ptr` only reads
+        // its registry. `s` points at `n` bytes of a Lua string kept alive on the caller's
+        // stack for the duration of this call.
+        let (lua, bytes) = unsafe {
+            (
+                Lua::get_or_init_from_ptr(l),
+                std::slice::from_raw_parts(s.cast::<u8>(), n),
+            )
+        };
+        output::emit(lua, bytes).is_ok()
+    });
+    if r.unwrap_or(false) && budget::current_abort().is_none() {
+        0
+    } else {
+        if budget::current_abort().is_none() {
+            budget::trip(Abort::Output);
         }
-        let mut len = 0usize;
-        let p = ffi::lua_tolstring(l, idx, &mut len);
-        !p.is_null() && std::slice::from_raw_parts(p.cast::<u8>(), len) == MSG
+        1
     }
 }
 
-/// The traceback without the prelude's frames below the script (its runner and `xpcall`).
-fn user_frames(tb: &str) -> String {
-    let mut lines: Vec<&str> = Vec::new();
-    for line in tb.lines() {
-        if line.contains("in upvalue 'raw_xpcall'") || line.trim_start().starts_with("prelude:") {
-            break;
-        }
-        lines.push(line);
+/// After every protected call and coroutine resume (csrc/sb_baselib.c, sb_corolib.c):
+/// a `LUA_ERRMEM` status is the allocator's refusal and trips the sticky memory abort.
+/// Returns 1 when the run is aborted. Never raises.
+#[no_mangle]
+pub extern "C" fn lua_sandbox_after(status: c_int) -> c_int {
+    if status == ffi::LUA_ERRMEM {
+        budget::trip(Abort::Memory);
     }
-    if lines
-        .last()
-        .is_some_and(|l| l.trim() == "(...tail calls...)")
-    {
-        lines.pop();
-    }
-    lines.join("\n")
+    c_int::from(budget::current_abort().is_some())
+}
+
+/// The runner's message handler: keeps the traceback of the script's frames for
+/// `Error.traceback`. Never raises.
+#[no_mangle]
+pub extern "C-unwind" fn lua_sandbox_save_traceback(
+    l: *mut ffi::lua_State,
+    s: *const c_char,
+    n: usize,
+) {
+    let _ = std::panic::catch_unwind(|| {
+        // SAFETY: as in `lua_sandbox_emit`: a live state of ours, and `n` bytes of a Lua
+        // string on the caller's stack.
+        let (lua, bytes) = unsafe {
+            (
+                Lua::get_or_init_from_ptr(l),
+                std::slice::from_raw_parts(s.cast::<u8>(), n),
+            )
+        };
+        lua.set_app_data(Traceback(String::from_utf8_lossy(bytes).into_owned()));
+    });
 }
 
 #[cfg(test)]
@@ -195,15 +176,12 @@ mod timing_probe {
                 .into_function()
                 .unwrap();
             let t3 = std::time::Instant::now();
-            let check = unsafe { lua.create_c_function(check_abort) }.unwrap();
-            let aborted = unsafe { lua.create_c_function(is_aborted) }.unwrap();
-            let emit = lua
-                .create_function(|_, _s: mlua::LuaString| Ok(()))
+            let open = unsafe { lua.create_c_function(lua_sandbox_open_stock) }.unwrap();
+            let (_m, _r, _c, tool, _s) = open
+                .call::<(Table, Function, Function, Function, Function)>(())
                 .unwrap();
-            let st = lua.create_function(|_, ()| Ok(())).unwrap();
-            let charge = unsafe { lua.create_c_function(charge_work) }.unwrap();
             let t4 = std::time::Instant::now();
-            let _r: mlua::MultiValue = f.call((check, aborted, emit, st, charge)).unwrap();
+            let _r: mlua::MultiValue = f.call(tool).unwrap();
             let t5 = std::time::Instant::now();
             drop(_r);
             drop(lua);
@@ -219,7 +197,7 @@ mod timing_probe {
             "new_with",
             "hardened",
             "load prelude",
-            "create fns",
+            "open stock",
             "run prelude",
             "drop",
         ];
