@@ -61,7 +61,16 @@ defmodule LuaSandbox.StockLua do
 
     run!(
       "gcc",
-      ["-O2", "-std=gnu99", "-DLUA_USE_LINUX", "-DLUA_COMPAT_5_3", "-I", src, "-o", Path.join(tmp, "stock_driver")] ++
+      [
+        "-O2",
+        "-std=gnu99",
+        "-DLUA_USE_LINUX",
+        "-DLUA_COMPAT_5_3",
+        "-I",
+        src,
+        "-o",
+        Path.join(tmp, "stock_driver")
+      ] ++
         [@driver | c_files] ++ ["-lm", "-ldl"],
       tmp
     )

@@ -43,20 +43,43 @@ static void emit (lua_State *L, const char *s, size_t n) {
 }
 
 
-/* lbaselib.c */
+/*
+** Output is emitted in as few pieces as stock Lua's output can be told
+** apart from: a whole line for print and a whole call for io.write, except
+** that what was written before an argument whose conversion runs code
+** ('__tostring') or raises is emitted first, so an error leaves exactly the
+** output stock Lua would have written.
+*/
+static void flush (lua_State *L, luaL_Buffer *b) {
+  size_t n;
+  const char *s;
+  luaL_pushresult(b);
+  s = lua_tolstring(L, -1, &n);
+  if (n > 0) emit(L, s, n);
+  lua_pop(L, 1);
+  luaL_buffinit(L, b);
+}
+
+
+/* lbaselib.c's luaB_print */
 static int sb_print (lua_State *L) {
   int n = lua_gettop(L);  /* number of arguments */
   int i;
+  luaL_Buffer b;
   sb_after(L, LUA_OK);
+  luaL_buffinit(L, &b);
   for (i = 1; i <= n; i++) {  /* for each argument */
-    size_t l;
-    const char *s = luaL_tolstring(L, i, &l);  /* convert it to string */
     if (i > 1)  /* not the first element? */
-      emit(L, "\t", 1);  /* add a tab before it */
-    emit(L, s, l);  /* print it */
-    lua_pop(L, 1);  /* pop result */
+      luaL_addchar(&b, '\t');  /* add a tab before it */
+    if (luaL_getmetafield(L, i, "__tostring") != LUA_TNIL) {
+      lua_pop(L, 1);
+      flush(L, &b);  /* the conversion runs code */
+    }
+    luaL_tolstring(L, i, NULL);  /* convert it to string */
+    luaL_addvalue(&b);  /* print it */
   }
-  emit(L, "\n", 1);
+  luaL_addchar(&b, '\n');
+  flush(L, &b);
   return 0;
 }
 
@@ -72,7 +95,10 @@ static int sb_print (lua_State *L) {
 /* liolib.c's g_write; the file handle is on the stack top */
 static int g_write (lua_State *L, int arg) {
   int nargs = lua_gettop(L) - arg;
+  int file = lua_gettop(L);
+  luaL_Buffer b;
   sb_after(L, LUA_OK);
+  luaL_buffinit(L, &b);
   for (; nargs--; arg++) {
     if (lua_type(L, arg) == LUA_TNUMBER) {
       char buf[64];  /* LUA_NUMBER_FMT is "%.14g" */
@@ -81,15 +107,20 @@ static int g_write (lua_State *L, int arg) {
                              (LUAI_UACINT)lua_tointeger(L, arg))
                 : l_sprintf(buf, sizeof(buf), LUA_NUMBER_FMT,
                              (LUAI_UACNUMBER)lua_tonumber(L, arg));
-      emit(L, buf, (size_t)len);
+      luaL_addlstring(&b, buf, (size_t)len);
     }
     else {
       size_t l;
-      const char *s = luaL_checklstring(L, arg, &l);
-      emit(L, s, l);
+      const char *s;
+      if (lua_type(L, arg) != LUA_TSTRING)
+        flush(L, &b);  /* the check below raises */
+      s = luaL_checklstring(L, arg, &l);
+      luaL_addlstring(&b, s, l);
     }
   }
-  return 1;  /* file handle already on stack top */
+  flush(L, &b);
+  lua_pushvalue(L, file);
+  return 1;  /* the file handle */
 }
 
 

@@ -80,13 +80,40 @@ static int istoolcall (lua_State *L, lua_State *co, int nres) {
 }
 
 
+/*
+** LUA_SANDBOX: passes a tool call on.  'forward' yields its arguments (the
+** tool call) to whoever resumed the current coroutine and returns what it
+** is resumed with (the host's answer).  It runs as a frame of its own so the
+** frame of 'resume' keeps its slots: mlua empties the top frame of the run
+** coroutine when that yields to the host.
+*/
+static int forward_k (lua_State *L, int status, lua_KContext ctx) {
+  (void)status; (void)ctx;
+  return lua_gettop(L);
+}
+
+
+static int forward (lua_State *L) {
+  return lua_yieldk(L, lua_gettop(L), 0, forward_k);
+}
+
+
+/* calls 'forward' with the 'r' values on the top; continues in 'k' */
+static int forwardcall (lua_State *L, int r, lua_KFunction k) {
+  lua_pushcfunction(L, forward);
+  lua_insert(L, -(r + 1));
+  lua_callk(L, r, LUA_MULTRET, 0, k);
+  return k(L, LUA_OK, 0);
+}
+
+
 static int coresume_k (lua_State *L, int status, lua_KContext ctx);
 
 static int coresume_aux (lua_State *L, lua_State *co, int narg) {
   int r;
   r = auxresume(L, co, narg);
   if (istoolcall(L, co, r))  /* LUA_SANDBOX: pass it up, resume with the answer */
-    return lua_yieldk(L, r, 0, coresume_k);
+    return forwardcall(L, r, coresume_k);
   if (l_unlikely(r < 0)) {
     lua_pushboolean(L, 0);
     lua_insert(L, -2);
@@ -119,13 +146,12 @@ static int auxwrap_aux (lua_State *L, int narg) {
   lua_State *co = lua_tothread(L, lua_upvalueindex(1));
   int r = auxresume(L, co, narg);
   if (istoolcall(L, co, r))  /* LUA_SANDBOX: pass it up, resume with the answer */
-    return lua_yieldk(L, r, 0, auxwrap_k);
+    return forwardcall(L, r, auxwrap_k);
   if (l_unlikely(r < 0)) {  /* error? */
     int stat = lua_status(co);
     if (stat != LUA_OK && stat != LUA_YIELD) {  /* error in the coroutine? */
       stat = lua_closethread(co, L);  /* close its tbc variables */
       sb_after(L, stat);  /* LUA_SANDBOX */
-      lua_assert(stat != LUA_OK);
       lua_xmove(co, L, 1);  /* move error message to the caller */
     }
     if (stat != LUA_ERRMEM &&  /* not a memory error and ... */
