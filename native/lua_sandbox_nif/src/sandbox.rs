@@ -98,7 +98,11 @@ impl Sandbox {
 /// Never raises: errors of `output::emit` become the output abort it trips, and a panic is
 /// caught here rather than unwinding into C.
 #[no_mangle]
-pub extern "C-unwind" fn lua_sandbox_emit(l: *mut ffi::lua_State, s: *const c_char, n: usize) -> c_int {
+pub extern "C-unwind" fn lua_sandbox_emit(
+    l: *mut ffi::lua_State,
+    s: *const c_char,
+    n: usize,
+) -> c_int {
     let r = std::panic::catch_unwind(|| {
         // SAFETY: `l` is the running thread of a state built by `Sandbox::new`, whose `Lua`
         // lives (in the run's session) for the whole call; `get_or_init_from_ptr` only reads
