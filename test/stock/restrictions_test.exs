@@ -3,7 +3,7 @@ defmodule LuaSandbox.Stock.RestrictionsTest do
   # keeps common code working and gives an error a model can act on.
   use ExUnit.Case, async: true
 
-  defp run(src, opts \\ []), do: LuaSandbox.run(src, opts)
+  defp run(src, opts), do: LuaSandbox.run(src, opts)
 
   test "a collection is charged to the budget" do
     src = """

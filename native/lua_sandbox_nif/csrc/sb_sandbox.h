@@ -36,12 +36,13 @@ extern int lua_sandbox_after (int status);
 /* Saves the traceback of the run's error (for Error.traceback). */
 extern void lua_sandbox_save_traceback (lua_State *L, const char *s, size_t n);
 
-extern const char *lua_sandbox_abort_message (void);
+/* The current abort's message (a static string, the ticker's text). */
+extern const char *lua_sandbox_stock_abort_message (void);
 
 
 /* Raises the current abort (a plain string error, like the ticker). */
 #define sb_raise_abort(L)  \
-  (lua_pushstring(L, lua_sandbox_abort_message()), lua_error(L))
+  (lua_pushstring(L, lua_sandbox_stock_abort_message()), lua_error(L))
 
 /* After a protected call or resume that ended with 'status'. */
 #define sb_after(L,status)  \

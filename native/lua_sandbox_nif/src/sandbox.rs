@@ -137,6 +137,15 @@ pub extern "C" fn lua_sandbox_after(status: c_int) -> c_int {
     c_int::from(budget::current_abort().is_some())
 }
 
+/// The message csrc/sb_baselib.c and sb_corolib.c raise once the run is aborted: a static
+/// NUL-terminated string, the ticker's text.
+#[no_mangle]
+pub extern "C" fn lua_sandbox_stock_abort_message() -> *const c_char {
+    budget::current_abort()
+        .map_or(c"run aborted", Abort::c_message)
+        .as_ptr()
+}
+
 /// The runner's message handler: keeps the traceback of the script's frames for
 /// `Error.traceback`. Never raises.
 #[no_mangle]
