@@ -17,7 +17,8 @@ defmodule LuaSandbox.Stock.DifferentialPropertyTest do
     prop =
       :proper.forall(Programs.program(), fn prog ->
         {stock, sandbox} = StockLua.compare(port, Programs.render(prog))
-        stock == sandbox
+        # a program stock Lua cannot finish in time (an unbounded C loop) proves nothing
+        match?(%{result: {:stock_failed, _}}, stock) or stock == sandbox
       end)
 
     n = cases(10_000)

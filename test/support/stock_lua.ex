@@ -292,7 +292,7 @@ defmodule LuaSandbox.StockLua.Programs do
     "function(a) return a + 1 end",
     "function() local x <close> = setmetatable({}, {__close = function() print('closed') end}) error('c') end",
     "coroutine.wrap(function(...) error(...) end)",
-    "string.rep",
+    "string.byte",
     "tostring",
     "nil",
     "select",
