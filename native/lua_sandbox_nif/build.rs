@@ -16,6 +16,7 @@ fn main() {
         .file("csrc/sb_strlib.c")
         .file("csrc/sb_tablib.c")
         .file("csrc/sb_json.c")
+        .files(["csrc/sb_baselib.c", "csrc/sb_corolib.c"])
         // lua-src defines LUA_COMPAT_5_3 for every Lua 5.4 build.
         .define("LUA_COMPAT_5_3", None)
         .flag_if_supported("-fno-common");

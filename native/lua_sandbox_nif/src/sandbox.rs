@@ -1,6 +1,7 @@
 //! Building a sandboxed Lua state in a slot: the standard-library allowlist, the hardened
-//! builtins, the prelude that wraps everything a script could use to dodge a limit, and the
-//! natives the prelude calls (print capture, sticky aborts, tracebacks).
+//! builtins, the sandbox's C versions of the functions that must differ from stock
+//! (csrc/sb_baselib.c, csrc/sb_corolib.c), the prelude that trims the globals, and the C-ABI
+//! hooks those C functions call (output, abort checks, the saved traceback).
 //!
 //! The state is built once per slot, in place, and then snapshotted (see `slots.rs`); every
 //! run starts from that snapshot. Everything below follows the raising discipline of
@@ -8,7 +9,7 @@
 //! with a destructor across a call that may raise.
 
 use std::cell::RefCell;
-use std::ffi::{c_int, c_void};
+use std::ffi::{c_char, c_int, c_void};
 use std::sync::OnceLock;
 
 use lua_sandbox_core::{ffi, Slot};
@@ -66,6 +67,11 @@ const LIBS: [(&std::ffi::CStr, ffi::lua_CFunction); 7] = [
 ];
 
 extern "C-unwind" {
+    /// Installs the C versions of print, io, load, pcall, xpcall, collectgarbage, require,
+    /// coroutine.*, debug.traceback and the stubs of removed functions in the globals, and
+    /// returns the host's handles (tool marker, runner, configure, tool factory,
+    /// make_require). A `lua_CFunction` from csrc/sb_baselib.c.
+    fn lua_sandbox_open_stock(l: *mut ffi::lua_State) -> c_int;
     /// Sets the global `json` (csrc/sb_json.c): a `lua_CFunction` that may raise (memory).
     fn lua_sandbox_open_json(l: *mut ffi::lua_State) -> c_int;
     /// Sets the nesting bound of `json.encode`/`json.decode`; never raises (the registry key
@@ -122,17 +128,20 @@ unsafe extern "C-unwind" fn build(l: *mut ffi::lua_State) -> c_int {
         // Before the prelude copies `os.clock`.
         crate::facts::install(l);
 
+        // The C versions of print, io, load, pcall, xpcall, collectgarbage, require,
+        // coroutine.*, debug.traceback and the stubs of removed functions; they return the
+        // host's handles: tool marker, runner, configure, tool factory, make_require.
+        ffi::lua_pushcfunction(l, lua_sandbox_open_stock);
+        ffi::lua_call(l, 0, 5);
+        // The prelude trims the globals and turns the tool factory into `make_tools`.
         if ffi::luaL_loadbufferx(l, code.cast(), len, c"=prelude".as_ptr(), c"b".as_ptr())
             != ffi::LUA_OK
         {
             ffi::lua_error(l);
         }
-        ffi::lua_pushcfunction(l, check_abort);
-        ffi::lua_pushcfunction(l, is_aborted);
-        ffi::lua_pushcfunction(l, emit);
-        ffi::lua_pushcfunction(l, save_traceback);
-        ffi::lua_pushcfunction(l, charge_work);
-        ffi::lua_call(l, 5, 5);
+        ffi::lua_pushvalue(l, -3); // the tool factory
+        ffi::lua_call(l, 1, 1); // -> make_tools
+        ffi::lua_replace(l, -3); // stack: marker, runner, configure, make_tools, make_require
         for key in [
             Key::MakeRequire,
             Key::MakeTools,
@@ -159,85 +168,57 @@ unsafe extern "C-unwind" fn build(l: *mut ffi::lua_State) -> c_int {
     0
 }
 
-/// Raises the abort's message as a plain string error.
+/// `print` and `io.write` (csrc/sb_baselib.c): appends `n` bytes to the run's output.
+/// Returns 0, or 1 once the run is aborted (the caller then raises the abort).
 ///
-/// # Safety
-/// Only from a C function called by Lua, with no Rust value with a destructor alive.
-unsafe fn raise_abort(l: *mut ffi::lua_State, why: Abort) -> ! {
-    // SAFETY: per the contract; the message is a static C string.
-    unsafe {
-        ffi::lua_pushstring(l, why.c_message().as_ptr());
-        ffi::lua_error(l)
+/// Never raises: an error of `output::emit` is the output abort it trips, and a panic is
+/// caught here rather than unwinding into C.
+#[no_mangle]
+pub extern "C-unwind" fn lua_sandbox_emit(
+    _l: *mut ffi::lua_State,
+    s: *const c_char,
+    n: usize,
+) -> c_int {
+    let r = std::panic::catch_unwind(|| {
+        // SAFETY: `s` points at `n` bytes of a Lua string kept alive on the caller's stack for
+        // the duration of this call.
+        let bytes = unsafe { std::slice::from_raw_parts(s.cast::<u8>(), n) };
+        output::emit(bytes).is_ok()
+    });
+    if r.unwrap_or(false) && budget::current_abort().is_none() {
+        0
+    } else {
+        if budget::current_abort().is_none() {
+            budget::trip(Abort::Output);
+        }
+        1
     }
 }
 
-/// `check(...)`: returns its arguments unchanged unless the run was aborted, in which case it
-/// raises again. It also recognises the allocator's refusal that `pcall` and friends turned
-/// into a `false, "not enough memory"` pair, and makes that abort sticky too.
-unsafe extern "C-unwind" fn check_abort(l: *mut ffi::lua_State) -> c_int {
-    // SAFETY: `l` is the calling thread; the helpers only read stack slots that exist, and
-    // `raise_abort` leaves with no live Drop values in this frame.
-    unsafe {
-        let n = ffi::lua_gettop(l);
-        let memory_error = n >= 2 && ffi::lua_toboolean(l, 1) == 0 && is_memory_error(l, 2);
-        if memory_error {
-            budget::trip(Abort::Memory);
-        }
-        if let Some(why) = budget::current_abort() {
-            raise_abort(l, why);
-        }
-        n
+/// After every protected call and coroutine resume (csrc/sb_baselib.c, sb_corolib.c):
+/// a `LUA_ERRMEM` status is the allocator's refusal and trips the sticky memory abort (the
+/// VM's own hook in `luaD_throw` has normally done so already). Returns 1 when the run is
+/// aborted. Never raises.
+#[no_mangle]
+pub extern "C" fn lua_sandbox_after(status: c_int) -> c_int {
+    if status == ffi::LUA_ERRMEM {
+        budget::trip(Abort::Memory);
     }
+    c_int::from(budget::current_abort().is_some())
 }
 
-/// `charge(n)`: charges `n` steps of work the ticker cannot see (parsing in `load`), raising
-/// once the budget is used up.
-unsafe extern "C-unwind" fn charge_work(l: *mut ffi::lua_State) -> c_int {
-    // SAFETY: reads argument 1 (absent reads as 0) and raises with no live Drop values.
-    unsafe {
-        let n = ffi::lua_tointegerx(l, 1, std::ptr::null_mut()).max(0) as u64;
-        if let Err(why) = budget::charge_steps(n) {
-            raise_abort(l, why);
-        }
-    }
-    0
-}
-
-/// `aborted()`: whether the run was aborted (used by the `xpcall` handler wrapper).
-unsafe extern "C-unwind" fn is_aborted(l: *mut ffi::lua_State) -> c_int {
-    // SAFETY: pushes one boolean onto the calling thread's stack; never raises.
-    unsafe {
-        ffi::lua_pushboolean(l, budget::current_abort().is_some() as c_int);
-    }
-    1
-}
-
-/// `emit(s)`: appends printed text to the run's output (see `output.rs`).
-unsafe extern "C-unwind" fn emit(l: *mut ffi::lua_State) -> c_int {
-    // SAFETY: the prelude always passes a string, checked anyway; the bytes stay valid while
-    // the argument is on the stack. `output::emit` returns before any raise, so nothing with
-    // a destructor is alive when `raise_abort` jumps.
-    unsafe {
-        if ffi::lua_type(l, 1) != ffi::LUA_TSTRING {
-            return 0;
-        }
-        let mut len = 0usize;
-        let p = ffi::lua_tolstring(l, 1, &mut len);
-        let verdict = if p.is_null() {
-            Ok(())
-        } else {
-            output::emit(std::slice::from_raw_parts(p.cast::<u8>(), len))
-        };
-        if let Err(why) = verdict {
-            raise_abort(l, why);
-        }
-    }
-    0
+/// The message csrc/sb_baselib.c and sb_corolib.c raise once the run is aborted: a static
+/// NUL-terminated string, the ticker's text.
+#[no_mangle]
+pub extern "C" fn lua_sandbox_stock_abort_message() -> *const c_char {
+    budget::current_abort()
+        .map_or(c"run aborted", Abort::c_message)
+        .as_ptr()
 }
 
 thread_local! {
-    /// The traceback the prelude's error handler saved for the last runtime error on this
-    /// thread; taken (and so cleared) by the run that reports the error.
+    /// The traceback the runner's message handler saved for the last runtime error on this
+    /// thread (the script's frames only); taken (and so cleared) by the run that reports it.
     static TRACEBACK: RefCell<Option<String>> = const { RefCell::new(None) };
 }
 
@@ -251,56 +232,18 @@ pub fn clear_traceback() {
     TRACEBACK.with(|t| t.borrow_mut().take());
 }
 
-/// `save_traceback()`: records the traceback of the error being handled (script frames only).
-unsafe extern "C-unwind" fn save_traceback(l: *mut ffi::lua_State) -> c_int {
-    // SAFETY: `luaL_traceback` may raise (memory) before any Rust value exists; afterwards
-    // only non-raising reads happen, and the String built from them is moved into the
-    // thread-local before returning.
-    unsafe {
-        ffi::luaL_traceback(l, l, std::ptr::null(), 2);
-        let mut len = 0usize;
-        let p = ffi::lua_tolstring(l, -1, &mut len);
-        if !p.is_null() {
-            let tb = String::from_utf8_lossy(std::slice::from_raw_parts(p.cast::<u8>(), len));
-            let frames = user_frames(&tb);
-            TRACEBACK.with(|t| *t.borrow_mut() = Some(frames));
-        }
-    }
-    0
-}
-
-/// Whether stack slot `idx` holds Lua's out-of-memory message.
-///
-/// # Safety
-/// `idx` must be a valid index on `l`.
-unsafe fn is_memory_error(l: *mut ffi::lua_State, idx: c_int) -> bool {
-    const MSG: &[u8] = b"not enough memory";
-    // SAFETY: only called on an existing slot; `lua_tolstring` on a value that already is a
-    // string neither allocates nor raises, and the bytes stay valid while the slot holds it.
-    unsafe {
-        if ffi::lua_type(l, idx) != ffi::LUA_TSTRING {
-            return false;
-        }
-        let mut len = 0usize;
-        let p = ffi::lua_tolstring(l, idx, &mut len);
-        !p.is_null() && std::slice::from_raw_parts(p.cast::<u8>(), len) == MSG
-    }
-}
-
-/// The traceback without the prelude's frames below the script (its runner and `xpcall`).
-fn user_frames(tb: &str) -> String {
-    let mut lines: Vec<&str> = Vec::new();
-    for line in tb.lines() {
-        if line.contains("in upvalue 'raw_xpcall'") || line.trim_start().starts_with("prelude:") {
-            break;
-        }
-        lines.push(line);
-    }
-    if lines
-        .last()
-        .is_some_and(|l| l.trim() == "(...tail calls...)")
-    {
-        lines.pop();
-    }
-    lines.join("\n")
+/// The runner's message handler (csrc/sb_baselib.c): keeps the traceback of the script's
+/// frames for `Error.traceback`. Never raises.
+#[no_mangle]
+pub extern "C-unwind" fn lua_sandbox_save_traceback(
+    _l: *mut ffi::lua_State,
+    s: *const c_char,
+    n: usize,
+) {
+    let _ = std::panic::catch_unwind(|| {
+        // SAFETY: `n` bytes of a Lua string on the caller's stack.
+        let bytes = unsafe { std::slice::from_raw_parts(s.cast::<u8>(), n) };
+        let tb = String::from_utf8_lossy(bytes).into_owned();
+        TRACEBACK.with(|t| *t.borrow_mut() = Some(tb));
+    });
 }

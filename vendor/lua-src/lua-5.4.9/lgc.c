@@ -1024,7 +1024,8 @@ void luaC_checkfinalizer (lua_State *L, GCObject *o, Table *mt) {
   global_State *g = G(L);
   if (tofinalize(o) ||                 /* obj. is already marked... */
       gfasttm(g, mt, TM_GC) == NULL ||    /* or has no finalizer... */
-      (g->gcstp & GCSTPCLS))                   /* or closing state? */
+      (g->gcstp & GCSTPCLS) ||                 /* or closing state? */
+      o->tt == LUA_VTABLE)  /* LUA_SANDBOX: or a table (see PATCHES.md) */
     return;  /* nothing to be done */
   else {  /* move 'o' to 'finobj' list */
     GCObject **p;
