@@ -1,5 +1,5 @@
 defmodule LuaSandbox.JsonTest do
-  # The sandbox's `json` library (native/lua_sandbox_nif/csrc/sb_json.c).
+  # The sandbox's `json` library (native/lua_sandbox_core/csrc/sb_json.c).
   use ExUnit.Case, async: true
 
   defp value!(src, opts \\ []) do

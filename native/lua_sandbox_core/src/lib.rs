@@ -4,7 +4,11 @@
 //! - [`slot`]: a Lua state in a fixed arena, restored from its pristine snapshot by a `memcpy`.
 //! - [`protect`]: the one discipline for raising (longjmp) that every caller of the C API follows.
 //! - [`seed`]: per-run randomness (`math.random`) for restored states.
+//! - [`budget`]: the run's budget, the work ticker glue, kill checks and sticky aborts.
+//! - [`hardened`]: the budget-charging builtins and the sandbox's C libraries (`csrc/`).
 
+pub mod budget;
+pub mod hardened;
 pub mod heap;
 pub mod protect;
 pub mod seed;

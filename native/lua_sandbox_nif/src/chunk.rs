@@ -58,7 +58,7 @@ pub fn compile_bytes(
     // tick, and it is bounded by the default instruction budget (the parser is otherwise
     // minutes of uninterruptible CPU on some 1 MB sources, e.g. `a or a or ...`).
     let control = crate::budget::Control::new(COMPILE_BUDGET);
-    let _active = crate::budget::Activation::new(&control, env);
+    let _active = crate::budget::Activation::new(&control, crate::caller::raw(env));
     dump(source, name, false, Some(&control))
 }
 
@@ -73,7 +73,8 @@ pub fn dump(
 ) -> Result<Vec<u8>, SandboxError> {
     let code = crate::run::Code::new(source, name, false)?;
     // SAFETY: a private state, used on this thread and closed before returning. Installing
-    // the ticker only stores fields of the global state; `Code::load` does not raise (the
+    // the ticker only stores fields of the global state, and nothing reaches the state
+    // through `control` after the close (only `abort()` is read); `Code::load` does not raise (the
     // ticker's abort surfaces as its status); `lua_dump` only calls `write` (which never
     // raises or unwinds: extending a Vec can only abort on OOM); `lua_close` runs no
     // finalizers (nothing ran).

@@ -9,23 +9,8 @@
 //! (`math.random` is seeded per run from the kernel by `lua_sandbox_core::seed`.)
 
 use std::ffi::c_int;
-use std::time::Duration;
 
 use lua_sandbox_core::ffi;
-
-/// The calling thread's CPU time.
-pub fn thread_cpu() -> Duration {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid, writable timespec; CLOCK_THREAD_CPUTIME_ID exists on every
-    // platform the BEAM's dirty schedulers run on (POSIX threads). On failure `ts` stays zero.
-    unsafe {
-        libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts);
-    }
-    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
-}
 
 /// `os.clock()`: the run's own CPU time in seconds.
 unsafe extern "C-unwind" fn os_clock(l: *mut ffi::lua_State) -> c_int {
@@ -52,8 +37,8 @@ pub unsafe fn install(l: *mut ffi::lua_State) {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-    use crate::budget::Control;
+    use crate::budget::{thread_cpu, Control};
+    use std::time::Duration;
 
     #[test]
     fn the_clock_counts_only_the_runs_own_calls() {

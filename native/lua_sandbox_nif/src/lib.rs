@@ -1,12 +1,11 @@
 //! lua_sandbox_nif: sandboxed Lua 5.4 for the BEAM. See the README for the security model.
 
 mod atoms;
-mod budget;
+mod caller;
 mod chunk;
 mod error;
 mod facts;
 mod handles;
-mod hardened;
 mod marshal;
 mod output;
 mod run;
@@ -16,6 +15,10 @@ mod slots;
 mod stack;
 #[cfg(test)]
 mod test_stubs;
+
+// The budget and the hardened builtins live in the rustler-free core; `crate::budget` and
+// `crate::hardened` name them here.
+pub(crate) use lua_sandbox_core::{budget, hardened};
 
 rustler::init!("Elixir.LuaSandbox.Native");
 

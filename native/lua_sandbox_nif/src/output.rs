@@ -181,7 +181,7 @@ pub fn flush(out: &mut Output, env: Env) {
 
 /// Sends `{:lua_print, chunk}` or `{:lua_print, tag, chunk}` while the script is running.
 fn send_chunk(pid: &LocalPid, tag: Option<&[u8]>, bytes: &[u8]) {
-    let raw = budget::active_env();
+    let raw: *mut rustler::sys::ErlNifEnv = budget::active_env().cast();
     if raw.is_null() {
         return;
     }

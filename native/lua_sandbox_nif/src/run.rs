@@ -233,7 +233,7 @@ fn run_resume<'a>(env: Env<'a>, run: ResourceArc<Run>, reply: Term<'a>) -> NifRe
         let control: *const Control = &*session.control;
         // SAFETY: the control is boxed in `session`, which outlives this block.
         let step = {
-            let _active = Activation::new(unsafe { &*control }, env.as_c_arg());
+            let _active = Activation::new(unsafe { &*control }, crate::caller::of(env));
             reply_to_lua(&mut session, reply).and_then(|nargs| {
                 let _out = output::Activation::new(&mut session.output);
                 resume(session.thread, &session.control, nargs)
@@ -426,8 +426,9 @@ fn start<'a>(
     let prepared = {
         let control: *const Control = &*session.control;
         // SAFETY: the control is boxed in `session`, which outlives this block.
-        let _active = Activation::new(unsafe { &*control }, env.as_c_arg());
-        budget::install_ticker(session.home.slot().state(), &session.control);
+        let _active = Activation::new(unsafe { &*control }, crate::caller::of(env));
+        // SAFETY: the slot's state outlives the run's control (both live in `session`).
+        unsafe { budget::install_ticker(session.home.slot().state(), &session.control) };
         prepare_state(session.home.slot_mut(), &setup).and_then(|()| {
             let call = opts.call.as_ref().map(|(n, a)| (n.as_str(), a.as_slice()));
             prepare_thread(&mut session, Entry::Chunk(&code), call, opts.max_source)
@@ -444,7 +445,7 @@ fn start<'a>(
         }
     };
     let step = {
-        let _active = Activation::new(&session.control, env.as_c_arg());
+        let _active = Activation::new(&session.control, crate::caller::of(env));
         let _out = output::Activation::new(&mut session.output);
         resume(session.thread, &session.control, nargs)
     };
@@ -507,7 +508,7 @@ pub(crate) fn begin<'a>(
         }
     };
     let step = {
-        let _active = Activation::new(&running.control, env.as_c_arg());
+        let _active = Activation::new(&running.control, crate::caller::of(env));
         let _out = output::Activation::new(&mut running.output);
         resume(running.thread, &running.control, nargs)
     };
@@ -628,7 +629,8 @@ pub(crate) fn prepare_thread(
             return Err(SandboxError::Runtime(message));
         }
     }
-    budget::install_ticker(thread, &running.control);
+    // SAFETY: the run coroutine's state outlives the run's control (both live in `running`).
+    unsafe { budget::install_ticker(thread, &running.control) };
     Ok(1 + call_values)
 }
 
@@ -864,7 +866,7 @@ pub(crate) fn settle<'a>(
     let control: *const Control = &*session.control;
     // SAFETY: the control is boxed in `session`, which lives until the end of this function
     // (dropped, or parked in the resource); the activation ends before that.
-    let _active = Activation::new(unsafe { &*control }, env.as_c_arg());
+    let _active = Activation::new(unsafe { &*control }, crate::caller::of(env));
     output::flush(&mut session.output, env);
     let thread = session.thread;
     let answer = settle_step(env, &mut session, step, thread);

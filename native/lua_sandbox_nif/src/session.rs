@@ -172,8 +172,9 @@ fn session_new<'a>(env: Env<'a>, opts: SessionOpts<'a>) -> Term<'a> {
         // conversion of globals.
         let control = Control::new(u64::MAX);
         let prepared = {
-            let _active = Activation::new(&control, env.as_c_arg());
-            crate::budget::install_ticker(lease.slot().state(), &control);
+            let _active = Activation::new(&control, crate::caller::of(env));
+            // SAFETY: the leased state outlives `control`, which is dropped first.
+            unsafe { crate::budget::install_ticker(lease.slot().state(), &control) };
             run::prepare_state(lease.slot_mut(), &setup)
         };
         if let Err(e) = prepared {
@@ -285,8 +286,9 @@ fn session_run<'a>(
         let prepared = {
             let control: *const Control = &*running.control;
             // SAFETY: the control is boxed in `running`, which outlives this block.
-            let _active = Activation::new(unsafe { &*control }, env.as_c_arg());
-            crate::budget::install_ticker(running.home_state(), &running.control);
+            let _active = Activation::new(unsafe { &*control }, crate::caller::of(env));
+            // SAFETY: the session's state outlives the call's control (both in `running`).
+            unsafe { crate::budget::install_ticker(running.home_state(), &running.control) };
             running_prepared(&mut running, entry, call, max_source)
         };
         run::begin(env, prepared, running, t0)

@@ -23,8 +23,7 @@ use std::ffi::{c_char, c_int};
 use std::ptr;
 use std::time::{Duration, Instant};
 
-use lua_sandbox_core::ffi;
-use rustler::sys::ErlNifEnv;
+use crate::ffi;
 
 /// How many units of work (VM instructions, or their equivalent elsewhere) run between two
 /// ticks: the kill check's granularity (tens of microseconds of Lua). The per-instruction
@@ -62,7 +61,7 @@ impl Abort {
         }
     }
 
-    pub(crate) fn c_message(self) -> &'static std::ffi::CStr {
+    pub fn c_message(self) -> &'static std::ffi::CStr {
         match self {
             Abort::Instructions => c"instruction limit exceeded",
             Abort::Memory => c"not enough memory",
@@ -112,13 +111,13 @@ impl Control {
 
     /// Starts counting CPU time for the NIF call running the script on this thread.
     pub fn clock_start(&self) {
-        self.cpu_start.set(Some(crate::facts::thread_cpu()));
+        self.cpu_start.set(Some(thread_cpu()));
     }
 
     /// Stops counting at the end of a NIF call (before a tool call or the end of the run).
     pub fn clock_stop(&self) {
         if let Some(start) = self.cpu_start.take() {
-            let spent = crate::facts::thread_cpu().saturating_sub(start);
+            let spent = thread_cpu().saturating_sub(start);
             self.cpu_before.set(self.cpu_before.get() + spent);
         }
     }
@@ -126,9 +125,10 @@ impl Control {
     /// The run's own CPU time so far.
     pub fn cpu_time(&self) -> Duration {
         self.cpu_before.get()
-            + self.cpu_start.get().map_or(Duration::ZERO, |s| {
-                crate::facts::thread_cpu().saturating_sub(s)
-            })
+            + self
+                .cpu_start
+                .get()
+                .map_or(Duration::ZERO, |s| thread_cpu().saturating_sub(s))
     }
 
     /// Makes the run time out at `deadline`; checked wherever the kill is.
@@ -138,7 +138,7 @@ impl Control {
 
     /// Why the run must stop for a reason outside the script: its caller died or its
     /// deadline passed.
-    fn stopped(&self, env: *mut ErlNifEnv) -> Option<Abort> {
+    fn stopped(&self, env: Caller) -> Option<Abort> {
         if !caller_alive(env) {
             Some(Abort::Killed)
         } else if self.deadline.get().is_some_and(|d| Instant::now() >= d) {
@@ -193,23 +193,49 @@ impl Control {
     }
 }
 
+/// Whether the process a run belongs to is still alive, given its opaque environment (for the
+/// NIF: `enif_is_current_process_alive` on the NIF call's env).
+///
+/// # Safety
+/// Called only with the `env` of the [`Caller`] it came with, while that caller's activation
+/// lives.
+pub type AliveCheck = unsafe fn(*mut std::ffi::c_void) -> bool;
+
+/// Who a run works for: an opaque environment (the NIF call's `ErlNifEnv`; null in tests) and
+/// how to ask whether it is still alive. The core never looks inside `env`.
+#[derive(Clone, Copy)]
+pub struct Caller {
+    pub env: *mut std::ffi::c_void,
+    pub alive: Option<AliveCheck>,
+}
+
+impl Caller {
+    /// No caller to check (Rust tests, work that cannot be killed).
+    pub const fn none() -> Caller {
+        Caller {
+            env: ptr::null_mut(),
+            alive: None,
+        }
+    }
+}
+
 #[derive(Clone, Copy)]
 struct Active {
     control: *const Control,
-    env: *mut ErlNifEnv,
+    caller: Caller,
 }
 
 thread_local! {
     static ACTIVE: Cell<Active> = const {
-        Cell::new(Active { control: ptr::null(), env: ptr::null_mut() })
+        Cell::new(Active { control: ptr::null(), caller: Caller::none() })
     };
 }
 
 /// Marks `control` as the running budget of this thread until dropped.
 ///
-/// `env` is the NIF environment of the call that runs Lua (null in Rust unit tests); it is
-/// only used for `enif_is_current_process_alive` and sending print output, and only while
-/// this guard lives, which is strictly inside that NIF call.
+/// `caller` is the NIF call that runs Lua (none in Rust unit tests); its env is only used for
+/// the liveness check and sending print output, and only while this guard lives, which is
+/// strictly inside that NIF call.
 pub struct Activation<'c> {
     previous: Active,
     // Ties the activation to the borrow of the `Control` it points at.
@@ -217,11 +243,11 @@ pub struct Activation<'c> {
 }
 
 impl<'c> Activation<'c> {
-    pub fn new(control: &'c Control, env: *mut ErlNifEnv) -> Activation<'c> {
+    pub fn new(control: &'c Control, caller: Caller) -> Activation<'c> {
         let previous = ACTIVE.with(|a| {
             a.replace(Active {
                 control: control as *const Control,
-                env,
+                caller,
             })
         });
         Activation {
@@ -238,9 +264,9 @@ impl Drop for Activation<'_> {
 }
 
 /// Runs `f` with the active control, if any.
-fn with_control<R>(f: impl FnOnce(&Control, *mut ErlNifEnv) -> R) -> Option<R> {
+fn with_control<R>(f: impl FnOnce(&Control, Caller) -> R) -> Option<R> {
     ACTIVE.with(|a| {
-        let Active { control, env } = a.get();
+        let Active { control, caller } = a.get();
         if control.is_null() {
             None
         } else {
@@ -249,24 +275,25 @@ fn with_control<R>(f: impl FnOnce(&Control, *mut ErlNifEnv) -> R) -> Option<R> {
             // in its `Drop` before that borrow ends; every caller of this function runs on
             // this thread strictly inside that window, so the pointer is valid and the
             // `Control` is only accessed through `Cell`s from this one thread.
-            Some(f(unsafe { &*control }, env))
+            Some(f(unsafe { &*control }, caller))
         }
     })
 }
 
-/// The raw NIF env of the active run (null outside a NIF call).
-pub fn active_env() -> *mut ErlNifEnv {
-    with_control(|_, env| env).unwrap_or(ptr::null_mut())
+/// The opaque env of the active run's caller (null outside a run).
+pub fn active_env() -> *mut std::ffi::c_void {
+    with_control(|_, caller| caller.env).unwrap_or(ptr::null_mut())
 }
 
-fn caller_alive(env: *mut ErlNifEnv) -> bool {
-    if env.is_null() {
-        return true;
+fn caller_alive(caller: Caller) -> bool {
+    match caller.alive {
+        Some(alive) if !caller.env.is_null() => {
+            // SAFETY: `env` came with this check in the caller's activation, which is live
+            // (we are inside it, on its thread), as `AliveCheck` requires.
+            unsafe { alive(caller.env) }
+        }
+        _ => true,
     }
-    // SAFETY: `env` is the environment of the NIF call currently executing on this thread
-    // (see `Activation`); `enif_is_current_process_alive` is documented for exactly this use
-    // from a dirty NIF and only reads the process state.
-    unsafe { rustler::sys::enif_is_current_process_alive(env) != 0 }
 }
 
 /// Charges `steps` units of work to the budget and checks for a kill.
@@ -303,6 +330,20 @@ pub fn charge_steps(steps: u64) -> Result<(), Abort> {
         control.abort().map_or(Ok(()), Err)
     })
     .unwrap_or(Ok(()))
+}
+
+/// The calling thread's CPU time (`CLOCK_THREAD_CPUTIME_ID`).
+pub fn thread_cpu() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; CLOCK_THREAD_CPUTIME_ID exists on every
+    // platform the BEAM's dirty schedulers run on (POSIX threads). On failure `ts` stays zero.
+    unsafe {
+        libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts);
+    }
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
 /// Checks the kill and the deadline now (before resuming a run: a tool may have taken the
@@ -366,7 +407,11 @@ extern "C-unwind" {
 /// Installs the ticker on the state of `l` (every thread of it: the countdown is global) and
 /// records the state so aborts and Rust-side charges reach its countdown. Installing it again
 /// on the same state first books the work pending in the countdown.
-pub fn install_ticker(l: *mut ffi::lua_State, control: &Control) {
+///
+/// # Safety
+/// `l` must be a thread of a live state, and the state must outlive every use of `control`
+/// that may reach it (its aborts, charges and settles), as a run's slot outlives its budget.
+pub unsafe fn install_ticker(l: *mut ffi::lua_State, control: &Control) {
     // SAFETY: `l` is a valid thread of a live state; the getter reads one field.
     let main = unsafe { lua_sandboxmainthread(l) };
     if control.state.get() == main as usize && control.abort().is_none() {
@@ -475,7 +520,7 @@ mod tests {
     #[test]
     fn charge_trips_the_limit_and_sticks() {
         let control = Control::new(100);
-        let _a = Activation::new(&control, ptr::null_mut());
+        let _a = Activation::new(&control, Caller::none());
         assert!(charge_steps(99).is_ok());
         assert_eq!(charge_steps(1), Err(Abort::Instructions));
         assert_eq!(charge_steps(0), Err(Abort::Instructions));
@@ -485,7 +530,7 @@ mod tests {
     #[test]
     fn a_past_deadline_times_the_run_out() {
         let control = Control::new(u64::MAX);
-        let _a = Activation::new(&control, ptr::null_mut());
+        let _a = Activation::new(&control, Caller::none());
         assert!(charge_steps(1).is_ok());
         control.set_deadline(Instant::now());
         assert_eq!(charge_steps(0), Err(Abort::Timeout));
@@ -499,7 +544,7 @@ mod tests {
     #[test]
     fn first_abort_reason_wins() {
         let control = Control::new(100);
-        let _a = Activation::new(&control, ptr::null_mut());
+        let _a = Activation::new(&control, Caller::none());
         trip(Abort::Output);
         trip(Abort::Memory);
         assert_eq!(current_abort(), Some(Abort::Output));
@@ -509,7 +554,7 @@ mod tests {
     fn activation_is_undone_on_drop() {
         let control = Control::new(1);
         {
-            let _a = Activation::new(&control, ptr::null_mut());
+            let _a = Activation::new(&control, Caller::none());
             assert!(charge_steps(5).is_err());
         }
         assert!(charge_steps(5).is_ok());
@@ -529,10 +574,11 @@ mod tests {
         if let Some(ms) = deadline_ms {
             control.set_deadline(Instant::now() + std::time::Duration::from_millis(ms));
         }
-        let _a = Activation::new(&control, ptr::null_mut());
+        let _a = Activation::new(&control, Caller::none());
         let f = lua.load(code).into_function().unwrap();
         let thread = lua.create_thread(f).unwrap();
-        install_ticker(thread.state(), &control);
+        // SAFETY (test): the thread's state outlives `control`'s use in this function.
+        unsafe { install_ticker(thread.state(), &control) };
         let r = thread.resume::<()>(());
         settle_instructions(thread.state(), &control);
         (r, control.instructions())
@@ -571,7 +617,7 @@ mod tests {
     fn an_abort_makes_the_very_next_instruction_raise() {
         let lua = mlua::Lua::new();
         let control = Control::new(1_000_000);
-        let _a = Activation::new(&control, ptr::null_mut());
+        let _a = Activation::new(&control, Caller::none());
         install_on(&lua, &control);
         let trip_output = lua
             .create_function(|_, ()| {
@@ -595,7 +641,7 @@ mod tests {
         crate::hardened::install(&lua).unwrap();
         lua.set_memory_limit(32 << 20).unwrap();
         let control = Control::new(u64::MAX);
-        let _a = Activation::new(&control, ptr::null_mut());
+        let _a = Activation::new(&control, Caller::none());
         install_on(&lua, &control);
         // A raising __close inside pcall used to replace "not enough memory", and nothing
         // here (no prelude) recognised the refusal: the script returned normally.
@@ -620,7 +666,7 @@ mod tests {
     fn rust_charges_use_the_vm_countdown() {
         let lua = mlua::Lua::new();
         let control = Control::new(10_000);
-        let _a = Activation::new(&control, ptr::null_mut());
+        let _a = Activation::new(&control, Caller::none());
         install_on(&lua, &control);
         assert!(charge_steps(5_000).is_ok());
         // the units are pending in the countdown until a tick or a settle books them

@@ -91,7 +91,7 @@ fn pathological_calls_stop_at_the_limit() {
         let f = lua.load(*code).into_function().unwrap();
         let started = Instant::now();
         let (ok, err) = {
-            let _active = Activation::new(&control, std::ptr::null_mut());
+            let _active = Activation::new(&control, crate::budget::Caller::none());
             budget::install_on(&lua, &control);
             call(&f)
         };
@@ -161,7 +161,7 @@ fn abort_is_sticky_in_builtins() {
                 .unwrap(),
         ),
     ];
-    let _active = Activation::new(&control, std::ptr::null_mut());
+    let _active = Activation::new(&control, crate::budget::Caller::none());
     budget::install_on(&lua, &control);
     let (ok, err) = call(&f);
     assert!(!ok && err.contains(MSG), "{err}");
@@ -177,7 +177,7 @@ fn abort_is_sticky_in_builtins() {
 fn with_the_ticker_the_abort_is_not_swallowed() {
     let lua = state();
     let control = Control::new(LIMIT);
-    let _active = Activation::new(&control, std::ptr::null_mut());
+    let _active = Activation::new(&control, crate::budget::Caller::none());
     budget::install_on(&lua, &control);
     let started = Instant::now();
     let err = lua
@@ -192,7 +192,7 @@ fn with_the_ticker_the_abort_is_not_swallowed() {
 fn normal_work_is_charged_but_succeeds() {
     let lua = state();
     let control = Control::new(LIMIT);
-    let _active = Activation::new(&control, std::ptr::null_mut());
+    let _active = Activation::new(&control, crate::budget::Caller::none());
     budget::install_on(&lua, &control);
     let (a, b): (i64, i64) = lua
         .load("return string.find(string.rep('ab', 1000) .. 'c', 'b(c)')")
@@ -244,7 +244,7 @@ fn activation_ends_cleanly() {
         .into_function()
         .unwrap();
     {
-        let _active = Activation::new(&control, std::ptr::null_mut());
+        let _active = Activation::new(&control, crate::budget::Caller::none());
         budget::install_on(&lua, &control);
         let (ok, err) = call(&f);
         assert!(!ok && err.contains(MSG), "{err}");

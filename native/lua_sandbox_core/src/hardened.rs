@@ -22,7 +22,7 @@
 
 use std::ffi::c_int;
 
-use lua_sandbox_core::ffi;
+use crate::ffi;
 
 extern "C-unwind" {
     /// Sets the patched `find`, `match`, `gmatch` and `gsub` on the table at stack index 1.
