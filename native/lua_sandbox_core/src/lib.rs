@@ -3,6 +3,7 @@
 //! - [`heap`]: an allocator whose bookkeeping lives inside its arena, exact to the byte.
 //! - [`slot`]: a Lua state in a fixed arena, restored from its pristine snapshot by a `memcpy`.
 //! - [`protect`]: the one discipline for raising (longjmp) that every caller of the C API follows.
+//! - [`libs`]: the standard libraries a sandboxed state opens.
 //! - [`seed`]: per-run randomness (`math.random`) for restored states.
 //! - [`budget`]: the run's budget, the work ticker glue, kill checks and sticky aborts.
 //! - [`hardened`]: the budget-charging builtins and the sandbox's C libraries (`csrc/`).
@@ -10,6 +11,7 @@
 pub mod budget;
 pub mod hardened;
 pub mod heap;
+pub mod libs;
 pub mod protect;
 pub mod seed;
 pub mod slot;

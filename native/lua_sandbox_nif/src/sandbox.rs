@@ -55,17 +55,6 @@ impl Key {
     }
 }
 
-/// The libraries a script may see; the prelude trims `os` and `string` further.
-const LIBS: [(&std::ffi::CStr, ffi::lua_CFunction); 7] = [
-    (c"_G", ffi::luaopen_base),
-    (c"string", ffi::luaopen_string),
-    (c"table", ffi::luaopen_table),
-    (c"math", ffi::luaopen_math),
-    (c"utf8", ffi::luaopen_utf8),
-    (c"coroutine", ffi::luaopen_coroutine),
-    (c"os", ffi::luaopen_os),
-];
-
 extern "C-unwind" {
     /// Installs the C versions of print, io, load, pcall, xpcall, collectgarbage, require,
     /// coroutine.*, debug.traceback and the stubs of removed functions in the globals, and
@@ -120,10 +109,7 @@ unsafe extern "C-unwind" fn build(l: *mut ffi::lua_State) -> c_int {
     unsafe {
         let (code, len) = *ffi::lua_touserdata(l, 1).cast::<(*const u8, usize)>();
         ffi::lua_settop(l, 0);
-        for (name, open) in LIBS {
-            ffi::luaL_requiref(l, name.as_ptr(), open, 1);
-            ffi::lua_settop(l, 0);
-        }
+        lua_sandbox_core::libs::open(l);
         crate::hardened::open_into_globals(l);
         // Before the prelude copies `os.clock`.
         crate::facts::install(l);

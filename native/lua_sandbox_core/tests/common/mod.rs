@@ -8,24 +8,10 @@ use lua_sandbox_core::{ffi, protect, LuaFailure, Slot};
 
 pub const MIB: usize = 1 << 20;
 
-/// Opens the libraries the sandbox exposes (base, string, table, math, utf8, coroutine, os).
+/// Opens the libraries the sandbox opens (`lua_sandbox_core::libs`).
 pub unsafe extern "C-unwind" fn build_libs(l: *mut ffi::lua_State) -> c_int {
     // SAFETY: runs under lua_pcall (Slot::new); only the C API, no Rust values with Drop.
-    unsafe {
-        let libs: [(&std::ffi::CStr, ffi::lua_CFunction); 7] = [
-            (c"_G", ffi::luaopen_base),
-            (c"string", ffi::luaopen_string),
-            (c"table", ffi::luaopen_table),
-            (c"math", ffi::luaopen_math),
-            (c"utf8", ffi::luaopen_utf8),
-            (c"coroutine", ffi::luaopen_coroutine),
-            (c"os", ffi::luaopen_os),
-        ];
-        for (name, open) in libs {
-            ffi::luaL_requiref(l, name.as_ptr(), open, 1);
-            ffi::lua_settop(l, 1);
-        }
-    }
+    unsafe { lua_sandbox_core::libs::open(l) };
     0
 }
 
