@@ -111,14 +111,9 @@ impl Drop for Running {
 unsafe impl Send for Running {}
 
 impl Running {
-    /// The main state of the leased slot.
-    fn main(&self) -> *mut ffi::lua_State {
+    /// The main state of the run's slot.
+    pub(crate) fn main(&self) -> *mut ffi::lua_State {
         self.home.slot().state()
-    }
-
-    /// The main state of the run's slot (for the ticker).
-    pub(crate) fn home_state(&self) -> *mut ffi::lua_State {
-        self.main()
     }
 
     fn bounds(&self) -> Bounds {
@@ -138,7 +133,7 @@ pub struct Run {
 impl rustler::Resource for Run {}
 
 /// What a step of the run produced, as stack positions on the run coroutine.
-pub(crate) enum Step {
+enum Step {
     /// Finished: `n` results from absolute index `first`.
     Done { first: c_int, n: c_int },
     /// Failed with the error object at `idx`.
@@ -195,10 +190,7 @@ fn run_try<'a>(env: Env<'a>, source: Term<'a>, opts: RunOpts<'a>) -> NifResult<T
     let source = Source::decode(source)?;
     let fast = Fast {
         max_instructions: opts.max_instructions,
-        max_memory: match opts.max_memory as usize {
-            0 => usize::MAX,
-            n => n,
-        },
+        max_memory: slots::clamp_memory(opts.max_memory),
         max_result_bytes: opts.max_result_bytes,
     };
     Ok(stack::with_big_stack(|| {
@@ -240,7 +232,7 @@ fn run_resume<'a>(env: Env<'a>, run: ResourceArc<Run>, reply: Term<'a>) -> NifRe
             })
         };
         session.elapsed += t0.elapsed();
-        settle(env, session, step, Some(run.clone()))
+        settle(env, session, step, Some(run.clone()), None)
     }))
 }
 
@@ -360,27 +352,26 @@ fn start<'a>(
     let t0 = Instant::now();
     let early = |e: SandboxError| early_error(env, e, t0);
     let max_source = opts.max_source as usize;
-    let code = match &source {
+    let (code, chunk_name) = match &source {
         Source::Text(bin) => {
             if let Err(e) = crate::chunk::check_source(bin.as_slice(), max_source, "source") {
                 return early(e);
             }
-            Code::new(bin.as_slice(), &opts.chunk_name, false)
+            (
+                Code::new(bin.as_slice(), &opts.chunk_name, false),
+                opts.chunk_name.clone(),
+            )
         }
-        Source::Chunk(chunk) => Code::new(&chunk.bytecode, &chunk.name, true),
+        Source::Chunk(chunk) => (
+            Code::new(&chunk.bytecode, &chunk.name, true),
+            chunk.name.clone(),
+        ),
     };
     let code = match code {
         Ok(c) => c,
         Err(e) => return early(e),
     };
-    let chunk_name = match &source {
-        Source::Text(_) => opts.chunk_name.clone(),
-        Source::Chunk(chunk) => chunk.name.clone(),
-    };
-    let max_memory = match opts.max_memory as usize {
-        0 => slots::MAX_MEMORY,
-        n => n.min(slots::MAX_MEMORY),
-    };
+    let max_memory = slots::clamp_memory(opts.max_memory);
     let lease = match slots::lease(max_memory) {
         Ok(lease) => lease,
         Err(e) => return early(e),
@@ -423,15 +414,16 @@ fn start<'a>(
         max_source,
     };
     // The budget and the kill check cover everything below, compiling the chunk included.
-    let prepared = {
-        let control: *const Control = &*session.control;
-        // SAFETY: the control is boxed in `session`, which outlives this block.
-        let _active = Activation::new(unsafe { &*control }, crate::caller::of(env));
-        // SAFETY: the slot's state outlives the run's control (both live in `session`).
-        unsafe { budget::install_ticker(session.home.slot().state(), &session.control) };
-        prepare_state(session.home.slot_mut(), &setup).and_then(|()| {
-            let call = opts.call.as_ref().map(|(n, a)| (n.as_str(), a.as_slice()));
-            prepare_thread(&mut session, Entry::Chunk(&code), call, opts.max_source)
+    let control: *const Control = &*session.control;
+    let state = session.main();
+    // SAFETY: the control is boxed in `session`, which outlives the call, and the slot's state
+    // outlives the control (both live in `session`).
+    let prepared = unsafe {
+        under_budget(env, control, state, || {
+            prepare_state(session.home.slot_mut(), &setup).and_then(|()| {
+                let call = opts.call.as_ref().map(|(n, a)| (n.as_str(), a.as_slice()));
+                prepare_thread(&mut session, Entry::Chunk(&code), call, opts.max_source)
+            })
         })
     };
     let nargs = match prepared {
@@ -453,26 +445,9 @@ fn start<'a>(
     if let Some(fast) = fast {
         let retry = match &step {
             Ok(Step::ToolCall { .. }) => true,
-            Ok(Step::Done { first, n }) => {
-                // The result must fit the attempt's bounds; convert it now to know.
-                // SAFETY: the results are on the finished thread at `first..first + n`.
-                let terms = unsafe {
-                    marshal::to_terms(env, session.thread, *first, *n, session.bounds(), "result")
-                };
-                match terms {
-                    Ok(terms) => {
-                        session.output.release(env);
-                        let output = session.output.take();
-                        let stats = stats_term(env, &session);
-                        return (atoms::ok(), terms, binary_term(env, &output), stats).encode(env);
-                    }
-                    Err(e) => {
-                        fast.retry(&e) || {
-                            return finish_error(env, &mut session, e, None);
-                        }
-                    }
-                }
-            }
+            // Whether the result fits the attempt's bounds is known once it is converted
+            // (`settle`).
+            Ok(Step::Done { .. }) => false,
             Err(e) => fast.retry(
                 &session
                     .control
@@ -488,9 +463,8 @@ fn start<'a>(
         if retry {
             return atoms::retry().encode(env);
         }
-        session.output.release(env);
     }
-    settle(env, session, step, None)
+    settle(env, session, step, None, fast)
 }
 
 /// Runs a prepared run coroutine to its first stop and answers (no first attempt).
@@ -513,7 +487,27 @@ pub(crate) fn begin<'a>(
         resume(running.thread, &running.control, nargs)
     };
     running.elapsed = t0.elapsed();
-    settle(env, running, step, None)
+    settle(env, running, step, None, None)
+}
+
+/// Runs setup work (converting globals, loading modules, compiling the chunk) under
+/// `control`'s budget, kill and deadline checks, with the work ticker installed on `state`.
+///
+/// # Safety
+/// `control` must stay valid until `f` returns, and `state` must outlive every later use of
+/// `control` (as a run's slot outlives its budget).
+pub(crate) unsafe fn under_budget<R>(
+    env: Env,
+    control: *const Control,
+    state: *mut ffi::lua_State,
+    f: impl FnOnce() -> R,
+) -> R {
+    // SAFETY: per the contract.
+    let control = unsafe { &*control };
+    let _active = Activation::new(control, crate::caller::of(env));
+    // SAFETY: per the contract.
+    unsafe { budget::install_ticker(state, control) };
+    f()
 }
 
 /// The state-wide part of a run's setup: what `globals:`, `tools:` and `modules:` put into a
@@ -769,7 +763,7 @@ fn bad_module(name: &str) -> SandboxError {
 
 /// Resumes the run coroutine once with the `nargs` values on top of its stack and classifies
 /// what came back.
-pub(crate) fn resume(
+fn resume(
     thread: *mut ffi::lua_State,
     control: &Control,
     nargs: c_int,
@@ -854,11 +848,12 @@ unsafe fn is_memory_error(l: *mut ffi::lua_State, idx: c_int) -> bool {
 
 /// Turns a step into the NIF's answer; a tool call parks the session in the resource, any
 /// other outcome ends the lease (the slot is restored and reused).
-pub(crate) fn settle<'a>(
+fn settle<'a>(
     env: Env<'a>,
     mut session: Running,
     step: Result<Step, SandboxError>,
     run: Option<ResourceArc<Run>>,
+    fast: Option<Fast>,
 ) -> Term<'a> {
     // Converting results and tool arguments is charged to the run's budget (and can be
     // killed or time out), so it runs with the run active; streamed output goes out before a
@@ -869,10 +864,12 @@ pub(crate) fn settle<'a>(
     let _active = Activation::new(unsafe { &*control }, crate::caller::of(env));
     output::flush(&mut session.output, env);
     let thread = session.thread;
-    let answer = settle_step(env, &mut session, step, thread);
+    let answer = settle_step(env, &mut session, step, thread, fast);
     session.control.clock_stop();
     match answer {
         Answer::Final(term) => term,
+        // Thrown away unseen: nothing was sent, nothing of the attempt is kept.
+        Answer::Retry => atoms::retry().encode(env),
         Answer::ToolCall(name_term, terms) => {
             let run = run.unwrap_or_else(|| {
                 ResourceArc::new(Run {
@@ -890,6 +887,8 @@ pub(crate) fn settle<'a>(
 enum Answer<'a> {
     Final(Term<'a>),
     ToolCall(Term<'a>, Vec<Term<'a>>),
+    /// A first attempt's result is over the attempt's bounds: run it again (`run_try`).
+    Retry,
 }
 
 fn settle_step<'a>(
@@ -897,6 +896,7 @@ fn settle_step<'a>(
     session: &mut Running,
     step: Result<Step, SandboxError>,
     thread: *mut ffi::lua_State,
+    fast: Option<Fast>,
 ) -> Answer<'a> {
     Answer::Final(match step {
         Err(e) => finish_error(env, session, e, None),
@@ -914,10 +914,12 @@ fn settle_step<'a>(
                     if let Home::Session(loan) = &mut session.home {
                         loan.succeeded();
                     }
+                    session.output.release(env);
                     let output = session.output.take();
                     let stats = stats_term(env, session);
                     (atoms::ok(), terms, binary_term(env, &output), stats).encode(env)
                 }
+                Err(e) if fast.is_some_and(|f| f.retry(&e)) => return Answer::Retry,
                 Err(e) => finish_error(env, session, e, None),
             }
         }
@@ -1056,6 +1058,8 @@ fn finish_error<'a>(
         }
         _ => atoms::nil().encode(env),
     };
+    // A first attempt's held chunks go out with its (final) error.
+    session.output.release(env);
     let output = session.output.take();
     let stats = stats_term(env, session);
     (

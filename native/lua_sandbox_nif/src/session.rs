@@ -17,8 +17,7 @@ use rustler::types::LocalPid;
 use rustler::{Atom, Encoder, Env, NifMap, NifResult, ResourceArc, Term};
 
 use crate::atoms;
-use crate::budget::{Activation, Control};
-use crate::error::SandboxError;
+use crate::budget::Control;
 use crate::output::Output;
 use crate::run::{self, Code, Entry, Home, Running, Source, StateSetup};
 use crate::sandbox;
@@ -152,10 +151,7 @@ impl Drop for Loan {
 fn session_new<'a>(env: Env<'a>, opts: SessionOpts<'a>) -> Term<'a> {
     let t0 = std::time::Instant::now();
     crate::stack::with_big_stack(|| {
-        let max_memory = match opts.max_memory as usize {
-            0 => slots::MAX_MEMORY,
-            n => n.min(slots::MAX_MEMORY),
-        };
+        let max_memory = slots::clamp_memory(opts.max_memory);
         let mut lease = match slots::lease(max_memory) {
             Ok(lease) => lease,
             Err(e) => return run::early_error(env, e, t0),
@@ -171,11 +167,13 @@ fn session_new<'a>(env: Env<'a>, opts: SessionOpts<'a>) -> Term<'a> {
         // The setup runs no script code; the activation only makes a kill stop a huge
         // conversion of globals.
         let control = Control::new(u64::MAX);
-        let prepared = {
-            let _active = Activation::new(&control, crate::caller::of(env));
-            // SAFETY: the leased state outlives `control`, which is dropped first.
-            unsafe { crate::budget::install_ticker(lease.slot().state(), &control) };
-            run::prepare_state(lease.slot_mut(), &setup)
+        let state = lease.slot().state();
+        // SAFETY: `control` lives until the end of this function; the leased state outlives
+        // it (the lease moves into the session, `control` is dropped here).
+        let prepared = unsafe {
+            run::under_budget(env, &control, state, || {
+                run::prepare_state(lease.slot_mut(), &setup)
+            })
         };
         if let Err(e) = prepared {
             return run::early_error(env, e, t0);
@@ -283,25 +281,17 @@ fn session_run<'a>(
             None => Entry::Nothing,
         };
         let call = opts.call.as_ref().map(|(n, a)| (n.as_str(), a.as_slice()));
-        let prepared = {
-            let control: *const Control = &*running.control;
-            // SAFETY: the control is boxed in `running`, which outlives this block.
-            let _active = Activation::new(unsafe { &*control }, crate::caller::of(env));
-            // SAFETY: the session's state outlives the call's control (both in `running`).
-            unsafe { crate::budget::install_ticker(running.home_state(), &running.control) };
-            running_prepared(&mut running, entry, call, max_source)
+        let control: *const Control = &*running.control;
+        let state = running.main();
+        // SAFETY: the control is boxed in `running`, which outlives the call, and the
+        // session's state outlives the call's control (both live in `running`).
+        let prepared = unsafe {
+            run::under_budget(env, control, state, || {
+                run::prepare_thread(&mut running, entry, call, max_source)
+            })
         };
         run::begin(env, prepared, running, t0)
     }))
-}
-
-fn running_prepared(
-    running: &mut Running,
-    entry: Entry,
-    call: Option<(&str, &[Term])>,
-    max_source: u64,
-) -> Result<std::ffi::c_int, SandboxError> {
-    run::prepare_thread(running, entry, call, max_source)
 }
 
 /// `{:ok, %{memory:, calls:, instructions:, rollbacks:}}`, or `:busy` during a call.

@@ -40,6 +40,15 @@ fn idle() -> std::sync::MutexGuard<'static, Vec<Class>> {
     IDLE.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// The heap limit a run gets for the `max_memory` option: 0 (no limit) and anything above
+/// [`MAX_MEMORY`] become [`MAX_MEMORY`].
+pub fn clamp_memory(max_memory: u64) -> usize {
+    match usize::try_from(max_memory) {
+        Ok(0) | Err(_) => MAX_MEMORY,
+        Ok(n) => n.min(MAX_MEMORY),
+    }
+}
+
 /// The reservation for runs limited to `max_memory` bytes.
 pub fn capacity_for(max_memory: usize) -> usize {
     max_memory
