@@ -399,13 +399,14 @@ defmodule LuaSandbox.Options do
     }
   end
 
-  # Milliseconds left for the run: from the caller's deadline (set by LuaSandbox.Supervisor,
-  # internal), else the whole timeout.
-  defp native_timeout(deadline, _) when is_integer(deadline),
+  @doc false
+  # Milliseconds left for the run, as the NIF's `timeout` field: from the caller's deadline
+  # (set by LuaSandbox.Supervisor, internal), else the whole timeout; nil for none.
+  def native_timeout(deadline, _) when is_integer(deadline),
     do: max(deadline - System.monotonic_time(:millisecond), 0)
 
-  defp native_timeout(_, :infinity), do: nil
-  defp native_timeout(_, timeout), do: timeout
+  def native_timeout(_, :infinity), do: nil
+  def native_timeout(_, timeout), do: timeout
 
   defp module_source(%LuaSandbox.Chunk{ref: ref}), do: ref
   defp module_source(source) when is_binary(source), do: source

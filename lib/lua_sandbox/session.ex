@@ -193,7 +193,7 @@ defmodule LuaSandbox.Session do
        max_result_bytes: o[:max_result_bytes],
        rollback: rollback,
        call: call,
-       timeout: if(o[:timeout] == :infinity, do: nil, else: o[:timeout])
+       timeout: Options.native_timeout(nil, o[:timeout])
      }}
   end
 

@@ -84,18 +84,9 @@ defmodule LuaSandbox.Supervisor do
   @spec run_local(LuaSandbox.source(), keyword) ::
           {:ok, LuaSandbox.Result.t()} | {:error, Error.t()}
   def run_local(source, opts) do
-    sup = opts[:supervisor]
-
-    case Slots.checkout(sup) do
-      {:ok, slot} ->
-        try do
-          Runner.run(source, opts)
-        after
-          Slots.checkin(slot)
-        end
-
-      :full ->
-        {:error, overloaded(sup)}
+    case run_in_slot(source, opts) do
+      :full -> {:error, overloaded(opts[:supervisor])}
+      result -> result
     end
   end
 
@@ -110,6 +101,18 @@ defmodule LuaSandbox.Supervisor do
   # Like run_local/2, but waits (with backoff) for a free slot instead of answering
   # :overloaded; used by LuaSandbox.async_stream/2, whose own timeout bounds the wait.
   def run_queued(source, opts, backoff \\ 1) do
+    case run_in_slot(source, opts) do
+      :full ->
+        Process.sleep(backoff)
+        run_queued(source, opts, min(backoff * 2, 20))
+
+      result ->
+        result
+    end
+  end
+
+  # The run, holding one of its supervisor's slots while it runs; `:full` without running.
+  defp run_in_slot(source, opts) do
     case Slots.checkout(opts[:supervisor]) do
       {:ok, slot} ->
         try do
@@ -119,8 +122,7 @@ defmodule LuaSandbox.Supervisor do
         end
 
       :full ->
-        Process.sleep(backoff)
-        run_queued(source, opts, min(backoff * 2, 20))
+        :full
     end
   end
 
