@@ -26,8 +26,12 @@
 
 #include "lprefix.h"
 
+#include <limits.h>
 #include <stdio.h>
 #include <string.h>
+
+/* LUA_SANDBOX: the largest traceback level looked at (deeper than any stack) */
+#define SB_MAXLEVEL	(INT_MAX / 2)
 
 #include "lua.h"
 #include "lauxlib.h"
@@ -670,7 +674,12 @@ static int sb_dbtraceback (lua_State *L) {
   if (msg == NULL && !lua_isnoneornil(L, arg + 1))  /* non-string 'msg'? */
     lua_pushvalue(L, arg + 1);  /* return it untouched */
   else {
-    int level = (int)luaL_optinteger(L, arg + 2, (L == L1) ? 1 : 0);
+    lua_Integer lv = luaL_optinteger(L, arg + 2, (L == L1) ? 1 : 0);
+    /* LUA_SANDBOX: clamp the level, which 'sb_traceback' subtracts from the
+       last level ('last - level' overflowed at -2^31, as in stock Lua; the
+       cast to int truncated larger ones). Below 0 no level exists and above
+       the stack's depth none is shown, so the clamp changes no output. */
+    int level = (lv < -1) ? -1 : (lv > SB_MAXLEVEL) ? SB_MAXLEVEL : (int)lv;
     sb_traceback(L, L1, msg, level);
   }
   return 1;
