@@ -105,6 +105,10 @@ defmodule LuaSandbox.Adversarial.BoundedOpsTest do
      "local x = pcall(f)"}
   ]
 
+  # The collector and table scans (issue 16): ephemeron chains, weak tables of every mode,
+  # the string table, emptied tables of every part and size under `next`, `pairs`, json.
+  @vm_ops @vm_ops ++ LuaSandbox.CollectorShapes.vm_ops(@elems)
+
   setup_all do
     {peer, node} = TestPeer.start(["+SDcpu", "1:1"])
     on_exit(fn -> TestPeer.stop(peer) end)

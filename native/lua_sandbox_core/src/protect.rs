@@ -19,6 +19,23 @@
 //!    because Lua's own raising goes through them; they must not panic (no indexing that can
 //!    fail, no `unwrap`), and the allocator (`heap::lua_alloc`) is plain `extern "C"`, so a
 //!    panic there aborts instead of unwinding into C.
+//!
+//! # The abort discipline
+//!
+//! An abort (a kill, a deadline, a spent budget, the memory limit: `budget.rs`) ends a run by
+//! raising at its next instruction or raising charge, and again at every one after (aborts are
+//! sticky). Code that may not raise (the collector, the allocator, table scans) only debits the
+//! countdown, and the collector stops early once it sees the abort. Two rules:
+//!
+//! 5. **A state is not reused as it was after an abort.** A fresh run's slot is restored from
+//!    its snapshot, a session call (`rollback: true`) is rolled back to its checkpoint, before
+//!    anything runs in the state again. Only a `rollback: false` session goes on from where the
+//!    aborted call left it, as Lua's own semantics would.
+//! 6. **Stopping early leaves the state consistent**, for that one case: the collector stops
+//!    only between two steps or, in the atomic phase, before the white flip, so nothing is
+//!    freed and the next cycle starts over (`vendor/lua-src/PATCHES.md`, "The collector under
+//!    the budget"); a C function stops by raising (rules 1–4), never by returning half done.
+//!    Reading the error, the stats and the output after an abort is always fine.
 
 use std::ffi::{c_int, c_void, CStr};
 use std::fmt;

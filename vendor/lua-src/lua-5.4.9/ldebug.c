@@ -253,6 +253,15 @@ void luaG_sandboxmemerr (lua_State *L) {
 }
 
 
+/*
+** LUA_SANDBOX: for the collector, which may not raise: asks the ticker (its
+** countdown ran out) and returns true when the run is aborted.
+*/
+int luaG_sandboxaborted (lua_State *L) {
+  return sandboxcall(L, LUA_TICK_WORK) != NULL;
+}
+
+
 LUA_API void lua_sandboxcharge (lua_State *L, lua_Integer n) {
   lua_lock(L);
   luaG_sandboxcharge(L, (n > 0) ? cast(l_mem, n) : 0);

@@ -62,6 +62,7 @@ LUAI_FUNC void luaG_sandboxtick (lua_State *L, const Instruction *pc);
 /* LUA_SANDBOX: the charging primitives (see the discipline in ldebug.c) */
 LUAI_FUNC void luaG_sandboxcharge (lua_State *L, l_mem n);
 LUAI_FUNC void luaG_sandboxmemerr (lua_State *L);
+LUAI_FUNC int luaG_sandboxaborted (lua_State *L);
 #define luaG_sandboxdebit(L,n)	(G(L)->sbticks -= cast(l_mem, (n)))
 /* LUA_SANDBOX: units of work for 'n' bytes copied, compared or scanned */
 #define SB_BYTESHIFT	4

@@ -250,6 +250,10 @@ int luaD_reallocstack (lua_State *L, int newsize, int raiseerror) {
   newstack = luaM_reallocvector(L, L->stack.p, oldsize + EXTRA_STACK,
                                    newsize + EXTRA_STACK, StackValue);
   G(L)->gcstopem = oldgcstop;  /* restore emergency collection */
+  /* LUA_SANDBOX: one unit per 16 slots copied or erased (non-raising; every
+     growth and shrink comes here, also the one to ERRORSTACKSIZE when a
+     huge result list is refused: 'string.byte(s, 1, -1)', 'table.unpack') */
+  luaG_sandboxdebit(L, ((oldsize > newsize) ? oldsize : newsize) >> 4);
   if (l_unlikely(newstack == NULL)) {  /* reallocation failed? */
     correctstack(L);  /* change offsets back to pointers */
     if (raiseerror)
@@ -287,8 +291,6 @@ int luaD_growstack (lua_State *L, int n, int raiseerror) {
       newsize = LUAI_MAXSTACK;
     if (newsize < needed)  /* but must respect what was asked for */
       newsize = needed;
-    /* LUA_SANDBOX: one unit per 4 slots copied (non-raising) */
-    luaG_sandboxdebit(L, size >> 2);
     if (l_likely(newsize <= LUAI_MAXSTACK))
       return luaD_reallocstack(L, newsize, raiseerror);
   }

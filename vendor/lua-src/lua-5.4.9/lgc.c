@@ -686,13 +686,51 @@ static lu_mem propagateall (global_State *g) {
 
 
 /*
+** LUA_SANDBOX: the collector pays for its work and stops when the run is
+** aborted (see PATCHES.md, "The collector under the budget").
+** 'sbgcpay' debits one unit per 8 units of collector work ('acc' keeps the
+** remainder) and, when the countdown has run out, asks the ticker without
+** raising (the collector may not raise); it returns true when the run was
+** aborted (a kill, a deadline, a spent budget or memory limit). Callers stop
+** only where the collector can resume: between two single steps (the
+** incremental design), or inside 'atomic' before the white flip. Before the
+** flip no object is dead yet (all are current white, gray or black), so the
+** sweep that follows an abandoned 'atomic' frees nothing and turns every
+** object back to white, exactly as 'fullinc' does with a cycle in progress;
+** the next cycle starts over and clears the stale gray lists
+** ('restartcollection'). The heap stays consistent whatever happens to the
+** state after the abort.
+*/
+static int sbgcpay (lua_State *L, lu_mem *acc, lu_mem work) {
+  *acc += work;
+  luaG_sandboxdebit(L, *acc >> 3);
+  *acc &= 7;
+  return (G(L)->sbticks <= 0 && luaG_sandboxaborted(L));
+}
+
+
+/* LUA_SANDBOX: 'propagateall' for 'atomic'; returns true when aborted */
+static int sbpropagateall (lua_State *L, lu_mem *acc, lu_mem *work) {
+  global_State *g = G(L);
+  while (g->gray) {
+    lu_mem w = propagatemark(g);
+    *work += w;
+    if (sbgcpay(L, acc, w))
+      return 1;
+  }
+  return 0;
+}
+
+
+/*
 ** Traverse all ephemeron tables propagating marks from keys to values.
 ** Repeat until it converges, that is, nothing new is marked. 'dir'
 ** inverts the direction of the traversals, trying to speed up
 ** convergence on chains in the same table.
 **
 */
-static void convergeephemerons (global_State *g) {
+static int convergeephemerons (lua_State *L, lu_mem *acc, lu_mem *work) {
+  global_State *g = G(L);  /* LUA_SANDBOX: paid, and stops when aborted */
   int changed;
   int dir = 0;
   do {
@@ -705,12 +743,17 @@ static void convergeephemerons (global_State *g) {
       next = h->gclist;  /* list is rebuilt during loop */
       nw2black(h);  /* out of the list (for now) */
       if (traverseephemeron(g, h, dir)) {  /* marked some value? */
-        propagateall(g);  /* propagate changes */
+        if (sbpropagateall(L, acc, work))  /* propagate changes */
+          return 1;  /* LUA_SANDBOX: aborted ('next' is left gray) */
         changed = 1;  /* will have to revisit all ephemeron tables */
       }
+      /* LUA_SANDBOX: zig-zag chains make this loop quadratic */
+      if (sbgcpay(L, acc, 8 + luaH_realasize(h) + sizenode(h)))
+        return 1;
     }
     dir = !dir;  /* invert direction next time */
   } while (changed);  /* repeat until no more changes */
+  return 0;
 }
 
 /* }====================================================== */
@@ -731,6 +774,7 @@ static void clearbykeys (global_State *g, GCObject *l) {
     Table *h = gco2t(l);
     Node *limit = gnodelast(h);
     Node *n;
+    g->sbticks -= cast(l_mem, 1 + (sizenode(h) >> 3));  /* LUA_SANDBOX */
     for (n = gnode(h, 0); n < limit; n++) {
       if (iscleared(g, gckeyN(n)))  /* unmarked key? */
         setempty(gval(n));  /* remove entry */
@@ -751,6 +795,8 @@ static void clearbyvalues (global_State *g, GCObject *l, GCObject *f) {
     Node *n, *limit = gnodelast(h);
     unsigned int i;
     unsigned int asize = luaH_realasize(h);
+    /* LUA_SANDBOX: a debit ('atomic' polls after the clearing) */
+    g->sbticks -= cast(l_mem, 1 + ((asize + sizenode(h)) >> 3));
     for (i = 0; i < asize; i++) {
       TValue *o = &h->array[i];
       if (iscleared(g, gcvalueN(o)))  /* value was collected? */
@@ -1527,9 +1573,16 @@ void luaC_freeallobjects (lua_State *L) {
 }
 
 
+/*
+** LUA_SANDBOX: every traversal below is paid and polls for an abort; an
+** abort returns before the white flip ('sbgcpay' explains why that is safe).
+*/
+#define sbstop(x)	{ if (x) return work; }
+
 static lu_mem atomic (lua_State *L) {
   global_State *g = G(L);
   lu_mem work = 0;
+  lu_mem acc = 0;  /* LUA_SANDBOX: work not yet debited */
   GCObject *origweak, *origall;
   GCObject *grayagain = g->grayagain;  /* save original list */
   g->grayagain = NULL;
@@ -1540,22 +1593,23 @@ static lu_mem atomic (lua_State *L) {
   /* registry and global metatables may be changed by API */
   markvalue(g, &g->l_registry);
   markmt(g);  /* mark global metatables */
-  work += propagateall(g);  /* empties 'gray' list */
+  sbstop(sbpropagateall(L, &acc, &work));  /* empties 'gray' list */
   /* remark occasional upvalues of (maybe) dead threads */
   work += remarkupvals(g);
-  work += propagateall(g);  /* propagate changes */
+  sbstop(sbpropagateall(L, &acc, &work));  /* propagate changes */
   g->gray = grayagain;
-  work += propagateall(g);  /* traverse 'grayagain' list */
-  convergeephemerons(g);
+  sbstop(sbpropagateall(L, &acc, &work));  /* traverse 'grayagain' list */
+  sbstop(convergeephemerons(L, &acc, &work));
   /* at this point, all strongly accessible objects are marked. */
   /* Clear values from weak tables, before checking finalizers */
   clearbyvalues(g, g->weak, NULL);
   clearbyvalues(g, g->allweak, NULL);
+  sbstop(sbgcpay(L, &acc, 0));  /* LUA_SANDBOX */
   origweak = g->weak; origall = g->allweak;
   separatetobefnz(g, 0);  /* separate objects to be finalized */
   work += markbeingfnz(g);  /* mark objects that will be finalized */
-  work += propagateall(g);  /* remark, to propagate 'resurrection' */
-  convergeephemerons(g);
+  sbstop(sbpropagateall(L, &acc, &work));  /* remark 'resurrection' */
+  sbstop(convergeephemerons(L, &acc, &work));
   /* at this point, all resurrected objects are marked. */
   /* remove dead objects from weak tables */
   clearbykeys(g, g->ephemeron);  /* clear keys from all ephemeron tables */
@@ -1563,6 +1617,7 @@ static lu_mem atomic (lua_State *L) {
   /* clear values from resurrected weak tables */
   clearbyvalues(g, g->weak, origweak);
   clearbyvalues(g, g->allweak, origall);
+  sbstop(sbgcpay(L, &acc, 0));  /* LUA_SANDBOX: still before the flip */
   luaS_clearcache(g);
   g->currentwhite = cast_byte(otherwhite(g));  /* flip current white */
   lua_assert(g->gray == NULL);
@@ -1657,8 +1712,12 @@ static lu_mem singlestep (lua_State *L) {
 */
 void luaC_runtilstate (lua_State *L, int statesmask) {
   global_State *g = G(L);
-  while (!testbit(statesmask, g->gcstate))
-    singlestep(L);
+  lu_mem acc = 0;  /* LUA_SANDBOX */
+  while (!testbit(statesmask, g->gcstate)) {
+    lu_mem work = singlestep(L);
+    if (sbgcpay(L, &acc, work))  /* LUA_SANDBOX: paid; stops when aborted */
+      return;
+  }
 }
 
 
@@ -1676,16 +1735,15 @@ static void incstep (lua_State *L, global_State *g) {
   l_mem stepsize = (g->gcstepsize <= log2maxs(l_mem))
                  ? ((cast(l_mem, 1) << g->gcstepsize) / WORK2MEM) * stepmul
                  : MAX_LMEM;  /* overflow; keep maximum value */
-  lu_mem done = 0;  /* LUA_SANDBOX: work of this step */
+  lu_mem acc = 0;  /* LUA_SANDBOX: work not yet debited */
+  int aborted;
   do {  /* repeat until pause or enough "credit" (negative debt) */
     lu_mem work = singlestep(L);  /* perform one single step */
     debt -= work;
-    done += work;
-  } while (debt > -stepsize && g->gcstate != GCSpause);
-  /* LUA_SANDBOX: the collector's work is paid by the allocations that drive
-     it, and grows with the live heap: one unit per 8 units of GC work (slots
-     traversed, objects swept); a non-raising debit, this is the collector */
-  luaG_sandboxdebit(L, done >> 3);
+    /* LUA_SANDBOX: the collector's work is paid by the allocations that
+       drive it, and grows with the live heap ('sbgcpay') */
+    aborted = sbgcpay(L, &acc, work);
+  } while (debt > -stepsize && g->gcstate != GCSpause && !aborted);
   if (g->gcstate == GCSpause)
     setpause(g);  /* pause until next cycle */
   else {
@@ -1725,6 +1783,8 @@ static void fullinc (lua_State *L, global_State *g) {
   /* finish any pending sweep phase to start a new cycle */
   luaC_runtilstate(L, bitmask(GCSpause));
   luaC_runtilstate(L, bitmask(GCSpropagate));  /* start new cycle */
+  if (g->gcstate != GCSpropagate)  /* LUA_SANDBOX: aborted in a sweep? */
+    return;  /* ('luaC_runtilstate' stopped; the cycle resumes later) */
   g->gcstate = GCSenteratomic;  /* go straight to atomic phase */
   luaC_runtilstate(L, bitmask(GCScallfin));  /* run up to finalizers */
   /* estimate must be correct after a full GC cycle */

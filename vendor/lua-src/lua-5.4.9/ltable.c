@@ -372,24 +372,40 @@ static unsigned int findindex (lua_State *L, Table *t, TValue *key,
 }
 
 
+/*
+** LUA_SANDBOX: 'luaH_next' debits one unit per 128 bytes of slots it scans
+** (8 array slots, 4 nodes), empty slots included: after 't[i] = nil' for
+** 2^20 keys, each 'next(t)' scanned them all for the price of one
+** instruction. Non-raising: 'lua_next' is an API function mlua may call
+** unprotected.
+*/
+#define nextdebit(L,n)	(G(L)->sbticks -= cast(l_mem, (n)))
+
 int luaH_next (lua_State *L, Table *t, StkId key) {
   unsigned int asize = luaH_realasize(t);
   unsigned int i = findindex(L, t, s2v(key), asize);  /* find original key */
+  unsigned int first = i;  /* LUA_SANDBOX */
   for (; i < asize; i++) {  /* try first array part */
     if (!isempty(&t->array[i])) {  /* a non-empty entry? */
+      nextdebit(L, (i - first) >> 3);  /* LUA_SANDBOX */
       setivalue(s2v(key), i + 1);
       setobj2s(L, key + 1, &t->array[i]);
       return 1;
     }
   }
+  if (first < asize)  /* LUA_SANDBOX: the array part, scanned to its end */
+    nextdebit(L, (asize - first) >> 3);
+  first = (first > asize) ? first - asize : 0;  /* LUA_SANDBOX */
   for (i -= asize; cast_int(i) < sizenode(t); i++) {  /* hash part */
     if (!isempty(gval(gnode(t, i)))) {  /* a non-empty entry? */
       Node *n = gnode(t, i);
+      nextdebit(L, (i - first) >> 2);  /* LUA_SANDBOX */
       getnodekey(L, s2v(key), n);
       setobj2s(L, key + 1, gval(n));
       return 1;
     }
   }
+  nextdebit(L, (i - first) >> 2);  /* LUA_SANDBOX */
   return 0;  /* no more elements */
 }
 
