@@ -1,6 +1,10 @@
 # make demo  — run the CLI on examples/demo.lua (context in, table out, print, a limit)
 # make test  — every check: formatters, clippy, cargo test, mix test (warnings as errors)
 # make bench — benchmarks side by side with Luerl; make fuzz — the long property run
+# make stretch — the hole finder: the adversarial (generated bounded-ops included) and stock
+#   suites under a build that records the longest CPU stretch between two budget checks
+#   (native/lua_sandbox_core/src/stretch.rs); fails above STRETCH_MAX_US (1 ms). Full size:
+#   LUA_BOUNDED_MIB=16 LUA_BOUNDED_WORK=1000000 make stretch
 
 SHELL := /bin/bash
 # The tests run in MIX_ENV=test whatever the caller's environment or command line holds: set
@@ -8,7 +12,7 @@ SHELL := /bin/bash
 TEST_ENV := MIX_ENV=test
 LUA_PROPERTY_CASES ?= 10000
 
-.PHONY: all deps build demo test check-format clippy cargo-test mix-test bench fuzz
+.PHONY: all deps build demo test check-format clippy cargo-test mix-test bench fuzz stretch
 
 all: test
 
@@ -48,3 +52,20 @@ bench: deps
 
 fuzz: deps
 	$(TEST_ENV) LUA_PROPERTY_CASES=200000 mix test --only property
+
+STRETCH_TARGET := target/stretch
+STRETCH_LOG := $(CURDIR)/$(STRETCH_TARGET)/stretch.log
+STRETCH_MAX_US ?= 1000
+
+# The feature build has its own target dir and is installed only for this run: the installed
+# library is removed afterwards, so the next build installs the release one again.
+stretch: deps
+	CARGO_TARGET_DIR=$(STRETCH_TARGET) cargo build --release -p lua_sandbox_nif \
+	  --features lua_sandbox_core/stretch
+	rm -f $(STRETCH_LOG) priv/native/lua_sandbox_nif.so
+	-$(TEST_ENV) LUA_SANDBOX_NIF_PATH=$(CURDIR)/$(STRETCH_TARGET)/release/liblua_sandbox_nif.so \
+	  LUA_SANDBOX_STRETCH_LOG=$(STRETCH_LOG) mix test test/adversarial test/stock
+	rm -f priv/native/lua_sandbox_nif.so
+	@echo "longest stretches between two budget checks (µs, where):"
+	@sort -n $(STRETCH_LOG) | tail -5
+	@test "$$(sort -n $(STRETCH_LOG) | tail -1 | cut -f1)" -le $(STRETCH_MAX_US)

@@ -47,7 +47,7 @@ defmodule LuaSandbox.CollectorShapes do
 
   @doc "`n` entries set then removed: the slots stay, empty, in the array or the hash part."
   def emptied_table(part, n) do
-    key = if part == :array, do: "i", else: "'k' .. i"
+    key = if part == :array, do: "i", else: "i + 0.5"
 
     """
     local t = {}

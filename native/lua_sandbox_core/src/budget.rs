@@ -244,6 +244,8 @@ pub struct Activation<'c> {
 
 impl<'c> Activation<'c> {
     pub fn new(control: &'c Control, caller: Caller) -> Activation<'c> {
+        #[cfg(feature = "stretch")]
+        crate::stretch::start();
         let previous = ACTIVE.with(|a| {
             a.replace(Active {
                 control: control as *const Control,
@@ -259,6 +261,8 @@ impl<'c> Activation<'c> {
 
 impl Drop for Activation<'_> {
     fn drop(&mut self) {
+        #[cfg(feature = "stretch")]
+        crate::stretch::stop();
         ACTIVE.with(|a| a.set(self.previous));
     }
 }
@@ -469,6 +473,15 @@ pub fn settle_instructions(l: *mut ffi::lua_State, control: &Control) {
 /// The ticker. It never raises (the VM raises the message it returns) and never touches the
 /// Lua stack; `extern "C"`, so a panic aborts instead of unwinding into C.
 extern "C" fn tick(l: *mut ffi::lua_State, event: c_int) -> *const c_char {
+    #[cfg(feature = "stretch")]
+    crate::stretch::check(
+        l,
+        if event == LUA_TICK_MEMERR {
+            "memory error"
+        } else {
+            "tick"
+        },
+    );
     let verdict = with_control(|control, env| {
         if event == LUA_TICK_MEMERR {
             // The allocator refused: the abort is tripped here, before any handler, `__close`

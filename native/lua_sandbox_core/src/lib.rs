@@ -15,6 +15,8 @@ pub mod libs;
 pub mod protect;
 pub mod seed;
 pub mod slot;
+#[cfg(feature = "stretch")]
+mod stretch;
 
 pub use protect::LuaFailure;
 pub use slot::{Slot, SlotError};

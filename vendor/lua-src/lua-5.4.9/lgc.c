@@ -1714,8 +1714,10 @@ void luaC_runtilstate (lua_State *L, int statesmask) {
   global_State *g = G(L);
   lu_mem acc = 0;  /* LUA_SANDBOX */
   while (!testbit(statesmask, g->gcstate)) {
+    int atomicstep = (g->gcstate == GCSenteratomic);  /* LUA_SANDBOX */
     lu_mem work = singlestep(L);
-    if (sbgcpay(L, &acc, work))  /* LUA_SANDBOX: paid; stops when aborted */
+    /* LUA_SANDBOX: paid ('atomic' paid as it went); stops when aborted */
+    if (sbgcpay(L, &acc, atomicstep ? 0 : work))
       return;
   }
 }
@@ -1738,11 +1740,13 @@ static void incstep (lua_State *L, global_State *g) {
   lu_mem acc = 0;  /* LUA_SANDBOX: work not yet debited */
   int aborted;
   do {  /* repeat until pause or enough "credit" (negative debt) */
+    int atomicstep = (g->gcstate == GCSenteratomic);  /* LUA_SANDBOX */
     lu_mem work = singlestep(L);  /* perform one single step */
     debt -= work;
     /* LUA_SANDBOX: the collector's work is paid by the allocations that
-       drive it, and grows with the live heap ('sbgcpay') */
-    aborted = sbgcpay(L, &acc, work);
+       drive it, and grows with the live heap ('sbgcpay'; 'atomic' paid as
+       it went) */
+    aborted = sbgcpay(L, &acc, atomicstep ? 0 : work);
   } while (debt > -stepsize && g->gcstate != GCSpause && !aborted);
   if (g->gcstate == GCSpause)
     setpause(g);  /* pause until next cycle */

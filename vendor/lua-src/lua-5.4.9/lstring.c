@@ -89,9 +89,6 @@ void luaS_resize (lua_State *L, int nsize) {
   stringtable *tb = &G(L)->strt;
   int osize = tb->size;
   TString **newvect;
-  /* LUA_SANDBOX: a rehash walks every bucket and moves every string (a
-     cache miss each); a non-raising debit (the collector shrinks the table) */
-  luaG_sandboxdebit(L, (((osize > nsize) ? osize : nsize) >> 3) + tb->nuse);
   if (nsize < osize)  /* shrinking table? */
     tablerehash(tb->hash, osize, nsize);  /* depopulate shrinking part */
   newvect = luaM_reallocvector(L, tb->hash, osize, nsize, TString*);
