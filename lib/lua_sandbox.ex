@@ -385,7 +385,7 @@ defmodule LuaSandbox do
   end
 
   defp check_source!(source) when is_binary(source), do: :ok
-  defp check_source!(%Chunk{}), do: :ok
+  defp check_source!(%Chunk{} = chunk), do: Chunk.check!(chunk)
 
   defp check_source!(other),
     do:

@@ -232,7 +232,7 @@ defmodule LuaSandbox.Options do
     names!(
       mods,
       "modules",
-      &(is_binary(&1) or is_struct(&1, LuaSandbox.Chunk)),
+      &(is_binary(&1) or LuaSandbox.Chunk.valid?(&1)),
       "Lua source or %LuaSandbox.Chunk{}"
     )
   end

@@ -86,8 +86,12 @@ defmodule LuaSandbox.Session do
   def run(session, source, opts \\ []) when is_binary(source) or is_struct(source, Chunk) do
     native_source =
       case source do
-        %Chunk{ref: ref} -> ref
-        text -> text
+        %Chunk{ref: ref} = chunk ->
+          Chunk.check!(chunk)
+          ref
+
+        text ->
+          text
       end
 
     exec(session, native_source, nil, opts)

@@ -32,6 +32,51 @@ defmodule LuaSandbox.OptionsTest do
     end
   end
 
+  describe "a forged chunk" do
+    # Every entry that takes a chunk: run/2 (directly and from a session) and modules.
+    @entries [
+      run: &LuaSandbox.run/1,
+      module: &__MODULE__.run_module/1,
+      session: &__MODULE__.run_in_session/1,
+      session_module: &__MODULE__.start_session_with_module/1
+    ]
+
+    def run_module(chunk), do: LuaSandbox.run("return require('m')", modules: %{m: chunk})
+
+    def run_in_session(chunk) do
+      {:ok, s} = LuaSandbox.Session.start_link()
+      LuaSandbox.Session.run(s, chunk)
+    end
+
+    def start_session_with_module(chunk), do: LuaSandbox.Session.start_link(modules: %{m: chunk})
+
+    test "is an ArgumentError or :invalid_input on every entry, never a NIF decode error" do
+      real = LuaSandbox.compile!("return 1")
+
+      forged = [
+        struct(LuaSandbox.Chunk, %{}),
+        %LuaSandbox.Chunk{ref: 1, name: "x"},
+        %LuaSandbox.Chunk{ref: real.ref, name: 5},
+        %LuaSandbox.Chunk{ref: make_ref(), name: "x"}
+      ]
+
+      for chunk <- forged, {entry, fun} <- @entries do
+        outcome =
+          try do
+            fun.(chunk)
+          rescue
+            e -> e
+          catch
+            :exit, reason -> {:exit, reason}
+          end
+
+        assert match?(%ArgumentError{}, outcome) or
+                 match?({:error, %Error{kind: :invalid_input}}, outcome),
+               "#{entry} with #{inspect(chunk, structs: false)}: #{inspect(outcome)}"
+      end
+    end
+  end
+
   describe "max_memory" do
     test "below the documented minimum is an ArgumentError" do
       min = Options.min_memory()

@@ -279,7 +279,7 @@ unsafe fn building(
 }
 
 /// Bytes the state's heap holds (Lua's own count).
-fn used_memory(l: *mut ffi::lua_State) -> usize {
+pub(crate) fn used_memory(l: *mut ffi::lua_State) -> usize {
     // SAFETY: LUA_GCCOUNT/COUNTB only read the collector's counters.
     unsafe {
         let kb = ffi::lua_gc(l, ffi::LUA_GCCOUNT, 0) as usize;

@@ -585,7 +585,7 @@ pub(crate) fn prepare_thread(
             running.home.slot_mut().set_limit(usize::MAX);
             // SAFETY: `l` is not running; the limit is lifted (marshal's contract).
             let pushed = unsafe {
-                push_string(l, name.as_bytes()).and_then(|()| {
+                push_string(l, name.as_bytes(), limit).and_then(|()| {
                     marshal::push_values(l, args, max_depth, "call.args", limit).map(|n| n + 1)
                 })
             };
@@ -633,11 +633,20 @@ unsafe extern "C-unwind" fn nothing(_l: *mut ffi::lua_State) -> c_int {
     0
 }
 
-/// Pushes a string with the memory limit lifted, under the backstop.
+/// Pushes a string with the memory limit lifted, under the backstop. The lifted limit is
+/// the run's `limit` (0: none) all the same: a string that would take the heap past it is
+/// refused before it is built (:memory_limit), as the marshal builder refuses values.
 ///
 /// # Safety
 /// `l` must not be running, and its limit must be lifted.
-unsafe fn push_string(l: *mut ffi::lua_State, bytes: &[u8]) -> Result<(), SandboxError> {
+unsafe fn push_string(
+    l: *mut ffi::lua_State,
+    bytes: &[u8],
+    limit: usize,
+) -> Result<(), SandboxError> {
+    if limit > 0 && marshal::used_memory(l).saturating_add(bytes.len()) > limit {
+        return Err(SandboxError::MemoryLimit);
+    }
     // SAFETY: pushing a string can only raise on allocation failure, which the lifted limit
     // rules out; the backstop's results (the string) stay on `l`.
     unsafe {
@@ -977,7 +986,7 @@ fn reply_to_lua(session: &mut Running, reply: Term) -> Result<c_int, SandboxErro
                 let msg: rustler::Binary = payload
                     .decode()
                     .map_err(|_| SandboxError::InvalidInput("bad tool error".to_string()))?;
-                push_string(l, msg.as_slice())?;
+                push_string(l, msg.as_slice(), limit)?;
                 if tag == atoms::error() {
                     ffi::lua_pushboolean(thread, 1);
                     ffi::lua_pushnil(thread);
