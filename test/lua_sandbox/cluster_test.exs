@@ -52,28 +52,31 @@ defmodule LuaSandbox.ClusterTest do
     for node <- nodes, do: assert(shares[node] >= 10, inspect(shares))
   end
 
-  test "a saturated member is skipped while another has room", %{nodes: nodes, group: group} do
-    [busy, free1, free2] = nodes
-    [busy_pid | _] = join([busy], group, 1) ++ join([free1, free2], group, 4)
+  test "saturated members are skipped while another has room", %{nodes: nodes, group: group} do
+    # two of three full: a draw of two finds only full ones a third of the time, and must look
+    # further then
+    [busy1, busy2, free] = nodes
+    busy_pids = join([busy1, busy2], group, 1)
+    join([free], group, 4)
+    sleep = %{sleep: &TestRemote.sleep_tool/1}
 
-    holder =
-      Task.async(fn ->
-        LuaSandbox.run("return tools.sleep(3000)",
-          node: busy,
-          supervisor: group,
-          tools: %{sleep: &TestRemote.sleep_tool/1}
-        )
-      end)
+    holders =
+      for node <- [busy1, busy2] do
+        Task.async(fn ->
+          LuaSandbox.run("return tools.sleep(3000)", node: node, supervisor: group, tools: sleep)
+        end)
+      end
 
-    # its load reaches this node's view
-    assert wait_until(fn -> match?([{_, 1, 1, 0}], :ets.lookup(Cluster, busy_pid)) end)
+    # their load reaches this node's view
+    assert wait_until(fn ->
+             Enum.all?(busy_pids, &match?([{_, 1, 1, 0}], :ets.lookup(Cluster, &1)))
+           end)
 
     picks = for _ <- 1..200, do: Cluster.pick(group)
-    refute busy_pid in picks
+    assert Enum.uniq(picks) -- busy_pids == Enum.uniq(picks)
 
-    shares = Enum.frequencies(for _ <- 1..30, do: where(group))
-    refute Map.has_key?(shares, busy)
-    assert {:ok, _} = Task.await(holder, 10_000)
+    assert Enum.uniq(for _ <- 1..30, do: where(group)) == [free]
+    Enum.each(holders, &assert({:ok, _} = Task.await(&1, 10_000)))
   end
 
   test "every member full: :overloaded after one retry", %{nodes: nodes, group: group} do
@@ -109,6 +112,44 @@ defmodule LuaSandbox.ClusterTest do
     shares = Enum.frequencies(for _ <- 1..40, do: where(group))
     refute Map.has_key?(shares, gone)
     assert Enum.sort(Map.keys(shares)) == Enum.sort(rest)
+  end
+
+  test "a member without its supervisor: the run never started and goes to another",
+       %{nodes: [a, b | _], group: group} do
+    join([a], group, 4)
+    # a member of the group on b whose supervisor is not there: every pick of it is refused
+    # before the run starts (:noproc)
+    ghost = :erpc.call(b, :erlang, :spawn, [:timer, :sleep, [:infinity]])
+    :ok = :erpc.call(b, :pg, :join, [Cluster.scope(), group, ghost])
+    assert wait_until(fn -> length(members(group)) == 2 end)
+    assert Enum.uniq(for _ <- 1..30, do: where(group)) == [a]
+    Process.exit(ghost, :kill)
+  end
+
+  test "a member that answers :overloaded (a stale load): retried on another",
+       %{nodes: [a, b | _], group: group} do
+    [full] = join([a], group, 1)
+    join([b], group, 4)
+
+    holder =
+      Task.async(fn ->
+        LuaSandbox.run("return tools.sleep(3000)",
+          node: a,
+          supervisor: group,
+          tools: %{sleep: &TestRemote.sleep_tool/1}
+        )
+      end)
+
+    assert wait_until(fn -> match?([{_, 1, 1, 0}], :ets.lookup(Cluster, full)) end)
+
+    for _ <- 1..30 do
+      # this node's view believes the full member is empty
+      send(Cluster, {:load, full, 0, 1, 0})
+      :sys.get_state(Cluster)
+      assert where(group) == b
+    end
+
+    assert {:ok, _} = Task.await(holder, 10_000)
   end
 
   test "a member killed with runs in flight: :node_down, never replayed", %{group: group} do
