@@ -99,7 +99,7 @@ defmodule LuaSandbox.Cluster do
     not_started(result, node())
   rescue
     # its supervisor stopped between the pick and the checkout
-    ArgumentError -> {:not_started, gone(node())}
+    ArgumentError -> {:not_started, Supervisor.unreachable(node())}
   end
 
   defp run_on(member, source, opts) do
@@ -109,7 +109,9 @@ defmodule LuaSandbox.Cluster do
   defp not_started({:error, %Error{kind: :overloaded} = error}, _node),
     do: {:not_started, error}
 
-  defp not_started({:not_started, _reason}, node), do: {:not_started, gone(node)}
+  defp not_started({:not_started, _reason}, node),
+    do: {:not_started, Supervisor.unreachable(node)}
+
   defp not_started(result, _node), do: result
 
   @doc """
@@ -173,14 +175,6 @@ defmodule LuaSandbox.Cluster do
     %Error{
       kind: :node_down,
       message: "no member of the cluster group #{inspect(group)} is reachable",
-      stats: Error.empty_stats()
-    }
-  end
-
-  defp gone(node) do
-    %Error{
-      kind: :node_down,
-      message: "node #{node} is not reachable",
       stats: Error.empty_stats()
     }
   end

@@ -156,12 +156,7 @@ defmodule LuaSandbox.Supervisor do
       true ->
         case run_on(node, source, opts) do
           {:not_started, :noconnection} ->
-            {:error,
-             %Error{
-               kind: :node_down,
-               message: "node #{node} is not reachable",
-               stats: Error.empty_stats()
-             }}
+            {:error, unreachable(node)}
 
           {:not_started, :noproc} ->
             raise ArgumentError, "supervisor #{inspect(opts[:supervisor])} is not running"
@@ -200,6 +195,11 @@ defmodule LuaSandbox.Supervisor do
       {:error, reason} ->
         {:not_started, reason}
     end
+  end
+
+  @doc false
+  def unreachable(node) do
+    %Error{kind: :node_down, message: "node #{node} is not reachable", stats: Error.empty_stats()}
   end
 
   @doc false

@@ -44,6 +44,19 @@ defmodule LuaSandbox.ClusterTest do
     assert System.monotonic_time(:millisecond) - t0 < 1_000
   end
 
+  test "a compiled chunk stays on its node", %{group: group} do
+    {:ok, chunk} = LuaSandbox.compile("return 1")
+
+    assert {:error, %Error{kind: :invalid_input}} =
+             LuaSandbox.run(chunk, node: :any, supervisor: group)
+  end
+
+  test "cluster: must be a boolean" do
+    assert_raise ArgumentError, ~r/cluster must be a boolean/, fn ->
+      LuaSandbox.Supervisor.start_link(name: :cluster_test_bad, cluster: :yes)
+    end
+  end
+
   test "runs spread over the members", %{nodes: nodes, group: group} do
     join(nodes, group, 4)
     shares = Enum.frequencies(for _ <- 1..90, do: where(group))
