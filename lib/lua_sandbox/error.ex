@@ -22,7 +22,8 @@ defmodule LuaSandbox.Error do
       "the run passed its `timeout:` deadline (output and stats kept), or was killed in a tool",
     overloaded: "the supervisor is at `max_concurrency`; returned at once",
     node_down:
-      "the node running the script went down or was unreachable; `node: :any` found no member"
+      "the node running the script went down or was unreachable, or its supervisor stopped " <>
+        "mid-run; `node: :any` found no member"
   ]
 
   # Kinds made on the Elixir side only: the NIF never returns them.

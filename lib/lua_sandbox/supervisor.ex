@@ -278,9 +278,7 @@ defmodule LuaSandbox.Supervisor do
         receive do
           {^ref, result} -> result
         after
-          0 ->
-            {:error,
-             %Error{message: "run crashed: #{inspect(reason)}", stats: stats_since(started)}}
+          0 -> {:error, crashed(reason, node, stats_since(started))}
         end
     after
       backstop ->
@@ -304,6 +302,18 @@ defmodule LuaSandbox.Supervisor do
          }}
     end
   end
+
+  # A remote task shut down with its supervisor: the member went away mid-run, like its node.
+  defp crashed(:shutdown, node, stats) when node != node() do
+    %Error{
+      kind: :node_down,
+      message: "the supervisor on node #{node} stopped during the run",
+      stats: stats
+    }
+  end
+
+  defp crashed(reason, _node, stats),
+    do: %Error{message: "run crashed: #{inspect(reason)}", stats: stats}
 
   # What the caller knows of a run it had to stop: the wall time; the rest stays zero.
   defp stats_since(started) do

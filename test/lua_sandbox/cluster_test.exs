@@ -127,6 +127,25 @@ defmodule LuaSandbox.ClusterTest do
     assert Enum.sort(Map.keys(shares)) == Enum.sort(rest)
   end
 
+  test "a member stopped with a run in flight: :node_down", %{nodes: [a | _], group: group} do
+    join([a], group, 4)
+
+    in_flight =
+      Task.async(fn ->
+        LuaSandbox.run("return tools.sleep(3000)",
+          node: :any,
+          supervisor: group,
+          tools: %{sleep: &TestRemote.sleep_tool/1}
+        )
+      end)
+
+    assert wait_until(fn -> :erpc.call(a, LuaSandbox.Supervisor, :running, [group]) == 1 end)
+    TestPeer.stop_member(a, group)
+
+    assert {:error, %Error{kind: :node_down, message: message}} = Task.await(in_flight, 10_000)
+    assert message =~ "stopped during the run"
+  end
+
   test "a member without its supervisor: the run never started and goes to another",
        %{nodes: [a, b | _], group: group} do
     join([a], group, 4)
