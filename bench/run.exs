@@ -87,14 +87,26 @@ defmodule Bench.Run do
     )
 
     sections = [
-      fn -> trivial(n_procs) end,
-      fn -> agent() end,
-      fn -> cpu_bound() end,
-      fn -> marshaling() end,
-      fn -> kill_latency() end,
-      fn -> memory() end,
-      fn -> sessions() end
+      trivial: fn -> trivial(n_procs) end,
+      agent: fn -> agent() end,
+      cpu: fn -> cpu_bound() end,
+      marshaling: fn -> marshaling() end,
+      kill: fn -> kill_latency() end,
+      memory: fn -> memory() end,
+      sessions: fn -> sessions() end,
+      cluster: fn -> cluster() end
     ]
+
+    # BENCH_ONLY=cluster,sessions runs only those sections and prints their rows without
+    # writing RESULTS.md (which holds the full run).
+    only = System.get_env("BENCH_ONLY")
+
+    sections =
+      if only,
+        do: Keyword.take(sections, only |> String.split(",") |> Enum.map(&String.to_atom/1)),
+        else: sections
+
+    sections = Keyword.values(sections)
 
     {rows, notes} =
       Enum.reduce(sections, {[], []}, fn section, {rows, notes} ->
@@ -103,7 +115,7 @@ defmodule Bench.Run do
       end)
 
     elapsed_s = (System.monotonic_time(:millisecond) - t_start) / 1000
-    report(machine, rows, notes, elapsed_s)
+    report(machine, rows, notes, elapsed_s, only == nil)
   end
 
   ## 1. trivial call, fresh state
@@ -588,7 +600,7 @@ defmodule Bench.Run do
     end
   end
 
-  defp start_peer do
+  defp start_peer(vm_args \\ [~c"+SDcpu", ~c"1:1"]) do
     unless Node.alive?() do
       {_, 0} = System.cmd("epmd", ["-daemon"])
       {:ok, _} = Node.start(:"bench_#{System.unique_integer([:positive])}@127.0.0.1", :longnames)
@@ -601,11 +613,101 @@ defmodule Bench.Run do
         name: :"bench_peer_#{System.unique_integer([:positive])}",
         host: ~c"127.0.0.1",
         longnames: true,
-        args: [~c"+SDcpu", ~c"1:1" | paths]
+        args: vm_args ++ paths
       })
 
     {:ok, _} = :erpc.call(node, Application, :ensure_all_started, [:lua_sandbox])
     {pid, node}
+  end
+
+  ## 8. cluster routing
+
+  @cluster_group Bench.Cluster
+
+  # Two peers, each with a `cluster: true` supervisor of the group @cluster_group, and a group of
+  # one member (on the first peer) to compare `node: :any` with naming that node: the same hop.
+  defp cluster do
+    step("8. cluster routing (2 peer nodes)")
+    solo = Bench.ClusterSolo
+    peers = for _ <- 1..2, do: start_peer([])
+    [first, second] = Enum.map(peers, &elem(&1, 1))
+
+    try do
+      for node <- [first, second], do: cluster_member(node, @cluster_group)
+      cluster_member(first, solo)
+      wait_members(@cluster_group, 2)
+      wait_members(solo, 1)
+
+      named = fn ->
+        {:ok, %{value: 2}} = LuaSandbox.run("return 1 + 1", node: first, supervisor: solo)
+      end
+
+      any_solo = fn ->
+        {:ok, %{value: 2}} = LuaSandbox.run("return 1 + 1", node: :any, supervisor: solo)
+      end
+
+      any_two = fn ->
+        {:ok, %{value: 2}} =
+          LuaSandbox.run("return 1 + 1", node: :any, supervisor: @cluster_group)
+      end
+
+      pick = fn -> LuaSandbox.Cluster.pick(@cluster_group) end
+
+      res =
+        H.alternate(
+          [
+            sys("node: first peer (named)", named, 300, 200),
+            sys("node: :any (one member, same peer)", any_solo, 300, 200),
+            sys("node: :any (two members)", any_two, 300, 200),
+            sys("choose a member (Cluster.pick, two members)", pick, 150, 100)
+          ],
+          6
+        )
+
+      label = "8. cluster: `return 1 + 1` on a peer, 1 process"
+      base = H.summary(res["node: first peer (named)"]).median
+
+      rows =
+        for name <- [
+              "node: first peer (named)",
+              "node: :any (one member, same peer)",
+              "node: :any (two members)"
+            ] do
+          sum = H.summary(res[name])
+          Map.merge(sum, %{scenario: label, system: name, info: true, cluster: base / sum.median})
+        end ++
+          [
+            Map.merge(H.summary(res["choose a member (Cluster.pick, two members)"]), %{
+              scenario: "8. cluster: choose a member",
+              system: "Cluster.pick (two members)",
+              info: true
+            })
+          ]
+
+      notes = [
+        "Cluster: two `:peer` nodes on loopback, each with a `cluster: true` supervisor; this " <>
+          "node is not a member. `node: :any (one member, same peer)` against naming that peer " <>
+          "is the routing overhead (same hop); choosing a member is `LuaSandbox.Cluster.pick/1` " <>
+          "(power of two choices on the published loads), timed per call including the clock read."
+      ]
+
+      {rows, notes}
+    after
+      Enum.each(peers, fn {pid, _} -> :peer.stop(pid) end)
+    end
+  end
+
+  defp cluster_member(node, name) do
+    spec = {LuaSandbox.Supervisor, name: name, max_concurrency: 8, cluster: true}
+    {:ok, _} = :erpc.call(node, Supervisor, :start_child, [LuaSandbox.AppSupervisor, spec])
+  end
+
+  defp wait_members(group, n, tries \\ 500) do
+    cond do
+      length(:pg.get_members(LuaSandbox.Cluster.scope(), group)) == n -> :ok
+      tries == 0 -> raise "cluster group #{inspect(group)} never reached #{n} members"
+      true -> Process.sleep(10) && wait_members(group, n, tries - 1)
+    end
   end
 
   ## 6. memory
@@ -709,7 +811,7 @@ defmodule Bench.Run do
 
   ## Report
 
-  defp report(m, rows, notes, elapsed_s) do
+  defp report(m, rows, notes, elapsed_s, write?) do
     header = ["scenario", "system", "calls", "median", "p99", "throughput (calls/s)", "Luerl/us"]
 
     body =
@@ -771,6 +873,10 @@ defmodule Bench.Run do
     """
 
     IO.puts("\n" <> table <> "\n\nTargets:\n" <> targets <> "\n")
+    if write?, do: write_results(text, rows)
+  end
+
+  defp write_results(text, rows) do
     path = Path.join(__DIR__, "RESULTS.md")
     File.write!(path, text <> bounded_section(path))
     IO.puts("wrote #{Path.relative_to_cwd(path)}")
@@ -832,6 +938,8 @@ defmodule Bench.Run do
 
     session = find.("7. session call", fn _ -> true end)
     kill = find.("5.", fn _ -> true end)
+    any = Enum.find(rows, &(&1.system == "node: :any (one member, same peer)"))
+    pick = Enum.find(rows, &(&1.system == "Cluster.pick (two members)"))
 
     mark = fn ok -> if ok, do: "met", else: "MISSED" end
 
@@ -870,6 +978,15 @@ defmodule Bench.Run do
 
         true ->
           nil
+      end,
+      if pick do
+        "- choosing a cluster member ≤ 2 µs: #{H.fmt_ns(pick.median)} (p99 #{H.fmt_ns(pick.p99)}) — #{mark.(pick.median <= 2_000)}"
+      end,
+      if any do
+        x = 1 / any.cluster
+
+        "- `node: :any` ≤ 1.3× naming the node (p50): #{H.fmt_num(x)}× " <>
+          "(#{H.fmt_ns(any.median)}) — #{mark.(x <= 1.3)}"
       end
     ]
 

@@ -81,7 +81,8 @@ defmodule LuaSandbox do
           | {:max_tool_calls, non_neg_integer}
           | {:timeout, timeout}
           | {:supervisor, atom}
-          | {:node, node | nil}
+          | {:node, node | :any | nil}
+          | {:max_remote_bytes, non_neg_integer}
 
   @type options :: [option]
 
@@ -120,7 +121,7 @@ defmodule LuaSandbox do
       `max_source`, more than #{Options.max_call_args()} `call:` arguments
     * `:unsupported_value`, `:cycle`, `:depth_limit`, `:size_limit` — the result cannot leave
     * `:timeout` — `timeout:` expired; `:overloaded` — the supervisor is full;
-      `:node_down` — `node:` went away
+      `:node_down` — `node:` went away (or `node: :any` found no member)
 
   Raises `ArgumentError` for unknown options, bad option values and a `supervisor:` that is
   not running.

@@ -15,12 +15,15 @@ defmodule LuaSandbox.Error do
     invalid_input:
       "globals, args or tool results that cannot become Lua values (the message names the " <>
         "path, e.g. `globals.ctx.items[3]`), source over `max_source`, binary chunks, more " <>
-        "`call:` arguments than the limit, a chunk sent to another node",
+        "`call:` arguments than the limit, a chunk sent to another node, input over " <>
+        "`max_remote_bytes` for another node",
     tool_limit: "more than `max_tool_calls` tool calls",
     timeout:
       "the run passed its `timeout:` deadline (output and stats kept), or was killed in a tool",
     overloaded: "the supervisor is at `max_concurrency`; returned at once",
-    node_down: "the node running the script went down or was unreachable"
+    node_down:
+      "the node running the script went down or was unreachable, or its supervisor stopped " <>
+        "mid-run; `node: :any` found no member"
   ]
 
   # Kinds made on the Elixir side only: the NIF never returns them.

@@ -61,7 +61,15 @@ defmodule LuaSandbox.Options do
       {LuaSandbox.TaskSupervisor,
        "the `LuaSandbox.Supervisor` whose `max_concurrency` every run counts against; " <>
          "one that is not running is an `ArgumentError`"},
-    node: {nil, "run on another connected BEAM node, through its `LuaSandbox.TaskSupervisor`"}
+    node:
+      {nil,
+       "run on another connected BEAM node, through its supervisor of the same name; `:any`: " <>
+         "on a member of the cluster group of `supervisor:`, local or remote, the least loaded " <>
+         "of two picked at random (see Clustering)"},
+    max_remote_bytes:
+      {4 * @mib,
+       "bytes of a run's input (source and options, as sent) above which it is not sent to " <>
+         "another node (`:invalid_input`); `node: :any` then picks a local member only"}
   ]
 
   @defaults Enum.map(@options, fn {k, {default, _}} -> {k, default} end)
@@ -74,7 +82,8 @@ defmodule LuaSandbox.Options do
     :max_result_bytes,
     :max_output,
     :max_source,
-    :max_tool_calls
+    :max_tool_calls,
+    :max_remote_bytes
   ]
 
   @tool_types [:string, :integer, :number, :boolean, :table, :list, :map, :any]
@@ -141,7 +150,8 @@ defmodule LuaSandbox.Options do
       max_tool_calls: @default_map.max_tool_calls,
       timeout: :infinity,
       supervisor: LuaSandbox.TaskSupervisor,
-      node: nil
+      node: nil,
+      max_remote_bytes: @default_map.max_remote_bytes
     ]
   end
 

@@ -18,7 +18,7 @@ defmodule LuaSandbox.Supervisor do
   waits for a free slot instead. A `supervisor:` that is not running is an `ArgumentError`.
   """
 
-  alias LuaSandbox.{Chunk, Error, Runner}
+  alias LuaSandbox.{Chunk, Cluster, Error, Runner}
   alias LuaSandbox.Supervisor.Slots
 
   @doc "The default size: dirty CPU schedulers × 4, unless configured."
@@ -48,11 +48,13 @@ defmodule LuaSandbox.Supervisor do
   scripts at once.
 
   Options: `name` (required, an atom: pass it as `supervisor:`), `max_concurrency` (default
-  `default_max_concurrency/0`).
+  `default_max_concurrency/0`), `cluster` (default `false`): `true` makes it a member of the
+  cluster group named `name`, which `node: :any` picks from on every connected node.
   """
   @spec start_link(keyword) :: Supervisor.on_start()
   def start_link(opts) do
-    opts = Keyword.validate!(opts, [:name, max_concurrency: default_max_concurrency()])
+    opts =
+      Keyword.validate!(opts, [:name, max_concurrency: default_max_concurrency(), cluster: false])
 
     unless is_atom(opts[:name]) and opts[:name] not in [nil, true, false] do
       raise ArgumentError, "name must be an atom, got: #{inspect(opts[:name])}"
@@ -63,11 +65,17 @@ defmodule LuaSandbox.Supervisor do
             "max_concurrency must be a positive integer, got: #{inspect(opts[:max_concurrency])}"
     end
 
-    children = [
-      {Slots, {opts[:name], opts[:max_concurrency]}},
-      # Unbounded: the bound is the slots', which every run takes wherever it runs.
-      {Task.Supervisor, name: opts[:name]}
-    ]
+    unless is_boolean(opts[:cluster]) do
+      raise ArgumentError, "cluster must be a boolean, got: #{inspect(opts[:cluster])}"
+    end
+
+    children =
+      [
+        {Slots, {opts[:name], opts[:max_concurrency]}},
+        # Unbounded: the bound is the slots', which every run takes wherever it runs.
+        {Task.Supervisor, name: opts[:name]}
+      ] ++
+        if(opts[:cluster], do: [{Cluster.Member, {opts[:name], opts[:max_concurrency]}}], else: [])
 
     Supervisor.start_link(children, strategy: :one_for_all)
   end
@@ -129,18 +137,43 @@ defmodule LuaSandbox.Supervisor do
   @doc false
   # Runs `source` in a task under `opts[:supervisor]` (on `opts[:node]` if given) and waits
   # at most `opts[:timeout]`; on expiry the task is killed, which stops the native run.
+  # `node: :any` picks the node (LuaSandbox.Cluster).
   def run(source, opts) do
     node = opts[:node] || node()
 
-    if node != node() and is_struct(source, Chunk) do
-      {:error,
-       %Error{
-         kind: :invalid_input,
-         message: "a compiled chunk cannot be sent to another node",
-         stats: Error.empty_stats()
-       }}
-    else
-      start_and_wait(node, source, opts)
+    cond do
+      node != node() and is_struct(source, Chunk) ->
+        {:error,
+         %Error{
+           kind: :invalid_input,
+           message: "a compiled chunk cannot be sent to another node",
+           stats: Error.empty_stats()
+         }}
+
+      node == :any ->
+        Cluster.run(source, opts)
+
+      true ->
+        case run_on(node, source, opts) do
+          {:not_started, :noconnection} ->
+            {:error, unreachable(node)}
+
+          {:not_started, :noproc} ->
+            raise ArgumentError, "supervisor #{inspect(opts[:supervisor])} is not running"
+
+          result ->
+            result
+        end
+    end
+  end
+
+  @doc false
+  # run/2 on `node`, or `{:not_started, :noconnection | :noproc}` when the node or its
+  # supervisor was not there to accept the run. Input over `max_remote_bytes` is not sent.
+  def run_on(node, source, opts) do
+    case node != node() and Cluster.too_large(source, opts) do
+      %Error{} = error -> {:error, error}
+      _fits -> start_and_wait(node, source, opts)
     end
   end
 
@@ -159,14 +192,14 @@ defmodule LuaSandbox.Supervisor do
         mref = Process.monitor(pid)
         wait(pid, mref, ref, opts[:timeout], node, started, backstop(opts[:timeout]))
 
-      {:error, :noconnection} ->
-        {:error,
-         %Error{
-           kind: :node_down,
-           message: "node #{node} is not reachable",
-           stats: Error.empty_stats()
-         }}
+      {:error, reason} ->
+        {:not_started, reason}
     end
+  end
+
+  @doc false
+  def unreachable(node) do
+    %Error{kind: :node_down, message: "node #{node} is not reachable", stats: Error.empty_stats()}
   end
 
   @doc false
@@ -184,11 +217,8 @@ defmodule LuaSandbox.Supervisor do
     :exit, {{:nodedown, _}, _} ->
       {:error, :noconnection}
 
-    :exit, {:noproc, _} ->
-      raise ArgumentError, "supervisor #{inspect(sup)} is not running"
-
-    :exit, {reason, _} when reason in [:normal, :shutdown, :killed] ->
-      raise ArgumentError, "supervisor #{inspect(sup)} is not running"
+    :exit, {reason, _} when reason in [:noproc, :normal, :shutdown, :killed] ->
+      {:error, :noproc}
   end
 
   defp watch(caller, task) do
@@ -248,9 +278,7 @@ defmodule LuaSandbox.Supervisor do
         receive do
           {^ref, result} -> result
         after
-          0 ->
-            {:error,
-             %Error{message: "run crashed: #{inspect(reason)}", stats: stats_since(started)}}
+          0 -> {:error, crashed(reason, node, stats_since(started))}
         end
     after
       backstop ->
@@ -274,6 +302,18 @@ defmodule LuaSandbox.Supervisor do
          }}
     end
   end
+
+  # A remote task shut down with its supervisor: the member went away mid-run, like its node.
+  defp crashed(:shutdown, node, stats) when node != node() do
+    %Error{
+      kind: :node_down,
+      message: "the supervisor on node #{node} stopped during the run",
+      stats: stats
+    }
+  end
+
+  defp crashed(reason, _node, stats),
+    do: %Error{message: "run crashed: #{inspect(reason)}", stats: stats}
 
   # What the caller knows of a run it had to stop: the wall time; the rest stays zero.
   defp stats_since(started) do

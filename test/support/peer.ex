@@ -34,6 +34,25 @@ defmodule LuaSandbox.TestPeer do
     {pid, node}
   end
 
+  @doc """
+  Starts a `LuaSandbox.Supervisor` named `name` with `cluster: true` on `node`, under the peer's
+  application supervisor (so it outlives the call). Returns its :pg member pid.
+  """
+  def member(node, name, max_concurrency) do
+    spec = {LuaSandbox.Supervisor, name: name, max_concurrency: max_concurrency, cluster: true}
+    {:ok, _} = :erpc.call(node, Supervisor, :start_child, [LuaSandbox.AppSupervisor, spec])
+
+    [pid] = :erpc.call(node, :pg, :get_local_members, [LuaSandbox.Cluster.scope(), name])
+
+    pid
+  end
+
+  @doc "Stops the member started by member/3."
+  def stop_member(node, name) do
+    :ok = :erpc.call(node, Supervisor, :terminate_child, [LuaSandbox.AppSupervisor, name])
+    :ok = :erpc.call(node, Supervisor, :delete_child, [LuaSandbox.AppSupervisor, name])
+  end
+
   def stop(pid) do
     :peer.stop(pid)
   catch

@@ -61,6 +61,15 @@ defmodule LuaSandbox.TestRemote do
   @doc "A tool for tests: sleeps `ms` milliseconds."
   def sleep_tool([ms]), do: Process.sleep(ms)
 
+  @doc """
+  A tool for tests: tells the process registered as `:cluster_probe` on node `runner` that a run
+  started here (`{:cluster_probe, node()}`), then sleeps `ms` milliseconds.
+  """
+  def probe([runner, ms]) do
+    send({:cluster_probe, String.to_atom(runner)}, {:cluster_probe, node()})
+    Process.sleep(ms)
+  end
+
   @doc "A tool for tests: the node the tool runs on."
   def whereami(_args), do: Atom.to_string(node())
 
