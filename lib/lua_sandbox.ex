@@ -81,6 +81,7 @@ defmodule LuaSandbox do
           | {:max_tool_calls, non_neg_integer}
           | {:timeout, timeout}
           | {:supervisor, atom}
+          | {:tenant, term}
           | {:node, node | :any | nil}
           | {:max_remote_bytes, non_neg_integer}
 
@@ -97,6 +98,22 @@ defmodule LuaSandbox do
           | {:on_timeout, :kill_task}
 
   @type result :: {:ok, Result.t()} | {:error, Error.t()}
+
+  @doc """
+  The counters of a `LuaSandbox.Supervisor` since it started: runs by outcome (`:ok` or the
+  error kind) and by tenant, `overloads`, `rate_limited` and `quota_exceeded` refusals, `kills`
+  (runs whose caller died), summed `instructions`, `cpu_us`, `duration_us` and `tool_calls`,
+  a `memory_peak_histogram` (upper bound in bytes => runs), and the `running`/`capacity` now.
+  Kept in `:counters` and ETS; reading them costs nothing to the runs.
+
+      iex> LuaSandbox.run!("return 1", tenant: "doc")
+      iex> m = LuaSandbox.metrics(LuaSandbox.TaskSupervisor)
+      iex> m.by_tenant["doc"][:ok] >= 1
+      true
+  """
+  @spec metrics(atom) :: map
+  def metrics(supervisor \\ LuaSandbox.TaskSupervisor),
+    do: LuaSandbox.Supervisor.Slots.metrics(supervisor)
 
   @doc """
   Runs `source` (Lua text or a `LuaSandbox.Chunk`) in a fresh sandboxed state.
@@ -122,6 +139,7 @@ defmodule LuaSandbox do
     * `:unsupported_value`, `:cycle`, `:depth_limit`, `:size_limit` — the result cannot leave
     * `:timeout` — `timeout:` expired; `:overloaded` — the supervisor is full;
       `:node_down` — `node:` went away (or `node: :any` found no member)
+    * `:rate_limited`, `:quota_exceeded` — the `tenant:` is over a quota of its supervisor
 
   Raises `ArgumentError` for unknown options, bad option values and a `supervisor:` that is
   not running.

@@ -21,13 +21,18 @@ defmodule LuaSandbox.Error do
     timeout:
       "the run passed its `timeout:` deadline (output and stats kept), or was killed in a tool",
     overloaded: "the supervisor is at `max_concurrency`; returned at once",
+    rate_limited:
+      "the run's `tenant:` is over its `rate` or `concurrency` quota (`retry_after_ms` set)",
+    quota_exceeded:
+      "the run's `tenant:` has no CPU-time balance left (`retry_after_ms` set), or used it up " <>
+        "during the run",
     node_down:
       "the node running the script went down or was unreachable, or its supervisor stopped " <>
         "mid-run; `node: :any` found no member"
   ]
 
   # Kinds made on the Elixir side only: the NIF never returns them.
-  @elixir_only [:overloaded, :node_down]
+  @elixir_only [:overloaded, :rate_limited, :quota_exceeded, :node_down]
 
   @moduledoc """
   Why a run failed. Returned as `{:error, %LuaSandbox.Error{}}` and raised by the `!` functions.
@@ -46,6 +51,8 @@ defmodule LuaSandbox.Error do
     * `value` — the error object when the script raised a non-string
       (`error({code = 1})` gives `%{"code" => 1}`)
     * `output` — what was printed before the failure
+    * `retry_after_ms` — for a refused `:rate_limited` or `:quota_exceeded`: when the tenant
+      may try again; else `nil`
     * `stats` — always all four keys of `t:LuaSandbox.Result.stats/0` (zeros when unknown,
       e.g. for a `:timeout` the Elixir side had to enforce)
   """
@@ -65,6 +72,7 @@ defmodule LuaSandbox.Error do
           traceback: String.t() | nil,
           value: term,
           output: binary,
+          retry_after_ms: non_neg_integer | nil,
           stats: LuaSandbox.Result.stats()
         }
 
@@ -76,6 +84,7 @@ defmodule LuaSandbox.Error do
                traceback: nil,
                value: nil,
                output: "",
+               retry_after_ms: nil,
                stats: @empty_stats
 
   @doc """

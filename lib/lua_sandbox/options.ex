@@ -61,6 +61,10 @@ defmodule LuaSandbox.Options do
       {LuaSandbox.TaskSupervisor,
        "the `LuaSandbox.Supervisor` whose `max_concurrency` every run counts against; " <>
          "one that is not running is an `ArgumentError`"},
+    tenant:
+      {nil,
+       "any term naming who the run is for: counted per tenant in `LuaSandbox.metrics/1` and " <>
+         "held to the supervisor's `quotas:` (see `LuaSandbox.Supervisor.start_link/1`)"},
     node:
       {nil,
        "run on another connected BEAM node, through its supervisor of the same name; `:any`: " <>
@@ -150,6 +154,7 @@ defmodule LuaSandbox.Options do
       max_tool_calls: @default_map.max_tool_calls,
       timeout: :infinity,
       supervisor: LuaSandbox.TaskSupervisor,
+      tenant: nil,
       node: nil,
       max_remote_bytes: @default_map.max_remote_bytes
     ]
@@ -264,6 +269,8 @@ defmodule LuaSandbox.Options do
 
     s
   end
+
+  defp check!(:tenant, t), do: t
 
   defp check!(:node, n) do
     unless is_nil(n) or is_atom(n), do: raise(ArgumentError, "node must be a node name")

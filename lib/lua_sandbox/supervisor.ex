@@ -19,7 +19,7 @@ defmodule LuaSandbox.Supervisor do
   """
 
   alias LuaSandbox.{Chunk, Cluster, Error, Runner}
-  alias LuaSandbox.Supervisor.Slots
+  alias LuaSandbox.Supervisor.{Quotas, Slots}
 
   @doc "The default size: dirty CPU schedulers × 4, unless configured."
   @spec default_max_concurrency() :: pos_integer
@@ -49,12 +49,32 @@ defmodule LuaSandbox.Supervisor do
 
   Options: `name` (required, an atom: pass it as `supervisor:`), `max_concurrency` (default
   `default_max_concurrency/0`), `cluster` (default `false`): `true` makes it a member of the
-  cluster group named `name`, which `node: :any` picks from on every connected node.
+  cluster group named `name`, which `node: :any` picks from on every connected node, and
+  `quotas` (default none): `%{default: limits, tenant => limits}`
+  applied to runs given `tenant:`, where limits are any of
+
+    * `rate: {count, per_ms}` — at most `count` runs per `per_ms` (GCRA, bursts of up to
+      `count`); over it: `:rate_limited`
+    * `concurrency: n` — at most `n` of the tenant's runs at once; over it: `:rate_limited`
+    * `cpu_ms: {ms, per_ms}` — a balance of `ms` CPU milliseconds refilled over `per_ms`; a
+      run's deadline is capped at what is left (the run stops with `:quota_exceeded` when it
+      reaches the cap) and its `stats.cpu_us` is debited when it ends; with nothing left:
+      `:quota_exceeded`
+
+  A tenant without an entry gets `default` (none if there is no `default`). Refusals carry
+  `retry_after_ms`. Admission takes no message to any process (ETS and counters).
   """
   @spec start_link(keyword) :: Supervisor.on_start()
   def start_link(opts) do
     opts =
-      Keyword.validate!(opts, [:name, max_concurrency: default_max_concurrency(), cluster: false])
+      Keyword.validate!(opts, [
+        :name,
+        quotas: nil,
+        max_concurrency: default_max_concurrency(),
+        cluster: false
+      ])
+
+    quotas = Quotas.validate!(opts[:quotas])
 
     unless is_atom(opts[:name]) and opts[:name] not in [nil, true, false] do
       raise ArgumentError, "name must be an atom, got: #{inspect(opts[:name])}"
@@ -71,7 +91,7 @@ defmodule LuaSandbox.Supervisor do
 
     children =
       [
-        {Slots, {opts[:name], opts[:max_concurrency]}},
+        {Slots, {opts[:name], opts[:max_concurrency], quotas}},
         # Unbounded: the bound is the slots', which every run takes wherever it runs.
         {Task.Supervisor, name: opts[:name]}
       ] ++
@@ -87,14 +107,28 @@ defmodule LuaSandbox.Supervisor do
   @spec running(atom) :: non_neg_integer
   def running(name), do: Slots.count(name)
 
+  @doc """
+  The load of supervisor `name`: `%{running: n, capacity: max_concurrency}`, from two
+  reads (cheap enough to ask before every run, e.g. to pick a node).
+  """
+  @spec load(atom) :: %{running: non_neg_integer, capacity: pos_integer}
+  def load(name) do
+    {running, capacity} = Slots.load(name)
+    %{running: running, capacity: capacity}
+  end
+
   @doc false
   # Runs `source` in the calling process while holding a slot of `opts[:supervisor]`.
   @spec run_local(LuaSandbox.source(), keyword) ::
           {:ok, LuaSandbox.Result.t()} | {:error, Error.t()}
   def run_local(source, opts) do
     case run_in_slot(source, opts) do
-      :full -> {:error, overloaded(opts[:supervisor])}
-      result -> result
+      :full ->
+        Slots.refused(opts[:supervisor], opts[:tenant], :overloaded)
+        {:error, overloaded(opts[:supervisor])}
+
+      result ->
+        result
     end
   end
 
@@ -120,17 +154,54 @@ defmodule LuaSandbox.Supervisor do
   end
 
   # The run, holding one of its supervisor's slots while it runs; `:full` without running.
+  # Admission (the tenant's quotas, then the slot) and the metrics are Slots'.
   defp run_in_slot(source, opts) do
-    case Slots.checkout(opts[:supervisor]) do
-      {:ok, slot} ->
-        try do
-          Runner.run(source, opts)
-        after
-          Slots.checkin(slot)
-        end
+    sup = opts[:supervisor]
+    tenant = opts[:tenant]
 
-      :full ->
-        :full
+    case Slots.admit(sup, tenant) do
+      {:ok, slot, cap_ms} ->
+        result =
+          try do
+            run_capped(source, opts, cap_ms)
+          after
+            Slots.checkin(slot)
+          end
+
+        Slots.settle(sup, tenant, result)
+
+      other ->
+        other
+    end
+  end
+
+  defp run_capped(source, opts, nil), do: Runner.run(source, opts)
+
+  # The CPU balance left caps the run's deadline (CPU time never exceeds wall time on one
+  # thread); a run stopped by that cap rather than its own timeout is :quota_exceeded.
+  defp run_capped(source, opts, cap_ms) do
+    now = System.monotonic_time(:millisecond)
+    cap = now + cap_ms
+
+    own =
+      opts[:deadline] ||
+        if(is_integer(opts[:timeout]), do: now + opts[:timeout], else: nil)
+
+    if own != nil and own <= cap do
+      Runner.run(source, opts)
+    else
+      case Runner.run(source, Keyword.put(opts, :deadline, cap)) do
+        {:error, %Error{kind: :timeout} = e} ->
+          {:error,
+           %{
+             e
+             | kind: :quota_exceeded,
+               message: "the run used up its tenant's CPU-time balance (#{cap_ms} ms)"
+           }}
+
+        other ->
+          other
+      end
     end
   end
 

@@ -12,14 +12,106 @@ defmodule LuaSandbox.Supervisor.Slots do
 
   use GenServer
 
-  def child_spec({name, _max} = arg),
+  #
+  # The keeper also owns what admission needs beyond the bound (Quotas, Metrics): a second
+  # table with each tenant's running count (a slot row names its tenant, so the count given back
+  # for a dead caller is exact), GCRA and CPU state, per-tenant run counts; and the counters.
+
+  alias LuaSandbox.Supervisor.{Metrics, Quotas}
+
+  def child_spec({name, _max, _quotas} = arg),
     do: %{id: {__MODULE__, name}, start: {__MODULE__, :start_link, [arg]}}
 
-  def start_link({name, max}), do: GenServer.start_link(__MODULE__, {name, max})
+  def child_spec({name, max}), do: child_spec({name, max, nil})
+
+  def start_link({name, max, quotas}), do: GenServer.start_link(__MODULE__, {name, max, quotas})
+  def start_link({name, max}), do: start_link({name, max, nil})
 
   @doc "Takes a slot of supervisor `sup` for the calling process: `{:ok, slot}` or `:full`."
   def checkout(sup) do
-    {tab, max, keeper} = lookup!(sup)
+    {tab, max, keeper, _ctx} = lookup!(sup)
+    take(sup, tab, max, keeper, nil)
+  end
+
+  @doc """
+  Admission of one run of `tenant` (nil: none): the tenant's quotas, then a slot.
+  `{:ok, slot, cpu_cap_ms | nil}`, `:full`, or `{:error, %Error{}}` (rate or quota), each
+  refusal counted in the metrics.
+  """
+  def admit(sup, tenant) do
+    {tab, max, keeper, {qtab, quotas, metrics}} = lookup!(sup)
+    limits = Quotas.limits(quotas, tenant)
+
+    with {:ok, cap} <- Quotas.admit(qtab, limits, tenant),
+         {:ok, slot} <- take(sup, tab, max, keeper, counted(limits, qtab, tenant)) do
+      case limits do
+        # The row names the count (see take/5) before it is raised, so a caller killed in
+        # between is given back by the keeper at worst one too many, never held forever.
+        %{concurrency: n} ->
+          if :ets.update_counter(qtab, {:running, tenant}, 1, {nil, 0}) > n do
+            checkin(slot)
+            refuse(metrics, qtab, tenant, Quotas.over_concurrency(n))
+          else
+            {:ok, slot, cap}
+          end
+
+        _ ->
+          {:ok, slot, cap}
+      end
+    else
+      # counted by the caller that gives up (refused/3): a queued run tries again
+      :full ->
+        :full
+
+      {:error, e} ->
+        refuse(metrics, qtab, tenant, e)
+    end
+  end
+
+  defp counted(%{concurrency: _}, qtab, tenant), do: {qtab, tenant}
+  defp counted(_limits, _qtab, _tenant), do: nil
+
+  @doc "Counts a refusal of `kind` in the metrics of `sup`."
+  def refused(sup, tenant, kind) do
+    {_tab, _max, _keeper, {qtab, _quotas, metrics}} = lookup!(sup)
+    Metrics.refused(metrics, qtab, tenant, kind)
+  end
+
+  defp refuse(metrics, qtab, tenant, e) do
+    Metrics.refused(metrics, qtab, tenant, e.kind)
+    {:error, e}
+  end
+
+  @doc "Counts the result of a run admitted by admit/2 and debits its CPU time; returns it."
+  def settle(sup, tenant, result) do
+    {_tab, _max, _keeper, {qtab, quotas, metrics}} = lookup!(sup)
+
+    with {_, %{stats: %{cpu_us: cpu}}} <- result,
+         limits when limits != nil <- Quotas.limits(quotas, tenant) do
+      Quotas.debit(qtab, limits, tenant, cpu)
+    end
+
+    Metrics.record(metrics, qtab, tenant, result)
+  end
+
+  @doc "The counters of `sup` (LuaSandbox.metrics/1)."
+  def metrics(sup) do
+    {tab, max, _keeper, {qtab, _quotas, metrics}} = lookup!(sup)
+
+    Map.merge(Metrics.read(metrics, qtab), %{
+      running: :ets.info(tab, :size),
+      capacity: max
+    })
+  end
+
+  @doc "`{running, capacity}` of `sup`, two reads (for routing across nodes)."
+  def load(sup) do
+    {tab, max, _keeper, _ctx} = lookup!(sup)
+    {:ets.info(tab, :size) || not_running!(sup), max}
+  end
+
+  # `count`: nil, or {qtab, tenant} whose running count the slot gives back
+  defp take(sup, tab, max, keeper, count) do
     watched = {__MODULE__, keeper}
 
     unless Process.get(watched) do
@@ -30,13 +122,13 @@ defmodule LuaSandbox.Supervisor.Slots do
     key = {self(), make_ref()}
 
     try do
-      :ets.insert(tab, {key})
+      :ets.insert(tab, {key, count})
 
       if :ets.info(tab, :size) > max do
         :ets.delete(tab, key)
         :full
       else
-        {:ok, {tab, key}}
+        {:ok, {tab, key, count}}
       end
     rescue
       # the table went with its keeper: the supervisor stopped meanwhile
@@ -45,22 +137,31 @@ defmodule LuaSandbox.Supervisor.Slots do
   end
 
   @doc "Gives a slot back."
-  def checkin({tab, key}) do
-    :ets.delete(tab, key)
+  def checkin({tab, key, count}) do
+    # take, not delete: the keeper may be giving back the same row for a dead caller
+    if :ets.take(tab, key) != [], do: release(count)
     :ok
   rescue
     ArgumentError -> :ok
   end
 
+  # the tenant's running count, kept only for a tenant with a concurrency quota (admit/2)
+  defp release(nil), do: :ok
+
+  defp release({qtab, tenant}) do
+    :ets.update_counter(qtab, {:running, tenant}, -1, {nil, 0})
+    :ok
+  end
+
   @doc "How many runs hold a slot now."
   def count(sup) do
-    {tab, _max, _keeper} = lookup!(sup)
+    {tab, _max, _keeper, _ctx} = lookup!(sup)
     :ets.info(tab, :size) || not_running!(sup)
   end
 
   defp lookup!(sup) do
     case :persistent_term.get({__MODULE__, sup}, nil) do
-      {_tab, _max, keeper} = entry ->
+      {_tab, _max, keeper, _ctx} = entry ->
         if Process.alive?(keeper), do: entry, else: not_running!(sup)
 
       nil ->
@@ -74,10 +175,13 @@ defmodule LuaSandbox.Supervisor.Slots do
   @impl true
   # The entry outlives a keeper that was killed; lookup!/1 checks that the keeper is alive, and
   # a new supervisor of the same name replaces it.
-  def init({name, max}) do
-    tab = :ets.new(__MODULE__, [:set, :public, write_concurrency: true, read_concurrency: true])
-    :persistent_term.put({__MODULE__, name}, {tab, max, self()})
-    {:ok, %{name: name, tab: tab, watched: %{}}}
+  def init({name, max, quotas}) do
+    opts = [:set, :public, write_concurrency: true, read_concurrency: true]
+    tab = :ets.new(__MODULE__, opts)
+    qtab = :ets.new(Quotas, opts)
+    ctx = {qtab, quotas, Metrics.new()}
+    :persistent_term.put({__MODULE__, name}, {tab, max, self(), ctx})
+    {:ok, %{name: name, tab: tab, ctx: ctx, watched: %{}}}
   end
 
   @impl true
@@ -91,7 +195,15 @@ defmodule LuaSandbox.Supervisor.Slots do
   end
 
   def handle_info({:DOWN, _ref, :process, pid, _reason}, state) do
-    :ets.match_delete(state.tab, {{pid, :_}})
+    {_qtab, _quotas, metrics} = state.ctx
+
+    for [ref, count] <- :ets.match(state.tab, {{pid, :"$1"}, :"$2"}),
+        :ets.take(state.tab, {pid, ref}) != [] do
+      # a run whose caller died without giving its slot back: it was killed
+      Metrics.killed(metrics, 1)
+      release(count)
+    end
+
     {:noreply, %{state | watched: Map.delete(state.watched, pid)}}
   end
 
