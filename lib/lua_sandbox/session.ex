@@ -20,6 +20,7 @@ defmodule LuaSandbox.Session do
   | `print` | `:capture` | as in `LuaSandbox.run/2` |
   | `chunk_name` | `"script"` | name of the chunks `run/3` loads |
   | `max_depth`, `max_source` | as in `LuaSandbox.run/2` | |
+  | `supervisor` | `LuaSandbox.TaskSupervisor` | every call holds one of its `max_concurrency` slots while it runs (`:overloaded` when full) |
   | `name` | none | registers the session process |
 
   ## Per-call options (`run/3`, `call/4`)
@@ -28,12 +29,14 @@ defmodule LuaSandbox.Session do
   | --- | --- | --- |
   | `max_instructions` | 100 000 000 | budget of this call |
   | `max_output`, `max_tool_calls`, `max_result_bytes` | as in `LuaSandbox.run/2` | per call |
-  | `timeout` | `:infinity` | ms; the call runs in a task that is killed on expiry (`:timeout`) |
+  | `timeout` | `:infinity` | ms; bounds the wait for the session, the Lua and its tools (`:timeout`, with the output so far) |
   | `rollback` | `true` | a call that ends in any error leaves the state as it was before it |
 
   Calls on one session are serialized (callers wait their turn); many sessions run in
-  parallel. A call runs in the calling process: if that process dies, the call stops within
-  milliseconds and is rolled back. If the session process stops, its state is freed.
+  parallel. A call runs in the calling process, with or without `timeout:` (a tool under a
+  deadline runs in a process linked to it): if that process dies, the call stops within
+  milliseconds and is rolled back, and no process of the call outlives it. If the session
+  process stops, its state is freed.
 
   Rollback copies the state's used memory aside before each call (a `memcpy`, about 1 µs
   per 40 KiB; see bench/RESULTS.md) and back after a failed one.
@@ -51,7 +54,8 @@ defmodule LuaSandbox.Session do
     :chunk_name,
     :globals,
     :tools,
-    :modules
+    :modules,
+    :supervisor
   ]
   @call_keys [:max_instructions, :max_output, :max_tool_calls, :max_result_bytes, :timeout]
 
@@ -68,6 +72,8 @@ defmodule LuaSandbox.Session do
   def start_link(opts \\ []) do
     {name, opts} = Keyword.pop(opts, :name)
     validated = state_options(opts)
+    # Raises now if it is not running, not at the first call.
+    _ = LuaSandbox.Supervisor.running(validated[:supervisor])
     native = validated |> Runner.encode_opts() |> Options.to_native()
     gen_opts = if name, do: [name: name], else: []
 
@@ -115,53 +121,73 @@ defmodule LuaSandbox.Session do
 
   ## Client side of a call
 
+  # A call always runs in the calling process, holding the session and a slot of the
+  # session's supervisor: its death stops the call (the NIF checks its caller) and a tool it
+  # was running dies with it (Runner: a tool under a deadline runs linked to the caller). A
+  # `timeout:` bounds the wait for the session, the Lua and the tools alike.
   defp exec(session, source, call, opts) do
     {timeout, call_opts} = call_options(opts, call)
+    deadline = if timeout == :infinity, do: nil, else: now_ms() + timeout
 
-    case timeout do
-      :infinity ->
-        exec_here(session, source, call_opts)
-
-      ms ->
-        task =
-          Task.Supervisor.async_nolink(LuaSandbox.TaskSupervisor, fn ->
-            exec_here(session, source, call_opts)
+    case checkout(session, deadline) do
+      {:ok, {res, tools, print, sup}} ->
+        try do
+          in_slot(sup, fn ->
+            res
+            |> run_when_free(source, call_opts, deadline, timeout)
+            |> Runner.drive(tools, print: print, deadline: deadline, timeout: timeout)
           end)
-
-        # The deadline is checked inside the call; the task's kill is the backstop (time
-        # spent in tools).
-        case Task.yield(task, ms + 100) || Task.shutdown(task, :brutal_kill) do
-          {:ok, result} ->
-            result
-
-          {:exit, reason} ->
-            {:error, %Error{kind: :runtime, message: "session call crashed: #{inspect(reason)}"}}
-
-          nil ->
-            {:error, %Error{kind: :timeout, message: "call exceeded its timeout of #{ms} ms"}}
+        after
+          GenServer.cast(session, {:checkin, self()})
         end
+
+      :timeout ->
+        {:error,
+         %Error{
+           kind: :timeout,
+           message: Runner.timeout_message(timeout) <> " waiting for the session",
+           stats: Error.empty_stats()
+         }}
     end
   end
 
-  defp exec_here(session, source, call_opts) do
-    {res, tools, print} = GenServer.call(session, :checkout, :infinity)
+  defp now_ms, do: System.monotonic_time(:millisecond)
 
-    try do
-      res
-      |> run_when_free(source, call_opts, 0)
-      |> Runner.drive(tools, print: print)
-    after
+  # Waits for the session (calls are serialized) until the deadline; a caller that gives up
+  # withdraws, so a grant that crosses its withdrawal is handed on, not kept.
+  defp checkout(session, nil), do: {:ok, GenServer.call(session, :checkout, :infinity)}
+
+  defp checkout(session, deadline) do
+    {:ok, GenServer.call(session, :checkout, max(deadline - now_ms(), 0))}
+  catch
+    :exit, {:timeout, _} ->
       GenServer.cast(session, {:checkin, self()})
+      :timeout
+  end
+
+  defp in_slot(sup, fun) do
+    case LuaSandbox.Supervisor.Slots.checkout(sup) do
+      {:ok, slot} ->
+        try do
+          fun.()
+        after
+          LuaSandbox.Supervisor.Slots.checkin(slot)
+        end
+
+      :full ->
+        {:error, LuaSandbox.Supervisor.overloaded(sup)}
     end
   end
 
   # The state may still be on its way back from a call whose caller just died (the native
   # call notices within milliseconds and rolls back).
-  defp run_when_free(res, source, call_opts, waited) do
-    case Native.session_run(res, source, call_opts) do
+  defp run_when_free(res, source, call_opts, deadline, timeout, waited \\ 0) do
+    opts = %{call_opts | timeout: Options.native_timeout(deadline, timeout)}
+
+    case Native.session_run(res, source, opts) do
       :busy when waited < 5_000 ->
         Process.sleep(1)
-        run_when_free(res, source, call_opts, waited + 1)
+        run_when_free(res, source, call_opts, deadline, timeout, waited + 1)
 
       :busy ->
         {:error, {:runtime, "session state did not come back", nil, nil, nil}, "",
@@ -193,7 +219,7 @@ defmodule LuaSandbox.Session do
        max_result_bytes: o[:max_result_bytes],
        rollback: rollback,
        call: call,
-       timeout: Options.native_timeout(nil, o[:timeout])
+       timeout: nil
      }}
   end
 
@@ -212,7 +238,14 @@ defmodule LuaSandbox.Session do
   @impl true
   def init({res, tools, opts}) do
     {:ok,
-     %{res: res, tools: tools, print: opts[:print] || :capture, owner: nil, queue: :queue.new()}}
+     %{
+       res: res,
+       tools: tools,
+       print: opts[:print] || :capture,
+       supervisor: opts[:supervisor],
+       owner: nil,
+       queue: :queue.new()
+     }}
   end
 
   @impl true
@@ -234,7 +267,9 @@ defmodule LuaSandbox.Session do
     {:noreply, next(%{s | owner: nil})}
   end
 
-  def handle_cast({:checkin, _}, s), do: {:noreply, s}
+  # A caller that gave up waiting (its deadline passed) leaves the queue.
+  def handle_cast({:checkin, pid}, s),
+    do: {:noreply, %{s | queue: :queue.filter(fn {p, _} -> p != pid end, s.queue)}}
 
   @impl true
   def handle_info({:DOWN, mref, :process, pid, _}, %{owner: {pid, mref}} = s),
@@ -242,7 +277,7 @@ defmodule LuaSandbox.Session do
 
   def handle_info(_, s), do: {:noreply, s}
 
-  defp grant(s), do: {s.res, s.tools, s.print}
+  defp grant(s), do: {s.res, s.tools, s.print, s.supervisor}
 
   # Hands the state to the next waiting caller that is still alive.
   defp next(s) do

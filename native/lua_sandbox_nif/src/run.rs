@@ -952,6 +952,11 @@ fn settle_step<'a>(
 /// Elixir's answer to a tool call, pushed onto the suspended run coroutine as the values the
 /// tool function sees. Returns how many.
 fn reply_to_lua(session: &mut Running, reply: Term) -> Result<c_int, SandboxError> {
+    // `:timeout`: the run's deadline passed while the tool ran (LuaSandbox.Runner stopped
+    // the tool): the run ends as it would at the deadline inside Lua, output kept.
+    if reply.decode::<Atom>().is_ok_and(|a| a == atoms::timeout()) {
+        return Err(SandboxError::Timeout);
+    }
     let (tag, payload): (Atom, Term) = reply
         .decode()
         .map_err(|_| SandboxError::InvalidInput("bad tool reply".to_string()))?;
