@@ -777,7 +777,9 @@ impl<'e> Reader<'e> {
                             self.charge(0)?;
                             Ok(t)
                         }
-                        None => Err(unsupported("userdata (or a handle from another run)")),
+                        None => Err(unsupported(
+                            "userdata (a handle made in another run or session)",
+                        )),
                     }
                 }
                 ffi::LUA_TFUNCTION => Err(unsupported("a function")),

@@ -67,7 +67,8 @@ pub(crate) struct Running {
     pub(crate) max_memory: usize,
     pub(crate) tool_calls: u64,
     pub(crate) elapsed: Duration,
-    /// The terms behind this run's handles (boxed: activations point at it across moves).
+    /// The terms behind this run's handles (boxed: activations point at it across moves); a
+    /// session call's are the session's, lent for the call.
     pub(crate) handles: Box<Handles>,
     // Last: `thread` points into this slot.
     pub(crate) home: Home,
@@ -101,6 +102,8 @@ impl Drop for Running {
     fn drop(&mut self) {
         if let Home::Session(loan) = &mut self.home {
             loan.record(self.control.instructions());
+            // The session's handles go back with its state (the loan, dropped next).
+            loan.give_back_handles(std::mem::take(&mut self.handles));
         }
     }
 }

@@ -18,6 +18,7 @@ use rustler::{Atom, Encoder, Env, NifMap, NifResult, ResourceArc, Term};
 
 use crate::atoms;
 use crate::budget::Control;
+use crate::handles::Handles;
 use crate::output::Output;
 use crate::run::{self, Code, Entry, Home, Running, Source, StateSetup};
 use crate::sandbox;
@@ -67,6 +68,9 @@ pub struct SessionState {
     calls: u64,
     instructions: u64,
     rollbacks: u64,
+    /// The terms behind the session's handles: they stay valid for the session's life. Lent
+    /// to each call's `Running` and given back when it ends.
+    handles: Box<Handles>,
 }
 
 /// The session resource: its state, or `None` while a call has it on loan.
@@ -92,6 +96,8 @@ pub struct Loan {
     rollback: bool,
     ok: bool,
     instructions: u64,
+    /// The session's handle count before the call (rolled back with the state).
+    handles_mark: usize,
 }
 
 impl Loan {
@@ -122,6 +128,13 @@ impl Loan {
     pub fn record(&mut self, instructions: u64) {
         self.instructions = instructions;
     }
+
+    /// The session's handles, lent to the call, come back (before the loan is dropped).
+    pub fn give_back_handles(&mut self, handles: Box<Handles>) {
+        if let Some(state) = self.state.as_mut() {
+            state.handles = handles;
+        }
+    }
 }
 
 impl Drop for Loan {
@@ -134,6 +147,7 @@ impl Drop for Loan {
                 lease, checkpoint, ..
             } = &mut state;
             lease.slot_mut().rollback(checkpoint);
+            state.handles.truncate(self.handles_mark);
             state.rollbacks += 1;
         } else {
             let l = state.lease.slot().state();
@@ -191,6 +205,7 @@ fn session_new<'a>(env: Env<'a>, opts: SessionOpts<'a>) -> Term<'a> {
             calls: 0,
             instructions: 0,
             rollbacks: 0,
+            handles: Box::default(),
         };
         let res = ResourceArc::new(SessionRes {
             state: Mutex::new(Some(state)),
@@ -247,6 +262,8 @@ fn session_run<'a>(
         };
         let print = run::print_mode_of(state.print, state.print_pid, state.print_tag.clone());
         let max_source = state.max_source;
+        let handles = std::mem::take(&mut state.handles);
+        let handles_mark = handles.mark();
         let control = Box::new(Control::new(opts.max_instructions));
         if let Some(ms) = opts.timeout {
             control.set_deadline(t0 + std::time::Duration::from_millis(ms));
@@ -263,13 +280,14 @@ fn session_run<'a>(
             max_memory: state.max_memory,
             tool_calls: 0,
             elapsed: std::time::Duration::ZERO,
-            handles: Box::new(crate::handles::Handles::new()),
+            handles,
             home: Home::Session(Loan {
                 state: Some(state),
                 owner: res.clone(),
                 rollback: opts.rollback,
                 ok: false,
                 instructions: 0,
+                handles_mark,
             }),
         };
         let handles_ptr: *mut crate::handles::Handles = &mut *running.handles;
