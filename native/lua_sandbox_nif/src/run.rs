@@ -67,6 +67,8 @@ pub(crate) struct Running {
     pub(crate) max_memory: usize,
     pub(crate) tool_calls: u64,
     pub(crate) elapsed: Duration,
+    /// The tool the run is parked at (for the messages about its reply).
+    pub(crate) pending_tool: String,
     /// The terms behind this run's handles (boxed: activations point at it across moves); a
     /// session call's are the session's, lent for the call.
     pub(crate) handles: Box<Handles>,
@@ -395,6 +397,7 @@ fn start<'a>(
         max_memory,
         tool_calls: 0,
         elapsed: Duration::ZERO,
+        pending_tool: String::new(),
         handles: Box::new(Handles::new()),
         home: Home::Fresh(lease),
     };
@@ -938,6 +941,7 @@ fn settle_step<'a>(
                 return Answer::Final(finish_error(env, session, SandboxError::ToolLimit, None));
             }
             let root = format!("tools.{name}");
+            session.pending_tool.clone_from(&name);
             // SAFETY: the arguments are on the suspended thread at `first..first + n`; then
             // the yielded values are popped, so the next resume finds only its arguments.
             let terms =
@@ -977,10 +981,25 @@ fn reply_to_lua(session: &mut Running, reply: Term) -> Result<c_int, SandboxErro
                 return Err(SandboxError::Runtime("Lua stack exhausted".to_string()));
             }
             if tag == atoms::ok() {
-                let n = marshal::push_values(l, &[payload], max_depth, "tool result", limit)?;
-                ffi::lua_pushboolean(thread, 1);
-                ffi::lua_xmove(l, thread, n);
-                Ok(1 + n)
+                match marshal::push_values(l, &[payload], max_depth, "tool result", limit) {
+                    Ok(n) => {
+                        ffi::lua_pushboolean(thread, 1);
+                        ffi::lua_xmove(l, thread, n);
+                        Ok(1 + n)
+                    }
+                    // A value that has no Lua form (a struct without an Encoder, a pid, a
+                    // tuple): the tool's fault, not the script's, and nothing was built
+                    // (`push_values` leaves the stack as it was): a Lua error the script can
+                    // catch, raised where it called the tool. Limits still end the run.
+                    Err(SandboxError::InvalidInput(what)) => {
+                        let name = &session.pending_tool;
+                        push_string(l, format!("tool '{name}': {what}").as_bytes())?;
+                        ffi::lua_pushboolean(thread, 0);
+                        ffi::lua_xmove(l, thread, 1);
+                        Ok(2)
+                    }
+                    Err(e) => Err(e),
+                }
             } else {
                 let msg: rustler::Binary = payload
                     .decode()

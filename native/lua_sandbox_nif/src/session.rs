@@ -280,6 +280,7 @@ fn session_run<'a>(
             max_memory: state.max_memory,
             tool_calls: 0,
             elapsed: std::time::Duration::ZERO,
+            pending_tool: String::new(),
             handles,
             home: Home::Session(Loan {
                 state: Some(state),
