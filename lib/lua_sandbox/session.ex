@@ -30,6 +30,7 @@ defmodule LuaSandbox.Session do
   | `max_instructions` | 100 000 000 | budget of this call |
   | `max_output`, `max_tool_calls`, `max_result_bytes` | as in `LuaSandbox.run/2` | per call |
   | `timeout` | `:infinity` | ms; bounds the wait for the session, the Lua and its tools (`:timeout`, with the output so far) |
+  | `globals` | `%{}` | set before this call runs, as part of it (rolled back with it) |
   | `rollback` | `true` | a call that ends in any error leaves the state as it was before it |
 
   Calls on one session are serialized (callers wait their turn); many sessions run in
@@ -57,7 +58,14 @@ defmodule LuaSandbox.Session do
     :modules,
     :supervisor
   ]
-  @call_keys [:max_instructions, :max_output, :max_tool_calls, :max_result_bytes, :timeout]
+  @call_keys [
+    :max_instructions,
+    :max_output,
+    :max_tool_calls,
+    :max_result_bytes,
+    :timeout,
+    :globals
+  ]
 
   @typedoc "A running session: its pid or registered name."
   @type t :: GenServer.server()
@@ -104,6 +112,41 @@ defmodule LuaSandbox.Session do
           {:ok, LuaSandbox.Result.t()} | {:error, Error.t()}
   def call(session, name, args, opts \\ []) when is_list(args) do
     exec(session, nil, {to_string(name), Enum.map(args, &LuaSandbox.Encoding.encode/1)}, opts)
+  end
+
+  # get/2 hands the name over as a global that the chunk removes at once.
+  @get_name "__lua_sandbox_get"
+  @get_source "local name = #{@get_name} #{@get_name} = nil return _ENV[name]"
+
+  @doc """
+  The value of the global `name` in the session's state, as a result would give it.
+
+  Takes the per-call limits of `run/3`; errors as for `run/3` (e.g. `:unsupported_value`
+  for a function).
+
+      iex> {:ok, s} = LuaSandbox.Session.start_link()
+      iex> :ok = LuaSandbox.Session.set(s, "limits", %{max: 3})
+      iex> LuaSandbox.Session.get(s, "limits")
+      {:ok, %{"max" => 3}}
+  """
+  @spec get(t, String.t() | atom, keyword) :: {:ok, term} | {:error, Error.t()}
+  def get(session, name, opts \\ []) do
+    opts = Keyword.put(opts, :globals, [{@get_name, to_string(name)}])
+
+    with {:ok, %{value: value}} <- run(session, @get_source, opts), do: {:ok, value}
+  end
+
+  @doc """
+  Sets the global `name` of the session's state to `term` (converted as `globals:` are).
+
+  Takes the per-call limits of `run/3`; errors as for `run/3` (e.g. `:invalid_input` for a
+  term that cannot become a Lua value); a failed set changes nothing.
+  """
+  @spec set(t, String.t() | atom, term, keyword) :: :ok | {:error, Error.t()}
+  def set(session, name, term, opts \\ []) do
+    opts = Keyword.put(opts, :globals, [{name, term}])
+
+    with {:ok, _} <- exec(session, nil, nil, opts), do: :ok
   end
 
   @doc "Memory in use (bytes), calls made, instructions used and rollbacks done so far."
@@ -219,6 +262,7 @@ defmodule LuaSandbox.Session do
        max_result_bytes: o[:max_result_bytes],
        rollback: rollback,
        call: call,
+       globals: LuaSandbox.Encoding.encode_pairs(o[:globals]),
        timeout: nil
      }}
   end

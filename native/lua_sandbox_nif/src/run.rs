@@ -92,7 +92,7 @@ impl Home {
         }
     }
 
-    fn slot_mut(&mut self) -> &mut lua_sandbox_core::Slot {
+    pub(crate) fn slot_mut(&mut self) -> &mut lua_sandbox_core::Slot {
         match self {
             Home::Fresh(lease) => lease.slot_mut(),
             Home::Session(loan) => loan.slot_mut(),

@@ -18,6 +18,7 @@ use rustler::{Atom, Encoder, Env, NifMap, NifResult, ResourceArc, Term};
 
 use crate::atoms;
 use crate::budget::Control;
+use crate::error::SandboxError;
 use crate::handles::Handles;
 use crate::output::Output;
 use crate::run::{self, Code, Entry, Home, Running, Source, StateSetup};
@@ -49,6 +50,8 @@ pub struct CallOpts<'a> {
     pub max_result_bytes: u64,
     pub rollback: bool,
     pub call: Option<(String, Vec<Term<'a>>)>,
+    /// Globals set for this call (part of it: rolled back with it).
+    pub globals: Vec<(String, Term<'a>)>,
     /// Milliseconds to the call's deadline (`timeout:`), checked inside the run.
     pub timeout: Option<u64>,
 }
@@ -306,11 +309,27 @@ fn session_run<'a>(
         // session's state outlives the call's control (both live in `running`).
         let prepared = unsafe {
             run::under_budget(env, control, state, || {
+                set_globals(&mut running, &opts.globals)?;
                 run::prepare_thread(&mut running, entry, call, max_source)
             })
         };
         run::begin(env, prepared, running, t0)
     }))
+}
+
+/// Sets a call's `globals:` in the session's state (the main stack is empty, nothing runs),
+/// under the call's budget and handles like the rest of its setup.
+fn set_globals(running: &mut Running, globals: &[(String, Term)]) -> Result<(), SandboxError> {
+    if globals.is_empty() {
+        return Ok(());
+    }
+    let l = running.main();
+    let (max_depth, limit) = (running.max_depth, running.max_memory);
+    running.home.slot_mut().set_limit(usize::MAX);
+    // SAFETY: `l` is not running and its limit is lifted (marshal's contract).
+    let pushed = unsafe { crate::marshal::push_globals(l, globals, max_depth, limit) };
+    running.home.slot_mut().set_limit(limit);
+    pushed
 }
 
 /// `{:ok, %{memory:, calls:, instructions:, rollbacks:}}`, or `:busy` during a call.
