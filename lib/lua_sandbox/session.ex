@@ -1,50 +1,4 @@
 defmodule LuaSandbox.Session do
-  @moduledoc """
-  A sandboxed Lua state that lives across calls: load helpers once, call into them many
-  times, with per-call limits, and a failed call rolled back.
-
-      {:ok, s} = LuaSandbox.Session.start_link(max_memory: 16 * 1024 * 1024)
-      {:ok, _} = LuaSandbox.Session.run(s, "count = 0 function bump(n) count = count + n return count end")
-      {:ok, %{value: 5}} = LuaSandbox.Session.call(s, "bump", [5])
-      {:error, %{kind: :runtime}} = LuaSandbox.Session.run(s, "count = 1000 error('halfway')")
-      {:ok, %{value: 5}} = LuaSandbox.Session.run(s, "return count")
-
-  ## State-wide options (`start_link/1`)
-
-  | option | default | meaning |
-  | --- | --- | --- |
-  | `max_memory` | 64 MiB | Lua heap bytes for the whole session |
-  | `globals` | `%{}` | set once, when the session starts |
-  | `tools` | `%{}` | `name => fun/1`, as in `LuaSandbox.run/2` |
-  | `modules` | `%{}` | `name => source \\| %LuaSandbox.Chunk{}` for `require` |
-  | `print` | `:capture` | as in `LuaSandbox.run/2` |
-  | `chunk_name` | `"script"` | name of the chunks `run/3` loads |
-  | `max_depth`, `max_source` | as in `LuaSandbox.run/2` | |
-  | `supervisor` | `LuaSandbox.TaskSupervisor` | every call holds one of its `max_concurrency` slots while it runs (`:overloaded` when full) |
-  | `name` | none | registers the session process |
-
-  ## Per-call options (`run/3`, `call/4`)
-
-  | option | default | meaning |
-  | --- | --- | --- |
-  | `max_instructions` | 100 000 000 | budget of this call |
-  | `max_output`, `max_tool_calls`, `max_result_bytes` | as in `LuaSandbox.run/2` | per call |
-  | `timeout` | `:infinity` | ms; bounds the wait for the session, the Lua and its tools (`:timeout`, with the output so far) |
-  | `globals` | `%{}` | set before this call runs, as part of it (rolled back with it) |
-  | `rollback` | `true` | a call that ends in any error leaves the state as it was before it |
-
-  Calls on one session are serialized (callers wait their turn); many sessions run in
-  parallel. A call runs in the calling process, with or without `timeout:` (a tool under a
-  deadline runs in a process linked to it): if that process dies, the call stops within
-  milliseconds and is rolled back, and no process of the call outlives it. If the session
-  process stops, its state is freed.
-
-  Rollback copies the state's used memory aside before each call (a `memcpy`, about 1 µs
-  per 40 KiB; see bench/RESULTS.md) and back after a failed one.
-  """
-
-  use GenServer
-
   alias LuaSandbox.{Chunk, Error, Native, Options, Runner}
 
   @state_keys [
@@ -67,14 +21,50 @@ defmodule LuaSandbox.Session do
     :globals
   ]
 
+  @moduledoc """
+  A sandboxed Lua state that lives across calls: load helpers once, call into them many
+  times, with per-call limits, and a failed call rolled back.
+
+      {:ok, s} = LuaSandbox.Session.start_link(max_memory: 16 * 1024 * 1024)
+      {:ok, _} = LuaSandbox.Session.run(s, "count = 0 function bump(n) count = count + n return count end")
+      {:ok, %{value: 5}} = LuaSandbox.Session.call(s, "bump", [5])
+      {:error, %{kind: :runtime}} = LuaSandbox.Session.run(s, "count = 1000 error('halfway')")
+      {:ok, %{value: 5}} = LuaSandbox.Session.run(s, "return count")
+
+  Options: the state-wide ones in `start_link/1`, the per-call ones in `run/3`.
+
+  Calls on one session are serialized (callers wait their turn); many sessions run in
+  parallel. A call runs in the calling process, with or without `timeout:` (a tool under a
+  deadline runs in a process linked to it): if that process dies, the call stops within
+  milliseconds and is rolled back, and no process of the call outlives it. If the session
+  process stops, its state is freed.
+
+  Rollback copies the state's used memory aside before each call (a `memcpy`, about 1 µs
+  per 40 KiB; see bench/RESULTS.md) and back after a failed one.
+  """
+
+  use GenServer
+
   @typedoc "A running session: its pid or registered name."
   @type t :: GenServer.server()
 
   @doc """
-  Starts a session linked to the caller, with the state-wide options above.
+  Starts a session linked to the caller.
 
-  Raises `ArgumentError` for unknown or invalid options. Returns `{:error, %LuaSandbox.Error{}}`
-  when the state cannot be set up (e.g. `:invalid_input` globals, `:syntax` in a module).
+  ## Options
+
+  #{Options.table(@state_keys)}
+  | `name` | none | registers the session process |
+
+  For a session, `max_memory` bounds the whole session's heap; `globals`, `tools` and
+  `modules` are set once, when it starts; every call holds one of the `supervisor`'s slots
+  while it runs (a full one answers `:overloaded`).
+
+  ## Typical errors
+
+    * `{:error, %LuaSandbox.Error{kind: :invalid_input}}` — a global that cannot become a Lua
+      value; `:syntax` or `:runtime` — a module that does not load
+    * `ArgumentError` — an unknown or invalid option, or a `supervisor:` that is not running
   """
   @spec start_link(keyword) :: GenServer.on_start() | {:error, Error.t()}
   def start_link(opts \\ []) do
@@ -94,7 +84,28 @@ defmodule LuaSandbox.Session do
     end
   end
 
-  @doc "Runs Lua `source` (or a compiled `%LuaSandbox.Chunk{}`) in the session's state."
+  @doc """
+  Runs Lua `source` (or a compiled `%LuaSandbox.Chunk{}`) in the session's state.
+
+  ## Options (per call; also for `call/4`, `get/3`, `set/4`)
+
+  #{Options.table(@call_keys)}
+  | `rollback` | `true` | a call that ends in any error leaves the state as it was before it |
+
+  In a session, a call runs in the calling process with or without `timeout` (no task, no
+  backstop); `timeout` also bounds the wait for the session (calls are serialized); and
+  `globals` are set before this call runs, as part of it (rolled back with it).
+
+  ## Typical error kinds
+
+    * `:syntax`, `:runtime` — as for `LuaSandbox.run/2` (the call is rolled back)
+    * `:instruction_limit`, `:memory_limit`, `:output_limit`, `:tool_limit`, `:timeout`
+    * `:overloaded` — the session's supervisor is at its `max_concurrency`
+    * `:invalid_input`, `:unsupported_value`, `:cycle`, `:depth_limit`, `:size_limit` — a
+      global or argument that cannot go in, or a result that cannot come out
+
+  Raises `ArgumentError` for unknown or invalid options.
+  """
   @spec run(t, String.t() | Chunk.t(), keyword) ::
           {:ok, LuaSandbox.Result.t()} | {:error, Error.t()}
   def run(session, source, opts \\ []) when is_binary(source) or is_struct(source, Chunk) do
@@ -107,7 +118,11 @@ defmodule LuaSandbox.Session do
     exec(session, native_source, nil, opts)
   end
 
-  @doc "Calls the global function `name` of the session's state with `args`."
+  @doc """
+  Calls the global function `name` of the session's state with `args`.
+
+  Takes the per-call options of `run/3` and answers the same way.
+  """
   @spec call(t, String.t() | atom, list, keyword) ::
           {:ok, LuaSandbox.Result.t()} | {:error, Error.t()}
   def call(session, name, args, opts \\ []) when is_list(args) do
