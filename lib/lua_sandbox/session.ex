@@ -40,7 +40,9 @@ defmodule LuaSandbox.Session do
   process stops, its state is freed.
 
   Rollback copies the state's used memory aside before each call (a `memcpy`, about 1 µs
-  per 40 KiB; see bench/RESULTS.md) and back after a failed one.
+  per 40 KiB; see bench/RESULTS.md) and back after a failed one. A short call on a state of
+  at most 1 MiB is first tried on the caller's scheduler (as short runs are); one that needs
+  more is rolled back unseen and run on a dirty scheduler.
   """
 
   use GenServer
@@ -242,7 +244,11 @@ defmodule LuaSandbox.Session do
   defp run_when_free(res, source, call_opts, deadline, timeout, waited \\ 0) do
     opts = %{call_opts | timeout: Options.native_timeout(deadline, timeout)}
 
-    case Native.session_run(res, source, opts) do
+    case first_attempt(res, source, opts) do
+      :retry -> Native.session_run(res, source, opts)
+      answer -> answer
+    end
+    |> case do
       :busy when waited < 5_000 ->
         Process.sleep(1)
         run_when_free(res, source, call_opts, deadline, timeout, waited + 1)
@@ -254,6 +260,17 @@ defmodule LuaSandbox.Session do
       answer ->
         answer
     end
+  end
+
+  # Most calls are short: one first attempt on this (normal) scheduler within a small slice
+  # saves the switch to a dirty one; a call that needs more is rolled back unseen and run
+  # again there (session.rs `session_try`). Only for short source: parsing is the one step
+  # whose cost the slice does not bound.
+  @short_source 4096
+  defp first_attempt(res, source, opts) do
+    if not is_binary(source) or byte_size(source) <= @short_source,
+      do: Native.session_try(res, source, opts),
+      else: :retry
   end
 
   defp call_options(opts, call) do

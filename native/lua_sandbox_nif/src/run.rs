@@ -168,13 +168,23 @@ pub const FAST_RESULT_BYTES: u64 = 256 << 10;
 
 /// The tighter limits of a first attempt, and the run's real ones.
 #[derive(Clone, Copy)]
-struct Fast {
+pub(crate) struct Fast {
     max_instructions: u64,
     max_memory: usize,
     max_result_bytes: u64,
 }
 
 impl Fast {
+    /// A session call's first attempt (`session_try`): its instruction slice and result bound
+    /// are the attempt's; its memory limit is the session's own (so a memory error is real).
+    pub(crate) fn for_session(max_instructions: u64, max_result_bytes: u64) -> Fast {
+        Fast {
+            max_instructions,
+            max_memory: 0,
+            max_result_bytes,
+        }
+    }
+
     /// Whether `e`, met under the attempt's limits, may not be the run's real outcome.
     fn retry(&self, e: &SandboxError) -> bool {
         match e {
@@ -432,58 +442,25 @@ fn start<'a>(
             })
         })
     };
-    let nargs = match prepared {
-        Ok(n) => n,
-        Err(e) => {
-            session.elapsed = t0.elapsed();
-            if fast.is_some_and(|f| f.retry(&e)) {
-                return atoms::retry().encode(env);
-            }
-            return finish_error(env, &mut session, e, None);
-        }
-    };
-    let step = {
-        let _active = Activation::new(&session.control, crate::caller::of(env));
-        let _out = output::Activation::new(&mut session.output);
-        resume(session.thread, &session.control, nargs)
-    };
-    session.elapsed = t0.elapsed();
-    if let Some(fast) = fast {
-        let retry = match &step {
-            Ok(Step::ToolCall { .. }) => true,
-            // Whether the result fits the attempt's bounds is known once it is converted
-            // (`settle`).
-            Ok(Step::Done { .. }) => false,
-            Err(e) => fast.retry(
-                &session
-                    .control
-                    .abort()
-                    .map(SandboxError::from)
-                    .unwrap_or_else(|| e.clone()),
-            ),
-            Ok(Step::Failed { .. }) => session
-                .control
-                .abort()
-                .is_some_and(|why| fast.retry(&why.into())),
-        };
-        if retry {
-            return atoms::retry().encode(env);
-        }
-    }
-    settle(env, session, step, None, fast)
+    begin(env, prepared, session, t0, fast)
 }
 
-/// Runs a prepared run coroutine to its first stop and answers (no first attempt).
+/// Runs a prepared run coroutine to its first stop and answers. A first attempt (`fast`)
+/// answers `:retry` instead when it stopped at one of the attempt's own limits or a tool call.
 pub(crate) fn begin<'a>(
     env: Env<'a>,
     prepared: Result<c_int, SandboxError>,
     mut running: Running,
     t0: Instant,
+    fast: Option<Fast>,
 ) -> Term<'a> {
     let nargs = match prepared {
         Ok(n) => n,
         Err(e) => {
             running.elapsed = t0.elapsed();
+            if fast.is_some_and(|f| f.retry(&e)) {
+                return retry_later(env, running);
+            }
             return finish_error(env, &mut running, e, None);
         }
     };
@@ -493,7 +470,39 @@ pub(crate) fn begin<'a>(
         resume(running.thread, &running.control, nargs)
     };
     running.elapsed = t0.elapsed();
-    settle(env, running, step, None, None)
+    if let Some(fast) = &fast {
+        let retry = match &step {
+            Ok(Step::ToolCall { .. }) => true,
+            // Whether the result fits the attempt's bounds is known once it is converted
+            // (`settle`).
+            Ok(Step::Done { .. }) => false,
+            Err(e) => fast.retry(
+                &running
+                    .control
+                    .abort()
+                    .map(SandboxError::from)
+                    .unwrap_or_else(|| e.clone()),
+            ),
+            Ok(Step::Failed { .. }) => running
+                .control
+                .abort()
+                .is_some_and(|why| fast.retry(&why.into())),
+        };
+        if retry {
+            return retry_later(env, running);
+        }
+    }
+    settle(env, running, step, None, fast)
+}
+
+/// Throws a first attempt away unseen: a fresh run's slot is restored, a session's state
+/// rolled back to the call's checkpoint without counting the attempt as a call.
+fn retry_later(env: Env<'_>, mut running: Running) -> Term<'_> {
+    if let Home::Session(loan) = &mut running.home {
+        loan.discard();
+    }
+    drop(running);
+    atoms::retry().encode(env)
 }
 
 /// Runs setup work (converting globals, loading modules, compiling the chunk) under
@@ -875,7 +884,7 @@ fn settle<'a>(
     match answer {
         Answer::Final(term) => term,
         // Thrown away unseen: nothing was sent, nothing of the attempt is kept.
-        Answer::Retry => atoms::retry().encode(env),
+        Answer::Retry => retry_later(env, session),
         Answer::ToolCall(name_term, terms) => {
             let run = run.unwrap_or_else(|| {
                 ResourceArc::new(Run {

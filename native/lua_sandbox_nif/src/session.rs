@@ -101,6 +101,8 @@ pub struct Loan {
     instructions: u64,
     /// The session's handle count before the call (rolled back with the state).
     handles_mark: usize,
+    /// A first attempt thrown away (`session_try`): rolled back, not counted.
+    discarded: bool,
 }
 
 impl Loan {
@@ -132,6 +134,12 @@ impl Loan {
         self.instructions = instructions;
     }
 
+    /// The call was a first attempt that is thrown away: roll back, count nothing.
+    pub fn discard(&mut self) {
+        self.discarded = true;
+        self.ok = false;
+    }
+
     /// The session's handles, lent to the call, come back (before the loan is dropped).
     pub fn give_back_handles(&mut self, handles: Box<Handles>) {
         if let Some(state) = self.state.as_mut() {
@@ -145,6 +153,16 @@ impl Drop for Loan {
         let Some(mut state) = self.state.take() else {
             return;
         };
+        if self.discarded {
+            // `session_try` only attempts with rollback on: the checkpoint is there.
+            let SessionState {
+                lease, checkpoint, ..
+            } = &mut state;
+            lease.slot_mut().rollback(checkpoint);
+            state.handles.truncate(self.handles_mark);
+            *self.owner.lock() = Some(state);
+            return;
+        }
         if self.rollback && !self.ok {
             let SessionState {
                 lease, checkpoint, ..
@@ -226,6 +244,46 @@ fn session_run<'a>(
     source: Term<'a>,
     opts: CallOpts<'a>,
 ) -> NifResult<Term<'a>> {
+    call(env, res, source, opts, None)
+}
+
+/// The state size up to which a call is first tried on the caller's normal scheduler: the
+/// attempt's checkpoint and, when it is thrown away, its rollback copy this much.
+const TRY_MAX_USED: usize = run::FAST_MEMORY;
+
+/// A first attempt at a call on the caller's normal scheduler, like `run_try`: at most
+/// `FAST_INSTRUCTIONS` and `FAST_RESULT_BYTES`, no tool call, no output streamed. It answers
+/// like `session_run` when the call finished within them, and `:retry` when not (also,
+/// without trying, for `rollback: false` or a state over `TRY_MAX_USED`): the attempt is then
+/// rolled back unseen and uncounted, and the caller runs the call with `session_run`.
+#[rustler::nif]
+fn session_try<'a>(
+    env: Env<'a>,
+    res: ResourceArc<SessionRes>,
+    source: Term<'a>,
+    opts: CallOpts<'a>,
+) -> NifResult<Term<'a>> {
+    let mut opts = opts;
+    let small = res
+        .lock()
+        .as_ref()
+        .is_some_and(|state| state.lease.slot().used() <= TRY_MAX_USED);
+    if !opts.rollback || !small {
+        return Ok(atoms::retry().encode(env));
+    }
+    let fast = run::Fast::for_session(opts.max_instructions, opts.max_result_bytes);
+    opts.max_instructions = opts.max_instructions.min(run::FAST_INSTRUCTIONS);
+    opts.max_result_bytes = opts.max_result_bytes.min(run::FAST_RESULT_BYTES);
+    call(env, res, source, opts, Some(fast))
+}
+
+fn call<'a>(
+    env: Env<'a>,
+    res: ResourceArc<SessionRes>,
+    source: Term<'a>,
+    opts: CallOpts<'a>,
+    fast: Option<run::Fast>,
+) -> NifResult<Term<'a>> {
     let source = if source == atoms::nil().encode(env) {
         None
     } else {
@@ -292,8 +350,13 @@ fn session_run<'a>(
                 ok: false,
                 instructions: 0,
                 handles_mark,
+                discarded: false,
             }),
         };
+        if fast.is_some() {
+            // An attempt streams nothing until it has succeeded.
+            running.output.hold();
+        }
         let handles_ptr: *mut crate::handles::Handles = &mut *running.handles;
         // SAFETY: as in `run::start`: the box outlives every marshaling call of this call.
         let _handles = unsafe { crate::handles::Activation::new_raw(handles_ptr) };
@@ -313,7 +376,7 @@ fn session_run<'a>(
                 run::prepare_thread(&mut running, entry, call, max_source)
             })
         };
-        run::begin(env, prepared, running, t0)
+        run::begin(env, prepared, running, t0, fast)
     }))
 }
 
