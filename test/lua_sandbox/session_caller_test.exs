@@ -81,6 +81,21 @@ defmodule LuaSandbox.SessionCallerTest do
     assert {:ok, %{value: 1}} = Session.run(s, "return n")
   end
 
+  test "timeout: bounds the wait for a busy session; a caller that gave up is not granted it",
+       %{sup: sup} do
+    s = start!(sup)
+    holder = spawn(fn -> Session.run(s, "tools.wait()") end)
+    assert_receive {:parked, _}, 5_000
+
+    {us, answer} = :timer.tc(fn -> Session.run(s, "return 1", timeout: 100) end)
+    assert {:error, %{kind: :timeout}} = answer
+    assert us < 100_000 + 250_000
+
+    Process.exit(holder, :kill)
+    # the session goes to the next live caller, not to the one that gave up
+    assert {:ok, %{value: 1}} = Session.run(s, "return n", timeout: 5_000)
+  end
+
   test "a run's timeout: bounds its tools the same way" do
     me = self()
 
