@@ -385,28 +385,54 @@ defmodule Bench.Run do
         LuaSandbox.Session.call(s, "handle", [msg], rollback: false)
     end
 
-    # Luerl threads its state through calls (what tv-labs/lua, built on Luerl, does too).
-    luerl_state = :ets.new(:luerl_state, [:public])
-    :ets.insert(luerl_state, {:st, st0})
+    # Luerl threads its state through calls (what tv-labs/lua, built on Luerl, does too). The
+    # counted row holds it in a GenServer (an Agent), as a conversation's state would be held
+    # and serialized; the info row keeps it inline in the calling process.
+    {:ok, agent} = Agent.start_link(fn -> st0 end)
 
     luerl = fn ->
-      [{:st, st}] = :ets.lookup(luerl_state, :st)
-      {[_], st} = :luerl.call_function([:handle], [msg], st)
-      :ets.insert(luerl_state, {:st, st})
+      Agent.get_and_update(agent, fn st ->
+        {[r], st} = :luerl.call_function([:handle], [msg], st)
+        {r, st}
+      end)
     end
+
+    Process.put(:luerl_inline, st0)
+
+    luerl_inline = fn ->
+      {[_], st} = :luerl.call_function([:handle], [msg], Process.get(:luerl_inline))
+      Process.put(:luerl_inline, st)
+    end
+
+    fresh_handler = fn ->
+      {:ok, %{value: %{"sum" => 55}}} = LuaSandbox.run(@handler_source, call: {"handle", [msg]})
+    end
+
+    fresh_trivial = fn -> {:ok, %{value: 2}} = LuaSandbox.run("return 1 + 1") end
+    inline = "#{@luerl} (state inline in the caller)"
+    no_rb = "#{@ours} (rollback: false)"
+    fresh = "#{@ours} (fresh run: parse the handler, call it)"
+    trivial = "#{@ours} (fresh trivial run)"
 
     res =
       H.alternate(
         [
           sys(@ours, ours, 400, 200),
           sys(@luerl, luerl, 400, 200),
-          sys("#{@ours} (rollback: false)", ours_no_rb, 300, 100)
+          sys(inline, luerl_inline, 300, 100),
+          sys(no_rb, ours_no_rb, 300, 100),
+          sys(fresh, fresh_handler, 300, 100),
+          sys(trivial, fresh_trivial, 300, 100)
         ],
         6
       )
 
+    Agent.stop(agent)
     label = "7. session call: `handle(msg)` on a loaded state (10-item msg in, 3-key table out)"
-    rows = pair_rows(label, res) ++ [info_row(label, "#{@ours} (rollback: false)", res)]
+
+    rows =
+      pair_rows(label, res) ++
+        Enum.map([inline, no_rb, fresh, trivial], &info_row(label, &1, res))
 
     # Checkpoint cost as a function of the state's size: a no-op call with and without
     # rollback on sessions holding 64 KiB, 1 MiB and 16 MiB.
@@ -447,8 +473,8 @@ defmodule Bench.Run do
     notes = [
       "Sessions: ours is `LuaSandbox.Session.call(s, \"handle\", [msg])` on a session that ran the " <>
         "handler's source once (rollback on: the state's used prefix is copied aside before the " <>
-        "call); Luerl is `luerl:call_function([handle], [Msg], St)` with the state threaded " <>
-        "through calls (kept in ETS between calls). tv-labs/lua is a wrapper over Luerl (Hex " <>
+        "call); Luerl is `luerl:call_function([handle], [Msg], St)` on a state held in a " <>
+        "GenServer (an Agent: `get_and_update`), and, as info, threaded inline in the caller. tv-labs/lua is a wrapper over Luerl (Hex " <>
         "only, not reachable here), so its state reuse is Luerl's. Checkpoint rows: a no-op " <>
         "`call` on sessions holding a 64 KiB / 1 MiB / 16 MiB string, with and without rollback."
     ]

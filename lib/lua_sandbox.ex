@@ -374,6 +374,21 @@ defmodule LuaSandbox do
   end
 
   @doc """
+  What a script can use under `opts` (the options of `run/2`), as text for a model's prompt:
+  the functions and libraries (`json` included), the tools with their specs, the modules,
+  the limits, and what is not available. The functions and libraries are those a fresh
+  sandboxed state offers, found by asking one.
+
+      iex> text = LuaSandbox.describe(tools: [search: {fn [q] -> [q] end, args: [query: :string]}])
+      iex> text =~ "json.{" and text =~ "tools.search(query: string)" and text =~ "io.open"
+      true
+
+  Raises `ArgumentError` for unknown options or bad option values.
+  """
+  @spec describe(options) :: String.t()
+  def describe(opts \\ []), do: LuaSandbox.Describe.describe(opts)
+
+  @doc """
   Renders a tool set (the `tools:` option) as text to put in a model's prompt: one line per
   tool, `tools.name(arg: type, opt?: type) -- doc`, sorted by name. Tools without a spec show
   as `tools.name(...)`.

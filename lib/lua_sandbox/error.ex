@@ -13,10 +13,10 @@ defmodule LuaSandbox.Error do
     cycle: "a returned table contains itself (the message names the path)",
     unsupported_value: "a function, coroutine or userdata (or a table/function key) in a result",
     invalid_input:
-      "globals, args or tool results that cannot become Lua values (the message names the " <>
-        "path, e.g. `globals.ctx.items[3]`), source over `max_source`, binary chunks, more " <>
-        "`call:` arguments than the limit, a chunk sent to another node, input over " <>
-        "`max_remote_bytes` for another node",
+      "globals or args that cannot become Lua values (the message names the path, e.g. " <>
+        "`globals.ctx.items[3]`; such a tool result is a Lua error the script can catch), " <>
+        "source over `max_source`, binary chunks, more `call:` arguments than the limit, a " <>
+        "chunk sent to another node, input over `max_remote_bytes` for another node",
     tool_limit: "more than `max_tool_calls` tool calls",
     timeout:
       "the run passed its `timeout:` deadline (output and stats kept), or was killed in a tool",

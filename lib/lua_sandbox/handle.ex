@@ -5,8 +5,8 @@ defmodule LuaSandbox.Handle do
   Made with `LuaSandbox.handle/1`. Inside Lua a handle can be stored, passed around, compared
   and handed to tools, but not created, read, changed or converted (`tostring` gives
   `"handle"`). A tool that receives it, and the caller that gets it back in a result, see the
-  original term. A handle is valid only in the run it was passed to: one kept from an earlier
-  session call, for example, comes back as an `:unsupported_value` error.
+  original term. A handle is valid in the run it was passed to, and in a `LuaSandbox.Session`
+  for the session's life (one made by a call that is rolled back goes with the call).
 
       iex> conn = LuaSandbox.handle({:db_conn, make_ref()})
       iex> {:ok, r} = LuaSandbox.run("return type(c), tostring(c), c == c", globals: %{c: conn})

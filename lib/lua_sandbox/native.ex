@@ -16,6 +16,8 @@ defmodule LuaSandbox.Native do
   # sessions: a state across calls (session_new/session_run dirty CPU; info normal)
   def session_new(_opts), do: :erlang.nif_error(:nif_not_loaded)
   def session_run(_session, _source, _opts), do: :erlang.nif_error(:nif_not_loaded)
+  # a first attempt on the normal scheduler (:retry when it did not finish within its slice)
+  def session_try(_session, _source, _opts), do: :erlang.nif_error(:nif_not_loaded)
   def session_info(_session), do: :erlang.nif_error(:nif_not_loaded)
 
   # compiled chunks (dirty CPU)

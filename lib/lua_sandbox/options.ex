@@ -55,8 +55,8 @@ defmodule LuaSandbox.Options do
     timeout:
       {:infinity,
        "milliseconds; a deadline the run checks as it goes (`:timeout`, with the output and " <>
-         "stats so far); the run happens in a supervised task, killed 500 ms after the " <>
-         "deadline as a backstop for time spent in tools"},
+         "stats so far), tools included: a tool still running at the deadline is stopped; " <>
+         "the run happens in a supervised task, killed 500 ms after the deadline as a backstop"},
     supervisor:
       {LuaSandbox.TaskSupervisor,
        "the `LuaSandbox.Supervisor` whose `max_concurrency` every run counts against; " <>

@@ -10,7 +10,7 @@ defmodule LuaSandbox.Runner do
 
   def run(source, opts) do
     case check_call(opts[:call]) do
-      :ok -> start(source, opts)
+      :ok -> start(source, with_deadline(opts))
       {:error, _} = error -> error
     end
   end
@@ -35,6 +35,19 @@ defmodule LuaSandbox.Runner do
       answer -> answer
     end
     |> drive(opts[:tools], opts)
+  end
+
+  @doc false
+  # A run with `timeout:` has a deadline (monotonic ms) that bounds its tools too; the
+  # supervisor sets it when it starts the task, so time waiting for a scheduler counts.
+  def with_deadline(opts) do
+    case {opts[:deadline], opts[:timeout]} do
+      {nil, ms} when is_integer(ms) ->
+        Keyword.put(opts, :deadline, System.monotonic_time(:millisecond) + ms)
+
+      _ ->
+        opts
+    end
   end
 
   @doc false
@@ -84,7 +97,7 @@ defmodule LuaSandbox.Runner do
   # Answers a native run's tool calls until it finishes; `tools` is the normalized tools map
   # (LuaSandbox.Options: name => {fun, spec}).
   def drive({:tool_call, run, name, args}, tools, opts) do
-    reply = Tools.call(name, Map.fetch!(tools, name), args)
+    reply = call_tool(name, Map.fetch!(tools, name), args, opts[:deadline])
 
     run
     |> Native.run_resume(reply)
@@ -111,6 +124,48 @@ defmodule LuaSandbox.Runner do
        output: output,
        stats: stats
      }}
+  end
+
+  # Without a deadline the tool runs here, in the process that runs the script. With one, it
+  # runs in a process linked to this one (so it dies with it), and at the deadline it is
+  # killed and the run resumed with `:timeout`, which the NIF turns into the run's end with
+  # `:timeout`, keeping the output printed so far (run.rs `reply_to_lua`).
+  defp call_tool(name, tool, args, nil), do: Tools.call(name, tool, args)
+
+  defp call_tool(name, tool, args, deadline) do
+    parent = self()
+    callers = [parent | Process.get(:"$callers", [])]
+
+    pid =
+      spawn_link(fn ->
+        Process.put(:"$callers", callers)
+        send(parent, {self(), :tool_reply, Tools.call(name, tool, args)})
+      end)
+
+    mref = Process.monitor(pid)
+    left = max(deadline - System.monotonic_time(:millisecond), 0)
+
+    receive do
+      {^pid, :tool_reply, reply} ->
+        Process.demonitor(mref, [:flush])
+        reply
+    after
+      left ->
+        Process.unlink(pid)
+        Process.exit(pid, :kill)
+        # Signals from one process arrive in order: after its :DOWN no reply can follow.
+        receive do
+          {:DOWN, ^mref, :process, ^pid, _} -> :ok
+        end
+
+        receive do
+          {^pid, :tool_reply, _late} -> :ok
+        after
+          0 -> :ok
+        end
+
+        :timeout
+    end
   end
 
   @doc false

@@ -1,46 +1,4 @@
 defmodule LuaSandbox.Session do
-  @moduledoc """
-  A sandboxed Lua state that lives across calls: load helpers once, call into them many
-  times, with per-call limits, and a failed call rolled back.
-
-      {:ok, s} = LuaSandbox.Session.start_link(max_memory: 16 * 1024 * 1024)
-      {:ok, _} = LuaSandbox.Session.run(s, "count = 0 function bump(n) count = count + n return count end")
-      {:ok, %{value: 5}} = LuaSandbox.Session.call(s, "bump", [5])
-      {:error, %{kind: :runtime}} = LuaSandbox.Session.run(s, "count = 1000 error('halfway')")
-      {:ok, %{value: 5}} = LuaSandbox.Session.run(s, "return count")
-
-  ## State-wide options (`start_link/1`)
-
-  | option | default | meaning |
-  | --- | --- | --- |
-  | `max_memory` | 64 MiB | Lua heap bytes for the whole session |
-  | `globals` | `%{}` | set once, when the session starts |
-  | `tools` | `%{}` | `name => fun/1`, as in `LuaSandbox.run/2` |
-  | `modules` | `%{}` | `name => source \\| %LuaSandbox.Chunk{}` for `require` |
-  | `print` | `:capture` | as in `LuaSandbox.run/2` |
-  | `chunk_name` | `"script"` | name of the chunks `run/3` loads |
-  | `max_depth`, `max_source` | as in `LuaSandbox.run/2` | |
-  | `name` | none | registers the session process |
-
-  ## Per-call options (`run/3`, `call/4`)
-
-  | option | default | meaning |
-  | --- | --- | --- |
-  | `max_instructions` | 100 000 000 | budget of this call |
-  | `max_output`, `max_tool_calls`, `max_result_bytes` | as in `LuaSandbox.run/2` | per call |
-  | `timeout` | `:infinity` | ms; the call runs in a task that is killed on expiry (`:timeout`) |
-  | `rollback` | `true` | a call that ends in any error leaves the state as it was before it |
-
-  Calls on one session are serialized (callers wait their turn); many sessions run in
-  parallel. A call runs in the calling process: if that process dies, the call stops within
-  milliseconds and is rolled back. If the session process stops, its state is freed.
-
-  Rollback copies the state's used memory aside before each call (a `memcpy`, about 1 µs
-  per 40 KiB; see bench/RESULTS.md) and back after a failed one.
-  """
-
-  use GenServer
-
   alias LuaSandbox.{Chunk, Error, Native, Options, Runner}
 
   @state_keys [
@@ -51,23 +9,71 @@ defmodule LuaSandbox.Session do
     :chunk_name,
     :globals,
     :tools,
-    :modules
+    :modules,
+    :supervisor
   ]
-  @call_keys [:max_instructions, :max_output, :max_tool_calls, :max_result_bytes, :timeout]
+  @call_keys [
+    :max_instructions,
+    :max_output,
+    :max_tool_calls,
+    :max_result_bytes,
+    :timeout,
+    :globals
+  ]
+
+  @moduledoc """
+  A sandboxed Lua state that lives across calls: load helpers once, call into them many
+  times, with per-call limits, and a failed call rolled back.
+
+      {:ok, s} = LuaSandbox.Session.start_link(max_memory: 16 * 1024 * 1024)
+      {:ok, _} = LuaSandbox.Session.run(s, "count = 0 function bump(n) count = count + n return count end")
+      {:ok, %{value: 5}} = LuaSandbox.Session.call(s, "bump", [5])
+      {:error, %{kind: :runtime}} = LuaSandbox.Session.run(s, "count = 1000 error('halfway')")
+      {:ok, %{value: 5}} = LuaSandbox.Session.run(s, "return count")
+
+  Options: the state-wide ones in `start_link/1`, the per-call ones in `run/3`.
+
+  Calls on one session are serialized (callers wait their turn); many sessions run in
+  parallel. A call runs in the calling process, with or without `timeout:` (a tool under a
+  deadline runs in a process linked to it): if that process dies, the call stops within
+  milliseconds and is rolled back, and no process of the call outlives it. If the session
+  process stops, its state is freed.
+
+  Rollback copies the state's used memory aside before each call (a `memcpy`, about 1 µs
+  per 40 KiB; see bench/RESULTS.md) and back after a failed one. A short call on a state of
+  at most 1 MiB is first tried on the caller's scheduler (as short runs are); one that needs
+  more is rolled back unseen and run on a dirty scheduler.
+  """
+
+  use GenServer
 
   @typedoc "A running session: its pid or registered name."
   @type t :: GenServer.server()
 
   @doc """
-  Starts a session linked to the caller, with the state-wide options above.
+  Starts a session linked to the caller.
 
-  Raises `ArgumentError` for unknown or invalid options. Returns `{:error, %LuaSandbox.Error{}}`
-  when the state cannot be set up (e.g. `:invalid_input` globals, `:syntax` in a module).
+  ## Options
+
+  #{Options.table(@state_keys)}
+  | `name` | none | registers the session process |
+
+  For a session, `max_memory` bounds the whole session's heap; `globals`, `tools` and
+  `modules` are set once, when it starts; every call holds one of the `supervisor`'s slots
+  while it runs (a full one answers `:overloaded`).
+
+  ## Typical errors
+
+    * `{:error, %LuaSandbox.Error{kind: :invalid_input}}` — a global that cannot become a Lua
+      value; `:syntax` or `:runtime` — a module that does not load
+    * `ArgumentError` — an unknown or invalid option, or a `supervisor:` that is not running
   """
   @spec start_link(keyword) :: GenServer.on_start() | {:error, Error.t()}
   def start_link(opts \\ []) do
     {name, opts} = Keyword.pop(opts, :name)
     validated = state_options(opts)
+    # Raises now if it is not running, not at the first call.
+    _ = LuaSandbox.Supervisor.running(validated[:supervisor])
     native = validated |> Runner.encode_opts() |> Options.to_native()
     gen_opts = if name, do: [name: name], else: []
 
@@ -80,7 +86,28 @@ defmodule LuaSandbox.Session do
     end
   end
 
-  @doc "Runs Lua `source` (or a compiled `%LuaSandbox.Chunk{}`) in the session's state."
+  @doc """
+  Runs Lua `source` (or a compiled `%LuaSandbox.Chunk{}`) in the session's state.
+
+  ## Options (per call; also for `call/4`, `get/3`, `set/4`)
+
+  #{Options.table(@call_keys)}
+  | `rollback` | `true` | a call that ends in any error leaves the state as it was before it |
+
+  In a session, a call runs in the calling process with or without `timeout` (no task, no
+  backstop); `timeout` also bounds the wait for the session (calls are serialized); and
+  `globals` are set before this call runs, as part of it (rolled back with it).
+
+  ## Typical error kinds
+
+    * `:syntax`, `:runtime` — as for `LuaSandbox.run/2` (the call is rolled back)
+    * `:instruction_limit`, `:memory_limit`, `:output_limit`, `:tool_limit`, `:timeout`
+    * `:overloaded` — the session's supervisor is at its `max_concurrency`
+    * `:invalid_input`, `:unsupported_value`, `:cycle`, `:depth_limit`, `:size_limit` — a
+      global or argument that cannot go in, or a result that cannot come out
+
+  Raises `ArgumentError` for unknown or invalid options.
+  """
   @spec run(t, String.t() | Chunk.t(), keyword) ::
           {:ok, LuaSandbox.Result.t()} | {:error, Error.t()}
   def run(session, source, opts \\ []) when is_binary(source) or is_struct(source, Chunk) do
@@ -97,11 +124,50 @@ defmodule LuaSandbox.Session do
     exec(session, native_source, nil, opts)
   end
 
-  @doc "Calls the global function `name` of the session's state with `args`."
+  @doc """
+  Calls the global function `name` of the session's state with `args`.
+
+  Takes the per-call options of `run/3` and answers the same way.
+  """
   @spec call(t, String.t() | atom, list, keyword) ::
           {:ok, LuaSandbox.Result.t()} | {:error, Error.t()}
   def call(session, name, args, opts \\ []) when is_list(args) do
     exec(session, nil, {to_string(name), Enum.map(args, &LuaSandbox.Encoding.encode/1)}, opts)
+  end
+
+  # get/2 hands the name over as a global that the chunk removes at once.
+  @get_name "__lua_sandbox_get"
+  @get_source "local name = #{@get_name} #{@get_name} = nil return _ENV[name]"
+
+  @doc """
+  The value of the global `name` in the session's state, as a result would give it.
+
+  Takes the per-call limits of `run/3`; errors as for `run/3` (e.g. `:unsupported_value`
+  for a function).
+
+      iex> {:ok, s} = LuaSandbox.Session.start_link()
+      iex> :ok = LuaSandbox.Session.set(s, "limits", %{max: 3})
+      iex> LuaSandbox.Session.get(s, "limits")
+      {:ok, %{"max" => 3}}
+  """
+  @spec get(t, String.t() | atom, keyword) :: {:ok, term} | {:error, Error.t()}
+  def get(session, name, opts \\ []) do
+    opts = Keyword.put(opts, :globals, [{@get_name, to_string(name)}])
+
+    with {:ok, %{value: value}} <- run(session, @get_source, opts), do: {:ok, value}
+  end
+
+  @doc """
+  Sets the global `name` of the session's state to `term` (converted as `globals:` are).
+
+  Takes the per-call limits of `run/3`; errors as for `run/3` (e.g. `:invalid_input` for a
+  term that cannot become a Lua value); a failed set changes nothing.
+  """
+  @spec set(t, String.t() | atom, term, keyword) :: :ok | {:error, Error.t()}
+  def set(session, name, term, opts \\ []) do
+    opts = Keyword.put(opts, :globals, [{name, term}])
+
+    with {:ok, _} <- exec(session, nil, nil, opts), do: :ok
   end
 
   @doc "Memory in use (bytes), calls made, instructions used and rollbacks done so far."
@@ -119,53 +185,77 @@ defmodule LuaSandbox.Session do
 
   ## Client side of a call
 
+  # A call always runs in the calling process, holding the session and a slot of the
+  # session's supervisor: its death stops the call (the NIF checks its caller) and a tool it
+  # was running dies with it (Runner: a tool under a deadline runs linked to the caller). A
+  # `timeout:` bounds the wait for the session, the Lua and the tools alike.
   defp exec(session, source, call, opts) do
     {timeout, call_opts} = call_options(opts, call)
+    deadline = if timeout == :infinity, do: nil, else: now_ms() + timeout
 
-    case timeout do
-      :infinity ->
-        exec_here(session, source, call_opts)
-
-      ms ->
-        task =
-          Task.Supervisor.async_nolink(LuaSandbox.TaskSupervisor, fn ->
-            exec_here(session, source, call_opts)
+    case checkout(session, deadline) do
+      {:ok, {res, tools, print, sup}} ->
+        try do
+          in_slot(sup, fn ->
+            res
+            |> run_when_free(source, call_opts, deadline, timeout)
+            |> Runner.drive(tools, print: print, deadline: deadline, timeout: timeout)
           end)
-
-        # The deadline is checked inside the call; the task's kill is the backstop (time
-        # spent in tools).
-        case Task.yield(task, ms + 100) || Task.shutdown(task, :brutal_kill) do
-          {:ok, result} ->
-            result
-
-          {:exit, reason} ->
-            {:error, %Error{kind: :runtime, message: "session call crashed: #{inspect(reason)}"}}
-
-          nil ->
-            {:error, %Error{kind: :timeout, message: "call exceeded its timeout of #{ms} ms"}}
+        after
+          GenServer.cast(session, {:checkin, self()})
         end
+
+      :timeout ->
+        {:error,
+         %Error{
+           kind: :timeout,
+           message: Runner.timeout_message(timeout) <> " waiting for the session",
+           stats: Error.empty_stats()
+         }}
     end
   end
 
-  defp exec_here(session, source, call_opts) do
-    {res, tools, print} = GenServer.call(session, :checkout, :infinity)
+  defp now_ms, do: System.monotonic_time(:millisecond)
 
-    try do
-      res
-      |> run_when_free(source, call_opts, 0)
-      |> Runner.drive(tools, print: print)
-    after
+  # Waits for the session (calls are serialized) until the deadline; a caller that gives up
+  # withdraws, so a grant that crosses its withdrawal is handed on, not kept.
+  defp checkout(session, nil), do: {:ok, GenServer.call(session, :checkout, :infinity)}
+
+  defp checkout(session, deadline) do
+    {:ok, GenServer.call(session, :checkout, max(deadline - now_ms(), 0))}
+  catch
+    :exit, {:timeout, _} ->
       GenServer.cast(session, {:checkin, self()})
+      :timeout
+  end
+
+  defp in_slot(sup, fun) do
+    case LuaSandbox.Supervisor.Slots.checkout(sup) do
+      {:ok, slot} ->
+        try do
+          fun.()
+        after
+          LuaSandbox.Supervisor.Slots.checkin(slot)
+        end
+
+      :full ->
+        {:error, LuaSandbox.Supervisor.overloaded(sup)}
     end
   end
 
   # The state may still be on its way back from a call whose caller just died (the native
   # call notices within milliseconds and rolls back).
-  defp run_when_free(res, source, call_opts, waited) do
-    case Native.session_run(res, source, call_opts) do
+  defp run_when_free(res, source, call_opts, deadline, timeout, waited \\ 0) do
+    opts = %{call_opts | timeout: Options.native_timeout(deadline, timeout)}
+
+    case first_attempt(res, source, opts) do
+      :retry -> Native.session_run(res, source, opts)
+      answer -> answer
+    end
+    |> case do
       :busy when waited < 5_000 ->
         Process.sleep(1)
-        run_when_free(res, source, call_opts, waited + 1)
+        run_when_free(res, source, call_opts, deadline, timeout, waited + 1)
 
       :busy ->
         {:error, {:runtime, "session state did not come back", nil, nil, nil}, "",
@@ -174,6 +264,17 @@ defmodule LuaSandbox.Session do
       answer ->
         answer
     end
+  end
+
+  # Most calls are short: one first attempt on this (normal) scheduler within a small slice
+  # saves the switch to a dirty one; a call that needs more is rolled back unseen and run
+  # again there (session.rs `session_try`). Only for short source: parsing is the one step
+  # whose cost the slice does not bound.
+  @short_source 4096
+  defp first_attempt(res, source, opts) do
+    if not is_binary(source) or byte_size(source) <= @short_source,
+      do: Native.session_try(res, source, opts),
+      else: :retry
   end
 
   defp call_options(opts, call) do
@@ -197,7 +298,8 @@ defmodule LuaSandbox.Session do
        max_result_bytes: o[:max_result_bytes],
        rollback: rollback,
        call: call,
-       timeout: Options.native_timeout(nil, o[:timeout])
+       globals: LuaSandbox.Encoding.encode_pairs(o[:globals]),
+       timeout: nil
      }}
   end
 
@@ -216,7 +318,14 @@ defmodule LuaSandbox.Session do
   @impl true
   def init({res, tools, opts}) do
     {:ok,
-     %{res: res, tools: tools, print: opts[:print] || :capture, owner: nil, queue: :queue.new()}}
+     %{
+       res: res,
+       tools: tools,
+       print: opts[:print] || :capture,
+       supervisor: opts[:supervisor],
+       owner: nil,
+       queue: :queue.new()
+     }}
   end
 
   @impl true
@@ -238,7 +347,9 @@ defmodule LuaSandbox.Session do
     {:noreply, next(%{s | owner: nil})}
   end
 
-  def handle_cast({:checkin, _}, s), do: {:noreply, s}
+  # A caller that gave up waiting (its deadline passed) leaves the queue.
+  def handle_cast({:checkin, pid}, s),
+    do: {:noreply, %{s | queue: :queue.filter(fn {p, _} -> p != pid end, s.queue)}}
 
   @impl true
   def handle_info({:DOWN, mref, :process, pid, _}, %{owner: {pid, mref}} = s),
@@ -246,7 +357,7 @@ defmodule LuaSandbox.Session do
 
   def handle_info(_, s), do: {:noreply, s}
 
-  defp grant(s), do: {s.res, s.tools, s.print}
+  defp grant(s), do: {s.res, s.tools, s.print, s.supervisor}
 
   # Hands the state to the next waiting caller that is still alive.
   defp next(s) do

@@ -33,6 +33,26 @@ defmodule LuaSandbox.DistributionTest do
            end)
   end
 
+  test "a run while the application is not started says so and how to start it" do
+    {peer, node} = TestPeer.start()
+    :ok = :erpc.call(node, Application, :stop, [:lua_sandbox])
+
+    message =
+      try do
+        :erpc.call(node, LuaSandbox, :run, ["return 1"])
+      rescue
+        e in ErlangError ->
+          {:exception, %ArgumentError{message: message}, _stack} = e.original
+          message
+      end
+
+    assert message =~ "the :lua_sandbox application is not started"
+    assert message =~ "Application.ensure_all_started(:lua_sandbox)"
+    {:ok, _} = :erpc.call(node, Application, :ensure_all_started, [:lua_sandbox])
+    assert {:ok, %{value: 1}} = :erpc.call(node, LuaSandbox, :run, ["return 1"])
+    TestPeer.stop(peer)
+  end
+
   test "a node that goes down mid-run gives :node_down" do
     {peer, node} = TestPeer.start()
 

@@ -4,4 +4,5 @@ defmodule LuaSandbox.DocTest do
 
   doctest LuaSandbox.Error
   doctest LuaSandbox.Encoder
+  doctest LuaSandbox.Session
 end

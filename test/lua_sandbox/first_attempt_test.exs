@@ -80,4 +80,42 @@ defmodule LuaSandbox.FirstAttemptTest do
     assert LuaSandbox.Native.run_try("while true do end", native) == :retry
     assert {:ok, [3], "", _} = LuaSandbox.Native.run_try("return 1 + 2", native)
   end
+
+  describe "session calls (session.rs `session_try`)" do
+    test "a call longer than the slice: full result, exact stats, counted once, output once" do
+      {:ok, s} = LuaSandbox.Session.start_link(print: {:send, self()})
+      {:ok, _} = LuaSandbox.Session.run(s, "calls = 0")
+      src = "calls = calls + 1 io.write('x') " <> @slice_plus <> " io.write('y') return n, calls"
+
+      assert {:ok, %{values: [20_000_100_000, 1], output: "xy", stats: stats}} =
+               LuaSandbox.Session.run(s, src)
+
+      assert stats.instructions in 400_000..400_100
+      assert LuaSandbox.TestStream.streamed() == "xy"
+      assert %{calls: 2, rollbacks: 0} = LuaSandbox.Session.info(s)
+    end
+
+    test "a short call and a tool call: what the attempt did is not kept twice" do
+      me = self()
+      tools = %{ping: fn [] -> send(me, :ping) && "pong" end}
+      {:ok, s} = LuaSandbox.Session.start_link(tools: tools)
+      {:ok, _} = LuaSandbox.Session.run(s, "t = {}")
+
+      assert {:ok, %{values: [1, "pong"]}} =
+               LuaSandbox.Session.run(s, "t[#t + 1] = 'a' return #t, tools.ping()")
+
+      assert_received :ping
+      refute_received :ping
+      assert {:ok, %{value: 1}} = LuaSandbox.Session.run(s, "return #t")
+      assert %{calls: 3, rollbacks: 0} = LuaSandbox.Session.info(s)
+    end
+
+    test "a failed short call is rolled back and counted once" do
+      {:ok, s} = LuaSandbox.Session.start_link()
+      {:ok, _} = LuaSandbox.Session.run(s, "n = 1")
+      assert {:error, %{kind: :runtime}} = LuaSandbox.Session.run(s, "n = 2 error('x')")
+      assert {:ok, %{value: 1}} = LuaSandbox.Session.run(s, "return n")
+      assert %{calls: 3, rollbacks: 1} = LuaSandbox.Session.info(s)
+    end
+  end
 end

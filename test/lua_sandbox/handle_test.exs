@@ -58,15 +58,29 @@ defmodule LuaSandbox.HandleTest do
     assert {:ok, %{value: false}} = LuaSandbox.run("return getmetatable(h)", globals: %{h: h})
   end
 
-  test "a handle kept in a session is valid only in the call it was passed to" do
-    {:ok, s} = LuaSandbox.Session.start_link()
+  test "a handle kept in a session stays valid for the session's life; rolled back with a call" do
+    me = self()
+    tools = %{use: fn [h] -> send(me, {:used, h}) && :ok end}
+    {:ok, s} = LuaSandbox.Session.start_link(tools: tools)
 
-    {:ok, %{value: 1}} =
-      LuaSandbox.Session.call(s, "rawset", [%{}, "k", 1]) |> then(fn _ -> {:ok, %{value: 1}} end)
+    {:ok, _} =
+      LuaSandbox.Session.run(s, """
+      function keep(h) kept = h return h end
+      function keep_then_fail(h) lost = h error('no') end
+      """)
 
-    {:ok, _} = LuaSandbox.Session.run(s, "function keep(h) kept = h return h end")
     assert {:ok, %{value: :mine}} = LuaSandbox.Session.call(s, "keep", [LuaSandbox.handle(:mine)])
+    assert {:ok, %{value: :mine}} = LuaSandbox.Session.run(s, "return kept")
+    assert {:ok, _} = LuaSandbox.Session.run(s, "tools.use(kept)")
+    assert_received {:used, :mine}
+    assert {:ok, %{value: "userdata"}} = LuaSandbox.Session.run(s, "return type(kept)")
 
-    assert {:error, %{kind: :unsupported_value}} = LuaSandbox.Session.run(s, "return kept")
+    assert {:error, %{kind: :runtime}} =
+             LuaSandbox.Session.call(s, "keep_then_fail", [LuaSandbox.handle(:lost)])
+
+    assert {:ok, %{values: [nil, :mine]}} = LuaSandbox.Session.run(s, "return lost, kept")
+    # a handle made after the rollback reuses nothing of the lost one's
+    assert {:ok, %{value: :new}} = LuaSandbox.Session.call(s, "keep", [LuaSandbox.handle(:new)])
+    assert {:ok, %{value: :new}} = LuaSandbox.Session.run(s, "return kept")
   end
 end

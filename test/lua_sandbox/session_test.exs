@@ -120,6 +120,39 @@ defmodule LuaSandbox.SessionTest do
     assert dump(s) == before
   end
 
+  describe "per-call globals:, get/2 and set/3" do
+    test "globals: are set for the call, kept after it, rolled back with a failed one" do
+      s = start!()
+      {:ok, _} = Session.run(s, "function greet(who) return greeting .. ', ' .. who end")
+
+      assert {:ok, %{value: "hi, ann"}} =
+               Session.call(s, "greet", ["ann"], globals: %{greeting: "hi"})
+
+      assert {:ok, "hi"} = Session.get(s, :greeting)
+
+      assert {:error, %{kind: :runtime}} =
+               Session.run(s, "error('no')", globals: [greeting: "bye", other: 1])
+
+      assert {:ok, %{value: "hi, bob"}} = Session.call(s, "greet", ["bob"])
+      assert {:ok, nil} = Session.get(s, "other")
+    end
+
+    test "set/3 and get/2 go through the same conversions as globals and results" do
+      s = start!()
+      assert :ok = Session.set(s, "cfg", %{limits: [1, 2], on: true, at: ~D[2026-12-01]})
+
+      assert {:ok, %{"limits" => [1, 2], "on" => true, "at" => "2026-12-01"}} =
+               Session.get(s, "cfg")
+
+      assert {:ok, %{value: 3}} = Session.run(s, "return cfg.limits[1] + cfg.limits[2]")
+      assert {:error, %{kind: :invalid_input}} = Session.set(s, "cfg", self())
+      assert {:ok, %{"on" => true}} = Session.get(s, "cfg")
+      {:ok, _} = Session.run(s, "function f() end")
+      assert {:error, %{kind: :unsupported_value}} = Session.get(s, "f")
+      assert {:ok, nil} = Session.get(s, "__lua_sandbox_get")
+    end
+  end
+
   test "rollback: false keeps what a failed call changed, as Lua would" do
     s = start!()
     {:ok, _} = Session.run(s, "n = 1")

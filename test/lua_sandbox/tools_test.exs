@@ -104,8 +104,23 @@ defmodule LuaSandbox.ToolsTest do
       assert msg =~ "kaput"
     end
 
-    test "a result that cannot cross is an error" do
-      assert {:error, %Error{kind: :invalid_input}} = run("return tools.bad()")
+    test "a result that cannot become a Lua value is a Lua error naming the tool, path and type" do
+      assert {:error, %Error{kind: :runtime, message: msg}} = run("return tools.bad()")
+      assert msg =~ "tool 'bad': pid cannot become a Lua value at tool result[1].pid"
+
+      struct = %{__struct__: Some.Module, a: 1}
+
+      for {value, what, path} <- [
+            {%{x: [struct]}, "struct Some.Module", "[1].x[1]"},
+            {%{x: self()}, "pid", "[1].x"},
+            {[make_ref()], "reference", "[1][1]"}
+          ] do
+        tools = %{give: fn [] -> {:ok, value} end}
+        src = "local ok, e = pcall(tools.give) return ok, e, 'went on'"
+        assert {:ok, %{values: [false, msg, "went on"]}} = LuaSandbox.run(src, tools: tools)
+        assert msg =~ "tool 'give': #{what} cannot become a Lua value"
+        assert msg =~ "tool result#{path}"
+      end
     end
   end
 

@@ -169,6 +169,20 @@ defmodule LuaSandbox.Supervisor.Slots do
     end
   end
 
+  defp not_running!(LuaSandbox.TaskSupervisor = sup) do
+    started? = List.keymember?(Application.started_applications(), :lua_sandbox, 0)
+
+    if started?,
+      do: raise(ArgumentError, "supervisor #{inspect(sup)} is not running"),
+      else:
+        raise(
+          ArgumentError,
+          "supervisor #{inspect(sup)} is not running: the :lua_sandbox application is not " <>
+            "started (e.g. in a release's `bin/app eval`); start it first with " <>
+            "Application.ensure_all_started(:lua_sandbox)"
+        )
+  end
+
   defp not_running!(sup),
     do: raise(ArgumentError, "supervisor #{inspect(sup)} is not running")
 

@@ -6,8 +6,9 @@
 //! metatable. Lua cannot create such a userdata, read or change what is inside (no `debug`
 //! library; the metatable is hidden), or turn it into anything but itself. Marshaling out (a
 //! tool's arguments, the results) gives the original term back — but only in the run that
-//! made the handle: a handle kept in a session's state from an earlier call, or smuggled any
-//! other way, does not match the token and is an `:unsupported_value`.
+//! made the handle — or, for a session, anywhere in the session's life: a session keeps its
+//! [`Handles`] across calls (handles made by a call that is rolled back are forgotten with
+//! it). A handle smuggled any other way does not match the token.
 
 use std::cell::Cell;
 use std::ffi::c_int;
@@ -35,6 +36,24 @@ impl Handles {
             owned: None,
             saved: Vec::new(),
         }
+    }
+
+    /// How many handles there are: a mark to roll back to with [`Handles::truncate`].
+    pub fn mark(&self) -> usize {
+        self.saved.len()
+    }
+
+    /// Forgets the handles made after `mark` (a session call that was rolled back: the
+    /// userdata that pointed at them went with the state). The token stays: the handles made
+    /// before remain valid.
+    pub fn truncate(&mut self, mark: usize) {
+        self.saved.truncate(mark);
+    }
+}
+
+impl Default for Handles {
+    fn default() -> Handles {
+        Handles::new()
     }
 }
 

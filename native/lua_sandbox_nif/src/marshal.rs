@@ -448,7 +448,11 @@ impl Builder {
                 // SAFETY: as in `set_globals` (limit lifted, one slot free: callers check).
                 return unsafe { crate::handles::push(l, inner) }.map_err(invalid);
             }
-            return Err(invalid("struct cannot become a Lua value"));
+            let module = name.atom_to_string().unwrap_or_default();
+            let module = module.strip_prefix("Elixir.").unwrap_or(&module);
+            return Err(invalid(&format!(
+                "struct {module} cannot become a Lua value (no LuaSandbox.Encoder)"
+            )));
         }
         let depth = self.enter(depth)?;
         let size = term.map_size().unwrap_or(0);
@@ -777,7 +781,9 @@ impl<'e> Reader<'e> {
                             self.charge(0)?;
                             Ok(t)
                         }
-                        None => Err(unsupported("userdata (or a handle from another run)")),
+                        None => Err(unsupported(
+                            "userdata (a handle made in another run or session)",
+                        )),
                     }
                 }
                 ffi::LUA_TFUNCTION => Err(unsupported("a function")),

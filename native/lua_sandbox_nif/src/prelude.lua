@@ -6,7 +6,7 @@
 local make_tool = ...
 
 local G = _G
-local pairs, error, setmetatable, getmetatable, type = pairs, error, setmetatable, getmetatable, type
+local pairs, next, error, setmetatable, getmetatable, type = pairs, next, error, setmetatable, getmetatable, type
 local concat = table.concat
 
 -- An allowlist, not a denylist: whatever a future Lua or mlua adds stays out.
@@ -49,7 +49,21 @@ local function make_tools(names)
     __newindex = function()
       error("tools is read-only", 2)
     end,
+    -- `pairs(tools)` lists the tools (name, function).
+    __pairs = function()
+      return next, impl, nil
+    end,
     __metatable = false,
+  })
+  -- A tool's name used as a global (the `tools.` prefix forgotten) is an error that says so,
+  -- where it would otherwise be nil ("attempt to call a nil value"). Only for those names,
+  -- and only until the script sets a metatable of its own on _G.
+  setmetatable(G, {
+    __index = function(_, k)
+      if impl[k] ~= nil then
+        error("'" .. k .. "' is a tool: call it as tools." .. k .. "(...)", 2)
+      end
+    end,
   })
 end
 

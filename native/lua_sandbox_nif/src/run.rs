@@ -67,7 +67,10 @@ pub(crate) struct Running {
     pub(crate) max_memory: usize,
     pub(crate) tool_calls: u64,
     pub(crate) elapsed: Duration,
-    /// The terms behind this run's handles (boxed: activations point at it across moves).
+    /// The tool the run is parked at (for the messages about its reply).
+    pub(crate) pending_tool: String,
+    /// The terms behind this run's handles (boxed: activations point at it across moves); a
+    /// session call's are the session's, lent for the call.
     pub(crate) handles: Box<Handles>,
     // Last: `thread` points into this slot.
     pub(crate) home: Home,
@@ -89,7 +92,7 @@ impl Home {
         }
     }
 
-    fn slot_mut(&mut self) -> &mut lua_sandbox_core::Slot {
+    pub(crate) fn slot_mut(&mut self) -> &mut lua_sandbox_core::Slot {
         match self {
             Home::Fresh(lease) => lease.slot_mut(),
             Home::Session(loan) => loan.slot_mut(),
@@ -101,6 +104,8 @@ impl Drop for Running {
     fn drop(&mut self) {
         if let Home::Session(loan) = &mut self.home {
             loan.record(self.control.instructions());
+            // The session's handles go back with its state (the loan, dropped next).
+            loan.give_back_handles(std::mem::take(&mut self.handles));
         }
     }
 }
@@ -163,13 +168,23 @@ pub const FAST_RESULT_BYTES: u64 = 256 << 10;
 
 /// The tighter limits of a first attempt, and the run's real ones.
 #[derive(Clone, Copy)]
-struct Fast {
+pub(crate) struct Fast {
     max_instructions: u64,
     max_memory: usize,
     max_result_bytes: u64,
 }
 
 impl Fast {
+    /// A session call's first attempt (`session_try`): its instruction slice and result bound
+    /// are the attempt's; its memory limit is the session's own (so a memory error is real).
+    pub(crate) fn for_session(max_instructions: u64, max_result_bytes: u64) -> Fast {
+        Fast {
+            max_instructions,
+            max_memory: 0,
+            max_result_bytes,
+        }
+    }
+
     /// Whether `e`, met under the attempt's limits, may not be the run's real outcome.
     fn retry(&self, e: &SandboxError) -> bool {
         match e {
@@ -392,6 +407,7 @@ fn start<'a>(
         max_memory,
         tool_calls: 0,
         elapsed: Duration::ZERO,
+        pending_tool: String::new(),
         handles: Box::new(Handles::new()),
         home: Home::Fresh(lease),
     };
@@ -426,58 +442,25 @@ fn start<'a>(
             })
         })
     };
-    let nargs = match prepared {
-        Ok(n) => n,
-        Err(e) => {
-            session.elapsed = t0.elapsed();
-            if fast.is_some_and(|f| f.retry(&e)) {
-                return atoms::retry().encode(env);
-            }
-            return finish_error(env, &mut session, e, None);
-        }
-    };
-    let step = {
-        let _active = Activation::new(&session.control, crate::caller::of(env));
-        let _out = output::Activation::new(&mut session.output);
-        resume(session.thread, &session.control, nargs)
-    };
-    session.elapsed = t0.elapsed();
-    if let Some(fast) = fast {
-        let retry = match &step {
-            Ok(Step::ToolCall { .. }) => true,
-            // Whether the result fits the attempt's bounds is known once it is converted
-            // (`settle`).
-            Ok(Step::Done { .. }) => false,
-            Err(e) => fast.retry(
-                &session
-                    .control
-                    .abort()
-                    .map(SandboxError::from)
-                    .unwrap_or_else(|| e.clone()),
-            ),
-            Ok(Step::Failed { .. }) => session
-                .control
-                .abort()
-                .is_some_and(|why| fast.retry(&why.into())),
-        };
-        if retry {
-            return atoms::retry().encode(env);
-        }
-    }
-    settle(env, session, step, None, fast)
+    begin(env, prepared, session, t0, fast)
 }
 
-/// Runs a prepared run coroutine to its first stop and answers (no first attempt).
+/// Runs a prepared run coroutine to its first stop and answers. A first attempt (`fast`)
+/// answers `:retry` instead when it stopped at one of the attempt's own limits or a tool call.
 pub(crate) fn begin<'a>(
     env: Env<'a>,
     prepared: Result<c_int, SandboxError>,
     mut running: Running,
     t0: Instant,
+    fast: Option<Fast>,
 ) -> Term<'a> {
     let nargs = match prepared {
         Ok(n) => n,
         Err(e) => {
             running.elapsed = t0.elapsed();
+            if fast.is_some_and(|f| f.retry(&e)) {
+                return retry_later(env, running);
+            }
             return finish_error(env, &mut running, e, None);
         }
     };
@@ -487,7 +470,39 @@ pub(crate) fn begin<'a>(
         resume(running.thread, &running.control, nargs)
     };
     running.elapsed = t0.elapsed();
-    settle(env, running, step, None, None)
+    if let Some(fast) = &fast {
+        let retry = match &step {
+            Ok(Step::ToolCall { .. }) => true,
+            // Whether the result fits the attempt's bounds is known once it is converted
+            // (`settle`).
+            Ok(Step::Done { .. }) => false,
+            Err(e) => fast.retry(
+                &running
+                    .control
+                    .abort()
+                    .map(SandboxError::from)
+                    .unwrap_or_else(|| e.clone()),
+            ),
+            Ok(Step::Failed { .. }) => running
+                .control
+                .abort()
+                .is_some_and(|why| fast.retry(&why.into())),
+        };
+        if retry {
+            return retry_later(env, running);
+        }
+    }
+    settle(env, running, step, None, fast)
+}
+
+/// Throws a first attempt away unseen: a fresh run's slot is restored, a session's state
+/// rolled back to the call's checkpoint without counting the attempt as a call.
+fn retry_later(env: Env<'_>, mut running: Running) -> Term<'_> {
+    if let Home::Session(loan) = &mut running.home {
+        loan.discard();
+    }
+    drop(running);
+    atoms::retry().encode(env)
 }
 
 /// Runs setup work (converting globals, loading modules, compiling the chunk) under
@@ -878,7 +893,7 @@ fn settle<'a>(
     match answer {
         Answer::Final(term) => term,
         // Thrown away unseen: nothing was sent, nothing of the attempt is kept.
-        Answer::Retry => atoms::retry().encode(env),
+        Answer::Retry => retry_later(env, session),
         Answer::ToolCall(name_term, terms) => {
             let run = run.unwrap_or_else(|| {
                 ResourceArc::new(Run {
@@ -944,6 +959,7 @@ fn settle_step<'a>(
                 return Answer::Final(finish_error(env, session, SandboxError::ToolLimit, None));
             }
             let root = format!("tools.{name}");
+            session.pending_tool.clone_from(&name);
             // SAFETY: the arguments are on the suspended thread at `first..first + n`; then
             // the yielded values are popped, so the next resume finds only its arguments.
             let terms =
@@ -961,6 +977,11 @@ fn settle_step<'a>(
 /// Elixir's answer to a tool call, pushed onto the suspended run coroutine as the values the
 /// tool function sees. Returns how many.
 fn reply_to_lua(session: &mut Running, reply: Term) -> Result<c_int, SandboxError> {
+    // `:timeout`: the run's deadline passed while the tool ran (LuaSandbox.Runner stopped
+    // the tool): the run ends as it would at the deadline inside Lua, output kept.
+    if reply.decode::<Atom>().is_ok_and(|a| a == atoms::timeout()) {
+        return Err(SandboxError::Timeout);
+    }
     let (tag, payload): (Atom, Term) = reply
         .decode()
         .map_err(|_| SandboxError::InvalidInput("bad tool reply".to_string()))?;
@@ -978,10 +999,25 @@ fn reply_to_lua(session: &mut Running, reply: Term) -> Result<c_int, SandboxErro
                 return Err(SandboxError::Runtime("Lua stack exhausted".to_string()));
             }
             if tag == atoms::ok() {
-                let n = marshal::push_values(l, &[payload], max_depth, "tool result", limit)?;
-                ffi::lua_pushboolean(thread, 1);
-                ffi::lua_xmove(l, thread, n);
-                Ok(1 + n)
+                match marshal::push_values(l, &[payload], max_depth, "tool result", limit) {
+                    Ok(n) => {
+                        ffi::lua_pushboolean(thread, 1);
+                        ffi::lua_xmove(l, thread, n);
+                        Ok(1 + n)
+                    }
+                    // A value that has no Lua form (a struct without an Encoder, a pid, a
+                    // tuple): the tool's fault, not the script's, and nothing was built
+                    // (`push_values` leaves the stack as it was): a Lua error the script can
+                    // catch, raised where it called the tool. Limits still end the run.
+                    Err(SandboxError::InvalidInput(what)) => {
+                        let name = &session.pending_tool;
+                        push_string(l, format!("tool '{name}': {what}").as_bytes())?;
+                        ffi::lua_pushboolean(thread, 0);
+                        ffi::lua_xmove(l, thread, 1);
+                        Ok(2)
+                    }
+                    Err(e) => Err(e),
+                }
             } else {
                 let msg: rustler::Binary = payload
                     .decode()

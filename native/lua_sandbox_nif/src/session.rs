@@ -18,6 +18,8 @@ use rustler::{Atom, Encoder, Env, NifMap, NifResult, ResourceArc, Term};
 
 use crate::atoms;
 use crate::budget::Control;
+use crate::error::SandboxError;
+use crate::handles::Handles;
 use crate::output::Output;
 use crate::run::{self, Code, Entry, Home, Running, Source, StateSetup};
 use crate::sandbox;
@@ -48,6 +50,8 @@ pub struct CallOpts<'a> {
     pub max_result_bytes: u64,
     pub rollback: bool,
     pub call: Option<(String, Vec<Term<'a>>)>,
+    /// Globals set for this call (part of it: rolled back with it).
+    pub globals: Vec<(String, Term<'a>)>,
     /// Milliseconds to the call's deadline (`timeout:`), checked inside the run.
     pub timeout: Option<u64>,
 }
@@ -67,6 +71,9 @@ pub struct SessionState {
     calls: u64,
     instructions: u64,
     rollbacks: u64,
+    /// The terms behind the session's handles: they stay valid for the session's life. Lent
+    /// to each call's `Running` and given back when it ends.
+    handles: Box<Handles>,
 }
 
 /// The session resource: its state, or `None` while a call has it on loan.
@@ -92,6 +99,10 @@ pub struct Loan {
     rollback: bool,
     ok: bool,
     instructions: u64,
+    /// The session's handle count before the call (rolled back with the state).
+    handles_mark: usize,
+    /// A first attempt thrown away (`session_try`): rolled back, not counted.
+    discarded: bool,
 }
 
 impl Loan {
@@ -122,6 +133,19 @@ impl Loan {
     pub fn record(&mut self, instructions: u64) {
         self.instructions = instructions;
     }
+
+    /// The call was a first attempt that is thrown away: roll back, count nothing.
+    pub fn discard(&mut self) {
+        self.discarded = true;
+        self.ok = false;
+    }
+
+    /// The session's handles, lent to the call, come back (before the loan is dropped).
+    pub fn give_back_handles(&mut self, handles: Box<Handles>) {
+        if let Some(state) = self.state.as_mut() {
+            state.handles = handles;
+        }
+    }
 }
 
 impl Drop for Loan {
@@ -129,11 +153,22 @@ impl Drop for Loan {
         let Some(mut state) = self.state.take() else {
             return;
         };
+        if self.discarded {
+            // `session_try` only attempts with rollback on: the checkpoint is there.
+            let SessionState {
+                lease, checkpoint, ..
+            } = &mut state;
+            lease.slot_mut().rollback(checkpoint);
+            state.handles.truncate(self.handles_mark);
+            *self.owner.lock() = Some(state);
+            return;
+        }
         if self.rollback && !self.ok {
             let SessionState {
                 lease, checkpoint, ..
             } = &mut state;
             lease.slot_mut().rollback(checkpoint);
+            state.handles.truncate(self.handles_mark);
             state.rollbacks += 1;
         } else {
             let l = state.lease.slot().state();
@@ -191,6 +226,7 @@ fn session_new<'a>(env: Env<'a>, opts: SessionOpts<'a>) -> Term<'a> {
             calls: 0,
             instructions: 0,
             rollbacks: 0,
+            handles: Box::default(),
         };
         let res = ResourceArc::new(SessionRes {
             state: Mutex::new(Some(state)),
@@ -207,6 +243,46 @@ fn session_run<'a>(
     res: ResourceArc<SessionRes>,
     source: Term<'a>,
     opts: CallOpts<'a>,
+) -> NifResult<Term<'a>> {
+    call(env, res, source, opts, None)
+}
+
+/// The state size up to which a call is first tried on the caller's normal scheduler: the
+/// attempt's checkpoint and, when it is thrown away, its rollback copy this much.
+const TRY_MAX_USED: usize = run::FAST_MEMORY;
+
+/// A first attempt at a call on the caller's normal scheduler, like `run_try`: at most
+/// `FAST_INSTRUCTIONS` and `FAST_RESULT_BYTES`, no tool call, no output streamed. It answers
+/// like `session_run` when the call finished within them, and `:retry` when not (also,
+/// without trying, for `rollback: false` or a state over `TRY_MAX_USED`): the attempt is then
+/// rolled back unseen and uncounted, and the caller runs the call with `session_run`.
+#[rustler::nif]
+fn session_try<'a>(
+    env: Env<'a>,
+    res: ResourceArc<SessionRes>,
+    source: Term<'a>,
+    opts: CallOpts<'a>,
+) -> NifResult<Term<'a>> {
+    let mut opts = opts;
+    let small = res
+        .lock()
+        .as_ref()
+        .is_some_and(|state| state.lease.slot().used() <= TRY_MAX_USED);
+    if !opts.rollback || !small {
+        return Ok(atoms::retry().encode(env));
+    }
+    let fast = run::Fast::for_session(opts.max_instructions, opts.max_result_bytes);
+    opts.max_instructions = opts.max_instructions.min(run::FAST_INSTRUCTIONS);
+    opts.max_result_bytes = opts.max_result_bytes.min(run::FAST_RESULT_BYTES);
+    call(env, res, source, opts, Some(fast))
+}
+
+fn call<'a>(
+    env: Env<'a>,
+    res: ResourceArc<SessionRes>,
+    source: Term<'a>,
+    opts: CallOpts<'a>,
+    fast: Option<run::Fast>,
 ) -> NifResult<Term<'a>> {
     let source = if source == atoms::nil().encode(env) {
         None
@@ -247,6 +323,8 @@ fn session_run<'a>(
         };
         let print = run::print_mode_of(state.print, state.print_pid, state.print_tag.clone());
         let max_source = state.max_source;
+        let handles = std::mem::take(&mut state.handles);
+        let handles_mark = handles.mark();
         let control = Box::new(Control::new(opts.max_instructions));
         if let Some(ms) = opts.timeout {
             control.set_deadline(t0 + std::time::Duration::from_millis(ms));
@@ -263,15 +341,22 @@ fn session_run<'a>(
             max_memory: state.max_memory,
             tool_calls: 0,
             elapsed: std::time::Duration::ZERO,
-            handles: Box::new(crate::handles::Handles::new()),
+            pending_tool: String::new(),
+            handles,
             home: Home::Session(Loan {
                 state: Some(state),
                 owner: res.clone(),
                 rollback: opts.rollback,
                 ok: false,
                 instructions: 0,
+                handles_mark,
+                discarded: false,
             }),
         };
+        if fast.is_some() {
+            // An attempt streams nothing until it has succeeded.
+            running.output.hold();
+        }
         let handles_ptr: *mut crate::handles::Handles = &mut *running.handles;
         // SAFETY: as in `run::start`: the box outlives every marshaling call of this call.
         let _handles = unsafe { crate::handles::Activation::new_raw(handles_ptr) };
@@ -287,11 +372,27 @@ fn session_run<'a>(
         // session's state outlives the call's control (both live in `running`).
         let prepared = unsafe {
             run::under_budget(env, control, state, || {
+                set_globals(&mut running, &opts.globals)?;
                 run::prepare_thread(&mut running, entry, call, max_source)
             })
         };
-        run::begin(env, prepared, running, t0)
+        run::begin(env, prepared, running, t0, fast)
     }))
+}
+
+/// Sets a call's `globals:` in the session's state (the main stack is empty, nothing runs),
+/// under the call's budget and handles like the rest of its setup.
+fn set_globals(running: &mut Running, globals: &[(String, Term)]) -> Result<(), SandboxError> {
+    if globals.is_empty() {
+        return Ok(());
+    }
+    let l = running.main();
+    let (max_depth, limit) = (running.max_depth, running.max_memory);
+    running.home.slot_mut().set_limit(usize::MAX);
+    // SAFETY: `l` is not running and its limit is lifted (marshal's contract).
+    let pushed = unsafe { crate::marshal::push_globals(l, globals, max_depth, limit) };
+    running.home.slot_mut().set_limit(limit);
+    pushed
 }
 
 /// `{:ok, %{memory:, calls:, instructions:, rollbacks:}}`, or `:busy` during a call.
