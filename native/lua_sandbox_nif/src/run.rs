@@ -1011,7 +1011,7 @@ fn reply_to_lua(session: &mut Running, reply: Term) -> Result<c_int, SandboxErro
                     // catch, raised where it called the tool. Limits still end the run.
                     Err(SandboxError::InvalidInput(what)) => {
                         let name = &session.pending_tool;
-                        push_string(l, format!("tool '{name}': {what}").as_bytes())?;
+                        push_string(l, format!("tool '{name}': {what}").as_bytes(), limit)?;
                         ffi::lua_pushboolean(thread, 0);
                         ffi::lua_xmove(l, thread, 1);
                         Ok(2)
