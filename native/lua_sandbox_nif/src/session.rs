@@ -18,8 +18,9 @@ use rustler::{Atom, Encoder, Env, NifMap, NifResult, ResourceArc, Term};
 
 use crate::atoms;
 use crate::budget::Control;
+use crate::chunk::Code;
 use crate::output::Output;
-use crate::run::{self, Code, Entry, Home, Running, Source, StateSetup};
+use crate::run::{self, Entry, Home, Running, Source, StateSetup};
 use crate::sandbox;
 use crate::slots::{self, Lease};
 use lua_sandbox_core::Slot;
@@ -100,12 +101,14 @@ impl Loan {
             .as_ref()
             .expect("a loan holds the state until dropped")
     }
+}
 
-    pub fn slot(&self) -> &Slot {
+impl run::Lent for Loan {
+    fn slot(&self) -> &Slot {
         self.state().lease.slot()
     }
 
-    pub fn slot_mut(&mut self) -> &mut Slot {
+    fn slot_mut(&mut self) -> &mut Slot {
         self.state
             .as_mut()
             .expect("a loan holds the state until dropped")
@@ -114,12 +117,12 @@ impl Loan {
     }
 
     /// The call finished with a result: its changes stay.
-    pub fn succeeded(&mut self) {
+    fn succeeded(&mut self) {
         self.ok = true;
     }
 
     /// The instructions the call used (for `info/1`).
-    pub fn record(&mut self, instructions: u64) {
+    fn record(&mut self, instructions: u64) {
         self.instructions = instructions;
     }
 }
@@ -264,13 +267,13 @@ fn session_run<'a>(
             tool_calls: 0,
             elapsed: std::time::Duration::ZERO,
             handles: Box::new(crate::handles::Handles::new()),
-            home: Home::Session(Loan {
+            home: Home::Session(Box::new(Loan {
                 state: Some(state),
                 owner: res.clone(),
                 rollback: opts.rollback,
                 ok: false,
                 instructions: 0,
-            }),
+            })),
         };
         let handles_ptr: *mut crate::handles::Handles = &mut *running.handles;
         // SAFETY: as in `run::start`: the box outlives every marshaling call of this call.
