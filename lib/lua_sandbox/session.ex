@@ -135,10 +135,10 @@ defmodule LuaSandbox.Session do
             result
 
           {:exit, reason} ->
-            {:error, %Error{kind: :runtime, message: "session call crashed: #{inspect(reason)}"}}
+            {:error, Error.crashed("session call", reason)}
 
           nil ->
-            {:error, %Error{kind: :timeout, message: "call exceeded its timeout of #{ms} ms"}}
+            {:error, Error.timeout("call", ms)}
         end
     end
   end

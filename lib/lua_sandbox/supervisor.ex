@@ -133,12 +133,7 @@ defmodule LuaSandbox.Supervisor do
     node = opts[:node] || node()
 
     if node != node() and is_struct(source, Chunk) do
-      {:error,
-       %Error{
-         kind: :invalid_input,
-         message: "a compiled chunk cannot be sent to another node",
-         stats: Error.empty_stats()
-       }}
+      {:error, Error.new(:invalid_input, "a compiled chunk cannot be sent to another node")}
     else
       start_and_wait(node, source, opts)
     end
@@ -160,22 +155,13 @@ defmodule LuaSandbox.Supervisor do
         wait(pid, mref, ref, opts[:timeout], node, started, backstop(opts[:timeout]))
 
       {:error, :noconnection} ->
-        {:error,
-         %Error{
-           kind: :node_down,
-           message: "node #{node} is not reachable",
-           stats: Error.empty_stats()
-         }}
+        {:error, Error.new(:node_down, "node #{node} is not reachable")}
     end
   end
 
   @doc false
   def overloaded(sup) do
-    %Error{
-      kind: :overloaded,
-      message: "supervisor #{inspect(sup)} is at max_concurrency",
-      stats: Error.empty_stats()
-    }
+    Error.new(:overloaded, "supervisor #{inspect(sup)} is at max_concurrency")
   end
 
   defp start_child(sup, fun, args) do
@@ -214,7 +200,7 @@ defmodule LuaSandbox.Supervisor do
       try do
         run_local(source, opts)
       rescue
-        e -> {:error, %Error{message: "run crashed: " <> Exception.message(e)}}
+        e -> {:error, Error.crashed("run", e)}
       end
 
     send(caller, {ref, result})
@@ -237,11 +223,9 @@ defmodule LuaSandbox.Supervisor do
 
       {:DOWN, ^mref, :process, ^pid, :noconnection} ->
         {:error,
-         %Error{
-           kind: :node_down,
-           message: "node #{node} went down during the run",
+         Error.new(:node_down, "node #{node} went down during the run",
            stats: stats_since(started)
-         }}
+         )}
 
       {:DOWN, ^mref, :process, ^pid, reason} ->
         # The result may already be in the mailbox if the task exited right after sending it.
@@ -249,8 +233,7 @@ defmodule LuaSandbox.Supervisor do
           {^ref, result} -> result
         after
           0 ->
-            {:error,
-             %Error{message: "run crashed: #{inspect(reason)}", stats: stats_since(started)}}
+            {:error, Error.crashed("run", reason, stats_since(started))}
         end
     after
       backstop ->
@@ -266,12 +249,7 @@ defmodule LuaSandbox.Supervisor do
           0 -> :ok
         end
 
-        {:error,
-         %Error{
-           kind: :timeout,
-           message: "run exceeded its timeout of #{timeout} ms",
-           stats: stats_since(started)
-         }}
+        {:error, Error.timeout("run", timeout, stats_since(started))}
     end
   end
 
