@@ -207,7 +207,7 @@ defmodule LuaSandbox do
         {:ok, %Chunk{ref: ref, name: opts[:chunk_name]}}
 
       {:error, kind, message, line} ->
-        {:error, %Error{kind: kind, message: message, line: line, stats: Error.empty_stats()}}
+        {:error, Error.new(kind, message, line: line)}
     end
   end
 
@@ -407,15 +407,11 @@ defmodule LuaSandbox do
   end
 
   defp timeout_error(timeout) do
-    %Error{
-      kind: :timeout,
-      message: "run exceeded its timeout of #{timeout} ms",
-      stats: %{Error.empty_stats() | duration_us: timeout * 1000}
-    }
+    Error.timeout("run", timeout, %{Error.empty_stats() | duration_us: timeout * 1000})
   end
 
   defp crash_error(reason) do
-    %Error{message: "run crashed: #{inspect(reason)}", stats: Error.empty_stats()}
+    Error.crashed("run", reason)
   end
 
   defp check_source!(source) when is_binary(source), do: :ok

@@ -172,11 +172,9 @@ defmodule LuaSandbox.Cluster do
   end
 
   defp no_member(group) do
-    %Error{
-      kind: :node_down,
-      message: "no member of the cluster group #{inspect(group)} is reachable",
+    Error.new(:node_down, "no member of the cluster group #{inspect(group)} is reachable",
       stats: Error.empty_stats()
-    }
+    )
   end
 
   @doc """
@@ -188,13 +186,12 @@ defmodule LuaSandbox.Cluster do
     bytes = input_bytes(source, opts, max)
 
     if bytes > max do
-      %Error{
-        kind: :invalid_input,
-        message:
-          "the run's input is #{bytes} bytes, more than max_remote_bytes (#{max}) " <>
-            "to send to another node",
+      Error.new(
+        :invalid_input,
+        "the run's input is #{bytes} bytes, more than max_remote_bytes (#{max}) " <>
+          "to send to another node",
         stats: Error.empty_stats()
-      }
+      )
     end
   end
 

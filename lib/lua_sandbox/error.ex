@@ -118,6 +118,48 @@ defmodule LuaSandbox.Error do
   @spec empty_stats() :: LuaSandbox.Result.stats()
   def empty_stats, do: @empty_stats
 
+  @doc false
+  # The constructors: every `%LuaSandbox.Error{}` in lib/ is built by one of these, so the
+  # shared messages (timeout, crash) are worded here once.
+  @spec new(kind, String.t(), keyword) :: t
+  def new(kind, message, fields \\ []) do
+    struct!(__MODULE__, [kind: kind, message: message] ++ fields)
+  end
+
+  @doc false
+  # `what` ("run", "call") passed its deadline of `ms` milliseconds.
+  @spec timeout(String.t(), timeout, LuaSandbox.Result.stats()) :: t
+  def timeout(what, ms, stats \\ @empty_stats),
+    do: new(:timeout, timeout_message(what, ms), stats: stats)
+
+  @doc false
+  @spec timeout_message(String.t(), timeout) :: String.t()
+  def timeout_message(what, ms), do: "#{what} exceeded its timeout of #{ms} ms"
+
+  @doc false
+  # `what` ("run", "session call") died: `reason` is an exit reason or a rescued exception.
+  @spec crashed(String.t(), term, LuaSandbox.Result.stats()) :: t
+  def crashed(what, reason, stats \\ @empty_stats),
+    do: new(:runtime, "#{what} crashed: #{crash_detail(reason)}", stats: stats)
+
+  defp crash_detail(%{__exception__: true} = e), do: Exception.message(e)
+  defp crash_detail(reason), do: inspect(reason)
+
+  @doc false
+  # A failure as the NIF answers it (`{kind, message, line, traceback, value}` plus the
+  # output and stats of the run).
+  @spec from_native({kind, String.t(), pos_integer | nil, String.t() | nil, term}, binary, map) ::
+          t
+  def from_native({kind, message, line, traceback, value}, output, stats) do
+    new(kind, message,
+      line: line,
+      traceback: traceback,
+      value: value,
+      output: output,
+      stats: stats
+    )
+  end
+
   @impl true
   def message(%__MODULE__{kind: kind, message: message}), do: "#{kind}: #{message}"
 end

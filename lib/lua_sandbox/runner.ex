@@ -67,11 +67,10 @@ defmodule LuaSandbox.Runner do
 
     if length(args) > max do
       {:error,
-       %Error{
-         kind: :invalid_input,
-         message: "call: has #{length(args)} arguments, more than the limit of #{max}",
-         stats: Error.empty_stats()
-       }}
+       Error.new(
+         :invalid_input,
+         "call: has #{length(args)} arguments, more than the limit of #{max}"
+       )}
     else
       :ok
     end
@@ -112,18 +111,8 @@ defmodule LuaSandbox.Runner do
 
   def drive({:error, {kind, message, line, traceback, value}, output, stats}, _tools, opts) do
     log_output(output, opts)
-    message = if kind == :timeout, do: timeout_message(opts[:timeout]), else: message
-
-    {:error,
-     %Error{
-       kind: kind,
-       message: message,
-       line: line,
-       traceback: traceback,
-       value: value,
-       output: output,
-       stats: stats
-     }}
+    message = if kind == :timeout, do: Error.timeout_message("run", opts[:timeout]), else: message
+    {:error, Error.from_native({kind, message, line, traceback, value}, output, stats)}
   end
 
   # Without a deadline the tool runs here, in the process that runs the script. With one, it
@@ -167,9 +156,6 @@ defmodule LuaSandbox.Runner do
         :timeout
     end
   end
-
-  @doc false
-  def timeout_message(ms), do: "run exceeded its timeout of #{ms} ms"
 
   # print: :log logs the output in pieces of at most @log_bytes, cut after a newline when
   # there is one: one Logger call per piece, not per line (a MiB of newlines was 10^6 calls).

@@ -207,11 +207,9 @@ defmodule LuaSandbox.Session do
 
       :timeout ->
         {:error,
-         %Error{
-           kind: :timeout,
-           message: Runner.timeout_message(timeout) <> " waiting for the session",
+         Error.new(:timeout, Error.timeout_message("call", timeout) <> " waiting for the session",
            stats: Error.empty_stats()
-         }}
+         )}
     end
   end
 

@@ -214,12 +214,7 @@ defmodule LuaSandbox.Supervisor do
 
     cond do
       node != node() and is_struct(source, Chunk) ->
-        {:error,
-         %Error{
-           kind: :invalid_input,
-           message: "a compiled chunk cannot be sent to another node",
-           stats: Error.empty_stats()
-         }}
+        {:error, Error.new(:invalid_input, "a compiled chunk cannot be sent to another node")}
 
       node == :any ->
         Cluster.run(source, opts)
@@ -270,16 +265,12 @@ defmodule LuaSandbox.Supervisor do
 
   @doc false
   def unreachable(node) do
-    %Error{kind: :node_down, message: "node #{node} is not reachable", stats: Error.empty_stats()}
+    Error.new(:node_down, "node #{node} is not reachable", stats: Error.empty_stats())
   end
 
   @doc false
   def overloaded(sup) do
-    %Error{
-      kind: :overloaded,
-      message: "supervisor #{inspect(sup)} is at max_concurrency",
-      stats: Error.empty_stats()
-    }
+    Error.new(:overloaded, "supervisor #{inspect(sup)} is at max_concurrency")
   end
 
   defp start_child(sup, fun, args) do
@@ -315,7 +306,7 @@ defmodule LuaSandbox.Supervisor do
       try do
         run_local(source, opts)
       rescue
-        e -> {:error, %Error{message: "run crashed: " <> Exception.message(e)}}
+        e -> {:error, Error.crashed("run", e)}
       end
 
     send(caller, {ref, result})
@@ -338,11 +329,9 @@ defmodule LuaSandbox.Supervisor do
 
       {:DOWN, ^mref, :process, ^pid, :noconnection} ->
         {:error,
-         %Error{
-           kind: :node_down,
-           message: "node #{node} went down during the run",
+         Error.new(:node_down, "node #{node} went down during the run",
            stats: stats_since(started)
-         }}
+         )}
 
       {:DOWN, ^mref, :process, ^pid, reason} ->
         # The result may already be in the mailbox if the task exited right after sending it.
@@ -365,26 +354,17 @@ defmodule LuaSandbox.Supervisor do
           0 -> :ok
         end
 
-        {:error,
-         %Error{
-           kind: :timeout,
-           message: "run exceeded its timeout of #{timeout} ms",
-           stats: stats_since(started)
-         }}
+        {:error, Error.timeout("run", timeout, stats_since(started))}
     end
   end
 
   # A remote task shut down with its supervisor: the member went away mid-run, like its node.
   defp crashed(:shutdown, node, stats) when node != node() do
-    %Error{
-      kind: :node_down,
-      message: "the supervisor on node #{node} stopped during the run",
-      stats: stats
-    }
+    Error.new(:node_down, "the supervisor on node #{node} stopped during the run", stats: stats)
   end
 
   defp crashed(reason, _node, stats),
-    do: %Error{message: "run crashed: #{inspect(reason)}", stats: stats}
+    do: Error.crashed("run", reason, stats)
 
   # What the caller knows of a run it had to stop: the wall time; the rest stays zero.
   defp stats_since(started) do

@@ -61,4 +61,17 @@ defmodule LuaSandbox.ErrorKindsTest do
              :tool_calls
            ]
   end
+
+  test "errors are built only by LuaSandbox.Error's constructors (no struct literal elsewhere in lib/)" do
+    literals =
+      for file <- Path.wildcard(Path.join(@root, "lib/**/*.ex")),
+          Path.basename(file) != "error.ex",
+          {line, n} <- file |> File.read!() |> String.split("\n") |> Enum.with_index(1),
+          # a construction, not the `%LuaSandbox.Error{}` written in docs and doctests
+          Regex.match?(~r/%(LuaSandbox\.)?Error\{\s*(\w+:|$)/, line),
+          not String.contains?(line, ["iex>", "`{:error, %", "`%"]),
+          do: "#{Path.relative_to(file, @root)}:#{n}: #{String.trim(line)}"
+
+    assert literals == []
+  end
 end

@@ -136,11 +136,9 @@ defmodule LuaSandbox.Supervisor.Quotas do
     do: refusal(:rate_limited, "concurrency (#{n})", 1000)
 
   defp refusal(kind, what, wait_us) do
-    %Error{
-      kind: kind,
-      message: "the tenant is over its #{what} quota",
+    Error.new(kind, "the tenant is over its #{what} quota",
       retry_after_ms: max(div(wait_us + 999, 1000), 1),
       stats: Error.empty_stats()
-    }
+    )
   end
 end

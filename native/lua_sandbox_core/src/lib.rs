@@ -9,6 +9,7 @@
 //! - [`hardened`]: the budget-charging builtins and the sandbox's C libraries (`csrc/`).
 
 pub mod budget;
+mod clock;
 pub mod hardened;
 pub mod heap;
 pub mod libs;

@@ -2,7 +2,7 @@
 //! records the longest stretch of this thread's CPU time between two budget checks while a
 //! run is active, and where the check that ended it was made.
 //!
-//! A check is a run of the ticker ([`crate::budget`]'s `tick`), the start of an activation (a
+//! A check is a run of the ticker (the budget's `tick`), the start of an activation (a
 //! NIF call starts running a script) or its end. A stretch longer than any seen before in
 //! this OS process is appended to the file named by `LUA_SANDBOX_STRETCH_LOG` as
 //! `<µs>\t<where>`, `where` being the Lua position of the running function (`source:line`,
@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use mlua_sys as ffi;
 
-use crate::budget::thread_cpu;
+use crate::clock::thread_cpu;
 
 thread_local! {
     /// This thread's CPU time at its last check (None outside a run).

@@ -3,9 +3,9 @@
 //! Lua does not verify bytecode, so bytecode never leaves the NIF as a binary a caller could
 //! edit: it lives in an opaque resource, and only bytecode this module produced is ever loaded.
 
-use std::ffi::{c_int, c_void};
+use std::ffi::{c_int, c_void, CString};
 
-use lua_sandbox_core::ffi;
+use lua_sandbox_core::{ffi, protect};
 use rustler::{Encoder, Env, NifMap, ResourceArc, Term};
 
 use crate::atoms;
@@ -71,7 +71,7 @@ pub fn dump(
     strip: bool,
     control: Option<&crate::budget::Control>,
 ) -> Result<Vec<u8>, SandboxError> {
-    let code = crate::run::Code::new(source, name, false)?;
+    let code = Code::new(source, name, false)?;
     // SAFETY: a private state, used on this thread and closed before returning. Installing
     // the ticker only stores fields of the global state, and nothing reaches the state
     // through `control` after the close (only `abort()` is read); `Code::load` does not raise (the
@@ -141,6 +141,60 @@ fn compile<'a>(env: Env<'a>, source: rustler::Binary<'a>, opts: CompileOpts) -> 
             let message = e.to_string();
             let line = crate::error::line_of(&message, &opts.chunk_name);
             (atoms::error(), e.kind(), message, line).encode(env)
+        }
+    }
+}
+
+/// A chunk to load: its bytes, its `=name` and whether it is text or our own bytecode.
+pub(crate) struct Code<'a> {
+    bytes: &'a [u8],
+    name: CString,
+    binary: bool,
+}
+
+impl<'a> Code<'a> {
+    pub(crate) fn new(bytes: &'a [u8], name: &str, binary: bool) -> Result<Code<'a>, SandboxError> {
+        let name = CString::new(format!("={name}")).map_err(|_| {
+            SandboxError::InvalidInput(format!("chunk name {name:?} contains a NUL byte"))
+        })?;
+        Ok(Code {
+            bytes,
+            name,
+            binary,
+        })
+    }
+
+    /// Loads the chunk onto `l`'s stack (a function on success, nothing on failure).
+    ///
+    /// # Safety
+    /// `l` must be a non-running state or thread with a free stack slot.
+    pub(crate) unsafe fn load(&self, l: *mut ffi::lua_State) -> Result<(), SandboxError> {
+        let mode = if self.binary { c"b" } else { c"t" };
+        // SAFETY: `lua_load` runs the parser under its own protected call and reports errors
+        // as a status with the message on the stack; it does not raise.
+        unsafe {
+            let status = ffi::luaL_loadbufferx(
+                l,
+                self.bytes.as_ptr().cast(),
+                self.bytes.len(),
+                self.name.as_ptr(),
+                mode.as_ptr(),
+            );
+            if status == ffi::LUA_OK {
+                return Ok(());
+            }
+            let message = protect::describe(l, -1);
+            ffi::lua_pop(l, 1);
+            Err(match status {
+                ffi::LUA_ERRSYNTAX => SandboxError::Syntax(message),
+                ffi::LUA_ERRMEM => SandboxError::MemoryLimit,
+                // The parser's own nesting limit surfaces as a runtime "C stack overflow", but
+                // it is a property of the source.
+                _ => {
+                    let first = message.lines().next().unwrap_or_default();
+                    SandboxError::Syntax(format!("{first} (source nested too deeply)"))
+                }
+            })
         }
     }
 }

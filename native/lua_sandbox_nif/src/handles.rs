@@ -18,7 +18,7 @@ use lua_sandbox_core::ffi;
 use rustler::env::{OwnedEnv, SavedTerm};
 use rustler::{Env, Term};
 
-use crate::sandbox::Key;
+use crate::registry::Key;
 
 /// The terms behind one run's handles.
 pub struct Handles {

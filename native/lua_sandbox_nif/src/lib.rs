@@ -8,11 +8,13 @@ mod facts;
 mod handles;
 mod marshal;
 mod output;
+mod registry;
 mod run;
 mod sandbox;
 mod session;
 mod slots;
 mod stack;
+mod term;
 #[cfg(test)]
 mod test_stubs;
 

@@ -22,11 +22,12 @@ use std::hash::{BuildHasherDefault, Hasher};
 
 use lua_sandbox_core::{ffi, protect};
 use rustler::types::{ListIterator, MapIterator};
-use rustler::{Encoder, Env, NewBinary, Term, TermType};
+use rustler::{Encoder, Env, Term, TermType};
 
 use crate::atoms;
 use crate::budget::{self, Abort};
 use crate::error::SandboxError;
+use crate::term::binary_term;
 
 /// Fixed cost, in bytes, charged per value against `max_result_bytes` on top of string bytes.
 pub const VALUE_COST: u64 = 8;
@@ -957,13 +958,6 @@ unsafe fn lua_bytes<'x>(l: *mut ffi::lua_State, idx: c_int) -> &'x [u8] {
             std::slice::from_raw_parts(p.cast::<u8>(), len)
         }
     }
-}
-
-pub fn binary_term<'e>(env: Env<'e>, bytes: &[u8]) -> Term<'e> {
-    let mut bin = NewBinary::new(env, bytes.len());
-    bin.as_mut_slice().copy_from_slice(bytes);
-    let b: rustler::Binary = bin.into();
-    b.encode(env)
 }
 
 fn float_term(env: Env<'_>, f: f64) -> Term<'_> {

@@ -195,7 +195,7 @@ fn send_chunk(pid: &LocalPid, tag: Option<&[u8]>, bytes: &[u8]) {
 
 /// Sends one message from `env` (a process-bound env of the current NIF call).
 fn send_in(env: Env, pid: &LocalPid, tag: Option<&[u8]>, bytes: &[u8]) {
-    let chunk = crate::marshal::binary_term(env, bytes);
+    let chunk = crate::term::binary_term(env, bytes);
     let message = match tag.map(|t| env.binary_to_term(t)) {
         None => (atoms::lua_print(), chunk).encode(env),
         Some(Some((tag, _))) => (atoms::lua_print(), tag, chunk).encode(env),

@@ -11,7 +11,7 @@
 //! outside one is a call that cannot raise (reads, non-allocating pushes, `lua_load`, which
 //! protects itself).
 
-use std::ffi::{c_int, CString};
+use std::ffi::c_int;
 use std::ptr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -22,14 +22,16 @@ use rustler::{Atom, Encoder, Env, NifMap, NifResult, ResourceArc, Term, TermType
 
 use crate::atoms;
 use crate::budget::{self, Abort, Activation, Control};
-use crate::chunk::CompiledChunk;
+use crate::chunk::{Code, CompiledChunk};
 use crate::error::{line_of, SandboxError};
 use crate::handles::{self, Handles};
-use crate::marshal::{self, binary_term, Bounds};
+use crate::marshal::{self, Bounds};
 use crate::output::{self, Output, PrintMode};
-use crate::sandbox::{self, Key};
+use crate::registry::Key;
+use crate::sandbox;
 use crate::slots::{self, Lease};
 use crate::stack;
+use crate::term::binary_term;
 
 /// Options, already validated and defaulted by `LuaSandbox.Options`.
 #[derive(NifMap)]
@@ -81,7 +83,22 @@ pub(crate) enum Home {
     /// A fresh run's own slot, restored from its snapshot when the run ends.
     Fresh(Lease),
     /// A session's slot, lent to one call and given back (rolled back if the call failed).
-    Session(crate::session::Loan),
+    Session(Box<dyn Lent>),
+}
+
+/// A slot lent to one run by the state that owns it (a session's `Loan`), given back when it
+/// is dropped. A trait so that runs know nothing of sessions (sessions build on runs).
+pub(crate) trait Lent: Send {
+    fn slot(&self) -> &lua_sandbox_core::Slot;
+    fn slot_mut(&mut self) -> &mut lua_sandbox_core::Slot;
+    /// The run finished with a result: its changes stay.
+    fn succeeded(&mut self);
+    /// The instructions the run used.
+    fn record(&mut self, instructions: u64);
+    /// The run was a first attempt that is thrown away: roll back, count nothing.
+    fn discard(&mut self);
+    /// The session's handles, lent to the run, come back (before the loan is dropped).
+    fn give_back_handles(&mut self, handles: Box<crate::handles::Handles>);
 }
 
 impl Home {
@@ -293,60 +310,6 @@ pub(crate) fn print_mode_of(
         PrintMode::Discard
     } else {
         PrintMode::Capture
-    }
-}
-
-/// A chunk to load: its bytes, its `=name` and whether it is text or our own bytecode.
-pub(crate) struct Code<'a> {
-    bytes: &'a [u8],
-    name: CString,
-    binary: bool,
-}
-
-impl<'a> Code<'a> {
-    pub(crate) fn new(bytes: &'a [u8], name: &str, binary: bool) -> Result<Code<'a>, SandboxError> {
-        let name = CString::new(format!("={name}")).map_err(|_| {
-            SandboxError::InvalidInput(format!("chunk name {name:?} contains a NUL byte"))
-        })?;
-        Ok(Code {
-            bytes,
-            name,
-            binary,
-        })
-    }
-
-    /// Loads the chunk onto `l`'s stack (a function on success, nothing on failure).
-    ///
-    /// # Safety
-    /// `l` must be a non-running state or thread with a free stack slot.
-    pub(crate) unsafe fn load(&self, l: *mut ffi::lua_State) -> Result<(), SandboxError> {
-        let mode = if self.binary { c"b" } else { c"t" };
-        // SAFETY: `lua_load` runs the parser under its own protected call and reports errors
-        // as a status with the message on the stack; it does not raise.
-        unsafe {
-            let status = ffi::luaL_loadbufferx(
-                l,
-                self.bytes.as_ptr().cast(),
-                self.bytes.len(),
-                self.name.as_ptr(),
-                mode.as_ptr(),
-            );
-            if status == ffi::LUA_OK {
-                return Ok(());
-            }
-            let message = protect::describe(l, -1);
-            ffi::lua_pop(l, 1);
-            Err(match status {
-                ffi::LUA_ERRSYNTAX => SandboxError::Syntax(message),
-                ffi::LUA_ERRMEM => SandboxError::MemoryLimit,
-                // The parser's own nesting limit surfaces as a runtime "C stack overflow", but
-                // it is a property of the source.
-                _ => {
-                    let first = message.lines().next().unwrap_or_default();
-                    SandboxError::Syntax(format!("{first} (source nested too deeply)"))
-                }
-            })
-        }
     }
 }
 

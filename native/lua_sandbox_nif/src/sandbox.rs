@@ -17,6 +17,7 @@ use lua_sandbox_core::{ffi, Slot};
 use crate::budget::{self, Abort};
 use crate::error::SandboxError;
 use crate::output;
+use crate::registry::Key;
 
 const PRELUDE: &str = include_str!("prelude.lua");
 
@@ -27,32 +28,6 @@ fn prelude_bytecode() -> &'static [u8] {
     BYTECODE.get_or_init(|| {
         crate::chunk::dump(PRELUDE.as_bytes(), "prelude", true, None).expect("the prelude parses")
     })
-}
-
-/// What the prelude returns, kept in the registry under these light-userdata keys.
-#[derive(Clone, Copy)]
-pub enum Key {
-    /// Identifies tool calls yielded up to the host.
-    ToolMarker,
-    /// Runs the chunk (and the optional `call:` function) inside the run coroutine.
-    Runner,
-    /// `configure(run_coroutine, max_source)`: per-run settings of the prelude.
-    Configure,
-    /// `make_tools(names)`.
-    MakeTools,
-    /// `make_require(loaders)`.
-    MakeRequire,
-    /// The metatable of handles (`handles.rs`).
-    HandleMeta,
-}
-
-static KEYS: [u8; 6] = [0; 6];
-
-impl Key {
-    /// A unique address: the registry key of this value.
-    pub fn ptr(self) -> *const c_void {
-        (&KEYS[self as usize] as *const u8).cast()
-    }
 }
 
 extern "C-unwind" {

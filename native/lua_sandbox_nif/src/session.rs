@@ -18,10 +18,11 @@ use rustler::{Atom, Encoder, Env, NifMap, NifResult, ResourceArc, Term};
 
 use crate::atoms;
 use crate::budget::Control;
+use crate::chunk::Code;
 use crate::error::SandboxError;
 use crate::handles::Handles;
 use crate::output::Output;
-use crate::run::{self, Code, Entry, Home, Running, Source, StateSetup};
+use crate::run::{self, Entry, Home, Running, Source, StateSetup};
 use crate::sandbox;
 use crate::slots::{self, Lease};
 use lua_sandbox_core::Slot;
@@ -111,12 +112,14 @@ impl Loan {
             .as_ref()
             .expect("a loan holds the state until dropped")
     }
+}
 
-    pub fn slot(&self) -> &Slot {
+impl run::Lent for Loan {
+    fn slot(&self) -> &Slot {
         self.state().lease.slot()
     }
 
-    pub fn slot_mut(&mut self) -> &mut Slot {
+    fn slot_mut(&mut self) -> &mut Slot {
         self.state
             .as_mut()
             .expect("a loan holds the state until dropped")
@@ -125,23 +128,23 @@ impl Loan {
     }
 
     /// The call finished with a result: its changes stay.
-    pub fn succeeded(&mut self) {
+    fn succeeded(&mut self) {
         self.ok = true;
     }
 
     /// The instructions the call used (for `info/1`).
-    pub fn record(&mut self, instructions: u64) {
+    fn record(&mut self, instructions: u64) {
         self.instructions = instructions;
     }
 
     /// The call was a first attempt that is thrown away: roll back, count nothing.
-    pub fn discard(&mut self) {
+    fn discard(&mut self) {
         self.discarded = true;
         self.ok = false;
     }
 
     /// The session's handles, lent to the call, come back (before the loan is dropped).
-    pub fn give_back_handles(&mut self, handles: Box<Handles>) {
+    fn give_back_handles(&mut self, handles: Box<Handles>) {
         if let Some(state) = self.state.as_mut() {
             state.handles = handles;
         }
@@ -343,7 +346,7 @@ fn call<'a>(
             elapsed: std::time::Duration::ZERO,
             pending_tool: String::new(),
             handles,
-            home: Home::Session(Loan {
+            home: Home::Session(Box::new(Loan {
                 state: Some(state),
                 owner: res.clone(),
                 rollback: opts.rollback,
@@ -351,7 +354,7 @@ fn call<'a>(
                 instructions: 0,
                 handles_mark,
                 discarded: false,
-            }),
+            })),
         };
         if fast.is_some() {
             // An attempt streams nothing until it has succeeded.

@@ -253,3 +253,30 @@ fn activation_ends_cleanly() {
     let r: Option<i64> = lua.load("return (string.find('xab', 'a'))").eval().unwrap();
     assert_eq!(r, Some(2));
 }
+
+#[test]
+fn a_refused_allocation_trips_the_memory_abort_itself() {
+    let lua = mlua::Lua::new();
+    hardened::install(&lua).unwrap();
+    lua.set_memory_limit(32 << 20).unwrap();
+    let control = budget::Control::new(u64::MAX);
+    let _a = budget::Activation::new(&control, budget::Caller::none());
+    budget::install_on(&lua, &control);
+    // A raising __close inside pcall used to replace "not enough memory", and nothing
+    // here (no prelude) recognised the refusal: the script returned normally.
+    let r = lua
+        .load(
+            r#"
+            for i = 1, 1000 do
+              pcall(function()
+                local guard <close> = setmetatable({}, {__close = function() error("replaced") end})
+                local s = string.rep("x", 1 << 30)
+              end)
+            end
+            return "survived"
+            "#,
+        )
+        .eval::<String>();
+    assert!(r.is_err(), "{r:?}");
+    assert_eq!(control.abort(), Some(budget::Abort::Memory));
+}
