@@ -510,13 +510,18 @@ defmodule Bench.Run do
   defmodule Bench.KillRemote do
     @moduledoc false
     # Runs on the +SDcpu 1:1 peer. Each round starts an endless script in a process, waits,
-    # kills the process and times from the kill to a fresh `return 1` run having finished.
+    # kills the process and times from the kill to a fresh run having finished that can only
+    # run on the dirty CPU scheduler (it calls a tool: a run with tools skips the first attempt
+    # on the caller's scheduler, and `tool_calls: 1` asserts it went the dirty path).
 
     def ours(n, delay_ms) do
       for _ <- 1..n do
         kill_round(
           fn -> LuaSandbox.run("while true do end", max_instructions: 1_000_000_000_000_000) end,
-          fn -> {:ok, %{value: 1}} = LuaSandbox.run("return 1") end,
+          fn ->
+            {:ok, %{value: 1, stats: %{tool_calls: 1}}} =
+              LuaSandbox.run("tools.noop() return 1", tools: %{noop: fn _ -> nil end})
+          end,
           delay_ms
         )
       end

@@ -18,6 +18,14 @@ defmodule LuaSandbox.KillTest do
     :erpc.call(node, LuaSandbox.TestRemote, :kill_then_run, [source, opts, delay_ms], 30_000)
   end
 
+  test "the probe needs the dirty scheduler: it cannot finish while a run holds it", %{node: node} do
+    1 = :erpc.call(node, :erlang, :system_info, [:dirty_cpu_schedulers_online])
+    # A probe that could finish on a normal scheduler (as `return 1 + 1` does, by its first
+    # attempt) would make every kill -> free figure vacuous (issue 16, item 1).
+    assert {false, true} =
+             :erpc.call(node, LuaSandbox.TestRemote, :probe_while_held, [500], 30_000)
+  end
+
   test "killing the caller of an infinite loop frees the only dirty scheduler", %{node: node} do
     {elapsed_us, finished?} =
       kill_then_run(node, "while true do end", max_instructions: 1_000_000_000_000)

@@ -94,9 +94,8 @@ defmodule LuaSandbox.CollectorShapes do
 
   @doc """
   On a peer with one dirty CPU scheduler: kills a run of `source` once it is under way,
-  then times a probe that cannot finish on a normal scheduler (its 200 000 instructions
-  exceed a first attempt's), so it waits for the dirty scheduler the killed run held. (Until
-  test/support/remote.ex's probe forces the dirty path, the collector test uses this one.)
+  then times `LuaSandbox.TestRemote.dirty_probe!/0`, which cannot finish on a normal
+  scheduler, so it waits for the dirty scheduler the killed run held.
   """
   def kill_then_probe(source, opts) do
     pid = spawn(fn -> LuaSandbox.run(source, opts) end)
@@ -115,8 +114,5 @@ defmodule LuaSandbox.CollectorShapes do
     System.monotonic_time(:microsecond) - t0
   end
 
-  defp probe! do
-    probe = "local x = 0 for i = 1, 200000 do x = x + 1 end return x"
-    {:ok, %{value: 200_000}} = LuaSandbox.run(probe, max_instructions: 10_000_000)
-  end
+  defp probe!, do: LuaSandbox.TestRemote.dirty_probe!()
 end

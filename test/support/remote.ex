@@ -23,7 +23,7 @@ defmodule LuaSandbox.TestRemote do
     Process.sleep(delay_ms)
     t0 = System.monotonic_time(:microsecond)
     Process.exit(pid, :kill)
-    {:ok, %{value: 2}} = LuaSandbox.run("return 1 + 1")
+    dirty_probe!()
     elapsed = System.monotonic_time(:microsecond) - t0
 
     finished? =
@@ -34,6 +34,56 @@ defmodule LuaSandbox.TestRemote do
       end
 
     {elapsed, finished?}
+  end
+
+  @doc """
+  A run that can only finish on a dirty CPU scheduler, the probe of every "kill frees the
+  scheduler" measurement: it is given a tool and calls it. A run with tools never takes the
+  first attempt on the caller's normal scheduler, and a first attempt cannot call a tool, so
+  `stats.tool_calls == 1` asserts the run went the dirty path (started and resumed there).
+  `kill_test.exs` checks that it cannot finish while the only dirty CPU scheduler is held.
+  """
+  def dirty_probe! do
+    {:ok, %{value: 2, stats: %{tool_calls: 1}}} =
+      LuaSandbox.run("tools.noop() return 1 + 1", tools: %{noop: fn _ -> nil end})
+
+    :ok
+  end
+
+  @doc """
+  Holds the only dirty CPU scheduler with an endless run, starts `dirty_probe!/0` beside it
+  and reports `{finished_while_held?, finished_after_release?}`: a probe that can fail gives
+  `{false, true}`.
+  """
+  def probe_while_held(wait_ms) do
+    parent = self()
+    endless = "while true do end"
+    holder = spawn(fn -> LuaSandbox.run(endless, max_instructions: 1_000_000_000_000_000) end)
+    Process.sleep(100)
+
+    prober =
+      spawn(fn ->
+        dirty_probe!()
+        send(parent, {:probed, self()})
+      end)
+
+    early? =
+      receive do
+        {:probed, ^prober} -> true
+      after
+        wait_ms -> false
+      end
+
+    Process.exit(holder, :kill)
+
+    late? =
+      receive do
+        {:probed, ^prober} -> true
+      after
+        10_000 -> false
+      end
+
+    {early?, early? or late?}
   end
 
   @doc "Kills `n` runs of `source` in a row; returns the OS process's RSS before and after (KiB)."

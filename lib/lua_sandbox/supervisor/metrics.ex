@@ -21,12 +21,15 @@ defmodule LuaSandbox.Supervisor.Metrics do
 
   @doc "Counts one run's result."
   def record(ref, qtab, tenant, result) do
-    {kind, stats} =
-      case result do
-        {:ok, r} -> {:ok, r.stats}
-        {:error, e} -> {e.kind, e.stats}
-      end
+    case result do
+      {:ok, r} -> count(ref, qtab, tenant, :ok, r.stats)
+      {:error, e} -> count(ref, qtab, tenant, e.kind, e.stats)
+    end
 
+    result
+  end
+
+  defp count(ref, qtab, tenant, kind, stats) do
     :counters.add(ref, Map.fetch!(@kind_index, kind), 1)
     :counters.add(ref, @sum_index.instructions, Map.get(stats, :instructions, 0))
     :counters.add(ref, @sum_index.cpu_us, Map.get(stats, :cpu_us, 0))
@@ -41,12 +44,12 @@ defmodule LuaSandbox.Supervisor.Metrics do
     end
 
     if tenant != nil, do: :ets.update_counter(qtab, {:runs, tenant, kind}, 1, {nil, 0})
-    result
+    :ok
   end
 
   @doc "Counts a refusal that never ran (:overloaded, :rate_limited, :quota_exceeded)."
   def refused(ref, qtab, tenant, kind),
-    do: record(ref, qtab, tenant, {:error, %Error{kind: kind}})
+    do: count(ref, qtab, tenant, kind, %{})
 
   def killed(ref, n), do: :counters.add(ref, @sum_index.kills, n)
 
