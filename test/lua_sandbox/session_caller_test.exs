@@ -76,8 +76,9 @@ defmodule LuaSandbox.SessionCallerTest do
     assert {:error, %{kind: :timeout, output: "before\n"}} = answer
     assert_receive {:parked, tool}
     refute Process.alive?(tool)
-    # no backstop after the deadline
-    assert us < 300_000 + 250_000
+    # no backstop after the deadline (the kept output proves the deadline path; the bound is
+    # wide because resuming waits for a dirty scheduler that async tests keep busy)
+    assert us < 300_000 + 500_000
     assert {:ok, %{value: 1}} = Session.run(s, "return n")
   end
 
@@ -89,7 +90,7 @@ defmodule LuaSandbox.SessionCallerTest do
 
     {us, answer} = :timer.tc(fn -> Session.run(s, "return 1", timeout: 100) end)
     assert {:error, %{kind: :timeout}} = answer
-    assert us < 100_000 + 250_000
+    assert us < 100_000 + 500_000
 
     Process.exit(holder, :kill)
     # the session goes to the next live caller, not to the one that gave up
@@ -111,10 +112,14 @@ defmodule LuaSandbox.SessionCallerTest do
         LuaSandbox.run("print('before') tools.wait()", tools: tools, timeout: 300)
       end)
 
+    # The output proves the run ended at its deadline in the NIF: the backstop kill (500 ms
+    # after the deadline) would have lost it. The time bound is only that backstop's, since
+    # resuming at the deadline waits for a dirty scheduler that async tests keep busy (626 ms
+    # seen under a full `make test`).
     assert {:error, %{kind: :timeout, output: "before\n"}} = answer
     assert_receive {:parked, tool}
     refute Process.alive?(tool)
-    assert us < 300_000 + 250_000
+    assert us < 300_000 + 500_000
   end
 
   test "session calls count against their supervisor's max_concurrency" do
