@@ -575,7 +575,9 @@ defmodule Bench.Run do
 
   defp kill_latency do
     step("5. kill latency (peer node, +SDcpu 1:1)")
-    label = "5. kill an endless run → next `return 1` done (peer, 1 dirty CPU scheduler)"
+
+    label =
+      "5. kill an endless run → next run (one tool call, dirty path) done (peer, 1 dirty CPU scheduler)"
 
     try do
       {peer, node} = start_peer()
