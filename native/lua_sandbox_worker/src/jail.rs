@@ -12,11 +12,14 @@
 //!
 //! Layers 2, 3, 5 and 6 are required: if one cannot be applied, `apply` fails and the worker
 //! must not serve. Layers 1 and 4 depend on the kernel; what is in force is reported in
-//! [`Layers`], which the worker prints at boot, and each one missing is a warning — never a
+//! [`Layers`], which the worker reports at boot, and each one missing is a warning (logged by
+//! the BEAM) — never a
 //! silent downgrade.
 
 use std::collections::BTreeMap;
 use std::fmt;
+
+use crate::proto::Term;
 
 use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
@@ -35,7 +38,7 @@ pub struct Config {
     pub max_memory: u64,
 }
 
-/// Which layers are in force, as printed by the worker at boot.
+/// Which layers are in force, as the worker reports them at boot ([`Layers::to_term`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Layers {
     /// Namespaces unshared, or why not.
@@ -54,48 +57,39 @@ pub struct Layers {
 }
 
 impl Layers {
-    /// The layers that are not in force, each with the reason: the worker warns for each.
-    pub fn missing(&self) -> Vec<String> {
-        let mut out = Vec::new();
-        for (name, r) in [
-            ("user_ns", &self.user_ns),
-            ("pid_ns", &self.pid_ns),
-            ("ipc_ns", &self.ipc_ns),
-        ] {
-            if let Err(why) = r {
-                out.push(format!("{name}: {why}"));
-            }
-        }
-        if let Err(why) = &self.landlock {
-            out.push(format!("landlock: {why}"));
-        }
-        out
-    }
-}
-
-impl fmt::Display for Layers {
-    /// One line, `name=value` pairs: `on`, `off(<reason>)` or a value.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+    /// The boot frame's list (`src/proto.rs`): `{name, state}` per layer, in the order they
+    /// are applied, where `state` is `:on`, `{:on, detail}`, `{:off, reason}` or, for
+    /// `address_space`, the bound in bytes.
+    pub fn to_term(&self) -> Term {
+        let on = Term::atom("on");
+        let off = |why: &str| Term::tuple([Term::atom("off"), Term::bin(why)]);
         let ns = |r: &Result<(), String>| match r {
-            Ok(()) => "on".to_string(),
-            Err(why) => format!("off({why})"),
+            Ok(()) => on.clone(),
+            Err(why) => off(why),
         };
-        let on = |b: bool| if b { "on" } else { "off" };
-        write!(
-            f,
-            "user_ns={} pid_ns={} ipc_ns={} fds={} rlimits={} as={} no_new_privs={} landlock={} seccomp={}",
-            ns(&self.user_ns),
-            ns(&self.pid_ns),
-            ns(&self.ipc_ns),
-            on(self.fds_closed),
-            on(self.rlimits),
-            self.address_space,
-            on(self.no_new_privs),
-            match &self.landlock {
-                Ok(abi) => format!("on({abi})"),
-                Err(why) => format!("off({why})"),
-            },
-            on(self.seccomp),
+        let flag = |b: bool| if b { on.clone() } else { off("not applied") };
+        let layers = [
+            ("user_ns", ns(&self.user_ns)),
+            ("pid_ns", ns(&self.pid_ns)),
+            ("ipc_ns", ns(&self.ipc_ns)),
+            ("fds_closed", flag(self.fds_closed)),
+            ("no_new_privs", flag(self.no_new_privs)),
+            (
+                "landlock",
+                match &self.landlock {
+                    Ok(abi) => Term::tuple([on.clone(), Term::bin(abi)]),
+                    Err(why) => off(why),
+                },
+            ),
+            ("rlimits", flag(self.rlimits)),
+            ("address_space", Term::Int(self.address_space as i64)),
+            ("seccomp", flag(self.seccomp)),
+        ];
+        Term::List(
+            layers
+                .into_iter()
+                .map(|(name, state)| Term::tuple([Term::atom(name), state]))
+                .collect(),
         )
     }
 }

@@ -1,20 +1,22 @@
-//! A minimal jailed worker: builds a sandboxed Lua state in a slot, applies the jail, prints
-//! `jail <layers>` (and a `warning` line on stderr for each layer not in force), then answers
-//! one request per line on stdin:
+//! The jailed worker of `isolation: :process`: builds a sandboxed Lua state in a slot, applies
+//! the jail, sends the boot frame naming the layers in force, then answers requests framed as
+//! `src/proto.rs` describes until the BEAM closes its end. The BEAM side is
+//! `lib/lua_sandbox/worker.ex`; it warns for each layer not in force.
 //!
-//! - `run <lua chunk on one line>` → `ok <tostring of the first result>` or `error <message>`;
-//!   the state is restored from its snapshot after each run;
-//! - `probe <name> [arg]` (feature `wall-probes`, tests only) → performs a raw system call from
-//!   inside the jail and answers `errno <n>` if the call returned (see `probes.rs`).
+//! Scripts do not run here yet: the core's run machinery (issue 17) is not public yet, and the
+//! worker must use it rather than a copy. Until then the worker boots, reports its jail and
+//! answers `:ping` (and, in test builds, the probes of `probes.rs`).
 //!
 //! Usage: `worker [max_memory_bytes]` (default 64 MiB).
 
-use std::io::{BufRead, Write};
+use std::io::{BufReader, BufWriter};
 
 use lua_sandbox_worker::jail;
+use lua_sandbox_worker::proto::{self, Term};
 
-// The core's test support builds a state with the sandbox's libraries and runs a chunk in it;
-// the worker uses it as is until issue 17 moves the run machinery into the core.
+// The core's test support builds a state with the sandbox's libraries (and, for the `lua`
+// probe, runs a chunk in it); the worker uses it until issue 17 makes the core's sandbox build
+// public.
 #[path = "../../../../lua_sandbox_core/tests/common/mod.rs"]
 mod common;
 
@@ -28,13 +30,17 @@ fn main() {
         .map(|s| s.parse().expect("max_memory in bytes"))
         .unwrap_or(64 << 20);
     let mut slot = common::new_slot(max_memory);
+    let mut out = BufWriter::new(std::io::stdout().lock());
 
     // Test builds only: `--no-jail` serves unjailed, so the wall tests can show that each
     // probe does have an effect when the jail is not there.
     #[cfg(feature = "wall-probes")]
     if std::env::args().any(|a| a == "--no-jail") {
-        println!("jail none");
-        return serve(&mut slot);
+        let boot = Term::tuple([Term::atom("boot"), Term::List(vec![])]);
+        if proto::write_frame(&mut out, &boot).is_ok() {
+            serve(&mut slot, &mut out);
+        }
+        return;
     }
 
     let layers = match jail::apply(&jail::Config {
@@ -46,39 +52,49 @@ fn main() {
             std::process::exit(2);
         }
     };
-    for missing in layers.missing() {
-        eprintln!("warning: jail layer not in force: {missing}");
+    let boot = Term::tuple([Term::atom("boot"), layers.to_term()]);
+    if proto::write_frame(&mut out, &boot).is_ok() {
+        serve(&mut slot, &mut out);
     }
-    println!("jail {layers}");
-    serve(&mut slot);
 }
 
-/// Answers requests, one per line, until stdin closes.
-fn serve(slot: &mut lua_sandbox_core::Slot) {
-    let stdout = std::io::stdout();
-    let mut out = stdout.lock();
-    out.flush().ok();
-    for line in std::io::stdin().lock().lines() {
-        let Ok(line) = line else { break };
-        let (op, arg) = line.split_once(' ').unwrap_or((&line, ""));
-        let answer = match op {
-            "run" => {
-                let a = match common::eval(slot, arg) {
-                    Ok(s) => format!("ok {s}"),
-                    Err(e) => format!("error {e}"),
-                };
-                slot.restore();
-                a
+/// Answers requests until stdin closes (or a frame cannot be read or written).
+fn serve(slot: &mut lua_sandbox_core::Slot, out: &mut impl std::io::Write) {
+    let mut input = BufReader::new(std::io::stdin().lock());
+    while let Ok(Some(frame)) = proto::read_frame(&mut input) {
+        let (id, answer) = match proto::decode(&frame) {
+            Ok(Term::Tuple(mut t)) if t.len() == 2 => {
+                let request = t.pop().unwrap();
+                (t.pop().unwrap(), answer(slot, &request))
             }
-            #[cfg(feature = "wall-probes")]
-            "probe" => probes::probe(arg),
-            _ => format!("error unknown request {op:?}"),
+            Ok(_) => (Term::atom("nil"), error("a request is {id, request}")),
+            Err(e) => (Term::atom("nil"), error(&e.to_string())),
         };
-        if writeln!(out, "{}", answer.replace('\n', "\\n"))
-            .and_then(|()| out.flush())
-            .is_err()
-        {
+        if proto::write_frame(out, &Term::tuple([id, answer])).is_err() {
             break;
         }
+    }
+}
+
+fn error(message: &str) -> Term {
+    Term::tuple([Term::atom("error"), Term::bin(message)])
+}
+
+#[allow(unused_variables)]
+fn answer(slot: &mut lua_sandbox_core::Slot, request: &Term) -> Term {
+    match request {
+        Term::Atom(a) if a == "ping" => Term::atom("pong"),
+        #[cfg(feature = "wall-probes")]
+        Term::Tuple(t) if t.len() == 3 && t[0].as_atom() == Some("probe") => {
+            match (t[1].as_bin(), t[2].as_bin()) {
+                (Some(name), Some(operand)) => probes::probe(
+                    slot,
+                    &String::from_utf8_lossy(name),
+                    &String::from_utf8_lossy(operand),
+                ),
+                _ => error("a probe is {:probe, name, operand}"),
+            }
+        }
+        other => error(&format!("unknown request {other:?}")),
     }
 }

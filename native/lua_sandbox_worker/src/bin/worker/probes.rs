@@ -1,24 +1,26 @@
 //! Test-only (feature `wall-probes`): raw system calls performed from inside the jail, so the
-//! tests in `tests/wall.rs` can prove each ends in EPERM or SIGSYS and never in an effect
-//! outside. Each probe answers `errno <n>` if the call returned an error, `done <value>` if it
-//! succeeded (a hole in the wall), and does not answer at all if seccomp killed the process.
+//! tests in `tests/wall.rs` and `test/lua_sandbox/worker_test.exs` can prove each ends in EPERM
+//! or SIGSYS and never in an effect outside. Each probe answers `{:errno, n}` if the call
+//! returned an error, `{:done, value}` if it succeeded (a hole in the wall), and does not answer
+//! at all if seccomp killed the process. Two more serve the tests: `spin` never answers (a
+//! request in flight, for a signal from outside), `lua <source>` runs a chunk in the worker's
+//! state (the jail does not stop ordinary Lua work).
 
 use std::ffi::CString;
 
-fn answer(r: libc::c_long) -> String {
+use lua_sandbox_worker::proto::Term;
+
+fn answer(r: libc::c_long) -> Term {
     if r < 0 {
-        format!(
-            "errno {}",
-            std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
-        )
+        let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+        Term::tuple([Term::atom("errno"), Term::Int(errno.into())])
     } else {
-        format!("done {r}")
+        Term::tuple([Term::atom("done"), Term::Int(r)])
     }
 }
 
-/// `arg` is `<name> [operand]`; the operand is a path or a pid given by the test.
-pub fn probe(arg: &str) -> String {
-    let (name, operand) = arg.split_once(' ').unwrap_or((arg, ""));
+/// `name` with its `operand`, a path, a pid or a chunk given by the test.
+pub fn probe(slot: &mut lua_sandbox_core::Slot, name: &str, operand: &str) -> Term {
     let path = CString::new(operand).unwrap_or_default();
     let pid: libc::pid_t = operand.parse().unwrap_or(0);
     // SAFETY (every block below): raw system calls with arguments that are either integers or
@@ -127,7 +129,23 @@ pub fn probe(arg: &str) -> String {
                     0
                 }
             }
-            _ => return format!("error unknown probe {name:?}"),
+            "spin" => loop {
+                std::hint::spin_loop();
+            },
+            "lua" => {
+                let r = super::common::eval(slot, operand);
+                slot.restore();
+                return match r {
+                    Ok(s) => Term::tuple([Term::atom("ok"), Term::bin(s)]),
+                    Err(e) => Term::tuple([Term::atom("error"), Term::bin(e.to_string())]),
+                };
+            }
+            _ => {
+                return Term::tuple([
+                    Term::atom("error"),
+                    Term::bin(format!("unknown probe {name:?}")),
+                ])
+            }
         }
     };
     answer(r)

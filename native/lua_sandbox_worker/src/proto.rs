@@ -1,0 +1,363 @@
+//! The worker's protocol with the BEAM: frames of a 4-byte big-endian length followed by one
+//! term in Erlang's external term format (`{:packet, 4}` on an Erlang port, `:erlang.term_to_binary`
+//! and `:erlang.binary_to_term(frame, [:safe])` on the Elixir side, `lib/lua_sandbox/worker.ex`).
+//!
+//! Only the subset the protocol uses is encoded and decoded: integers (64-bit), atoms, binaries,
+//! tuples, proper lists. A frame is bounded ([`MAX_FRAME`]) and so is nesting ([`MAX_NESTING`]),
+//! so a malformed frame is an error, never a crash or an unbounded allocation.
+//!
+//! Messages (BEAM → worker, each `{id, request}`; worker → BEAM, `{id, answer}` once per
+//! request, after the boot frame):
+//!
+//! - worker → BEAM at boot, before any request is read: `{:boot, [{layer, state}]}` where
+//!   `state` is `:on`, `{:off, reason}` or an integer (the address-space bound); a worker whose
+//!   jail cannot be applied exits with status 2 instead.
+//! - `:ping` → `:pong`;
+//! - `{:probe, name, operand}` (test builds with `wall-probes` only) → `{:errno, n}`,
+//!   `{:done, n}` or no answer at all when the jail killed the worker;
+//! - anything else → `{:error, message}`.
+
+use std::io::{self, Read, Write};
+
+/// The largest frame accepted in either direction.
+pub const MAX_FRAME: usize = 256 << 20;
+/// The deepest nesting of tuples and lists decoded.
+pub const MAX_NESTING: usize = 64;
+
+const VERSION: u8 = 131;
+const SMALL_INTEGER: u8 = 97;
+const INTEGER: u8 = 98;
+const ATOM: u8 = 100;
+const SMALL_TUPLE: u8 = 104;
+const LARGE_TUPLE: u8 = 105;
+const NIL: u8 = 106;
+const STRING: u8 = 107;
+const LIST: u8 = 108;
+const BINARY: u8 = 109;
+const SMALL_BIG: u8 = 110;
+const SMALL_ATOM: u8 = 115;
+const ATOM_UTF8: u8 = 118;
+const SMALL_ATOM_UTF8: u8 = 119;
+
+/// A term of the protocol's subset.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Term {
+    Int(i64),
+    Atom(String),
+    Bin(Vec<u8>),
+    Tuple(Vec<Term>),
+    List(Vec<Term>),
+}
+
+impl Term {
+    pub fn atom(name: &str) -> Term {
+        Term::Atom(name.to_string())
+    }
+
+    pub fn bin(bytes: impl AsRef<[u8]>) -> Term {
+        Term::Bin(bytes.as_ref().to_vec())
+    }
+
+    pub fn tuple<const N: usize>(items: [Term; N]) -> Term {
+        Term::Tuple(items.into())
+    }
+
+    /// The atom's name, if this is an atom.
+    pub fn as_atom(&self) -> Option<&str> {
+        match self {
+            Term::Atom(a) => Some(a),
+            _ => None,
+        }
+    }
+
+    /// The bytes of a binary, if this is one.
+    pub fn as_bin(&self) -> Option<&[u8]> {
+        match self {
+            Term::Bin(b) => Some(b),
+            _ => None,
+        }
+    }
+}
+
+/// A frame that is not a term of the subset.
+#[derive(Debug, PartialEq, Eq)]
+pub struct DecodeError(pub &'static str);
+
+impl std::fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "bad frame: {}", self.0)
+    }
+}
+
+/// `term` in the external term format (with the version byte).
+pub fn encode(term: &Term) -> Vec<u8> {
+    let mut out = vec![VERSION];
+    encode_into(term, &mut out);
+    out
+}
+
+fn encode_into(term: &Term, out: &mut Vec<u8>) {
+    match term {
+        Term::Int(i) => match *i {
+            0..=255 => out.extend([SMALL_INTEGER, *i as u8]),
+            i if i32::try_from(i).is_ok() => {
+                out.push(INTEGER);
+                out.extend((i as i32).to_be_bytes());
+            }
+            i => {
+                let magnitude = i.unsigned_abs().to_le_bytes();
+                let len = 8 - magnitude.iter().rev().take_while(|b| **b == 0).count();
+                out.extend([SMALL_BIG, len as u8, u8::from(i < 0)]);
+                out.extend(&magnitude[..len]);
+            }
+        },
+        Term::Atom(a) => {
+            // Atoms are the protocol's own names, never data: at most 255 bytes.
+            let bytes = &a.as_bytes()[..a.len().min(255)];
+            out.extend([SMALL_ATOM_UTF8, bytes.len() as u8]);
+            out.extend(bytes);
+        }
+        Term::Bin(b) => {
+            out.push(BINARY);
+            out.extend((b.len() as u32).to_be_bytes());
+            out.extend(b);
+        }
+        Term::Tuple(items) => {
+            if items.len() < 256 {
+                out.extend([SMALL_TUPLE, items.len() as u8]);
+            } else {
+                out.push(LARGE_TUPLE);
+                out.extend((items.len() as u32).to_be_bytes());
+            }
+            items.iter().for_each(|t| encode_into(t, out));
+        }
+        Term::List(items) => {
+            if !items.is_empty() {
+                out.push(LIST);
+                out.extend((items.len() as u32).to_be_bytes());
+                items.iter().for_each(|t| encode_into(t, out));
+            }
+            out.push(NIL);
+        }
+    }
+}
+
+/// The term in `frame` (which starts with the version byte).
+pub fn decode(frame: &[u8]) -> Result<Term, DecodeError> {
+    let mut r = Reader { buf: frame, pos: 0 };
+    if r.u8()? != VERSION {
+        return Err(DecodeError("not the external term format"));
+    }
+    let t = r.term(0)?;
+    if r.pos != frame.len() {
+        return Err(DecodeError("trailing bytes"));
+    }
+    Ok(t)
+}
+
+struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl Reader<'_> {
+    fn take(&mut self, n: usize) -> Result<&[u8], DecodeError> {
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|e| *e <= self.buf.len())
+            .ok_or(DecodeError("truncated"))?;
+        let s = &self.buf[self.pos..end];
+        self.pos = end;
+        Ok(s)
+    }
+
+    fn u8(&mut self) -> Result<u8, DecodeError> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn u16(&mut self) -> Result<usize, DecodeError> {
+        Ok(u16::from_be_bytes(self.take(2)?.try_into().unwrap()) as usize)
+    }
+
+    fn u32(&mut self) -> Result<usize, DecodeError> {
+        Ok(u32::from_be_bytes(self.take(4)?.try_into().unwrap()) as usize)
+    }
+
+    fn atom(&mut self, len: usize) -> Result<Term, DecodeError> {
+        let bytes = self.take(len)?;
+        let s = std::str::from_utf8(bytes).map_err(|_| DecodeError("atom not UTF-8"))?;
+        Ok(Term::Atom(s.to_string()))
+    }
+
+    fn items(&mut self, n: usize, depth: usize) -> Result<Vec<Term>, DecodeError> {
+        // Every element takes at least one byte: a count beyond what is left is a lie.
+        if n > self.buf.len() - self.pos {
+            return Err(DecodeError("truncated"));
+        }
+        (0..n).map(|_| self.term(depth + 1)).collect()
+    }
+
+    fn term(&mut self, depth: usize) -> Result<Term, DecodeError> {
+        if depth > MAX_NESTING {
+            return Err(DecodeError("nested too deep"));
+        }
+        match self.u8()? {
+            SMALL_INTEGER => Ok(Term::Int(self.u8()?.into())),
+            INTEGER => Ok(Term::Int(
+                i32::from_be_bytes(self.take(4)?.try_into().unwrap()).into(),
+            )),
+            SMALL_BIG => {
+                let n = self.u8()? as usize;
+                let negative = self.u8()? != 0;
+                let digits = self.take(n)?;
+                if n > 8 {
+                    return Err(DecodeError("integer over 64 bits"));
+                }
+                let mut le = [0u8; 8];
+                le[..n].copy_from_slice(digits);
+                let m = u64::from_le_bytes(le);
+                let i = if negative {
+                    0i64.checked_sub_unsigned(m)
+                } else {
+                    i64::try_from(m).ok()
+                };
+                i.map(Term::Int).ok_or(DecodeError("integer over 64 bits"))
+            }
+            ATOM | ATOM_UTF8 => {
+                let n = self.u16()?;
+                self.atom(n)
+            }
+            SMALL_ATOM | SMALL_ATOM_UTF8 => {
+                let n = self.u8()? as usize;
+                self.atom(n)
+            }
+            BINARY => {
+                let n = self.u32()?;
+                Ok(Term::Bin(self.take(n)?.to_vec()))
+            }
+            SMALL_TUPLE => {
+                let n = self.u8()? as usize;
+                Ok(Term::Tuple(self.items(n, depth)?))
+            }
+            LARGE_TUPLE => {
+                let n = self.u32()?;
+                Ok(Term::Tuple(self.items(n, depth)?))
+            }
+            NIL => Ok(Term::List(vec![])),
+            STRING => {
+                let n = self.u16()?;
+                Ok(Term::List(
+                    self.take(n)?.iter().map(|b| Term::Int(*b as i64)).collect(),
+                ))
+            }
+            LIST => {
+                let n = self.u32()?;
+                let items = self.items(n, depth)?;
+                if self.u8()? != NIL {
+                    return Err(DecodeError("improper list"));
+                }
+                Ok(Term::List(items))
+            }
+            _ => Err(DecodeError("a term outside the protocol's subset")),
+        }
+    }
+}
+
+/// Reads one frame: `Ok(None)` at a clean end of input (the BEAM closed the port).
+pub fn read_frame(input: &mut impl Read) -> io::Result<Option<Vec<u8>>> {
+    let mut len = [0u8; 4];
+    match input.read_exact(&mut len) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_FRAME {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "frame too large",
+        ));
+    }
+    let mut frame = vec![0u8; len];
+    input.read_exact(&mut frame)?;
+    Ok(Some(frame))
+}
+
+/// Writes `term` as one frame, in one write where the pipe allows, and flushes.
+pub fn write_frame(output: &mut impl Write, term: &Term) -> io::Result<()> {
+    let body = encode(term);
+    let mut frame = Vec::with_capacity(4 + body.len());
+    frame.extend((body.len() as u32).to_be_bytes());
+    frame.extend(body);
+    output.write_all(&frame)?;
+    output.flush()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips() {
+        for t in [
+            Term::Int(0),
+            Term::Int(255),
+            Term::Int(256),
+            Term::Int(-1),
+            Term::Int(i32::MAX as i64 + 1),
+            Term::Int(i64::MIN),
+            Term::Int(i64::MAX),
+            Term::atom("boot"),
+            Term::bin(b"\0\xff"),
+            Term::List(vec![]),
+            Term::tuple([
+                Term::Int(7),
+                Term::List(vec![Term::atom("on"), Term::bin("x")]),
+            ]),
+        ] {
+            assert_eq!(decode(&encode(&t)), Ok(t));
+        }
+    }
+
+    // Bytes of `:erlang.term_to_binary/1` on OTP 25 (atoms as ATOM_EXT; OTP 26 writes
+    // SMALL_ATOM_UTF8_EXT), so the decoder reads what the BEAM writes.
+    #[test]
+    fn reads_what_the_beam_writes() {
+        let ping = Ok(Term::tuple([Term::Int(1), Term::atom("ping")]));
+        // {1, :ping}, OTP 25 and OTP 26
+        assert_eq!(
+            decode(&[131, 104, 2, 97, 1, 100, 0, 4, 112, 105, 110, 103]),
+            ping
+        );
+        assert_eq!(
+            decode(&[131, 104, 2, 97, 1, 119, 4, 112, 105, 110, 103]),
+            ping
+        );
+        // [1, 2] is a STRING_EXT
+        assert_eq!(
+            decode(&[131, 107, 0, 2, 1, 2]),
+            Ok(Term::List(vec![Term::Int(1), Term::Int(2)]))
+        );
+        // 2^40
+        assert_eq!(
+            decode(&[131, 110, 6, 0, 0, 0, 0, 0, 0, 1]),
+            Ok(Term::Int(1 << 40))
+        );
+    }
+
+    #[test]
+    fn malformed_frames_are_errors() {
+        assert!(decode(&[]).is_err());
+        assert!(decode(&[130, 97, 1]).is_err());
+        assert!(decode(&[131, 108, 0, 0, 0, 9, 106]).is_err());
+        assert!(decode(&[131, 108, 0, 0, 0, 1, 97, 1, 97, 2]).is_err()); // improper
+        assert!(decode(&[131, 110, 9, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]).is_err());
+        assert!(decode(&[131, 97, 1, 97]).is_err()); // trailing
+        let deep: Vec<u8> = std::iter::once(131)
+            .chain(std::iter::repeat_n([104, 1], 100).flatten())
+            .chain([106])
+            .collect();
+        assert_eq!(decode(&deep), Err(DecodeError("nested too deep")));
+    }
+}
