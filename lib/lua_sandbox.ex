@@ -148,6 +148,7 @@ defmodule LuaSandbox do
   def run(source, opts \\ []) do
     check_source!(source)
     opts = Options.validate!(opts)
+    if is_nil(opts[:node]), do: LuaSandbox.Supervisor.check_isolation!(opts[:supervisor])
 
     if opts[:timeout] == :infinity and is_nil(opts[:node]) do
       LuaSandbox.Supervisor.run_local(source, opts)
@@ -243,6 +244,7 @@ defmodule LuaSandbox do
     opts = Options.validate!(opts)
     run_opts = Keyword.merge(opts, timeout: :infinity, node: nil)
     sup = opts[:supervisor]
+    LuaSandbox.Supervisor.check_isolation!(sup)
 
     # The task takes its slot when it starts (an :overloaded result if there is none).
     try do
@@ -336,6 +338,7 @@ defmodule LuaSandbox do
     # Validated now (and the supervisor looked up), so a mistake raises here, not in a worker.
     shared = Options.validate!(Keyword.put(run_opts, :timeout, timeout))
     _ = LuaSandbox.Supervisor.running(shared[:supervisor])
+    if is_nil(shared[:node]), do: LuaSandbox.Supervisor.check_isolation!(shared[:supervisor])
 
     sources
     |> Stream.map(&stream_item!(&1, run_opts))

@@ -1,7 +1,10 @@
 defmodule Mix.Tasks.Compile.LuaSandboxNif do
   @moduledoc """
   Builds the `lua_sandbox_nif` crate with cargo and installs the library as
-  `priv/native/lua_sandbox_nif.so`.
+  `priv/native/lua_sandbox_nif.so`, and the worker binary of `isolation: :process`
+  (`lua_sandbox_worker`) as `priv/native/lua_sandbox_worker`, so a release carries both.
+  In `MIX_ENV=test` it also builds the worker with its test-only `wall-probes` feature, installed
+  outside `priv/` (`_build/test/lua_sandbox_worker_probes`) so no release can carry it.
 
   This replaces `rustler`'s Mix helper, which lives on Hex.
 
@@ -12,13 +15,14 @@ defmodule Mix.Tasks.Compile.LuaSandboxNif do
       source (`native/**`, `vendor/**`, `Cargo.toml`, `Cargo.lock`): a dependent app's
       `mix compile`, `mix test` and `mix run` work without cargo once the library is built.
     * `LUA_SANDBOX_NIF_PATH=/path/to/liblua_sandbox_nif.so` installs a prebuilt library instead
-      of building one.
+      of building one (and no worker: `isolation: :process` then says the worker is missing).
     * Without cargo and without a built library it stops with a message saying what to install.
     * cargo's progress is shown while it builds (the first build takes a few minutes).
   """
   use Mix.Task.Compiler
 
   @crate "lua_sandbox_nif"
+  @worker_crate "lua_sandbox_worker"
   @env "LUA_SANDBOX_NIF_PATH"
   @needs "lua_sandbox needs Rust ≥ 1.85 (cargo) to build its NIF"
 
@@ -26,16 +30,20 @@ defmodule Mix.Tasks.Compile.LuaSandboxNif do
   def run(_args) do
     root = Path.expand("..", __DIR__)
     target = Path.join([root, "priv", "native", "#{@crate}.so"])
+    worker = Path.join([root, "priv", "native", @worker_crate])
+    probes = if Mix.env() == :test, do: probes_path(), else: nil
 
     cond do
       prebuilt = System.get_env(@env) ->
         install_prebuilt(prebuilt, target)
 
-      fresh?(root, target) ->
+      Enum.all?([target, worker, probes], &(&1 == nil or fresh?(root, &1))) ->
         {:noop, []}
 
       cargo = System.find_executable("cargo") ->
-        build(cargo, root, target)
+        # The probes build first: both link target/release/worker, the release one last.
+        if probes, do: build_worker_probes(cargo, root, probes)
+        build(cargo, root, target, worker)
 
       File.exists?(target) ->
         Mix.shell().error(
@@ -51,6 +59,10 @@ defmodule Mix.Tasks.Compile.LuaSandboxNif do
         )
     end
   end
+
+  @doc false
+  # Where the test-only worker (feature `wall-probes`) is installed: outside priv/.
+  def probes_path, do: Path.join(Mix.Project.build_path(), "#{@worker_crate}_probes")
 
   defp install_prebuilt(path, target) do
     unless File.regular?(path) do
@@ -86,7 +98,7 @@ defmodule Mix.Tasks.Compile.LuaSandboxNif do
     end
   end
 
-  defp build(cargo, root, target) do
+  defp build(cargo, root, target, worker) do
     first? = not File.exists?(target)
 
     if first? do
@@ -95,14 +107,41 @@ defmodule Mix.Tasks.Compile.LuaSandboxNif do
       )
     end
 
-    args = [
-      "build",
-      "--release",
-      "--locked",
-      "-p",
-      @crate,
-      "--message-format=json-render-diagnostics"
-    ]
+    artifacts = cargo_build(cargo, root, ["-p", @crate, "-p", @worker_crate])
+
+    nif =
+      case artifacts[@crate] do
+        nil ->
+          Mix.raise("cargo build reported no #{@crate} library")
+
+        artifact ->
+          if same_file?(artifact, target),
+            do: {:noop, []},
+            else: install(artifact, target, "Compiled NIF crate #{@crate} (#{artifact})")
+      end
+
+    case artifacts[@worker_crate] do
+      nil -> Mix.raise("cargo build reported no #{@worker_crate} binary")
+      artifact -> install_executable(artifact, worker)
+    end
+
+    nif
+  end
+
+  defp build_worker_probes(cargo, root, probes) do
+    args = ["-p", @worker_crate, "--features", "wall-probes"]
+
+    case cargo_build(cargo, root, args)[@worker_crate] do
+      nil -> Mix.raise("cargo build reported no #{@worker_crate} binary with wall-probes")
+      artifact -> install_executable(artifact, probes)
+    end
+  end
+
+  # `cargo build --release` of `packages`: `%{crate => artifact path}`.
+  defp cargo_build(cargo, root, packages) do
+    args =
+      ["build", "--release", "--locked"] ++
+        packages ++ ["--message-format=json-render-diagnostics"]
 
     port =
       Port.open({:spawn_executable, cargo}, [
@@ -114,58 +153,55 @@ defmodule Mix.Tasks.Compile.LuaSandboxNif do
         {:args, args}
       ])
 
-    {artifact, status, log} = collect(port, nil, [], "")
+    {artifacts, status, log} = collect(port, %{}, [], "")
 
-    cond do
-      status != 0 ->
-        Mix.shell().error(log |> Enum.reverse() |> Enum.join("\n"))
-        Mix.raise("cargo build failed with status #{status}")
-
-      is_nil(artifact) ->
-        Mix.raise("cargo build reported no #{@crate} library")
-
-      same_file?(artifact, target) ->
-        {:noop, []}
-
-      true ->
-        install(artifact, target, "Compiled NIF crate #{@crate} (#{artifact})")
+    if status != 0 do
+      Mix.shell().error(log |> Enum.reverse() |> Enum.join("\n"))
+      Mix.raise("cargo build failed with status #{status}")
     end
+
+    artifacts
   end
 
   # cargo writes JSON messages on stdout and its human progress ("Compiling mlua ...") and
   # rendered diagnostics on stderr; the port merges them and JSON lines start with '{'.
-  defp collect(port, artifact, log, partial) do
+  defp collect(port, artifacts, log, partial) do
     receive do
       {^port, {:data, {:noeol, chunk}}} ->
-        collect(port, artifact, log, partial <> chunk)
+        collect(port, artifacts, log, partial <> chunk)
 
       {^port, {:data, {:eol, chunk}}} ->
         line = partial <> chunk
 
         case line do
           "{" <> _ ->
-            collect(port, artifact(line) || artifact, log, "")
+            collect(port, Map.merge(artifacts, artifact(line)), log, "")
 
           _ ->
             if String.match?(line, ~r/^\s*(Compiling|Downloading|Downloaded|warning|error)/) do
               Mix.shell().info(line)
             end
 
-            collect(port, artifact, [line | log], "")
+            collect(port, artifacts, [line | log], "")
         end
 
       {^port, {:exit_status, status}} ->
-        {artifact, status, log}
+        {artifacts, status, log}
     end
   end
 
+  # The NIF's library, or the worker crate's `worker` binary, as `%{crate => path}`.
   defp artifact(line) do
-    with %{"reason" => "compiler-artifact", "target" => %{"name" => @crate} = t} = msg <-
-           decode(line),
-         true <- "cdylib" in t["kind"] do
-      Enum.find(msg["filenames"], &(Path.extname(&1) in [".so", ".dylib", ".dll"]))
-    else
-      _ -> nil
+    case decode(line) do
+      %{"reason" => "compiler-artifact", "target" => %{"name" => @crate} = t} = msg ->
+        lib = Enum.find(msg["filenames"], &(Path.extname(&1) in [".so", ".dylib", ".dll"]))
+        if "cdylib" in t["kind"] and lib, do: %{@crate => lib}, else: %{}
+
+      %{"reason" => "compiler-artifact", "target" => %{"name" => "worker"} = t} = msg ->
+        if "bin" in t["kind"], do: %{@worker_crate => hd(msg["filenames"])}, else: %{}
+
+      _ ->
+        %{}
     end
   end
 
@@ -204,6 +240,19 @@ defmodule Mix.Tasks.Compile.LuaSandboxNif do
     # yet at that point, so link it now or the NIF would not be found on first load.
     Mix.Project.build_structure()
     {:ok, []}
+  end
+
+  defp install_executable(from, target) do
+    unless same_file?(from, target) do
+      File.mkdir_p!(Path.dirname(target))
+      tmp = target <> ".tmp"
+      File.cp!(from, tmp)
+      File.chmod!(tmp, 0o755)
+      File.rename!(tmp, target)
+      Mix.Project.build_structure()
+    end
+
+    :ok
   end
 
   defp same_file?(a, b) do

@@ -28,11 +28,15 @@ defmodule LuaSandbox.Error do
         "during the run",
     node_down:
       "the node running the script went down or was unreachable, or its supervisor stopped " <>
-        "mid-run; `node: :any` found no member"
+        "mid-run; `node: :any` found no member",
+    worker_crashed:
+      "the worker OS process running the script (`isolation: :process`) died mid-run: a " <>
+        "crash, its jail's seccomp kill, a signal from outside (the message names the signal); " <>
+        "the pool replaces it"
   ]
 
   # Kinds made on the Elixir side only: the NIF never returns them.
-  @elixir_only [:overloaded, :rate_limited, :quota_exceeded, :node_down]
+  @elixir_only [:overloaded, :rate_limited, :quota_exceeded, :node_down, :worker_crashed]
 
   @moduledoc """
   Why a run failed. Returned as `{:error, %LuaSandbox.Error{}}` and raised by the `!` functions.
@@ -141,6 +145,12 @@ defmodule LuaSandbox.Error do
   @spec crashed(String.t(), term, LuaSandbox.Result.stats()) :: t
   def crashed(what, reason, stats \\ @empty_stats),
     do: new(:runtime, "#{what} crashed: #{crash_detail(reason)}", stats: stats)
+
+  @doc false
+  # The worker `os_pid` died mid-request; `how` is LuaSandbox.Worker.describe_exit/1's text.
+  @spec worker_crashed(pos_integer | nil, String.t(), LuaSandbox.Result.stats()) :: t
+  def worker_crashed(os_pid, how, stats \\ @empty_stats),
+    do: new(:worker_crashed, "the worker process (os pid #{os_pid}) died: #{how}", stats: stats)
 
   defp crash_detail(%{__exception__: true} = e), do: Exception.message(e)
   defp crash_detail(reason), do: inspect(reason)

@@ -74,6 +74,7 @@ defmodule LuaSandbox.Session do
     validated = state_options(opts)
     # Raises now if it is not running, not at the first call.
     _ = LuaSandbox.Supervisor.running(validated[:supervisor])
+    LuaSandbox.Supervisor.check_isolation!(validated[:supervisor])
     native = validated |> Runner.encode_opts() |> Options.to_native()
     gen_opts = if name, do: [name: name], else: []
 

@@ -19,7 +19,7 @@ defmodule LuaSandbox.Supervisor do
   """
 
   alias LuaSandbox.{Chunk, Cluster, Error, Runner}
-  alias LuaSandbox.Supervisor.{Quotas, Slots}
+  alias LuaSandbox.Supervisor.{Quotas, Slots, Workers}
 
   @doc "The default size: dirty CPU schedulers × 4, unless configured."
   @spec default_max_concurrency() :: pos_integer
@@ -63,6 +63,14 @@ defmodule LuaSandbox.Supervisor do
 
   A tenant without an entry gets `default` (none if there is no `default`). Refusals carry
   `retry_after_ms`. Admission takes no message to any process (ETS and counters).
+
+  `isolation` (default `:nif`): `:process` starts a pool of `max_concurrency` worker OS
+  processes, each a jailed `lua_sandbox_worker` (built by `mix compile` and installed in
+  `priv/native/` next to the NIF; `worker:` names another path) that reports at boot which
+  layers of its jail are in force, with a warning logged for each one that is not (see
+  `info/1`). A worker that dies is replaced in the background. Not yet supported: running
+  scripts on such a supervisor (runs and sessions raise `ArgumentError` saying so) — the
+  worker will run them with the core's run machinery once that is public (issue 17).
   """
   @spec start_link(keyword) :: Supervisor.on_start()
   def start_link(opts) do
@@ -71,7 +79,9 @@ defmodule LuaSandbox.Supervisor do
         :name,
         quotas: nil,
         max_concurrency: default_max_concurrency(),
-        cluster: false
+        cluster: false,
+        isolation: :nif,
+        worker: nil
       ])
 
     quotas = Quotas.validate!(opts[:quotas])
@@ -89,15 +99,85 @@ defmodule LuaSandbox.Supervisor do
       raise ArgumentError, "cluster must be a boolean, got: #{inspect(opts[:cluster])}"
     end
 
+    unless opts[:isolation] in [:nif, :process] do
+      raise ArgumentError,
+            "isolation must be :nif or :process, got: #{inspect(opts[:isolation])}"
+    end
+
+    unless opts[:worker] == nil or is_binary(opts[:worker]) do
+      raise ArgumentError, "worker must be a path, got: #{inspect(opts[:worker])}"
+    end
+
     children =
       [
         {Slots, {opts[:name], opts[:max_concurrency], quotas}},
         # Unbounded: the bound is the slots', which every run takes wherever it runs.
         {Task.Supervisor, name: opts[:name]}
       ] ++
+        workers(opts) ++
         if(opts[:cluster], do: [{Cluster.Member, {opts[:name], opts[:max_concurrency]}}], else: [])
 
     Supervisor.start_link(children, strategy: :one_for_all)
+  end
+
+  defp workers(opts) do
+    case opts[:isolation] do
+      :nif ->
+        # A supervisor of the same name started before with :process leaves its entry.
+        :persistent_term.erase({Workers, opts[:name]})
+        []
+
+      :process ->
+        path = opts[:worker] || LuaSandbox.Worker.default_path()
+        [{Workers, {opts[:name], opts[:max_concurrency], path}}]
+    end
+  end
+
+  @doc """
+  What supervisor `name` is: its `isolation` and `capacity` (its `max_concurrency`), and for
+  `isolation: :process` its `workers` (each `%{os_pid, runs, rss}`: runs served, resident set
+  in bytes, nil where the OS does not say) and the `layers` of the jail as the workers
+  reported them at boot, each `{name, state}` with `state` one of `:on`, `{:on, detail}`,
+  `{:off, reason}` or, for `:address_space`, the bound in bytes; `missing_layers` lists the
+  ones not in force with the reason (each was logged as a warning at start). Raises
+  `ArgumentError` if it is not running.
+
+      iex> LuaSandbox.Supervisor.info(LuaSandbox.TaskSupervisor).isolation
+      :nif
+  """
+  @spec info(atom) :: map
+  def info(name) do
+    {_running, capacity} = Slots.load(name)
+
+    case Workers.whereis(name) do
+      nil ->
+        %{isolation: :nif, capacity: capacity}
+
+      pool ->
+        %{workers: workers, layers: layers} = Workers.info(pool)
+
+        %{
+          isolation: :process,
+          capacity: capacity,
+          workers: workers,
+          layers: layers,
+          missing_layers: LuaSandbox.Worker.missing(layers)
+        }
+    end
+  end
+
+  @doc false
+  # Runs and sessions on an isolation: :process supervisor: not yet (issue 18 item 3).
+  @spec check_isolation!(atom) :: :ok
+  def check_isolation!(sup) do
+    if Workers.whereis(sup) do
+      raise ArgumentError,
+            "not yet supported: running scripts on supervisor #{inspect(sup)}, started with " <>
+              "isolation: :process (its worker pool, info/1 and :worker_crashed are in place; " <>
+              "the worker runs scripts once the core's run machinery is public, issue 17)"
+    end
+
+    :ok
   end
 
   @doc """
@@ -158,6 +238,7 @@ defmodule LuaSandbox.Supervisor do
   defp run_in_slot(source, opts) do
     sup = opts[:supervisor]
     tenant = opts[:tenant]
+    check_isolation!(sup)
 
     case Slots.admit(sup, tenant) do
       {:ok, slot, cap_ms} ->

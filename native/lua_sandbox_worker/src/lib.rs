@@ -4,3 +4,31 @@
 
 pub mod jail;
 pub mod proto;
+
+/// Whether the BEAM has closed the worker's end (the port was closed: its caller died, or the
+/// pool gave up on it): the pipe on fd 0 has hung up. Never blocks. A busy worker checks it as
+/// it goes and exits when it is true, so no one has to kill it by pid from outside (a pid may be
+/// reused once its process is gone).
+pub fn hung_up() -> bool {
+    let mut fd = libc::pollfd {
+        fd: 0,
+        events: 0,
+        revents: 0,
+    };
+    // SAFETY: `fd` is one live pollfd for the duration of the call; timeout 0 never blocks.
+    let n = unsafe { libc::poll(&mut fd, 1, 0) };
+    n > 0 && fd.revents & (libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0
+}
+
+/// Makes the kernel kill this process when its parent (the BEAM's port forker) dies, so a busy
+/// worker cannot outlive its node. Exits at once if the parent is already gone.
+pub fn die_with_parent() {
+    // SAFETY: getppid has no preconditions.
+    let parent = unsafe { libc::getppid() };
+    // SAFETY: prctl(PR_SET_PDEATHSIG, SIGKILL) takes no pointers.
+    let set = unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) };
+    // SAFETY: as above.
+    if set != 0 || parent == 1 || unsafe { libc::getppid() } != parent {
+        std::process::exit(3);
+    }
+}

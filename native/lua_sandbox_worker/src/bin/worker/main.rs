@@ -29,6 +29,7 @@ fn main() {
         .filter(|a| !a.starts_with("--"))
         .map(|s| s.parse().expect("max_memory in bytes"))
         .unwrap_or(64 << 20);
+    lua_sandbox_worker::die_with_parent();
     let mut slot = common::new_slot(max_memory);
     let mut out = BufWriter::new(std::io::stdout().lock());
 

@@ -3,7 +3,8 @@
 //! or SIGSYS and never in an effect outside. Each probe answers `{:errno, n}` if the call
 //! returned an error, `{:done, value}` if it succeeded (a hole in the wall), and does not answer
 //! at all if seccomp killed the process. Two more serve the tests: `spin` never answers (a
-//! request in flight, for a signal from outside), `lua <source>` runs a chunk in the worker's
+//! request in flight, for a signal from outside or a caller's death: it exits when the BEAM
+//! hangs up), `lua <source>` runs a chunk in the worker's
 //! state (the jail does not stop ordinary Lua work).
 
 use std::ffi::CString;
@@ -129,8 +130,14 @@ pub fn probe(slot: &mut lua_sandbox_core::Slot, name: &str, operand: &str) -> Te
                     0
                 }
             }
+            // Busy until the BEAM hangs up, as a run checks it (then the worker exits).
             "spin" => loop {
-                std::hint::spin_loop();
+                for _ in 0..100_000 {
+                    std::hint::spin_loop();
+                }
+                if lua_sandbox_worker::hung_up() {
+                    std::process::exit(0);
+                }
             },
             "lua" => {
                 let r = super::common::eval(slot, operand);

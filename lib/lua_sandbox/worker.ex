@@ -1,0 +1,236 @@
+defmodule LuaSandbox.Worker do
+  @moduledoc false
+  # One jailed worker OS process of `isolation: :process`, behind an Erlang port, as the BEAM
+  # sees it (the other half is native/lua_sandbox_worker/src/bin/worker/main.rs). Frames are
+  # `{:packet, 4}` with one term in the external term format each way (src/proto.rs names the
+  # messages). Terms from the worker are decoded with `:safe`: a worker is not trusted, so it
+  # can create no atom and no fun on this node.
+  #
+  # The pool (LuaSandbox.Supervisor.Workers) owns the ports; a caller that checked a worker out
+  # is connected to its port for the time it uses it, so the answers and the worker's exit
+  # status come to the caller directly, without a hop through the pool.
+
+  alias LuaSandbox.Error
+
+  @boot_timeout 10_000
+
+  # Every atom a worker may send (src/proto.rs, jail.rs's Layers::to_term): decoding with
+  # `:safe` accepts only atoms that exist, and these exist once this module is loaded.
+  @layers [
+    :user_ns,
+    :pid_ns,
+    :ipc_ns,
+    :fds_closed,
+    :no_new_privs,
+    :landlock,
+    :rlimits,
+    :address_space,
+    :seccomp
+  ]
+  @answers [:boot, :on, :off, :pong, :ok, :error, :errno, :done]
+
+  @doc "The jail's layers, in the order the worker applies and reports them."
+  @spec layers() :: [atom]
+  def layers, do: @layers
+
+  @doc false
+  @spec protocol_atoms() :: [atom]
+  def protocol_atoms, do: @layers ++ @answers
+
+  @typedoc "A layer's state as the worker reports it at boot."
+  @type layer_state :: :on | {:on, String.t()} | {:off, String.t()} | non_neg_integer
+
+  @doc "The worker binary the Mix compiler installs next to the NIF."
+  @spec default_path() :: Path.t()
+  def default_path, do: Application.app_dir(:lua_sandbox, "priv/native/lua_sandbox_worker")
+
+  @doc """
+  Starts the worker at `path` for the calling process and waits for its boot frame:
+  `{:ok, port, os_pid, layers}` or `{:error, reason}` (the worker is gone then).
+  """
+  @spec start(Path.t(), pos_integer) ::
+          {:ok, port, pos_integer, [{atom, layer_state}]} | {:error, String.t()}
+  def start(path, max_memory) do
+    case open(path, max_memory) do
+      {:ok, port} -> await_boot(port)
+      error -> error
+    end
+  end
+
+  @doc "Opens the port without waiting for the boot frame (see `boot/2`)."
+  @spec open(Path.t(), pos_integer) :: {:ok, port} | {:error, String.t()}
+  def open(path, max_memory) do
+    if File.regular?(path) do
+      port =
+        Port.open({:spawn_executable, path}, [
+          {:packet, 4},
+          :binary,
+          :exit_status,
+          :use_stdio,
+          {:args, [Integer.to_string(max_memory)]}
+        ])
+
+      {:ok, port}
+    else
+      {:error,
+       "the worker binary #{path} is missing (built by `mix compile` with cargo; not with " <>
+         "LUA_SANDBOX_NIF_PATH)"}
+    end
+  end
+
+  defp await_boot(port) do
+    receive do
+      {^port, msg} ->
+        case boot(port, msg) do
+          {:ok, layers} -> {:ok, port, os_pid(port), layers}
+          error -> error
+        end
+    after
+      @boot_timeout ->
+        close(port)
+        {:error, "the worker sent no boot frame within #{@boot_timeout} ms"}
+    end
+  end
+
+  @doc """
+  Reads the boot frame from a port message: `{:ok, layers}`, or `{:error, reason}` when the
+  worker exited instead (its jail could not be applied) or sent something else.
+  """
+  @spec boot(port, term) :: {:ok, [{atom, layer_state}]} | {:error, String.t()}
+  def boot(port, {:data, frame}) do
+    case decode(frame) do
+      {:boot, layers} when is_list(layers) ->
+        {:ok, layers}
+
+      other ->
+        close(port)
+        {:error, "the worker's boot frame is not one: #{inspect(other, limit: 10)}"}
+    end
+  end
+
+  def boot(_port, {:exit_status, status}),
+    do: {:error, "the worker exited at boot: #{describe_exit(status)}"}
+
+  @doc "The layers of a boot frame that are not in force, each as `{name, reason}`."
+  @spec missing([{atom, layer_state}]) :: [{atom, String.t()}]
+  def missing(layers), do: for({name, {:off, why}} <- layers, do: {name, why})
+
+  @doc """
+  Sends `request` to the worker on `port` (connected to the calling process) and waits at most
+  `timeout` ms for its answer: `{:ok, answer}`, `{:error, %Error{kind: :worker_crashed}}` when
+  the worker died meanwhile, or `:timeout` (the worker is then in an unknown state: give it
+  back as broken).
+  """
+  @spec request(port, term, timeout) :: {:ok, term} | {:error, Error.t()} | :timeout
+  def request(port, request, timeout) do
+    id = System.unique_integer([:positive])
+    started = System.monotonic_time(:microsecond)
+    os_pid = os_pid(port)
+
+    try do
+      Port.command(port, :erlang.term_to_binary({id, request}))
+    rescue
+      ArgumentError -> :closed
+    end
+
+    await(port, id, os_pid, started, timeout)
+  end
+
+  defp await(port, id, os_pid, started, timeout) do
+    receive do
+      {^port, {:data, frame}} ->
+        case decode(frame) do
+          {^id, answer} -> {:ok, answer}
+          # an answer to an earlier request that timed out: not ours
+          _other -> await(port, id, os_pid, started, timeout)
+        end
+
+      {^port, {:exit_status, status}} ->
+        {:error, crashed(os_pid, status, started)}
+    after
+      timeout -> :timeout
+    end
+  end
+
+  defp crashed(os_pid, status, started) do
+    stats = %{Error.empty_stats() | duration_us: System.monotonic_time(:microsecond) - started}
+    Error.worker_crashed(os_pid, describe_exit(status), stats)
+  end
+
+  defp decode(frame) do
+    :erlang.binary_to_term(frame, [:safe])
+  rescue
+    ArgumentError -> {:undecodable, byte_size(frame)}
+  end
+
+  @doc "The worker's OS pid, or nil once its port is closed."
+  @spec os_pid(port) :: pos_integer | nil
+  def os_pid(port) do
+    case Port.info(port, :os_pid) do
+      {:os_pid, pid} -> pid
+      nil -> nil
+    end
+  end
+
+  @doc "The resident set of OS process `os_pid` in bytes (Linux), or nil."
+  @spec rss(pos_integer | nil) :: non_neg_integer | nil
+  def rss(nil), do: nil
+
+  def rss(os_pid) do
+    with {:ok, status} <- File.read("/proc/#{os_pid}/status"),
+         [_, kb] <- Regex.run(~r/^VmRSS:\s+(\d+) kB/m, status) do
+      String.to_integer(kb) * 1024
+    else
+      _ -> nil
+    end
+  end
+
+  @doc """
+  Closes the port: a worker in an unknown state (its caller died mid-request, a request timed
+  out) is never reused. The worker sees its pipe hang up and exits, whether it waits for a
+  request or is busy (it checks as it goes); no kill by pid, which could hit another process
+  once the worker's pid is reused.
+  """
+  @spec close(port) :: :ok
+  def close(port) do
+    Port.close(port)
+    :ok
+  rescue
+    ArgumentError -> :ok
+  end
+
+  # Linux's numbering (erts reports a death by signal n as exit status 128 + n).
+  @signals %{
+    1 => "SIGHUP",
+    2 => "SIGINT",
+    3 => "SIGQUIT",
+    4 => "SIGILL",
+    5 => "SIGTRAP",
+    6 => "SIGABRT",
+    7 => "SIGBUS",
+    8 => "SIGFPE",
+    9 => "SIGKILL",
+    11 => "SIGSEGV",
+    13 => "SIGPIPE",
+    14 => "SIGALRM",
+    15 => "SIGTERM",
+    24 => "SIGXCPU",
+    25 => "SIGXFSZ",
+    31 => "SIGSYS"
+  }
+
+  @doc """
+  How a worker's exit status reads: `"killed by SIGSYS (signal 31)"`, `"exited with status 2"`.
+  """
+  @spec describe_exit(non_neg_integer) :: String.t()
+  def describe_exit(status) when status > 128 do
+    n = status - 128
+
+    case :os.type() do
+      {:unix, :linux} -> "killed by #{Map.get(@signals, n, "signal #{n}")} (signal #{n})"
+      _ -> "killed by signal #{n}"
+    end
+  end
+
+  def describe_exit(status), do: "exited with status #{status}"
+end
