@@ -5,15 +5,23 @@
 //! - [`protect`]: the one discipline for raising (longjmp) that every caller of the C API follows.
 //! - [`libs`]: the standard libraries a sandboxed state opens.
 //! - [`seed`]: per-run randomness (`math.random`) for restored states.
-//! - [`budget`]: the run's budget, the work ticker glue, kill checks and sticky aborts.
+//! - [`control`]: one run's accounting (counters, limits, abort, deadline, CPU clock).
+//! - [`output`]: what `print` produces: captured, capped, streamed through a [`output::Sink`].
+//! - [`scope`]: the one per-run guard: budget, output, handle store, traceback.
+//! - [`budget`]: the work ticker glue, charges, kill checks and sticky aborts.
+//! - `hooks`: the functions the C code in `csrc/` calls back into.
 //! - [`hardened`]: the budget-charging builtins and the sandbox's C libraries (`csrc/`).
 
 pub mod budget;
 mod clock;
+pub mod control;
 pub mod hardened;
 pub mod heap;
+mod hooks;
 pub mod libs;
+pub mod output;
 pub mod protect;
+pub mod scope;
 pub mod seed;
 pub mod slot;
 #[cfg(feature = "stretch")]

@@ -5,6 +5,7 @@
 
 use std::ffi::{c_int, c_void, CString};
 
+use lua_sandbox_core::scope::Scope;
 use lua_sandbox_core::{ffi, protect};
 use rustler::{Encoder, Env, NifMap, ResourceArc, Term};
 
@@ -57,9 +58,9 @@ pub fn compile_bytes(
     // Parsing is charged to the work countdown, so a kill of the caller stops it within a
     // tick, and it is bounded by the default instruction budget (the parser is otherwise
     // minutes of uninterruptible CPU on some 1 MB sources, e.g. `a or a or ...`).
-    let control = crate::budget::Control::new(COMPILE_BUDGET);
-    let _active = crate::budget::Activation::new(&control, crate::caller::raw(env));
-    dump(source, name, false, Some(&control))
+    let scope = Scope::budget(crate::budget::Control::new(COMPILE_BUDGET));
+    let _active = scope.activate(crate::caller::raw(env));
+    dump(source, name, false, Some(&scope.control))
 }
 
 /// Parses Lua source text in a throwaway state (no libraries, no code run) and returns its

@@ -10,9 +10,7 @@
 //! [`Handles`] across calls (handles made by a call that is rolled back are forgotten with
 //! it). A handle smuggled any other way does not match the token.
 
-use std::cell::Cell;
 use std::ffi::c_int;
-use std::ptr;
 
 use lua_sandbox_core::ffi;
 use rustler::env::{OwnedEnv, SavedTerm};
@@ -65,45 +63,9 @@ struct Payload {
     index: u64,
 }
 
-thread_local! {
-    static ACTIVE: Cell<*mut Handles> = const { Cell::new(ptr::null_mut()) };
-}
-
-/// Makes `handles` the run's handle table on this thread until dropped.
-pub struct Activation<'h> {
-    previous: *mut Handles,
-    _h: std::marker::PhantomData<&'h mut Handles>,
-}
-
-impl Activation<'static> {
-    /// Activates the handles a run keeps in a `Box` (its address survives moves of the run).
-    ///
-    /// # Safety
-    /// `handles` must stay valid (the box not dropped) while the activation lives, or at
-    /// least until the last marshaling call made under it.
-    pub unsafe fn new_raw(handles: *mut Handles) -> Activation<'static> {
-        let previous = ACTIVE.with(|a| a.replace(handles));
-        Activation {
-            previous,
-            _h: std::marker::PhantomData,
-        }
-    }
-}
-
-impl Drop for Activation<'_> {
-    fn drop(&mut self) {
-        ACTIVE.with(|a| a.set(self.previous));
-    }
-}
-
+/// Runs `f` on the handle store of the active run (lent to its scope, see `run.rs`).
 fn with_active<R>(f: impl FnOnce(&mut Handles) -> R) -> Option<R> {
-    let p = ACTIVE.with(|a| a.get());
-    if p.is_null() {
-        return None;
-    }
-    // SAFETY: set by an `Activation` holding `&mut Handles` for its lifetime on this thread;
-    // callers run strictly inside it and never re-enter.
-    Some(f(unsafe { &mut *p }))
+    lua_sandbox_core::scope::with_handles::<Handles, R>(f)
 }
 
 /// Pushes a handle for `term` (a userdata with the handle metatable).

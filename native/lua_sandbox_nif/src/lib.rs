@@ -7,7 +7,7 @@ mod error;
 mod facts;
 mod handles;
 mod marshal;
-mod output;
+mod print;
 mod registry;
 mod run;
 mod sandbox;

@@ -21,10 +21,10 @@ use crate::budget::Control;
 use crate::chunk::Code;
 use crate::error::SandboxError;
 use crate::handles::Handles;
-use crate::output::Output;
 use crate::run::{self, Entry, Home, Running, Source, StateSetup};
-use crate::sandbox;
 use crate::slots::{self, Lease};
+use lua_sandbox_core::output::Output;
+use lua_sandbox_core::scope::Scope;
 use lua_sandbox_core::Slot;
 
 /// State-wide options, validated by `LuaSandbox.Session`.
@@ -204,12 +204,12 @@ fn session_new<'a>(env: Env<'a>, opts: SessionOpts<'a>) -> Term<'a> {
         };
         // The setup runs no script code; the activation only makes a kill stop a huge
         // conversion of globals.
-        let control = Control::new(u64::MAX);
+        let scope = Scope::budget(Control::new(u64::MAX));
         let state = lease.slot().state();
-        // SAFETY: `control` lives until the end of this function; the leased state outlives
-        // it (the lease moves into the session, `control` is dropped here).
+        // SAFETY: `scope` lives until the end of this function; the leased state outlives
+        // it (the lease moves into the session, `scope` is dropped here).
         let prepared = unsafe {
-            run::under_budget(env, &control, state, || {
+            run::under_budget(env, &scope, state, || {
                 run::prepare_state(lease.slot_mut(), &setup)
             })
         };
@@ -324,19 +324,23 @@ fn call<'a>(
             Some(Source::Chunk(chunk)) => chunk.name.clone(),
             _ => state.chunk_name.clone(),
         };
-        let print = run::print_mode_of(state.print, state.print_pid, state.print_tag.clone());
+        let print = crate::print::mode(state.print, state.print_pid, state.print_tag.clone());
         let max_source = state.max_source;
         let handles = std::mem::take(&mut state.handles);
         let handles_mark = handles.mark();
-        let control = Box::new(Control::new(opts.max_instructions));
+        let control = Control::new(opts.max_instructions);
         if let Some(ms) = opts.timeout {
             control.set_deadline(t0 + std::time::Duration::from_millis(ms));
         }
         control.clock_start();
+        let scope = Box::new(Scope::new(
+            control,
+            Output::new(opts.max_output as usize, print),
+        ));
+        scope.set_handles(handles);
         let mut running = Running {
             thread: std::ptr::null_mut(),
-            control,
-            output: Output::new(opts.max_output as usize, print),
+            scope,
             chunk_name,
             max_depth: state.max_depth,
             max_result_bytes: opts.max_result_bytes,
@@ -345,7 +349,6 @@ fn call<'a>(
             tool_calls: 0,
             elapsed: std::time::Duration::ZERO,
             pending_tool: String::new(),
-            handles,
             home: Home::Session(Box::new(Loan {
                 state: Some(state),
                 owner: res.clone(),
@@ -358,23 +361,19 @@ fn call<'a>(
         };
         if fast.is_some() {
             // An attempt streams nothing until it has succeeded.
-            running.output.hold();
+            running.scope.output().hold();
         }
-        let handles_ptr: *mut crate::handles::Handles = &mut *running.handles;
-        // SAFETY: as in `run::start`: the box outlives every marshaling call of this call.
-        let _handles = unsafe { crate::handles::Activation::new_raw(handles_ptr) };
-        sandbox::clear_traceback();
         let entry = match &code {
             Some(code) => Entry::Chunk(code),
             None => Entry::Nothing,
         };
         let call = opts.call.as_ref().map(|(n, a)| (n.as_str(), a.as_slice()));
-        let control: *const Control = &*running.control;
+        let scope: *const Scope = &*running.scope;
         let state = running.main();
-        // SAFETY: the control is boxed in `running`, which outlives the call, and the
-        // session's state outlives the call's control (both live in `running`).
+        // SAFETY: the scope is boxed in `running`, which outlives the call, and the
+        // session's state outlives the call's scope (both live in `running`).
         let prepared = unsafe {
-            run::under_budget(env, control, state, || {
+            run::under_budget(env, scope, state, || {
                 set_globals(&mut running, &opts.globals)?;
                 run::prepare_thread(&mut running, entry, call, max_source)
             })
