@@ -22,17 +22,18 @@ use rustler::{Atom, Encoder, Env, NifMap, NifResult, ResourceArc, Term, TermType
 
 use crate::atoms;
 use crate::budget::{self, Abort, Control};
-use crate::chunk::{Code, CompiledChunk};
-use crate::error::{line_of, SandboxError};
+use crate::chunk::CompiledChunk;
+use crate::error::Kind;
 use crate::handles::Handles;
 use crate::marshal::{self, Bounds};
-use crate::registry::Key;
-use crate::sandbox;
-use crate::slots::{self, Lease};
-use crate::stack;
 use crate::term::binary_term;
+use lua_sandbox_core::chunk::{check_source, Code};
+use lua_sandbox_core::error::{line_of, SandboxError};
 use lua_sandbox_core::output::{Output, Print};
+use lua_sandbox_core::pool::{self as slots, Lease};
+use lua_sandbox_core::registry::Key;
 use lua_sandbox_core::scope::Scope;
+use lua_sandbox_core::{sandbox, stack};
 
 /// Options, already validated and defaulted by `LuaSandbox.Options`.
 #[derive(NifMap)]
@@ -308,7 +309,7 @@ fn start<'a>(
     let max_source = opts.max_source as usize;
     let (code, chunk_name) = match &source {
         Source::Text(bin) => {
-            if let Err(e) = crate::chunk::check_source(bin.as_slice(), max_source, "source") {
+            if let Err(e) = check_source(bin.as_slice(), max_source, "source") {
                 return early(e);
             }
             (
@@ -664,7 +665,7 @@ fn load_modules(
     for (name, term) in modules {
         let source = if term.get_type() == TermType::Binary {
             let bin: rustler::Binary = term.decode().map_err(|_| bad_module(name))?;
-            crate::chunk::check_source(bin.as_slice(), max_source, &format!("module '{name}'"))?;
+            check_source(bin.as_slice(), max_source, &format!("module '{name}'"))?;
             ModuleSource::Text(bin)
         } else {
             ModuleSource::Chunk(term.decode().map_err(|_| bad_module(name))?)

@@ -18,12 +18,12 @@ use rustler::{Atom, Encoder, Env, NifMap, NifResult, ResourceArc, Term};
 
 use crate::atoms;
 use crate::budget::Control;
-use crate::chunk::Code;
-use crate::error::SandboxError;
 use crate::handles::Handles;
 use crate::run::{self, Entry, Home, Running, Source, StateSetup};
-use crate::slots::{self, Lease};
+use lua_sandbox_core::chunk::{check_source, Code};
+use lua_sandbox_core::error::SandboxError;
 use lua_sandbox_core::output::Output;
+use lua_sandbox_core::pool::{self as slots, Lease};
 use lua_sandbox_core::scope::Scope;
 use lua_sandbox_core::Slot;
 
@@ -188,7 +188,7 @@ impl Drop for Loan {
 #[rustler::nif(schedule = "DirtyCpu")]
 fn session_new<'a>(env: Env<'a>, opts: SessionOpts<'a>) -> Term<'a> {
     let t0 = std::time::Instant::now();
-    crate::stack::with_big_stack(|| {
+    lua_sandbox_core::stack::with_big_stack(|| {
         let max_memory = slots::clamp_memory(opts.max_memory);
         let mut lease = match slots::lease(max_memory) {
             Ok(lease) => lease,
@@ -295,12 +295,12 @@ fn call<'a>(
     let Some(mut state) = res.lock().take() else {
         return Ok(atoms::busy().encode(env));
     };
-    Ok(crate::stack::with_big_stack(|| {
+    Ok(lua_sandbox_core::stack::with_big_stack(|| {
         let t0 = std::time::Instant::now();
         let code = match &source {
             None => Ok(None),
             Some(Source::Text(bin)) => {
-                crate::chunk::check_source(bin.as_slice(), state.max_source as usize, "source")
+                check_source(bin.as_slice(), state.max_source as usize, "source")
                     .and_then(|()| Code::new(bin.as_slice(), &state.chunk_name, false))
                     .map(Some)
             }

@@ -3,15 +3,15 @@
 //! (csrc/sb_baselib.c, csrc/sb_corolib.c) and the prelude that trims the globals. (The hooks
 //! those C functions call are the core's `hooks.rs`.)
 //!
-//! The state is built once per slot, in place, and then snapshotted (see `slots.rs`); every
+//! The state is built once per slot, in place, and then snapshotted (see `pool.rs`); every
 //! run starts from that snapshot. Everything below follows the raising discipline of
-//! `lua_sandbox_core::protect`: the functions Lua calls are C-ABI, and none holds a Rust value
+//! `crate::protect`: the functions Lua calls are C-ABI, and none holds a Rust value
 //! with a destructor across a call that may raise.
 
 use std::ffi::{c_int, c_void};
 use std::sync::OnceLock;
 
-use lua_sandbox_core::{ffi, Slot};
+use crate::{ffi, Slot};
 
 use crate::error::SandboxError;
 use crate::registry::Key;
@@ -81,7 +81,7 @@ unsafe extern "C-unwind" fn build(l: *mut ffi::lua_State) -> c_int {
     unsafe {
         let (code, len) = *ffi::lua_touserdata(l, 1).cast::<(*const u8, usize)>();
         ffi::lua_settop(l, 0);
-        lua_sandbox_core::libs::open(l);
+        crate::libs::open(l);
         crate::hardened::open_into_globals(l);
         // Before the prelude copies `os.clock`.
         crate::facts::install(l);
@@ -119,7 +119,7 @@ unsafe extern "C-unwind" fn build(l: *mut ffi::lua_State) -> c_int {
         ffi::lua_setfield(l, -2, c"__name".as_ptr());
         ffi::lua_pushboolean(l, 0);
         ffi::lua_setfield(l, -2, c"__metatable".as_ptr());
-        ffi::lua_pushcfunction(l, crate::handles::handle_tostring);
+        ffi::lua_pushcfunction(l, crate::handle::handle_tostring);
         ffi::lua_setfield(l, -2, c"__tostring".as_ptr());
         ffi::lua_rawsetp(l, ffi::LUA_REGISTRYINDEX, Key::HandleMeta.ptr());
     }
