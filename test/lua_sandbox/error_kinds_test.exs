@@ -20,7 +20,7 @@ defmodule LuaSandbox.ErrorKindsTest do
   # The atoms SandboxError::kind returns, read from the NIF's source.
   defp nif_kinds do
     src = File.read!(Path.join(@root, "native/lua_sandbox_nif/src/error.rs"))
-    [_, body] = String.split(src, "pub fn kind(&self) -> Atom {", parts: 2)
+    [_, body] = String.split(src, "fn kind(&self) -> Atom {", parts: 2)
     [body | _] = String.split(body, "\n    }\n", parts: 2)
 
     Regex.scan(~r/=> atoms::([a-z_]+)\(\)/, body, capture: :all_but_first)

@@ -1,7 +1,7 @@
 /*
 ** sb_sandbox.h -- what the sandbox's C replacements of Lua's base, io,
 ** debug, package and coroutine functions (sb_baselib.c, sb_corolib.c)
-** share: registry keys and the hooks implemented in Rust (src/sandbox.rs).
+** share: registry keys and the hooks implemented in Rust (src/hooks.rs).
 */
 
 #ifndef sb_sandbox_h

@@ -1,9 +1,9 @@
 //! The run's budget: instruction count, kill checks and the sticky abort flag.
 //!
-//! A run is *active* on a thread while the NIF that executes it is on the stack. The
-//! activation lives in a thread-local so the instruction ticker, the hardened builtins and the
-//! sandbox wrappers (`pcall`, `coroutine.resume`, ...) all see the same state without going
-//! through the Lua registry on the hot path.
+//! A run is *active* on a thread while the call that executes it is on the stack: its
+//! [`Scope`](crate::scope::Scope) is activated, and the instruction ticker, the hardened
+//! builtins and the sandbox wrappers (`pcall`, `coroutine.resume`, ...) charge and check the
+//! scope's [`Control`].
 //!
 //! All work is measured by one countdown in the Lua state (vendor/lua-src/PATCHES.md): one
 //! unit per VM instruction, and units in proportion to the work of string operations,
@@ -18,286 +18,18 @@
 //! again, so no amount of `pcall`, `xpcall`, `coroutine.resume` or `__close` lets a script
 //! keep running or change the reported kind.
 
-use std::cell::Cell;
 use std::ffi::{c_char, c_int};
 use std::ptr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::ffi;
 
-/// How many units of work (VM instructions, or their equivalent elsewhere) run between two
-/// ticks: the kill check's granularity (tens of microseconds of Lua). The per-instruction
-/// cost of the ticker does not depend on it.
-pub const TICK_INTERVAL: u64 = 1000;
+use crate::control::lua_sandboxabort;
+pub use crate::control::{Abort, AliveCheck, Caller, Control, TICK_INTERVAL};
 
-/// Why a run was stopped from the outside of the script's control.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Abort {
-    /// `max_instructions` used up.
-    Instructions,
-    /// `max_memory` reached (the allocator refused).
-    Memory,
-    /// `max_output` exceeded.
-    Output,
-    /// The Erlang process that runs the NIF is no longer alive.
-    Killed,
-    /// `max_tool_calls` exceeded.
-    ToolCalls,
-    /// The run's `timeout:` deadline passed.
-    Timeout,
-}
-
-impl Abort {
-    /// The message raised inside Lua; it only surfaces if Lua formats the error itself.
-    #[cfg(test)]
-    pub fn message(self) -> &'static str {
-        match self {
-            Abort::Instructions => "instruction limit exceeded",
-            Abort::Memory => "not enough memory",
-            Abort::Output => "output limit exceeded",
-            Abort::Killed => "run killed",
-            Abort::ToolCalls => "tool call limit exceeded",
-            Abort::Timeout => "run exceeded its timeout",
-        }
-    }
-
-    pub fn c_message(self) -> &'static std::ffi::CStr {
-        match self {
-            Abort::Instructions => c"instruction limit exceeded",
-            Abort::Memory => c"not enough memory",
-            Abort::Output => c"output limit exceeded",
-            Abort::Killed => c"run killed",
-            Abort::ToolCalls => c"tool call limit exceeded",
-            Abort::Timeout => c"run exceeded its timeout",
-        }
-    }
-}
-
-/// Per-run accounting. Lives in a `Box` owned by the run, so its address is stable while an
-/// activation points at it.
-#[derive(Debug)]
-pub struct Control {
-    used: Cell<u64>,
-    max: u64,
-    abort: Cell<Option<Abort>>,
-    memory_peak: Cell<usize>,
-    interval: Cell<u64>,
-    /// The address of the main thread of the state whose countdown this run's ticker reads
-    /// (0 before [`install_ticker`]; the countdown is per state, and the main thread lives as
-    /// long as the state). An address rather than a pointer keeps `Control` `Send`; it is only
-    /// turned back into a pointer while the run's state is alive (see [`Control::set_abort`]).
-    state: Cell<usize>,
-    deadline: Cell<Option<Instant>>,
-    /// CPU time of the run's finished NIF calls (`os.clock`, `stats.cpu_us`; see facts.rs).
-    cpu_before: Cell<Duration>,
-    /// This thread's CPU time when the current NIF call started running the script.
-    cpu_start: Cell<Option<Duration>>,
-}
-
-impl Control {
-    pub fn new(max_instructions: u64) -> Self {
-        Control {
-            used: Cell::new(0),
-            max: max_instructions,
-            abort: Cell::new(None),
-            memory_peak: Cell::new(0),
-            interval: Cell::new(TICK_INTERVAL),
-            state: Cell::new(0),
-            deadline: Cell::new(None),
-            cpu_before: Cell::new(Duration::ZERO),
-            cpu_start: Cell::new(None),
-        }
-    }
-
-    /// Starts counting CPU time for the NIF call running the script on this thread.
-    pub fn clock_start(&self) {
-        self.cpu_start.set(Some(thread_cpu()));
-    }
-
-    /// Stops counting at the end of a NIF call (before a tool call or the end of the run).
-    pub fn clock_stop(&self) {
-        if let Some(start) = self.cpu_start.take() {
-            let spent = thread_cpu().saturating_sub(start);
-            self.cpu_before.set(self.cpu_before.get() + spent);
-        }
-    }
-
-    /// The run's own CPU time so far.
-    pub fn cpu_time(&self) -> Duration {
-        self.cpu_before.get()
-            + self
-                .cpu_start
-                .get()
-                .map_or(Duration::ZERO, |s| thread_cpu().saturating_sub(s))
-    }
-
-    /// Makes the run time out at `deadline`; checked wherever the kill is.
-    pub fn set_deadline(&self, deadline: Instant) {
-        self.deadline.set(Some(deadline));
-    }
-
-    /// Why the run must stop for a reason outside the script: its caller died or its
-    /// deadline passed.
-    fn stopped(&self, env: Caller) -> Option<Abort> {
-        if !caller_alive(env) {
-            Some(Abort::Killed)
-        } else if self.deadline.get().is_some_and(|d| Instant::now() >= d) {
-            Some(Abort::Timeout)
-        } else {
-            None
-        }
-    }
-
-    pub fn instructions(&self) -> u64 {
-        self.used.get().min(self.max)
-    }
-
-    pub fn abort(&self) -> Option<Abort> {
-        self.abort.get()
-    }
-
-    /// Records an abort; the first reason wins so the reported kind is the root cause. The
-    /// abort takes effect at the source: the very next VM instruction or charge raises.
-    pub fn set_abort(&self, why: Abort) {
-        if self.abort.get().is_none() {
-            self.abort.set(Some(why));
-        }
-        let l = self.state.get() as *mut ffi::lua_State;
-        if !l.is_null() {
-            // SAFETY: `state` is the main thread of the run's state, recorded by
-            // `install_ticker`; `set_abort` is only called while that state is alive: from the
-            // ticker and the charge functions (called by the running state), through `trip`
-            // inside an `Activation` of the run, or by the run's owner while it holds the
-            // state (run.rs `settle`).
-            // `lua_sandboxabort` only stores two integers of the global state; it never raises.
-            unsafe { lua_sandboxabort(l) };
-        }
-    }
-
-    pub fn memory_peak(&self) -> usize {
-        self.memory_peak.get()
-    }
-
-    pub fn note_memory(&self, bytes: usize) {
-        if bytes > self.memory_peak.get() {
-            self.memory_peak.set(bytes);
-        }
-    }
-
-    /// Instructions left before the limit; the tick interval never overshoots it.
-    fn next_interval(&self) -> c_int {
-        let left = self.max.saturating_sub(self.used.get());
-        let next = left.clamp(1, TICK_INTERVAL);
-        self.interval.set(next);
-        next as c_int
-    }
-}
-
-/// Whether the process a run belongs to is still alive, given its opaque environment (for the
-/// NIF: `enif_is_current_process_alive` on the NIF call's env).
-///
-/// # Safety
-/// Called only with the `env` of the [`Caller`] it came with, while that caller's activation
-/// lives.
-pub type AliveCheck = unsafe fn(*mut std::ffi::c_void) -> bool;
-
-/// Who a run works for: an opaque environment (the NIF call's `ErlNifEnv`; null in tests) and
-/// how to ask whether it is still alive. The core never looks inside `env`.
-#[derive(Clone, Copy)]
-pub struct Caller {
-    pub env: *mut std::ffi::c_void,
-    pub alive: Option<AliveCheck>,
-}
-
-impl Caller {
-    /// No caller to check (Rust tests, work that cannot be killed).
-    pub const fn none() -> Caller {
-        Caller {
-            env: ptr::null_mut(),
-            alive: None,
-        }
-    }
-}
-
-#[derive(Clone, Copy)]
-struct Active {
-    control: *const Control,
-    caller: Caller,
-}
-
-thread_local! {
-    static ACTIVE: Cell<Active> = const {
-        Cell::new(Active { control: ptr::null(), caller: Caller::none() })
-    };
-}
-
-/// Marks `control` as the running budget of this thread until dropped.
-///
-/// `caller` is the NIF call that runs Lua (none in Rust unit tests); its env is only used for
-/// the liveness check and sending print output, and only while this guard lives, which is
-/// strictly inside that NIF call.
-pub struct Activation<'c> {
-    previous: Active,
-    // Ties the activation to the borrow of the `Control` it points at.
-    _control: std::marker::PhantomData<&'c Control>,
-}
-
-impl<'c> Activation<'c> {
-    pub fn new(control: &'c Control, caller: Caller) -> Activation<'c> {
-        #[cfg(feature = "stretch")]
-        crate::stretch::start();
-        let previous = ACTIVE.with(|a| {
-            a.replace(Active {
-                control: control as *const Control,
-                caller,
-            })
-        });
-        Activation {
-            previous,
-            _control: std::marker::PhantomData,
-        }
-    }
-}
-
-impl Drop for Activation<'_> {
-    fn drop(&mut self) {
-        #[cfg(feature = "stretch")]
-        crate::stretch::stop();
-        ACTIVE.with(|a| a.set(self.previous));
-    }
-}
-
-/// Runs `f` with the active control, if any.
+/// Runs `f` with the active run's control and caller, if a run is active on this thread.
 fn with_control<R>(f: impl FnOnce(&Control, Caller) -> R) -> Option<R> {
-    ACTIVE.with(|a| {
-        let Active { control, caller } = a.get();
-        if control.is_null() {
-            None
-        } else {
-            // SAFETY: `control` was set by an `Activation` whose lifetime is bounded by a
-            // borrow of the `Control` (see `Activation::new`), and the activation is undone
-            // in its `Drop` before that borrow ends; every caller of this function runs on
-            // this thread strictly inside that window, so the pointer is valid and the
-            // `Control` is only accessed through `Cell`s from this one thread.
-            Some(f(unsafe { &*control }, caller))
-        }
-    })
-}
-
-/// The opaque env of the active run's caller (null outside a run).
-pub fn active_env() -> *mut std::ffi::c_void {
-    with_control(|_, caller| caller.env).unwrap_or(ptr::null_mut())
-}
-
-fn caller_alive(caller: Caller) -> bool {
-    match caller.alive {
-        Some(alive) if !caller.env.is_null() => {
-            // SAFETY: `env` came with this check in the caller's activation, which is live
-            // (we are inside it, on its thread), as `AliveCheck` requires.
-            unsafe { alive(caller.env) }
-        }
-        _ => true,
-    }
+    crate::scope::with_active(|scope, caller| f(&scope.control, caller))
 }
 
 /// Charges `steps` units of work to the budget and checks for a kill.
@@ -392,7 +124,6 @@ extern "C-unwind" {
     fn lua_setticker(l: *mut ffi::lua_State, f: Option<Ticker>, interval: c_int);
     fn lua_getticksleft(l: *mut ffi::lua_State) -> ffi::lua_Integer;
     fn lua_sandboxpoll(l: *mut ffi::lua_State, n: ffi::lua_Integer) -> *const c_char;
-    fn lua_sandboxabort(l: *mut ffi::lua_State);
     fn lua_sandboxmainthread(l: *mut ffi::lua_State) -> *mut ffi::lua_State;
 }
 
@@ -511,6 +242,8 @@ pub(crate) fn settle_on(lua: &mlua::Lua, control: &Control) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::scope::Scope;
+    use std::time::Instant;
 
     #[test]
     fn charge_without_activation_is_free() {
@@ -520,8 +253,9 @@ mod tests {
 
     #[test]
     fn charge_trips_the_limit_and_sticks() {
-        let control = Control::new(100);
-        let _a = Activation::new(&control, Caller::none());
+        let scope = Scope::budget(Control::new(100));
+        let control = &scope.control;
+        let _a = scope.activate(Caller::none());
         assert!(charge_steps(99).is_ok());
         assert_eq!(charge_steps(1), Err(Abort::Instructions));
         assert_eq!(charge_steps(0), Err(Abort::Instructions));
@@ -530,8 +264,9 @@ mod tests {
 
     #[test]
     fn a_past_deadline_times_the_run_out() {
-        let control = Control::new(u64::MAX);
-        let _a = Activation::new(&control, Caller::none());
+        let scope = Scope::budget(Control::new(u64::MAX));
+        let control = &scope.control;
+        let _a = scope.activate(Caller::none());
         assert!(charge_steps(1).is_ok());
         control.set_deadline(Instant::now());
         assert_eq!(charge_steps(0), Err(Abort::Timeout));
@@ -544,8 +279,8 @@ mod tests {
 
     #[test]
     fn first_abort_reason_wins() {
-        let control = Control::new(100);
-        let _a = Activation::new(&control, Caller::none());
+        let scope = Scope::budget(Control::new(100));
+        let _a = scope.activate(Caller::none());
         trip(Abort::Output);
         trip(Abort::Memory);
         assert_eq!(current_abort(), Some(Abort::Output));
@@ -553,9 +288,9 @@ mod tests {
 
     #[test]
     fn activation_is_undone_on_drop() {
-        let control = Control::new(1);
+        let scope = Scope::budget(Control::new(1));
         {
-            let _a = Activation::new(&control, Caller::none());
+            let _a = scope.activate(Caller::none());
             assert!(charge_steps(5).is_err());
         }
         assert!(charge_steps(5).is_ok());
@@ -571,17 +306,18 @@ mod tests {
         deadline_ms: Option<u64>,
     ) -> (mlua::Result<()>, u64) {
         let lua = mlua::Lua::new();
-        let control = Control::new(max);
+        let scope = Scope::budget(Control::new(max));
+        let control = &scope.control;
         if let Some(ms) = deadline_ms {
             control.set_deadline(Instant::now() + std::time::Duration::from_millis(ms));
         }
-        let _a = Activation::new(&control, Caller::none());
+        let _a = scope.activate(Caller::none());
         let f = lua.load(code).into_function().unwrap();
         let thread = lua.create_thread(f).unwrap();
         // SAFETY (test): the thread's state outlives `control`'s use in this function.
-        unsafe { install_ticker(thread.state(), &control) };
+        unsafe { install_ticker(thread.state(), control) };
         let r = thread.resume::<()>(());
-        settle_instructions(thread.state(), &control);
+        settle_instructions(thread.state(), control);
         (r, control.instructions())
     }
 
@@ -617,9 +353,10 @@ mod tests {
     #[test]
     fn an_abort_makes_the_very_next_instruction_raise() {
         let lua = mlua::Lua::new();
-        let control = Control::new(1_000_000);
-        let _a = Activation::new(&control, Caller::none());
-        install_on(&lua, &control);
+        let scope = Scope::budget(Control::new(1_000_000));
+        let control = &scope.control;
+        let _a = scope.activate(Caller::none());
+        install_on(&lua, control);
         let trip_output = lua
             .create_function(|_, ()| {
                 trip(Abort::Output);
@@ -639,12 +376,13 @@ mod tests {
     #[test]
     fn rust_charges_use_the_vm_countdown() {
         let lua = mlua::Lua::new();
-        let control = Control::new(10_000);
-        let _a = Activation::new(&control, Caller::none());
-        install_on(&lua, &control);
+        let scope = Scope::budget(Control::new(10_000));
+        let control = &scope.control;
+        let _a = scope.activate(Caller::none());
+        install_on(&lua, control);
         assert!(charge_steps(5_000).is_ok());
         // the units are pending in the countdown until a tick or a settle books them
-        settle_on(&lua, &control);
+        settle_on(&lua, control);
         assert_eq!(control.instructions(), 5_000);
         assert_eq!(charge_steps(5_000), Err(Abort::Instructions));
         // sticky: the next instruction raises

@@ -5,17 +5,39 @@
 //! - [`protect`]: the one discipline for raising (longjmp) that every caller of the C API follows.
 //! - [`libs`]: the standard libraries a sandboxed state opens.
 //! - [`seed`]: per-run randomness (`math.random`) for restored states.
-//! - [`budget`]: the run's budget, the work ticker glue, kill checks and sticky aborts.
+//! - [`control`]: one run's accounting (counters, limits, abort, deadline, CPU clock).
+//! - [`output`]: what `print` produces: captured, capped, streamed through a [`output::Sink`].
+//! - [`scope`]: the one per-run guard: budget, output, handle store, traceback.
+//! - [`budget`]: the work ticker glue, charges, kill checks and sticky aborts.
+//! - `hooks`: the functions the C code in `csrc/` calls back into.
 //! - [`hardened`]: the budget-charging builtins and the sandbox's C libraries (`csrc/`).
+//! - [`error`]: the closed list of ways a run fails.
+//! - [`chunk`]: source checks, loading, compiling to bytecode.
+//! - [`registry`], [`handle`], [`facts`]: registry keys, handle userdata, `os.clock`.
+//! - [`sandbox`]: building a sandboxed state (libraries, C base functions, prelude) in a slot.
+//! - [`pool`]: pristine slots leased per run, restored and kept idle when the lease ends.
+//! - [`stack`]: a native stack segment big enough for Lua's own recursion limits.
 
 pub mod budget;
+pub mod chunk;
 mod clock;
+pub mod control;
+pub mod error;
+pub mod facts;
+pub mod handle;
 pub mod hardened;
 pub mod heap;
+mod hooks;
 pub mod libs;
+pub mod output;
+pub mod pool;
 pub mod protect;
+pub mod registry;
+pub mod sandbox;
+pub mod scope;
 pub mod seed;
 pub mod slot;
+pub mod stack;
 #[cfg(feature = "stretch")]
 mod stretch;
 

@@ -4,23 +4,17 @@ mod atoms;
 mod caller;
 mod chunk;
 mod error;
-mod facts;
 mod handles;
 mod marshal;
-mod output;
-mod registry;
+mod print;
 mod run;
-mod sandbox;
 mod session;
-mod slots;
-mod stack;
 mod term;
 #[cfg(test)]
 mod test_stubs;
 
-// The budget and the hardened builtins live in the rustler-free core; `crate::budget` and
-// `crate::hardened` name them here.
-pub(crate) use lua_sandbox_core::{budget, hardened};
+// The budget lives in the rustler-free core; `crate::budget` names it here.
+pub(crate) use lua_sandbox_core::budget;
 
 rustler::init!("Elixir.LuaSandbox.Native");
 

@@ -26,8 +26,8 @@ use rustler::{Encoder, Env, Term, TermType};
 
 use crate::atoms;
 use crate::budget::{self, Abort};
-use crate::error::SandboxError;
 use crate::term::binary_term;
+use lua_sandbox_core::error::SandboxError;
 
 /// Fixed cost, in bytes, charged per value against `max_result_bytes` on top of string bytes.
 pub const VALUE_COST: u64 = 8;
@@ -768,7 +768,8 @@ impl<'e> Reader<'e> {
                 }
                 ffi::LUA_TTABLE => self.read_table(l, idx, depth),
                 ffi::LUA_TLIGHTUSERDATA
-                    if ffi::lua_touserdata(l, idx).cast_const() == crate::sandbox::json_null() =>
+                    if ffi::lua_touserdata(l, idx).cast_const()
+                        == lua_sandbox_core::sandbox::json_null() =>
                 {
                     self.charge(0)?;
                     Ok(atoms::nil().encode(env))

@@ -21,17 +21,19 @@ use rustler::types::LocalPid;
 use rustler::{Atom, Encoder, Env, NifMap, NifResult, ResourceArc, Term, TermType};
 
 use crate::atoms;
-use crate::budget::{self, Abort, Activation, Control};
-use crate::chunk::{Code, CompiledChunk};
-use crate::error::{line_of, SandboxError};
-use crate::handles::{self, Handles};
+use crate::budget::{self, Abort, Control};
+use crate::chunk::CompiledChunk;
+use crate::error::Kind;
+use crate::handles::Handles;
 use crate::marshal::{self, Bounds};
-use crate::output::{self, Output, PrintMode};
-use crate::registry::Key;
-use crate::sandbox;
-use crate::slots::{self, Lease};
-use crate::stack;
 use crate::term::binary_term;
+use lua_sandbox_core::chunk::{check_source, Code};
+use lua_sandbox_core::error::{line_of, SandboxError};
+use lua_sandbox_core::output::{Output, Print};
+use lua_sandbox_core::pool::{self as slots, Lease};
+use lua_sandbox_core::registry::Key;
+use lua_sandbox_core::scope::Scope;
+use lua_sandbox_core::{sandbox, stack};
 
 /// Options, already validated and defaulted by `LuaSandbox.Options`.
 #[derive(NifMap)]
@@ -60,8 +62,10 @@ pub(crate) struct Running {
     /// The run coroutine: a thread of the leased state, kept alive on its main stack (index
     /// 1). Valid as long as the lease (the slot is restored only when the lease ends).
     pub(crate) thread: *mut ffi::lua_State,
-    pub(crate) control: Box<Control>,
-    pub(crate) output: Output,
+    /// The run's budget, output, handle store and traceback: activated for each step
+    /// (boxed: the activation points at it across moves of the run). A session call's handle
+    /// store is the session's, lent for the call.
+    pub(crate) scope: Box<Scope>,
     pub(crate) chunk_name: String,
     pub(crate) max_depth: usize,
     pub(crate) max_result_bytes: u64,
@@ -71,9 +75,6 @@ pub(crate) struct Running {
     pub(crate) elapsed: Duration,
     /// The tool the run is parked at (for the messages about its reply).
     pub(crate) pending_tool: String,
-    /// The terms behind this run's handles (boxed: activations point at it across moves); a
-    /// session call's are the session's, lent for the call.
-    pub(crate) handles: Box<Handles>,
     // Last: `thread` points into this slot.
     pub(crate) home: Home,
 }
@@ -120,9 +121,11 @@ impl Home {
 impl Drop for Running {
     fn drop(&mut self) {
         if let Home::Session(loan) = &mut self.home {
-            loan.record(self.control.instructions());
+            loan.record(self.scope.control.instructions());
             // The session's handles go back with its state (the loan, dropped next).
-            loan.give_back_handles(std::mem::take(&mut self.handles));
+            if let Some(Ok(handles)) = self.scope.take_handles().map(|h| h.downcast()) {
+                loan.give_back_handles(handles);
+            }
         }
     }
 }
@@ -249,19 +252,13 @@ fn run_resume<'a>(env: Env<'a>, run: ResourceArc<Run>, reply: Term<'a>) -> NifRe
     };
     Ok(stack::with_big_stack(|| {
         let t0 = Instant::now();
-        session.control.clock_start();
-        let handles_ptr: *mut Handles = &mut *session.handles;
-        // SAFETY: as in `start`: the box outlives every marshaling call of this NIF call.
-        let _handles = unsafe { handles::Activation::new_raw(handles_ptr) };
-        sandbox::clear_traceback();
-        let control: *const Control = &*session.control;
-        // SAFETY: the control is boxed in `session`, which outlives this block.
+        session.scope.control.clock_start();
+        let scope: *const Scope = &*session.scope;
+        // SAFETY: the scope is boxed in `session`, which outlives this block.
         let step = {
-            let _active = Activation::new(unsafe { &*control }, crate::caller::of(env));
-            reply_to_lua(&mut session, reply).and_then(|nargs| {
-                let _out = output::Activation::new(&mut session.output);
-                resume(session.thread, &session.control, nargs)
-            })
+            let _active = unsafe { &*scope }.activate(crate::caller::of(env));
+            reply_to_lua(&mut session, reply)
+                .and_then(|nargs| resume(session.thread, &session.scope.control, nargs))
         };
         session.elapsed += t0.elapsed();
         settle(env, session, step, Some(run.clone()), None)
@@ -285,32 +282,12 @@ impl<'a> Source<'a> {
     }
 }
 
-fn print_mode(opts: &RunOpts) -> PrintMode {
-    print_mode_of(
+fn print_mode(opts: &RunOpts) -> Print {
+    crate::print::mode(
         opts.print,
         opts.print_pid,
         opts.print_tag.map(|t| t.as_slice().to_vec()),
     )
-}
-
-/// The print mode from the NIF's `print` atom, `print_pid` and encoded `print_tag`.
-pub(crate) fn print_mode_of(
-    print: Atom,
-    print_pid: Option<LocalPid>,
-    print_tag: Option<Vec<u8>>,
-) -> PrintMode {
-    if print == atoms::send() {
-        match print_pid {
-            Some(pid) => PrintMode::Send(pid, print_tag),
-            None => PrintMode::Capture,
-        }
-    } else if print == atoms::log() {
-        PrintMode::Log
-    } else if print == atoms::discard() {
-        PrintMode::Discard
-    } else {
-        PrintMode::Capture
-    }
 }
 
 fn start<'a>(
@@ -332,7 +309,7 @@ fn start<'a>(
     let max_source = opts.max_source as usize;
     let (code, chunk_name) = match &source {
         Source::Text(bin) => {
-            if let Err(e) = crate::chunk::check_source(bin.as_slice(), max_source, "source") {
+            if let Err(e) = check_source(bin.as_slice(), max_source, "source") {
                 return early(e);
             }
             (
@@ -354,15 +331,17 @@ fn start<'a>(
         Ok(lease) => lease,
         Err(e) => return early(e),
     };
-    let control = Box::new(Control::new(opts.max_instructions));
+    let control = Control::new(opts.max_instructions);
     if let Some(ms) = opts.timeout {
         control.set_deadline(t0 + Duration::from_millis(ms));
     }
     control.clock_start();
+    let output = Output::new(opts.max_output as usize, print_mode(&opts));
+    let scope = Box::new(Scope::new(control, output));
+    scope.set_handles(Box::new(Handles::new()));
     let mut session = Running {
         thread: ptr::null_mut(),
-        control,
-        output: Output::new(opts.max_output as usize, print_mode(&opts)),
+        scope,
         chunk_name,
         max_depth: opts.max_depth as usize,
         max_result_bytes: opts.max_result_bytes,
@@ -371,18 +350,12 @@ fn start<'a>(
         tool_calls: 0,
         elapsed: Duration::ZERO,
         pending_tool: String::new(),
-        handles: Box::new(Handles::new()),
         home: Home::Fresh(lease),
     };
-    let handles_ptr: *mut Handles = &mut *session.handles;
-    // SAFETY: the box lives in `session` until `settle` is done with it (it is dropped, or
-    // parked in the resource, at the very end), after the last marshaling call.
-    let _handles = unsafe { handles::Activation::new_raw(handles_ptr) };
     if fast.is_some() {
         // A first attempt streams nothing until it has succeeded.
-        session.output.hold();
+        session.scope.output().hold();
     }
-    sandbox::clear_traceback();
 
     let setup = StateSetup {
         globals: &opts.globals,
@@ -393,12 +366,12 @@ fn start<'a>(
         max_source,
     };
     // The budget and the kill check cover everything below, compiling the chunk included.
-    let control: *const Control = &*session.control;
+    let scope: *const Scope = &*session.scope;
     let state = session.main();
-    // SAFETY: the control is boxed in `session`, which outlives the call, and the slot's state
-    // outlives the control (both live in `session`).
+    // SAFETY: the scope is boxed in `session`, which outlives the call, and the slot's state
+    // outlives the scope (both live in `session`).
     let prepared = unsafe {
-        under_budget(env, control, state, || {
+        under_budget(env, scope, state, || {
             prepare_state(session.home.slot_mut(), &setup).and_then(|()| {
                 let call = opts.call.as_ref().map(|(n, a)| (n.as_str(), a.as_slice()));
                 prepare_thread(&mut session, Entry::Chunk(&code), call, opts.max_source)
@@ -428,9 +401,8 @@ pub(crate) fn begin<'a>(
         }
     };
     let step = {
-        let _active = Activation::new(&running.control, crate::caller::of(env));
-        let _out = output::Activation::new(&mut running.output);
-        resume(running.thread, &running.control, nargs)
+        let _active = running.scope.activate(crate::caller::of(env));
+        resume(running.thread, &running.scope.control, nargs)
     };
     running.elapsed = t0.elapsed();
     if let Some(fast) = &fast {
@@ -441,12 +413,14 @@ pub(crate) fn begin<'a>(
             Ok(Step::Done { .. }) => false,
             Err(e) => fast.retry(
                 &running
+                    .scope
                     .control
                     .abort()
                     .map(SandboxError::from)
                     .unwrap_or_else(|| e.clone()),
             ),
             Ok(Step::Failed { .. }) => running
+                .scope
                 .control
                 .abort()
                 .is_some_and(|why| fast.retry(&why.into())),
@@ -468,23 +442,24 @@ fn retry_later(env: Env<'_>, mut running: Running) -> Term<'_> {
     atoms::retry().encode(env)
 }
 
-/// Runs setup work (converting globals, loading modules, compiling the chunk) under
-/// `control`'s budget, kill and deadline checks, with the work ticker installed on `state`.
+/// Runs setup work (converting globals, loading modules, compiling the chunk) with `scope`
+/// active: under its budget, kill and deadline checks, with the work ticker installed on
+/// `state`, and with its handle store.
 ///
 /// # Safety
-/// `control` must stay valid until `f` returns, and `state` must outlive every later use of
-/// `control` (as a run's slot outlives its budget).
+/// `scope` must stay valid until `f` returns, and `state` must outlive every later use of
+/// the scope's control (as a run's slot outlives its budget).
 pub(crate) unsafe fn under_budget<R>(
     env: Env,
-    control: *const Control,
+    scope: *const Scope,
     state: *mut ffi::lua_State,
     f: impl FnOnce() -> R,
 ) -> R {
     // SAFETY: per the contract.
-    let control = unsafe { &*control };
-    let _active = Activation::new(control, crate::caller::of(env));
+    let scope = unsafe { &*scope };
+    let _active = scope.activate(crate::caller::of(env));
     // SAFETY: per the contract.
-    unsafe { budget::install_ticker(state, control) };
+    unsafe { budget::install_ticker(state, &scope.control) };
     f()
 }
 
@@ -602,7 +577,7 @@ pub(crate) fn prepare_thread(
         }
     }
     // SAFETY: the run coroutine's state outlives the run's control (both live in `running`).
-    unsafe { budget::install_ticker(thread, &running.control) };
+    unsafe { budget::install_ticker(thread, &running.scope.control) };
     Ok(1 + call_values)
 }
 
@@ -690,7 +665,7 @@ fn load_modules(
     for (name, term) in modules {
         let source = if term.get_type() == TermType::Binary {
             let bin: rustler::Binary = term.decode().map_err(|_| bad_module(name))?;
-            crate::chunk::check_source(bin.as_slice(), max_source, &format!("module '{name}'"))?;
+            check_source(bin.as_slice(), max_source, &format!("module '{name}'"))?;
             ModuleSource::Text(bin)
         } else {
             ModuleSource::Chunk(term.decode().map_err(|_| bad_module(name))?)
@@ -845,14 +820,15 @@ fn settle<'a>(
     // Converting results and tool arguments is charged to the run's budget (and can be
     // killed or time out), so it runs with the run active; streamed output goes out before a
     // tool call and at the end.
-    let control: *const Control = &*session.control;
-    // SAFETY: the control is boxed in `session`, which lives until the end of this function
+    let scope: *const Scope = &*session.scope;
+    let caller = crate::caller::of(env);
+    // SAFETY: the scope is boxed in `session`, which lives until the end of this function
     // (dropped, or parked in the resource); the activation ends before that.
-    let _active = Activation::new(unsafe { &*control }, crate::caller::of(env));
-    output::flush(&mut session.output, env);
+    let _active = unsafe { &*scope }.activate(caller);
+    session.scope.output().flush(caller);
     let thread = session.thread;
     let answer = settle_step(env, &mut session, step, thread, fast);
-    session.control.clock_stop();
+    session.scope.control.clock_stop();
     match answer {
         Answer::Final(term) => term,
         // Thrown away unseen: nothing was sent, nothing of the attempt is kept.
@@ -901,8 +877,7 @@ fn settle_step<'a>(
                     if let Home::Session(loan) = &mut session.home {
                         loan.succeeded();
                     }
-                    session.output.release(env);
-                    let output = session.output.take();
+                    let output = session.scope.output().finish(crate::caller::of(env));
                     let stats = stats_term(env, session);
                     (atoms::ok(), terms, binary_term(env, &output), stats).encode(env)
                 }
@@ -918,7 +893,7 @@ fn settle_step<'a>(
         }) => {
             session.tool_calls += 1;
             if session.tool_calls > session.max_tool_calls {
-                session.control.set_abort(Abort::ToolCalls);
+                session.scope.control.set_abort(Abort::ToolCalls);
                 return Answer::Final(finish_error(env, session, SandboxError::ToolLimit, None));
             }
             let root = format!("tools.{name}");
@@ -1004,7 +979,7 @@ fn reply_to_lua(session: &mut Running, reply: Term) -> Result<c_int, SandboxErro
 }
 
 fn stats_term<'a>(env: Env<'a>, session: &Running) -> Term<'a> {
-    let control = &session.control;
+    let control = &session.scope.control;
     control.note_memory(session.home.slot().peak());
     stats_map(
         env,
@@ -1039,11 +1014,16 @@ fn finish_error<'a>(
     e: SandboxError,
     value_idx: Option<c_int>,
 ) -> Term<'a> {
-    let e = session.control.abort().map(SandboxError::from).unwrap_or(e);
+    let e = session
+        .scope
+        .control
+        .abort()
+        .map(SandboxError::from)
+        .unwrap_or(e);
     let message = e.to_string();
     let line = line_of(&message, &session.chunk_name);
     let traceback = if matches!(e, SandboxError::Runtime(_)) {
-        sandbox::take_traceback()
+        session.scope.take_traceback()
     } else {
         None
     };
@@ -1067,8 +1047,7 @@ fn finish_error<'a>(
         _ => atoms::nil().encode(env),
     };
     // A first attempt's held chunks go out with its (final) error.
-    session.output.release(env);
-    let output = session.output.take();
+    let output = session.scope.output().finish(crate::caller::of(env));
     let stats = stats_term(env, session);
     (
         atoms::error(),

@@ -18,13 +18,13 @@ use rustler::{Atom, Encoder, Env, NifMap, NifResult, ResourceArc, Term};
 
 use crate::atoms;
 use crate::budget::Control;
-use crate::chunk::Code;
-use crate::error::SandboxError;
 use crate::handles::Handles;
-use crate::output::Output;
 use crate::run::{self, Entry, Home, Running, Source, StateSetup};
-use crate::sandbox;
-use crate::slots::{self, Lease};
+use lua_sandbox_core::chunk::{check_source, Code};
+use lua_sandbox_core::error::SandboxError;
+use lua_sandbox_core::output::Output;
+use lua_sandbox_core::pool::{self as slots, Lease};
+use lua_sandbox_core::scope::Scope;
 use lua_sandbox_core::Slot;
 
 /// State-wide options, validated by `LuaSandbox.Session`.
@@ -188,7 +188,7 @@ impl Drop for Loan {
 #[rustler::nif(schedule = "DirtyCpu")]
 fn session_new<'a>(env: Env<'a>, opts: SessionOpts<'a>) -> Term<'a> {
     let t0 = std::time::Instant::now();
-    crate::stack::with_big_stack(|| {
+    lua_sandbox_core::stack::with_big_stack(|| {
         let max_memory = slots::clamp_memory(opts.max_memory);
         let mut lease = match slots::lease(max_memory) {
             Ok(lease) => lease,
@@ -204,12 +204,12 @@ fn session_new<'a>(env: Env<'a>, opts: SessionOpts<'a>) -> Term<'a> {
         };
         // The setup runs no script code; the activation only makes a kill stop a huge
         // conversion of globals.
-        let control = Control::new(u64::MAX);
+        let scope = Scope::budget(Control::new(u64::MAX));
         let state = lease.slot().state();
-        // SAFETY: `control` lives until the end of this function; the leased state outlives
-        // it (the lease moves into the session, `control` is dropped here).
+        // SAFETY: `scope` lives until the end of this function; the leased state outlives
+        // it (the lease moves into the session, `scope` is dropped here).
         let prepared = unsafe {
-            run::under_budget(env, &control, state, || {
+            run::under_budget(env, &scope, state, || {
                 run::prepare_state(lease.slot_mut(), &setup)
             })
         };
@@ -295,12 +295,12 @@ fn call<'a>(
     let Some(mut state) = res.lock().take() else {
         return Ok(atoms::busy().encode(env));
     };
-    Ok(crate::stack::with_big_stack(|| {
+    Ok(lua_sandbox_core::stack::with_big_stack(|| {
         let t0 = std::time::Instant::now();
         let code = match &source {
             None => Ok(None),
             Some(Source::Text(bin)) => {
-                crate::chunk::check_source(bin.as_slice(), state.max_source as usize, "source")
+                check_source(bin.as_slice(), state.max_source as usize, "source")
                     .and_then(|()| Code::new(bin.as_slice(), &state.chunk_name, false))
                     .map(Some)
             }
@@ -324,19 +324,23 @@ fn call<'a>(
             Some(Source::Chunk(chunk)) => chunk.name.clone(),
             _ => state.chunk_name.clone(),
         };
-        let print = run::print_mode_of(state.print, state.print_pid, state.print_tag.clone());
+        let print = crate::print::mode(state.print, state.print_pid, state.print_tag.clone());
         let max_source = state.max_source;
         let handles = std::mem::take(&mut state.handles);
         let handles_mark = handles.mark();
-        let control = Box::new(Control::new(opts.max_instructions));
+        let control = Control::new(opts.max_instructions);
         if let Some(ms) = opts.timeout {
             control.set_deadline(t0 + std::time::Duration::from_millis(ms));
         }
         control.clock_start();
+        let scope = Box::new(Scope::new(
+            control,
+            Output::new(opts.max_output as usize, print),
+        ));
+        scope.set_handles(handles);
         let mut running = Running {
             thread: std::ptr::null_mut(),
-            control,
-            output: Output::new(opts.max_output as usize, print),
+            scope,
             chunk_name,
             max_depth: state.max_depth,
             max_result_bytes: opts.max_result_bytes,
@@ -345,7 +349,6 @@ fn call<'a>(
             tool_calls: 0,
             elapsed: std::time::Duration::ZERO,
             pending_tool: String::new(),
-            handles,
             home: Home::Session(Box::new(Loan {
                 state: Some(state),
                 owner: res.clone(),
@@ -358,23 +361,19 @@ fn call<'a>(
         };
         if fast.is_some() {
             // An attempt streams nothing until it has succeeded.
-            running.output.hold();
+            running.scope.output().hold();
         }
-        let handles_ptr: *mut crate::handles::Handles = &mut *running.handles;
-        // SAFETY: as in `run::start`: the box outlives every marshaling call of this call.
-        let _handles = unsafe { crate::handles::Activation::new_raw(handles_ptr) };
-        sandbox::clear_traceback();
         let entry = match &code {
             Some(code) => Entry::Chunk(code),
             None => Entry::Nothing,
         };
         let call = opts.call.as_ref().map(|(n, a)| (n.as_str(), a.as_slice()));
-        let control: *const Control = &*running.control;
+        let scope: *const Scope = &*running.scope;
         let state = running.main();
-        // SAFETY: the control is boxed in `running`, which outlives the call, and the
-        // session's state outlives the call's control (both live in `running`).
+        // SAFETY: the scope is boxed in `running`, which outlives the call, and the
+        // session's state outlives the call's scope (both live in `running`).
         let prepared = unsafe {
-            run::under_budget(env, control, state, || {
+            run::under_budget(env, scope, state, || {
                 set_globals(&mut running, &opts.globals)?;
                 run::prepare_thread(&mut running, entry, call, max_source)
             })

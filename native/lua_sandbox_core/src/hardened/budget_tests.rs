@@ -2,8 +2,9 @@
 
 use std::time::{Duration, Instant};
 
-use crate::budget::{self, Activation, Control};
+use crate::budget::{self, Control};
 use crate::hardened;
+use crate::scope::Scope;
 use mlua::{IntoLuaMulti, Lua};
 
 const LIMIT: u64 = 1_000_000;
@@ -87,12 +88,13 @@ fn call(f: &mlua::Function) -> (bool, String) {
 fn pathological_calls_stop_at_the_limit() {
     for (name, code) in PATHOLOGICAL {
         let lua = state();
-        let control = Control::new(LIMIT);
+        let scope = Scope::budget(Control::new(LIMIT));
+        let control = &scope.control;
         let f = lua.load(*code).into_function().unwrap();
         let started = Instant::now();
         let (ok, err) = {
-            let _active = Activation::new(&control, crate::budget::Caller::none());
-            budget::install_on(&lua, &control);
+            let _active = scope.activate(crate::budget::Caller::none());
+            budget::install_on(&lua, control);
             call(&f)
         };
         let elapsed = started.elapsed();
@@ -110,7 +112,8 @@ fn pathological_calls_stop_at_the_limit() {
 #[test]
 fn abort_is_sticky_in_builtins() {
     let lua = state();
-    let control = Control::new(LIMIT);
+    let scope = Scope::budget(Control::new(LIMIT));
+    let control = &scope.control;
     let f = lua.load(PATHOLOGICAL[0].1).into_function().unwrap();
     let string: mlua::Table = lua.globals().get("string").unwrap();
     let table: mlua::Table = lua.globals().get("table").unwrap();
@@ -161,8 +164,8 @@ fn abort_is_sticky_in_builtins() {
                 .unwrap(),
         ),
     ];
-    let _active = Activation::new(&control, crate::budget::Caller::none());
-    budget::install_on(&lua, &control);
+    let _active = scope.activate(crate::budget::Caller::none());
+    budget::install_on(&lua, control);
     let (ok, err) = call(&f);
     assert!(!ok && err.contains(MSG), "{err}");
     // once aborted, even trivial calls of the charging builtins raise again
@@ -176,9 +179,10 @@ fn abort_is_sticky_in_builtins() {
 #[test]
 fn with_the_ticker_the_abort_is_not_swallowed() {
     let lua = state();
-    let control = Control::new(LIMIT);
-    let _active = Activation::new(&control, crate::budget::Caller::none());
-    budget::install_on(&lua, &control);
+    let scope = Scope::budget(Control::new(LIMIT));
+    let control = &scope.control;
+    let _active = scope.activate(crate::budget::Caller::none());
+    budget::install_on(&lua, control);
     let started = Instant::now();
     let err = lua
         .load("local ok = pcall(string.find, string.rep('a', 3000), '.-.-.-b') while true do end")
@@ -191,22 +195,23 @@ fn with_the_ticker_the_abort_is_not_swallowed() {
 #[test]
 fn normal_work_is_charged_but_succeeds() {
     let lua = state();
-    let control = Control::new(LIMIT);
-    let _active = Activation::new(&control, crate::budget::Caller::none());
-    budget::install_on(&lua, &control);
+    let scope = Scope::budget(Control::new(LIMIT));
+    let control = &scope.control;
+    let _active = scope.activate(crate::budget::Caller::none());
+    budget::install_on(&lua, control);
     let (a, b): (i64, i64) = lua
         .load("return string.find(string.rep('ab', 1000) .. 'c', 'b(c)')")
         .eval()
         .map(|(a, b, _c): (i64, i64, String)| (a, b))
         .unwrap();
     assert_eq!((a, b), (2000, 2001));
-    budget::settle_on(&lua, &control);
+    budget::settle_on(&lua, control);
     let used = control.instructions();
     assert!(used > 2000, "find charged only {used}");
     lua.load("local t = {} for i = 1, 1000 do t[i] = -i end table.sort(t) assert(t[1] == -1000)")
         .exec()
         .unwrap();
-    budget::settle_on(&lua, &control);
+    budget::settle_on(&lua, control);
     assert!(control.instructions() > used + 1000);
     assert_eq!(control.abort(), None);
 }
@@ -238,14 +243,15 @@ fn without_activation_everything_works() {
 #[test]
 fn activation_ends_cleanly() {
     let lua = state();
-    let control = Control::new(10);
+    let scope = Scope::budget(Control::new(10));
+    let control = &scope.control;
     let f = lua
         .load("return string.rep('a', 5000):find('a-b')")
         .into_function()
         .unwrap();
     {
-        let _active = Activation::new(&control, crate::budget::Caller::none());
-        budget::install_on(&lua, &control);
+        let _active = scope.activate(crate::budget::Caller::none());
+        budget::install_on(&lua, control);
         let (ok, err) = call(&f);
         assert!(!ok && err.contains(MSG), "{err}");
     }
@@ -259,9 +265,10 @@ fn a_refused_allocation_trips_the_memory_abort_itself() {
     let lua = mlua::Lua::new();
     hardened::install(&lua).unwrap();
     lua.set_memory_limit(32 << 20).unwrap();
-    let control = budget::Control::new(u64::MAX);
-    let _a = budget::Activation::new(&control, budget::Caller::none());
-    budget::install_on(&lua, &control);
+    let scope = Scope::budget(Control::new(u64::MAX));
+    let control = &scope.control;
+    let _a = scope.activate(budget::Caller::none());
+    budget::install_on(&lua, control);
     // A raising __close inside pcall used to replace "not enough memory", and nothing
     // here (no prelude) recognised the refusal: the script returned normally.
     let r = lua

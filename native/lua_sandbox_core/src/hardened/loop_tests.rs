@@ -3,8 +3,9 @@
 
 use std::time::{Duration, Instant};
 
-use crate::budget::{self, Activation, Control};
+use crate::budget::{self, Control};
 use crate::hardened;
+use crate::scope::Scope;
 use mlua::Lua;
 
 /// Runs every case with the stock function and with the patched one; the serialized outcomes
@@ -108,10 +109,11 @@ fn unbounded_loops_stop_at_the_limit() {
         "table.concat(setmetatable({}, {__len = function() return 1e15 end, __index = function() return '' end}))",
     ];
     for code in endless {
-        let control = Control::new(1_000_000);
+        let scope = Scope::budget(Control::new(1_000_000));
+        let control = &scope.control;
         let f = lua.load(code).into_function().unwrap();
-        let _active = Activation::new(&control, crate::budget::Caller::none());
-        budget::install_on(&lua, &control);
+        let _active = scope.activate(crate::budget::Caller::none());
+        budget::install_on(&lua, control);
         let t0 = Instant::now();
         // called from Rust: after the abort no instruction of ours may run
         let err = f.call::<()>(()).unwrap_err().to_string();

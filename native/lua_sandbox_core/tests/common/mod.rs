@@ -61,3 +61,28 @@ pub fn eval(slot: &mut Slot, code: &str) -> Result<String, LuaFailure> {
         Ok(s)
     }
 }
+
+extern "C-unwind" {
+    /// The sandbox's C versions of print, io, load, pcall, ... (csrc/sb_baselib.c); returns the
+    /// host's five handles.
+    fn lua_sandbox_open_stock(l: *mut ffi::lua_State) -> c_int;
+}
+
+/// Opens the sandbox's libraries and its C versions of the base functions (`print` calls the
+/// core's output hook).
+pub unsafe extern "C-unwind" fn build_stock(l: *mut ffi::lua_State) -> c_int {
+    // SAFETY: runs under lua_pcall (Slot::new); only the C API, no Rust values with Drop.
+    unsafe {
+        lua_sandbox_core::libs::open(l);
+        ffi::lua_pushcfunction(l, lua_sandbox_open_stock);
+        ffi::lua_call(l, 0, 5);
+        ffi::lua_settop(l, 0);
+    }
+    0
+}
+
+/// A slot whose state has the sandbox's C base functions (`print`, `io.write`, `pcall`, ...).
+pub fn new_stock_slot(capacity: usize) -> Slot {
+    // SAFETY: `build_stock` follows the raising discipline and ignores its argument.
+    unsafe { Slot::new(capacity, build_stock, std::ptr::null_mut()) }.expect("a slot")
+}

@@ -6,11 +6,11 @@
 //! call may resume on another scheduler thread), so time spent in tools is not counted. The
 //! sum lives in the run's `budget::Control` (`clock_start`/`clock_stop`).
 //!
-//! (`math.random` is seeded per run from the kernel by `lua_sandbox_core::seed`.)
+//! (`math.random` is seeded per run from the kernel by `crate::seed`.)
 
 use std::ffi::c_int;
 
-use lua_sandbox_core::ffi;
+use crate::ffi;
 
 /// `os.clock()`: the run's own CPU time in seconds.
 unsafe extern "C-unwind" fn os_clock(l: *mut ffi::lua_State) -> c_int {

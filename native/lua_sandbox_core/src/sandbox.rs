@@ -1,22 +1,19 @@
 //! Building a sandboxed Lua state in a slot: the standard-library allowlist, the hardened
 //! builtins, the sandbox's C versions of the functions that must differ from stock
-//! (csrc/sb_baselib.c, csrc/sb_corolib.c), the prelude that trims the globals, and the C-ABI
-//! hooks those C functions call (output, abort checks, the saved traceback).
+//! (csrc/sb_baselib.c, csrc/sb_corolib.c) and the prelude that trims the globals. (The hooks
+//! those C functions call are the core's `hooks.rs`.)
 //!
-//! The state is built once per slot, in place, and then snapshotted (see `slots.rs`); every
+//! The state is built once per slot, in place, and then snapshotted (see `pool.rs`); every
 //! run starts from that snapshot. Everything below follows the raising discipline of
-//! `lua_sandbox_core::protect`: the functions Lua calls are C-ABI, and none holds a Rust value
+//! `crate::protect`: the functions Lua calls are C-ABI, and none holds a Rust value
 //! with a destructor across a call that may raise.
 
-use std::cell::RefCell;
-use std::ffi::{c_char, c_int, c_void};
+use std::ffi::{c_int, c_void};
 use std::sync::OnceLock;
 
-use lua_sandbox_core::{ffi, Slot};
+use crate::{ffi, Slot};
 
-use crate::budget::{self, Abort};
 use crate::error::SandboxError;
-use crate::output;
 use crate::registry::Key;
 
 const PRELUDE: &str = include_str!("prelude.lua");
@@ -84,7 +81,7 @@ unsafe extern "C-unwind" fn build(l: *mut ffi::lua_State) -> c_int {
     unsafe {
         let (code, len) = *ffi::lua_touserdata(l, 1).cast::<(*const u8, usize)>();
         ffi::lua_settop(l, 0);
-        lua_sandbox_core::libs::open(l);
+        crate::libs::open(l);
         crate::hardened::open_into_globals(l);
         // Before the prelude copies `os.clock`.
         crate::facts::install(l);
@@ -122,89 +119,9 @@ unsafe extern "C-unwind" fn build(l: *mut ffi::lua_State) -> c_int {
         ffi::lua_setfield(l, -2, c"__name".as_ptr());
         ffi::lua_pushboolean(l, 0);
         ffi::lua_setfield(l, -2, c"__metatable".as_ptr());
-        ffi::lua_pushcfunction(l, crate::handles::handle_tostring);
+        ffi::lua_pushcfunction(l, crate::handle::handle_tostring);
         ffi::lua_setfield(l, -2, c"__tostring".as_ptr());
         ffi::lua_rawsetp(l, ffi::LUA_REGISTRYINDEX, Key::HandleMeta.ptr());
     }
     0
-}
-
-/// `print` and `io.write` (csrc/sb_baselib.c): appends `n` bytes to the run's output.
-/// Returns 0, or 1 once the run is aborted (the caller then raises the abort).
-///
-/// Never raises: an error of `output::emit` is the output abort it trips, and a panic is
-/// caught here rather than unwinding into C.
-#[no_mangle]
-pub extern "C-unwind" fn lua_sandbox_emit(
-    _l: *mut ffi::lua_State,
-    s: *const c_char,
-    n: usize,
-) -> c_int {
-    let r = std::panic::catch_unwind(|| {
-        // SAFETY: `s` points at `n` bytes of a Lua string kept alive on the caller's stack for
-        // the duration of this call.
-        let bytes = unsafe { std::slice::from_raw_parts(s.cast::<u8>(), n) };
-        output::emit(bytes).is_ok()
-    });
-    if r.unwrap_or(false) && budget::current_abort().is_none() {
-        0
-    } else {
-        if budget::current_abort().is_none() {
-            budget::trip(Abort::Output);
-        }
-        1
-    }
-}
-
-/// After every protected call and coroutine resume (csrc/sb_baselib.c, sb_corolib.c):
-/// a `LUA_ERRMEM` status is the allocator's refusal and trips the sticky memory abort (the
-/// VM's own hook in `luaD_throw` has normally done so already). Returns 1 when the run is
-/// aborted. Never raises.
-#[no_mangle]
-pub extern "C" fn lua_sandbox_after(status: c_int) -> c_int {
-    if status == ffi::LUA_ERRMEM {
-        budget::trip(Abort::Memory);
-    }
-    c_int::from(budget::current_abort().is_some())
-}
-
-/// The message csrc/sb_baselib.c and sb_corolib.c raise once the run is aborted: a static
-/// NUL-terminated string, the ticker's text.
-#[no_mangle]
-pub extern "C" fn lua_sandbox_stock_abort_message() -> *const c_char {
-    budget::current_abort()
-        .map_or(c"run aborted", Abort::c_message)
-        .as_ptr()
-}
-
-thread_local! {
-    /// The traceback the runner's message handler saved for the last runtime error on this
-    /// thread (the script's frames only); taken (and so cleared) by the run that reports it.
-    static TRACEBACK: RefCell<Option<String>> = const { RefCell::new(None) };
-}
-
-/// The traceback saved by the current run's error handler, if any.
-pub fn take_traceback() -> Option<String> {
-    TRACEBACK.with(|t| t.borrow_mut().take())
-}
-
-/// Forgets a traceback a previous run on this thread left behind.
-pub fn clear_traceback() {
-    TRACEBACK.with(|t| t.borrow_mut().take());
-}
-
-/// The runner's message handler (csrc/sb_baselib.c): keeps the traceback of the script's
-/// frames for `Error.traceback`. Never raises.
-#[no_mangle]
-pub extern "C-unwind" fn lua_sandbox_save_traceback(
-    _l: *mut ffi::lua_State,
-    s: *const c_char,
-    n: usize,
-) {
-    let _ = std::panic::catch_unwind(|| {
-        // SAFETY: `n` bytes of a Lua string on the caller's stack.
-        let bytes = unsafe { std::slice::from_raw_parts(s.cast::<u8>(), n) };
-        let tb = String::from_utf8_lossy(bytes).into_owned();
-        TRACEBACK.with(|t| *t.borrow_mut() = Some(tb));
-    });
 }

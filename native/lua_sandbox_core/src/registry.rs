@@ -15,7 +15,7 @@ pub enum Key {
     MakeTools,
     /// `make_require(loaders)`.
     MakeRequire,
-    /// The metatable of handles (`handles.rs`).
+    /// The metatable of handles (`handle.rs`).
     HandleMeta,
 }
 

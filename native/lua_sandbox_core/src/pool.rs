@@ -1,6 +1,6 @@
 //! The slots runs execute in: pristine sandboxes in fixed arenas, leased one per run.
 //!
-//! A slot (`lua_sandbox_core::Slot`) holds a sandboxed state built once, in place, and its
+//! A slot ([`Slot`]) holds a sandboxed state built once, in place, and its
 //! snapshot. A run leases a pristine slot, and when the lease ends (the run finished, failed,
 //! or was dropped with its dead owner) the slot is restored from its snapshot — a `memcpy` of
 //! a few tens of KiB, plus returning the pages a big run touched to the OS — and goes back to
@@ -14,7 +14,7 @@
 
 use std::sync::Mutex;
 
-use lua_sandbox_core::Slot;
+use crate::Slot;
 
 use crate::error::SandboxError;
 use crate::sandbox;
@@ -125,7 +125,7 @@ pub fn idle_count() -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use lua_sandbox_core::ffi;
+    use crate::ffi;
 
     /// Sets global `x` on the leased state, with no code run: only raw API.
     fn poke(lease: &mut Lease) {
@@ -133,7 +133,7 @@ mod tests {
         // SAFETY: the state is not running; integers and a global set on a pristine state
         // (no metatable on _G) under the backstop.
         unsafe {
-            lua_sandbox_core::protect::call_backstop(l, &mut |l| {
+            crate::protect::call_backstop(l, &mut |l| {
                 ffi::lua_pushinteger(l, 42);
                 ffi::lua_setglobal(l, c"x".as_ptr());
             })
@@ -170,7 +170,7 @@ mod tests {
     }
 }
 
-/// The sandbox's own restore cost: `cargo test --release -p lua_sandbox_nif restore_probe --
+/// The sandbox's own restore cost: `cargo test --release -p lua_sandbox_core restore_probe --
 /// --ignored --nocapture` (recorded in bench/RESULTS.md).
 #[cfg(test)]
 mod probe {

@@ -1,0 +1,224 @@
+//! One run's accounting, with no thread-local in sight: the instruction count and its limit,
+//! the sticky abort, the memory peak, the deadline and the run's own CPU clock, and who the run
+//! works for ([`Caller`]). The run scope (`scope.rs`) owns a [`Control`]; the ticker and the
+//! charges (`budget.rs`) update it.
+
+use std::cell::Cell;
+use std::ffi::c_int;
+use std::ptr;
+use std::time::{Duration, Instant};
+
+use crate::clock::thread_cpu;
+use crate::ffi;
+
+/// How many units of work (VM instructions, or their equivalent elsewhere) run between two
+/// ticks: the kill check's granularity (tens of microseconds of Lua). The per-instruction
+/// cost of the ticker does not depend on it.
+pub const TICK_INTERVAL: u64 = 1000;
+
+extern "C-unwind" {
+    /// Makes the next VM instruction or charge of the state of `l` raise (the patched VM,
+    /// vendor/lua-src/PATCHES.md); only stores two integers of the global state.
+    pub(crate) fn lua_sandboxabort(l: *mut ffi::lua_State);
+}
+
+/// Why a run was stopped from the outside of the script's control.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Abort {
+    /// `max_instructions` used up.
+    Instructions,
+    /// `max_memory` reached (the allocator refused).
+    Memory,
+    /// `max_output` exceeded.
+    Output,
+    /// The Erlang process that runs the NIF is no longer alive.
+    Killed,
+    /// `max_tool_calls` exceeded.
+    ToolCalls,
+    /// The run's `timeout:` deadline passed.
+    Timeout,
+}
+
+impl Abort {
+    /// The message raised inside Lua; it only surfaces if Lua formats the error itself.
+    #[cfg(test)]
+    pub fn message(self) -> &'static str {
+        match self {
+            Abort::Instructions => "instruction limit exceeded",
+            Abort::Memory => "not enough memory",
+            Abort::Output => "output limit exceeded",
+            Abort::Killed => "run killed",
+            Abort::ToolCalls => "tool call limit exceeded",
+            Abort::Timeout => "run exceeded its timeout",
+        }
+    }
+
+    pub fn c_message(self) -> &'static std::ffi::CStr {
+        match self {
+            Abort::Instructions => c"instruction limit exceeded",
+            Abort::Memory => c"not enough memory",
+            Abort::Output => c"output limit exceeded",
+            Abort::Killed => c"run killed",
+            Abort::ToolCalls => c"tool call limit exceeded",
+            Abort::Timeout => c"run exceeded its timeout",
+        }
+    }
+}
+
+/// Per-run accounting. Lives in a `Box` owned by the run, so its address is stable while an
+/// activation points at it.
+#[derive(Debug)]
+pub struct Control {
+    pub(crate) used: Cell<u64>,
+    pub(crate) max: u64,
+    abort: Cell<Option<Abort>>,
+    memory_peak: Cell<usize>,
+    pub(crate) interval: Cell<u64>,
+    /// The address of the main thread of the state whose countdown this run's ticker reads
+    /// (0 before [`install_ticker`]; the countdown is per state, and the main thread lives as
+    /// long as the state). An address rather than a pointer keeps `Control` `Send`; it is only
+    /// turned back into a pointer while the run's state is alive (see [`Control::set_abort`]).
+    pub(crate) state: Cell<usize>,
+    deadline: Cell<Option<Instant>>,
+    /// CPU time of the run's finished NIF calls (`os.clock`, `stats.cpu_us`; see facts.rs).
+    cpu_before: Cell<Duration>,
+    /// This thread's CPU time when the current NIF call started running the script.
+    cpu_start: Cell<Option<Duration>>,
+}
+
+impl Control {
+    pub fn new(max_instructions: u64) -> Self {
+        Control {
+            used: Cell::new(0),
+            max: max_instructions,
+            abort: Cell::new(None),
+            memory_peak: Cell::new(0),
+            interval: Cell::new(TICK_INTERVAL),
+            state: Cell::new(0),
+            deadline: Cell::new(None),
+            cpu_before: Cell::new(Duration::ZERO),
+            cpu_start: Cell::new(None),
+        }
+    }
+
+    /// Starts counting CPU time for the NIF call running the script on this thread.
+    pub fn clock_start(&self) {
+        self.cpu_start.set(Some(thread_cpu()));
+    }
+
+    /// Stops counting at the end of a NIF call (before a tool call or the end of the run).
+    pub fn clock_stop(&self) {
+        if let Some(start) = self.cpu_start.take() {
+            let spent = thread_cpu().saturating_sub(start);
+            self.cpu_before.set(self.cpu_before.get() + spent);
+        }
+    }
+
+    /// The run's own CPU time so far.
+    pub fn cpu_time(&self) -> Duration {
+        self.cpu_before.get()
+            + self
+                .cpu_start
+                .get()
+                .map_or(Duration::ZERO, |s| thread_cpu().saturating_sub(s))
+    }
+
+    /// Makes the run time out at `deadline`; checked wherever the kill is.
+    pub fn set_deadline(&self, deadline: Instant) {
+        self.deadline.set(Some(deadline));
+    }
+
+    /// Why the run must stop for a reason outside the script: its caller died or its
+    /// deadline passed.
+    pub(crate) fn stopped(&self, env: Caller) -> Option<Abort> {
+        if !caller_alive(env) {
+            Some(Abort::Killed)
+        } else if self.deadline.get().is_some_and(|d| Instant::now() >= d) {
+            Some(Abort::Timeout)
+        } else {
+            None
+        }
+    }
+
+    pub fn instructions(&self) -> u64 {
+        self.used.get().min(self.max)
+    }
+
+    pub fn abort(&self) -> Option<Abort> {
+        self.abort.get()
+    }
+
+    /// Records an abort; the first reason wins so the reported kind is the root cause. The
+    /// abort takes effect at the source: the very next VM instruction or charge raises.
+    pub fn set_abort(&self, why: Abort) {
+        if self.abort.get().is_none() {
+            self.abort.set(Some(why));
+        }
+        let l = self.state.get() as *mut ffi::lua_State;
+        if !l.is_null() {
+            // SAFETY: `state` is the main thread of the run's state, recorded by
+            // `install_ticker`; `set_abort` is only called while that state is alive: from the
+            // ticker and the charge functions (called by the running state), through `trip`
+            // inside an `Activation` of the run, or by the run's owner while it holds the
+            // state (run.rs `settle`).
+            // `lua_sandboxabort` only stores two integers of the global state; it never raises.
+            unsafe { lua_sandboxabort(l) };
+        }
+    }
+
+    pub fn memory_peak(&self) -> usize {
+        self.memory_peak.get()
+    }
+
+    pub fn note_memory(&self, bytes: usize) {
+        if bytes > self.memory_peak.get() {
+            self.memory_peak.set(bytes);
+        }
+    }
+
+    /// Instructions left before the limit; the tick interval never overshoots it.
+    pub(crate) fn next_interval(&self) -> c_int {
+        let left = self.max.saturating_sub(self.used.get());
+        let next = left.clamp(1, TICK_INTERVAL);
+        self.interval.set(next);
+        next as c_int
+    }
+}
+
+/// Whether the process a run belongs to is still alive, given its opaque environment (for the
+/// NIF: `enif_is_current_process_alive` on the NIF call's env).
+///
+/// # Safety
+/// Called only with the `env` of the [`Caller`] it came with, while that caller's activation
+/// lives.
+pub type AliveCheck = unsafe fn(*mut std::ffi::c_void) -> bool;
+
+/// Who a run works for: an opaque environment (the NIF call's `ErlNifEnv`; null in tests) and
+/// how to ask whether it is still alive. The core never looks inside `env`.
+#[derive(Clone, Copy)]
+pub struct Caller {
+    pub env: *mut std::ffi::c_void,
+    pub alive: Option<AliveCheck>,
+}
+
+impl Caller {
+    /// No caller to check (Rust tests, work that cannot be killed).
+    pub const fn none() -> Caller {
+        Caller {
+            env: ptr::null_mut(),
+            alive: None,
+        }
+    }
+}
+
+/// Whether the caller is alive (always, when it has no check).
+pub(crate) fn caller_alive(caller: Caller) -> bool {
+    match caller.alive {
+        Some(alive) if !caller.env.is_null() => {
+            // SAFETY: `env` came with this check in the caller's activation, which is live
+            // (we are inside it, on its thread), as `AliveCheck` requires.
+            unsafe { alive(caller.env) }
+        }
+        _ => true,
+    }
+}

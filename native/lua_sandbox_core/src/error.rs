@@ -1,0 +1,80 @@
+//! The closed list of ways a run can fail (`LuaSandbox.Error.kind` in Elixir; the NIF's
+//! `error.rs` names each kind with its atom).
+
+use crate::control::Abort;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SandboxError {
+    /// The source (or a module) does not parse.
+    #[error("{0}")]
+    Syntax(String),
+    /// The script raised an error, or Lua did (e.g. `attempt to index a nil value`).
+    #[error("{0}")]
+    Runtime(String),
+    /// `max_instructions` used up.
+    #[error("instruction limit exceeded")]
+    InstructionLimit,
+    /// `max_memory` reached.
+    #[error("memory limit exceeded")]
+    MemoryLimit,
+    /// `max_output` exceeded.
+    #[error("output limit exceeded")]
+    OutputLimit,
+    /// A value nested deeper than `max_depth`, either way across the boundary.
+    #[error("{0}")]
+    DepthLimit(String),
+    /// A result larger than `max_result_bytes`.
+    #[error("{0}")]
+    SizeLimit(String),
+    /// A table that contains itself.
+    #[error("{0}")]
+    Cycle(String),
+    /// A function, coroutine or userdata where a plain value is needed.
+    #[error("{0}")]
+    UnsupportedValue(String),
+    /// Input that cannot become Lua: a bad term, oversized source, a forged chunk.
+    #[error("{0}")]
+    InvalidInput(String),
+    /// `max_tool_calls` exceeded.
+    #[error("tool call limit exceeded")]
+    ToolLimit,
+    /// The calling process died; nobody will read this.
+    #[error("run killed")]
+    Killed,
+    /// The run's `timeout:` passed (checked inside the run, like the kill).
+    #[error("run exceeded its timeout")]
+    Timeout,
+}
+
+impl From<Abort> for SandboxError {
+    fn from(why: Abort) -> Self {
+        match why {
+            Abort::Instructions => SandboxError::InstructionLimit,
+            Abort::Memory => SandboxError::MemoryLimit,
+            Abort::Output => SandboxError::OutputLimit,
+            Abort::Killed => SandboxError::Killed,
+            Abort::ToolCalls => SandboxError::ToolLimit,
+            Abort::Timeout => SandboxError::Timeout,
+        }
+    }
+}
+
+/// The line of `chunk_name:LINE: message`, when the message starts that way.
+pub fn line_of(message: &str, chunk_name: &str) -> Option<u32> {
+    let rest = message.strip_prefix(chunk_name)?.strip_prefix(':')?;
+    let digits: &str = &rest[..rest.find(':')?];
+    digits.parse().ok().filter(|&n| n > 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn line_is_parsed_from_the_chunk_prefix() {
+        assert_eq!(line_of("script:3: boom", "script"), Some(3));
+        assert_eq!(line_of("other:3: boom", "script"), None);
+        assert_eq!(line_of("script: boom", "script"), None);
+        assert_eq!(line_of("script:x: boom", "script"), None);
+    }
+}
