@@ -1,6 +1,10 @@
 # make demo  — run the CLI on examples/demo.lua (context in, table out, print, a limit)
 # make test  — every check: formatters, clippy, cargo test, mix test (warnings as errors)
 # make bench — benchmarks side by side with Luerl; make fuzz — the long property run
+# make san — generated programs across every library under random limits, with the vendored
+#   Lua, csrc/ and the arena (poisoned by hand, src/asan.rs) under ASan + UBSan
+#   (native/lua_sandbox_core/tests/generated.rs); a short run is part of `make test`;
+#   make fuzz-san — the long one (LUA_SAN_PROGRAMS=20000)
 # make stretch — the hole finder: the adversarial (generated bounded-ops included) and stock
 #   suites under a build that records the longest CPU stretch between two budget checks
 #   (native/lua_sandbox_core/src/stretch.rs); fails above STRETCH_MAX_US (1 ms). Full size:
@@ -12,7 +16,7 @@ SHELL := /bin/bash
 TEST_ENV := MIX_ENV=test
 LUA_PROPERTY_CASES ?= 10000
 
-.PHONY: all deps build demo test check-format clippy cargo-test mix-test bench fuzz stretch
+.PHONY: all deps build demo test check-format clippy cargo-test mix-test bench fuzz stretch san fuzz-san
 
 all: test
 
@@ -45,7 +49,29 @@ mix-test: deps
 	$(TEST_ENV) mix compile --warnings-as-errors
 	$(TEST_ENV) LUA_PROPERTY_CASES=$(LUA_PROPERTY_CASES) mix test --warnings-as-errors
 
-test: check-format clippy cargo-test mix-test
+test: check-format clippy cargo-test san mix-test
+
+# The sanitizer build has its own target dir. Stable Rust has no -Zsanitizer: the C (lua-src's
+# build and csrc/, both through the cc crate, which reads CFLAGS) is instrumented and the test
+# binary linked with gcc's runtimes (rustc links with -nodefaultlibs, so -fsanitize alone would
+# not pull them in: they are named, and ASan's check that it comes first is off); `--target`
+# keeps the link flags off build scripts and proc macros, which the (uninstrumented) compiler
+# loads. Any report aborts the run.
+SAN_TARGET := target/san
+SAN_HOST := $(shell rustc -vV | sed -n 's/^host: //p')
+SAN_CFLAGS := -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer -g
+LUA_SAN_PROGRAMS ?= 300
+
+san:
+	CFLAGS="$(SAN_CFLAGS)" CARGO_TARGET_DIR=$(SAN_TARGET) \
+	  RUSTFLAGS="-C link-arg=-lasan -C link-arg=-lubsan" \
+	  ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:verify_asan_link_order=0 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	  LUA_GENERATED_PROGRAMS=$(LUA_SAN_PROGRAMS) \
+	  cargo test --release --target $(SAN_HOST) -p lua_sandbox_core --features sanitize \
+	  --test generated -- --nocapture
+
+fuzz-san:
+	$(MAKE) san LUA_SAN_PROGRAMS=20000
 
 bench: deps
 	MIX_ENV=prod mix run bench/run.exs

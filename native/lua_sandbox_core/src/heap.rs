@@ -21,6 +21,8 @@
 use std::ffi::c_void;
 use std::ptr;
 
+use crate::asan;
+
 /// Alignment of every block: enough for any Lua object (`LUAI_MAXALIGN`).
 pub const ALIGN: usize = 16;
 const SMALL_MAX: usize = 1024;
@@ -98,7 +100,31 @@ impl Heap {
                 free: [ptr::null_mut(); CLASSES],
             });
         }
+        // SAFETY: inside the range, past the header.
+        asan::poison(unsafe { base.add(HEADER) }, capacity - HEADER);
         heap
+    }
+
+    /// The sanitizer build's view after the arena's prefix was copied back or read whole
+    /// (restore, rollback, checkpoint): the caller unpoisoned `[0, upto)`; poison again what
+    /// Lua does not hold in it, every free block and everything above the bump. (Empty
+    /// without the `sanitize` feature.)
+    pub fn repoison(&self, upto: usize) {
+        if !cfg!(feature = "sanitize") {
+            return;
+        }
+        for (c, head) in self.free.iter().enumerate() {
+            let mut block = *head;
+            while !block.is_null() {
+                asan::poison(block.cast(), class_size(c));
+                // SAFETY: a free list links blocks of this arena through their first word.
+                block = unsafe { (*block).next };
+            }
+        }
+        if upto > self.bump {
+            // SAFETY: `bump < upto`, both inside the arena.
+            asan::poison(unsafe { self.base().add(self.bump) }, upto - self.bump);
+        }
     }
 
     pub fn used(&self) -> usize {
@@ -177,6 +203,7 @@ impl Heap {
         // used by Lua, so its first word is ours.
         unsafe { block.write(FreeBlock { next: self.free[c] }) };
         self.free[c] = block;
+        asan::poison(p, class_size(c));
     }
 
     /// `lua_Alloc` semantics on this heap.
@@ -200,6 +227,9 @@ impl Heap {
         }
         if !p.is_null() && class_of(nsize) == class_of(osize) {
             // Same class: the block fits as it is.
+            asan::unpoison(p, nsize);
+            // SAFETY: `nsize <= class_size`: the tail lies in the block.
+            asan::poison(unsafe { p.add(nsize) }, class_size(class_of(nsize)) - nsize);
             self.used = self.used - old + nsize;
             self.peak = self.peak.max(self.used);
             return p;
@@ -212,8 +242,11 @@ impl Heap {
             let q = self.take(class_of(nsize));
             self.used = self.used - old + nsize;
             if q.is_null() {
+                // SAFETY: `nsize < osize`: the tail lies in the block.
+                asan::poison(unsafe { p.add(nsize) }, osize - nsize);
                 return p;
             }
+            asan::unpoison(q, nsize);
             // SAFETY: `p` holds `osize` > `nsize` live bytes; `q` is a distinct block of at
             // least `nsize` bytes.
             unsafe {
@@ -231,6 +264,7 @@ impl Heap {
             self.refusals += 1;
             return ptr::null_mut();
         }
+        asan::unpoison(q, nsize);
         if !p.is_null() {
             // SAFETY: `p` holds `osize` live bytes, `q` is a distinct block of at least
             // `nsize` bytes; Lua keeps `p` until we return.

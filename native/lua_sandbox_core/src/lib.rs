@@ -10,6 +10,7 @@
 //! - [`scope`]: the one per-run guard: budget, output, handle store, traceback.
 //! - [`budget`]: the work ticker glue, charges, kill checks and sticky aborts.
 //! - `hooks`: the functions the C code in `csrc/` calls back into.
+//! - `asan`: the arena's poisoning for the sanitizer build (`sanitize` feature).
 //! - [`hardened`]: the budget-charging builtins and the sandbox's C libraries (`csrc/`).
 //! - [`error`]: the closed list of ways a run fails.
 //! - [`chunk`]: source checks, loading, compiling to bytecode.
@@ -18,6 +19,7 @@
 //! - [`pool`]: pristine slots leased per run, restored and kept idle when the lease ends.
 //! - [`stack`]: a native stack segment big enough for Lua's own recursion limits.
 
+mod asan;
 pub mod budget;
 pub mod chunk;
 mod clock;

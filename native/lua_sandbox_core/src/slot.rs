@@ -22,6 +22,7 @@ use std::ptr::{self, NonNull};
 
 use mlua_sys as ffi;
 
+use crate::asan;
 use crate::heap::{self, Heap};
 use crate::protect::{self, LuaFailure};
 
@@ -131,9 +132,11 @@ impl Slot {
         }
         slot.heap_mut().reset_peak();
         let extent = slot.heap().extent();
+        asan::unpoison(base.as_ptr(), extent);
         // SAFETY: `[base, base + extent)` lies inside the mapping and holds the state just
         // built; nothing writes it while we copy.
         slot.snapshot = unsafe { std::slice::from_raw_parts(base.as_ptr(), extent) }.into();
+        slot.heap().repoison(extent);
         slot.heap_mut().reset_peak();
         Ok(slot)
     }
@@ -213,11 +216,13 @@ impl Slot {
     pub fn restore(&mut self) {
         let extent = self.heap().extent();
         let len = self.snapshot.len();
+        asan::unpoison(self.base.as_ptr(), len);
         // SAFETY: `&mut self`: no Lua code runs on this state and no reference into the arena
         // is live. The snapshot was taken from this very range, at this address.
         unsafe {
             ptr::copy_nonoverlapping(self.snapshot.as_ptr(), self.base.as_ptr(), len);
         }
+        self.heap().repoison(extent.max(len));
         if extent > len + TRIM_THRESHOLD {
             self.trim_above(len, extent);
         }
@@ -234,9 +239,11 @@ impl Slot {
     pub fn checkpoint(&self, into: &mut Vec<u8>) {
         let extent = self.heap().extent();
         into.clear();
+        asan::unpoison(self.base.as_ptr(), extent);
         // SAFETY: `[base, base + extent)` lies inside the mapping; `&self` means no Lua code
         // is running on the state while we read it.
         into.extend_from_slice(unsafe { std::slice::from_raw_parts(self.base.as_ptr(), extent) });
+        self.heap().repoison(extent);
     }
 
     /// Returns the state to the point `checkpoint` recorded (taken from this slot, at this
@@ -248,11 +255,13 @@ impl Slot {
     pub fn rollback(&mut self, checkpoint: &[u8]) {
         assert!(checkpoint.len() <= self.capacity && checkpoint.len() >= heap::HEADER);
         let extent = self.heap().extent();
+        asan::unpoison(self.base.as_ptr(), checkpoint.len());
         // SAFETY: as in `restore`: `&mut self`, no reference into the arena is live, and the
         // checkpoint is a copy of this arena's own prefix, valid at this address.
         unsafe {
             ptr::copy_nonoverlapping(checkpoint.as_ptr(), self.base.as_ptr(), checkpoint.len());
         }
+        self.heap().repoison(extent.max(checkpoint.len()));
         if extent > checkpoint.len() + TRIM_THRESHOLD {
             self.trim_above(checkpoint.len(), extent);
         }
