@@ -7,7 +7,7 @@
 //! 4. Landlock deny-all: every filesystem and network access right handled, none granted, and
 //!    the signal / abstract-socket scopes, as far as the kernel's ABI goes;
 //! 5. rlimits: no new files (`RLIMIT_NOFILE` = 3), no processes
-//!    (`RLIMIT_NPROC` = 0), no core dumps, address space bounded by `max_memory + headroom`;
+//!    (`RLIMIT_NPROC` = 0), no core dumps, address space bounded by the Lua arena's reservation + headroom;
 //! 6. a seccomp-bpf allowlist (built with `seccompiler`) whose default kills the process.
 //!
 //! Layers 2, 3, 5 and 6 are required: if one cannot be applied, `apply` fails and the worker
@@ -26,16 +26,16 @@ use seccompiler::{
     SeccompRule, TargetArch,
 };
 
-/// Address space the worker may use on top of `max_memory`: its binary, libc, stack and the
+/// Address space the worker may use on top of its Lua arena: its binary, libc, stack and the
 /// Rust side's buffers.
 pub const HEADROOM: u64 = 64 << 20;
 
 /// What the jail is asked to enforce.
 #[derive(Clone, Debug)]
 pub struct Config {
-    /// The largest Lua heap the worker serves; the address space is bounded by this plus
-    /// [`HEADROOM`].
-    pub max_memory: u64,
+    /// The address space reserved for the worker's Lua arena (`pool::capacity_for` of the
+    /// largest `max_memory` it serves); the address space is bounded by this plus [`HEADROOM`].
+    pub arena: u64,
 }
 
 /// Which layers are in force, as the worker reports them at boot ([`Layers::to_term`]).
@@ -137,7 +137,7 @@ pub fn apply(config: &Config) -> Result<Layers, JailError> {
 
     // Landlock needs an fd for its ruleset: before RLIMIT_NOFILE forbids new ones.
     let landlock = landlock_deny_all();
-    let address_space = config.max_memory.saturating_add(HEADROOM);
+    let address_space = config.arena.saturating_add(HEADROOM);
     set_rlimits(address_space)?;
     install_seccomp()?;
 

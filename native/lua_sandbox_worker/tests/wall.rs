@@ -211,8 +211,10 @@ fn boot_reports_every_layer() {
     for required in ["fds_closed", "rlimits", "no_new_privs", "seccomp"] {
         assert_eq!(w.layer(required), Some(&Term::atom("on")), "{required}");
     }
-    // 64 MiB max_memory + 64 MiB headroom
-    assert_eq!(w.layer("address_space"), Some(&Term::Int(128 << 20)));
+    // the arena for the default 64 MiB max_memory, plus the headroom
+    let arena = lua_sandbox_core::pool::capacity_for(64 << 20) as i64;
+    let headroom = lua_sandbox_worker::jail::HEADROOM as i64;
+    assert_eq!(w.layer("address_space"), Some(&Term::Int(arena + headroom)));
     assert!(w.signal().is_none());
 }
 
@@ -293,7 +295,7 @@ fn executable_memory_and_io_uring_are_refused() {
 
 #[test]
 fn the_address_space_is_bounded() {
-    // 4 GiB is far above the default 64 MiB max_memory + 64 MiB headroom.
+    // 4 GiB is far above the default arena (256 MiB) + 64 MiB headroom.
     assert_eq!(jailed_probe("mmap_huge", None), Ended::Errno(libc::ENOMEM));
     assert!(unjailed_probe("mmap_huge", None));
 }

@@ -7,16 +7,16 @@
 //! worker must use it rather than a copy. Until then the worker boots, reports its jail and
 //! answers `:ping` (and, in test builds, the probes of `probes.rs`).
 //!
-//! Usage: `worker [max_memory_bytes]` (default 64 MiB).
+//! Usage: `worker [max_memory_bytes]` (default 64 MiB): the state is the NIF's sandbox
+//! (`lua_sandbox_core::sandbox`), in an arena sized for that `max_memory` as the NIF sizes it.
 
 use std::io::{BufReader, BufWriter};
 
 use lua_sandbox_worker::jail;
 use lua_sandbox_worker::proto::{self, Term};
 
-// The core's test support builds a state with the sandbox's libraries (and, for the `lua`
-// probe, runs a chunk in it); the worker uses it until issue 17 makes the core's sandbox build
-// public.
+// The core's test support runs a chunk in a state (the `lua` probe of test builds only).
+#[cfg(feature = "wall-probes")]
 #[path = "../../../../lua_sandbox_core/tests/common/mod.rs"]
 mod common;
 
@@ -30,7 +30,15 @@ fn main() {
         .map(|s| s.parse().expect("max_memory in bytes"))
         .unwrap_or(64 << 20);
     lua_sandbox_worker::die_with_parent();
-    let mut slot = common::new_slot(max_memory);
+    // The sandbox a run of the NIF gets, in an arena of the same size.
+    let capacity = lua_sandbox_core::pool::capacity_for(max_memory);
+    let mut slot = match lua_sandbox_core::sandbox::new_slot(capacity) {
+        Ok(slot) => slot,
+        Err(e) => {
+            eprintln!("worker: the sandbox could not be built: {e}");
+            std::process::exit(2);
+        }
+    };
     let mut out = BufWriter::new(std::io::stdout().lock());
 
     // Test builds only: `--no-jail` serves unjailed, so the wall tests can show that each
@@ -45,7 +53,7 @@ fn main() {
     }
 
     let layers = match jail::apply(&jail::Config {
-        max_memory: max_memory as u64,
+        arena: capacity as u64,
     }) {
         Ok(layers) => layers,
         Err(e) => {
