@@ -16,7 +16,7 @@ SHELL := /bin/bash
 TEST_ENV := MIX_ENV=test
 LUA_PROPERTY_CASES ?= 10000
 
-.PHONY: all deps build demo test check-format clippy cargo-test mix-test bench fuzz stretch san fuzz-san
+.PHONY: all deps build demo test check-format clippy cargo-test mix-test bench fuzz stretch san fuzz-san bench-process
 
 all: test
 
@@ -75,6 +75,10 @@ fuzz-san:
 
 bench: deps
 	MIX_ENV=prod mix run bench/run.exs
+
+# isolation: :process, the costs of the port and the pool (the test env has the probes worker)
+bench-process: deps
+	$(TEST_ENV) mix run bench/process.exs
 
 fuzz: deps
 	$(TEST_ENV) LUA_PROPERTY_CASES=200000 mix test --only property

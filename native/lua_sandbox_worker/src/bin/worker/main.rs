@@ -10,7 +10,9 @@
 //! Usage: `worker [max_memory_bytes]` (default 64 MiB): the state is the NIF's sandbox
 //! (`lua_sandbox_core::sandbox`), in an arena sized for that `max_memory` as the NIF sizes it.
 
-use std::io::{BufReader, BufWriter};
+use std::io::BufReader;
+use std::mem::ManuallyDrop;
+use std::os::fd::FromRawFd;
 
 use lua_sandbox_worker::jail;
 use lua_sandbox_worker::proto::{self, Term};
@@ -39,15 +41,19 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let mut out = BufWriter::new(std::io::stdout().lock());
+    // Frames go to fd 1 as they are, one write each: std's stdout is line-buffered and would
+    // split a frame at every byte 10 in it.
+    // SAFETY: fd 1 is open for the life of the process (the port's pipe), and the ManuallyDrop
+    // never closes it.
+    let mut out = ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(1) });
 
     // Test builds only: `--no-jail` serves unjailed, so the wall tests can show that each
     // probe does have an effect when the jail is not there.
     #[cfg(feature = "wall-probes")]
     if std::env::args().any(|a| a == "--no-jail") {
         let boot = Term::tuple([Term::atom("boot"), Term::List(vec![])]);
-        if proto::write_frame(&mut out, &boot).is_ok() {
-            serve(&mut slot, &mut out);
+        if proto::write_frame(&mut *out, &boot).is_ok() {
+            serve(&mut slot, &mut *out);
         }
         return;
     }
@@ -62,8 +68,8 @@ fn main() {
         }
     };
     let boot = Term::tuple([Term::atom("boot"), layers.to_term()]);
-    if proto::write_frame(&mut out, &boot).is_ok() {
-        serve(&mut slot, &mut out);
+    if proto::write_frame(&mut *out, &boot).is_ok() {
+        serve(&mut slot, &mut *out);
     }
 }
 

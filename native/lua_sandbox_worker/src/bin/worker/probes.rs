@@ -132,7 +132,7 @@ pub fn probe(slot: &mut lua_sandbox_core::Slot, name: &str, operand: &str) -> Te
             }
             // Busy until the BEAM hangs up, as a run checks it (then the worker exits).
             "spin" => loop {
-                for _ in 0..100_000 {
+                for _ in 0..1_000 {
                     std::hint::spin_loop();
                 }
                 if lua_sandbox_worker::hung_up() {
