@@ -30,8 +30,10 @@ defmodule Mix.Tasks.Compile.LuaSandboxNif do
   def run(_args) do
     root = Path.expand("..", __DIR__)
     target = Path.join([root, "priv", "native", "#{@crate}.so"])
-    worker = Path.join([root, "priv", "native", @worker_crate])
-    probes = if Mix.env() == :test, do: probes_path(), else: nil
+    # The worker's jail is Linux's (namespaces, Landlock, seccomp): elsewhere it is not built.
+    linux? = :os.type() == {:unix, :linux}
+    worker = if linux?, do: Path.join([root, "priv", "native", @worker_crate])
+    probes = if linux? and Mix.env() == :test, do: probes_path()
 
     cond do
       prebuilt = System.get_env(@env) ->
@@ -107,7 +109,8 @@ defmodule Mix.Tasks.Compile.LuaSandboxNif do
       )
     end
 
-    artifacts = cargo_build(cargo, root, ["-p", @crate, "-p", @worker_crate])
+    packages = ["-p", @crate] ++ if(worker, do: ["-p", @worker_crate], else: [])
+    artifacts = cargo_build(cargo, root, packages)
 
     nif =
       case artifacts[@crate] do
@@ -120,9 +123,10 @@ defmodule Mix.Tasks.Compile.LuaSandboxNif do
             else: install(artifact, target, "Compiled NIF crate #{@crate} (#{artifact})")
       end
 
-    case artifacts[@worker_crate] do
-      nil -> Mix.raise("cargo build reported no #{@worker_crate} binary")
-      artifact -> install_executable(artifact, worker)
+    cond do
+      worker == nil -> :ok
+      artifact = artifacts[@worker_crate] -> install_executable(artifact, worker)
+      true -> Mix.raise("cargo build reported no #{@worker_crate} binary")
     end
 
     nif
