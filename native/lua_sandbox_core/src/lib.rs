@@ -17,12 +17,15 @@
 //! - [`sandbox`]: building a sandboxed state (libraries, C base functions, prelude) in a slot.
 //! - [`pool`]: pristine slots leased per run, restored and kept idle when the lease ends.
 //! - [`stack`]: a native stack segment big enough for Lua's own recursion limits.
+//! - [`exec`]: the run coroutine: one way to assemble a run, set it up, step it, suspend it at
+//!   a tool call and resume it with the reply.
 
 pub mod budget;
 pub mod chunk;
 mod clock;
 pub mod control;
 pub mod error;
+pub mod exec;
 pub mod facts;
 pub mod handle;
 pub mod hardened;

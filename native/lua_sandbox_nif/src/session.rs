@@ -11,6 +11,7 @@
 //! The resource belongs to the `LuaSandbox.Session` process, which serializes calls; the
 //! call itself runs in the calling process (so its death stops the call, as for `run/2`).
 
+use std::any::Any;
 use std::sync::Mutex;
 
 use rustler::types::LocalPid;
@@ -19,10 +20,11 @@ use rustler::{Atom, Encoder, Env, NifMap, NifResult, ResourceArc, Term};
 use crate::atoms;
 use crate::budget::Control;
 use crate::handles::Handles;
-use crate::run::{self, Entry, Home, Running, Source, StateSetup};
+use crate::run::{self, Source};
 use lua_sandbox_core::chunk::{check_source, Code};
-use lua_sandbox_core::error::SandboxError;
-use lua_sandbox_core::output::Output;
+use lua_sandbox_core::exec::{
+    self, Entry, Home, Lent, Limits, Push, Run as Running, Setup, StateSetup,
+};
 use lua_sandbox_core::pool::{self as slots, Lease};
 use lua_sandbox_core::scope::Scope;
 use lua_sandbox_core::Slot;
@@ -114,7 +116,7 @@ impl Loan {
     }
 }
 
-impl run::Lent for Loan {
+impl Lent for Loan {
     fn slot(&self) -> &Slot {
         self.state().lease.slot()
     }
@@ -144,8 +146,8 @@ impl run::Lent for Loan {
     }
 
     /// The session's handles, lent to the call, come back (before the loan is dropped).
-    fn give_back_handles(&mut self, handles: Box<Handles>) {
-        if let Some(state) = self.state.as_mut() {
+    fn give_back_handles(&mut self, handles: Box<dyn Any + Send>) {
+        if let (Some(state), Ok(handles)) = (self.state.as_mut(), handles.downcast()) {
             state.handles = handles;
         }
     }
@@ -194,23 +196,25 @@ fn session_new<'a>(env: Env<'a>, opts: SessionOpts<'a>) -> Term<'a> {
             Ok(lease) => lease,
             Err(e) => return run::early_error(env, e, t0),
         };
-        let setup = StateSetup {
-            globals: &opts.globals,
-            tools: &opts.tools,
-            modules: &opts.modules,
-            max_depth: opts.max_depth as usize,
-            max_memory,
-            max_source: opts.max_source as usize,
-        };
-        // The setup runs no script code; the activation only makes a kill stop a huge
-        // conversion of globals.
+        // The setup runs no script code; the scope only makes a kill stop a huge conversion
+        // of globals.
         let scope = Scope::budget(Control::new(u64::MAX));
         let state = lease.slot().state();
+        let max_depth = opts.max_depth as usize;
+        let sources = run::ModuleSources::decode(&opts.modules, opts.max_source as usize);
         // SAFETY: `scope` lives until the end of this function; the leased state outlives
         // it (the lease moves into the session, `scope` is dropped here).
         let prepared = unsafe {
-            run::under_budget(env, &scope, state, || {
-                run::prepare_state(lease.slot_mut(), &setup)
+            exec::under_scope(&scope, crate::caller::of(env), state, || {
+                let sources = sources?;
+                let modules = sources.codes()?;
+                let mut globals = run::push_globals(&opts.globals, max_depth);
+                let setup = StateSetup {
+                    globals: (!opts.globals.is_empty()).then_some(&mut globals as Push),
+                    tools: &opts.tools,
+                    modules: &modules,
+                };
+                exec::prepare_state(lease.slot_mut(), setup, max_memory)
             })
         };
         if let Err(e) = prepared {
@@ -325,40 +329,35 @@ fn call<'a>(
             _ => state.chunk_name.clone(),
         };
         let print = crate::print::mode(state.print, state.print_pid, state.print_tag.clone());
-        let max_source = state.max_source;
         let handles = std::mem::take(&mut state.handles);
         let handles_mark = handles.mark();
-        let control = Control::new(opts.max_instructions);
-        if let Some(ms) = opts.timeout {
-            control.set_deadline(t0 + std::time::Duration::from_millis(ms));
-        }
-        control.clock_start();
-        let scope = Box::new(Scope::new(
-            control,
-            Output::new(opts.max_output as usize, print),
-        ));
-        scope.set_handles(handles);
-        let mut running = Running {
-            thread: std::ptr::null_mut(),
-            scope,
-            chunk_name,
+        let limits = Limits {
+            max_instructions: opts.max_instructions,
+            max_memory: state.max_memory,
             max_depth: state.max_depth,
             max_result_bytes: opts.max_result_bytes,
+            max_output: opts.max_output as usize,
+            max_source: state.max_source as usize,
             max_tool_calls: opts.max_tool_calls,
-            max_memory: state.max_memory,
-            tool_calls: 0,
-            elapsed: std::time::Duration::ZERO,
-            pending_tool: String::new(),
-            home: Home::Session(Box::new(Loan {
-                state: Some(state),
-                owner: res.clone(),
-                rollback: opts.rollback,
-                ok: false,
-                instructions: 0,
-                handles_mark,
-                discarded: false,
-            })),
+            timeout: opts.timeout.map(std::time::Duration::from_millis),
         };
+        let loan = Loan {
+            state: Some(state),
+            owner: res.clone(),
+            rollback: opts.rollback,
+            ok: false,
+            instructions: 0,
+            handles_mark,
+            discarded: false,
+        };
+        let mut running = Running::new(
+            Home::Session(Box::new(loan)),
+            limits,
+            print,
+            chunk_name,
+            Some(handles),
+            t0,
+        );
         if fast.is_some() {
             // An attempt streams nothing until it has succeeded.
             running.scope.output().hold();
@@ -367,34 +366,23 @@ fn call<'a>(
             Some(code) => Entry::Chunk(code),
             None => Entry::Nothing,
         };
-        let call = opts.call.as_ref().map(|(n, a)| (n.as_str(), a.as_slice()));
-        let scope: *const Scope = &*running.scope;
-        let state = running.main();
-        // SAFETY: the scope is boxed in `running`, which outlives the call, and the
-        // session's state outlives the call's scope (both live in `running`).
-        let prepared = unsafe {
-            run::under_budget(env, scope, state, || {
-                set_globals(&mut running, &opts.globals)?;
-                run::prepare_thread(&mut running, entry, call, max_source)
-            })
+        let max_depth = limits.max_depth;
+        let mut globals = run::push_globals(&opts.globals, max_depth);
+        let mut call = opts
+            .call
+            .as_ref()
+            .map(|(name, args)| (name, run::push_args(args, max_depth)));
+        let setup = Setup {
+            state: None,
+            call_globals: (!opts.globals.is_empty()).then_some(&mut globals as Push),
+            entry,
+            call: call
+                .as_mut()
+                .map(|(name, args)| (name.as_str(), args as Push)),
         };
+        let prepared = running.prepare(crate::caller::of(env), setup);
         run::begin(env, prepared, running, t0, fast)
     }))
-}
-
-/// Sets a call's `globals:` in the session's state (the main stack is empty, nothing runs),
-/// under the call's budget and handles like the rest of its setup.
-fn set_globals(running: &mut Running, globals: &[(String, Term)]) -> Result<(), SandboxError> {
-    if globals.is_empty() {
-        return Ok(());
-    }
-    let l = running.main();
-    let (max_depth, limit) = (running.max_depth, running.max_memory);
-    running.home.slot_mut().set_limit(usize::MAX);
-    // SAFETY: `l` is not running and its limit is lifted (marshal's contract).
-    let pushed = unsafe { crate::marshal::push_globals(l, globals, max_depth, limit) };
-    running.home.slot_mut().set_limit(limit);
-    pushed
 }
 
 /// `{:ok, %{memory:, calls:, instructions:, rollbacks:}}`, or `:busy` during a call.
