@@ -25,10 +25,10 @@ use rustler::{Atom, Encoder, Env, NifMap, NifResult, ResourceArc, Term, TermType
 
 use crate::atoms;
 use crate::chunk::CompiledChunk;
-use crate::error::Kind;
+use crate::error::Failure;
 use crate::handles::Handles;
 use crate::marshal::{self, Bounds};
-use crate::term::binary_term;
+use crate::term::{binary_term, stats_term};
 
 /// Options, already validated and defaulted by `LuaSandbox.Options`.
 #[derive(NifMap)]
@@ -190,7 +190,7 @@ fn start<'a>(
         opts.max_result_bytes = opts.max_result_bytes.min(FAST_RESULT_BYTES);
     }
     let t0 = Instant::now();
-    let early = |e: SandboxError| early_error(env, e, t0);
+    let early = |e: SandboxError| early_error(env, e, &opts.chunk_name, t0);
     let max_source = opts.max_source as usize;
     let (code, chunk_name) = match &source {
         Source::Text(bin) => {
@@ -460,7 +460,7 @@ fn settle_step<'a>(
                 Ok(terms) => {
                     session.succeeded();
                     let output = session.scope.output().finish(crate::caller::of(env));
-                    let stats = stats_term(env, session);
+                    let stats = stats_term(env, &session.stats());
                     (atoms::ok(), terms, binary_term(env, &output), stats).encode(env)
                 }
                 Err(e) if fast.is_some_and(|f| f.retry(&e)) => return Answer::Retry,
@@ -520,34 +520,6 @@ fn reply_to_lua(
     }
 }
 
-fn stats_term<'a>(env: Env<'a>, session: &Running) -> Term<'a> {
-    let s = session.stats();
-    stats_map(
-        env,
-        [
-            s.instructions,
-            s.memory_peak,
-            s.duration_us,
-            s.tool_calls,
-            s.cpu_us,
-        ],
-    )
-}
-
-/// `%{instructions:, memory_peak:, duration_us:, tool_calls:, cpu_us:}` from values in that
-/// order.
-fn stats_map(env: Env<'_>, values: [u64; 5]) -> Term<'_> {
-    let keys = [
-        atoms::instructions().encode(env),
-        atoms::memory_peak().encode(env),
-        atoms::duration_us().encode(env),
-        atoms::tool_calls().encode(env),
-        atoms::cpu_us().encode(env),
-    ];
-    let values = values.map(|v| v.encode(env));
-    Term::map_from_arrays(env, &keys, &values).unwrap_or_else(|_| atoms::nil().encode(env))
-}
-
 /// The error answer; `value_idx` is the error object's slot on the run coroutine, if any.
 fn finish_error<'a>(
     env: Env<'a>,
@@ -556,8 +528,7 @@ fn finish_error<'a>(
     value_idx: Option<c_int>,
 ) -> Term<'a> {
     let e = session.outcome(e);
-    let message = e.to_string();
-    let line = line_of(&message, &session.chunk_name);
+    let line = line_of(&e.to_string(), &session.chunk_name);
     let traceback = if matches!(e, SandboxError::Runtime(_)) {
         session.scope.take_traceback()
     } else {
@@ -565,44 +536,42 @@ fn finish_error<'a>(
     };
     let thread = session.thread();
     // A non-string error object travels as a value, bounded like any result.
-    let value_term = match value_idx {
+    let value = match value_idx {
         Some(idx) if matches!(e, SandboxError::Runtime(_)) => {
             // SAFETY: `idx` is a valid slot of the finished thread; reading never raises.
             let t = unsafe { ffi::lua_type(thread, idx) };
             if t == ffi::LUA_TNIL || t == ffi::LUA_TSTRING {
-                atoms::nil().encode(env)
+                None
             } else {
                 let bounds = Bounds {
                     max_depth: 64,
                     max_bytes: 1 << 20,
                 };
                 // SAFETY: as above.
-                unsafe { marshal::to_term(env, thread, idx, bounds, "error") }
-                    .unwrap_or_else(|_| atoms::nil().encode(env))
+                unsafe { marshal::to_term(env, thread, idx, bounds, "error") }.ok()
             }
         }
-        _ => atoms::nil().encode(env),
+        _ => None,
     };
     // A first attempt's held chunks go out with its (final) error.
     let output = session.scope.output().finish(crate::caller::of(env));
-    let stats = stats_term(env, session);
-    (
-        atoms::error(),
-        (e.kind(), message, line, traceback, value_term),
-        binary_term(env, &output),
-        stats,
-    )
-        .encode(env)
+    Failure {
+        error: e,
+        line,
+        traceback,
+        value,
+        output,
+        stats: session.stats(),
+    }
+    .encode(env)
 }
 
-pub(crate) fn early_error(env: Env<'_>, e: SandboxError, t0: Instant) -> Term<'_> {
-    let stats = stats_map(env, [0, 0, t0.elapsed().as_micros() as u64, 0, 0]);
-    let none: Option<String> = None;
-    (
-        atoms::error(),
-        (e.kind(), e.to_string(), none.clone(), none, atoms::nil()),
-        binary_term(env, b""),
-        stats,
-    )
-        .encode(env)
+/// The error answer of a run that failed before it started (no output, no work done).
+pub(crate) fn early_error<'a>(
+    env: Env<'a>,
+    e: SandboxError,
+    chunk_name: &str,
+    t0: Instant,
+) -> Term<'a> {
+    Failure::early(e, chunk_name, t0.elapsed()).encode(env)
 }

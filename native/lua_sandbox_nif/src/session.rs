@@ -194,7 +194,7 @@ fn session_new<'a>(env: Env<'a>, opts: SessionOpts<'a>) -> Term<'a> {
         let max_memory = slots::clamp_memory(opts.max_memory);
         let mut lease = match slots::lease(max_memory) {
             Ok(lease) => lease,
-            Err(e) => return run::early_error(env, e, t0),
+            Err(e) => return run::early_error(env, e, &opts.chunk_name, t0),
         };
         // The setup runs no script code; the scope only makes a kill stop a huge conversion
         // of globals.
@@ -218,7 +218,7 @@ fn session_new<'a>(env: Env<'a>, opts: SessionOpts<'a>) -> Term<'a> {
             })
         };
         if let Err(e) = prepared {
-            return run::early_error(env, e, t0);
+            return run::early_error(env, e, &opts.chunk_name, t0);
         }
         let state = SessionState {
             lease,
@@ -313,8 +313,9 @@ fn call<'a>(
         let code = match code {
             Ok(code) => code,
             Err(e) => {
+                let answer = run::early_error(env, e, &state.chunk_name, t0);
                 *res.lock() = Some(state);
-                return run::early_error(env, e, t0);
+                return answer;
             }
         };
         state.lease.slot_mut().reset_peak();
@@ -385,6 +386,15 @@ fn call<'a>(
     }))
 }
 
+/// What `session_info` reports.
+#[derive(NifMap)]
+struct Info {
+    memory: u64,
+    calls: u64,
+    instructions: u64,
+    rollbacks: u64,
+}
+
 /// `{:ok, %{memory:, calls:, instructions:, rollbacks:}}`, or `:busy` during a call.
 #[rustler::nif]
 fn session_info(env: Env<'_>, res: ResourceArc<SessionRes>) -> Term<'_> {
@@ -392,20 +402,11 @@ fn session_info(env: Env<'_>, res: ResourceArc<SessionRes>) -> Term<'_> {
     let Some(state) = guard.as_ref() else {
         return atoms::busy().encode(env);
     };
-    let keys = [
-        atoms::memory().encode(env),
-        atoms::calls().encode(env),
-        atoms::instructions().encode(env),
-        atoms::rollbacks().encode(env),
-    ];
-    let values = [
-        (state.lease.slot().used() as u64).encode(env),
-        state.calls.encode(env),
-        state.instructions.encode(env),
-        state.rollbacks.encode(env),
-    ];
-    match Term::map_from_arrays(env, &keys, &values) {
-        Ok(map) => (atoms::ok(), map).encode(env),
-        Err(_) => atoms::error().encode(env),
-    }
+    let info = Info {
+        memory: state.lease.slot().used() as u64,
+        calls: state.calls,
+        instructions: state.instructions,
+        rollbacks: state.rollbacks,
+    };
+    (atoms::ok(), info).encode(env)
 }
