@@ -19,6 +19,7 @@
 //! - [`stack`]: a native stack segment big enough for Lua's own recursion limits.
 //! - [`exec`]: the run coroutine: one way to assemble a run, set it up, step it, suspend it at
 //!   a tool call and resume it with the reply.
+//! - [`session`]: a state kept across calls, checkpointed and rolled back per call.
 
 pub mod budget;
 pub mod chunk;
@@ -39,6 +40,7 @@ pub mod registry;
 pub mod sandbox;
 pub mod scope;
 pub mod seed;
+pub mod session;
 pub mod slot;
 pub mod stack;
 #[cfg(feature = "stretch")]

@@ -1,17 +1,13 @@
 //! Sessions: a sandboxed state that lives across calls, with per-call limits and rollback.
 //!
-//! A session owns a slot (`slots.rs`) for its whole life: its state-wide setup (globals,
-//! tools, modules) is done once, and each call runs a new coroutine in that same state. A
-//! call borrows the session's state (a [`Loan`]): before it starts, the slot's used prefix is
-//! copied aside (a checkpoint, the same `memcpy` machinery as fresh states); when the call
-//! ends in any error — a script error, a limit, the caller's death, also while parked at a
-//! tool call — the checkpoint is copied back, so the session is exactly as it was before the
-//! call. With `rollback: false` a failed call keeps what it changed, as Lua would.
+//! The state, its checkpoint before each call and the rollback after a failed one are the
+//! core's `session::Session` (see there); this file holds the NIFs, the session's settings
+//! (the options every call reads) and the resource a call's loan gives the session back to.
+//! With `rollback: false` a failed call keeps what it changed, as Lua would.
 //!
 //! The resource belongs to the `LuaSandbox.Session` process, which serializes calls; the
 //! call itself runs in the calling process (so its death stops the call, as for `run/2`).
 
-use std::any::Any;
 use std::sync::Mutex;
 
 use rustler::types::LocalPid;
@@ -22,12 +18,10 @@ use crate::budget::Control;
 use crate::handles::Handles;
 use crate::run::{self, Source};
 use lua_sandbox_core::chunk::{check_source, Code};
-use lua_sandbox_core::exec::{
-    self, Entry, Home, Lent, Limits, Push, Run as Running, Setup, StateSetup,
-};
-use lua_sandbox_core::pool::{self as slots, Lease};
+use lua_sandbox_core::exec::{self, Entry, Home, Limits, Push, Run as Running, Setup, StateSetup};
+use lua_sandbox_core::pool as slots;
 use lua_sandbox_core::scope::Scope;
-use lua_sandbox_core::Slot;
+use lua_sandbox_core::session::Session;
 
 /// State-wide options, validated by `LuaSandbox.Session`.
 #[derive(NifMap)]
@@ -59,11 +53,16 @@ pub struct CallOpts<'a> {
     pub timeout: Option<u64>,
 }
 
-/// What a session keeps between calls.
+/// What a session keeps between calls: the core's session (slot, checkpoint, counters,
+/// handles) and its state-wide settings.
 pub struct SessionState {
-    lease: Lease,
-    /// The slot's used prefix before the current call (reused buffer).
-    checkpoint: Vec<u8>,
+    session: Session<Handles>,
+    settings: Settings,
+}
+
+/// A session's state-wide settings, read by each call.
+#[derive(Clone)]
+struct Settings {
     max_memory: usize,
     max_depth: usize,
     max_source: u64,
@@ -71,12 +70,6 @@ pub struct SessionState {
     print: Atom,
     print_pid: Option<LocalPid>,
     print_tag: Option<Vec<u8>>,
-    calls: u64,
-    instructions: u64,
-    rollbacks: u64,
-    /// The terms behind the session's handles: they stay valid for the session's life. Lent
-    /// to each call's `Running` and given back when it ends.
-    handles: Box<Handles>,
 }
 
 /// The session resource: its state, or `None` while a call has it on loan.
@@ -91,99 +84,6 @@ impl SessionRes {
     fn lock(&self) -> std::sync::MutexGuard<'_, Option<SessionState>> {
         // Only take/put happen under the lock: a panic cannot leave it inconsistent.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
-/// A session's state lent to one call; given back when the call ends (in `Drop`), rolled
-/// back first unless the call succeeded or rollback is off.
-pub struct Loan {
-    state: Option<SessionState>,
-    owner: ResourceArc<SessionRes>,
-    rollback: bool,
-    ok: bool,
-    instructions: u64,
-    /// The session's handle count before the call (rolled back with the state).
-    handles_mark: usize,
-    /// A first attempt thrown away (`session_try`): rolled back, not counted.
-    discarded: bool,
-}
-
-impl Loan {
-    fn state(&self) -> &SessionState {
-        self.state
-            .as_ref()
-            .expect("a loan holds the state until dropped")
-    }
-}
-
-impl Lent for Loan {
-    fn slot(&self) -> &Slot {
-        self.state().lease.slot()
-    }
-
-    fn slot_mut(&mut self) -> &mut Slot {
-        self.state
-            .as_mut()
-            .expect("a loan holds the state until dropped")
-            .lease
-            .slot_mut()
-    }
-
-    /// The call finished with a result: its changes stay.
-    fn succeeded(&mut self) {
-        self.ok = true;
-    }
-
-    /// The instructions the call used (for `info/1`).
-    fn record(&mut self, instructions: u64) {
-        self.instructions = instructions;
-    }
-
-    /// The call was a first attempt that is thrown away: roll back, count nothing.
-    fn discard(&mut self) {
-        self.discarded = true;
-        self.ok = false;
-    }
-
-    /// The session's handles, lent to the call, come back (before the loan is dropped).
-    fn give_back_handles(&mut self, handles: Box<dyn Any + Send>) {
-        if let (Some(state), Ok(handles)) = (self.state.as_mut(), handles.downcast()) {
-            state.handles = handles;
-        }
-    }
-}
-
-impl Drop for Loan {
-    fn drop(&mut self) {
-        let Some(mut state) = self.state.take() else {
-            return;
-        };
-        if self.discarded {
-            // `session_try` only attempts with rollback on: the checkpoint is there.
-            let SessionState {
-                lease, checkpoint, ..
-            } = &mut state;
-            lease.slot_mut().rollback(checkpoint);
-            state.handles.truncate(self.handles_mark);
-            *self.owner.lock() = Some(state);
-            return;
-        }
-        if self.rollback && !self.ok {
-            let SessionState {
-                lease, checkpoint, ..
-            } = &mut state;
-            lease.slot_mut().rollback(checkpoint);
-            state.handles.truncate(self.handles_mark);
-            state.rollbacks += 1;
-        } else {
-            let l = state.lease.slot().state();
-            // SAFETY: the call is over (finished, or abandoned while suspended): nothing runs
-            // on the state; dropping the main stack's values (the run coroutine) never raises.
-            unsafe { lua_sandbox_core::ffi::lua_settop(l, 0) };
-        }
-        state.calls += 1;
-        state.instructions += self.instructions;
-        *self.owner.lock() = Some(state);
     }
 }
 
@@ -221,19 +121,16 @@ fn session_new<'a>(env: Env<'a>, opts: SessionOpts<'a>) -> Term<'a> {
             return run::early_error(env, e, &opts.chunk_name, t0);
         }
         let state = SessionState {
-            lease,
-            checkpoint: Vec::new(),
-            max_memory,
-            max_depth: opts.max_depth as usize,
-            max_source: opts.max_source,
-            chunk_name: opts.chunk_name,
-            print: opts.print,
-            print_pid: opts.print_pid,
-            print_tag: opts.print_tag.map(|t| t.as_slice().to_vec()),
-            calls: 0,
-            instructions: 0,
-            rollbacks: 0,
-            handles: Box::default(),
+            session: Session::new(lease),
+            settings: Settings {
+                max_memory,
+                max_depth: opts.max_depth as usize,
+                max_source: opts.max_source,
+                chunk_name: opts.chunk_name,
+                print: opts.print,
+                print_pid: opts.print_pid,
+                print_tag: opts.print_tag.map(|t| t.as_slice().to_vec()),
+            },
         };
         let res = ResourceArc::new(SessionRes {
             state: Mutex::new(Some(state)),
@@ -274,7 +171,7 @@ fn session_try<'a>(
     let small = res
         .lock()
         .as_ref()
-        .is_some_and(|state| state.lease.slot().used() <= TRY_MAX_USED);
+        .is_some_and(|state| state.session.slot().used() <= TRY_MAX_USED);
     if !opts.rollback || !small {
         return Ok(atoms::retry().encode(env));
     }
@@ -296,7 +193,7 @@ fn call<'a>(
     } else {
         Some(Source::decode(source)?)
     };
-    let Some(mut state) = res.lock().take() else {
+    let Some(state) = res.lock().take() else {
         return Ok(atoms::busy().encode(env));
     };
     Ok(lua_sandbox_core::stack::with_big_stack(|| {
@@ -304,8 +201,8 @@ fn call<'a>(
         let code = match &source {
             None => Ok(None),
             Some(Source::Text(bin)) => {
-                check_source(bin.as_slice(), state.max_source as usize, "source")
-                    .and_then(|()| Code::new(bin.as_slice(), &state.chunk_name, false))
+                check_source(bin.as_slice(), state.settings.max_source as usize, "source")
+                    .and_then(|()| Code::new(bin.as_slice(), &state.settings.chunk_name, false))
                     .map(Some)
             }
             Some(Source::Chunk(chunk)) => Code::new(&chunk.bytecode, &chunk.name, true).map(Some),
@@ -313,44 +210,35 @@ fn call<'a>(
         let code = match code {
             Ok(code) => code,
             Err(e) => {
-                let answer = run::early_error(env, e, &state.chunk_name, t0);
+                let answer = run::early_error(env, e, &state.settings.chunk_name, t0);
                 *res.lock() = Some(state);
                 return answer;
             }
         };
-        state.lease.slot_mut().reset_peak();
-        if opts.rollback {
-            let SessionState {
-                lease, checkpoint, ..
-            } = &mut state;
-            lease.slot().checkpoint(checkpoint);
-        }
+        let SessionState { session, settings } = state;
         let chunk_name = match &source {
             Some(Source::Chunk(chunk)) => chunk.name.clone(),
-            _ => state.chunk_name.clone(),
+            _ => settings.chunk_name.clone(),
         };
-        let print = crate::print::mode(state.print, state.print_pid, state.print_tag.clone());
-        let handles = std::mem::take(&mut state.handles);
-        let handles_mark = handles.mark();
+        let print = crate::print::mode(
+            settings.print,
+            settings.print_pid,
+            settings.print_tag.clone(),
+        );
         let limits = Limits {
             max_instructions: opts.max_instructions,
-            max_memory: state.max_memory,
-            max_depth: state.max_depth,
+            max_memory: settings.max_memory,
+            max_depth: settings.max_depth,
             max_result_bytes: opts.max_result_bytes,
             max_output: opts.max_output as usize,
-            max_source: state.max_source as usize,
+            max_source: settings.max_source as usize,
             max_tool_calls: opts.max_tool_calls,
             timeout: opts.timeout.map(std::time::Duration::from_millis),
         };
-        let loan = Loan {
-            state: Some(state),
-            owner: res.clone(),
-            rollback: opts.rollback,
-            ok: false,
-            instructions: 0,
-            handles_mark,
-            discarded: false,
-        };
+        let owner = res.clone();
+        let (loan, handles) = session.lend(opts.rollback, move |session| {
+            *owner.lock() = Some(SessionState { session, settings });
+        });
         let mut running = Running::new(
             Home::Session(Box::new(loan)),
             limits,
@@ -403,10 +291,10 @@ fn session_info(env: Env<'_>, res: ResourceArc<SessionRes>) -> Term<'_> {
         return atoms::busy().encode(env);
     };
     let info = Info {
-        memory: state.lease.slot().used() as u64,
-        calls: state.calls,
-        instructions: state.instructions,
-        rollbacks: state.rollbacks,
+        memory: state.session.slot().used() as u64,
+        calls: state.session.calls,
+        instructions: state.session.instructions,
+        rollbacks: state.session.rollbacks,
     };
     (atoms::ok(), info).encode(env)
 }
