@@ -2,6 +2,8 @@
 //! run coroutine, a tool call suspended and resumed with the tool's reply, kills through a test
 //! caller, limits that end the run, and slots that come back pristine whatever happened.
 
+mod common;
+
 use std::ffi::{c_int, c_void};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -12,19 +14,6 @@ use lua_sandbox_core::error::SandboxError;
 use lua_sandbox_core::exec::{Entry, Home, Limits, Push, Reply, Run, Setup, StateSetup, Step};
 use lua_sandbox_core::output::Print;
 use lua_sandbox_core::{ffi, pool, protect};
-
-fn limits() -> Limits {
-    Limits {
-        max_instructions: 10_000_000,
-        max_memory: 8 << 20,
-        max_depth: 64,
-        max_result_bytes: 1 << 20,
-        max_output: 1 << 20,
-        max_source: 1 << 20,
-        max_tool_calls: 10,
-        timeout: None,
-    }
-}
 
 /// Starts `src` as a fresh run with the tools `tools`, up to its first stop.
 fn start(
@@ -85,7 +74,7 @@ fn done(run: &Run, step: Result<Step, SandboxError>) -> Vec<String> {
 fn a_chunk_runs_and_returns_its_values() {
     let (run, step) = start(
         "print('hi') return 1 + 1, 'two'",
-        limits(),
+        common::limits(),
         &[],
         Caller::none(),
     );
@@ -102,7 +91,7 @@ fn a_tool_call_suspends_the_run_and_its_reply_resumes_it() {
                local v, err = tools.fail()\n\
                local ok, raised = pcall(tools.add, 'x')\n\
                return s * 10, v, err, raised";
-    let (mut run, mut step) = start(src, limits(), &tools, Caller::none());
+    let (mut run, mut step) = start(src, common::limits(), &tools, Caller::none());
     let mut calls = Vec::new();
     while let Ok(Step::ToolCall {
         name,
@@ -147,7 +136,7 @@ fn tool_calls_over_the_limit_end_the_run() {
     let tools = ["t".to_string()];
     let limits = Limits {
         max_tool_calls: 0,
-        ..limits()
+        ..common::limits()
     };
     let (run, step) = start("pcall(tools.t) return 1", limits, &tools, Caller::none());
     assert_eq!(step.unwrap_err(), SandboxError::ToolLimit);
@@ -173,7 +162,7 @@ fn a_dead_caller_kills_the_run_even_through_pcall() {
     };
     let (run, step) = start(
         "while true do pcall(function() while true do end end) end",
-        limits(),
+        common::limits(),
         &[],
         caller,
     );
@@ -193,7 +182,7 @@ fn a_caller_dead_while_a_tool_runs_stops_the_resume() {
         env: (&countdown as *const AtomicUsize).cast_mut().cast(),
         alive: Some(alive),
     };
-    let (mut run, step) = start("tools.slow() return 1", limits(), &tools, caller);
+    let (mut run, step) = start("tools.slow() return 1", common::limits(), &tools, caller);
     let Ok(Step::ToolCall { keep, .. }) = step else {
         panic!("{step:?}")
     };
@@ -212,20 +201,20 @@ fn limits_end_the_run_with_their_kind() {
             "while true do end",
             Limits {
                 max_instructions: 100_000,
-                ..limits()
+                ..common::limits()
             },
             SandboxError::InstructionLimit,
         ),
         (
             "local t = {} for i = 1, 1e9 do t[i] = i end",
-            limits(),
+            common::limits(),
             SandboxError::MemoryLimit,
         ),
         (
             "for i = 1, 1e9 do print(i) end",
             Limits {
                 max_output: 100,
-                ..limits()
+                ..common::limits()
             },
             SandboxError::OutputLimit,
         ),
@@ -233,7 +222,7 @@ fn limits_end_the_run_with_their_kind() {
             "while true do end",
             Limits {
                 timeout: Some(Duration::from_millis(20)),
-                ..limits()
+                ..common::limits()
             },
             SandboxError::Timeout,
         ),
@@ -257,12 +246,17 @@ fn a_slot_comes_back_pristine_after_any_end() {
         "leaked = 1 error('x')",
         "leaked = 1 tools.t()",
     ] {
-        let (run, _) = start(src, limits(), &tools, Caller::none());
+        let (run, _) = start(src, common::limits(), &tools, Caller::none());
         drop(run); // finished, failed, or abandoned at a tool call
     }
     // Leases come from the idle slots the runs above returned (tests run in parallel: a few).
     for _ in 0..4 {
-        let (run, step) = start("return leaked == nil", limits(), &[], Caller::none());
+        let (run, step) = start(
+            "return leaked == nil",
+            common::limits(),
+            &[],
+            Caller::none(),
+        );
         assert_eq!(done(&run, step), ["true"]);
     }
 }

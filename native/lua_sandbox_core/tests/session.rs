@@ -2,13 +2,15 @@
 //! while parked at a tool call — is rolled back to the checkpoint taken before it, unless
 //! rollback is off. Driven through the core's run coroutine alone, with plain `cargo test`.
 
+mod common;
+
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use lua_sandbox_core::chunk::Code;
 use lua_sandbox_core::control::Caller;
 use lua_sandbox_core::error::SandboxError;
-use lua_sandbox_core::exec::{self, Entry, Home, Limits, Run, Setup, StateSetup, Step};
+use lua_sandbox_core::exec::{self, Entry, Home, Run, Setup, StateSetup, Step};
 use lua_sandbox_core::output::Print;
 use lua_sandbox_core::scope::Scope;
 use lua_sandbox_core::session::Session;
@@ -16,21 +18,8 @@ use lua_sandbox_core::{budget, pool, protect};
 
 type Kept = Arc<Mutex<Option<Session<()>>>>;
 
-fn limits() -> Limits {
-    Limits {
-        max_instructions: 10_000_000,
-        max_memory: 8 << 20,
-        max_depth: 64,
-        max_result_bytes: 1 << 20,
-        max_output: 1 << 20,
-        max_source: 1 << 20,
-        max_tool_calls: 10,
-        timeout: None,
-    }
-}
-
 fn new_session(tools: &[String]) -> Kept {
-    let mut lease = pool::lease(limits().max_memory).unwrap();
+    let mut lease = pool::lease(common::limits().max_memory).unwrap();
     let scope = Scope::budget(budget::Control::new(u64::MAX));
     let l = lease.slot().state();
     let setup = StateSetup {
@@ -41,7 +30,7 @@ fn new_session(tools: &[String]) -> Kept {
     // SAFETY: `scope` outlives the call and the leased state outlives `scope`'s use.
     unsafe {
         exec::under_scope(&scope, Caller::none(), l, || {
-            exec::prepare_state(lease.slot_mut(), setup, limits().max_memory)
+            exec::prepare_state(lease.slot_mut(), setup, common::limits().max_memory)
         })
     }
     .unwrap();
@@ -59,7 +48,7 @@ fn call(kept: &Kept, src: &str, rollback: bool) -> (Run, Result<Step, SandboxErr
     let (loan, handles) = session.lend(rollback, move |s| *back.lock().unwrap() = Some(s));
     let mut run = Run::new(
         Home::Session(Box::new(loan)),
-        limits(),
+        common::limits(),
         Print::Capture,
         "script".to_string(),
         Some(handles),
