@@ -207,8 +207,8 @@ defmodule LuaSandbox do
       {:ok, ref} ->
         {:ok, %Chunk{ref: ref, name: opts[:chunk_name]}}
 
-      {:error, kind, message, line} ->
-        {:error, Error.new(kind, message, line: line)}
+      {:error, failure, output, stats} ->
+        {:error, Error.from_native(failure, output, stats)}
     end
   end
 

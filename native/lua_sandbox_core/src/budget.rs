@@ -100,7 +100,8 @@ pub fn trip(why: Abort) {
     with_control(|control, _| control.set_abort(why));
 }
 
-fn used_memory(l: *mut ffi::lua_State) -> usize {
+/// Bytes the state's heap holds (Lua's own count).
+pub(crate) fn used_memory(l: *mut ffi::lua_State) -> usize {
     // SAFETY: `lua_gc` with LUA_GCCOUNT/COUNTB only reads the collector's counters; it never
     // allocates or raises, so it is safe to call from the ticker.
     unsafe {

@@ -18,6 +18,9 @@
 //! - [`sandbox`]: building a sandboxed state (libraries, C base functions, prelude) in a slot.
 //! - [`pool`]: pristine slots leased per run, restored and kept idle when the lease ends.
 //! - [`stack`]: a native stack segment big enough for Lua's own recursion limits.
+//! - [`exec`]: the run coroutine: one way to assemble a run, set it up, step it, suspend it at
+//!   a tool call and resume it with the reply.
+//! - [`session`]: a state kept across calls, checkpointed and rolled back per call.
 
 mod asan;
 pub mod budget;
@@ -25,6 +28,7 @@ pub mod chunk;
 mod clock;
 pub mod control;
 pub mod error;
+pub mod exec;
 pub mod facts;
 pub mod handle;
 pub mod hardened;
@@ -38,6 +42,7 @@ pub mod registry;
 pub mod sandbox;
 pub mod scope;
 pub mod seed;
+pub mod session;
 pub mod slot;
 pub mod stack;
 #[cfg(feature = "stretch")]

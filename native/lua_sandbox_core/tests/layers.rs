@@ -18,10 +18,7 @@ const MAX_LINES: usize = 800;
 const ALLOWED_EDGES: &[(&str, &str, &str)] = &[];
 
 /// Files over `MAX_LINES` still to be split (path relative to the `native/` folder).
-const ALLOWED_LONG_FILES: &[&str] = &[
-    "lua_sandbox_nif/src/run.rs",
-    "lua_sandbox_nif/src/marshal.rs",
-];
+const ALLOWED_LONG_FILES: &[&str] = &[];
 
 fn native_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")

@@ -7,10 +7,6 @@ rustler::atoms! {
     tool_call,
     retry,
     busy,
-    // session info keys
-    memory,
-    calls,
-    rollbacks,
     lua_print,
     // print modes
     capture,

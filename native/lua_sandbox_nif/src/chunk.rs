@@ -5,11 +5,12 @@
 //! produced is ever loaded.
 
 use lua_sandbox_core::chunk::compile_bytes;
-use lua_sandbox_core::error::line_of;
+use std::time::Duration;
+
 use rustler::{Encoder, Env, NifMap, ResourceArc, Term};
 
 use crate::atoms;
-use crate::error::Kind;
+use crate::error::Failure;
 
 pub struct CompiledChunk {
     pub bytecode: Vec<u8>,
@@ -43,10 +44,6 @@ fn compile<'a>(env: Env<'a>, source: rustler::Binary<'a>, opts: CompileOpts) -> 
             });
             (atoms::ok(), chunk).encode(env)
         }
-        Err(e) => {
-            let message = e.to_string();
-            let line = line_of(&message, &opts.chunk_name);
-            (atoms::error(), e.kind(), message, line).encode(env)
-        }
+        Err(e) => Failure::early(e, &opts.chunk_name, Duration::ZERO).encode(env),
     }
 }

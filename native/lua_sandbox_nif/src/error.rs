@@ -1,10 +1,70 @@
-//! The error kinds as Elixir sees them (`LuaSandbox.Error.kind`): one atom per variant of the
-//! core's `SandboxError`.
+//! The error answer, encoded in one place: every NIF that fails answers
+//! `{:error, {kind, message, line, traceback, value}, output, stats}` ([`Failure`]), which
+//! `LuaSandbox.Error.from_native/3` turns into the struct; and the error kinds as Elixir sees
+//! them (`LuaSandbox.Error.kind`): one atom per variant of the core's `SandboxError`.
 
-use lua_sandbox_core::error::SandboxError;
-use rustler::Atom;
+use std::time::Duration;
+
+use lua_sandbox_core::error::{line_of, SandboxError};
+use lua_sandbox_core::exec::Stats;
+use rustler::{Atom, Encoder, Env, Term};
 
 use crate::atoms;
+use crate::term::{binary_term, stats_term};
+
+/// A failed run, session call, session creation or compile, as the NIF answers it.
+pub struct Failure<'a> {
+    pub error: SandboxError,
+    /// From `chunk_name:LINE: ...` at the start of the message.
+    pub line: Option<u32>,
+    pub traceback: Option<String>,
+    /// A non-string error object (`error({code = 1})`), already converted.
+    pub value: Option<Term<'a>>,
+    /// What was printed before the failure.
+    pub output: Vec<u8>,
+    pub stats: Stats,
+}
+
+impl<'a> Failure<'a> {
+    /// A failure before anything ran (bad input, a parse error, no slot): no output, and stats
+    /// that only count the time spent.
+    pub fn early(error: SandboxError, chunk_name: &str, elapsed: Duration) -> Failure<'a> {
+        let line = line_of(&error.to_string(), chunk_name);
+        Failure {
+            error,
+            line,
+            traceback: None,
+            value: None,
+            output: Vec::new(),
+            stats: Stats {
+                duration_us: elapsed.as_micros() as u64,
+                ..Stats::default()
+            },
+        }
+    }
+}
+
+impl Encoder for Failure<'_> {
+    fn encode<'b>(&self, env: Env<'b>) -> Term<'b> {
+        let value = match self.value {
+            Some(v) => v.encode(env),
+            None => atoms::nil().encode(env),
+        };
+        (
+            atoms::error(),
+            (
+                self.error.kind(),
+                self.error.to_string(),
+                self.line,
+                self.traceback.as_deref(),
+                value,
+            ),
+            binary_term(env, &self.output),
+            stats_term(env, &self.stats),
+        )
+            .encode(env)
+    }
+}
 
 /// The atom naming an error's kind.
 pub trait Kind {

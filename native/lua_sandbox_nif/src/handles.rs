@@ -13,6 +13,7 @@ use std::ffi::c_int;
 
 use lua_sandbox_core::ffi;
 use lua_sandbox_core::handle::{self, Handle};
+use lua_sandbox_core::session::Store;
 use rustler::env::{OwnedEnv, SavedTerm};
 use rustler::{Env, Term};
 
@@ -33,16 +34,18 @@ impl Handles {
             saved: Vec::new(),
         }
     }
+}
 
-    /// How many handles there are: a mark to roll back to with [`Handles::truncate`].
-    pub fn mark(&self) -> usize {
+impl Store for Handles {
+    /// How many handles there are: a mark to roll back to.
+    fn mark(&self) -> usize {
         self.saved.len()
     }
 
     /// Forgets the handles made after `mark` (a session call that was rolled back: the
     /// userdata that pointed at them went with the state). The token stays: the handles made
     /// before remain valid.
-    pub fn truncate(&mut self, mark: usize) {
+    fn truncate(&mut self, mark: usize) {
         self.saved.truncate(mark);
     }
 }

@@ -10,8 +10,6 @@ mod print;
 mod run;
 mod session;
 mod term;
-#[cfg(test)]
-mod test_stubs;
 
 // The budget lives in the rustler-free core; `crate::budget` names it here.
 pub(crate) use lua_sandbox_core::budget;

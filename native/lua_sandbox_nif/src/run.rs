@@ -1,39 +1,34 @@
 //! The NIFs that run Lua: start a run, resume it after a tool call.
 //!
-//! A run leases a pristine slot (`slots.rs`) and executes in a coroutine of the slot's state,
-//! kept in a resource so a tool call can suspend it, hand `{:tool_call, run, name, args}` to
-//! Elixir, and be resumed later on any dirty scheduler. The resource belongs to the process
-//! that started the run: only it may resume, and when it dies the resource is freed by the GC,
-//! which hands the slot back (a restore, O(1) in the state's size).
-//!
-//! Every Lua API call here follows `lua_sandbox_core::protect`: what can raise runs under a
-//! protected call (`protect::call` of a C function, `lua_pcall`, `lua_resume`), and what runs
-//! outside one is a call that cannot raise (reads, non-allocating pushes, `lua_load`, which
-//! protects itself).
+//! A run (the core's `exec::Run`) leases a pristine slot and executes in a coroutine of the
+//! slot's state, kept in a resource so a tool call can suspend it, hand
+//! `{:tool_call, run, name, args}` to Elixir, and be resumed later on any dirty scheduler. The
+//! resource belongs to the process that started the run: only it may resume, and when it dies
+//! the resource is freed by the GC, which hands the slot back (a restore, O(1) in the state's
+//! size). This file turns terms into the core's setup and replies, and its steps into answers.
 
 use std::ffi::c_int;
-use std::ptr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use lua_sandbox_core::{ffi, protect, seed};
+use lua_sandbox_core::chunk::{check_source, Code};
+use lua_sandbox_core::error::{line_of, SandboxError};
+use lua_sandbox_core::exec::{
+    Entry, Home, Limits, Module, Push, Reply, Run as Running, Setup, StateSetup, Step,
+};
+use lua_sandbox_core::output::Print;
+use lua_sandbox_core::pool::{self as slots};
+use lua_sandbox_core::scope::Scope;
+use lua_sandbox_core::{ffi, stack};
 use rustler::types::LocalPid;
 use rustler::{Atom, Encoder, Env, NifMap, NifResult, ResourceArc, Term, TermType};
 
 use crate::atoms;
-use crate::budget::{self, Abort, Control};
 use crate::chunk::CompiledChunk;
-use crate::error::Kind;
+use crate::error::Failure;
 use crate::handles::Handles;
 use crate::marshal::{self, Bounds};
-use crate::term::binary_term;
-use lua_sandbox_core::chunk::{check_source, Code};
-use lua_sandbox_core::error::{line_of, SandboxError};
-use lua_sandbox_core::output::{Output, Print};
-use lua_sandbox_core::pool::{self as slots, Lease};
-use lua_sandbox_core::registry::Key;
-use lua_sandbox_core::scope::Scope;
-use lua_sandbox_core::{sandbox, stack};
+use crate::term::{binary_term, stats_term};
 
 /// Options, already validated and defaulted by `LuaSandbox.Options`.
 #[derive(NifMap)]
@@ -58,97 +53,7 @@ pub struct RunOpts<'a> {
     pub modules: Vec<(String, Term<'a>)>,
 }
 
-pub(crate) struct Running {
-    /// The run coroutine: a thread of the leased state, kept alive on its main stack (index
-    /// 1). Valid as long as the lease (the slot is restored only when the lease ends).
-    pub(crate) thread: *mut ffi::lua_State,
-    /// The run's budget, output, handle store and traceback: activated for each step
-    /// (boxed: the activation points at it across moves of the run). A session call's handle
-    /// store is the session's, lent for the call.
-    pub(crate) scope: Box<Scope>,
-    pub(crate) chunk_name: String,
-    pub(crate) max_depth: usize,
-    pub(crate) max_result_bytes: u64,
-    pub(crate) max_tool_calls: u64,
-    pub(crate) max_memory: usize,
-    pub(crate) tool_calls: u64,
-    pub(crate) elapsed: Duration,
-    /// The tool the run is parked at (for the messages about its reply).
-    pub(crate) pending_tool: String,
-    // Last: `thread` points into this slot.
-    pub(crate) home: Home,
-}
-
-/// Where a run's slot comes from, and where it goes when the run ends.
-pub(crate) enum Home {
-    /// A fresh run's own slot, restored from its snapshot when the run ends.
-    Fresh(Lease),
-    /// A session's slot, lent to one call and given back (rolled back if the call failed).
-    Session(Box<dyn Lent>),
-}
-
-/// A slot lent to one run by the state that owns it (a session's `Loan`), given back when it
-/// is dropped. A trait so that runs know nothing of sessions (sessions build on runs).
-pub(crate) trait Lent: Send {
-    fn slot(&self) -> &lua_sandbox_core::Slot;
-    fn slot_mut(&mut self) -> &mut lua_sandbox_core::Slot;
-    /// The run finished with a result: its changes stay.
-    fn succeeded(&mut self);
-    /// The instructions the run used.
-    fn record(&mut self, instructions: u64);
-    /// The run was a first attempt that is thrown away: roll back, count nothing.
-    fn discard(&mut self);
-    /// The session's handles, lent to the run, come back (before the loan is dropped).
-    fn give_back_handles(&mut self, handles: Box<crate::handles::Handles>);
-}
-
-impl Home {
-    fn slot(&self) -> &lua_sandbox_core::Slot {
-        match self {
-            Home::Fresh(lease) => lease.slot(),
-            Home::Session(loan) => loan.slot(),
-        }
-    }
-
-    pub(crate) fn slot_mut(&mut self) -> &mut lua_sandbox_core::Slot {
-        match self {
-            Home::Fresh(lease) => lease.slot_mut(),
-            Home::Session(loan) => loan.slot_mut(),
-        }
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if let Home::Session(loan) = &mut self.home {
-            loan.record(self.scope.control.instructions());
-            // The session's handles go back with its state (the loan, dropped next).
-            if let Some(Ok(handles)) = self.scope.take_handles().map(|h| h.downcast()) {
-                loan.give_back_handles(handles);
-            }
-        }
-    }
-}
-
-// SAFETY: `thread` points into the leased slot's arena, which the session owns exclusively and
-// which moves with it (a `Slot` is `Send`); nothing else in a session is tied to a thread. All
-// access goes through `&mut Running` (taken out of the resource's mutex), so never concurrent.
-unsafe impl Send for Running {}
-
-impl Running {
-    /// The main state of the run's slot.
-    pub(crate) fn main(&self) -> *mut ffi::lua_State {
-        self.home.slot().state()
-    }
-
-    fn bounds(&self) -> Bounds {
-        Bounds {
-            max_depth: self.max_depth,
-            max_bytes: self.max_result_bytes,
-        }
-    }
-}
-
+/// A run parked at a tool call, owned by the process that started it.
 pub struct Run {
     owner: LocalPid,
     session: Mutex<Option<Running>>,
@@ -156,22 +61,6 @@ pub struct Run {
 
 #[rustler::resource_impl]
 impl rustler::Resource for Run {}
-
-/// What a step of the run produced, as stack positions on the run coroutine.
-enum Step {
-    /// Finished: `n` results from absolute index `first`.
-    Done { first: c_int, n: c_int },
-    /// Failed with the error object at `idx`.
-    Failed { idx: c_int },
-    /// Yielded a tool call: `n` arguments from `first`; `keep` is the stack height to restore
-    /// once they are converted.
-    ToolCall {
-        name: String,
-        first: c_int,
-        n: c_int,
-        keep: c_int,
-    },
-}
 
 #[rustler::nif(schedule = "DirtyCpu")]
 fn run_start<'a>(env: Env<'a>, source: Term<'a>, opts: RunOpts<'a>) -> NifResult<Term<'a>> {
@@ -253,13 +142,9 @@ fn run_resume<'a>(env: Env<'a>, run: ResourceArc<Run>, reply: Term<'a>) -> NifRe
     Ok(stack::with_big_stack(|| {
         let t0 = Instant::now();
         session.scope.control.clock_start();
-        let scope: *const Scope = &*session.scope;
-        // SAFETY: the scope is boxed in `session`, which outlives this block.
-        let step = {
-            let _active = unsafe { &*scope }.activate(crate::caller::of(env));
-            reply_to_lua(&mut session, reply)
-                .and_then(|nargs| resume(session.thread, &session.scope.control, nargs))
-        };
+        let caller = crate::caller::of(env);
+        let step = reply_to_lua(&mut session, caller, reply)
+            .and_then(|nargs| session.resume(caller, nargs));
         session.elapsed += t0.elapsed();
         settle(env, session, step, Some(run.clone()), None)
     }))
@@ -305,7 +190,7 @@ fn start<'a>(
         opts.max_result_bytes = opts.max_result_bytes.min(FAST_RESULT_BYTES);
     }
     let t0 = Instant::now();
-    let early = |e: SandboxError| early_error(env, e, t0);
+    let early = |e: SandboxError| early_error(env, e, &opts.chunk_name, t0);
     let max_source = opts.max_source as usize;
     let (code, chunk_name) = match &source {
         Source::Text(bin) => {
@@ -326,59 +211,130 @@ fn start<'a>(
         Ok(c) => c,
         Err(e) => return early(e),
     };
-    let max_memory = slots::clamp_memory(opts.max_memory);
-    let lease = match slots::lease(max_memory) {
+    let limits = Limits {
+        max_instructions: opts.max_instructions,
+        max_memory: slots::clamp_memory(opts.max_memory),
+        max_depth: opts.max_depth as usize,
+        max_result_bytes: opts.max_result_bytes,
+        max_output: opts.max_output as usize,
+        max_source,
+        max_tool_calls: opts.max_tool_calls,
+        timeout: opts.timeout.map(Duration::from_millis),
+    };
+    let lease = match slots::lease(limits.max_memory) {
         Ok(lease) => lease,
         Err(e) => return early(e),
     };
-    let control = Control::new(opts.max_instructions);
-    if let Some(ms) = opts.timeout {
-        control.set_deadline(t0 + Duration::from_millis(ms));
-    }
-    control.clock_start();
-    let output = Output::new(opts.max_output as usize, print_mode(&opts));
-    let scope = Box::new(Scope::new(control, output));
-    scope.set_handles(Box::new(Handles::new()));
-    let mut session = Running {
-        thread: ptr::null_mut(),
-        scope,
+    let mut running = Running::new(
+        Home::Fresh(lease),
+        limits,
+        print_mode(&opts),
         chunk_name,
-        max_depth: opts.max_depth as usize,
-        max_result_bytes: opts.max_result_bytes,
-        max_tool_calls: opts.max_tool_calls,
-        max_memory,
-        tool_calls: 0,
-        elapsed: Duration::ZERO,
-        pending_tool: String::new(),
-        home: Home::Fresh(lease),
-    };
+        Some(Box::new(Handles::new())),
+        t0,
+    );
     if fast.is_some() {
         // A first attempt streams nothing until it has succeeded.
-        session.scope.output().hold();
+        running.scope.output().hold();
+    }
+    // A module that is not source or a chunk fails the run like the rest of its setup.
+    let sources = ModuleSources::decode(&opts.modules, max_source);
+    let prepared = sources.and_then(|sources| {
+        let modules = sources.codes()?;
+        let mut globals = push_globals(&opts.globals, limits.max_depth);
+        let mut call = opts
+            .call
+            .as_ref()
+            .map(|(name, args)| (name, push_args(args, limits.max_depth)));
+        let setup = Setup {
+            state: Some(StateSetup {
+                globals: (!opts.globals.is_empty()).then_some(&mut globals as Push),
+                tools: &opts.tools,
+                modules: &modules,
+            }),
+            call_globals: None,
+            entry: Entry::Chunk(&code),
+            call: call
+                .as_mut()
+                .map(|(name, args)| (name.as_str(), args as Push)),
+        };
+        running.prepare(crate::caller::of(env), setup)
+    });
+    begin(env, prepared, running, t0, fast)
+}
+
+/// Sets `globals` (name, term) as globals of the state it is given (see `exec::Push`).
+pub(crate) fn push_globals<'s, 'a: 's>(
+    globals: &'s [(String, Term<'a>)],
+    max_depth: usize,
+) -> impl FnMut(*mut ffi::lua_State, usize) -> Result<c_int, SandboxError> + use<'s, 'a> {
+    move |l, limit| {
+        // SAFETY: `exec` calls this on a state that is not running, its limit lifted
+        // (marshal's contract).
+        unsafe { marshal::push_globals(l, globals, max_depth, limit) }.map(|()| 0)
+    }
+}
+
+/// Pushes `call:`'s arguments (see `exec::Push`).
+pub(crate) fn push_args<'s, 'a: 's>(
+    args: &'s [Term<'a>],
+    max_depth: usize,
+) -> impl FnMut(*mut ffi::lua_State, usize) -> Result<c_int, SandboxError> + use<'s, 'a> {
+    move |l, limit| {
+        // SAFETY: as in `push_globals`.
+        unsafe { marshal::push_values(l, args, max_depth, "call.args", limit) }
+    }
+}
+
+/// The `modules:` option's sources as the NIF received them, checked.
+pub(crate) struct ModuleSources<'s, 'a> {
+    sources: Vec<(&'s str, ModuleSource<'a>)>,
+}
+
+/// A module's source: text, or a compiled chunk.
+enum ModuleSource<'a> {
+    Text(rustler::Binary<'a>),
+    Chunk(ResourceArc<CompiledChunk>),
+}
+
+impl<'s, 'a> ModuleSources<'s, 'a> {
+    pub(crate) fn decode(
+        modules: &'s [(String, Term<'a>)],
+        max_source: usize,
+    ) -> Result<ModuleSources<'s, 'a>, SandboxError> {
+        let mut sources = Vec::with_capacity(modules.len());
+        for (name, term) in modules {
+            let source = if term.get_type() == TermType::Binary {
+                let bin: rustler::Binary = term.decode().map_err(|_| bad_module(name))?;
+                check_source(bin.as_slice(), max_source, &format!("module '{name}'"))?;
+                ModuleSource::Text(bin)
+            } else {
+                ModuleSource::Chunk(term.decode().map_err(|_| bad_module(name))?)
+            };
+            sources.push((name.as_str(), source));
+        }
+        Ok(ModuleSources { sources })
     }
 
-    let setup = StateSetup {
-        globals: &opts.globals,
-        tools: &opts.tools,
-        modules: &opts.modules,
-        max_depth: opts.max_depth as usize,
-        max_memory,
-        max_source,
-    };
-    // The budget and the kill check cover everything below, compiling the chunk included.
-    let scope: *const Scope = &*session.scope;
-    let state = session.main();
-    // SAFETY: the scope is boxed in `session`, which outlives the call, and the slot's state
-    // outlives the scope (both live in `session`).
-    let prepared = unsafe {
-        under_budget(env, scope, state, || {
-            prepare_state(session.home.slot_mut(), &setup).and_then(|()| {
-                let call = opts.call.as_ref().map(|(n, a)| (n.as_str(), a.as_slice()));
-                prepare_thread(&mut session, Entry::Chunk(&code), call, opts.max_source)
+    /// The modules' chunks, ready to load.
+    pub(crate) fn codes(&self) -> Result<Vec<Module<'_>>, SandboxError> {
+        self.sources
+            .iter()
+            .map(|(name, source)| {
+                let code = match source {
+                    ModuleSource::Text(bin) => Code::new(bin.as_slice(), name, false)?,
+                    ModuleSource::Chunk(chunk) => Code::new(&chunk.bytecode, &chunk.name, true)?,
+                };
+                Ok(Module { name, code })
             })
-        })
-    };
-    begin(env, prepared, session, t0, fast)
+            .collect()
+    }
+}
+
+fn bad_module(name: &str) -> SandboxError {
+    SandboxError::InvalidInput(format!(
+        "module '{name}' must be Lua source or a compiled chunk"
+    ))
 }
 
 /// Runs a prepared run coroutine to its first stop and answers. A first attempt (`fast`)
@@ -400,25 +356,16 @@ pub(crate) fn begin<'a>(
             return finish_error(env, &mut running, e, None);
         }
     };
-    let step = {
-        let _active = running.scope.activate(crate::caller::of(env));
-        resume(running.thread, &running.scope.control, nargs)
-    };
+    let step = running.resume(crate::caller::of(env), nargs);
     running.elapsed = t0.elapsed();
     if let Some(fast) = &fast {
         let retry = match &step {
-            Ok(Step::ToolCall { .. }) => true,
+            // A tool call (within the limit or over it) needs the real run.
+            Ok(Step::ToolCall { .. }) | Err(SandboxError::ToolLimit) => true,
             // Whether the result fits the attempt's bounds is known once it is converted
             // (`settle`).
             Ok(Step::Done { .. }) => false,
-            Err(e) => fast.retry(
-                &running
-                    .scope
-                    .control
-                    .abort()
-                    .map(SandboxError::from)
-                    .unwrap_or_else(|| e.clone()),
-            ),
+            Err(e) => fast.retry(&running.outcome(e.clone())),
             Ok(Step::Failed { .. }) => running
                 .scope
                 .control
@@ -434,377 +381,15 @@ pub(crate) fn begin<'a>(
 
 /// Throws a first attempt away unseen: a fresh run's slot is restored, a session's state
 /// rolled back to the call's checkpoint without counting the attempt as a call.
-fn retry_later(env: Env<'_>, mut running: Running) -> Term<'_> {
-    if let Home::Session(loan) = &mut running.home {
-        loan.discard();
-    }
-    drop(running);
+fn retry_later(env: Env<'_>, running: Running) -> Term<'_> {
+    running.discard();
     atoms::retry().encode(env)
 }
 
-/// Runs setup work (converting globals, loading modules, compiling the chunk) with `scope`
-/// active: under its budget, kill and deadline checks, with the work ticker installed on
-/// `state`, and with its handle store.
-///
-/// # Safety
-/// `scope` must stay valid until `f` returns, and `state` must outlive every later use of
-/// the scope's control (as a run's slot outlives its budget).
-pub(crate) unsafe fn under_budget<R>(
-    env: Env,
-    scope: *const Scope,
-    state: *mut ffi::lua_State,
-    f: impl FnOnce() -> R,
-) -> R {
-    // SAFETY: per the contract.
-    let scope = unsafe { &*scope };
-    let _active = scope.activate(crate::caller::of(env));
-    // SAFETY: per the contract.
-    unsafe { budget::install_ticker(state, &scope.control) };
-    f()
-}
-
-/// The state-wide part of a run's setup: what `globals:`, `tools:` and `modules:` put into a
-/// pristine state (once per run, or once per session).
-pub(crate) struct StateSetup<'s, 'a> {
-    pub globals: &'s [(String, Term<'a>)],
-    pub tools: &'s [String],
-    pub modules: &'s [(String, Term<'a>)],
-    pub max_depth: usize,
-    pub max_memory: usize,
-    pub max_source: usize,
-}
-
-/// Gives a pristine state a fresh random seed, the globals, the tools and the modules. Runs
-/// under the memory limit (lifted only while terms are converted, which checks it itself)
-/// and, for charging, under the caller's budget activation.
-pub(crate) fn prepare_state(
-    slot: &mut lua_sandbox_core::Slot,
-    setup: &StateSetup,
-) -> Result<(), SandboxError> {
-    let l = slot.state();
-    // SAFETY: the state is pristine and not running, its main stack empty.
-    unsafe { seed::reseed(l) }.map_err(|e| SandboxError::Runtime(e.message))?;
-    if !setup.globals.is_empty() {
-        slot.set_limit(usize::MAX);
-        // SAFETY: `l` is not running; the limit is lifted (marshal's contract).
-        let pushed =
-            unsafe { marshal::push_globals(l, setup.globals, setup.max_depth, setup.max_memory) };
-        slot.set_limit(setup.max_memory);
-        pushed?;
-    }
-    slot.set_limit(setup.max_memory);
-    if !setup.tools.is_empty() {
-        let mut names: &[String] = setup.tools;
-        // SAFETY: `make_tools` follows the raising discipline and only borrows `names`.
-        unsafe { protect::call(l, make_tools, (&mut names as *mut &[String]).cast()) }
-            .map_err(|e| SandboxError::Runtime(e.message))?;
-    }
-    if !setup.modules.is_empty() {
-        load_modules(l, setup.modules, setup.max_source)?;
-    }
-    Ok(())
-}
-
-/// What the run coroutine runs first: a chunk, or nothing (a session's `call`).
-pub(crate) enum Entry<'c> {
-    Chunk(&'c Code<'c>),
-    Nothing,
-}
-
-/// Creates the run coroutine on a state whose main stack is empty: the prelude's runner with
-/// the entry chunk and the optional `call:` function name and arguments, `configure`d as
-/// the run's main thread, with the ticker installed. Returns how many arguments the first
-/// resume passes.
-pub(crate) fn prepare_thread(
-    running: &mut Running,
-    entry: Entry,
-    call: Option<(&str, &[Term])>,
-    max_source: u64,
-) -> Result<c_int, SandboxError> {
-    let l = running.main();
-    // SAFETY: the state is not running and its main stack is empty, so the new thread lands
-    // at index 1, where it stays referenced for the run's life.
-    unsafe {
-        ffi::lua_settop(l, 0);
-        sandbox::set_json_depth(l, running.max_depth);
-        protect::call(l, new_thread, ptr::null_mut()).map_err(|_| SandboxError::MemoryLimit)?;
-        running.thread = ffi::lua_tothread(l, 1);
-    }
-    let limit = running.max_memory;
-    let max_depth = running.max_depth;
-    let call_values = match call {
-        None => 0,
-        Some((name, args)) => {
-            running.home.slot_mut().set_limit(usize::MAX);
-            // SAFETY: `l` is not running; the limit is lifted (marshal's contract).
-            let pushed = unsafe {
-                push_string(l, name.as_bytes(), limit).and_then(|()| {
-                    marshal::push_values(l, args, max_depth, "call.args", limit).map(|n| n + 1)
-                })
-            };
-            running.home.slot_mut().set_limit(limit);
-            pushed?
-        }
-    };
-
-    let thread = running.thread;
-    // SAFETY: the thread is fresh (not started) with LUA_MINSTACK free slots; `lua_rawgetp`
-    // reads the registry without allocating, and pushing a C function does not allocate;
-    // `Code::load` does not raise; `lua_xmove` moves values already built, after
-    // `lua_checkstack` made room (which does not raise either).
-    unsafe {
-        ffi::lua_rawgetp(thread, ffi::LUA_REGISTRYINDEX, Key::Runner.ptr());
-        match entry {
-            Entry::Chunk(code) => code.load(thread)?,
-            Entry::Nothing => ffi::lua_pushcfunction(thread, nothing),
-        }
-        if call_values > 0 {
-            if ffi::lua_checkstack(thread, call_values + 4) == 0 {
-                return Err(SandboxError::InvalidInput(
-                    "call: has more arguments than the Lua stack allows".to_string(),
-                ));
-            }
-            ffi::lua_xmove(l, thread, call_values);
-        }
-        // configure(run_coroutine, max_source)
-        ffi::lua_rawgetp(l, ffi::LUA_REGISTRYINDEX, Key::Configure.ptr());
-        ffi::lua_pushvalue(l, 1);
-        ffi::lua_pushinteger(l, max_source.min(i64::MAX as u64) as i64);
-        if ffi::lua_pcall(l, 2, 0, 0) != ffi::LUA_OK {
-            let message = protect::describe(l, -1);
-            ffi::lua_pop(l, 1);
-            return Err(SandboxError::Runtime(message));
-        }
-    }
-    // SAFETY: the run coroutine's state outlives the run's control (both live in `running`).
-    unsafe { budget::install_ticker(thread, &running.scope.control) };
-    Ok(1 + call_values)
-}
-
-/// The chunk of a call that only calls a function.
-unsafe extern "C-unwind" fn nothing(_l: *mut ffi::lua_State) -> c_int {
-    0
-}
-
-/// Pushes a string with the memory limit lifted, under the backstop. The lifted limit is
-/// the run's `limit` (0: none) all the same: a string that would take the heap past it is
-/// refused before it is built (:memory_limit), as the marshal builder refuses values.
-///
-/// # Safety
-/// `l` must not be running, and its limit must be lifted.
-unsafe fn push_string(
-    l: *mut ffi::lua_State,
-    bytes: &[u8],
-    limit: usize,
-) -> Result<(), SandboxError> {
-    if limit > 0 && marshal::used_memory(l).saturating_add(bytes.len()) > limit {
-        return Err(SandboxError::MemoryLimit);
-    }
-    // SAFETY: pushing a string can only raise on allocation failure, which the lifted limit
-    // rules out; the backstop's results (the string) stay on `l`.
-    unsafe {
-        protect::call_backstop(l, &mut |l| {
-            ffi::lua_pushlstring(l, bytes.as_ptr().cast(), bytes.len());
-        })
-    }
-    .map_err(|_| SandboxError::MemoryLimit)
-}
-
-/// `lua_newthread` under a protected call: the new thread is the result.
-unsafe extern "C-unwind" fn new_thread(l: *mut ffi::lua_State) -> c_int {
-    // SAFETY: may raise (memory) with no Rust value alive.
-    unsafe {
-        ffi::lua_settop(l, 0);
-        ffi::lua_newthread(l);
-    }
-    1
-}
-
-/// `make_tools(names)`: argument 1 points at the `&[String]` of tool names.
-unsafe extern "C-unwind" fn make_tools(l: *mut ffi::lua_State) -> c_int {
-    // SAFETY: the names are borrowed (no destructor runs here); the pushes may raise with
-    // only the slice iterator (no Drop) alive.
-    unsafe {
-        let names: &[String] = *ffi::lua_touserdata(l, 1).cast::<&[String]>();
-        ffi::lua_settop(l, 0);
-        ffi::lua_rawgetp(l, ffi::LUA_REGISTRYINDEX, Key::MakeTools.ptr());
-        ffi::lua_createtable(l, names.len().min(i32::MAX as usize) as c_int, 0);
-        for (i, name) in names.iter().enumerate() {
-            ffi::lua_pushlstring(l, name.as_ptr().cast(), name.len());
-            ffi::lua_rawseti(l, -2, i as ffi::lua_Integer + 1);
-        }
-        ffi::lua_call(l, 1, 0);
-    }
-    0
-}
-
-/// One module for `make_require`: its name and its loaded function's chunk.
-struct ModuleCode<'a> {
-    name: &'a str,
-    code: Code<'a>,
-}
-
-/// What `make_require` receives: the modules, and where it reports a load failure.
-struct Modules<'a> {
-    modules: &'a [ModuleCode<'a>],
-    failed: Option<(usize, SandboxError)>,
-}
-
-/// A module's source as the NIF received it.
-enum ModuleSource<'a> {
-    Text(rustler::Binary<'a>),
-    Chunk(ResourceArc<CompiledChunk>),
-}
-
-fn load_modules(
-    l: *mut ffi::lua_State,
-    modules: &[(String, Term)],
-    max_source: usize,
-) -> Result<(), SandboxError> {
-    let mut sources = Vec::with_capacity(modules.len());
-    for (name, term) in modules {
-        let source = if term.get_type() == TermType::Binary {
-            let bin: rustler::Binary = term.decode().map_err(|_| bad_module(name))?;
-            check_source(bin.as_slice(), max_source, &format!("module '{name}'"))?;
-            ModuleSource::Text(bin)
-        } else {
-            ModuleSource::Chunk(term.decode().map_err(|_| bad_module(name))?)
-        };
-        sources.push((name.as_str(), source));
-    }
-    let modules = sources
-        .iter()
-        .map(|(name, source)| {
-            let code = match source {
-                ModuleSource::Text(bin) => Code::new(bin.as_slice(), name, false)?,
-                ModuleSource::Chunk(chunk) => Code::new(&chunk.bytecode, &chunk.name, true)?,
-            };
-            Ok(ModuleCode { name, code })
-        })
-        .collect::<Result<Vec<_>, SandboxError>>()?;
-    let mut req = Modules {
-        modules: &modules,
-        failed: None,
-    };
-    // SAFETY: `make_require` follows the raising discipline; `req` outlives the call.
-    let r = unsafe { protect::call(l, make_require, (&mut req as *mut Modules).cast()) };
-    if let Some((_, e)) = req.failed.take() {
-        return Err(e);
-    }
-    r.map_err(|e| SandboxError::Runtime(e.message))
-}
-
-/// `make_require(loaders)` with every module loaded (argument 1 points at a `Modules`).
-unsafe extern "C-unwind" fn make_require(l: *mut ffi::lua_State) -> c_int {
-    // SAFETY: the modules are borrowed; `Code::load` does not raise and the error it returns
-    // is moved into `req.failed` before anything raises; the other calls may raise (memory)
-    // with no Rust value with a destructor alive.
-    unsafe {
-        let req = &mut *ffi::lua_touserdata(l, 1).cast::<Modules>();
-        ffi::lua_settop(l, 0);
-        ffi::lua_rawgetp(l, ffi::LUA_REGISTRYINDEX, Key::MakeRequire.ptr());
-        ffi::lua_createtable(l, 0, req.modules.len().min(i32::MAX as usize) as c_int);
-        for (i, module) in req.modules.iter().enumerate() {
-            ffi::lua_pushlstring(l, module.name.as_ptr().cast(), module.name.len());
-            if let Err(e) = module.code.load(l) {
-                req.failed = Some((i, e));
-                return 0;
-            }
-            ffi::lua_rawset(l, -3);
-        }
-        ffi::lua_call(l, 1, 0);
-    }
-    0
-}
-
-fn bad_module(name: &str) -> SandboxError {
-    SandboxError::InvalidInput(format!(
-        "module '{name}' must be Lua source or a compiled chunk"
-    ))
-}
-
-/// Resumes the run coroutine once with the `nargs` values on top of its stack and classifies
-/// what came back.
-fn resume(
-    thread: *mut ffi::lua_State,
-    control: &Control,
-    nargs: c_int,
-) -> Result<Step, SandboxError> {
-    // The deadline may have passed before the script gets to a check of its own: while a
-    // tool ran, or while the state was prepared.
-    budget::check_now()?;
-    let mut nres: c_int = 0;
-    // SAFETY: `thread` is the run coroutine (fresh or suspended at a yield) with its
-    // arguments on top; `lua_resume` is a protected entry into Lua.
-    let status = unsafe { ffi::lua_resume(thread, ptr::null_mut(), nargs, &mut nres) };
-    budget::settle_instructions(thread, control);
-    if let Some(why) = control.abort() {
-        return Err(why.into());
-    }
-    // SAFETY: after `lua_resume`, the `nres` results (or the error object) are on top of the
-    // thread's stack; only reads and a `lua_rawgetp` (no allocation) with room checked.
-    unsafe {
-        let top = ffi::lua_gettop(thread);
-        match status {
-            ffi::LUA_YIELD => {
-                let base = top - nres + 1;
-                if ffi::lua_checkstack(thread, 2) == 0 {
-                    return Err(SandboxError::Runtime("Lua stack exhausted".to_string()));
-                }
-                ffi::lua_rawgetp(thread, ffi::LUA_REGISTRYINDEX, Key::ToolMarker.ptr());
-                let is_tool = nres >= 2 && ffi::lua_rawequal(thread, base, -1) != 0;
-                ffi::lua_pop(thread, 1);
-                if !is_tool {
-                    return Err(SandboxError::Runtime(
-                        "attempt to yield from outside a coroutine".to_string(),
-                    ));
-                }
-                let name = protect::describe(thread, base + 1);
-                Ok(Step::ToolCall {
-                    name,
-                    first: base + 2,
-                    n: nres - 2,
-                    keep: base - 1,
-                })
-            }
-            ffi::LUA_OK => {
-                let base = top - nres + 1;
-                if nres >= 1 && ffi::lua_toboolean(thread, base) != 0 {
-                    return Ok(Step::Done {
-                        first: base + 1,
-                        n: nres - 1,
-                    });
-                }
-                if nres < 2 {
-                    return Err(SandboxError::Runtime(
-                        "(error object is a nil value)".to_string(),
-                    ));
-                }
-                if is_memory_error(thread, base + 1) {
-                    return Err(SandboxError::MemoryLimit);
-                }
-                Ok(Step::Failed { idx: base + 1 })
-            }
-            ffi::LUA_ERRMEM => Err(SandboxError::MemoryLimit),
-            _ => {
-                if top >= 1 && is_memory_error(thread, top) {
-                    return Err(SandboxError::MemoryLimit);
-                }
-                Ok(Step::Failed { idx: top })
-            }
-        }
-    }
-}
-
-/// Whether stack slot `idx` holds Lua's out-of-memory message.
-///
-/// # Safety
-/// `idx` must be a valid index of `l`.
-unsafe fn is_memory_error(l: *mut ffi::lua_State, idx: c_int) -> bool {
-    // SAFETY: per the contract; `describe` only reads.
-    unsafe {
-        ffi::lua_type(l, idx) == ffi::LUA_TSTRING
-            && protect::describe(l, idx) == "not enough memory"
+fn bounds(running: &Running) -> Bounds {
+    Bounds {
+        max_depth: running.limits.max_depth,
+        max_bytes: running.limits.max_result_bytes,
     }
 }
 
@@ -826,8 +411,7 @@ fn settle<'a>(
     // (dropped, or parked in the resource); the activation ends before that.
     let _active = unsafe { &*scope }.activate(caller);
     session.scope.output().flush(caller);
-    let thread = session.thread;
-    let answer = settle_step(env, &mut session, step, thread, fast);
+    let answer = settle_step(env, &mut session, step, fast);
     session.scope.control.clock_stop();
     match answer {
         Answer::Final(term) => term,
@@ -858,27 +442,25 @@ fn settle_step<'a>(
     env: Env<'a>,
     session: &mut Running,
     step: Result<Step, SandboxError>,
-    thread: *mut ffi::lua_State,
     fast: Option<Fast>,
 ) -> Answer<'a> {
+    let thread = session.thread();
     Answer::Final(match step {
         Err(e) => finish_error(env, session, e, None),
         Ok(Step::Failed { idx }) => {
             // SAFETY: `idx` is the error object's slot on the finished thread.
-            let message = unsafe { protect::describe(thread, idx) };
+            let message = unsafe { lua_sandbox_core::protect::describe(thread, idx) };
             finish_error(env, session, SandboxError::Runtime(message), Some(idx))
         }
         Ok(Step::Done { first, n }) => {
             // SAFETY: the results are on the finished thread's stack at `first..first + n`.
             let terms =
-                unsafe { marshal::to_terms(env, thread, first, n, session.bounds(), "result") };
+                unsafe { marshal::to_terms(env, thread, first, n, bounds(session), "result") };
             match terms {
                 Ok(terms) => {
-                    if let Home::Session(loan) = &mut session.home {
-                        loan.succeeded();
-                    }
+                    session.succeeded();
                     let output = session.scope.output().finish(crate::caller::of(env));
-                    let stats = stats_term(env, session);
+                    let stats = stats_term(env, &session.stats());
                     (atoms::ok(), terms, binary_term(env, &output), stats).encode(env)
                 }
                 Err(e) if fast.is_some_and(|f| f.retry(&e)) => return Answer::Retry,
@@ -891,19 +473,10 @@ fn settle_step<'a>(
             n,
             keep,
         }) => {
-            session.tool_calls += 1;
-            if session.tool_calls > session.max_tool_calls {
-                session.scope.control.set_abort(Abort::ToolCalls);
-                return Answer::Final(finish_error(env, session, SandboxError::ToolLimit, None));
-            }
             let root = format!("tools.{name}");
-            session.pending_tool.clone_from(&name);
-            // SAFETY: the arguments are on the suspended thread at `first..first + n`; then
-            // the yielded values are popped, so the next resume finds only its arguments.
-            let terms =
-                unsafe { marshal::to_terms(env, thread, first, n, session.bounds(), &root) };
-            // SAFETY: `keep` is below the yielded values on the suspended thread.
-            unsafe { ffi::lua_settop(thread, keep) };
+            // SAFETY: the arguments are on the suspended thread at `first..first + n`.
+            let terms = unsafe { marshal::to_terms(env, thread, first, n, bounds(session), &root) };
+            session.take_tool_args(keep);
             match terms {
                 Err(e) => finish_error(env, session, e, None),
                 Ok(terms) => return Answer::ToolCall(binary_term(env, name.as_bytes()), terms),
@@ -912,9 +485,13 @@ fn settle_step<'a>(
     })
 }
 
-/// Elixir's answer to a tool call, pushed onto the suspended run coroutine as the values the
-/// tool function sees. Returns how many.
-fn reply_to_lua(session: &mut Running, reply: Term) -> Result<c_int, SandboxError> {
+/// Elixir's answer to a tool call, given to the suspended run: the values the tool function
+/// sees. Returns how many.
+fn reply_to_lua(
+    session: &mut Running,
+    caller: lua_sandbox_core::control::Caller,
+    reply: Term,
+) -> Result<c_int, SandboxError> {
     // `:timeout`: the run's deadline passed while the tool ran (LuaSandbox.Runner stopped
     // the tool): the run ends as it would at the deadline inside Lua, output kept.
     if reply.decode::<Atom>().is_ok_and(|a| a == atoms::timeout()) {
@@ -923,88 +500,24 @@ fn reply_to_lua(session: &mut Running, reply: Term) -> Result<c_int, SandboxErro
     let (tag, payload): (Atom, Term) = reply
         .decode()
         .map_err(|_| SandboxError::InvalidInput("bad tool reply".to_string()))?;
-    let l = session.main();
-    let thread = session.thread;
-    let max_depth = session.max_depth;
-    let limit = session.max_memory;
-    session.home.slot_mut().set_limit(usize::MAX);
-    let built = (|| -> Result<c_int, SandboxError> {
-        // SAFETY: the main state is not running (the thread is suspended at its yield) and
-        // its limit is lifted; values are built on the main stack and moved to the thread
-        // after room is checked. `lua_push{boolean,nil}` do not allocate.
-        unsafe {
-            if ffi::lua_checkstack(thread, 4) == 0 {
-                return Err(SandboxError::Runtime("Lua stack exhausted".to_string()));
-            }
-            if tag == atoms::ok() {
-                match marshal::push_values(l, &[payload], max_depth, "tool result", limit) {
-                    Ok(n) => {
-                        ffi::lua_pushboolean(thread, 1);
-                        ffi::lua_xmove(l, thread, n);
-                        Ok(1 + n)
-                    }
-                    // A value that has no Lua form (a struct without an Encoder, a pid, a
-                    // tuple): the tool's fault, not the script's, and nothing was built
-                    // (`push_values` leaves the stack as it was): a Lua error the script can
-                    // catch, raised where it called the tool. Limits still end the run.
-                    Err(SandboxError::InvalidInput(what)) => {
-                        let name = &session.pending_tool;
-                        push_string(l, format!("tool '{name}': {what}").as_bytes(), limit)?;
-                        ffi::lua_pushboolean(thread, 0);
-                        ffi::lua_xmove(l, thread, 1);
-                        Ok(2)
-                    }
-                    Err(e) => Err(e),
-                }
-            } else {
-                let msg: rustler::Binary = payload
-                    .decode()
-                    .map_err(|_| SandboxError::InvalidInput("bad tool error".to_string()))?;
-                push_string(l, msg.as_slice(), limit)?;
-                if tag == atoms::error() {
-                    ffi::lua_pushboolean(thread, 1);
-                    ffi::lua_pushnil(thread);
-                    ffi::lua_xmove(l, thread, 1);
-                    Ok(3)
-                } else {
-                    ffi::lua_pushboolean(thread, 0);
-                    ffi::lua_xmove(l, thread, 1);
-                    Ok(2)
-                }
-            }
-        }
-    })();
-    session.home.slot_mut().set_limit(limit);
-    built
-}
-
-fn stats_term<'a>(env: Env<'a>, session: &Running) -> Term<'a> {
-    let control = &session.scope.control;
-    control.note_memory(session.home.slot().peak());
-    stats_map(
-        env,
-        [
-            control.instructions(),
-            control.memory_peak() as u64,
-            session.elapsed.as_micros() as u64,
-            session.tool_calls,
-            control.cpu_time().as_micros() as u64,
-        ],
-    )
-}
-
-/// `%{instructions:, memory_peak:, duration_us:, tool_calls:, cpu_us:}` from values in that
-/// order.
-fn stats_map(env: Env<'_>, values: [u64; 5]) -> Term<'_> {
-    let keys = [
-        atoms::instructions().encode(env),
-        atoms::memory_peak().encode(env),
-        atoms::duration_us().encode(env),
-        atoms::tool_calls().encode(env),
-        atoms::cpu_us().encode(env),
-    ];
-    let values = values.map(|v| v.encode(env));
-    Term::map_from_arrays(env, &keys, &values).unwrap_or_else(|_| atoms::nil().encode(env))
+    let max_depth = session.limits.max_depth;
+    if tag == atoms::ok() {
+        let values = [payload];
+        let mut push = |l: *mut ffi::lua_State, limit: usize| {
+            // SAFETY: `exec` calls this on the main state, not running, its limit lifted
+            // (marshal's contract); on an error nothing is left on the stack.
+            unsafe { marshal::push_values(l, &values, max_depth, "tool result", limit) }
+        };
+        return session.reply(caller, Reply::Values(&mut push));
+    }
+    let msg: rustler::Binary = payload
+        .decode()
+        .map_err(|_| SandboxError::InvalidInput("bad tool error".to_string()))?;
+    if tag == atoms::error() {
+        session.reply(caller, Reply::Error(msg.as_slice()))
+    } else {
+        session.reply(caller, Reply::Raise(msg.as_slice()))
+    }
 }
 
 /// The error answer; `value_idx` is the error object's slot on the run coroutine, if any.
@@ -1014,58 +527,51 @@ fn finish_error<'a>(
     e: SandboxError,
     value_idx: Option<c_int>,
 ) -> Term<'a> {
-    let e = session
-        .scope
-        .control
-        .abort()
-        .map(SandboxError::from)
-        .unwrap_or(e);
-    let message = e.to_string();
-    let line = line_of(&message, &session.chunk_name);
+    let e = session.outcome(e);
+    let line = line_of(&e.to_string(), &session.chunk_name);
     let traceback = if matches!(e, SandboxError::Runtime(_)) {
         session.scope.take_traceback()
     } else {
         None
     };
+    let thread = session.thread();
     // A non-string error object travels as a value, bounded like any result.
-    let value_term = match value_idx {
+    let value = match value_idx {
         Some(idx) if matches!(e, SandboxError::Runtime(_)) => {
             // SAFETY: `idx` is a valid slot of the finished thread; reading never raises.
-            let t = unsafe { ffi::lua_type(session.thread, idx) };
+            let t = unsafe { ffi::lua_type(thread, idx) };
             if t == ffi::LUA_TNIL || t == ffi::LUA_TSTRING {
-                atoms::nil().encode(env)
+                None
             } else {
                 let bounds = Bounds {
                     max_depth: 64,
                     max_bytes: 1 << 20,
                 };
                 // SAFETY: as above.
-                unsafe { marshal::to_term(env, session.thread, idx, bounds, "error") }
-                    .unwrap_or_else(|_| atoms::nil().encode(env))
+                unsafe { marshal::to_term(env, thread, idx, bounds, "error") }.ok()
             }
         }
-        _ => atoms::nil().encode(env),
+        _ => None,
     };
     // A first attempt's held chunks go out with its (final) error.
     let output = session.scope.output().finish(crate::caller::of(env));
-    let stats = stats_term(env, session);
-    (
-        atoms::error(),
-        (e.kind(), message, line, traceback, value_term),
-        binary_term(env, &output),
-        stats,
-    )
-        .encode(env)
+    Failure {
+        error: e,
+        line,
+        traceback,
+        value,
+        output,
+        stats: session.stats(),
+    }
+    .encode(env)
 }
 
-pub(crate) fn early_error(env: Env<'_>, e: SandboxError, t0: Instant) -> Term<'_> {
-    let stats = stats_map(env, [0, 0, t0.elapsed().as_micros() as u64, 0, 0]);
-    let none: Option<String> = None;
-    (
-        atoms::error(),
-        (e.kind(), e.to_string(), none.clone(), none, atoms::nil()),
-        binary_term(env, b""),
-        stats,
-    )
-        .encode(env)
+/// The error answer of a run that failed before it started (no output, no work done).
+pub(crate) fn early_error<'a>(
+    env: Env<'a>,
+    e: SandboxError,
+    chunk_name: &str,
+    t0: Instant,
+) -> Term<'a> {
+    Failure::early(e, chunk_name, t0.elapsed()).encode(env)
 }

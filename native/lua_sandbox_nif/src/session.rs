@@ -1,12 +1,9 @@
 //! Sessions: a sandboxed state that lives across calls, with per-call limits and rollback.
 //!
-//! A session owns a slot (`slots.rs`) for its whole life: its state-wide setup (globals,
-//! tools, modules) is done once, and each call runs a new coroutine in that same state. A
-//! call borrows the session's state (a [`Loan`]): before it starts, the slot's used prefix is
-//! copied aside (a checkpoint, the same `memcpy` machinery as fresh states); when the call
-//! ends in any error — a script error, a limit, the caller's death, also while parked at a
-//! tool call — the checkpoint is copied back, so the session is exactly as it was before the
-//! call. With `rollback: false` a failed call keeps what it changed, as Lua would.
+//! The state, its checkpoint before each call and the rollback after a failed one are the
+//! core's `session::Session` (see there); this file holds the NIFs, the session's settings
+//! (the options every call reads) and the resource a call's loan gives the session back to.
+//! With `rollback: false` a failed call keeps what it changed, as Lua would.
 //!
 //! The resource belongs to the `LuaSandbox.Session` process, which serializes calls; the
 //! call itself runs in the calling process (so its death stops the call, as for `run/2`).
@@ -19,13 +16,12 @@ use rustler::{Atom, Encoder, Env, NifMap, NifResult, ResourceArc, Term};
 use crate::atoms;
 use crate::budget::Control;
 use crate::handles::Handles;
-use crate::run::{self, Entry, Home, Running, Source, StateSetup};
+use crate::run::{self, Source};
 use lua_sandbox_core::chunk::{check_source, Code};
-use lua_sandbox_core::error::SandboxError;
-use lua_sandbox_core::output::Output;
-use lua_sandbox_core::pool::{self as slots, Lease};
+use lua_sandbox_core::exec::{self, Entry, Home, Limits, Push, Run as Running, Setup, StateSetup};
+use lua_sandbox_core::pool as slots;
 use lua_sandbox_core::scope::Scope;
-use lua_sandbox_core::Slot;
+use lua_sandbox_core::session::Session;
 
 /// State-wide options, validated by `LuaSandbox.Session`.
 #[derive(NifMap)]
@@ -57,11 +53,16 @@ pub struct CallOpts<'a> {
     pub timeout: Option<u64>,
 }
 
-/// What a session keeps between calls.
+/// What a session keeps between calls: the core's session (slot, checkpoint, counters,
+/// handles) and its state-wide settings.
 pub struct SessionState {
-    lease: Lease,
-    /// The slot's used prefix before the current call (reused buffer).
-    checkpoint: Vec<u8>,
+    session: Session<Handles>,
+    settings: Settings,
+}
+
+/// A session's state-wide settings, read by each call.
+#[derive(Clone)]
+struct Settings {
     max_memory: usize,
     max_depth: usize,
     max_source: u64,
@@ -69,12 +70,6 @@ pub struct SessionState {
     print: Atom,
     print_pid: Option<LocalPid>,
     print_tag: Option<Vec<u8>>,
-    calls: u64,
-    instructions: u64,
-    rollbacks: u64,
-    /// The terms behind the session's handles: they stay valid for the session's life. Lent
-    /// to each call's `Running` and given back when it ends.
-    handles: Box<Handles>,
 }
 
 /// The session resource: its state, or `None` while a call has it on loan.
@@ -92,99 +87,6 @@ impl SessionRes {
     }
 }
 
-/// A session's state lent to one call; given back when the call ends (in `Drop`), rolled
-/// back first unless the call succeeded or rollback is off.
-pub struct Loan {
-    state: Option<SessionState>,
-    owner: ResourceArc<SessionRes>,
-    rollback: bool,
-    ok: bool,
-    instructions: u64,
-    /// The session's handle count before the call (rolled back with the state).
-    handles_mark: usize,
-    /// A first attempt thrown away (`session_try`): rolled back, not counted.
-    discarded: bool,
-}
-
-impl Loan {
-    fn state(&self) -> &SessionState {
-        self.state
-            .as_ref()
-            .expect("a loan holds the state until dropped")
-    }
-}
-
-impl run::Lent for Loan {
-    fn slot(&self) -> &Slot {
-        self.state().lease.slot()
-    }
-
-    fn slot_mut(&mut self) -> &mut Slot {
-        self.state
-            .as_mut()
-            .expect("a loan holds the state until dropped")
-            .lease
-            .slot_mut()
-    }
-
-    /// The call finished with a result: its changes stay.
-    fn succeeded(&mut self) {
-        self.ok = true;
-    }
-
-    /// The instructions the call used (for `info/1`).
-    fn record(&mut self, instructions: u64) {
-        self.instructions = instructions;
-    }
-
-    /// The call was a first attempt that is thrown away: roll back, count nothing.
-    fn discard(&mut self) {
-        self.discarded = true;
-        self.ok = false;
-    }
-
-    /// The session's handles, lent to the call, come back (before the loan is dropped).
-    fn give_back_handles(&mut self, handles: Box<Handles>) {
-        if let Some(state) = self.state.as_mut() {
-            state.handles = handles;
-        }
-    }
-}
-
-impl Drop for Loan {
-    fn drop(&mut self) {
-        let Some(mut state) = self.state.take() else {
-            return;
-        };
-        if self.discarded {
-            // `session_try` only attempts with rollback on: the checkpoint is there.
-            let SessionState {
-                lease, checkpoint, ..
-            } = &mut state;
-            lease.slot_mut().rollback(checkpoint);
-            state.handles.truncate(self.handles_mark);
-            *self.owner.lock() = Some(state);
-            return;
-        }
-        if self.rollback && !self.ok {
-            let SessionState {
-                lease, checkpoint, ..
-            } = &mut state;
-            lease.slot_mut().rollback(checkpoint);
-            state.handles.truncate(self.handles_mark);
-            state.rollbacks += 1;
-        } else {
-            let l = state.lease.slot().state();
-            // SAFETY: the call is over (finished, or abandoned while suspended): nothing runs
-            // on the state; dropping the main stack's values (the run coroutine) never raises.
-            unsafe { lua_sandbox_core::ffi::lua_settop(l, 0) };
-        }
-        state.calls += 1;
-        state.instructions += self.instructions;
-        *self.owner.lock() = Some(state);
-    }
-}
-
 #[rustler::nif(schedule = "DirtyCpu")]
 fn session_new<'a>(env: Env<'a>, opts: SessionOpts<'a>) -> Term<'a> {
     let t0 = std::time::Instant::now();
@@ -192,44 +94,43 @@ fn session_new<'a>(env: Env<'a>, opts: SessionOpts<'a>) -> Term<'a> {
         let max_memory = slots::clamp_memory(opts.max_memory);
         let mut lease = match slots::lease(max_memory) {
             Ok(lease) => lease,
-            Err(e) => return run::early_error(env, e, t0),
+            Err(e) => return run::early_error(env, e, &opts.chunk_name, t0),
         };
-        let setup = StateSetup {
-            globals: &opts.globals,
-            tools: &opts.tools,
-            modules: &opts.modules,
-            max_depth: opts.max_depth as usize,
-            max_memory,
-            max_source: opts.max_source as usize,
-        };
-        // The setup runs no script code; the activation only makes a kill stop a huge
-        // conversion of globals.
+        // The setup runs no script code; the scope only makes a kill stop a huge conversion
+        // of globals.
         let scope = Scope::budget(Control::new(u64::MAX));
         let state = lease.slot().state();
+        let max_depth = opts.max_depth as usize;
+        let sources = run::ModuleSources::decode(&opts.modules, opts.max_source as usize);
         // SAFETY: `scope` lives until the end of this function; the leased state outlives
         // it (the lease moves into the session, `scope` is dropped here).
         let prepared = unsafe {
-            run::under_budget(env, &scope, state, || {
-                run::prepare_state(lease.slot_mut(), &setup)
+            exec::under_scope(&scope, crate::caller::of(env), state, || {
+                let sources = sources?;
+                let modules = sources.codes()?;
+                let mut globals = run::push_globals(&opts.globals, max_depth);
+                let setup = StateSetup {
+                    globals: (!opts.globals.is_empty()).then_some(&mut globals as Push),
+                    tools: &opts.tools,
+                    modules: &modules,
+                };
+                exec::prepare_state(lease.slot_mut(), setup, max_memory)
             })
         };
         if let Err(e) = prepared {
-            return run::early_error(env, e, t0);
+            return run::early_error(env, e, &opts.chunk_name, t0);
         }
         let state = SessionState {
-            lease,
-            checkpoint: Vec::new(),
-            max_memory,
-            max_depth: opts.max_depth as usize,
-            max_source: opts.max_source,
-            chunk_name: opts.chunk_name,
-            print: opts.print,
-            print_pid: opts.print_pid,
-            print_tag: opts.print_tag.map(|t| t.as_slice().to_vec()),
-            calls: 0,
-            instructions: 0,
-            rollbacks: 0,
-            handles: Box::default(),
+            session: Session::new(lease),
+            settings: Settings {
+                max_memory,
+                max_depth: opts.max_depth as usize,
+                max_source: opts.max_source,
+                chunk_name: opts.chunk_name,
+                print: opts.print,
+                print_pid: opts.print_pid,
+                print_tag: opts.print_tag.map(|t| t.as_slice().to_vec()),
+            },
         };
         let res = ResourceArc::new(SessionRes {
             state: Mutex::new(Some(state)),
@@ -270,7 +171,7 @@ fn session_try<'a>(
     let small = res
         .lock()
         .as_ref()
-        .is_some_and(|state| state.lease.slot().used() <= TRY_MAX_USED);
+        .is_some_and(|state| state.session.slot().used() <= TRY_MAX_USED);
     if !opts.rollback || !small {
         return Ok(atoms::retry().encode(env));
     }
@@ -292,7 +193,7 @@ fn call<'a>(
     } else {
         Some(Source::decode(source)?)
     };
-    let Some(mut state) = res.lock().take() else {
+    let Some(state) = res.lock().take() else {
         return Ok(atoms::busy().encode(env));
     };
     Ok(lua_sandbox_core::stack::with_big_stack(|| {
@@ -300,8 +201,8 @@ fn call<'a>(
         let code = match &source {
             None => Ok(None),
             Some(Source::Text(bin)) => {
-                check_source(bin.as_slice(), state.max_source as usize, "source")
-                    .and_then(|()| Code::new(bin.as_slice(), &state.chunk_name, false))
+                check_source(bin.as_slice(), state.settings.max_source as usize, "source")
+                    .and_then(|()| Code::new(bin.as_slice(), &state.settings.chunk_name, false))
                     .map(Some)
             }
             Some(Source::Chunk(chunk)) => Code::new(&chunk.bytecode, &chunk.name, true).map(Some),
@@ -309,56 +210,43 @@ fn call<'a>(
         let code = match code {
             Ok(code) => code,
             Err(e) => {
+                let answer = run::early_error(env, e, &state.settings.chunk_name, t0);
                 *res.lock() = Some(state);
-                return run::early_error(env, e, t0);
+                return answer;
             }
         };
-        state.lease.slot_mut().reset_peak();
-        if opts.rollback {
-            let SessionState {
-                lease, checkpoint, ..
-            } = &mut state;
-            lease.slot().checkpoint(checkpoint);
-        }
+        let SessionState { session, settings } = state;
         let chunk_name = match &source {
             Some(Source::Chunk(chunk)) => chunk.name.clone(),
-            _ => state.chunk_name.clone(),
+            _ => settings.chunk_name.clone(),
         };
-        let print = crate::print::mode(state.print, state.print_pid, state.print_tag.clone());
-        let max_source = state.max_source;
-        let handles = std::mem::take(&mut state.handles);
-        let handles_mark = handles.mark();
-        let control = Control::new(opts.max_instructions);
-        if let Some(ms) = opts.timeout {
-            control.set_deadline(t0 + std::time::Duration::from_millis(ms));
-        }
-        control.clock_start();
-        let scope = Box::new(Scope::new(
-            control,
-            Output::new(opts.max_output as usize, print),
-        ));
-        scope.set_handles(handles);
-        let mut running = Running {
-            thread: std::ptr::null_mut(),
-            scope,
-            chunk_name,
-            max_depth: state.max_depth,
+        let print = crate::print::mode(
+            settings.print,
+            settings.print_pid,
+            settings.print_tag.clone(),
+        );
+        let limits = Limits {
+            max_instructions: opts.max_instructions,
+            max_memory: settings.max_memory,
+            max_depth: settings.max_depth,
             max_result_bytes: opts.max_result_bytes,
+            max_output: opts.max_output as usize,
+            max_source: settings.max_source as usize,
             max_tool_calls: opts.max_tool_calls,
-            max_memory: state.max_memory,
-            tool_calls: 0,
-            elapsed: std::time::Duration::ZERO,
-            pending_tool: String::new(),
-            home: Home::Session(Box::new(Loan {
-                state: Some(state),
-                owner: res.clone(),
-                rollback: opts.rollback,
-                ok: false,
-                instructions: 0,
-                handles_mark,
-                discarded: false,
-            })),
+            timeout: opts.timeout.map(std::time::Duration::from_millis),
         };
+        let owner = res.clone();
+        let (loan, handles) = session.lend(opts.rollback, move |session| {
+            *owner.lock() = Some(SessionState { session, settings });
+        });
+        let mut running = Running::new(
+            Home::Session(Box::new(loan)),
+            limits,
+            print,
+            chunk_name,
+            Some(handles),
+            t0,
+        );
         if fast.is_some() {
             // An attempt streams nothing until it has succeeded.
             running.scope.output().hold();
@@ -367,34 +255,32 @@ fn call<'a>(
             Some(code) => Entry::Chunk(code),
             None => Entry::Nothing,
         };
-        let call = opts.call.as_ref().map(|(n, a)| (n.as_str(), a.as_slice()));
-        let scope: *const Scope = &*running.scope;
-        let state = running.main();
-        // SAFETY: the scope is boxed in `running`, which outlives the call, and the
-        // session's state outlives the call's scope (both live in `running`).
-        let prepared = unsafe {
-            run::under_budget(env, scope, state, || {
-                set_globals(&mut running, &opts.globals)?;
-                run::prepare_thread(&mut running, entry, call, max_source)
-            })
+        let max_depth = limits.max_depth;
+        let mut globals = run::push_globals(&opts.globals, max_depth);
+        let mut call = opts
+            .call
+            .as_ref()
+            .map(|(name, args)| (name, run::push_args(args, max_depth)));
+        let setup = Setup {
+            state: None,
+            call_globals: (!opts.globals.is_empty()).then_some(&mut globals as Push),
+            entry,
+            call: call
+                .as_mut()
+                .map(|(name, args)| (name.as_str(), args as Push)),
         };
+        let prepared = running.prepare(crate::caller::of(env), setup);
         run::begin(env, prepared, running, t0, fast)
     }))
 }
 
-/// Sets a call's `globals:` in the session's state (the main stack is empty, nothing runs),
-/// under the call's budget and handles like the rest of its setup.
-fn set_globals(running: &mut Running, globals: &[(String, Term)]) -> Result<(), SandboxError> {
-    if globals.is_empty() {
-        return Ok(());
-    }
-    let l = running.main();
-    let (max_depth, limit) = (running.max_depth, running.max_memory);
-    running.home.slot_mut().set_limit(usize::MAX);
-    // SAFETY: `l` is not running and its limit is lifted (marshal's contract).
-    let pushed = unsafe { crate::marshal::push_globals(l, globals, max_depth, limit) };
-    running.home.slot_mut().set_limit(limit);
-    pushed
+/// What `session_info` reports.
+#[derive(NifMap)]
+struct Info {
+    memory: u64,
+    calls: u64,
+    instructions: u64,
+    rollbacks: u64,
 }
 
 /// `{:ok, %{memory:, calls:, instructions:, rollbacks:}}`, or `:busy` during a call.
@@ -404,20 +290,11 @@ fn session_info(env: Env<'_>, res: ResourceArc<SessionRes>) -> Term<'_> {
     let Some(state) = guard.as_ref() else {
         return atoms::busy().encode(env);
     };
-    let keys = [
-        atoms::memory().encode(env),
-        atoms::calls().encode(env),
-        atoms::instructions().encode(env),
-        atoms::rollbacks().encode(env),
-    ];
-    let values = [
-        (state.lease.slot().used() as u64).encode(env),
-        state.calls.encode(env),
-        state.instructions.encode(env),
-        state.rollbacks.encode(env),
-    ];
-    match Term::map_from_arrays(env, &keys, &values) {
-        Ok(map) => (atoms::ok(), map).encode(env),
-        Err(_) => atoms::error().encode(env),
-    }
+    let info = Info {
+        memory: state.session.slot().used() as u64,
+        calls: state.session.calls,
+        instructions: state.session.instructions,
+        rollbacks: state.session.rollbacks,
+    };
+    (atoms::ok(), info).encode(env)
 }

@@ -1,6 +1,9 @@
 //! Small term builders shared by the modules that answer Elixir (no Lua here).
 
+use lua_sandbox_core::exec::Stats;
 use rustler::{Encoder, Env, NewBinary, Term};
+
+use crate::atoms;
 
 /// `bytes` as a fresh Elixir binary.
 pub fn binary_term<'e>(env: Env<'e>, bytes: &[u8]) -> Term<'e> {
@@ -8,4 +11,25 @@ pub fn binary_term<'e>(env: Env<'e>, bytes: &[u8]) -> Term<'e> {
     bin.as_mut_slice().copy_from_slice(bytes);
     let b: rustler::Binary = bin.into();
     b.encode(env)
+}
+
+/// `%{instructions:, memory_peak:, duration_us:, tool_calls:, cpu_us:}`.
+pub fn stats_term<'e>(env: Env<'e>, stats: &Stats) -> Term<'e> {
+    let keys = [
+        atoms::instructions().encode(env),
+        atoms::memory_peak().encode(env),
+        atoms::duration_us().encode(env),
+        atoms::tool_calls().encode(env),
+        atoms::cpu_us().encode(env),
+    ];
+    let values = [
+        stats.instructions,
+        stats.memory_peak,
+        stats.duration_us,
+        stats.tool_calls,
+        stats.cpu_us,
+    ]
+    .map(|v| v.encode(env));
+    // Five distinct keys: building the map cannot fail.
+    Term::map_from_arrays(env, &keys, &values).unwrap_or_else(|_| atoms::nil().encode(env))
 }

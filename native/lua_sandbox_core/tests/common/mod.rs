@@ -86,3 +86,17 @@ pub fn new_stock_slot(capacity: usize) -> Slot {
     // SAFETY: `build_stock` follows the raising discipline and ignores its argument.
     unsafe { Slot::new(capacity, build_stock, std::ptr::null_mut()) }.expect("a slot")
 }
+
+/// Generous limits for a whole run (tests tighten the one they exercise).
+pub fn limits() -> lua_sandbox_core::exec::Limits {
+    lua_sandbox_core::exec::Limits {
+        max_instructions: 10_000_000,
+        max_memory: 8 << 20,
+        max_depth: 64,
+        max_result_bytes: 1 << 20,
+        max_output: 1 << 20,
+        max_source: 1 << 20,
+        max_tool_calls: 10,
+        timeout: None,
+    }
+}

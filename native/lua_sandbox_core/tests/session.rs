@@ -1,0 +1,121 @@
+//! A session keeps one state across calls; a call that ends in any error — also one abandoned
+//! while parked at a tool call — is rolled back to the checkpoint taken before it, unless
+//! rollback is off. Driven through the core's run coroutine alone, with plain `cargo test`.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use lua_sandbox_core::chunk::Code;
+use lua_sandbox_core::control::Caller;
+use lua_sandbox_core::error::SandboxError;
+use lua_sandbox_core::exec::{self, Entry, Home, Run, Setup, StateSetup, Step};
+use lua_sandbox_core::output::Print;
+use lua_sandbox_core::scope::Scope;
+use lua_sandbox_core::session::Session;
+use lua_sandbox_core::{budget, pool, protect};
+
+type Kept = Arc<Mutex<Option<Session<()>>>>;
+
+fn new_session(tools: &[String]) -> Kept {
+    let mut lease = pool::lease(common::limits().max_memory).unwrap();
+    let scope = Scope::budget(budget::Control::new(u64::MAX));
+    let l = lease.slot().state();
+    let setup = StateSetup {
+        globals: None,
+        tools,
+        modules: &[],
+    };
+    // SAFETY: `scope` outlives the call and the leased state outlives `scope`'s use.
+    unsafe {
+        exec::under_scope(&scope, Caller::none(), l, || {
+            exec::prepare_state(lease.slot_mut(), setup, common::limits().max_memory)
+        })
+    }
+    .unwrap();
+    Arc::new(Mutex::new(Some(Session::new(lease))))
+}
+
+/// Starts one call of `src` in the session, up to its first stop.
+fn call(kept: &Kept, src: &str, rollback: bool) -> (Run, Result<Step, SandboxError>) {
+    let session = kept
+        .lock()
+        .unwrap()
+        .take()
+        .expect("the session is not on loan");
+    let back = kept.clone();
+    let (loan, handles) = session.lend(rollback, move |s| *back.lock().unwrap() = Some(s));
+    let mut run = Run::new(
+        Home::Session(Box::new(loan)),
+        common::limits(),
+        Print::Capture,
+        "script".to_string(),
+        Some(handles),
+        Instant::now(),
+    );
+    let code = Code::new(src.as_bytes(), "script", false).unwrap();
+    let setup = Setup {
+        state: None,
+        call_globals: None,
+        entry: Entry::Chunk(&code),
+        call: None,
+    };
+    let step = run
+        .prepare(Caller::none(), setup)
+        .and_then(|n| run.resume(Caller::none(), n));
+    (run, step)
+}
+
+/// Runs `src` to its end; `Ok(first result)` when it finished, `Err` when it failed.
+fn finish(kept: &Kept, src: &str, rollback: bool) -> Result<String, ()> {
+    let (mut run, step) = call(kept, src, rollback);
+    match step {
+        Ok(Step::Done { first, n }) if n >= 1 => {
+            // SAFETY: the result's slot on the finished run coroutine.
+            let v = unsafe { protect::describe(run.thread(), first) };
+            run.succeeded();
+            Ok(v)
+        }
+        _ => Err(()),
+    }
+}
+
+fn counters(kept: &Kept) -> (u64, u64) {
+    let guard = kept.lock().unwrap();
+    let s = guard.as_ref().unwrap();
+    (s.calls, s.rollbacks)
+}
+
+#[test]
+fn failed_calls_roll_back_and_successful_ones_stay() {
+    let tools = ["t".to_string()];
+    let kept = new_session(&tools);
+    assert_eq!(finish(&kept, "x = 1 return x", true), Ok("1".into()));
+    assert_eq!(finish(&kept, "x = 2 error('boom')", true), Err(()));
+    assert_eq!(finish(&kept, "return x", true), Ok("1".into()));
+    assert_eq!(counters(&kept), (3, 1));
+
+    // Abandoned while parked at a tool call (its caller died): rolled back too.
+    let (run, step) = call(&kept, "x = 4 tools.t() return x", true);
+    assert!(matches!(step, Ok(Step::ToolCall { .. })), "{step:?}");
+    drop(run);
+    assert_eq!(finish(&kept, "return x", true), Ok("1".into()));
+
+    // Without rollback a failed call keeps what it changed.
+    assert_eq!(finish(&kept, "x = 3 error('boom')", false), Err(()));
+    assert_eq!(finish(&kept, "return x", true), Ok("3".into()));
+    assert_eq!(counters(&kept), (7, 2));
+}
+
+#[test]
+fn a_thrown_away_attempt_is_rolled_back_and_not_counted() {
+    let kept = new_session(&[]);
+    let (run, _) = call(&kept, "x = 5 return x", true);
+    run.discard();
+    assert_eq!(counters(&kept), (0, 0));
+    assert_eq!(
+        finish(&kept, "return tostring(x == nil)", true),
+        Ok("true".into())
+    );
+}

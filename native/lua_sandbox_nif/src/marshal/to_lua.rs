@@ -1,0 +1,431 @@
+//! Elixir -> Lua: terms built into Lua values on the stack, with the memory limit lifted and
+//! the size tracked here (see the module doc of `marshal`).
+
+use super::*;
+
+/// Sets each `(name, term)` as a global of `l`. Paths in errors start at `globals`.
+///
+/// # Safety
+/// `l` must be a non-running state whose memory limit the caller lifted (see the module doc);
+/// `limit` is the run's limit, checked here.
+pub unsafe fn push_globals(
+    l: *mut ffi::lua_State,
+    globals: &[(String, Term)],
+    max_depth: usize,
+    limit: usize,
+) -> Result<(), SandboxError> {
+    if globals.is_empty() {
+        return Ok(());
+    }
+    let mut result = Ok(());
+    let mut builder = Builder::new(l, limit, max_depth);
+    // SAFETY: nothing in the closure raises (module doc); the backstop catches the impossible.
+    let outcome = unsafe {
+        building(l, |l| {
+            result = builder
+                .set_globals(l, globals)
+                .and_then(|()| builder.meter.flush());
+        })
+    };
+    outcome?;
+    result.map_err(|f| f.into_error("globals"))?;
+    builder.check_memory(l)
+}
+
+/// Converts `terms` to Lua values, left on top of `l`'s stack; paths in errors start at
+/// `root` and index from 1. Returns how many values were pushed.
+///
+/// # Safety
+/// As for [`push_globals`].
+pub unsafe fn push_values(
+    l: *mut ffi::lua_State,
+    terms: &[Term],
+    max_depth: usize,
+    root: &str,
+    limit: usize,
+) -> Result<c_int, SandboxError> {
+    let mut result = Ok(());
+    let mut builder = Builder::new(l, limit, max_depth);
+    // SAFETY: `lua_gettop` only reads.
+    let base = unsafe { ffi::lua_gettop(l) };
+    // SAFETY: as in `push_globals`. The values left on the closure's stack are its results.
+    let outcome = unsafe {
+        building(l, |l| {
+            result = builder
+                .push_all(l, terms)
+                .and_then(|()| builder.meter.flush());
+            if result.is_err() {
+                ffi::lua_settop(l, 0);
+            }
+        })
+    };
+    outcome?;
+    result.map_err(|f| f.into_error(root))?;
+    builder.check_memory(l)?;
+    // SAFETY: only reads.
+    Ok(unsafe { ffi::lua_gettop(l) } - base)
+}
+
+/// Runs `f` under the backstop with the collector paused (everything built is reachable
+/// anyway), then restarts it.
+///
+/// # Safety
+/// `f` must not raise by construction.
+unsafe fn building(
+    l: *mut ffi::lua_State,
+    mut f: impl FnMut(*mut ffi::lua_State),
+) -> Result<(), SandboxError> {
+    // SAFETY: stopping/restarting the collector and querying it never raise.
+    unsafe {
+        let was_running = ffi::lua_gc(l, ffi::LUA_GCISRUNNING, 0) != 0;
+        ffi::lua_gc(l, ffi::LUA_GCSTOP, 0);
+        let r = protect::call_backstop(l, &mut f);
+        if was_running {
+            ffi::lua_gc(l, ffi::LUA_GCRESTART, 0);
+        }
+        r.map_err(|e| SandboxError::Runtime(e.message))
+    }
+}
+
+/// Bytes the state's heap holds (Lua's own count).
+pub(crate) fn used_memory(l: *mut ffi::lua_State) -> usize {
+    // SAFETY: LUA_GCCOUNT/COUNTB only read the collector's counters.
+    unsafe {
+        let kb = ffi::lua_gc(l, ffi::LUA_GCCOUNT, 0) as usize;
+        let b = ffi::lua_gc(l, ffi::LUA_GCCOUNTB, 0) as usize;
+        kb * 1024 + b
+    }
+}
+
+struct Builder {
+    max_depth: usize,
+    /// The memory limit in force outside the build (0: none).
+    limit: usize,
+    /// Heap size when the build started plus what it has added, estimated.
+    estimate: usize,
+    meter: Meter,
+}
+
+impl Builder {
+    fn new(l: *mut ffi::lua_State, limit: usize, max_depth: usize) -> Builder {
+        Builder {
+            max_depth,
+            limit,
+            estimate: used_memory(l),
+            meter: Meter::default(),
+        }
+    }
+
+    /// Stops a build that would obviously exceed the memory limit before allocating it.
+    fn reserve(&mut self, bytes: usize) -> Result<(), Fail> {
+        self.estimate = self.estimate.saturating_add(bytes);
+        if self.limit > 0 && self.estimate > self.limit {
+            Err(Fail::new(FailKind::Memory))
+        } else {
+            Ok(())
+        }
+    }
+
+    fn check_memory(&self, l: *mut ffi::lua_State) -> Result<(), SandboxError> {
+        if self.limit > 0 && used_memory(l) > self.limit {
+            Err(SandboxError::MemoryLimit)
+        } else {
+            Ok(())
+        }
+    }
+
+    unsafe fn set_globals(
+        &mut self,
+        l: *mut ffi::lua_State,
+        globals: &[(String, Term)],
+    ) -> Result<(), Fail> {
+        // SAFETY (whole fn): `l` is the running thread inside the backstop; each push is preceded
+        // by a successful `lua_checkstack`; no call here raises (module doc).
+        unsafe {
+            if ffi::lua_checkstack(l, 4) == 0 {
+                return Err(stack_exhausted());
+            }
+            ffi::lua_rawgeti(l, ffi::LUA_REGISTRYINDEX, ffi::LUA_RIDX_GLOBALS);
+            let g = ffi::lua_gettop(l);
+            for (name, term) in globals {
+                self.reserve(name.len() + LUA_VALUE_BYTES)?;
+                push_str(l, name.as_bytes());
+                self.push(l, *term, 0)
+                    .map_err(|f| f.at(Seg::Key(name.clone())))?;
+                ffi::lua_rawset(l, g);
+            }
+            ffi::lua_settop(l, g - 1);
+        }
+        Ok(())
+    }
+
+    unsafe fn push_all(&mut self, l: *mut ffi::lua_State, terms: &[Term]) -> Result<(), Fail> {
+        // SAFETY: as in `set_globals`.
+        unsafe {
+            if terms.len() > MAX_VALUES || ffi::lua_checkstack(l, terms.len() as c_int + 4) == 0 {
+                return Err(invalid(&format!(
+                    "{} values are more than Lua's stack allows (at most {MAX_VALUES})",
+                    terms.len()
+                )));
+            }
+            for (i, term) in terms.iter().enumerate() {
+                self.push(l, *term, 0)
+                    .map_err(|f| f.at(Seg::Index(i as i64 + 1)))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Pushes the Lua value for `term` (exactly one slot on success).
+    unsafe fn push(
+        &mut self,
+        l: *mut ffi::lua_State,
+        term: Term,
+        depth: usize,
+    ) -> Result<(), Fail> {
+        self.meter.value(0)?;
+        // SAFETY: as in `set_globals`; callers guarantee one free slot, tables check for more.
+        unsafe {
+            match term.get_type() {
+                TermType::Atom if term == atoms::nil().to_term(term.get_env()) => {
+                    ffi::lua_pushnil(l)
+                }
+                ty @ (TermType::Atom | TermType::Integer | TermType::Float | TermType::Binary) => {
+                    self.push_scalar(l, term, ty, "")?
+                }
+                TermType::List => self.push_list(l, term, depth)?,
+                TermType::Map => self.push_map(l, term, depth)?,
+                TermType::Tuple => return Err(invalid("tuple cannot become a Lua value")),
+                TermType::Pid => return Err(invalid("pid cannot become a Lua value")),
+                TermType::Port => return Err(invalid("port cannot become a Lua value")),
+                TermType::Ref => return Err(invalid("reference cannot become a Lua value")),
+                TermType::Fun => return Err(invalid("function cannot become a Lua value")),
+                TermType::Unknown => return Err(invalid("unsupported term")),
+            }
+        }
+        Ok(())
+    }
+
+    fn enter(&self, depth: usize) -> Result<usize, Fail> {
+        if depth >= self.max_depth {
+            Err(Fail::new(FailKind::Depth(self.max_depth)))
+        } else {
+            Ok(depth + 1)
+        }
+    }
+
+    unsafe fn push_list(
+        &mut self,
+        l: *mut ffi::lua_State,
+        term: Term,
+        depth: usize,
+    ) -> Result<(), Fail> {
+        let depth = self.enter(depth)?;
+        let len = term.list_length().map_err(|_| invalid("improper list"))?;
+        let iter: ListIterator = term.decode().map_err(|_| invalid("improper list"))?;
+        self.reserve(len.saturating_mul(16).saturating_add(LUA_VALUE_BYTES))?;
+        let narr = c_int::try_from(len).map_err(|_| Fail::new(FailKind::Memory))?;
+        // SAFETY: as in `set_globals`.
+        unsafe {
+            if ffi::lua_checkstack(l, 3) == 0 {
+                return Err(stack_exhausted());
+            }
+            ffi::lua_createtable(l, narr, 0);
+            let t = ffi::lua_gettop(l);
+            for (i, item) in iter.enumerate() {
+                let index = i as i64 + 1;
+                self.push(l, item, depth)
+                    .map_err(|f| f.at(Seg::Index(index)))?;
+                ffi::lua_rawseti(l, t, index);
+            }
+        }
+        Ok(())
+    }
+
+    unsafe fn push_map(
+        &mut self,
+        l: *mut ffi::lua_State,
+        term: Term,
+        depth: usize,
+    ) -> Result<(), Fail> {
+        if let Ok(name) = term.map_get(atoms::struct_key()) {
+            if name == atoms::handle_struct().to_term(term.get_env()) {
+                let inner = term
+                    .map_get(atoms::term())
+                    .map_err(|_| invalid("bad handle"))?;
+                self.reserve(LUA_VALUE_BYTES)?;
+                // SAFETY: as in `set_globals` (limit lifted, one slot free: callers check).
+                return unsafe { crate::handles::push(l, inner) }.map_err(invalid);
+            }
+            let module = name.atom_to_string().unwrap_or_default();
+            let module = module.strip_prefix("Elixir.").unwrap_or(&module);
+            return Err(invalid(&format!(
+                "struct {module} cannot become a Lua value (no LuaSandbox.Encoder)"
+            )));
+        }
+        let depth = self.enter(depth)?;
+        let size = term.map_size().unwrap_or(0);
+        let iter = MapIterator::new(term).ok_or_else(|| invalid("bad map"))?;
+        self.reserve(size.saturating_mul(40).saturating_add(LUA_VALUE_BYTES))?;
+        let nrec = c_int::try_from(size).map_err(|_| Fail::new(FailKind::Memory))?;
+        // SAFETY: as in `set_globals`.
+        unsafe {
+            if ffi::lua_checkstack(l, 4) == 0 {
+                return Err(stack_exhausted());
+            }
+            ffi::lua_createtable(l, 0, nrec);
+            let t = ffi::lua_gettop(l);
+            // Distinct terms only become one Lua key across kinds (`"a"` and `:a`, `1` and
+            // `1.0`), so the lookup is only needed once the other kind has been seen.
+            let mut seen = KeyKinds::default();
+            for (k, v) in iter {
+                self.meter.value(0)?;
+                let kind = k.get_type();
+                self.push_key(l, k, kind).map_err(|f| f.at(term_seg(k)))?;
+                if seen.may_collide(kind) {
+                    ffi::lua_pushvalue(l, -1);
+                    let taken = ffi::lua_rawget(l, t) != ffi::LUA_TNIL;
+                    ffi::lua_pop(l, 1);
+                    if taken {
+                        let f = invalid("two map keys become the same Lua key");
+                        return Err(f.at(term_seg(k)));
+                    }
+                }
+                self.push(l, v, depth).map_err(|f| f.at(term_seg(k)))?;
+                ffi::lua_rawset(l, t);
+            }
+        }
+        Ok(())
+    }
+
+    /// Pushes a map key.
+    unsafe fn push_key(
+        &mut self,
+        l: *mut ffi::lua_State,
+        k: Term,
+        kind: TermType,
+    ) -> Result<(), Fail> {
+        match kind {
+            TermType::Atom if k == atoms::nil().to_term(k.get_env()) => {
+                Err(invalid("nil cannot be a Lua table key"))
+            }
+            // SAFETY: `push_map` reserved the slot.
+            ty @ (TermType::Atom | TermType::Integer | TermType::Float | TermType::Binary) => unsafe {
+                self.push_scalar(l, k, ty, " key")
+            },
+            _ => Err(invalid(
+                "map key must be a binary, atom, integer, float or boolean",
+            )),
+        }
+    }
+
+    /// Pushes a boolean, non-nil atom, integer, float or binary, as a value or a map key
+    /// (`role` is `""` or `" key"`, for messages). Lua turns float keys with an integer value
+    /// into integers itself; NaN cannot come from Erlang. `ty` is `term`'s type, which the
+    /// caller has already asked the VM for.
+    unsafe fn push_scalar(
+        &mut self,
+        l: *mut ffi::lua_State,
+        term: Term,
+        ty: TermType,
+        role: &str,
+    ) -> Result<(), Fail> {
+        // SAFETY: as in `set_globals`; the caller guarantees one free slot.
+        unsafe {
+            match ty {
+                TermType::Atom => {
+                    if let Ok(b) = term.decode::<bool>() {
+                        ffi::lua_pushboolean(l, c_int::from(b));
+                    } else {
+                        let name = term
+                            .atom_to_string()
+                            .map_err(|_| invalid(&format!("bad atom{role}")))?;
+                        self.reserve(name.len() + LUA_VALUE_BYTES)?;
+                        push_str(l, name.as_bytes());
+                    }
+                }
+                TermType::Integer => match term.decode::<i64>() {
+                    Ok(i) => ffi::lua_pushinteger(l, i),
+                    Err(_) => {
+                        return Err(invalid(&format!("integer{role} outside the 64-bit range")))
+                    }
+                },
+                TermType::Float => {
+                    let f: f64 = term
+                        .decode()
+                        .map_err(|_| invalid(&format!("bad float{role}")))?;
+                    ffi::lua_pushnumber(l, f);
+                }
+                TermType::Binary => {
+                    let bin: rustler::Binary = term
+                        .decode()
+                        .map_err(|_| invalid(&format!("bitstring{role}")))?;
+                    self.reserve(bin.len() + LUA_VALUE_BYTES)?;
+                    self.meter.value(bin.len())?;
+                    push_str(l, bin.as_slice());
+                }
+                _ => return Err(invalid("unsupported term")),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Which kinds of keys a map has shown so far.
+#[derive(Default)]
+struct KeyKinds {
+    strings: bool,
+    atoms: bool,
+    integers: bool,
+    floats: bool,
+}
+
+impl KeyKinds {
+    /// Records `kind`; true if a key of this kind could equal an earlier key in Lua.
+    fn may_collide(&mut self, kind: TermType) -> bool {
+        match kind {
+            TermType::Binary => {
+                self.strings = true;
+                self.atoms
+            }
+            TermType::Atom => {
+                self.atoms = true;
+                self.strings
+            }
+            TermType::Integer => {
+                self.integers = true;
+                self.floats
+            }
+            TermType::Float => {
+                self.floats = true;
+                self.integers
+            }
+            _ => false,
+        }
+    }
+}
+
+/// The path segment of a map key term (only computed for error messages).
+fn term_seg(k: Term) -> Seg {
+    match k.get_type() {
+        TermType::Binary => match k.decode::<rustler::Binary>() {
+            Ok(b) => key_seg(b.as_slice()),
+            Err(_) => Seg::Other("?".into()),
+        },
+        TermType::Atom => match k.atom_to_string() {
+            Ok(a) if a == "true" || a == "false" => Seg::Other(a),
+            Ok(a) => Seg::Key(a),
+            Err(_) => Seg::Other("?".into()),
+        },
+        TermType::Integer => k.decode::<i64>().map_or(Seg::Other("?".into()), Seg::Index),
+        _ => Seg::Other(format!("{k:?}")),
+    }
+}
+
+/// Pushes a string. Only called with the memory limit lifted (see the module doc).
+unsafe fn push_str(l: *mut ffi::lua_State, bytes: &[u8]) {
+    // SAFETY: the caller checked the stack; `bytes` is valid for its length.
+    unsafe {
+        ffi::lua_pushlstring(l, bytes.as_ptr().cast(), bytes.len());
+    }
+}
