@@ -2,6 +2,7 @@ defmodule LuaSandbox.ClusterTest do
   # node: :any across real :peer nodes on loopback. Each test makes its own cluster group (a
   # supervisor name) on the shared peers, or starts peers of its own when it takes one down.
   use ExUnit.Case, async: false
+  import LuaSandbox.TestWait
 
   alias LuaSandbox.{Cluster, Error, TestPeer, TestRemote}
 
@@ -327,13 +328,5 @@ defmodule LuaSandbox.ClusterTest do
       end
 
     times |> Enum.sort() |> Enum.at(150)
-  end
-
-  defp wait_until(fun, tries \\ 300) do
-    cond do
-      fun.() -> true
-      tries == 0 -> false
-      true -> Process.sleep(10) && wait_until(fun, tries - 1)
-    end
   end
 end

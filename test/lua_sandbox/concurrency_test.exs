@@ -1,6 +1,7 @@
 defmodule LuaSandbox.ConcurrencyTest do
   # One bound for concurrency: every run counts against its supervisor, and async_stream queues.
   use ExUnit.Case, async: true
+  import LuaSandbox.TestWait
 
   alias LuaSandbox.Error
 
@@ -201,14 +202,6 @@ defmodule LuaSandbox.ConcurrencyTest do
       assert_raise ArgumentError, ~r/may not set timeout/, fn ->
         LuaSandbox.async_stream([{"return 1", timeout: 1}]) |> Enum.to_list()
       end
-    end
-  end
-
-  defp wait_until(fun, tries \\ 400) do
-    cond do
-      fun.() -> :ok
-      tries == 0 -> flunk("condition never became true")
-      true -> Process.sleep(5) && wait_until(fun, tries - 1)
     end
   end
 end

@@ -2,6 +2,7 @@ defmodule LuaSandbox.QuotasTest do
   # tenant: and the quotas: of LuaSandbox.Supervisor (rate, concurrency, CPU balance), and the
   # metrics they leave in LuaSandbox.metrics/1.
   use ExUnit.Case, async: true
+  import LuaSandbox.TestWait
 
   alias LuaSandbox.Error
 
@@ -162,14 +163,6 @@ defmodule LuaSandbox.QuotasTest do
       assert_raise ArgumentError, fn ->
         LuaSandbox.Supervisor.start_link(name: :bad_quotas, quotas: bad)
       end
-    end
-  end
-
-  defp wait_until(fun, tries \\ 200) do
-    cond do
-      fun.() -> :ok
-      tries == 0 -> flunk("condition not met")
-      true -> Process.sleep(10) && wait_until(fun, tries - 1)
     end
   end
 end

@@ -3,6 +3,7 @@ defmodule LuaSandbox.SessionCallerTest do
   # with or without `timeout:`: the session answers its next call at once, rolled back, and
   # nothing the call started outlives the caller. Also: `timeout:` bounds a tool's time.
   use ExUnit.Case, async: true
+  import LuaSandbox.TestWait
 
   alias LuaSandbox.Session
 
@@ -136,14 +137,6 @@ defmodule LuaSandbox.SessionCallerTest do
   test "supervisor: must be running" do
     assert_raise ArgumentError, ~r/not running/, fn ->
       Session.start_link(supervisor: :"#{__MODULE__}.nope")
-    end
-  end
-
-  defp wait_until(fun, tries \\ 1_000) do
-    cond do
-      fun.() -> :ok
-      tries == 0 -> flunk("condition never held")
-      true -> Process.sleep(1) && wait_until(fun, tries - 1)
     end
   end
 end

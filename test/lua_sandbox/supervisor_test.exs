@@ -1,5 +1,6 @@
 defmodule LuaSandbox.SupervisorTest do
   use ExUnit.Case, async: true
+  import LuaSandbox.TestWait
 
   import ExUnit.CaptureLog
 
@@ -120,14 +121,6 @@ defmodule LuaSandbox.SupervisorTest do
 
       assert log =~ "one"
       assert log =~ "two"
-    end
-  end
-
-  defp wait_until(fun, tries \\ 200) do
-    cond do
-      fun.() -> :ok
-      tries == 0 -> flunk("condition never became true")
-      true -> Process.sleep(5) && wait_until(fun, tries - 1)
     end
   end
 end
