@@ -41,31 +41,23 @@ defmodule LuaSandbox.Adversarial.CollectorTest do
     test "notices a deadline in the middle of a collection" do
       # The caller gets its `:timeout` at the deadline whatever the NIF does: what counts is
       # when the dirty scheduler is free again, seen by a probe that needs it.
-      {peer, node} = TestPeer.start(["+SDcpu", "1:1"])
-
-      try do
+      TestPeer.with_one_dirty_scheduler(fn node ->
         source = @chain <> "collectgarbage() return 'done'"
         opts = [max_instructions: 1_000_000_000_000, max_memory: 256 * 1024 * 1024]
         us = :erpc.call(node, CollectorShapes, :timeout_then_probe, [source, opts], 60_000)
 
         assert us < @bound_us,
                "the dirty scheduler was busy #{div(us, 1000)} ms after the deadline"
-      after
-        TestPeer.stop(peer)
-      end
+      end)
     end
 
     test "frees a killed caller's dirty scheduler" do
-      {peer, node} = TestPeer.start(["+SDcpu", "1:1"])
-
-      try do
+      TestPeer.with_one_dirty_scheduler(fn node ->
         source = @chain <> "while true do collectgarbage() end"
         opts = [max_instructions: 1_000_000_000_000, max_memory: 256 * 1024 * 1024]
         us = :erpc.call(node, CollectorShapes, :kill_then_probe, [source, opts], 60_000)
         assert us < @bound_us, "the dirty scheduler was busy #{div(us, 1000)} ms after the kill"
-      after
-        TestPeer.stop(peer)
-      end
+      end)
     end
 
     test "an abort mid-collection leaves a rollback: false session a working heap" do
