@@ -23,6 +23,21 @@ defmodule LuaSandbox.ClusterTest do
 
   defp members(group), do: :pg.get_members(Cluster.scope(), group)
 
+  # A run parked in a tool on `node`'s member of `group`, returned once it is running there.
+  defp run_in_flight(group, node) do
+    task =
+      Task.async(fn ->
+        LuaSandbox.run("return tools.sleep(3000)",
+          node: :any,
+          supervisor: group,
+          tools: %{sleep: &TestRemote.sleep_tool/1}
+        )
+      end)
+
+    assert wait_until(fn -> :erpc.call(node, LuaSandbox.Supervisor, :running, [group]) == 1 end)
+    task
+  end
+
   defp join(nodes, group, max) do
     pids = Enum.map(nodes, &TestPeer.member(&1, group, max))
     assert wait_until(fn -> pids -- members(group) == [] end)
@@ -131,16 +146,7 @@ defmodule LuaSandbox.ClusterTest do
   test "a member stopped with a run in flight: :node_down", %{nodes: [a | _], group: group} do
     join([a], group, 4)
 
-    in_flight =
-      Task.async(fn ->
-        LuaSandbox.run("return tools.sleep(3000)",
-          node: :any,
-          supervisor: group,
-          tools: %{sleep: &TestRemote.sleep_tool/1}
-        )
-      end)
-
-    assert wait_until(fn -> :erpc.call(a, LuaSandbox.Supervisor, :running, [group]) == 1 end)
+    in_flight = run_in_flight(group, a)
     TestPeer.stop_member(a, group)
 
     assert {:error, %Error{kind: :node_down, message: message}} = Task.await(in_flight, 10_000)
@@ -226,16 +232,7 @@ defmodule LuaSandbox.ClusterTest do
     Process.unlink(peer)
     join([lost], group, 4)
 
-    in_flight =
-      Task.async(fn ->
-        LuaSandbox.run("return tools.sleep(3000)",
-          node: :any,
-          supervisor: group,
-          tools: %{sleep: &TestRemote.sleep_tool/1}
-        )
-      end)
-
-    assert wait_until(fn -> :erpc.call(lost, LuaSandbox.Supervisor, :running, [group]) == 1 end)
+    in_flight = run_in_flight(group, lost)
     join([other], group, 4)
     true = Node.disconnect(lost)
 
