@@ -20,7 +20,9 @@ defmodule LuaSandbox.Error do
     tool_limit: "more than `max_tool_calls` tool calls",
     timeout:
       "the run passed its `timeout:` deadline (output and stats kept), or was killed in a tool",
-    overloaded: "the supervisor is at `max_concurrency`; returned at once",
+    overloaded:
+      "the supervisor was at `max_concurrency` for the run's whole `queue_timeout` (at once " <>
+        "with `queue_timeout: 0`)",
     rate_limited:
       "the run's `tenant:` is over its `rate` or `concurrency` quota (`retry_after_ms` set)",
     quota_exceeded:

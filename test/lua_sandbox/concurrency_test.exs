@@ -33,11 +33,11 @@ defmodule LuaSandbox.ConcurrencyTest do
       pid = busy(name)
 
       assert {:error, %Error{kind: :overloaded, stats: %{instructions: 0}}} =
-               LuaSandbox.run("return 1", supervisor: name)
+               LuaSandbox.run("return 1", supervisor: name, queue_timeout: 0)
 
       # with timeout: too, the same bound
       assert {:error, %Error{kind: :overloaded}} =
-               LuaSandbox.run("return 1", supervisor: name, timeout: 1_000)
+               LuaSandbox.run("return 1", supervisor: name, timeout: 1_000, queue_timeout: 0)
 
       Process.exit(pid, :kill)
       # the slot goes with its caller
