@@ -132,6 +132,7 @@ defmodule LuaSandbox.ConcurrencyTest do
 
       assert Map.keys(stats) |> Enum.sort() == [
                :cpu_us,
+               :denied,
                :duration_us,
                :instructions,
                :memory_peak,
