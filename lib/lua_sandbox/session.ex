@@ -231,14 +231,14 @@ defmodule LuaSandbox.Session do
   # A call is a run of the supervisor (its metrics, denials and telemetry); it does not queue.
   defp in_slot(sup, {session, chunk}, fun) do
     telemetry? = Telemetry.enabled?()
-    t0 = if telemetry?, do: System.monotonic_time()
+    t0 = if telemetry?, do: :erlang.monotonic_time()
 
     case Slots.admit(sup, nil, 0) do
       {:ok, slot, _cap, _queued} ->
         span =
           if telemetry?,
             do:
-              Telemetry.start([:lua_sandbox, :session, :call], t0, 0, %{
+              Telemetry.start(:session, t0, 0, %{
                 supervisor: sup,
                 tenant: nil,
                 chunk: chunk,

@@ -157,14 +157,14 @@ defmodule LuaSandbox.Supervisor do
     sup = opts[:supervisor]
     tenant = opts[:tenant]
     telemetry? = Telemetry.enabled?()
-    t0 = if telemetry?, do: System.monotonic_time()
+    t0 = if telemetry?, do: :erlang.monotonic_time()
 
     case Slots.admit(sup, tenant, queue_wait(opts)) do
       {:ok, slot, cap_ms, queued_us} ->
         span =
           if telemetry?,
             do:
-              Telemetry.start([:lua_sandbox, :run], t0, queued_us, %{
+              Telemetry.start(:run, t0, queued_us, %{
                 supervisor: sup,
                 tenant: tenant,
                 chunk: chunk_name(source, opts)

@@ -35,26 +35,25 @@ defmodule LuaSandbox.Telemetry do
   def enabled?, do: :erlang.function_exported(:telemetry, :execute, 3)
 
   @doc false
-  # The start of a run or session call (`prefix`): returns what stop/4 needs.
-  def start(prefix, t0, queued_us, meta) do
-    queue_time = System.convert_time_unit(queued_us, :microsecond, :native)
+  # The start of a run (`:run`) or session call (`:session`): returns what stop/2 needs. Event
+  # names are literals and times raw BIF reads: with no handler attached this is what a run
+  # pays (bench/RESULTS.md, section 9).
+  def start(what, t0, queued_us, meta) do
+    queue_time =
+      if queued_us == 0, do: 0, else: :erlang.convert_time_unit(queued_us, :microsecond, :native)
 
     :telemetry.execute(
-      prefix ++ [:start],
-      %{
-        monotonic_time: System.monotonic_time(),
-        system_time: System.system_time(),
-        queue_time: queue_time
-      },
+      event(what, :start),
+      %{monotonic_time: t0, system_time: :erlang.system_time(), queue_time: queue_time},
       meta
     )
 
-    {prefix, t0, queue_time, meta}
+    {what, t0, queue_time, meta}
   end
 
   @doc false
-  def stop({prefix, t0, queue_time, meta}, result) do
-    now = System.monotonic_time()
+  def stop({what, t0, queue_time, meta}, result) do
+    now = :erlang.monotonic_time()
 
     {kind, stats} =
       case result do
@@ -63,7 +62,7 @@ defmodule LuaSandbox.Telemetry do
       end
 
     :telemetry.execute(
-      prefix ++ [:stop],
+      event(what, :stop),
       %{
         duration: now - t0,
         queue_time: queue_time,
@@ -76,6 +75,11 @@ defmodule LuaSandbox.Telemetry do
       Map.put(meta, :kind, kind)
     )
   end
+
+  defp event(:run, :start), do: [:lua_sandbox, :run, :start]
+  defp event(:run, :stop), do: [:lua_sandbox, :run, :stop]
+  defp event(:session, :start), do: [:lua_sandbox, :session, :call, :start]
+  defp event(:session, :stop), do: [:lua_sandbox, :session, :call, :stop]
 
   @doc false
   def rejected(supervisor, tenant, error) do

@@ -74,7 +74,7 @@ defmodule LuaSandbox.Supervisor.Quotas do
 
       [] ->
         ref = :atomics.new(@running + size, signed: true)
-        now = System.monotonic_time(:microsecond)
+        now = :erlang.monotonic_time(:microsecond)
         :atomics.put(ref, @tat, now)
         :atomics.put(ref, @paid, now)
         # another caller may have made it meanwhile: theirs wins
@@ -93,7 +93,7 @@ defmodule LuaSandbox.Supervisor.Quotas do
   def admit(_t, nil), do: {:ok, nil}
 
   def admit(t, limits) do
-    now = System.monotonic_time(:microsecond)
+    now = :erlang.monotonic_time(:microsecond)
 
     with :ok <- rate(t, limits, now) do
       cpu(t, limits, now)
@@ -140,7 +140,7 @@ defmodule LuaSandbox.Supervisor.Quotas do
 
   @doc "Debits `cpu_us` of CPU time from the tenant's balance (when it has a `cpu_ms` quota)."
   def debit(t, %{cpu_ms: {ms, per_ms}} = limits, cpu_us) when cpu_us > 0 do
-    now = System.monotonic_time(:microsecond)
+    now = :erlang.monotonic_time(:microsecond)
     # the debt is kept as wall time to refill: cpu_us of CPU takes cpu_us * per_ms / ms
     paid_at = :atomics.get(t, @paid)
     new = max(paid_at, now) + div(cpu_us * per_ms, ms)
