@@ -104,8 +104,10 @@ defmodule LuaSandbox do
   The counters of a `LuaSandbox.Supervisor` since it started: runs by outcome (`:ok` or the
   error kind) and by tenant, `overloads`, `rate_limited` and `quota_exceeded` refusals, `kills`
   (runs whose caller died), summed `instructions`, `cpu_us`, `duration_us` and `tool_calls`,
-  a `memory_peak_histogram` (upper bound in bytes => runs), and the `running`/`capacity` now.
-  Kept in `:counters` and ETS; reading them costs nothing to the runs.
+  runs that waited in the queue (`queued`, and `queue_us` waited in all), `denied` (every
+  capability a script called that the sandbox does not offer, by name => calls), a
+  `memory_peak_histogram` (upper bound in bytes => runs), and the `running`/`capacity`/`queue`
+  now. Kept in `:counters`, `:atomics` and ETS; reading them costs nothing to the runs.
 
       iex> LuaSandbox.run!("return 1", tenant: "doc")
       iex> m = LuaSandbox.metrics(LuaSandbox.TaskSupervisor)
