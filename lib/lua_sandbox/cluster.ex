@@ -62,7 +62,8 @@ defmodule LuaSandbox.Cluster do
   Runs `source` on a member of the group `opts[:supervisor]`, local or remote (`node: :any`).
   Retries once on another member when the run certainly never started (the member was gone
   before accepting it, or answered :overloaded); a run in flight on a member that goes away
-  answers :node_down and is not replayed.
+  answers :node_down and is not replayed. The first try does not queue (a full member answers
+  :overloaded at once); the retry waits in its member's queue up to `queue_timeout`.
   """
   def run(source, opts) do
     local_only = too_large(source, opts)
@@ -75,7 +76,10 @@ defmodule LuaSandbox.Cluster do
         {:error, last || no_member(opts[:supervisor])}
 
       member ->
-        case charged(member, fn -> run_on(member, source, opts) end) do
+        # A run that may still be retried elsewhere does not wait in this member's queue.
+        try_opts = if tries > 1, do: Keyword.put(opts, :queue_timeout, 0), else: opts
+
+        case charged(member, fn -> run_on(member, source, try_opts) end) do
           {:not_started, error} when tries > 1 ->
             attempt(source, opts, local_only, [member | tried], tries - 1, error)
 

@@ -20,7 +20,9 @@ defmodule LuaSandbox.Error do
     tool_limit: "more than `max_tool_calls` tool calls",
     timeout:
       "the run passed its `timeout:` deadline (output and stats kept), or was killed in a tool",
-    overloaded: "the supervisor is at `max_concurrency`; returned at once",
+    overloaded:
+      "the supervisor was at `max_concurrency` for the run's whole `queue_timeout` (at once " <>
+        "with `queue_timeout: 0`)",
     rate_limited:
       "the run's `tenant:` is over its `rate` or `concurrency` quota (`retry_after_ms` set)",
     quota_exceeded:
@@ -53,7 +55,7 @@ defmodule LuaSandbox.Error do
     * `output` — what was printed before the failure
     * `retry_after_ms` — for a refused `:rate_limited` or `:quota_exceeded`: when the tenant
       may try again; else `nil`
-    * `stats` — always all four keys of `t:LuaSandbox.Result.stats/0` (zeros when unknown,
+    * `stats` — always every key of `t:LuaSandbox.Result.stats/0` (zeros when unknown,
       e.g. for a `:timeout` the Elixir side had to enforce)
   """
 
@@ -76,7 +78,14 @@ defmodule LuaSandbox.Error do
           stats: LuaSandbox.Result.stats()
         }
 
-  @empty_stats %{instructions: 0, memory_peak: 0, duration_us: 0, tool_calls: 0, cpu_us: 0}
+  @empty_stats %{
+    instructions: 0,
+    memory_peak: 0,
+    duration_us: 0,
+    tool_calls: 0,
+    cpu_us: 0,
+    denied: %{}
+  }
 
   defexception kind: :runtime,
                message: "",

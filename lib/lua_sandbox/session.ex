@@ -1,5 +1,6 @@
 defmodule LuaSandbox.Session do
-  alias LuaSandbox.{Chunk, Error, Native, Options, Runner}
+  alias LuaSandbox.{Chunk, Error, Native, Options, Runner, Telemetry}
+  alias LuaSandbox.Supervisor.Slots
 
   @state_keys [
     :max_memory,
@@ -194,9 +195,9 @@ defmodule LuaSandbox.Session do
     deadline = if timeout == :infinity, do: nil, else: now_ms() + timeout
 
     case checkout(session, deadline) do
-      {:ok, {res, tools, print, sup}} ->
+      {:ok, {res, tools, print, sup, chunk}} ->
         try do
-          in_slot(sup, fn ->
+          in_slot(sup, {session, chunk}, fn ->
             res
             |> run_when_free(source, call_opts, deadline, timeout)
             |> Runner.drive(tools, print: print, deadline: deadline, timeout: timeout)
@@ -227,17 +228,36 @@ defmodule LuaSandbox.Session do
       :timeout
   end
 
-  defp in_slot(sup, fun) do
-    case LuaSandbox.Supervisor.Slots.checkout(sup) do
-      {:ok, slot} ->
-        try do
-          fun.()
-        after
-          LuaSandbox.Supervisor.Slots.checkin(slot)
-        end
+  # A call is a run of the supervisor (its metrics, denials and telemetry); it does not queue.
+  defp in_slot(sup, {session, chunk}, fun) do
+    telemetry? = Telemetry.enabled?()
+    t0 = if telemetry?, do: :erlang.monotonic_time()
 
-      :full ->
-        {:error, LuaSandbox.Supervisor.overloaded(sup)}
+    case Slots.admit(sup, nil, 0) do
+      {:ok, slot, _cap, _queued} ->
+        span =
+          if telemetry?,
+            do:
+              Telemetry.start(:session, t0, 0, %{
+                supervisor: sup,
+                tenant: nil,
+                chunk: chunk,
+                session: session
+              })
+
+        result =
+          try do
+            fun.()
+          after
+            Slots.checkin(slot)
+          end
+
+        Slots.settle(slot, nil, fn -> chunk end, result)
+        if span, do: Telemetry.stop(span, result)
+        result
+
+      refused ->
+        refused
     end
   end
 
@@ -321,6 +341,7 @@ defmodule LuaSandbox.Session do
        tools: tools,
        print: opts[:print] || :capture,
        supervisor: opts[:supervisor],
+       chunk_name: opts[:chunk_name],
        owner: nil,
        queue: :queue.new()
      }}
@@ -355,7 +376,7 @@ defmodule LuaSandbox.Session do
 
   def handle_info(_, s), do: {:noreply, s}
 
-  defp grant(s), do: {s.res, s.tools, s.print, s.supervisor}
+  defp grant(s), do: {s.res, s.tools, s.print, s.supervisor, s.chunk_name}
 
   # Hands the state to the next waiting caller that is still alive.
   defp next(s) do

@@ -11,14 +11,19 @@ defmodule LuaSandbox.Supervisor do
   dirty CPU schedulers × 4).
 
   Every run counts against its supervisor's `max_concurrency`, whatever its options: a run
-  without `timeout:` stays in the calling process and holds a slot (a small child process
-  that lives as long as the run, or its caller) for its duration; a run with `timeout:` runs in
-  a task under the supervisor. `LuaSandbox.run/2` beyond the bound is refused at once with
-  `kind: :overloaded` — there is no queue to grow without bound; `LuaSandbox.async_stream/2`
-  waits for a free slot instead. A `supervisor:` that is not running is an `ArgumentError`.
+  without `timeout:` stays in the calling process and holds a slot (a row the supervisor
+  gives back if the caller dies) for its duration; a run with `timeout:` runs in a task under
+  the supervisor. A run that finds the supervisor full waits in a FIFO queue shared by
+  `LuaSandbox.run/2`, `LuaSandbox.async/2` and `LuaSandbox.async_stream/2`, up to its
+  `queue_timeout:` (default 5 000 ms, like Finch's `pool_timeout`; `async_stream/2`:
+  `:infinity`, bounded by its own `timeout`), then answers `kind: :overloaded`;
+  `queue_timeout: 0` answers at once. While runs wait, a freed slot goes to the oldest of them
+  and no newcomer takes one directly, so a caller that retries cannot starve one that waits.
+  Only a run that waits sends a message (to the supervisor's keeper); taking a free slot does
+  not. A `supervisor:` that is not running is an `ArgumentError`.
   """
 
-  alias LuaSandbox.{Chunk, Cluster, Error, Runner}
+  alias LuaSandbox.{Chunk, Cluster, Error, Runner, Telemetry}
   alias LuaSandbox.Supervisor.{Quotas, Slots}
 
   @doc "The default size: dirty CPU schedulers × 4, unless configured."
@@ -62,7 +67,14 @@ defmodule LuaSandbox.Supervisor do
       `:quota_exceeded`
 
   A tenant without an entry gets `default` (none if there is no `default`). Refusals carry
-  `retry_after_ms`. Admission takes no message to any process (ETS and counters).
+  `retry_after_ms`. Admission takes no message to any process (ETS and atomics). A run of a
+  tenant with a `concurrency` quota counts against it once it holds a slot (not while queued).
+
+  `audit_log` (default `false`): a Logger level (`true` is `:warning`) at which every
+  capability a script was denied ("os.getenv is not available in this sandbox") is logged
+  once per run and capability, with metadata `lua_supervisor`, `lua_tenant`, `lua_chunk`,
+  `lua_capability` and `lua_count`. Denials are counted in `LuaSandbox.metrics/1` and emitted
+  as telemetry (`LuaSandbox.Telemetry`) whether or not they are logged.
   """
   @spec start_link(keyword) :: Supervisor.on_start()
   def start_link(opts) do
@@ -71,7 +83,8 @@ defmodule LuaSandbox.Supervisor do
         :name,
         quotas: nil,
         max_concurrency: default_max_concurrency(),
-        cluster: false
+        cluster: false,
+        audit_log: false
       ])
 
     quotas = Quotas.validate!(opts[:quotas])
@@ -89,9 +102,22 @@ defmodule LuaSandbox.Supervisor do
       raise ArgumentError, "cluster must be a boolean, got: #{inspect(opts[:cluster])}"
     end
 
+    audit =
+      case opts[:audit_log] do
+        true ->
+          :warning
+
+        level when level == false or level in [:debug, :info, :notice, :warning, :error] ->
+          level
+
+        other ->
+          raise ArgumentError,
+                "audit_log must be a boolean or a Logger level, got: #{inspect(other)}"
+      end
+
     children =
       [
-        {Slots, {opts[:name], opts[:max_concurrency], quotas}},
+        {Slots, {opts[:name], opts[:max_concurrency], quotas: quotas, audit_log: audit}},
         # Unbounded: the bound is the slots', which every run takes wherever it runs.
         {Task.Supervisor, name: opts[:name]}
       ] ++
@@ -108,27 +134,68 @@ defmodule LuaSandbox.Supervisor do
   def running(name), do: Slots.count(name)
 
   @doc """
-  The load of supervisor `name`: `%{running: n, capacity: max_concurrency}`, from two
-  reads (cheap enough to ask before every run, e.g. to pick a node).
+  The load of supervisor `name`: `%{running: n, capacity: max_concurrency, queue: waiting}`,
+  from three reads (cheap enough to ask before every run, e.g. to pick a node).
   """
-  @spec load(atom) :: %{running: non_neg_integer, capacity: pos_integer}
+  @spec load(atom) :: %{
+          running: non_neg_integer,
+          capacity: pos_integer,
+          queue: non_neg_integer
+        }
   def load(name) do
-    {running, capacity} = Slots.load(name)
-    %{running: running, capacity: capacity}
+    {running, capacity, queue} = Slots.load(name)
+    %{running: running, capacity: capacity, queue: queue}
   end
 
   @doc false
-  # Runs `source` in the calling process while holding a slot of `opts[:supervisor]`.
+  # Runs `source` in the calling process while holding a slot of `opts[:supervisor]`, after
+  # waiting for one up to `queue_timeout` (and no later than the run's deadline). Admission
+  # (the tenant's quotas, then the slot), the queue and the metrics are Slots'.
   @spec run_local(LuaSandbox.source(), keyword) ::
           {:ok, LuaSandbox.Result.t()} | {:error, Error.t()}
   def run_local(source, opts) do
-    case run_in_slot(source, opts) do
-      :full ->
-        Slots.refused(opts[:supervisor], opts[:tenant], :overloaded)
-        {:error, overloaded(opts[:supervisor])}
+    sup = opts[:supervisor]
+    tenant = opts[:tenant]
+    telemetry? = Telemetry.enabled?()
+    t0 = if telemetry?, do: :erlang.monotonic_time()
 
-      result ->
+    case Slots.admit(sup, tenant, queue_wait(opts)) do
+      {:ok, slot, cap_ms, queued_us} ->
+        span =
+          if telemetry?,
+            do:
+              Telemetry.start(:run, t0, queued_us, %{
+                supervisor: sup,
+                tenant: tenant,
+                chunk: chunk_name(source, opts)
+              })
+
+        result =
+          try do
+            run_capped(source, opts, cap_ms)
+          after
+            Slots.checkin(slot)
+          end
+
+        Slots.settle(slot, tenant, fn -> chunk_name(source, opts) end, result)
+        if span, do: Telemetry.stop(span, result)
         result
+
+      refused ->
+        refused
+    end
+  end
+
+  defp chunk_name(%Chunk{name: name}, _opts), do: name
+  defp chunk_name(_source, opts), do: opts[:chunk_name]
+
+  # The queue wait: `queue_timeout`, but never past the run's deadline (set by the task).
+  defp queue_wait(opts) do
+    wait = Keyword.get(opts, :queue_timeout, 0)
+
+    case opts[:deadline] do
+      nil -> wait
+      deadline -> min(wait, max(deadline - System.monotonic_time(:millisecond), 0))
     end
   end
 
@@ -137,42 +204,6 @@ defmodule LuaSandbox.Supervisor do
   def run_for(owner, source, opts) do
     watch(owner, self())
     run_local(source, opts)
-  end
-
-  @doc false
-  # Like run_local/2, but waits (with backoff) for a free slot instead of answering
-  # :overloaded; used by LuaSandbox.async_stream/2, whose own timeout bounds the wait.
-  def run_queued(source, opts, backoff \\ 1) do
-    case run_in_slot(source, opts) do
-      :full ->
-        Process.sleep(backoff)
-        run_queued(source, opts, min(backoff * 2, 20))
-
-      result ->
-        result
-    end
-  end
-
-  # The run, holding one of its supervisor's slots while it runs; `:full` without running.
-  # Admission (the tenant's quotas, then the slot) and the metrics are Slots'.
-  defp run_in_slot(source, opts) do
-    sup = opts[:supervisor]
-    tenant = opts[:tenant]
-
-    case Slots.admit(sup, tenant) do
-      {:ok, slot, cap_ms} ->
-        result =
-          try do
-            run_capped(source, opts, cap_ms)
-          after
-            Slots.checkin(slot)
-          end
-
-        Slots.settle(sup, tenant, result)
-
-      other ->
-        other
-    end
   end
 
   defp run_capped(source, opts, nil), do: Runner.run(source, opts)
@@ -266,11 +297,6 @@ defmodule LuaSandbox.Supervisor do
   @doc false
   def unreachable(node) do
     Error.new(:node_down, "node #{node} is not reachable", stats: Error.empty_stats())
-  end
-
-  @doc false
-  def overloaded(sup) do
-    Error.new(:overloaded, "supervisor #{inspect(sup)} is at max_concurrency")
   end
 
   defp start_child(sup, fun, args) do

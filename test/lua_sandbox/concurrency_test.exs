@@ -34,11 +34,11 @@ defmodule LuaSandbox.ConcurrencyTest do
       pid = busy(name)
 
       assert {:error, %Error{kind: :overloaded, stats: %{instructions: 0}}} =
-               LuaSandbox.run("return 1", supervisor: name)
+               LuaSandbox.run("return 1", supervisor: name, queue_timeout: 0)
 
       # with timeout: too, the same bound
       assert {:error, %Error{kind: :overloaded}} =
-               LuaSandbox.run("return 1", supervisor: name, timeout: 1_000)
+               LuaSandbox.run("return 1", supervisor: name, timeout: 1_000, queue_timeout: 0)
 
       Process.exit(pid, :kill)
       # the slot goes with its caller
@@ -133,6 +133,7 @@ defmodule LuaSandbox.ConcurrencyTest do
 
       assert Map.keys(stats) |> Enum.sort() == [
                :cpu_us,
+               :denied,
                :duration_us,
                :instructions,
                :memory_peak,

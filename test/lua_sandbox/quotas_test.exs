@@ -150,8 +150,11 @@ defmodule LuaSandbox.QuotasTest do
     test "an :overloaded refusal is counted once" do
       sup = start_sup(nil, 1)
       {task, pid} = blocked_run(sup, nil)
-      assert {:error, %Error{kind: :overloaded}} = LuaSandbox.run("return 1", supervisor: sup)
-      assert %{running: 1, capacity: 1} = LuaSandbox.Supervisor.load(sup)
+
+      assert {:error, %Error{kind: :overloaded}} =
+               LuaSandbox.run("return 1", supervisor: sup, queue_timeout: 0)
+
+      assert %{running: 1, capacity: 1, queue: 0} = LuaSandbox.Supervisor.load(sup)
       send(pid, :go)
       Task.await(task, 5_000)
       assert LuaSandbox.metrics(sup).overloads == 1

@@ -814,7 +814,12 @@ static int sb_tool (lua_State *L) {
 ** =======================================================
 */
 
+/*
+** Every "X is not available in this sandbox" is raised by one of the two
+** functions below, and each counts the denial first (lua_sandbox_denied).
+*/
 static int unavailable (lua_State *L) {
+  lua_sandbox_denied("", lua_tostring(L, lua_upvalueindex(1)));
   return luaL_error(L, "%s is not available in this sandbox%s",
                     lua_tostring(L, lua_upvalueindex(1)),
                     lua_tostring(L, lua_upvalueindex(2)));
@@ -845,10 +850,12 @@ static int package_index (lua_State *L) {
   int i;
   if (lua_type(L, 2) == LUA_TSTRING)
     for (i = 0; removed[i]; i++)
-      if (strcmp(k, removed[i]) == 0)
+      if (strcmp(k, removed[i]) == 0) {
+        lua_sandbox_denied("package.", removed[i]);
         return luaL_error(L, "package.%s is not available in this sandbox "
                           "(require loads the built-in libraries and the "
                           "host's modules)", k);
+      }
   return 0;
 }
 

@@ -18,7 +18,7 @@
 //! again, so no amount of `pcall`, `xpcall`, `coroutine.resume` or `__close` lets a script
 //! keep running or change the reported kind.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::ffi::{c_char, c_int};
 use std::ptr;
 use std::time::{Duration, Instant};
@@ -92,7 +92,13 @@ pub struct Control {
     cpu_before: Cell<Duration>,
     /// This thread's CPU time when the current NIF call started running the script.
     cpu_start: Cell<Option<Duration>>,
+    /// The capabilities the script was denied ("os.getenv is not available in this sandbox"),
+    /// by name, with how often (`stats.denied`); at most [`MAX_DENIED`] names.
+    denied: RefCell<Vec<(String, u64)>>,
 }
+
+/// Distinct denied names a run records (the sandbox has about 40 stubs).
+pub const MAX_DENIED: usize = 64;
 
 impl Control {
     pub fn new(max_instructions: u64) -> Self {
@@ -106,7 +112,29 @@ impl Control {
             deadline: Cell::new(None),
             cpu_before: Cell::new(Duration::ZERO),
             cpu_start: Cell::new(None),
+            denied: RefCell::new(Vec::new()),
         }
+    }
+
+    /// Counts one denial of the capability `prefix` + `name`.
+    pub fn note_denied(&self, prefix: &[u8], name: &[u8]) {
+        let mut denied = self.denied.borrow_mut();
+        let same = |n: &str| {
+            n.len() == prefix.len() + name.len()
+                && n.as_bytes().starts_with(prefix)
+                && n.as_bytes().ends_with(name)
+        };
+        if let Some(entry) = denied.iter_mut().find(|(n, _)| same(n)) {
+            entry.1 += 1;
+        } else if denied.len() < MAX_DENIED {
+            let full = [prefix, name].concat();
+            denied.push((String::from_utf8_lossy(&full).into_owned(), 1));
+        }
+    }
+
+    /// The capabilities the script was denied, with how often.
+    pub fn denied(&self) -> std::cell::Ref<'_, Vec<(String, u64)>> {
+        self.denied.borrow()
     }
 
     /// Starts counting CPU time for the NIF call running the script on this thread.
@@ -282,6 +310,11 @@ fn with_control<R>(f: impl FnOnce(&Control, Caller) -> R) -> Option<R> {
             Some(f(unsafe { &*control }, caller))
         }
     })
+}
+
+/// Counts a capability the active run was denied (a no-op outside a run).
+pub fn note_denied(prefix: &[u8], name: &[u8]) {
+    with_control(|control, _| control.note_denied(prefix, name));
 }
 
 /// The opaque env of the active run's caller (null outside a run).

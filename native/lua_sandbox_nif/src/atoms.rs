@@ -41,6 +41,7 @@ rustler::atoms! {
     duration_us,
     tool_calls,
     cpu_us,
+    denied,
     struct_key = "__struct__",
     handle_struct = "Elixir.LuaSandbox.Handle",
     term,

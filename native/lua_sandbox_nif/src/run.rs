@@ -1015,20 +1015,28 @@ fn stats_term<'a>(env: Env<'a>, session: &Running) -> Term<'a> {
             session.tool_calls,
             control.cpu_time().as_micros() as u64,
         ],
+        &control.denied(),
     )
 }
 
-/// `%{instructions:, memory_peak:, duration_us:, tool_calls:, cpu_us:}` from values in that
-/// order.
-fn stats_map(env: Env<'_>, values: [u64; 5]) -> Term<'_> {
+/// `%{instructions:, memory_peak:, duration_us:, tool_calls:, cpu_us:, denied:}` from values
+/// in that order and the denied capabilities (`%{name => count}`).
+fn stats_map<'a>(env: Env<'a>, values: [u64; 5], denied: &[(String, u64)]) -> Term<'a> {
+    let names: Vec<Term> = denied.iter().map(|(n, _)| n.encode(env)).collect();
+    let counts: Vec<Term> = denied.iter().map(|(_, c)| c.encode(env)).collect();
+    let denied = Term::map_from_arrays(env, &names, &counts).unwrap_or_else(|_| Term::map_new(env));
     let keys = [
         atoms::instructions().encode(env),
         atoms::memory_peak().encode(env),
         atoms::duration_us().encode(env),
         atoms::tool_calls().encode(env),
         atoms::cpu_us().encode(env),
+        atoms::denied().encode(env),
     ];
     let values = values.map(|v| v.encode(env));
+    let values = [
+        values[0], values[1], values[2], values[3], values[4], denied,
+    ];
     Term::map_from_arrays(env, &keys, &values).unwrap_or_else(|_| atoms::nil().encode(env))
 }
 
@@ -1080,7 +1088,7 @@ fn finish_error<'a>(
 }
 
 pub(crate) fn early_error(env: Env<'_>, e: SandboxError, t0: Instant) -> Term<'_> {
-    let stats = stats_map(env, [0, 0, t0.elapsed().as_micros() as u64, 0, 0]);
+    let stats = stats_map(env, [0, 0, t0.elapsed().as_micros() as u64, 0, 0], &[]);
     let none: Option<String> = None;
     (
         atoms::error(),

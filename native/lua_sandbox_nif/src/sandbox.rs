@@ -9,7 +9,7 @@
 //! with a destructor across a call that may raise.
 
 use std::cell::RefCell;
-use std::ffi::{c_char, c_int, c_void};
+use std::ffi::{c_char, c_int, c_void, CStr};
 use std::sync::OnceLock;
 
 use lua_sandbox_core::{ffi, Slot};
@@ -175,6 +175,22 @@ pub extern "C" fn lua_sandbox_stock_abort_message() -> *const c_char {
     budget::current_abort()
         .map_or(c"run aborted", Abort::c_message)
         .as_ptr()
+}
+
+/// A capability the script was denied (csrc/sb_baselib.c: the two functions that raise "X is
+/// not available in this sandbox" call this first): counted in the run's `stats.denied`.
+/// Never raises.
+#[no_mangle]
+pub extern "C" fn lua_sandbox_denied(prefix: *const c_char, name: *const c_char) {
+    if prefix.is_null() || name.is_null() {
+        return;
+    }
+    let _ = std::panic::catch_unwind(|| {
+        // SAFETY: both are NUL-terminated strings the caller keeps alive for this call (C
+        // literals, or a Lua string held as an upvalue of the calling closure).
+        let (prefix, name) = unsafe { (CStr::from_ptr(prefix), CStr::from_ptr(name)) };
+        budget::note_denied(prefix.to_bytes(), name.to_bytes());
+    });
 }
 
 thread_local! {
