@@ -3,6 +3,7 @@ defmodule LuaSandbox.QueueTest do
   # order, fairness against callers that retry, waiters that die, and the queue length that
   # Supervisor.load/1 and the cluster member publish.
   use ExUnit.Case, async: true
+  import LuaSandbox.TestWait
 
   alias LuaSandbox.Error
 
@@ -194,13 +195,5 @@ defmodule LuaSandbox.QueueTest do
     Process.unlink(pid)
     Process.exit(pid, :kill)
     assert_receive {:DOWN, ^ref, _, _, _}, 5_000
-  end
-
-  defp wait_until(fun, tries \\ 500) do
-    cond do
-      fun.() -> :ok
-      tries == 0 -> flunk("condition never became true")
-      true -> Process.sleep(5) && wait_until(fun, tries - 1)
-    end
   end
 end

@@ -2,6 +2,7 @@ defmodule LuaSandbox.TelemetryTest do
   # LuaSandbox.Telemetry against the real :telemetry library (vendored for the tests only,
   # loaded by LuaSandbox.TestTelemetry): the events, their measurements and metadata.
   use ExUnit.Case, async: true
+  import LuaSandbox.TestWait
 
   alias LuaSandbox.{Error, Session}
 
@@ -135,14 +136,6 @@ defmodule LuaSandbox.TelemetryTest do
       message -> [message | flush()]
     after
       0 -> []
-    end
-  end
-
-  defp wait_until(fun, tries \\ 500) do
-    cond do
-      fun.() -> :ok
-      tries == 0 -> flunk("condition never became true")
-      true -> Process.sleep(5) && wait_until(fun, tries - 1)
     end
   end
 end
