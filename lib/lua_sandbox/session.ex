@@ -39,8 +39,11 @@ defmodule LuaSandbox.Session do
   milliseconds and is rolled back, and no process of the call outlives it. If the session
   process stops, its state is freed.
 
-  Rollback copies the state's used memory aside before each call (a `memcpy`, about 1 µs
-  per 40 KiB; see bench/RESULTS.md) and back after a failed one. A short call on a state of
+  Rollback keeps a copy of the state from before each call and copies it back after a failed
+  one. Up to 1 MiB of state the whole state is copied (a `memcpy`, about 1 µs per 40 KiB);
+  beyond, only the pages the call wrote are (tracked with Linux's `userfaultfd` write
+  protection and `PAGEMAP_SCAN`, 6.7+; older kernels copy everything), so a call that changes
+  one field costs about the same on a 16 MiB state as on a small one (see bench/RESULTS.md). A short call on a state of
   at most 1 MiB is first tried on the caller's scheduler (as short runs are); one that needs
   more is rolled back unseen and run on a dirty scheduler.
   """

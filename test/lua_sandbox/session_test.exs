@@ -83,6 +83,30 @@ defmodule LuaSandbox.SessionTest do
     assert %{rollbacks: 4} = Session.info(s)
   end
 
+  test "a session over 1 MiB (checkpoints from the pages written) rolls back the same way" do
+    s = start!(max_memory: 64 * 1024 * 1024)
+
+    {:ok, _} = Session.run(s, "Blob = string.rep('b', 4 * 1024 * 1024) data = {} n = 0")
+
+    for i <- 1..12 do
+      {:ok, _} = Session.run(s, "n = n + 1 data[#data + 1] = string.rep('d', #{i * 97})")
+      before = dump(s)
+
+      assert {:error, %{kind: :runtime}} =
+               Session.run(s, """
+               n = -1 data[1] = 'changed' data[#data + 1] = {}
+               grown = {} for i = 1, #{i * 5000} do grown[i] = i end
+               #{if rem(i, 3) == 0, do: "collectgarbage()", else: ""}
+               error('halfway')
+               """)
+
+      assert dump(s) == before
+    end
+
+    assert {:ok, %{value: 12}} = Session.run(s, "return n")
+    assert %{rollbacks: 12} = Session.info(s)
+  end
+
   test "a caller killed mid-call leaves the session as it was" do
     s = start!()
     {:ok, _} = Session.run(s, "n = 1")

@@ -2,11 +2,12 @@
 //!
 //! A session owns a slot (`slots.rs`) for its whole life: its state-wide setup (globals,
 //! tools, modules) is done once, and each call runs a new coroutine in that same state. A
-//! call borrows the session's state (a [`Loan`]): before it starts, the slot's used prefix is
-//! copied aside (a checkpoint, the same `memcpy` machinery as fresh states); when the call
-//! ends in any error — a script error, a limit, the caller's death, also while parked at a
-//! tool call — the checkpoint is copied back, so the session is exactly as it was before the
-//! call. With `rollback: false` a failed call keeps what it changed, as Lua would.
+//! call borrows the session's state (a [`Loan`]): before it starts, the slot takes a
+//! checkpoint (`Slot::checkpoint`: a copy of the used prefix, kept up to date from the pages
+//! written once the state passes 1 MiB); when the call ends in any error — a script error, a
+//! limit, the caller's death, also while parked at a tool call — the slot rolls back to it, so
+//! the session is exactly as it was before the call. With `rollback: false` a failed call
+//! keeps what it changed, as Lua would.
 //!
 //! The resource belongs to the `LuaSandbox.Session` process, which serializes calls; the
 //! call itself runs in the calling process (so its death stops the call, as for `run/2`).
@@ -60,8 +61,6 @@ pub struct CallOpts<'a> {
 /// What a session keeps between calls.
 pub struct SessionState {
     lease: Lease,
-    /// The slot's used prefix before the current call (reused buffer).
-    checkpoint: Vec<u8>,
     max_memory: usize,
     max_depth: usize,
     max_source: u64,
@@ -158,19 +157,13 @@ impl Drop for Loan {
         };
         if self.discarded {
             // `session_try` only attempts with rollback on: the checkpoint is there.
-            let SessionState {
-                lease, checkpoint, ..
-            } = &mut state;
-            lease.slot_mut().rollback(checkpoint);
+            state.lease.slot_mut().rollback();
             state.handles.truncate(self.handles_mark);
             *self.owner.lock() = Some(state);
             return;
         }
         if self.rollback && !self.ok {
-            let SessionState {
-                lease, checkpoint, ..
-            } = &mut state;
-            lease.slot_mut().rollback(checkpoint);
+            state.lease.slot_mut().rollback();
             state.handles.truncate(self.handles_mark);
             state.rollbacks += 1;
         } else {
@@ -218,7 +211,6 @@ fn session_new<'a>(env: Env<'a>, opts: SessionOpts<'a>) -> Term<'a> {
         }
         let state = SessionState {
             lease,
-            checkpoint: Vec::new(),
             max_memory,
             max_depth: opts.max_depth as usize,
             max_source: opts.max_source,
@@ -315,10 +307,7 @@ fn call<'a>(
         };
         state.lease.slot_mut().reset_peak();
         if opts.rollback {
-            let SessionState {
-                lease, checkpoint, ..
-            } = &mut state;
-            lease.slot().checkpoint(checkpoint);
+            state.lease.slot_mut().checkpoint();
         }
         let chunk_name = match &source {
             Some(Source::Chunk(chunk)) => chunk.name.clone(),
