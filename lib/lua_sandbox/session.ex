@@ -173,6 +173,77 @@ defmodule LuaSandbox.Session do
     with {:ok, _} <- exec(session, nil, nil, opts), do: :ok
   end
 
+  @doc """
+  Starts a new session holding a copy of `session`'s state — its globals, functions, handles —
+  with the same tools, modules and limits, independent from then on: what a call does in one
+  is not seen in the other. Linked to the caller, like `start_link/1`.
+
+  Waits for `session`'s turn like a call (the copy is of the state between calls), and holds
+  one of the supervisor's slots while it copies.
+
+  A Lua state only works at the address it was built at, so a session and its forks share
+  one arena: at any time one of them has its state in it and the others keep theirs as
+  copies. Their calls take turns (a call waits while another member's call runs), and a call
+  by a different member than the last one copies both states (out, then in).
+
+      iex> {:ok, s} = LuaSandbox.Session.start_link()
+      iex> {:ok, _} = LuaSandbox.Session.run(s, "n = 1")
+      iex> {:ok, f} = LuaSandbox.Session.fork(s)
+      iex> {:ok, _} = LuaSandbox.Session.run(f, "n = n + 10")
+      iex> {LuaSandbox.Session.get(s, "n"), LuaSandbox.Session.get(f, "n")}
+      {{:ok, 1}, {:ok, 11}}
+
+  ## Options
+
+    * `name` — registers the fork's process
+    * `supervisor` — the `LuaSandbox.Supervisor` its calls count against (default: `session`'s)
+  """
+  @spec fork(t, keyword) :: GenServer.on_start()
+  def fork(session, opts \\ []) do
+    {name, opts} = Keyword.pop(opts, :name)
+
+    case Keyword.keys(opts) -- [:supervisor] do
+      [] -> :ok
+      bad -> raise ArgumentError, "unknown options for a fork: #{inspect(bad)}"
+    end
+
+    own_sup = if Keyword.has_key?(opts, :supervisor), do: Options.validate!(opts)[:supervisor]
+    {:ok, {res, tools, print, sup}} = checkout(session, nil)
+    sup = own_sup || sup
+    _ = LuaSandbox.Supervisor.running(sup)
+
+    forked =
+      try do
+        in_slot(sup, fn -> fork_when_free(res) end)
+      after
+        GenServer.cast(session, {:checkin, self()})
+      end
+
+    with {:ok, copy} <- forked do
+      gen_opts = if name, do: [name: name], else: []
+      GenServer.start_link(__MODULE__, {copy, tools, [print: print, supervisor: sup]}, gen_opts)
+    end
+  end
+
+  defp fork_when_free(res, waited \\ 0) do
+    case Native.session_fork(res) do
+      {:ok, copy} ->
+        {:ok, copy}
+
+      :arena_busy ->
+        Process.sleep(1)
+        fork_when_free(res, waited)
+
+      :busy when waited < 5_000 ->
+        Process.sleep(1)
+        fork_when_free(res, waited + 1)
+
+      :busy ->
+        {:error,
+         Error.new(:runtime, "session state did not come back", stats: Error.empty_stats())}
+    end
+  end
+
   @doc "Memory in use (bytes), calls made, instructions used and rollbacks done so far."
   @spec info(t) :: %{
           memory: non_neg_integer,
@@ -254,6 +325,16 @@ defmodule LuaSandbox.Session do
       answer -> answer
     end
     |> case do
+      # A fork's call has the arena the family shares (`fork/2`): wait for it, within the
+      # deadline.
+      :arena_busy ->
+        if deadline && now_ms() >= deadline do
+          {:error, {:timeout, "", nil, nil, nil}, "", Error.empty_stats()}
+        else
+          Process.sleep(1)
+          run_when_free(res, source, call_opts, deadline, timeout, waited)
+        end
+
       :busy when waited < 5_000 ->
         Process.sleep(1)
         run_when_free(res, source, call_opts, deadline, timeout, waited + 1)

@@ -51,6 +51,27 @@ impl Handles {
     }
 }
 
+impl Handles {
+    /// A copy for a forked session: the same token and the same terms (copied into an
+    /// environment of its own), so the handles in the copied state stay valid in the fork.
+    pub fn fork(&self) -> Handles {
+        let Some(owned) = &self.owned else {
+            return Handles::new();
+        };
+        let copy = OwnedEnv::new();
+        let saved = self
+            .saved
+            .iter()
+            .map(|saved| owned.run(|env| copy.save(saved.load(env))))
+            .collect();
+        Handles {
+            token: self.token,
+            owned: Some(copy),
+            saved,
+        }
+    }
+}
+
 impl Default for Handles {
     fn default() -> Handles {
         Handles::new()

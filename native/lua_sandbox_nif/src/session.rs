@@ -1,6 +1,7 @@
 //! Sessions: a sandboxed state that lives across calls, with per-call limits and rollback.
 //!
-//! A session owns a slot (`slots.rs`) for its whole life: its state-wide setup (globals,
+//! A session owns a slot (`slots.rs`) for its whole life — shared with its forks, which take
+//! turns in it (`family.rs`) — : its state-wide setup (globals,
 //! tools, modules) is done once, and each call runs a new coroutine in that same state. A
 //! call borrows the session's state (a [`Loan`]): before it starts, the slot takes a
 //! checkpoint (`Slot::checkpoint`: a copy of the used prefix, kept up to date from the pages
@@ -12,7 +13,7 @@
 //! The resource belongs to the `LuaSandbox.Session` process, which serializes calls; the
 //! call itself runs in the calling process (so its death stops the call, as for `run/2`).
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use rustler::types::LocalPid;
 use rustler::{Atom, Encoder, Env, NifMap, NifResult, ResourceArc, Term};
@@ -21,6 +22,7 @@ use crate::atoms;
 use crate::budget::Control;
 use crate::chunk::Code;
 use crate::error::SandboxError;
+use crate::family::Family;
 use crate::handles::Handles;
 use crate::output::Output;
 use crate::run::{self, Entry, Home, Running, Source, StateSetup};
@@ -60,7 +62,9 @@ pub struct CallOpts<'a> {
 
 /// What a session keeps between calls.
 pub struct SessionState {
-    lease: Lease,
+    /// The slot this session shares with its forks (`family.rs`), and its place in it.
+    family: Arc<Family>,
+    id: u64,
     max_memory: usize,
     max_depth: usize,
     max_source: u64,
@@ -74,6 +78,19 @@ pub struct SessionState {
     /// The terms behind the session's handles: they stay valid for the session's life. Lent
     /// to each call's `Running` and given back when it ends.
     handles: Box<Handles>,
+}
+
+impl SessionState {
+    /// Bytes the session's state holds; `None` while a call of the family has it.
+    fn used(&self) -> Option<usize> {
+        self.family.used(self.id)
+    }
+}
+
+impl Drop for SessionState {
+    fn drop(&mut self) {
+        self.family.leave(self.id);
+    }
 }
 
 /// The session resource: its state, or `None` while a call has it on loan.
@@ -95,6 +112,8 @@ impl SessionRes {
 /// back first unless the call succeeded or rollback is off.
 pub struct Loan {
     state: Option<SessionState>,
+    /// The family's slot with this session's state in it, for the call.
+    lease: Option<Lease>,
     owner: ResourceArc<SessionRes>,
     rollback: bool,
     ok: bool,
@@ -105,24 +124,18 @@ pub struct Loan {
     discarded: bool,
 }
 
-impl Loan {
-    fn state(&self) -> &SessionState {
-        self.state
-            .as_ref()
-            .expect("a loan holds the state until dropped")
-    }
-}
-
 impl run::Lent for Loan {
     fn slot(&self) -> &Slot {
-        self.state().lease.slot()
+        self.lease
+            .as_ref()
+            .expect("a loan holds the slot until dropped")
+            .slot()
     }
 
     fn slot_mut(&mut self) -> &mut Slot {
-        self.state
+        self.lease
             .as_mut()
-            .expect("a loan holds the state until dropped")
-            .lease
+            .expect("a loan holds the slot until dropped")
             .slot_mut()
     }
 
@@ -152,28 +165,29 @@ impl run::Lent for Loan {
 
 impl Drop for Loan {
     fn drop(&mut self) {
-        let Some(mut state) = self.state.take() else {
+        let (Some(mut state), Some(mut lease)) = (self.state.take(), self.lease.take()) else {
             return;
         };
+        let slot = lease.slot_mut();
         if self.discarded {
             // `session_try` only attempts with rollback on: the checkpoint is there.
-            state.lease.slot_mut().rollback();
+            slot.rollback();
             state.handles.truncate(self.handles_mark);
-            *self.owner.lock() = Some(state);
-            return;
-        }
-        if self.rollback && !self.ok {
-            state.lease.slot_mut().rollback();
-            state.handles.truncate(self.handles_mark);
-            state.rollbacks += 1;
         } else {
-            let l = state.lease.slot().state();
-            // SAFETY: the call is over (finished, or abandoned while suspended): nothing runs
-            // on the state; dropping the main stack's values (the run coroutine) never raises.
-            unsafe { lua_sandbox_core::ffi::lua_settop(l, 0) };
+            if self.rollback && !self.ok {
+                slot.rollback();
+                state.handles.truncate(self.handles_mark);
+                state.rollbacks += 1;
+            } else {
+                // SAFETY: the call is over (finished, or abandoned while suspended): nothing
+                // runs on the state; dropping the main stack's values (the run coroutine)
+                // never raises.
+                unsafe { lua_sandbox_core::ffi::lua_settop(slot.state(), 0) };
+            }
+            state.calls += 1;
+            state.instructions += self.instructions;
         }
-        state.calls += 1;
-        state.instructions += self.instructions;
+        state.family.give_back(lease);
         *self.owner.lock() = Some(state);
     }
 }
@@ -209,8 +223,10 @@ fn session_new<'a>(env: Env<'a>, opts: SessionOpts<'a>) -> Term<'a> {
         if let Err(e) = prepared {
             return run::early_error(env, e, t0);
         }
+        let (family, id) = Family::new(lease);
         let state = SessionState {
-            lease,
+            family,
+            id,
             max_memory,
             max_depth: opts.max_depth as usize,
             max_source: opts.max_source,
@@ -262,7 +278,8 @@ fn session_try<'a>(
     let small = res
         .lock()
         .as_ref()
-        .is_some_and(|state| state.lease.slot().used() <= TRY_MAX_USED);
+        .and_then(|state| state.used())
+        .is_some_and(|used| used <= TRY_MAX_USED);
     if !opts.rollback || !small {
         return Ok(atoms::retry().encode(env));
     }
@@ -305,9 +322,13 @@ fn call<'a>(
                 return run::early_error(env, e, t0);
             }
         };
-        state.lease.slot_mut().reset_peak();
+        let Some(mut lease) = state.family.take(state.id) else {
+            *res.lock() = Some(state);
+            return atoms::arena_busy().encode(env);
+        };
+        lease.slot_mut().reset_peak();
         if opts.rollback {
-            state.lease.slot_mut().checkpoint();
+            lease.slot_mut().checkpoint();
         }
         let chunk_name = match &source {
             Some(Source::Chunk(chunk)) => chunk.name.clone(),
@@ -337,6 +358,7 @@ fn call<'a>(
             handles,
             home: Home::Session(Box::new(Loan {
                 state: Some(state),
+                lease: Some(lease),
                 owner: res.clone(),
                 rollback: opts.rollback,
                 ok: false,
@@ -401,7 +423,7 @@ fn session_info(env: Env<'_>, res: ResourceArc<SessionRes>) -> Term<'_> {
         atoms::rollbacks().encode(env),
     ];
     let values = [
-        (state.lease.slot().used() as u64).encode(env),
+        (state.used().unwrap_or(0) as u64).encode(env),
         state.calls.encode(env),
         state.instructions.encode(env),
         state.rollbacks.encode(env),
@@ -410,4 +432,40 @@ fn session_info(env: Env<'_>, res: ResourceArc<SessionRes>) -> Term<'_> {
         Ok(map) => (atoms::ok(), map).encode(env),
         Err(_) => atoms::error().encode(env),
     }
+}
+
+/// `{:ok, session}`: a new session holding a copy of this one's state (its globals, functions
+/// and handles), independent from then on; `:busy` while a call has this session, or
+/// `:arena_busy` while a call of its family has the slot (`family.rs`).
+#[rustler::nif(schedule = "DirtyCpu")]
+fn session_fork(env: Env<'_>, res: ResourceArc<SessionRes>) -> Term<'_> {
+    let Some(state) = res.lock().take() else {
+        return atoms::busy().encode(env);
+    };
+    let answer = match state.family.fork(state.id) {
+        None => atoms::arena_busy().encode(env),
+        Some(id) => {
+            let fork = SessionState {
+                family: state.family.clone(),
+                id,
+                max_memory: state.max_memory,
+                max_depth: state.max_depth,
+                max_source: state.max_source,
+                chunk_name: state.chunk_name.clone(),
+                print: state.print,
+                print_pid: state.print_pid,
+                print_tag: state.print_tag.clone(),
+                calls: 0,
+                instructions: 0,
+                rollbacks: 0,
+                handles: Box::new(state.handles.fork()),
+            };
+            let fork = ResourceArc::new(SessionRes {
+                state: Mutex::new(Some(fork)),
+            });
+            (atoms::ok(), fork).encode(env)
+        }
+    };
+    *res.lock() = Some(state);
+    answer
 }
