@@ -107,4 +107,13 @@ defmodule LuaSandbox.HandleTest do
 
     assert m =~ "script:1: tool 'use': userdata cannot be passed to a tool (at tools.use[1])"
   end
+
+  test "a handle in a session's start_link globals is valid for the session's life" do
+    me = self()
+    tools = %{use: fn [h] -> send(me, {:used, h}) && "done" end}
+    {:ok, s} = LuaSandbox.Session.start_link(tools: tools, globals: %{db: LuaSandbox.handle(:db)})
+    assert {:ok, %{value: :db}} = LuaSandbox.Session.run(s, "return db")
+    assert {:ok, %{value: "done"}} = LuaSandbox.Session.run(s, "return tools.use(db)")
+    assert_received {:used, :db}
+  end
 end

@@ -213,6 +213,12 @@ fn session_new<'a>(env: Env<'a>, opts: SessionOpts<'a>) -> Term<'a> {
         // conversion of globals.
         let control = Control::new(u64::MAX);
         let state = lease.slot().state();
+        // Handles in the state-wide globals are the session's, for its life.
+        let mut handles = Box::<Handles>::default();
+        let handles_ptr: *mut Handles = &mut *handles;
+        // SAFETY: the box outlives the activation (both end in this block, the activation
+        // first: it is declared after).
+        let _handles = unsafe { crate::handles::Activation::new_raw(handles_ptr) };
         // SAFETY: `control` lives until the end of this function; the leased state outlives
         // it (the lease moves into the session, `control` is dropped here).
         let prepared = unsafe {
@@ -220,6 +226,7 @@ fn session_new<'a>(env: Env<'a>, opts: SessionOpts<'a>) -> Term<'a> {
                 run::prepare_state(lease.slot_mut(), &setup)
             })
         };
+        drop(_handles);
         if let Err(e) = prepared {
             return run::early_error(env, e, t0);
         }
@@ -237,7 +244,7 @@ fn session_new<'a>(env: Env<'a>, opts: SessionOpts<'a>) -> Term<'a> {
             calls: 0,
             instructions: 0,
             rollbacks: 0,
-            handles: Box::default(),
+            handles,
         };
         let res = ResourceArc::new(SessionRes {
             state: Mutex::new(Some(state)),
