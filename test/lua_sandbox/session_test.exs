@@ -107,6 +107,23 @@ defmodule LuaSandbox.SessionTest do
     assert %{rollbacks: 12} = Session.info(s)
   end
 
+  test "passing arguments does not start a collection step on every call" do
+    # Marshaling pauses the collector; stock LUA_GCRESTART would reset its debt, so each call
+    # would pay a step of marking over the whole heap (charged as instructions).
+    s = start!()
+
+    {:ok, _} =
+      Session.run(s, "keep = {} for i = 1, 5000 do keep[i] = {i} end function f(x) return x end")
+
+    counts =
+      for _ <- 1..41 do
+        {:ok, %{stats: %{instructions: n}}} = Session.call(s, "f", [1])
+        n
+      end
+
+    assert Enum.at(Enum.sort(counts), 20) < 200, inspect(counts)
+  end
+
   test "a caller killed mid-call leaves the session as it was" do
     s = start!()
     {:ok, _} = Session.run(s, "n = 1")
