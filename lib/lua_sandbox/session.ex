@@ -198,7 +198,7 @@ defmodule LuaSandbox.Session do
     * `name` — registers the fork's process
     * `supervisor` — the `LuaSandbox.Supervisor` its calls count against (default: `session`'s)
   """
-  @spec fork(t, keyword) :: GenServer.on_start()
+  @spec fork(t, keyword) :: GenServer.on_start() | {:error, Error.t()}
   def fork(session, opts \\ []) do
     {name, opts} = Keyword.pop(opts, :name)
 

@@ -14,6 +14,18 @@ defmodule LuaSandbox.SessionForkTest do
     s
   end
 
+  # `tools.wait()` tells the test it is parked, then waits for `:go`.
+  defp waiting_tools do
+    me = self()
+
+    %{
+      wait: fn _ ->
+        send(me, {:parked, self()})
+        receive do: (:go -> "went")
+      end
+    }
+  end
+
   defp state(s) do
     {:ok, %{values: values}} = Session.run(s, "return n, table.concat(list, ',')")
     values
@@ -82,13 +94,7 @@ defmodule LuaSandbox.SessionForkTest do
     sup = :"#{__MODULE__}.one"
     start_supervised!({LuaSandbox.Supervisor, name: sup, max_concurrency: 1})
     me = self()
-
-    tools = %{
-      wait: fn _ ->
-        send(me, {:parked, self()})
-        receive do: (:go -> "went")
-      end
-    }
+    tools = waiting_tools()
 
     s = start!(supervisor: sup, tools: tools)
     caller = spawn_link(fn -> send(me, {:done, Session.run(s, "n = 2 tools.wait() n = 3")}) end)
@@ -113,13 +119,7 @@ defmodule LuaSandbox.SessionForkTest do
 
   test "a member's call waits while another member's call has the arena" do
     me = self()
-
-    tools = %{
-      wait: fn _ ->
-        send(me, {:parked, self()})
-        receive do: (:go -> "went")
-      end
-    }
+    tools = waiting_tools()
 
     s = start!(tools: tools)
     {:ok, f} = Session.fork(s)

@@ -170,7 +170,7 @@ impl Drop for Loan {
         };
         let slot = lease.slot_mut();
         if self.discarded {
-            // `session_try` only attempts with rollback on: the checkpoint is there.
+            // An attempt always took a checkpoint (`call`), `rollback: false` or not.
             slot.rollback();
             state.handles.truncate(self.handles_mark);
         } else {
@@ -272,7 +272,7 @@ const TRY_MAX_USED: usize = run::FAST_MEMORY;
 /// A first attempt at a call on the caller's normal scheduler, like `run_try`: at most
 /// `FAST_INSTRUCTIONS` and `FAST_RESULT_BYTES`, no tool call, no output streamed. It answers
 /// like `session_run` when the call finished within them, and `:retry` when not (also,
-/// without trying, for `rollback: false` or a state over `TRY_MAX_USED`): the attempt is then
+/// without trying, for a state over `TRY_MAX_USED`): the attempt is then
 /// rolled back unseen and uncounted, and the caller runs the call with `session_run`.
 #[rustler::nif]
 fn session_try<'a>(
@@ -287,7 +287,7 @@ fn session_try<'a>(
         .as_ref()
         .and_then(|state| state.used())
         .is_some_and(|used| used <= TRY_MAX_USED);
-    if !opts.rollback || !small {
+    if !small {
         return Ok(atoms::retry().encode(env));
     }
     let fast = run::Fast::for_session(opts.max_instructions, opts.max_result_bytes);
@@ -334,7 +334,10 @@ fn call<'a>(
             return atoms::arena_busy().encode(env);
         };
         lease.slot_mut().reset_peak();
-        if opts.rollback {
+        // A first attempt may be thrown away (`session_try`): it takes a checkpoint even
+        // with `rollback: false`, which then only means a failure that ends the call keeps
+        // what it changed.
+        if opts.rollback || fast.is_some() {
             lease.slot_mut().checkpoint();
         }
         let chunk_name = match &source {
