@@ -134,6 +134,47 @@ defmodule LuaSandbox.SessionForkTest do
     assert state(s) == [5, "a"]
   end
 
+  test "concurrent callers on three members: each keeps its own state" do
+    s = start!(max_memory: 64 * 1024 * 1024)
+    {:ok, _} = Session.run(s, "Blob = string.rep('x', 1536 * 1024)")
+    {:ok, f} = Session.fork(s)
+    {:ok, _} = Session.run(f, "n = 1000")
+    {:ok, g} = Session.fork(f)
+    start = %{s => 1, f => 1000, g => 1000}
+
+    kept =
+      1..4
+      |> Enum.map(fn w ->
+        Task.async(fn ->
+          :rand.seed(:exsss, {w, w, w})
+
+          Enum.reduce(1..60, %{}, fn _, acc ->
+            m = Enum.random(Map.keys(start))
+
+            if :rand.uniform(3) == 1 do
+              {:error, _} =
+                Session.run(
+                  m,
+                  "n = n + 100 local t = {} for i = 1, 5000 do t[i] = i end error('x')"
+                )
+
+              acc
+            else
+              {:ok, _} = Session.run(m, "n = n + 1 local s = 0 for i = 1, 20000 do s = s + i end")
+              Map.update(acc, m, 1, &(&1 + 1))
+            end
+          end)
+        end)
+      end)
+      |> Enum.map(&Task.await(&1, 60_000))
+      |> Enum.reduce(%{}, &Map.merge(&1, &2, fn _, a, b -> a + b end))
+
+    for {m, n0} <- start do
+      assert {:ok, %{values: [n, 1_572_864]}} = Session.run(m, "return n, #Blob")
+      assert n == n0 + Map.get(kept, m, 0)
+    end
+  end
+
   test "unknown fork options raise" do
     s = start!()
     assert_raise ArgumentError, ~r/unknown options for a fork/, fn -> Session.fork(s, x: 1) end
