@@ -34,7 +34,8 @@ defmodule LuaSandbox.Session do
   Options: the state-wide ones in `start_link/1`, the per-call ones in `run/3`.
 
   Calls on one session are serialized (callers wait their turn); many sessions run in
-  parallel. A call runs in the calling process, with or without `timeout:` (a tool under a
+  parallel. `fork/2` starts a session holding a copy of the state (its calls take turns with
+  its origin's: they share one arena). A call runs in the calling process, with or without `timeout:` (a tool under a
   deadline runs in a process linked to it): if that process dies, the call stops within
   milliseconds and is rolled back, and no process of the call outlives it. If the session
   process stops, its state is freed.
