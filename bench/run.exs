@@ -475,8 +475,8 @@ defmodule Bench.Run do
 
     notes = [
       "Sessions: ours is `LuaSandbox.Session.call(s, \"handle\", [msg])` on a session that ran the " <>
-        "handler's source once (rollback on: the state's used prefix is copied aside before the " <>
-        "call); Luerl is `luerl:call_function([handle], [Msg], St)` on a state held in a " <>
+        "handler's source once (rollback on: a checkpoint before the call, a copy of the state up " <>
+        "to 1 MiB, of the pages written since the last one beyond); Luerl is `luerl:call_function([handle], [Msg], St)` on a state held in a " <>
         "GenServer (an Agent: `get_and_update`), and, as info, threaded inline in the caller. tv-labs/lua is a wrapper over Luerl (Hex " <>
         "only, not reachable here), so its state reuse is Luerl's. Checkpoint rows: a no-op " <>
         "`call` on sessions holding a 64 KiB / 1 MiB / 16 MiB string, with and without rollback."
@@ -1116,6 +1116,19 @@ defmodule Bench.Run do
       )
 
     session = find.("7. session call", fn _ -> true end)
+
+    session_trivial =
+      Enum.find(
+        rows,
+        &(String.starts_with?(&1.scenario, "7. session call") and
+            &1.system == "#{@ours} (fresh trivial run)")
+      )
+
+    checkpoint = fn size ->
+      Enum.find(rows, &String.starts_with?(&1.scenario, "7. checkpoint cost, #{size} state"))
+    end
+
+    {small, big} = {checkpoint.("64 KiB"), checkpoint.("16 MiB")}
     kill = find.("5.", fn _ -> true end)
     any = Enum.find(rows, &(&1.system == "node: :any (one member, same peer)"))
     pick = Enum.find(rows, &(&1.system == "Cluster.pick (two members)"))
@@ -1151,6 +1164,21 @@ defmodule Bench.Run do
       end,
       if session do
         "- session call ≥ 3× Luerl call_function: #{H.fmt_ratio(session.ratio)} — #{mark.(session.ratio >= 3)}"
+      end,
+      if session do
+        "- session call ≤ Luerl call_function in a GenServer (issue 19): #{H.fmt_ratio(session.ratio)} — #{mark.(session.ratio >= 1)}"
+      end,
+      if session && session_trivial do
+        x = session.median / session_trivial.median
+
+        "- session call ≤ 1.5× a fresh trivial run (issue 19): #{H.fmt_num(x)}× " <>
+          "(#{H.fmt_ns(session.median)} vs #{H.fmt_ns(session_trivial.median)}) — #{mark.(x <= 1.5)}"
+      end,
+      if small && big do
+        x = big.median / small.median
+
+        "- no-op call on a 16 MiB session ≤ 5× on a 64 KiB one (issue 19): #{H.fmt_num(x)}× " <>
+          "(#{H.fmt_ns(big.median)} vs #{H.fmt_ns(small.median)}) — #{mark.(x <= 5)}"
       end,
       cond do
         kill && kill[:fail] ->

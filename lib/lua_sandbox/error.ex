@@ -11,7 +11,8 @@ defmodule LuaSandbox.Error do
     depth_limit: "a value nested deeper than `max_depth`, either direction",
     size_limit: "a result or tool argument larger than `max_result_bytes`",
     cycle: "a returned table contains itself (the message names the path)",
-    unsupported_value: "a function, coroutine or userdata (or a table/function key) in a result",
+    unsupported_value:
+      "a function, coroutine or userdata (or a table/function key) in a result or tool arguments (a userdata passed to a tool that is not one of the run's handles — `io.stdout`, a handle from elsewhere — is a Lua error the script can catch)",
     invalid_input:
       "globals or args that cannot become Lua values (the message names the path, e.g. " <>
         "`globals.ctx.items[3]`; such a tool result is a Lua error the script can catch), " <>

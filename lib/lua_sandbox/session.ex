@@ -35,13 +35,17 @@ defmodule LuaSandbox.Session do
   Options: the state-wide ones in `start_link/1`, the per-call ones in `run/3`.
 
   Calls on one session are serialized (callers wait their turn); many sessions run in
-  parallel. A call runs in the calling process, with or without `timeout:` (a tool under a
+  parallel. `fork/2` starts a session holding a copy of the state (its calls take turns with
+  its origin's: they share one arena). A call runs in the calling process, with or without `timeout:` (a tool under a
   deadline runs in a process linked to it): if that process dies, the call stops within
   milliseconds and is rolled back, and no process of the call outlives it. If the session
   process stops, its state is freed.
 
-  Rollback copies the state's used memory aside before each call (a `memcpy`, about 1 µs
-  per 40 KiB; see bench/RESULTS.md) and back after a failed one. A short call on a state of
+  Rollback keeps a copy of the state from before each call and copies it back after a failed
+  one. Up to 1 MiB of state the whole state is copied (a `memcpy`, about 1 µs per 40 KiB);
+  beyond, only the pages the call wrote are (tracked with Linux's `userfaultfd` write
+  protection and `PAGEMAP_SCAN`, 6.7+; older kernels copy everything), so a call that changes
+  one field costs about the same on a 16 MiB state as on a small one (see bench/RESULTS.md). A short call on a state of
   at most 1 MiB is first tried on the caller's scheduler (as short runs are); one that needs
   more is rolled back unseen and run on a dirty scheduler.
   """
@@ -171,6 +175,77 @@ defmodule LuaSandbox.Session do
     with {:ok, _} <- exec(session, nil, nil, opts), do: :ok
   end
 
+  @doc """
+  Starts a new session holding a copy of `session`'s state — its globals, functions, handles —
+  with the same tools, modules and limits, independent from then on: what a call does in one
+  is not seen in the other. Linked to the caller, like `start_link/1`.
+
+  Waits for `session`'s turn like a call (the copy is of the state between calls), and holds
+  one of the supervisor's slots while it copies.
+
+  A Lua state only works at the address it was built at, so a session and its forks share
+  one arena: at any time one of them has its state in it and the others keep theirs as
+  copies. Their calls take turns (a call waits while another member's call runs), and a call
+  by a different member than the last one copies both states (out, then in).
+
+      iex> {:ok, s} = LuaSandbox.Session.start_link()
+      iex> {:ok, _} = LuaSandbox.Session.run(s, "n = 1")
+      iex> {:ok, f} = LuaSandbox.Session.fork(s)
+      iex> {:ok, _} = LuaSandbox.Session.run(f, "n = n + 10")
+      iex> {LuaSandbox.Session.get(s, "n"), LuaSandbox.Session.get(f, "n")}
+      {{:ok, 1}, {:ok, 11}}
+
+  ## Options
+
+    * `name` — registers the fork's process
+    * `supervisor` — the `LuaSandbox.Supervisor` its calls count against (default: `session`'s)
+  """
+  @spec fork(t, keyword) :: GenServer.on_start() | {:error, Error.t()}
+  def fork(session, opts \\ []) do
+    {name, opts} = Keyword.pop(opts, :name)
+
+    case Keyword.keys(opts) -- [:supervisor] do
+      [] -> :ok
+      bad -> raise ArgumentError, "unknown options for a fork: #{inspect(bad)}"
+    end
+
+    own_sup = if Keyword.has_key?(opts, :supervisor), do: Options.validate!(opts)[:supervisor]
+    {:ok, {res, tools, print, sup, _chunk}} = checkout(session, nil)
+    sup = own_sup || sup
+    _ = LuaSandbox.Supervisor.running(sup)
+
+    forked =
+      try do
+        holding_slot(sup, fn -> fork_when_free(res) end)
+      after
+        GenServer.cast(session, {:checkin, self()})
+      end
+
+    with {:ok, copy} <- forked do
+      gen_opts = if name, do: [name: name], else: []
+      GenServer.start_link(__MODULE__, {copy, tools, [print: print, supervisor: sup]}, gen_opts)
+    end
+  end
+
+  defp fork_when_free(res, waited \\ 0) do
+    case Native.session_fork(res) do
+      {:ok, copy} ->
+        {:ok, copy}
+
+      :arena_busy ->
+        Process.sleep(1)
+        fork_when_free(res, waited)
+
+      :busy when waited < 5_000 ->
+        Process.sleep(1)
+        fork_when_free(res, waited + 1)
+
+      :busy ->
+        {:error,
+         Error.new(:runtime, "session state did not come back", stats: Error.empty_stats())}
+    end
+  end
+
   @doc "Memory in use (bytes), calls made, instructions used and rollbacks done so far."
   @spec info(t) :: %{
           memory: non_neg_integer,
@@ -228,6 +303,22 @@ defmodule LuaSandbox.Session do
       :timeout
   end
 
+  # A fork holds one of the supervisor's slots while it copies the state; it is not a run
+  # (no metrics, no telemetry) and does not queue.
+  defp holding_slot(sup, fun) do
+    case Slots.admit(sup, nil, 0) do
+      {:ok, slot, _cap, _queued} ->
+        try do
+          fun.()
+        after
+          Slots.checkin(slot)
+        end
+
+      refused ->
+        refused
+    end
+  end
+
   # A call is a run of the supervisor (its metrics, denials and telemetry); it does not queue.
   defp in_slot(sup, {session, chunk}, fun) do
     telemetry? = Telemetry.enabled?()
@@ -271,6 +362,16 @@ defmodule LuaSandbox.Session do
       answer -> answer
     end
     |> case do
+      # A fork's call has the arena the family shares (`fork/2`): wait for it, within the
+      # deadline.
+      :arena_busy ->
+        if deadline && now_ms() >= deadline do
+          {:error, {:timeout, "", nil, nil, nil}, "", Error.empty_stats()}
+        else
+          Process.sleep(1)
+          run_when_free(res, source, call_opts, deadline, timeout, waited)
+        end
+
       :busy when waited < 5_000 ->
         Process.sleep(1)
         run_when_free(res, source, call_opts, deadline, timeout, waited + 1)

@@ -344,6 +344,11 @@ defmodule LuaSandbox.Supervisor do
   defp deadline(_node, _timeout), do: nil
 
   # How long after `timeout` the task is killed: time for the NIF's own :timeout to arrive.
+  # The deadline inside the NIF and the tool kill (Runner) end every run that is executing,
+  # but not a run that has not started executing: a task queued for a dirty scheduler while
+  # all of them run other scripts, a run on another node that stopped answering (still
+  # connected), or a step between two deadline checks that takes long (one big allocation or
+  # collection). The caller's wait stays bounded only with this kill.
   defp backstop(:infinity), do: :infinity
   defp backstop(timeout), do: timeout + 500
 

@@ -110,6 +110,20 @@ defmodule LuaSandbox.FirstAttemptTest do
       assert %{calls: 3, rollbacks: 0} = LuaSandbox.Session.info(s)
     end
 
+    test "with rollback: false too: a thrown-away attempt is undone, a failed call kept" do
+      {:ok, s} = LuaSandbox.Session.start_link()
+      {:ok, _} = LuaSandbox.Session.run(s, "n = 0")
+      long = "n = n + 1 local m = 0 for i = 1, 200000 do m = m + i end return n"
+      # the attempt ran past its slice (n = 1) and was thrown away: n is 1 after the call
+      assert {:ok, %{value: 1}} = LuaSandbox.Session.run(s, long, rollback: false)
+
+      assert {:error, %{kind: :runtime}} =
+               LuaSandbox.Session.run(s, "n = 10 error('x')", rollback: false)
+
+      assert {:ok, %{value: 10}} = LuaSandbox.Session.run(s, "return n")
+      assert %{calls: 4, rollbacks: 0} = LuaSandbox.Session.info(s)
+    end
+
     test "a failed short call is rolled back and counted once" do
       {:ok, s} = LuaSandbox.Session.start_link()
       {:ok, _} = LuaSandbox.Session.run(s, "n = 1")

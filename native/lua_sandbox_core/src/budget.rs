@@ -90,11 +90,14 @@ pub struct Control {
     deadline: Cell<Option<Instant>>,
     /// CPU time of the run's finished NIF calls (`os.clock`, `stats.cpu_us`; see facts.rs).
     cpu_before: Cell<Duration>,
-    /// This thread's CPU time when the current NIF call started running the script.
+    /// This thread's CPU time when the current NIF call started running the script, less
+    /// the wall time before the clock was first read (see [`Control::clock_mark`]).
     cpu_start: Cell<Option<Duration>>,
     /// The capabilities the script was denied ("os.getenv is not available in this sandbox"),
     /// by name, with how often (`stats.denied`); at most [`MAX_DENIED`] names.
     denied: RefCell<Vec<(String, u64)>>,
+    /// When the current NIF call started running the script.
+    wall_start: Cell<Option<Instant>>,
 }
 
 /// Distinct denied names a run records (the sandbox has about 40 stubs).
@@ -113,6 +116,7 @@ impl Control {
             cpu_before: Cell::new(Duration::ZERO),
             cpu_start: Cell::new(None),
             denied: RefCell::new(Vec::new()),
+            wall_start: Cell::new(None),
         }
     }
 
@@ -138,25 +142,47 @@ impl Control {
     }
 
     /// Starts counting CPU time for the NIF call running the script on this thread.
+    ///
+    /// The thread's CPU clock is a system call (`CLOCK_THREAD_CPUTIME_ID`, 0.3-1 µs, two per
+    /// call: a third of a short run's cost), so it is read only from the first budget check
+    /// on ([`Control::clock_mark`], every [`TICK_INTERVAL`] units of work): a NIF call that
+    /// ends before counts its wall time, an upper bound of its CPU time over a few µs.
     pub fn clock_start(&self) {
-        self.cpu_start.set(Some(thread_cpu()));
+        self.wall_start.set(Some(Instant::now()));
+        self.cpu_start.set(None);
+    }
+
+    /// Reads the CPU clock once per NIF call (the first budget check calls this): the time
+    /// since [`Control::clock_start`] counts as wall time, the rest as CPU time.
+    pub fn clock_mark(&self) {
+        if self.cpu_start.get().is_none() {
+            if let Some(wall) = self.wall_start.get() {
+                self.cpu_start
+                    .set(Some(thread_cpu().saturating_sub(wall.elapsed())));
+            }
+        }
     }
 
     /// Stops counting at the end of a NIF call (before a tool call or the end of the run).
     pub fn clock_stop(&self) {
-        if let Some(start) = self.cpu_start.take() {
-            let spent = thread_cpu().saturating_sub(start);
-            self.cpu_before.set(self.cpu_before.get() + spent);
-        }
+        let spent = self.running_time();
+        self.cpu_start.set(None);
+        self.wall_start.set(None);
+        self.cpu_before.set(self.cpu_before.get() + spent);
     }
 
     /// The run's own CPU time so far.
     pub fn cpu_time(&self) -> Duration {
-        self.cpu_before.get()
-            + self
-                .cpu_start
-                .get()
-                .map_or(Duration::ZERO, |s| thread_cpu().saturating_sub(s))
+        self.cpu_before.get() + self.running_time()
+    }
+
+    /// The current NIF call's share of [`Control::cpu_time`].
+    fn running_time(&self) -> Duration {
+        match (self.cpu_start.get(), self.wall_start.get()) {
+            (Some(start), _) => thread_cpu().saturating_sub(start),
+            (None, Some(wall)) => wall.elapsed(),
+            (None, None) => Duration::ZERO,
+        }
     }
 
     /// Makes the run time out at `deadline`; checked wherever the kill is.
@@ -511,6 +537,7 @@ extern "C" fn tick(l: *mut ffi::lua_State, event: c_int) -> *const c_char {
             return None;
         }
         control.note_memory(used_memory(l));
+        control.clock_mark();
         if control.abort().is_none() {
             control.book(l);
             if control.used.get() >= control.max {

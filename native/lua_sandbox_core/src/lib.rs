@@ -2,6 +2,7 @@
 //!
 //! - [`heap`]: an allocator whose bookkeeping lives inside its arena, exact to the byte.
 //! - [`slot`]: a Lua state in a fixed arena, restored from its pristine snapshot by a `memcpy`.
+//! - [`written`]: which pages of an arena were written since the last look (userfaultfd, no signals).
 //! - [`protect`]: the one discipline for raising (longjmp) that every caller of the C API follows.
 //! - [`libs`]: the standard libraries a sandboxed state opens.
 //! - [`seed`]: per-run randomness (`math.random`) for restored states.
@@ -18,6 +19,7 @@ pub mod seed;
 pub mod slot;
 #[cfg(feature = "stretch")]
 mod stretch;
+pub mod written;
 
 pub use protect::LuaFailure;
 pub use slot::{Slot, SlotError};

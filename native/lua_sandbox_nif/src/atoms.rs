@@ -7,6 +7,7 @@ rustler::atoms! {
     tool_call,
     retry,
     busy,
+    arena_busy,
     // session info keys
     memory,
     calls,

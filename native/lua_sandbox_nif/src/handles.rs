@@ -51,6 +51,27 @@ impl Handles {
     }
 }
 
+impl Handles {
+    /// A copy for a forked session: the same token and the same terms (copied into an
+    /// environment of its own), so the handles in the copied state stay valid in the fork.
+    pub fn fork(&self) -> Handles {
+        let Some(owned) = &self.owned else {
+            return Handles::new();
+        };
+        let copy = OwnedEnv::new();
+        let saved = self
+            .saved
+            .iter()
+            .map(|saved| owned.run(|env| copy.save(saved.load(env))))
+            .collect();
+        Handles {
+            token: self.token,
+            owned: Some(copy),
+            saved,
+        }
+    }
+}
+
 impl Default for Handles {
     fn default() -> Handles {
         Handles::new()
@@ -135,22 +156,35 @@ pub unsafe fn push(l: *mut ffi::lua_State, term: Term) -> Result<(), &'static st
     Ok(())
 }
 
+/// Why a userdata is not one of this run's handles.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotOurs {
+    /// Not a handle at all (e.g. `io.stdout`).
+    NotAHandle,
+    /// A handle, but made for another run or session (its token or index is not ours).
+    Elsewhere,
+}
+
 /// The term behind the handle at `idx`, if it is one of this run's handles.
 ///
 /// # Safety
 /// `idx` must be a valid index of `l` holding a full userdata; `l` must have 2 free slots.
-pub unsafe fn read<'e>(env: Env<'e>, l: *mut ffi::lua_State, idx: c_int) -> Option<Term<'e>> {
+pub unsafe fn read<'e>(
+    env: Env<'e>,
+    l: *mut ffi::lua_State,
+    idx: c_int,
+) -> Result<Term<'e>, NotOurs> {
     // SAFETY: reads only: the metatable comparison uses raw access, and the payload is read
     // only from a userdata that carries our metatable, which only `push` gives.
     let payload = unsafe {
         if ffi::lua_getmetatable(l, idx) == 0 {
-            return None;
+            return Err(NotOurs::NotAHandle);
         }
         ffi::lua_rawgetp(l, ffi::LUA_REGISTRYINDEX, Key::HandleMeta.ptr());
         let ours = ffi::lua_rawequal(l, -1, -2) != 0;
         ffi::lua_settop(l, -3);
         if !ours {
-            return None;
+            return Err(NotOurs::NotAHandle);
         }
         *ffi::lua_touserdata(l, idx).cast::<Payload>()
     };
@@ -163,6 +197,7 @@ pub unsafe fn read<'e>(env: Env<'e>, l: *mut ffi::lua_State, idx: c_int) -> Opti
         Some(owned.run(|oenv| saved.load(oenv).in_env(env)))
     })
     .flatten()
+    .ok_or(NotOurs::Elsewhere)
 }
 
 /// `__tostring` of a handle.

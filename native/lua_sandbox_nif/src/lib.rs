@@ -5,6 +5,7 @@ mod caller;
 mod chunk;
 mod error;
 mod facts;
+mod family;
 mod handles;
 mod marshal;
 mod output;

@@ -27,6 +27,7 @@ use rustler::{Encoder, Env, Term, TermType};
 use crate::atoms;
 use crate::budget::{self, Abort};
 use crate::error::SandboxError;
+use crate::handles::NotOurs;
 use crate::term::binary_term;
 
 /// Fixed cost, in bytes, charged per value against `max_result_bytes` on top of string bytes.
@@ -118,6 +119,16 @@ enum FailKind {
     Memory,
     /// The budget ran out, the caller died or the deadline passed during the conversion.
     Abort(Abort),
+    /// A userdata that is not one of the run's handles.
+    Foreign(NotOurs),
+}
+
+/// What a userdata the host cannot take is, in words.
+fn foreign(why: NotOurs) -> &'static str {
+    match why {
+        NotOurs::NotAHandle => "userdata",
+        NotOurs::Elsewhere => "a handle from another run or session",
+    }
 }
 
 impl Fail {
@@ -134,6 +145,29 @@ impl Fail {
     }
 
     fn into_error(self, root: &str) -> SandboxError {
+        let path = self.path(root);
+        match self.kind {
+            FailKind::Invalid(what) => SandboxError::InvalidInput(format!("{what} at {path}")),
+            FailKind::Unsupported(what) => SandboxError::UnsupportedValue(format!(
+                "{what} cannot leave the sandbox (at {path})"
+            )),
+            FailKind::Foreign(why) => SandboxError::UnsupportedValue(format!(
+                "{} cannot leave the sandbox (at {path})",
+                foreign(why)
+            )),
+            FailKind::Depth(max) => SandboxError::DepthLimit(format!(
+                "value nested deeper than max_depth ({max}) at {path}"
+            )),
+            FailKind::Size(max) => SandboxError::SizeLimit(format!(
+                "result larger than max_result_bytes ({max}) at {path}"
+            )),
+            FailKind::Cycle => SandboxError::Cycle(format!("table contains itself at {path}")),
+            FailKind::Memory => SandboxError::MemoryLimit,
+            FailKind::Abort(why) => SandboxError::from(why),
+        }
+    }
+
+    fn path(&self, root: &str) -> String {
         let mut path = root.to_string();
         for seg in self.rev_path.iter().rev() {
             match seg {
@@ -151,21 +185,7 @@ impl Fail {
                 }
             }
         }
-        match self.kind {
-            FailKind::Invalid(what) => SandboxError::InvalidInput(format!("{what} at {path}")),
-            FailKind::Unsupported(what) => SandboxError::UnsupportedValue(format!(
-                "{what} cannot leave the sandbox (at {path})"
-            )),
-            FailKind::Depth(max) => SandboxError::DepthLimit(format!(
-                "value nested deeper than max_depth ({max}) at {path}"
-            )),
-            FailKind::Size(max) => SandboxError::SizeLimit(format!(
-                "result larger than max_result_bytes ({max}) at {path}"
-            )),
-            FailKind::Cycle => SandboxError::Cycle(format!("table contains itself at {path}")),
-            FailKind::Memory => SandboxError::MemoryLimit,
-            FailKind::Abort(why) => SandboxError::from(why),
-        }
+        path
     }
 }
 
@@ -259,7 +279,7 @@ pub unsafe fn push_values(
 }
 
 /// Runs `f` under the backstop with the collector paused (everything built is reachable
-/// anyway), then restarts it.
+/// anyway; no finalizer may run), its pacing kept.
 ///
 /// # Safety
 /// `f` must not raise by construction.
@@ -267,15 +287,10 @@ unsafe fn building(
     l: *mut ffi::lua_State,
     mut f: impl FnMut(*mut ffi::lua_State),
 ) -> Result<(), SandboxError> {
-    // SAFETY: stopping/restarting the collector and querying it never raise.
+    // SAFETY: `l` is not running (the caller's contract), so no collection step is either.
     unsafe {
-        let was_running = ffi::lua_gc(l, ffi::LUA_GCISRUNNING, 0) != 0;
-        ffi::lua_gc(l, ffi::LUA_GCSTOP, 0);
-        let r = protect::call_backstop(l, &mut f);
-        if was_running {
-            ffi::lua_gc(l, ffi::LUA_GCRESTART, 0);
-        }
-        r.map_err(|e| SandboxError::Runtime(e.message))
+        protect::collector_paused(l, || protect::call_backstop(l, &mut f))
+            .map_err(|e| SandboxError::Runtime(e.message))
     }
 }
 
@@ -645,6 +660,53 @@ pub unsafe fn to_terms<'e>(
     bounds: Bounds,
     root: &str,
 ) -> Result<Vec<Term<'e>>, SandboxError> {
+    // SAFETY: forwarded contract.
+    unsafe { read_values(env, l, first, n, bounds) }.map_err(|f| f.into_error(root))
+}
+
+/// How a tool call's arguments failed to convert.
+pub enum ArgsError {
+    /// The script passed what no tool can take but the run can go on from (a userdata that is
+    /// not one of its handles): the message for a Lua error raised at the call.
+    Refused(String),
+    /// Anything else ends the run, as for results.
+    Fatal(SandboxError),
+}
+
+/// [`to_terms`] for a tool call's arguments (path rooted at `root`, e.g. `tools.read`).
+///
+/// # Safety
+/// As for [`to_terms`].
+pub unsafe fn tool_args<'e>(
+    env: Env<'e>,
+    l: *mut ffi::lua_State,
+    first: c_int,
+    n: c_int,
+    bounds: Bounds,
+    root: &str,
+) -> Result<Vec<Term<'e>>, ArgsError> {
+    // SAFETY: forwarded contract.
+    unsafe { read_values(env, l, first, n, bounds) }.map_err(|f| match f.kind {
+        FailKind::Foreign(why) => ArgsError::Refused(format!(
+            "{} cannot be passed to a tool (at {})",
+            foreign(why),
+            f.path(root)
+        )),
+        _ => ArgsError::Fatal(f.into_error(root)),
+    })
+}
+
+/// The values at `first..first + n` as terms; the stack is left as it was.
+///
+/// # Safety
+/// As for [`to_terms`].
+unsafe fn read_values<'e>(
+    env: Env<'e>,
+    l: *mut ffi::lua_State,
+    first: c_int,
+    n: c_int,
+    bounds: Bounds,
+) -> Result<Vec<Term<'e>>, Fail> {
     let mut reader = Reader::new(env, bounds);
     // SAFETY: reading never raises (module doc); the stack is reset afterwards.
     unsafe {
@@ -662,8 +724,7 @@ pub unsafe fn to_terms<'e>(
         }
         let result = result.and_then(|()| reader.meter.flush());
         ffi::lua_settop(l, top);
-        result.map_err(|f| f.into_error(root))?;
-        Ok(out)
+        result.map(|()| out)
     }
 }
 
@@ -778,13 +839,11 @@ impl<'e> Reader<'e> {
                         return Err(unsupported("userdata"));
                     }
                     match crate::handles::read(env, l, idx) {
-                        Some(t) => {
+                        Ok(t) => {
                             self.charge(0)?;
                             Ok(t)
                         }
-                        None => Err(unsupported(
-                            "userdata (a handle made in another run or session)",
-                        )),
+                        Err(why) => Err(Fail::new(FailKind::Foreign(why))),
                     }
                 }
                 ffi::LUA_TFUNCTION => Err(unsupported("a function")),

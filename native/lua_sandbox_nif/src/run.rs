@@ -881,11 +881,66 @@ enum Answer<'a> {
 fn settle_step<'a>(
     env: Env<'a>,
     session: &mut Running,
-    step: Result<Step, SandboxError>,
+    mut step: Result<Step, SandboxError>,
     thread: *mut ffi::lua_State,
     fast: Option<Fast>,
 ) -> Answer<'a> {
-    Answer::Final(match step {
+    // A tool call whose arguments the host refuses (`marshal::ArgsError::Refused`) raises a
+    // Lua error where the script called the tool, and the run goes on to its next stop.
+    loop {
+        match settle_once(env, session, step, thread, fast) {
+            Settled::Answer(answer) => return answer,
+            Settled::Refused(message) => {
+                let t0 = Instant::now();
+                step = refuse_tool_call(session, &message);
+                session.elapsed += t0.elapsed();
+                output::flush(&mut session.output, env);
+            }
+        }
+    }
+}
+
+enum Settled<'a> {
+    Answer(Answer<'a>),
+    /// The tool call's arguments were refused: this message is raised in Lua.
+    Refused(String),
+}
+
+/// Resumes the run coroutine, suspended at a tool call, with the tool's failure `message`
+/// (raised where the script called the tool, like a tool's own error) and runs it to its next
+/// stop.
+fn refuse_tool_call(session: &mut Running, message: &str) -> Result<Step, SandboxError> {
+    let name = &session.pending_tool;
+    let message = format!("tool '{name}': {message}");
+    let (l, thread, limit) = (session.main(), session.thread, session.max_memory);
+    session.home.slot_mut().set_limit(usize::MAX);
+    // SAFETY: the main state is not running (the thread is suspended at its yield) and its
+    // limit is lifted; the message is built on the main stack and moved to the thread after
+    // room is checked; `lua_pushboolean` does not allocate.
+    let pushed = unsafe {
+        if ffi::lua_checkstack(thread, 2) == 0 {
+            Err(SandboxError::Runtime("Lua stack exhausted".to_string()))
+        } else {
+            push_string(l, message.as_bytes(), limit).map(|()| {
+                ffi::lua_pushboolean(thread, 0);
+                ffi::lua_xmove(l, thread, 1);
+            })
+        }
+    };
+    session.home.slot_mut().set_limit(limit);
+    pushed?;
+    let _out = output::Activation::new(&mut session.output);
+    resume(session.thread, &session.control, 2)
+}
+
+fn settle_once<'a>(
+    env: Env<'a>,
+    session: &mut Running,
+    step: Result<Step, SandboxError>,
+    thread: *mut ffi::lua_State,
+    fast: Option<Fast>,
+) -> Settled<'a> {
+    Settled::Answer(Answer::Final(match step {
         Err(e) => finish_error(env, session, e, None),
         Ok(Step::Failed { idx }) => {
             // SAFETY: `idx` is the error object's slot on the finished thread.
@@ -906,7 +961,9 @@ fn settle_step<'a>(
                     let stats = stats_term(env, session);
                     (atoms::ok(), terms, binary_term(env, &output), stats).encode(env)
                 }
-                Err(e) if fast.is_some_and(|f| f.retry(&e)) => return Answer::Retry,
+                Err(e) if fast.is_some_and(|f| f.retry(&e)) => {
+                    return Settled::Answer(Answer::Retry)
+                }
                 Err(e) => finish_error(env, session, e, None),
             }
         }
@@ -919,22 +976,33 @@ fn settle_step<'a>(
             session.tool_calls += 1;
             if session.tool_calls > session.max_tool_calls {
                 session.control.set_abort(Abort::ToolCalls);
-                return Answer::Final(finish_error(env, session, SandboxError::ToolLimit, None));
+                return Settled::Answer(Answer::Final(finish_error(
+                    env,
+                    session,
+                    SandboxError::ToolLimit,
+                    None,
+                )));
             }
             let root = format!("tools.{name}");
             session.pending_tool.clone_from(&name);
             // SAFETY: the arguments are on the suspended thread at `first..first + n`; then
             // the yielded values are popped, so the next resume finds only its arguments.
             let terms =
-                unsafe { marshal::to_terms(env, thread, first, n, session.bounds(), &root) };
+                unsafe { marshal::tool_args(env, thread, first, n, session.bounds(), &root) };
             // SAFETY: `keep` is below the yielded values on the suspended thread.
             unsafe { ffi::lua_settop(thread, keep) };
             match terms {
-                Err(e) => finish_error(env, session, e, None),
-                Ok(terms) => return Answer::ToolCall(binary_term(env, name.as_bytes()), terms),
+                Err(marshal::ArgsError::Refused(message)) => return Settled::Refused(message),
+                Err(marshal::ArgsError::Fatal(e)) => finish_error(env, session, e, None),
+                Ok(terms) => {
+                    return Settled::Answer(Answer::ToolCall(
+                        binary_term(env, name.as_bytes()),
+                        terms,
+                    ))
+                }
             }
         }
-    })
+    }))
 }
 
 /// Elixir's answer to a tool call, pushed onto the suspended run coroutine as the values the

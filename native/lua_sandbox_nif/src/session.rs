@@ -1,17 +1,19 @@
 //! Sessions: a sandboxed state that lives across calls, with per-call limits and rollback.
 //!
-//! A session owns a slot (`slots.rs`) for its whole life: its state-wide setup (globals,
+//! A session owns a slot (`slots.rs`) for its whole life — shared with its forks, which take
+//! turns in it (`family.rs`) — : its state-wide setup (globals,
 //! tools, modules) is done once, and each call runs a new coroutine in that same state. A
-//! call borrows the session's state (a [`Loan`]): before it starts, the slot's used prefix is
-//! copied aside (a checkpoint, the same `memcpy` machinery as fresh states); when the call
-//! ends in any error — a script error, a limit, the caller's death, also while parked at a
-//! tool call — the checkpoint is copied back, so the session is exactly as it was before the
-//! call. With `rollback: false` a failed call keeps what it changed, as Lua would.
+//! call borrows the session's state (a [`Loan`]): before it starts, the slot takes a
+//! checkpoint (`Slot::checkpoint`: a copy of the used prefix, kept up to date from the pages
+//! written once the state passes 1 MiB); when the call ends in any error — a script error, a
+//! limit, the caller's death, also while parked at a tool call — the slot rolls back to it, so
+//! the session is exactly as it was before the call. With `rollback: false` a failed call
+//! keeps what it changed, as Lua would.
 //!
 //! The resource belongs to the `LuaSandbox.Session` process, which serializes calls; the
 //! call itself runs in the calling process (so its death stops the call, as for `run/2`).
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use rustler::types::LocalPid;
 use rustler::{Atom, Encoder, Env, NifMap, NifResult, ResourceArc, Term};
@@ -20,6 +22,7 @@ use crate::atoms;
 use crate::budget::Control;
 use crate::chunk::Code;
 use crate::error::SandboxError;
+use crate::family::Family;
 use crate::handles::Handles;
 use crate::output::Output;
 use crate::run::{self, Entry, Home, Running, Source, StateSetup};
@@ -59,9 +62,9 @@ pub struct CallOpts<'a> {
 
 /// What a session keeps between calls.
 pub struct SessionState {
-    lease: Lease,
-    /// The slot's used prefix before the current call (reused buffer).
-    checkpoint: Vec<u8>,
+    /// The slot this session shares with its forks (`family.rs`), and its place in it.
+    family: Arc<Family>,
+    id: u64,
     max_memory: usize,
     max_depth: usize,
     max_source: u64,
@@ -75,6 +78,19 @@ pub struct SessionState {
     /// The terms behind the session's handles: they stay valid for the session's life. Lent
     /// to each call's `Running` and given back when it ends.
     handles: Box<Handles>,
+}
+
+impl SessionState {
+    /// Bytes the session's state holds; `None` while a call of the family has it.
+    fn used(&self) -> Option<usize> {
+        self.family.used(self.id)
+    }
+}
+
+impl Drop for SessionState {
+    fn drop(&mut self) {
+        self.family.leave(self.id);
+    }
 }
 
 /// The session resource: its state, or `None` while a call has it on loan.
@@ -96,6 +112,8 @@ impl SessionRes {
 /// back first unless the call succeeded or rollback is off.
 pub struct Loan {
     state: Option<SessionState>,
+    /// The family's slot with this session's state in it, for the call.
+    lease: Option<Lease>,
     owner: ResourceArc<SessionRes>,
     rollback: bool,
     ok: bool,
@@ -106,24 +124,18 @@ pub struct Loan {
     discarded: bool,
 }
 
-impl Loan {
-    fn state(&self) -> &SessionState {
-        self.state
-            .as_ref()
-            .expect("a loan holds the state until dropped")
-    }
-}
-
 impl run::Lent for Loan {
     fn slot(&self) -> &Slot {
-        self.state().lease.slot()
+        self.lease
+            .as_ref()
+            .expect("a loan holds the slot until dropped")
+            .slot()
     }
 
     fn slot_mut(&mut self) -> &mut Slot {
-        self.state
+        self.lease
             .as_mut()
-            .expect("a loan holds the state until dropped")
-            .lease
+            .expect("a loan holds the slot until dropped")
             .slot_mut()
     }
 
@@ -153,34 +165,29 @@ impl run::Lent for Loan {
 
 impl Drop for Loan {
     fn drop(&mut self) {
-        let Some(mut state) = self.state.take() else {
+        let (Some(mut state), Some(mut lease)) = (self.state.take(), self.lease.take()) else {
             return;
         };
+        let slot = lease.slot_mut();
         if self.discarded {
-            // `session_try` only attempts with rollback on: the checkpoint is there.
-            let SessionState {
-                lease, checkpoint, ..
-            } = &mut state;
-            lease.slot_mut().rollback(checkpoint);
+            // An attempt always took a checkpoint (`call`), `rollback: false` or not.
+            slot.rollback();
             state.handles.truncate(self.handles_mark);
-            *self.owner.lock() = Some(state);
-            return;
-        }
-        if self.rollback && !self.ok {
-            let SessionState {
-                lease, checkpoint, ..
-            } = &mut state;
-            lease.slot_mut().rollback(checkpoint);
-            state.handles.truncate(self.handles_mark);
-            state.rollbacks += 1;
         } else {
-            let l = state.lease.slot().state();
-            // SAFETY: the call is over (finished, or abandoned while suspended): nothing runs
-            // on the state; dropping the main stack's values (the run coroutine) never raises.
-            unsafe { lua_sandbox_core::ffi::lua_settop(l, 0) };
+            if self.rollback && !self.ok {
+                slot.rollback();
+                state.handles.truncate(self.handles_mark);
+                state.rollbacks += 1;
+            } else {
+                // SAFETY: the call is over (finished, or abandoned while suspended): nothing
+                // runs on the state; dropping the main stack's values (the run coroutine)
+                // never raises.
+                unsafe { lua_sandbox_core::ffi::lua_settop(slot.state(), 0) };
+            }
+            state.calls += 1;
+            state.instructions += self.instructions;
         }
-        state.calls += 1;
-        state.instructions += self.instructions;
+        state.family.give_back(lease);
         *self.owner.lock() = Some(state);
     }
 }
@@ -206,6 +213,12 @@ fn session_new<'a>(env: Env<'a>, opts: SessionOpts<'a>) -> Term<'a> {
         // conversion of globals.
         let control = Control::new(u64::MAX);
         let state = lease.slot().state();
+        // Handles in the state-wide globals are the session's, for its life.
+        let mut handles = Box::<Handles>::default();
+        let handles_ptr: *mut Handles = &mut *handles;
+        // SAFETY: the box outlives the activation (both end in this block, the activation
+        // first: it is declared after).
+        let _handles = unsafe { crate::handles::Activation::new_raw(handles_ptr) };
         // SAFETY: `control` lives until the end of this function; the leased state outlives
         // it (the lease moves into the session, `control` is dropped here).
         let prepared = unsafe {
@@ -213,12 +226,14 @@ fn session_new<'a>(env: Env<'a>, opts: SessionOpts<'a>) -> Term<'a> {
                 run::prepare_state(lease.slot_mut(), &setup)
             })
         };
+        drop(_handles);
         if let Err(e) = prepared {
             return run::early_error(env, e, t0);
         }
+        let (family, id) = Family::new(lease);
         let state = SessionState {
-            lease,
-            checkpoint: Vec::new(),
+            family,
+            id,
             max_memory,
             max_depth: opts.max_depth as usize,
             max_source: opts.max_source,
@@ -229,7 +244,7 @@ fn session_new<'a>(env: Env<'a>, opts: SessionOpts<'a>) -> Term<'a> {
             calls: 0,
             instructions: 0,
             rollbacks: 0,
-            handles: Box::default(),
+            handles,
         };
         let res = ResourceArc::new(SessionRes {
             state: Mutex::new(Some(state)),
@@ -257,7 +272,7 @@ const TRY_MAX_USED: usize = run::FAST_MEMORY;
 /// A first attempt at a call on the caller's normal scheduler, like `run_try`: at most
 /// `FAST_INSTRUCTIONS` and `FAST_RESULT_BYTES`, no tool call, no output streamed. It answers
 /// like `session_run` when the call finished within them, and `:retry` when not (also,
-/// without trying, for `rollback: false` or a state over `TRY_MAX_USED`): the attempt is then
+/// without trying, for a state over `TRY_MAX_USED`): the attempt is then
 /// rolled back unseen and uncounted, and the caller runs the call with `session_run`.
 #[rustler::nif]
 fn session_try<'a>(
@@ -270,8 +285,9 @@ fn session_try<'a>(
     let small = res
         .lock()
         .as_ref()
-        .is_some_and(|state| state.lease.slot().used() <= TRY_MAX_USED);
-    if !opts.rollback || !small {
+        .and_then(|state| state.used())
+        .is_some_and(|used| used <= TRY_MAX_USED);
+    if !small {
         return Ok(atoms::retry().encode(env));
     }
     let fast = run::Fast::for_session(opts.max_instructions, opts.max_result_bytes);
@@ -313,12 +329,16 @@ fn call<'a>(
                 return run::early_error(env, e, t0);
             }
         };
-        state.lease.slot_mut().reset_peak();
-        if opts.rollback {
-            let SessionState {
-                lease, checkpoint, ..
-            } = &mut state;
-            lease.slot().checkpoint(checkpoint);
+        let Some(mut lease) = state.family.take(state.id) else {
+            *res.lock() = Some(state);
+            return atoms::arena_busy().encode(env);
+        };
+        lease.slot_mut().reset_peak();
+        // A first attempt may be thrown away (`session_try`): it takes a checkpoint even
+        // with `rollback: false`, which then only means a failure that ends the call keeps
+        // what it changed.
+        if opts.rollback || fast.is_some() {
+            lease.slot_mut().checkpoint();
         }
         let chunk_name = match &source {
             Some(Source::Chunk(chunk)) => chunk.name.clone(),
@@ -348,6 +368,7 @@ fn call<'a>(
             handles,
             home: Home::Session(Box::new(Loan {
                 state: Some(state),
+                lease: Some(lease),
                 owner: res.clone(),
                 rollback: opts.rollback,
                 ok: false,
@@ -412,7 +433,7 @@ fn session_info(env: Env<'_>, res: ResourceArc<SessionRes>) -> Term<'_> {
         atoms::rollbacks().encode(env),
     ];
     let values = [
-        (state.lease.slot().used() as u64).encode(env),
+        (state.used().unwrap_or(0) as u64).encode(env),
         state.calls.encode(env),
         state.instructions.encode(env),
         state.rollbacks.encode(env),
@@ -421,4 +442,40 @@ fn session_info(env: Env<'_>, res: ResourceArc<SessionRes>) -> Term<'_> {
         Ok(map) => (atoms::ok(), map).encode(env),
         Err(_) => atoms::error().encode(env),
     }
+}
+
+/// `{:ok, session}`: a new session holding a copy of this one's state (its globals, functions
+/// and handles), independent from then on; `:busy` while a call has this session, or
+/// `:arena_busy` while a call of its family has the slot (`family.rs`).
+#[rustler::nif(schedule = "DirtyCpu")]
+fn session_fork(env: Env<'_>, res: ResourceArc<SessionRes>) -> Term<'_> {
+    let Some(state) = res.lock().take() else {
+        return atoms::busy().encode(env);
+    };
+    let answer = match state.family.fork(state.id) {
+        None => atoms::arena_busy().encode(env),
+        Some(id) => {
+            let fork = SessionState {
+                family: state.family.clone(),
+                id,
+                max_memory: state.max_memory,
+                max_depth: state.max_depth,
+                max_source: state.max_source,
+                chunk_name: state.chunk_name.clone(),
+                print: state.print,
+                print_pid: state.print_pid,
+                print_tag: state.print_tag.clone(),
+                calls: 0,
+                instructions: 0,
+                rollbacks: 0,
+                handles: Box::new(state.handles.fork()),
+            };
+            let fork = ResourceArc::new(SessionRes {
+                state: Mutex::new(Some(fork)),
+            });
+            (atoms::ok(), fork).encode(env)
+        }
+    };
+    *res.lock() = Some(state);
+    answer
 }
