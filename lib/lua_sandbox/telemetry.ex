@@ -21,7 +21,8 @@ defmodule LuaSandbox.Telemetry do
       Measurements: `count` (calls in that run). Metadata: `supervisor`, `tenant`, `chunk`,
       `capability` (e.g. `"os.getenv"`).
     * `[:lua_sandbox, :session, :call, :start | :stop]` — a `LuaSandbox.Session` call, with the
-      measurements and metadata of the run events (`tenant` is `nil`) plus `session` (its pid).
+      measurements and metadata of the run events (`tenant` is the session's `tenant:`) plus
+      `session` (its pid). A refused call emits `[:lua_sandbox, :run, :rejected]`.
 
   With `:telemetry` loaded and no handler attached, a run pays one lookup per event (see
   bench/RESULTS.md).
