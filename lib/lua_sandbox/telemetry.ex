@@ -45,7 +45,9 @@ defmodule LuaSandbox.Telemetry do
 
     :telemetry.execute(
       event(what, :start),
-      %{monotonic_time: t0, system_time: :erlang.system_time(), queue_time: queue_time},
+      # system time is monotonic time plus the offset (ERTS's definition): one clock read
+      # fewer (~70 ns here) than :erlang.system_time/0
+      %{monotonic_time: t0, system_time: t0 + :erlang.time_offset(), queue_time: queue_time},
       meta
     )
 

@@ -67,6 +67,23 @@ defmodule LuaSandbox.QuotasTest do
     end
   end
 
+  test "one caller alternating supervisors for one tenant keeps their states apart" do
+    a = start_sup(%{default: [rate: {2, 60_000}]})
+    b = start_sup(%{default: [rate: {3, 60_000}]})
+
+    results =
+      for _ <- 1..4, sup <- [a, b] do
+        case LuaSandbox.run("return 1", supervisor: sup, tenant: "t") do
+          {:ok, _} -> :ok
+          {:error, %Error{kind: kind}} -> kind
+        end
+      end
+
+    assert results == [:ok, :ok, :ok, :ok, :rate_limited, :ok, :rate_limited, :rate_limited]
+    assert LuaSandbox.metrics(a).by_tenant == %{"t" => %{ok: 2, rate_limited: 2}}
+    assert LuaSandbox.metrics(b).by_tenant == %{"t" => %{ok: 3, rate_limited: 1}}
+  end
+
   describe "concurrency: n" do
     test "the tenant's n+1th run at once is refused; others and later runs pass" do
       sup = start_sup(%{default: [concurrency: 1]})
