@@ -14,7 +14,7 @@ defmodule LuaSandbox.Supervisor do
   without `timeout:` stays in the calling process and holds a slot (a row the supervisor
   gives back if the caller dies) for its duration; a run with `timeout:` runs in a task under
   the supervisor. A run that finds the supervisor full waits in a FIFO queue shared by
-  `LuaSandbox.run/2`, `LuaSandbox.async/2` and `LuaSandbox.async_stream/2`, up to its
+  `LuaSandbox.run/2`, `LuaSandbox.async/2`, `LuaSandbox.async_stream/2` and session calls, up to its
   `queue_timeout:` (default 5 000 ms, like Finch's `pool_timeout`; `async_stream/2`:
   `:infinity`, bounded by its own `timeout`), then answers `kind: :overloaded`;
   `queue_timeout: 0` answers at once. While runs wait, a freed slot goes to the oldest of them
@@ -56,7 +56,8 @@ defmodule LuaSandbox.Supervisor do
   `default_max_concurrency/0`), `cluster` (default `false`): `true` makes it a member of the
   cluster group named `name`, which `node: :any` picks from on every connected node, and
   `quotas` (default none): `%{default: limits, tenant => limits}`
-  applied to runs given `tenant:`, where limits are any of
+  applied to runs given `tenant:` and to the calls of a `LuaSandbox.Session` started with
+  `tenant:`, where limits are any of
 
     * `rate: {count, per_ms}` — at most `count` runs per `per_ms` (GCRA, bursts of up to
       `count`); over it: `:rate_limited`

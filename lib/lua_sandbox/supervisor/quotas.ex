@@ -2,8 +2,9 @@ defmodule LuaSandbox.Supervisor.Quotas do
   @moduledoc false
   # Per-tenant admission of one LuaSandbox.Supervisor (its `quotas:` option): a GCRA rate with
   # a burst, a CPU-millisecond balance, and the tenant's concurrency (a slot row names it, so
-  # Slots gives a dead caller's count back). All of it is one ETS lookup and a few atomics
-  # operations in the caller's process: no message to any process.
+  # Slots gives a dead caller's count back). All of it is a few atomics operations in the
+  # caller's process (and one ETS lookup when the process changes tenant): no message to any
+  # process.
   #
   # Rate `{count, per_ms}`: GCRA (as in redis-cell) with emission interval per_ms/count and a
   # burst of `count`; the state is one "theoretical arrival time" per tenant, advanced with a
