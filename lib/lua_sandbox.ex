@@ -383,7 +383,8 @@ defmodule LuaSandbox do
   What a script can use under `opts` (the options of `run/2`), as text for a model's prompt:
   the functions and libraries (`json` included), the tools with their specs, the modules,
   the limits, and what is not available. The functions and libraries are those a fresh
-  sandboxed state offers, found by asking one.
+  sandboxed state offers, found by asking one; that probe is not a run of any supervisor, so
+  the functions it finds refused are not counted in `metrics/1`, telemetry or an audit log.
 
       iex> text = LuaSandbox.describe(tools: [search: {fn [q] -> [q] end, args: [query: :string]}])
       iex> text =~ "json.{" and text =~ "tools.search(query: string)" and text =~ "io.open"

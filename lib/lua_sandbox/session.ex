@@ -1,6 +1,5 @@
 defmodule LuaSandbox.Session do
-  alias LuaSandbox.{Chunk, Error, Native, Options, Runner, Telemetry}
-  alias LuaSandbox.Supervisor.Slots
+  alias LuaSandbox.{Chunk, Error, Native, Options, Runner}
 
   @state_keys [
     :max_memory,
@@ -11,7 +10,9 @@ defmodule LuaSandbox.Session do
     :globals,
     :tools,
     :modules,
-    :supervisor
+    :supervisor,
+    :queue_timeout,
+    :tenant
   ]
   @call_keys [
     :max_instructions,
@@ -65,7 +66,10 @@ defmodule LuaSandbox.Session do
 
   For a session, `max_memory` bounds the whole session's heap; `globals`, `tools` and
   `modules` are set once, when it starts; every call holds one of the `supervisor`'s slots
-  while it runs (a full one answers `:overloaded`).
+  while it runs, waiting for one in the supervisor's FIFO queue (shared with runs) up to
+  `queue_timeout` (never past the call's `timeout`), and is admitted under the quotas of the
+  session's `tenant` like a run (`rate`, `concurrency`, and `cpu_ms`, debited by the call's
+  `cpu_us`), counted by tenant in `LuaSandbox.metrics/1` and named in telemetry metadata.
 
   ## Typical errors
 
@@ -107,7 +111,10 @@ defmodule LuaSandbox.Session do
 
     * `:syntax`, `:runtime` — as for `LuaSandbox.run/2` (the call is rolled back)
     * `:instruction_limit`, `:memory_limit`, `:output_limit`, `:tool_limit`, `:timeout`
-    * `:overloaded` — the session's supervisor is at its `max_concurrency`
+    * `:overloaded` — the session's supervisor stayed at its `max_concurrency` for the
+      session's whole `queue_timeout`
+    * `:rate_limited`, `:quota_exceeded` — the session's `tenant` is over a quota of its
+      supervisor (`retry_after_ms` set), or the call used up the tenant's CPU-time balance
     * `:invalid_input`, `:unsupported_value`, `:cycle`, `:depth_limit`, `:size_limit` — a
       global or argument that cannot go in, or a result that cannot come out
 
@@ -210,8 +217,8 @@ defmodule LuaSandbox.Session do
     end
 
     own_sup = if Keyword.has_key?(opts, :supervisor), do: Options.validate!(opts)[:supervisor]
-    {:ok, {res, tools, print, sup, _chunk}} = checkout(session, nil)
-    sup = own_sup || sup
+    {:ok, {res, tools, print, {meta, queue_timeout}}} = checkout(session, nil)
+    sup = own_sup || meta.supervisor
     _ = LuaSandbox.Supervisor.running(sup)
 
     forked =
@@ -223,7 +230,16 @@ defmodule LuaSandbox.Session do
 
     with {:ok, copy} <- forked do
       gen_opts = if name, do: [name: name], else: []
-      GenServer.start_link(__MODULE__, {copy, tools, [print: print, supervisor: sup]}, gen_opts)
+      # the fork keeps its origin's tenant, chunk name and queue timeout
+      fork_opts = [
+        print: print,
+        supervisor: sup,
+        tenant: meta.tenant,
+        chunk_name: meta.chunk,
+        queue_timeout: queue_timeout
+      ]
+
+      GenServer.start_link(__MODULE__, {copy, tools, fork_opts}, gen_opts)
     end
   end
 
@@ -270,9 +286,10 @@ defmodule LuaSandbox.Session do
     deadline = if timeout == :infinity, do: nil, else: now_ms() + timeout
 
     case checkout(session, deadline) do
-      {:ok, {res, tools, print, sup, chunk}} ->
+      {:ok, {res, tools, print, {meta, queue_timeout}}} ->
         try do
-          in_slot(sup, {session, chunk}, fn ->
+          # a call is a run of the supervisor: admission, queue, quotas, metrics, telemetry
+          LuaSandbox.Supervisor.admitted(:session, meta, queue_timeout, deadline, fn deadline ->
             res
             |> run_when_free(source, call_opts, deadline, timeout)
             |> Runner.drive(tools, print: print, deadline: deadline, timeout: timeout)
@@ -306,46 +323,13 @@ defmodule LuaSandbox.Session do
   # A fork holds one of the supervisor's slots while it copies the state; it is not a run
   # (no metrics, no telemetry) and does not queue.
   defp holding_slot(sup, fun) do
-    case Slots.admit(sup, nil, 0) do
+    case LuaSandbox.Supervisor.Slots.admit(sup, nil, 0) do
       {:ok, slot, _cap, _queued} ->
         try do
           fun.()
         after
-          Slots.checkin(slot)
+          LuaSandbox.Supervisor.Slots.checkin(slot)
         end
-
-      refused ->
-        refused
-    end
-  end
-
-  # A call is a run of the supervisor (its metrics, denials and telemetry); it does not queue.
-  defp in_slot(sup, {session, chunk}, fun) do
-    telemetry? = Telemetry.enabled?()
-    t0 = if telemetry?, do: :erlang.monotonic_time()
-
-    case Slots.admit(sup, nil, 0) do
-      {:ok, slot, _cap, _queued} ->
-        span =
-          if telemetry?,
-            do:
-              Telemetry.start(:session, t0, 0, %{
-                supervisor: sup,
-                tenant: nil,
-                chunk: chunk,
-                session: session
-              })
-
-        result =
-          try do
-            fun.()
-          after
-            Slots.checkin(slot)
-          end
-
-        Slots.settle(slot, nil, fn -> chunk end, result)
-        if span, do: Telemetry.stop(span, result)
-        result
 
       refused ->
         refused
@@ -441,8 +425,16 @@ defmodule LuaSandbox.Session do
        res: res,
        tools: tools,
        print: opts[:print] || :capture,
-       supervisor: opts[:supervisor],
-       chunk_name: opts[:chunk_name],
+       # what admission and telemetry need (LuaSandbox.Supervisor.admitted/5)
+       admission: {
+         %{
+           supervisor: opts[:supervisor],
+           tenant: opts[:tenant],
+           chunk: opts[:chunk_name],
+           session: self()
+         },
+         opts[:queue_timeout]
+       },
        owner: nil,
        queue: :queue.new()
      }}
@@ -477,7 +469,7 @@ defmodule LuaSandbox.Session do
 
   def handle_info(_, s), do: {:noreply, s}
 
-  defp grant(s), do: {s.res, s.tools, s.print, s.supervisor, s.chunk_name}
+  defp grant(s), do: {s.res, s.tools, s.print, s.admission}
 
   # Hands the state to the next waiting caller that is still alive.
   defp next(s) do

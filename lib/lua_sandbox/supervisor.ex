@@ -14,7 +14,7 @@ defmodule LuaSandbox.Supervisor do
   without `timeout:` stays in the calling process and holds a slot (a row the supervisor
   gives back if the caller dies) for its duration; a run with `timeout:` runs in a task under
   the supervisor. A run that finds the supervisor full waits in a FIFO queue shared by
-  `LuaSandbox.run/2`, `LuaSandbox.async/2` and `LuaSandbox.async_stream/2`, up to its
+  `LuaSandbox.run/2`, `LuaSandbox.async/2`, `LuaSandbox.async_stream/2` and session calls, up to its
   `queue_timeout:` (default 5 000 ms, like Finch's `pool_timeout`; `async_stream/2`:
   `:infinity`, bounded by its own `timeout`), then answers `kind: :overloaded`;
   `queue_timeout: 0` answers at once. While runs wait, a freed slot goes to the oldest of them
@@ -56,7 +56,8 @@ defmodule LuaSandbox.Supervisor do
   `default_max_concurrency/0`), `cluster` (default `false`): `true` makes it a member of the
   cluster group named `name`, which `node: :any` picks from on every connected node, and
   `quotas` (default none): `%{default: limits, tenant => limits}`
-  applied to runs given `tenant:`, where limits are any of
+  applied to runs given `tenant:` and to the calls of a `LuaSandbox.Session` started with
+  `tenant:`, where limits are any of
 
     * `rate: {count, per_ms}` — at most `count` runs per `per_ms` (GCRA, bursts of up to
       `count`); over it: `:rate_limited`
@@ -148,36 +149,57 @@ defmodule LuaSandbox.Supervisor do
   end
 
   @doc false
-  # Runs `source` in the calling process while holding a slot of `opts[:supervisor]`, after
-  # waiting for one up to `queue_timeout` (and no later than the run's deadline). Admission
-  # (the tenant's quotas, then the slot), the queue and the metrics are Slots'.
+  # Runs `source` in the calling process while holding a slot of `opts[:supervisor]` (admitted/5).
   @spec run_local(LuaSandbox.source(), keyword) ::
           {:ok, LuaSandbox.Result.t()} | {:error, Error.t()}
   def run_local(source, opts) do
-    sup = opts[:supervisor]
-    tenant = opts[:tenant]
+    own =
+      opts[:deadline] ||
+        if is_integer(opts[:timeout]),
+          do: System.monotonic_time(:millisecond) + opts[:timeout]
+
+    meta = %{
+      supervisor: opts[:supervisor],
+      tenant: opts[:tenant],
+      chunk: chunk_name(source, opts)
+    }
+
+    admitted(:run, meta, opts[:queue_timeout], own, fn
+      ^own -> Runner.run(source, opts)
+      capped -> Runner.run(source, Keyword.put(opts, :deadline, capped))
+    end)
+  end
+
+  defp chunk_name(%Chunk{name: name}, _opts), do: name
+  defp chunk_name(_source, opts), do: opts[:chunk_name]
+
+  @doc false
+  # The one path of a run and of a session call (`what`: `:run` or `:session`) through its
+  # supervisor: admission (the tenant's quotas, then a slot, waiting in the FIFO queue up to
+  # `queue_timeout` but never past `deadline`), then `fun.(deadline)` with the deadline capped
+  # by the tenant's CPU balance (stopped by that cap: `:quota_exceeded`), the slot given back
+  # whatever happens, and the result settled (metrics, CPU debit, denials) and reported
+  # (telemetry). `meta` (`supervisor`, `tenant`, `chunk`, and for a session `session`) is the
+  # telemetry metadata; `deadline` is monotonic ms or nil. Refusals come back as they are.
+  @spec admitted(:run | :session, map, timeout, integer | nil, (integer | nil -> result)) ::
+          result
+        when result: {:ok, LuaSandbox.Result.t()} | {:error, Error.t()}
+  def admitted(what, %{supervisor: sup, tenant: tenant} = meta, queue_timeout, deadline, fun) do
     telemetry? = Telemetry.enabled?()
     t0 = if telemetry?, do: :erlang.monotonic_time()
 
-    case Slots.admit(sup, tenant, queue_wait(opts)) do
+    case Slots.admit(sup, tenant, queue_wait(queue_timeout, deadline)) do
       {:ok, slot, cap_ms, queued_us} ->
-        span =
-          if telemetry?,
-            do:
-              Telemetry.start(:run, t0, queued_us, %{
-                supervisor: sup,
-                tenant: tenant,
-                chunk: chunk_name(source, opts)
-              })
+        span = if telemetry?, do: Telemetry.start(what, t0, queued_us, meta)
 
         result =
           try do
-            run_capped(source, opts, cap_ms)
+            capped(fun, deadline, cap_ms)
           after
             Slots.checkin(slot)
           end
 
-        Slots.settle(slot, tenant, fn -> chunk_name(source, opts) end, result)
+        Slots.settle(slot, tenant, meta.chunk, result)
         if span, do: Telemetry.stop(span, result)
         result
 
@@ -186,42 +208,23 @@ defmodule LuaSandbox.Supervisor do
     end
   end
 
-  defp chunk_name(%Chunk{name: name}, _opts), do: name
-  defp chunk_name(_source, opts), do: opts[:chunk_name]
+  # The queue wait: `queue_timeout`, but never past the deadline (:infinity sorts above integers).
+  defp queue_wait(wait, nil), do: wait
 
-  # The queue wait: `queue_timeout`, but never past the run's deadline (set by the task).
-  defp queue_wait(opts) do
-    wait = Keyword.get(opts, :queue_timeout, 0)
+  defp queue_wait(wait, deadline),
+    do: min(wait, max(deadline - System.monotonic_time(:millisecond), 0))
 
-    case opts[:deadline] do
-      nil -> wait
-      deadline -> min(wait, max(deadline - System.monotonic_time(:millisecond), 0))
-    end
-  end
+  # The CPU balance left caps the deadline (CPU time never exceeds wall time on one thread); a
+  # run stopped by that cap rather than its own deadline is :quota_exceeded.
+  defp capped(fun, deadline, nil), do: fun.(deadline)
 
-  @doc false
-  # run_local/2 in a task started for `owner` (LuaSandbox.async/2): the run stops if the owner dies.
-  def run_for(owner, source, opts) do
-    watch(owner, self())
-    run_local(source, opts)
-  end
+  defp capped(fun, deadline, cap_ms) do
+    cap = System.monotonic_time(:millisecond) + cap_ms
 
-  defp run_capped(source, opts, nil), do: Runner.run(source, opts)
-
-  # The CPU balance left caps the run's deadline (CPU time never exceeds wall time on one
-  # thread); a run stopped by that cap rather than its own timeout is :quota_exceeded.
-  defp run_capped(source, opts, cap_ms) do
-    now = System.monotonic_time(:millisecond)
-    cap = now + cap_ms
-
-    own =
-      opts[:deadline] ||
-        if(is_integer(opts[:timeout]), do: now + opts[:timeout], else: nil)
-
-    if own != nil and own <= cap do
-      Runner.run(source, opts)
+    if deadline != nil and deadline <= cap do
+      fun.(deadline)
     else
-      case Runner.run(source, Keyword.put(opts, :deadline, cap)) do
+      case fun.(cap) do
         {:error, %Error{kind: :timeout} = e} ->
           {:error,
            %{
@@ -234,6 +237,13 @@ defmodule LuaSandbox.Supervisor do
           other
       end
     end
+  end
+
+  @doc false
+  # run_local/2 in a task started for `owner` (LuaSandbox.async/2): the run stops if the owner dies.
+  def run_for(owner, source, opts) do
+    watch(owner, self())
+    run_local(source, opts)
   end
 
   @doc false

@@ -21,7 +21,8 @@ defmodule LuaSandbox.Telemetry do
       Measurements: `count` (calls in that run). Metadata: `supervisor`, `tenant`, `chunk`,
       `capability` (e.g. `"os.getenv"`).
     * `[:lua_sandbox, :session, :call, :start | :stop]` — a `LuaSandbox.Session` call, with the
-      measurements and metadata of the run events (`tenant` is `nil`) plus `session` (its pid).
+      measurements and metadata of the run events (`tenant` is the session's `tenant:`) plus
+      `session` (its pid). A refused call emits `[:lua_sandbox, :run, :rejected]`.
 
   With `:telemetry` loaded and no handler attached, a run pays one lookup per event (see
   bench/RESULTS.md).
@@ -44,7 +45,9 @@ defmodule LuaSandbox.Telemetry do
 
     :telemetry.execute(
       event(what, :start),
-      %{monotonic_time: t0, system_time: :erlang.system_time(), queue_time: queue_time},
+      # system time is monotonic time plus the offset (ERTS's definition): one clock read
+      # fewer (~70 ns here) than :erlang.system_time/0
+      %{monotonic_time: t0, system_time: t0 + :erlang.time_offset(), queue_time: queue_time},
       meta
     )
 

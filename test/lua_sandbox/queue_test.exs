@@ -130,6 +130,53 @@ defmodule LuaSandbox.QueueTest do
     end
   end
 
+  describe "session calls on a full supervisor" do
+    test "wait in the same FIFO queue as runs, in arrival order" do
+      sup = start_sup()
+      me = self()
+      {:ok, s} = LuaSandbox.Session.start_link([supervisor: sup] ++ marking(me))
+      {task, holder} = blocker(sup)
+      queued_run(sup, :first, 1)
+
+      {:ok, _} =
+        Task.start(fn ->
+          send(me, {:done, :second, LuaSandbox.Session.run(s, source(:second))})
+        end)
+
+      wait_until(fn -> LuaSandbox.Supervisor.load(sup).queue == 2 end)
+      queued_run(sup, :third, 3)
+      send(holder, :go)
+      Task.await(task, 5_000)
+
+      order = for _ <- 1..3, do: assert_receive({:ran, tag}, 5_000) && tag
+      assert order == ~w(first second third)
+      assert_receive {:done, :second, {:ok, %{value: "second"}}}, 5_000
+      assert LuaSandbox.metrics(sup).queued == 3
+    end
+
+    test "the session's queue_timeout: answers :overloaded after it; 0 at once" do
+      sup = start_sup()
+      {:ok, waits} = LuaSandbox.Session.start_link(supervisor: sup, queue_timeout: 150)
+      {:ok, never} = LuaSandbox.Session.start_link(supervisor: sup, queue_timeout: 0)
+      {_task, _holder} = blocker(sup)
+
+      {us, result} = :timer.tc(fn -> LuaSandbox.Session.run(waits, "return 1") end)
+      assert {:error, %Error{kind: :overloaded}} = result
+      assert us >= 150_000 and us < 5_000_000
+
+      {us, result} = :timer.tc(fn -> LuaSandbox.Session.run(never, "return 1") end)
+      assert {:error, %Error{kind: :overloaded}} = result
+      assert us < 100_000
+
+      # the call's own timeout bounds the wait too (the default queue_timeout is 5 s)
+      {:ok, default} = LuaSandbox.Session.start_link(supervisor: sup)
+      {us, result} = :timer.tc(fn -> LuaSandbox.Session.run(default, "return 1", timeout: 60) end)
+      assert {:error, %Error{kind: :overloaded}} = result
+      assert us >= 50_000 and us < 2_000_000
+      assert LuaSandbox.metrics(sup).overloads == 3
+    end
+  end
+
   test "callers that retry at once cannot take a slot from a run that waits" do
     sup = start_sup()
     {task, holder} = blocker(sup)

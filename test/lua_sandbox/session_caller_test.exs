@@ -13,7 +13,7 @@ defmodule LuaSandbox.SessionCallerTest do
     %{sup: sup}
   end
 
-  defp start!(sup) do
+  defp start!(sup, opts \\ []) do
     me = self()
 
     tools = %{
@@ -23,7 +23,7 @@ defmodule LuaSandbox.SessionCallerTest do
       end
     }
 
-    {:ok, s} = Session.start_link(supervisor: sup, tools: tools)
+    {:ok, s} = Session.start_link([supervisor: sup, tools: tools] ++ opts)
     {:ok, _} = Session.run(s, "n = 1")
     s
   end
@@ -127,7 +127,7 @@ defmodule LuaSandbox.SessionCallerTest do
     sup = :"#{__MODULE__}.one"
     start_supervised!({LuaSandbox.Supervisor, name: sup, max_concurrency: 1}, id: :one)
     a = start!(sup)
-    b = start!(sup)
+    b = start!(sup, queue_timeout: 0)
     spawn_link(fn -> Session.run(a, "tools.wait()") end)
     assert_receive {:parked, _}, 5_000
     assert LuaSandbox.Supervisor.running(sup) == 1

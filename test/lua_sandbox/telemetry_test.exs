@@ -49,7 +49,8 @@ defmodule LuaSandbox.TelemetryTest do
 
     assert_received {:event, [:lua_sandbox, :run, :start], start, meta}
     assert %{supervisor: ^sup, tenant: "acme", chunk: "agent"} = meta
-    assert %{monotonic_time: _, system_time: _, queue_time: 0} = start
+    assert %{monotonic_time: _, system_time: system_time, queue_time: 0} = start
+    assert abs(system_time - System.system_time()) < System.convert_time_unit(5, :second, :native)
 
     assert_received {:event, [:lua_sandbox, :run, :stop], stop, meta}
     assert %{supervisor: ^sup, tenant: "acme", chunk: "agent", kind: :ok} = meta
@@ -119,16 +120,21 @@ defmodule LuaSandbox.TelemetryTest do
   end
 
   test "a session call emits the session events", %{sup: sup} do
-    {:ok, s} = Session.start_link(supervisor: sup, chunk_name: "repl")
+    {:ok, s} = Session.start_link(supervisor: sup, chunk_name: "repl", tenant: "limited")
     assert {:ok, _} = Session.run(s, "x = 1")
 
     assert_received {:event, [:lua_sandbox, :session, :call, :start], _,
-                     %{session: ^s, chunk: "repl"}}
+                     %{session: ^s, chunk: "repl", tenant: "limited"}}
 
     assert_received {:event, [:lua_sandbox, :session, :call, :stop], %{instructions: n},
-                     %{kind: :ok}}
+                     %{kind: :ok, tenant: "limited"}}
 
     assert n > 0
+    # the tenant's rate ({1, 60_000}) is used up: the next call is refused
+    assert {:error, %Error{kind: :rate_limited}} = Session.run(s, "x = 2")
+
+    assert_received {:event, [:lua_sandbox, :run, :rejected], _,
+                     %{kind: :rate_limited, tenant: "limited"}}
   end
 
   defp flush do

@@ -2,8 +2,9 @@ defmodule LuaSandbox.Supervisor.Quotas do
   @moduledoc false
   # Per-tenant admission of one LuaSandbox.Supervisor (its `quotas:` option): a GCRA rate with
   # a burst, a CPU-millisecond balance, and the tenant's concurrency (a slot row names it, so
-  # Slots gives a dead caller's count back). All of it is one ETS lookup and a few atomics
-  # operations in the caller's process: no message to any process.
+  # Slots gives a dead caller's count back). All of it is a few atomics operations in the
+  # caller's process (and one ETS lookup when the process changes tenant): no message to any
+  # process.
   #
   # Rate `{count, per_ms}`: GCRA (as in redis-cell) with emission interval per_ms/count and a
   # burst of `count`; the state is one "theoretical arrival time" per tenant, advanced with a
@@ -66,8 +67,26 @@ defmodule LuaSandbox.Supervisor.Quotas do
   @doc "The first index of a tenant's per-kind run counts."
   def kind_base, do: @running
 
-  @doc "The state of `tenant` in `tab` (created on first sight), `size` counters long."
+  @doc """
+  The state of `tenant` in `tab` (created on first sight), `size` counters long. The calling
+  process remembers the last one it asked for (one entry in its dictionary, whatever the
+  number of tenants): a caller that runs for one tenant again and again skips the ETS lookup,
+  the largest part of admission (profiled: 150 of ~1200 ns). A state is never deleted while
+  its table lives, and a new supervisor has a new table, so the entry cannot go stale.
+  """
   def tenant(tab, tenant, size) do
+    case Process.get(__MODULE__) do
+      {^tab, ^tenant, ref} ->
+        ref
+
+      _ ->
+        ref = find(tab, tenant, size)
+        Process.put(__MODULE__, {tab, tenant, ref})
+        ref
+    end
+  end
+
+  defp find(tab, tenant, size) do
     case :ets.lookup(tab, tenant) do
       [{_, ref}] ->
         ref
@@ -78,7 +97,7 @@ defmodule LuaSandbox.Supervisor.Quotas do
         :atomics.put(ref, @tat, now)
         :atomics.put(ref, @paid, now)
         # another caller may have made it meanwhile: theirs wins
-        if :ets.insert_new(tab, {tenant, ref}), do: ref, else: tenant(tab, tenant, size)
+        if :ets.insert_new(tab, {tenant, ref}), do: ref, else: find(tab, tenant, size)
     end
   end
 
@@ -124,15 +143,14 @@ defmodule LuaSandbox.Supervisor.Quotas do
   end
 
   defp cpu(t, %{cpu_ms: {ms, per_ms}}, now) do
-    # paid_at: when the tenant's debt is back to zero; balance = ms - debt
-    debt_us = max(:atomics.get(t, @paid) - now, 0) * ms / per_ms
-    left_ms = ms - debt_us / 1000
+    # paid_at: when the tenant's debt is back to zero; balance = ms - debt (integers: the float
+    # version cost 70 ns)
+    left_us = ms * 1000 - div(max(:atomics.get(t, @paid) - now, 0) * ms, per_ms)
 
-    if left_ms > 0 do
-      {:ok, max(trunc(left_ms), 1)}
+    if left_us > 0 do
+      {:ok, max(div(left_us, 1000), 1)}
     else
-      wait_us = trunc(-left_ms * 1000 * per_ms / ms) + 1
-      {:error, refusal(:quota_exceeded, "CPU-time", wait_us)}
+      {:error, refusal(:quota_exceeded, "CPU-time", div(-left_us * per_ms, ms) + 1)}
     end
   end
 

@@ -98,8 +98,7 @@ defmodule LuaSandbox.Supervisor.Slots do
 
   @doc """
   Counts the result of a run admitted by admit/3, debits its CPU time, and records what it was
-  denied (metrics, telemetry, the audit log); returns the result. `chunk` is a function giving
-  the chunk name (asked only when there is something to report).
+  denied (metrics, telemetry, the audit log) under the chunk name `chunk`; returns the result.
   """
   def settle({s, _key, _count, t, limits}, tenant, chunk, result) do
     with {_, %{stats: %{cpu_us: cpu}}} when limits != nil <- result,
@@ -109,7 +108,7 @@ defmodule LuaSandbox.Supervisor.Slots do
 
     case result do
       {_, %{stats: %{denied: denied}}} when map_size(denied) > 0 ->
-        denied(sup(s, :name), tenant, chunk.(), denied, sup(s, :audit))
+        denied(sup(s, :name), tenant, chunk, denied, sup(s, :audit))
 
       _ ->
         :ok
