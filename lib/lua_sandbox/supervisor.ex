@@ -140,6 +140,10 @@ defmodule LuaSandbox.Supervisor do
   end
 
   @doc false
+  # A task's answer known before it starts (LuaSandbox.async/2 with input it refused).
+  def answer(result), do: result
+
+  @doc false
   # Like run_local/2, but waits (with backoff) for a free slot instead of answering
   # :overloaded; used by LuaSandbox.async_stream/2, whose own timeout bounds the wait.
   def run_queued(source, opts, backoff \\ 1) do
