@@ -191,7 +191,7 @@ defmodule LuaSandbox.Cluster do
       bytes ->
         Error.new(
           :invalid_input,
-          "the run's input #{bytes_text(bytes)} more than max_remote_bytes (#{max}) " <>
+          "the run's input #{bytes_text(bytes, max)} more than max_remote_bytes (#{max}) " <>
             "to send to another node",
           stats: Error.empty_stats()
         )
@@ -213,6 +213,6 @@ defmodule LuaSandbox.Cluster do
   end
 
   # Each value takes a byte at least: more values than max_remote_bytes is more bytes.
-  defp bytes_text(:over), do: "holds more values (so bytes) than that:"
-  defp bytes_text(bytes), do: "is #{bytes} bytes,"
+  defp bytes_text(:over, max), do: "holds more than #{max} values (a byte each at least),"
+  defp bytes_text(bytes, _max), do: "is #{bytes} bytes,"
 end
