@@ -44,7 +44,7 @@ defmodule LuaSandbox do
   (`LuaSandbox.Error.kinds/0`); each function below lists the kinds it typically returns.
   """
 
-  alias LuaSandbox.{Chunk, Error, Native, Options, Result, Tools}
+  alias LuaSandbox.{Chunk, Error, Native, Options, Result, Runner, Tools}
 
   @typedoc "Lua source text or a chunk from `compile/2`."
   @type source :: String.t() | Chunk.t()
@@ -155,7 +155,8 @@ defmodule LuaSandbox do
     if opts[:timeout] == :infinity and is_nil(opts[:node]) do
       LuaSandbox.Supervisor.run_local(source, opts)
     else
-      LuaSandbox.Supervisor.run(source, opts)
+      # The run goes to a task or a node: its input is encoded (bounded) before it is copied.
+      with {:ok, opts} <- Runner.encode_input(opts), do: LuaSandbox.Supervisor.run(source, opts)
     end
   end
 
@@ -247,13 +248,16 @@ defmodule LuaSandbox do
     run_opts = Keyword.merge(opts, timeout: :infinity, node: nil)
     sup = opts[:supervisor]
 
-    # The task takes its slot when it starts (an :overloaded result if there is none).
+    # The task takes its slot when it starts (an :overloaded result if there is none). Its
+    # input is encoded (bounded) here, before it is copied to the task.
+    {fun, args} =
+      case Runner.encode_input(run_opts) do
+        {:ok, run_opts} -> {:run_for, [self(), source, run_opts]}
+        {:error, _} = refused -> {:answer, [refused]}
+      end
+
     try do
-      Task.Supervisor.async_nolink(sup, LuaSandbox.Supervisor, :run_for, [
-        self(),
-        source,
-        run_opts
-      ])
+      Task.Supervisor.async_nolink(sup, LuaSandbox.Supervisor, fun, args)
     catch
       :exit, {reason, _} when reason in [:noproc, :normal, :shutdown, :killed] ->
         raise ArgumentError, "supervisor #{inspect(sup)} is not running"
@@ -366,10 +370,17 @@ defmodule LuaSandbox do
     stream_item!(source, Keyword.merge(shared, item_opts))
   end
 
+  # The input is encoded (bounded) here, before it is copied to a worker.
   defp stream_item!(source, shared) do
     check_source!(source)
-    {source, Options.validate!(shared)}
+
+    case shared |> Options.validate!() |> Runner.encode_input() do
+      {:ok, opts} -> {source, opts}
+      {:error, _} = refused -> refused
+    end
   end
+
+  defp stream_run({:error, _} = refused), do: refused
 
   defp stream_run({source, opts}) do
     if is_nil(opts[:node]) do

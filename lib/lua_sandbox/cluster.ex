@@ -20,7 +20,7 @@ defmodule LuaSandbox.Cluster do
 
   use GenServer
 
-  alias LuaSandbox.{Chunk, Error, Supervisor}
+  alias LuaSandbox.{Chunk, Encoding, Error, Supervisor}
 
   @scope LuaSandbox.Cluster.Scope
   @table __MODULE__
@@ -187,22 +187,36 @@ defmodule LuaSandbox.Cluster do
   """
   def too_large(source, opts) do
     max = opts[:max_remote_bytes]
-    bytes = input_bytes(source, opts, max)
 
-    if bytes > max do
-      Error.new(
-        :invalid_input,
-        "the run's input is #{bytes} bytes, more than max_remote_bytes (#{max}) " <>
-          "to send to another node",
-        stats: Error.empty_stats()
-      )
+    case input_bytes(source, opts, max) do
+      bytes when is_integer(bytes) and bytes <= max ->
+        nil
+
+      bytes ->
+        Error.new(
+          :invalid_input,
+          "the run's input #{bytes_text(bytes, max)} more than max_remote_bytes (#{max}) " <>
+            "to send to another node",
+          stats: Error.empty_stats()
+        )
     end
   end
 
-  # A source alone over the bound decides without walking the options.
+  # A source alone over the bound decides without walking the options. Otherwise the options
+  # are counted first, within `max` values: :erlang.external_size/1 walks a term as the tree
+  # it stands for (exponential in shared subterms), and each value takes a byte at least.
   defp input_bytes(source, _opts, max) when is_binary(source) and byte_size(source) > max,
     do: byte_size(source)
 
-  defp input_bytes(%Chunk{}, opts, _max), do: :erlang.external_size(opts)
-  defp input_bytes(source, opts, _max), do: :erlang.external_size({source, opts})
+  defp input_bytes(source, opts, max) do
+    input = if is_struct(source, Chunk), do: opts, else: {source, opts}
+
+    if Encoding.values_within?(input, max),
+      do: :erlang.external_size(input),
+      else: :over
+  end
+
+  # Each value takes a byte at least: more values than max_remote_bytes is more bytes.
+  defp bytes_text(:over, max), do: "holds more than #{max} values (a byte each at least),"
+  defp bytes_text(bytes, _max), do: "is #{bytes} bytes,"
 end

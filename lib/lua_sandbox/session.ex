@@ -1,5 +1,5 @@
 defmodule LuaSandbox.Session do
-  alias LuaSandbox.{Chunk, Error, Native, Options, Runner}
+  alias LuaSandbox.{Chunk, Encoding, Error, Native, Options, Runner}
 
   @state_keys [
     :max_memory,
@@ -83,15 +83,18 @@ defmodule LuaSandbox.Session do
     validated = state_options(opts)
     # Raises now if it is not running, not at the first call.
     _ = LuaSandbox.Supervisor.running(validated[:supervisor])
-    native = validated |> Runner.encode_opts() |> Options.to_native()
     gen_opts = if name, do: [name: name], else: []
+    # Building the state charges no per-call instruction budget: memory bounds the globals.
+    bound = Encoding.bound(validated[:max_memory], nil, nil)
 
-    case Native.session_new(native) do
-      {:ok, res} ->
-        GenServer.start_link(__MODULE__, {res, validated[:tools], validated}, gen_opts)
+    with {:ok, encoded} <- Runner.encode_opts(validated, bound) do
+      case encoded |> Options.to_native() |> Native.session_new() do
+        {:ok, res} ->
+          GenServer.start_link(__MODULE__, {res, validated[:tools], validated}, gen_opts)
 
-      {:error, _, _, _} = failed ->
-        Runner.drive(failed, %{}, [])
+        {:error, _, _, _} = failed ->
+          Runner.drive(failed, %{}, [])
+      end
     end
   end
 
@@ -144,7 +147,7 @@ defmodule LuaSandbox.Session do
   @spec call(t, String.t() | atom, list, keyword) ::
           {:ok, LuaSandbox.Result.t()} | {:error, Error.t()}
   def call(session, name, args, opts \\ []) when is_list(args) do
-    exec(session, nil, {to_string(name), Enum.map(args, &LuaSandbox.Encoding.encode/1)}, opts)
+    exec(session, nil, {to_string(name), args}, opts)
   end
 
   # get/2 hands the name over as a global that the chunk removes at once.
@@ -217,7 +220,7 @@ defmodule LuaSandbox.Session do
     end
 
     own_sup = if Keyword.has_key?(opts, :supervisor), do: Options.validate!(opts)[:supervisor]
-    {:ok, {res, tools, print, {meta, queue_timeout}}} = checkout(session, nil)
+    {:ok, {res, tools, print, {meta, queue_timeout}, max_memory}} = checkout(session, nil)
     sup = own_sup || meta.supervisor
     _ = LuaSandbox.Supervisor.running(sup)
 
@@ -236,7 +239,8 @@ defmodule LuaSandbox.Session do
         supervisor: sup,
         tenant: meta.tenant,
         chunk_name: meta.chunk,
-        queue_timeout: queue_timeout
+        queue_timeout: queue_timeout,
+        max_memory: max_memory
       ]
 
       GenServer.start_link(__MODULE__, {copy, tools, fork_opts}, gen_opts)
@@ -286,13 +290,23 @@ defmodule LuaSandbox.Session do
     deadline = if timeout == :infinity, do: nil, else: now_ms() + timeout
 
     case checkout(session, deadline) do
-      {:ok, {res, tools, print, {meta, queue_timeout}}} ->
+      {:ok, {res, tools, print, {meta, queue_timeout}, max_memory}} ->
         try do
           # a call is a run of the supervisor: admission, queue, quotas, metrics, telemetry
           LuaSandbox.Supervisor.admitted(:session, meta, queue_timeout, deadline, fn deadline ->
-            res
-            |> run_when_free(source, call_opts, deadline, timeout)
-            |> Runner.drive(tools, print: print, deadline: deadline, timeout: timeout)
+            limits = [
+              print: print,
+              deadline: deadline,
+              timeout: timeout,
+              max_memory: max_memory,
+              max_instructions: call_opts.max_instructions
+            ]
+
+            with {:ok, call_opts} <- encode_call(call_opts, limits) do
+              res
+              |> run_when_free(source, call_opts, deadline, timeout)
+              |> Runner.drive(tools, limits)
+            end
           end)
         after
           GenServer.cast(session, {:checkin, self()})
@@ -307,6 +321,15 @@ defmodule LuaSandbox.Session do
   end
 
   defp now_ms, do: System.monotonic_time(:millisecond)
+
+  # The call's globals and arguments through LuaSandbox.Encoder, within the session's
+  # max_memory and the call's limits (here, holding the session, which knows its max_memory).
+  defp encode_call(call_opts, limits) do
+    opts = [globals: call_opts.globals, call: call_opts.call, timeout: limits[:timeout]]
+
+    with {:ok, encoded} <- Runner.encode_opts(opts, Encoding.bound(limits)),
+         do: {:ok, %{call_opts | globals: encoded[:globals], call: encoded[:call]}}
+  end
 
   # Waits for the session (calls are serialized) until the deadline; a caller that gives up
   # withdraws, so a grant that crosses its withdrawal is handed on, not kept.
@@ -401,7 +424,7 @@ defmodule LuaSandbox.Session do
        max_result_bytes: o[:max_result_bytes],
        rollback: rollback,
        call: call,
-       globals: LuaSandbox.Encoding.encode_pairs(o[:globals]),
+       globals: o[:globals],
        timeout: nil
      }}
   end
@@ -435,6 +458,7 @@ defmodule LuaSandbox.Session do
          },
          opts[:queue_timeout]
        },
+       max_memory: opts[:max_memory],
        owner: nil,
        queue: :queue.new()
      }}
@@ -469,7 +493,7 @@ defmodule LuaSandbox.Session do
 
   def handle_info(_, s), do: {:noreply, s}
 
-  defp grant(s), do: {s.res, s.tools, s.print, s.admission}
+  defp grant(s), do: {s.res, s.tools, s.print, s.admission, s.max_memory}
 
   # Hands the state to the next waiting caller that is still alive.
   defp next(s) do

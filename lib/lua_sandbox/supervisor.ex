@@ -240,6 +240,10 @@ defmodule LuaSandbox.Supervisor do
   end
 
   @doc false
+  # A task's answer known before it starts (LuaSandbox.async/2 with input it refused).
+  def answer(result), do: result
+
+  @doc false
   # run_local/2 in a task started for `owner` (LuaSandbox.async/2): the run stops if the owner dies.
   def run_for(owner, source, opts) do
     watch(owner, self())

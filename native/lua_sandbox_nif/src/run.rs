@@ -1008,10 +1008,18 @@ fn settle_once<'a>(
 /// Elixir's answer to a tool call, pushed onto the suspended run coroutine as the values the
 /// tool function sees. Returns how many.
 fn reply_to_lua(session: &mut Running, reply: Term) -> Result<c_int, SandboxError> {
-    // `:timeout`: the run's deadline passed while the tool ran (LuaSandbox.Runner stopped
-    // the tool): the run ends as it would at the deadline inside Lua, output kept.
-    if reply.decode::<Atom>().is_ok_and(|a| a == atoms::timeout()) {
-        return Err(SandboxError::Timeout);
+    // A limit's kind: the run ends as it would at that limit inside Lua, output kept.
+    // `:timeout`: the run's deadline passed while the tool ran (LuaSandbox.Runner stopped the
+    // tool); `:memory_limit` / `:instruction_limit`: the tool's result has more values than
+    // the run's limits let in, which LuaSandbox.Encoding found before walking all of it.
+    if let Ok(kind) = reply.decode::<Atom>() {
+        if kind == atoms::timeout() {
+            return Err(SandboxError::Timeout);
+        } else if kind == atoms::memory_limit() {
+            return Err(SandboxError::MemoryLimit);
+        } else if kind == atoms::instruction_limit() {
+            return Err(SandboxError::InstructionLimit);
+        }
     }
     let (tag, payload): (Atom, Term) = reply
         .decode()
