@@ -127,6 +127,8 @@ defmodule LuaSandbox.HeapEntryTest do
     {:option, :supervisor} => "names a process",
     {:option, :node} => "names a node",
     {:option, :tenant} => "stays in Elixir (quotas and metrics)",
+    {:option, :queue_timeout} => "an integer or :infinity (the wait for a slot)",
+    {:function, LuaSandbox.Session, :fork} => "copies a state already inside the heap's bounds",
     {:function, LuaSandbox, :run} => [:source],
     {:function, LuaSandbox, :run!} => "run/2",
     {:function, LuaSandbox, :async} => "run/2 in a task",
