@@ -258,19 +258,10 @@ defmodule LuaSandbox.Options do
     )
   end
 
-  defp check!(:timeout, t) do
+  defp check!(key, t) when key in [:timeout, :queue_timeout] do
     unless t == :infinity or (is_integer(t) and t >= 0) do
       raise ArgumentError,
-            "timeout must be a non-negative integer or :infinity, got: #{inspect(t)}"
-    end
-
-    t
-  end
-
-  defp check!(:queue_timeout, t) do
-    unless t == :infinity or (is_integer(t) and t >= 0) do
-      raise ArgumentError,
-            "queue_timeout must be a non-negative integer or :infinity, got: #{inspect(t)}"
+            "#{key} must be a non-negative integer or :infinity, got: #{inspect(t)}"
     end
 
     t

@@ -1,6 +1,9 @@
 defmodule LuaSandbox.Session do
   alias LuaSandbox.{Chunk, Encoding, Error, Native, Options, Runner}
 
+  # A state that does not come back from a dead caller's call (see when_free/3).
+  @lost "session state did not come back"
+
   @state_keys [
     :max_memory,
     :max_depth,
@@ -247,22 +250,10 @@ defmodule LuaSandbox.Session do
     end
   end
 
-  defp fork_when_free(res, waited \\ 0) do
-    case Native.session_fork(res) do
-      {:ok, copy} ->
-        {:ok, copy}
-
-      :arena_busy ->
-        Process.sleep(1)
-        fork_when_free(res, waited)
-
-      :busy when waited < 5_000 ->
-        Process.sleep(1)
-        fork_when_free(res, waited + 1)
-
-      :busy ->
-        {:error,
-         Error.new(:runtime, "session state did not come back", stats: Error.empty_stats())}
+  defp fork_when_free(res) do
+    case when_free(fn -> Native.session_fork(res) end, nil) do
+      {:gave_up, :lost} -> {:error, Error.new(:runtime, @lost, stats: Error.empty_stats())}
+      answer -> answer
     end
   end
 
@@ -359,33 +350,43 @@ defmodule LuaSandbox.Session do
     end
   end
 
-  # The state may still be on its way back from a call whose caller just died (the native
-  # call notices within milliseconds and rolls back).
-  defp run_when_free(res, source, call_opts, deadline, timeout, waited \\ 0) do
-    opts = %{call_opts | timeout: Options.native_timeout(deadline, timeout)}
+  defp run_when_free(res, source, call_opts, deadline, timeout) do
+    attempt = fn ->
+      opts = %{call_opts | timeout: Options.native_timeout(deadline, timeout)}
 
-    case first_attempt(res, source, opts) do
-      :retry -> Native.session_run(res, source, opts)
+      case first_attempt(res, source, opts) do
+        :retry -> Native.session_run(res, source, opts)
+        answer -> answer
+      end
+    end
+
+    case when_free(attempt, deadline) do
+      {:gave_up, :timeout} -> {:error, {:timeout, "", nil, nil, nil}, "", Error.empty_stats()}
+      {:gave_up, :lost} -> {:error, {:runtime, @lost, nil, nil, nil}, "", Error.empty_stats()}
       answer -> answer
     end
-    |> case do
-      # A fork's call has the arena the family shares (`fork/2`): wait for it, within the
-      # deadline.
+  end
+
+  # Repeats `attempt` (a native call on the session's state) while the state is not free: a
+  # fork's call has the arena the family shares (`fork/2`: wait, within the deadline), or the
+  # state is on its way back from a call whose caller just died (the native call notices
+  # within milliseconds and rolls back: wait up to ~5 s, then give it up as lost).
+  defp when_free(attempt, deadline, waited \\ 0) do
+    case attempt.() do
       :arena_busy ->
         if deadline && now_ms() >= deadline do
-          {:error, {:timeout, "", nil, nil, nil}, "", Error.empty_stats()}
+          {:gave_up, :timeout}
         else
           Process.sleep(1)
-          run_when_free(res, source, call_opts, deadline, timeout, waited)
+          when_free(attempt, deadline, waited)
         end
 
       :busy when waited < 5_000 ->
         Process.sleep(1)
-        run_when_free(res, source, call_opts, deadline, timeout, waited + 1)
+        when_free(attempt, deadline, waited + 1)
 
       :busy ->
-        {:error, {:runtime, "session state did not come back", nil, nil, nil}, "",
-         Error.empty_stats()}
+        {:gave_up, :lost}
 
       answer ->
         answer
