@@ -6,6 +6,7 @@
 # (and bench/results.svg when gnuplot is installed). Takes about 1.5 minutes on 2 cores.
 
 Code.require_file("harness.exs", __DIR__)
+Code.require_file("queue_batches.exs", __DIR__)
 
 defmodule Bench.Run do
   @moduledoc false
@@ -94,7 +95,9 @@ defmodule Bench.Run do
       kill: fn -> kill_latency() end,
       memory: fn -> memory() end,
       sessions: fn -> sessions() end,
-      cluster: fn -> cluster() end
+      cluster: fn -> cluster() end,
+      # last: it loads :telemetry into this VM
+      tenants: fn -> tenants() end
     ]
 
     # BENCH_ONLY=cluster,sessions runs only those sections and prints their rows without
@@ -472,8 +475,8 @@ defmodule Bench.Run do
 
     notes = [
       "Sessions: ours is `LuaSandbox.Session.call(s, \"handle\", [msg])` on a session that ran the " <>
-        "handler's source once (rollback on: the state's used prefix is copied aside before the " <>
-        "call); Luerl is `luerl:call_function([handle], [Msg], St)` on a state held in a " <>
+        "handler's source once (rollback on: a checkpoint before the call, a copy of the state up " <>
+        "to 1 MiB, of the pages written since the last one beyond); Luerl is `luerl:call_function([handle], [Msg], St)` on a state held in a " <>
         "GenServer (an Agent: `get_and_update`), and, as info, threaded inline in the caller. tv-labs/lua is a wrapper over Luerl (Hex " <>
         "only, not reachable here), so its state reuse is Luerl's. Checkpoint rows: a no-op " <>
         "`call` on sessions holding a 64 KiB / 1 MiB / 16 MiB string, with and without rollback."
@@ -730,6 +733,149 @@ defmodule Bench.Run do
     end
   end
 
+  ## 9. tenants: admission, queueing, telemetry
+
+  @tenant_quotas %{
+    default: [
+      rate: {1_000_000_000, 1_000},
+      concurrency: 1_000_000,
+      cpu_ms: {1_000_000_000, 1_000}
+    ]
+  }
+  @per_call 100
+
+  defp tenants do
+    step("9. tenants (admission, queue, telemetry)")
+    alias LuaSandbox.Supervisor.Slots
+    {:ok, _} = LuaSandbox.Supervisor.start_link(name: Bench.Plain, max_concurrency: 64)
+
+    {:ok, _} =
+      LuaSandbox.Supervisor.start_link(
+        name: Bench.Tenants,
+        max_concurrency: 64,
+        quotas: @tenant_quotas
+      )
+
+    plain = fn -> {:ok, %{value: 2}} = LuaSandbox.run("return 1 + 1", supervisor: Bench.Plain) end
+
+    tenant = fn ->
+      {:ok, %{value: 2}} =
+        LuaSandbox.run("return 1 + 1", supervisor: Bench.Tenants, tenant: "acme")
+    end
+
+    # @per_call operations per timed call, so the clock read does not dominate
+    times = fn f -> fn -> for _ <- 1..@per_call, do: f.() end end
+
+    admit_q =
+      times.(fn ->
+        {:ok, slot, _, _} = Slots.admit(Bench.Tenants, "acme", 0)
+        Slots.checkin(slot)
+      end)
+
+    admit_plain =
+      times.(fn ->
+        {:ok, slot, _, _} = Slots.admit(Bench.Plain, nil, 0)
+        Slots.checkin(slot)
+      end)
+
+    # the telemetry code a run executes (LuaSandbox.Supervisor.run_local/2), first without the
+    # library, then with it loaded and no handler attached
+    {:ok, result} = LuaSandbox.run("return 1")
+    meta = %{supervisor: Bench.Plain, tenant: nil, chunk: "script"}
+
+    telemetry_path =
+      times.(fn ->
+        if LuaSandbox.Telemetry.enabled?() do
+          t0 = :erlang.monotonic_time()
+          span = LuaSandbox.Telemetry.start(:run, t0, 0, meta)
+          LuaSandbox.Telemetry.stop(span, {:ok, result})
+        end
+      end)
+
+    res =
+      H.alternate(
+        [
+          sys("trivial run", plain, 300, 200),
+          sys("trivial run, tenant + quotas", tenant, 300, 200),
+          sys("admit + checkin, tenant + quotas", admit_q, 150, 100),
+          sys("admit + checkin, no tenant", admit_plain, 150, 100),
+          sys("telemetry path, not loaded", telemetry_path, 100, 50)
+        ],
+        6
+      )
+
+    Code.require_file("../test/support/telemetry.ex", __DIR__)
+    :ok = LuaSandbox.TestTelemetry.start!()
+    true = LuaSandbox.Telemetry.enabled?()
+
+    loaded =
+      H.alternate(
+        [
+          sys("telemetry path, loaded, no handler", telemetry_path, 150, 100),
+          sys("trivial run, telemetry loaded", plain, 300, 200)
+        ],
+        6
+      )
+
+    res = Map.merge(res, loaded)
+
+    per = fn name ->
+      H.summary(res[name])
+      |> Map.update!(:median, &(&1 / @per_call))
+      |> Map.update!(:p99, &(&1 / @per_call))
+    end
+
+    base = H.summary(res["trivial run"]).median
+
+    run_row = fn name ->
+      sum = H.summary(res[name])
+
+      Map.merge(sum, %{
+        scenario: "9. tenants: `return 1 + 1`, 1 process",
+        system: name,
+        info: true,
+        vs_plain: sum.median / base
+      })
+    end
+
+    q = Bench.QueueBatches.measure(10)
+
+    queue_row = %{
+      scenario: "9. queue: 16-item async_stream batch, saturated supervisor",
+      system: "#{q.mode} (10 batches, #{q.starved} items starved)",
+      info: true,
+      calls: 10,
+      median: q.p50 * 1000,
+      p99: q.worst * 1000,
+      tput: nil
+    }
+
+    rows =
+      Enum.map(
+        ["trivial run", "trivial run, tenant + quotas", "trivial run, telemetry loaded"],
+        run_row
+      ) ++
+        for name <- [
+              "admit + checkin, tenant + quotas",
+              "admit + checkin, no tenant",
+              "telemetry path, not loaded",
+              "telemetry path, loaded, no handler"
+            ] do
+          Map.merge(per.(name), %{scenario: "9. tenants: per operation", system: name, info: true})
+        end ++ [queue_row]
+
+    notes = [
+      "Tenants: `admit + checkin` is `LuaSandbox.Supervisor.Slots.admit/3` and `checkin/1` " <>
+        "(quotas rate + concurrency + cpu_ms), timed #{@per_call} per clock read; the telemetry " <>
+        "path is what a run executes for telemetry (the check, `:start`, `:stop`), before and " <>
+        "after loading the real library (test/support/telemetry, no handler). Queue: " <>
+        "bench/queue_batches.exs (4 slots, 4 callers retrying at once, 16 runs of 4 ms CPU " <>
+        "per batch through `async_stream`); median is the batch p50, p99 the worst batch."
+    ]
+
+    {rows, notes}
+  end
+
   defp cluster_member(node, name) do
     spec = {LuaSandbox.Supervisor, name: name, max_concurrency: 8, cluster: true}
     {:ok, _} = :erpc.call(node, Supervisor, :start_child, [LuaSandbox.AppSupervisor, spec])
@@ -970,9 +1116,26 @@ defmodule Bench.Run do
       )
 
     session = find.("7. session call", fn _ -> true end)
+
+    session_trivial =
+      Enum.find(
+        rows,
+        &(String.starts_with?(&1.scenario, "7. session call") and
+            &1.system == "#{@ours} (fresh trivial run)")
+      )
+
+    checkpoint = fn size ->
+      Enum.find(rows, &String.starts_with?(&1.scenario, "7. checkpoint cost, #{size} state"))
+    end
+
+    {small, big} = {checkpoint.("64 KiB"), checkpoint.("16 MiB")}
     kill = find.("5.", fn _ -> true end)
     any = Enum.find(rows, &(&1.system == "node: :any (one member, same peer)"))
     pick = Enum.find(rows, &(&1.system == "Cluster.pick (two members)"))
+
+    admission = Enum.find(rows, &(&1.system == "admit + checkin, tenant + quotas"))
+    with_tenant = Enum.find(rows, &(&1.system == "trivial run, tenant + quotas"))
+    telemetry = Enum.find(rows, &(&1.system == "telemetry path, loaded, no handler"))
 
     mark = fn ok -> if ok, do: "met", else: "MISSED" end
 
@@ -1002,6 +1165,21 @@ defmodule Bench.Run do
       if session do
         "- session call ≥ 3× Luerl call_function: #{H.fmt_ratio(session.ratio)} — #{mark.(session.ratio >= 3)}"
       end,
+      if session do
+        "- session call ≤ Luerl call_function in a GenServer (issue 19): #{H.fmt_ratio(session.ratio)} — #{mark.(session.ratio >= 1)}"
+      end,
+      if session && session_trivial do
+        x = session.median / session_trivial.median
+
+        "- session call ≤ 1.5× a fresh trivial run (issue 19): #{H.fmt_num(x)}× " <>
+          "(#{H.fmt_ns(session.median)} vs #{H.fmt_ns(session_trivial.median)}) — #{mark.(x <= 1.5)}"
+      end,
+      if small && big do
+        x = big.median / small.median
+
+        "- no-op call on a 16 MiB session ≤ 5× on a 64 KiB one (issue 19): #{H.fmt_num(x)}× " <>
+          "(#{H.fmt_ns(big.median)} vs #{H.fmt_ns(small.median)}) — #{mark.(x <= 5)}"
+      end,
       cond do
         kill && kill[:fail] ->
           "- kill p99 ≤ 10 ms: #{kill.fail}"
@@ -1014,6 +1192,18 @@ defmodule Bench.Run do
       end,
       if pick do
         "- choosing a cluster member ≤ 2 µs: #{H.fmt_ns(pick.median)} (p99 #{H.fmt_ns(pick.p99)}) — #{mark.(pick.median <= 2_000)}"
+      end,
+      if admission do
+        "- admission (tenant with rate, concurrency and cpu_ms quotas) ≤ 1 µs: " <>
+          "#{H.fmt_ns(admission.median)} for admit + checkin — #{mark.(admission.median <= 1_000)}"
+      end,
+      if with_tenant do
+        "- trivial run with tenant + quotas ≤ 1.3× without: #{H.fmt_num(with_tenant.vs_plain)}× " <>
+          "(#{H.fmt_ns(with_tenant.median)}) — #{mark.(with_tenant.vs_plain <= 1.3)}"
+      end,
+      if telemetry do
+        "- telemetry with no handler ≤ 0.6 µs per run: #{H.fmt_ns(telemetry.median)} — " <>
+          "#{mark.(telemetry.median <= 600)}"
       end,
       if any do
         x = 1 / any.cluster

@@ -44,7 +44,7 @@ defmodule LuaSandbox do
   (`LuaSandbox.Error.kinds/0`); each function below lists the kinds it typically returns.
   """
 
-  alias LuaSandbox.{Chunk, Error, Native, Options, Result, Tools}
+  alias LuaSandbox.{Chunk, Error, Native, Options, Result, Runner, Tools}
 
   @typedoc "Lua source text or a chunk from `compile/2`."
   @type source :: String.t() | Chunk.t()
@@ -81,6 +81,7 @@ defmodule LuaSandbox do
           | {:max_tool_calls, non_neg_integer}
           | {:timeout, timeout}
           | {:supervisor, atom}
+          | {:queue_timeout, timeout}
           | {:tenant, term}
           | {:node, node | :any | nil}
           | {:max_remote_bytes, non_neg_integer}
@@ -103,8 +104,10 @@ defmodule LuaSandbox do
   The counters of a `LuaSandbox.Supervisor` since it started: runs by outcome (`:ok` or the
   error kind) and by tenant, `overloads`, `rate_limited` and `quota_exceeded` refusals, `kills`
   (runs whose caller died), summed `instructions`, `cpu_us`, `duration_us` and `tool_calls`,
-  a `memory_peak_histogram` (upper bound in bytes => runs), and the `running`/`capacity` now.
-  Kept in `:counters` and ETS; reading them costs nothing to the runs.
+  runs that waited in the queue (`queued`, and `queue_us` waited in all), `denied` (every
+  capability a script called that the sandbox does not offer, by name => calls), a
+  `memory_peak_histogram` (upper bound in bytes => runs), and the `running`/`capacity`/`queue`
+  now. Kept in `:counters`, `:atomics` and ETS; reading them costs nothing to the runs.
 
       iex> LuaSandbox.run!("return 1", tenant: "doc")
       iex> m = LuaSandbox.metrics(LuaSandbox.TaskSupervisor)
@@ -153,7 +156,8 @@ defmodule LuaSandbox do
     if opts[:timeout] == :infinity and is_nil(opts[:node]) do
       LuaSandbox.Supervisor.run_local(source, opts)
     else
-      LuaSandbox.Supervisor.run(source, opts)
+      # The run goes to a task or a node: its input is encoded (bounded) before it is copied.
+      with {:ok, opts} <- Runner.encode_input(opts), do: LuaSandbox.Supervisor.run(source, opts)
     end
   end
 
@@ -230,9 +234,9 @@ defmodule LuaSandbox do
   Starts `run/2` in a task under the supervisor (`supervisor:` option) and returns it; await
   it with `await/2` or `await_many/2`. The `timeout` belongs to the await.
 
-  Takes the options of `run/2` (its `timeout` and `node` are ignored). A full supervisor gives
-  a task that returns `:overloaded`; to queue instead, use `async_stream/2`. The run stops if
-  the calling process dies.
+  Takes the options of `run/2` (its `timeout` and `node` are ignored). On a full supervisor
+  the task waits in the supervisor's queue (`queue_timeout:`) like `run/2`, then returns
+  `:overloaded`. The run stops if the calling process dies.
 
       iex> tasks = for n <- 1..3, do: LuaSandbox.async("return n * n", globals: %{n: n})
       iex> LuaSandbox.await_many(tasks) |> Enum.map(fn {:ok, r} -> r.value end)
@@ -246,13 +250,16 @@ defmodule LuaSandbox do
     sup = opts[:supervisor]
     LuaSandbox.Supervisor.check_isolation!(sup)
 
-    # The task takes its slot when it starts (an :overloaded result if there is none).
+    # The task takes its slot when it starts (an :overloaded result if there is none). Its
+    # input is encoded (bounded) here, before it is copied to the task.
+    {fun, args} =
+      case Runner.encode_input(run_opts) do
+        {:ok, run_opts} -> {:run_for, [self(), source, run_opts]}
+        {:error, _} = refused -> {:answer, [refused]}
+      end
+
     try do
-      Task.Supervisor.async_nolink(sup, LuaSandbox.Supervisor, :run_for, [
-        self(),
-        source,
-        run_opts
-      ])
+      Task.Supervisor.async_nolink(sup, LuaSandbox.Supervisor, fun, args)
     catch
       :exit, {reason, _} when reason in [:noproc, :normal, :shutdown, :killed] ->
         raise ArgumentError, "supervisor #{inspect(sup)} is not running"
@@ -293,8 +300,9 @@ defmodule LuaSandbox do
 
   @doc """
   Runs many scripts, at most `max_concurrency` at once, and streams their results, like
-  `Task.async_stream/3`. Unlike `async/2` it queues: a run that finds its supervisor full
-  waits for a free slot instead of answering `:overloaded`.
+  `Task.async_stream/3`. A run that finds its supervisor full waits in the supervisor's FIFO
+  queue, shared with `run/2` and `async/2`: without bound by default (`queue_timeout:
+  :infinity`; the stream's `timeout` still bounds each run, queueing included).
 
   Each element of `sources` is a source or `{source, opts}`; an element's `opts` are merged
   over the shared ones (they may not set `timeout`). The stream yields `t:result/0`s.
@@ -316,7 +324,8 @@ defmodule LuaSandbox do
 
   ## Typical error kinds
 
-  Those of `run/2` (except `:overloaded`), `:timeout` for a run over `timeout`.
+  Those of `run/2` (`:overloaded` only with a finite `queue_timeout`), `:timeout` for a run
+  over `timeout`.
   """
   @spec async_stream(Enumerable.t(), [stream_option]) :: Enumerable.t()
   def async_stream(sources, opts \\ []) do
@@ -335,6 +344,7 @@ defmodule LuaSandbox do
     end
 
     {timeout, run_opts} = Keyword.pop(run_opts, :timeout, :infinity)
+    run_opts = Keyword.put_new(run_opts, :queue_timeout, :infinity)
     # Validated now (and the supervisor looked up), so a mistake raises here, not in a worker.
     shared = Options.validate!(Keyword.put(run_opts, :timeout, timeout))
     _ = LuaSandbox.Supervisor.running(shared[:supervisor])
@@ -363,14 +373,21 @@ defmodule LuaSandbox do
     stream_item!(source, Keyword.merge(shared, item_opts))
   end
 
+  # The input is encoded (bounded) here, before it is copied to a worker.
   defp stream_item!(source, shared) do
     check_source!(source)
-    {source, Options.validate!(shared)}
+
+    case shared |> Options.validate!() |> Runner.encode_input() do
+      {:ok, opts} -> {source, opts}
+      {:error, _} = refused -> refused
+    end
   end
+
+  defp stream_run({:error, _} = refused), do: refused
 
   defp stream_run({source, opts}) do
     if is_nil(opts[:node]) do
-      LuaSandbox.Supervisor.run_queued(source, opts)
+      LuaSandbox.Supervisor.run_local(source, opts)
     else
       LuaSandbox.Supervisor.run(source, Keyword.put(opts, :timeout, :infinity))
     end
@@ -380,7 +397,8 @@ defmodule LuaSandbox do
   What a script can use under `opts` (the options of `run/2`), as text for a model's prompt:
   the functions and libraries (`json` included), the tools with their specs, the modules,
   the limits, and what is not available. The functions and libraries are those a fresh
-  sandboxed state offers, found by asking one.
+  sandboxed state offers, found by asking one; that probe is not a run of any supervisor, so
+  the functions it finds refused are not counted in `metrics/1`, telemetry or an audit log.
 
       iex> text = LuaSandbox.describe(tools: [search: {fn [q] -> [q] end, args: [query: :string]}])
       iex> text =~ "json.{" and text =~ "tools.search(query: string)" and text =~ "io.open"

@@ -74,11 +74,13 @@ defmodule Mix.Tasks.Compile.LuaSandboxNif do
     install(path, target, "Installed prebuilt NIF from #{@env}=#{path}")
   end
 
-  # The installed library is up to date when no source is newer than it.
+  # The installed library is up to date when every source is older than it. Strictly: mtimes
+  # are whole seconds, and a source edited in the second the library was installed may be newer
+  # (then cargo is asked, which costs a fraction of a second when nothing changed).
   defp fresh?(root, target) do
     case File.stat(target, time: :posix) do
       {:ok, %{mtime: installed}} ->
-        root |> sources() |> Enum.all?(&(mtime(&1) <= installed))
+        root |> sources() |> Enum.all?(&(mtime(&1) < installed))
 
       {:error, _} ->
         false

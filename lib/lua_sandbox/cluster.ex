@@ -20,7 +20,7 @@ defmodule LuaSandbox.Cluster do
 
   use GenServer
 
-  alias LuaSandbox.{Chunk, Error, Supervisor}
+  alias LuaSandbox.{Chunk, Encoding, Error, Supervisor}
 
   @scope LuaSandbox.Cluster.Scope
   @table __MODULE__
@@ -62,7 +62,8 @@ defmodule LuaSandbox.Cluster do
   Runs `source` on a member of the group `opts[:supervisor]`, local or remote (`node: :any`).
   Retries once on another member when the run certainly never started (the member was gone
   before accepting it, or answered :overloaded); a run in flight on a member that goes away
-  answers :node_down and is not replayed.
+  answers :node_down and is not replayed. The first try does not queue (a full member answers
+  :overloaded at once); the retry waits in its member's queue up to `queue_timeout`.
   """
   def run(source, opts) do
     local_only = too_large(source, opts)
@@ -75,7 +76,10 @@ defmodule LuaSandbox.Cluster do
         {:error, last || no_member(opts[:supervisor])}
 
       member ->
-        case charged(member, fn -> run_on(member, source, opts) end) do
+        # A run that may still be retried elsewhere does not wait in this member's queue.
+        try_opts = if tries > 1, do: Keyword.put(opts, :queue_timeout, 0), else: opts
+
+        case charged(member, fn -> run_on(member, source, try_opts) end) do
           {:not_started, error} when tries > 1 ->
             attempt(source, opts, local_only, [member | tried], tries - 1, error)
 
@@ -183,22 +187,36 @@ defmodule LuaSandbox.Cluster do
   """
   def too_large(source, opts) do
     max = opts[:max_remote_bytes]
-    bytes = input_bytes(source, opts, max)
 
-    if bytes > max do
-      Error.new(
-        :invalid_input,
-        "the run's input is #{bytes} bytes, more than max_remote_bytes (#{max}) " <>
-          "to send to another node",
-        stats: Error.empty_stats()
-      )
+    case input_bytes(source, opts, max) do
+      bytes when is_integer(bytes) and bytes <= max ->
+        nil
+
+      bytes ->
+        Error.new(
+          :invalid_input,
+          "the run's input #{bytes_text(bytes, max)} more than max_remote_bytes (#{max}) " <>
+            "to send to another node",
+          stats: Error.empty_stats()
+        )
     end
   end
 
-  # A source alone over the bound decides without walking the options.
+  # A source alone over the bound decides without walking the options. Otherwise the options
+  # are counted first, within `max` values: :erlang.external_size/1 walks a term as the tree
+  # it stands for (exponential in shared subterms), and each value takes a byte at least.
   defp input_bytes(source, _opts, max) when is_binary(source) and byte_size(source) > max,
     do: byte_size(source)
 
-  defp input_bytes(%Chunk{}, opts, _max), do: :erlang.external_size(opts)
-  defp input_bytes(source, opts, _max), do: :erlang.external_size({source, opts})
+  defp input_bytes(source, opts, max) do
+    input = if is_struct(source, Chunk), do: opts, else: {source, opts}
+
+    if Encoding.values_within?(input, max),
+      do: :erlang.external_size(input),
+      else: :over
+  end
+
+  # Each value takes a byte at least: more values than max_remote_bytes is more bytes.
+  defp bytes_text(:over, max), do: "holds more than #{max} values (a byte each at least),"
+  defp bytes_text(bytes, _max), do: "is #{bytes} bytes,"
 end

@@ -6,8 +6,13 @@ defmodule LuaSandbox.Describe do
   # call to it does anything but raise the sandbox's "is not available" (csrc/sb_baselib.c
   # stubs), and listed as refused when it does. Tools come from their specs (LuaSandbox.Tools),
   # limits from the validated options (LuaSandbox.Options).
+  #
+  # The probe is the library asking itself, not a script's run: it goes to LuaSandbox.Runner
+  # directly, under no supervisor, so nothing accounts for it — its ~40 refused calls reach no
+  # metrics, telemetry or audit log, and it takes no slot or tenant quota. It is a fixed script
+  # under the default limits, and stops like any run if its caller dies.
 
-  alias LuaSandbox.{Options, Tools}
+  alias LuaSandbox.{Options, Runner, Tools}
 
   # Each function is probed with no arguments inside its own coroutine (so even a yield stays
   # inside the probe); whatever it does happens in a throwaway state.
@@ -55,7 +60,8 @@ defmodule LuaSandbox.Describe do
   end
 
   defp inventory do
-    {:ok, %{values: [functions, libraries, refused]}} = LuaSandbox.run(@inventory)
+    {:ok, %{values: [functions, libraries, refused]}} =
+      Runner.run(@inventory, Options.validate!(chunk_name: "lua_sandbox.describe"))
 
     {functions, libraries, refused_text(refused)}
   end

@@ -11,7 +11,8 @@ defmodule LuaSandbox.Error do
     depth_limit: "a value nested deeper than `max_depth`, either direction",
     size_limit: "a result or tool argument larger than `max_result_bytes`",
     cycle: "a returned table contains itself (the message names the path)",
-    unsupported_value: "a function, coroutine or userdata (or a table/function key) in a result",
+    unsupported_value:
+      "a function, coroutine or userdata (or a table/function key) in a result or tool arguments (a userdata passed to a tool that is not one of the run's handles — `io.stdout`, a handle from elsewhere — is a Lua error the script can catch)",
     invalid_input:
       "globals or args that cannot become Lua values (the message names the path, e.g. " <>
         "`globals.ctx.items[3]`; such a tool result is a Lua error the script can catch), " <>
@@ -20,7 +21,9 @@ defmodule LuaSandbox.Error do
     tool_limit: "more than `max_tool_calls` tool calls",
     timeout:
       "the run passed its `timeout:` deadline (output and stats kept), or was killed in a tool",
-    overloaded: "the supervisor is at `max_concurrency`; returned at once",
+    overloaded:
+      "the supervisor was at `max_concurrency` for the run's whole `queue_timeout` (at once " <>
+        "with `queue_timeout: 0`)",
     rate_limited:
       "the run's `tenant:` is over its `rate` or `concurrency` quota (`retry_after_ms` set)",
     quota_exceeded:
@@ -57,7 +60,7 @@ defmodule LuaSandbox.Error do
     * `output` — what was printed before the failure
     * `retry_after_ms` — for a refused `:rate_limited` or `:quota_exceeded`: when the tenant
       may try again; else `nil`
-    * `stats` — always all four keys of `t:LuaSandbox.Result.stats/0` (zeros when unknown,
+    * `stats` — always every key of `t:LuaSandbox.Result.stats/0` (zeros when unknown,
       e.g. for a `:timeout` the Elixir side had to enforce)
   """
 
@@ -80,7 +83,14 @@ defmodule LuaSandbox.Error do
           stats: LuaSandbox.Result.stats()
         }
 
-  @empty_stats %{instructions: 0, memory_peak: 0, duration_us: 0, tool_calls: 0, cpu_us: 0}
+  @empty_stats %{
+    instructions: 0,
+    memory_peak: 0,
+    duration_us: 0,
+    tool_calls: 0,
+    cpu_us: 0,
+    denied: %{}
+  }
 
   defexception kind: :runtime,
                message: "",

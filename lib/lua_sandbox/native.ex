@@ -19,6 +19,7 @@ defmodule LuaSandbox.Native do
   # a first attempt on the normal scheduler (:retry when it did not finish within its slice)
   def session_try(_session, _source, _opts), do: :erlang.nif_error(:nif_not_loaded)
   def session_info(_session), do: :erlang.nif_error(:nif_not_loaded)
+  def session_fork(_session), do: :erlang.nif_error(:nif_not_loaded)
 
   # compiled chunks (dirty CPU)
   def compile(_source, _opts), do: :erlang.nif_error(:nif_not_loaded)

@@ -61,6 +61,11 @@ defmodule LuaSandbox.Options do
       {LuaSandbox.TaskSupervisor,
        "the `LuaSandbox.Supervisor` whose `max_concurrency` every run counts against; " <>
          "one that is not running is an `ArgumentError`"},
+    queue_timeout:
+      {5_000,
+       "milliseconds a run waits in its supervisor's FIFO queue for a free slot before " <>
+         "`:overloaded` (`0`: refused at once; `:infinity`); like Finch's `pool_timeout`. " <>
+         "Never past the run's `timeout:`. `async_stream/2` defaults it to `:infinity`"},
     tenant:
       {nil,
        "any term naming who the run is for: counted per tenant in `LuaSandbox.metrics/1` and " <>
@@ -154,6 +159,7 @@ defmodule LuaSandbox.Options do
       max_tool_calls: @default_map.max_tool_calls,
       timeout: :infinity,
       supervisor: LuaSandbox.TaskSupervisor,
+      queue_timeout: @default_map.queue_timeout,
       tenant: nil,
       node: nil,
       max_remote_bytes: @default_map.max_remote_bytes
@@ -252,10 +258,10 @@ defmodule LuaSandbox.Options do
     )
   end
 
-  defp check!(:timeout, t) do
+  defp check!(key, t) when key in [:timeout, :queue_timeout] do
     unless t == :infinity or (is_integer(t) and t >= 0) do
       raise ArgumentError,
-            "timeout must be a non-negative integer or :infinity, got: #{inspect(t)}"
+            "#{key} must be a non-negative integer or :infinity, got: #{inspect(t)}"
     end
 
     t

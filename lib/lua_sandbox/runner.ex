@@ -9,13 +9,15 @@ defmodule LuaSandbox.Runner do
   alias LuaSandbox.{Chunk, Encoding, Error, Native, Options, Result, Tools}
 
   def run(source, opts) do
-    case check_call(opts[:call]) do
-      :ok -> start(source, with_deadline(opts))
-      {:error, _} = error -> error
+    opts = with_deadline(opts)
+
+    with :ok <- check_call(opts[:call]),
+         {:ok, encoded} <- encode_opts(opts, Encoding.bound(opts)) do
+      start(source, encoded, opts)
     end
   end
 
-  defp start(source, opts) do
+  defp start(source, encoded, opts) do
     {native_source, opts} =
       case source do
         # A chunk runs under its own name (in messages and the :log metadata).
@@ -23,7 +25,7 @@ defmodule LuaSandbox.Runner do
         source when is_binary(source) -> {source, opts}
       end
 
-    native_opts = opts |> encode_opts() |> Options.to_native()
+    native_opts = Options.to_native(encoded)
 
     first =
       if short?(source, opts),
@@ -51,15 +53,34 @@ defmodule LuaSandbox.Runner do
   end
 
   @doc false
-  # Globals and call: arguments through LuaSandbox.Encoder (tool results are encoded where
-  # the tool answers, in LuaSandbox.Tools).
-  def encode_opts(opts) do
-    opts
-    |> Keyword.update!(:globals, &Encoding.encode_pairs/1)
-    |> Keyword.update!(:call, fn
-      nil -> nil
-      {name, args} -> {name, Enum.map(args, &Encoding.encode/1)}
-    end)
+  # The run's input encoded within its limits in the caller, before it crosses to another
+  # process (a task, a node): a copy between processes expands shared subterms as a walk does,
+  # so only input the run can take may cross. `{:ok, opts}` or `{:error, %Error{}}`.
+  def encode_input(opts), do: encode_opts(opts, Encoding.bound(with_deadline(opts)))
+
+  @doc false
+  # Globals and call: arguments through LuaSandbox.Encoder within `bound` (tool results are
+  # encoded where the tool answers, in LuaSandbox.Tools): the options with them encoded, or
+  # the run's error.
+  def encode_opts(opts, bound) do
+    with {:ok, globals} <- encode(:encode_pairs, opts[:globals], "globals", bound, opts),
+         {:ok, call} <- encode_call(opts[:call], bound, opts) do
+      {:ok, opts |> Keyword.put(:globals, globals) |> Keyword.put(:call, call)}
+    end
+  end
+
+  defp encode_call(nil, _bound, _opts), do: {:ok, nil}
+
+  defp encode_call({name, args}, bound, opts) do
+    with {:ok, args} <- encode(:encode_all, args, "call: arguments", bound, opts),
+         do: {:ok, {name, args}}
+  end
+
+  defp encode(fun, terms, what, bound, opts) do
+    case apply(Encoding, fun, [terms, bound]) do
+      {:ok, _} = ok -> ok
+      {:error, kind} -> {:error, Encoding.error(kind, what, bound, opts[:timeout])}
+    end
   end
 
   defp check_call({_name, args}) do
@@ -96,7 +117,7 @@ defmodule LuaSandbox.Runner do
   # Answers a native run's tool calls until it finishes; `tools` is the normalized tools map
   # (LuaSandbox.Options: name => {fun, spec}).
   def drive({:tool_call, run, name, args}, tools, opts) do
-    reply = call_tool(name, Map.fetch!(tools, name), args, opts[:deadline])
+    reply = call_tool(name, Map.fetch!(tools, name), args, Encoding.bound(opts))
 
     run
     |> Native.run_resume(reply)
@@ -119,16 +140,16 @@ defmodule LuaSandbox.Runner do
   # runs in a process linked to this one (so it dies with it), and at the deadline it is
   # killed and the run resumed with `:timeout`, which the NIF turns into the run's end with
   # `:timeout`, keeping the output printed so far (run.rs `reply_to_lua`).
-  defp call_tool(name, tool, args, nil), do: Tools.call(name, tool, args)
+  defp call_tool(name, tool, args, {_, _, nil} = bound), do: Tools.call(name, tool, args, bound)
 
-  defp call_tool(name, tool, args, deadline) do
+  defp call_tool(name, tool, args, {_, _, deadline} = bound) do
     parent = self()
     callers = [parent | Process.get(:"$callers", [])]
 
     pid =
       spawn_link(fn ->
         Process.put(:"$callers", callers)
-        send(parent, {self(), :tool_reply, Tools.call(name, tool, args)})
+        send(parent, {self(), :tool_reply, Tools.call(name, tool, args, bound)})
       end)
 
     mref = Process.monitor(pid)

@@ -1,5 +1,8 @@
 defmodule LuaSandbox.Session do
-  alias LuaSandbox.{Chunk, Error, Native, Options, Runner}
+  alias LuaSandbox.{Chunk, Encoding, Error, Native, Options, Runner}
+
+  # A state that does not come back from a dead caller's call (see when_free/3).
+  @lost "session state did not come back"
 
   @state_keys [
     :max_memory,
@@ -10,7 +13,9 @@ defmodule LuaSandbox.Session do
     :globals,
     :tools,
     :modules,
-    :supervisor
+    :supervisor,
+    :queue_timeout,
+    :tenant
   ]
   @call_keys [
     :max_instructions,
@@ -34,13 +39,17 @@ defmodule LuaSandbox.Session do
   Options: the state-wide ones in `start_link/1`, the per-call ones in `run/3`.
 
   Calls on one session are serialized (callers wait their turn); many sessions run in
-  parallel. A call runs in the calling process, with or without `timeout:` (a tool under a
+  parallel. `fork/2` starts a session holding a copy of the state (its calls take turns with
+  its origin's: they share one arena). A call runs in the calling process, with or without `timeout:` (a tool under a
   deadline runs in a process linked to it): if that process dies, the call stops within
   milliseconds and is rolled back, and no process of the call outlives it. If the session
   process stops, its state is freed.
 
-  Rollback copies the state's used memory aside before each call (a `memcpy`, about 1 µs
-  per 40 KiB; see bench/RESULTS.md) and back after a failed one. A short call on a state of
+  Rollback keeps a copy of the state from before each call and copies it back after a failed
+  one. Up to 1 MiB of state the whole state is copied (a `memcpy`, about 1 µs per 40 KiB);
+  beyond, only the pages the call wrote are (tracked with Linux's `userfaultfd` write
+  protection and `PAGEMAP_SCAN`, 6.7+; older kernels copy everything), so a call that changes
+  one field costs about the same on a 16 MiB state as on a small one (see bench/RESULTS.md). A short call on a state of
   at most 1 MiB is first tried on the caller's scheduler (as short runs are); one that needs
   more is rolled back unseen and run on a dirty scheduler.
   """
@@ -60,7 +69,10 @@ defmodule LuaSandbox.Session do
 
   For a session, `max_memory` bounds the whole session's heap; `globals`, `tools` and
   `modules` are set once, when it starts; every call holds one of the `supervisor`'s slots
-  while it runs (a full one answers `:overloaded`).
+  while it runs, waiting for one in the supervisor's FIFO queue (shared with runs) up to
+  `queue_timeout` (never past the call's `timeout`), and is admitted under the quotas of the
+  session's `tenant` like a run (`rate`, `concurrency`, and `cpu_ms`, debited by the call's
+  `cpu_us`), counted by tenant in `LuaSandbox.metrics/1` and named in telemetry metadata.
 
   ## Typical errors
 
@@ -75,15 +87,18 @@ defmodule LuaSandbox.Session do
     # Raises now if it is not running, not at the first call.
     _ = LuaSandbox.Supervisor.running(validated[:supervisor])
     LuaSandbox.Supervisor.check_isolation!(validated[:supervisor])
-    native = validated |> Runner.encode_opts() |> Options.to_native()
     gen_opts = if name, do: [name: name], else: []
+    # Building the state charges no per-call instruction budget: memory bounds the globals.
+    bound = Encoding.bound(validated[:max_memory], nil, nil)
 
-    case Native.session_new(native) do
-      {:ok, res} ->
-        GenServer.start_link(__MODULE__, {res, validated[:tools], validated}, gen_opts)
+    with {:ok, encoded} <- Runner.encode_opts(validated, bound) do
+      case encoded |> Options.to_native() |> Native.session_new() do
+        {:ok, res} ->
+          GenServer.start_link(__MODULE__, {res, validated[:tools], validated}, gen_opts)
 
-      {:error, _, _, _} = failed ->
-        Runner.drive(failed, %{}, [])
+        {:error, _, _, _} = failed ->
+          Runner.drive(failed, %{}, [])
+      end
     end
   end
 
@@ -103,7 +118,10 @@ defmodule LuaSandbox.Session do
 
     * `:syntax`, `:runtime` — as for `LuaSandbox.run/2` (the call is rolled back)
     * `:instruction_limit`, `:memory_limit`, `:output_limit`, `:tool_limit`, `:timeout`
-    * `:overloaded` — the session's supervisor is at its `max_concurrency`
+    * `:overloaded` — the session's supervisor stayed at its `max_concurrency` for the
+      session's whole `queue_timeout`
+    * `:rate_limited`, `:quota_exceeded` — the session's `tenant` is over a quota of its
+      supervisor (`retry_after_ms` set), or the call used up the tenant's CPU-time balance
     * `:invalid_input`, `:unsupported_value`, `:cycle`, `:depth_limit`, `:size_limit` — a
       global or argument that cannot go in, or a result that cannot come out
 
@@ -133,7 +151,7 @@ defmodule LuaSandbox.Session do
   @spec call(t, String.t() | atom, list, keyword) ::
           {:ok, LuaSandbox.Result.t()} | {:error, Error.t()}
   def call(session, name, args, opts \\ []) when is_list(args) do
-    exec(session, nil, {to_string(name), Enum.map(args, &LuaSandbox.Encoding.encode/1)}, opts)
+    exec(session, nil, {to_string(name), args}, opts)
   end
 
   # get/2 hands the name over as a global that the chunk removes at once.
@@ -171,6 +189,75 @@ defmodule LuaSandbox.Session do
     with {:ok, _} <- exec(session, nil, nil, opts), do: :ok
   end
 
+  @doc """
+  Starts a new session holding a copy of `session`'s state — its globals, functions, handles —
+  with the same tools, modules and limits, independent from then on: what a call does in one
+  is not seen in the other. Linked to the caller, like `start_link/1`.
+
+  Waits for `session`'s turn like a call (the copy is of the state between calls), and holds
+  one of the supervisor's slots while it copies.
+
+  A Lua state only works at the address it was built at, so a session and its forks share
+  one arena: at any time one of them has its state in it and the others keep theirs as
+  copies. Their calls take turns (a call waits while another member's call runs), and a call
+  by a different member than the last one copies both states (out, then in).
+
+      iex> {:ok, s} = LuaSandbox.Session.start_link()
+      iex> {:ok, _} = LuaSandbox.Session.run(s, "n = 1")
+      iex> {:ok, f} = LuaSandbox.Session.fork(s)
+      iex> {:ok, _} = LuaSandbox.Session.run(f, "n = n + 10")
+      iex> {LuaSandbox.Session.get(s, "n"), LuaSandbox.Session.get(f, "n")}
+      {{:ok, 1}, {:ok, 11}}
+
+  ## Options
+
+    * `name` — registers the fork's process
+    * `supervisor` — the `LuaSandbox.Supervisor` its calls count against (default: `session`'s)
+  """
+  @spec fork(t, keyword) :: GenServer.on_start() | {:error, Error.t()}
+  def fork(session, opts \\ []) do
+    {name, opts} = Keyword.pop(opts, :name)
+
+    case Keyword.keys(opts) -- [:supervisor] do
+      [] -> :ok
+      bad -> raise ArgumentError, "unknown options for a fork: #{inspect(bad)}"
+    end
+
+    own_sup = if Keyword.has_key?(opts, :supervisor), do: Options.validate!(opts)[:supervisor]
+    {:ok, {res, tools, print, {meta, queue_timeout}, max_memory}} = checkout(session, nil)
+    sup = own_sup || meta.supervisor
+    _ = LuaSandbox.Supervisor.running(sup)
+
+    forked =
+      try do
+        holding_slot(sup, fn -> fork_when_free(res) end)
+      after
+        GenServer.cast(session, {:checkin, self()})
+      end
+
+    with {:ok, copy} <- forked do
+      gen_opts = if name, do: [name: name], else: []
+      # the fork keeps its origin's tenant, chunk name and queue timeout
+      fork_opts = [
+        print: print,
+        supervisor: sup,
+        tenant: meta.tenant,
+        chunk_name: meta.chunk,
+        queue_timeout: queue_timeout,
+        max_memory: max_memory
+      ]
+
+      GenServer.start_link(__MODULE__, {copy, tools, fork_opts}, gen_opts)
+    end
+  end
+
+  defp fork_when_free(res) do
+    case when_free(fn -> Native.session_fork(res) end, nil) do
+      {:gave_up, :lost} -> {:error, Error.new(:runtime, @lost, stats: Error.empty_stats())}
+      answer -> answer
+    end
+  end
+
   @doc "Memory in use (bytes), calls made, instructions used and rollbacks done so far."
   @spec info(t) :: %{
           memory: non_neg_integer,
@@ -195,12 +282,23 @@ defmodule LuaSandbox.Session do
     deadline = if timeout == :infinity, do: nil, else: now_ms() + timeout
 
     case checkout(session, deadline) do
-      {:ok, {res, tools, print, sup}} ->
+      {:ok, {res, tools, print, {meta, queue_timeout}, max_memory}} ->
         try do
-          in_slot(sup, fn ->
-            res
-            |> run_when_free(source, call_opts, deadline, timeout)
-            |> Runner.drive(tools, print: print, deadline: deadline, timeout: timeout)
+          # a call is a run of the supervisor: admission, queue, quotas, metrics, telemetry
+          LuaSandbox.Supervisor.admitted(:session, meta, queue_timeout, deadline, fn deadline ->
+            limits = [
+              print: print,
+              deadline: deadline,
+              timeout: timeout,
+              max_memory: max_memory,
+              max_instructions: call_opts.max_instructions
+            ]
+
+            with {:ok, call_opts} <- encode_call(call_opts, limits) do
+              res
+              |> run_when_free(source, call_opts, deadline, timeout)
+              |> Runner.drive(tools, limits)
+            end
           end)
         after
           GenServer.cast(session, {:checkin, self()})
@@ -216,6 +314,15 @@ defmodule LuaSandbox.Session do
 
   defp now_ms, do: System.monotonic_time(:millisecond)
 
+  # The call's globals and arguments through LuaSandbox.Encoder, within the session's
+  # max_memory and the call's limits (here, holding the session, which knows its max_memory).
+  defp encode_call(call_opts, limits) do
+    opts = [globals: call_opts.globals, call: call_opts.call, timeout: limits[:timeout]]
+
+    with {:ok, encoded} <- Runner.encode_opts(opts, Encoding.bound(limits)),
+         do: {:ok, %{call_opts | globals: encoded[:globals], call: encoded[:call]}}
+  end
+
   # Waits for the session (calls are serialized) until the deadline; a caller that gives up
   # withdraws, so a grant that crosses its withdrawal is handed on, not kept.
   defp checkout(session, nil), do: {:ok, GenServer.call(session, :checkout, :infinity)}
@@ -228,37 +335,59 @@ defmodule LuaSandbox.Session do
       :timeout
   end
 
-  defp in_slot(sup, fun) do
-    case LuaSandbox.Supervisor.Slots.checkout(sup) do
-      {:ok, slot} ->
+  # A fork holds one of the supervisor's slots while it copies the state; it is not a run
+  # (no metrics, no telemetry) and does not queue.
+  defp holding_slot(sup, fun) do
+    case LuaSandbox.Supervisor.Slots.admit(sup, nil, 0) do
+      {:ok, slot, _cap, _queued} ->
         try do
           fun.()
         after
           LuaSandbox.Supervisor.Slots.checkin(slot)
         end
 
-      :full ->
-        {:error, LuaSandbox.Supervisor.overloaded(sup)}
+      refused ->
+        refused
     end
   end
 
-  # The state may still be on its way back from a call whose caller just died (the native
-  # call notices within milliseconds and rolls back).
-  defp run_when_free(res, source, call_opts, deadline, timeout, waited \\ 0) do
-    opts = %{call_opts | timeout: Options.native_timeout(deadline, timeout)}
+  defp run_when_free(res, source, call_opts, deadline, timeout) do
+    attempt = fn ->
+      opts = %{call_opts | timeout: Options.native_timeout(deadline, timeout)}
 
-    case first_attempt(res, source, opts) do
-      :retry -> Native.session_run(res, source, opts)
+      case first_attempt(res, source, opts) do
+        :retry -> Native.session_run(res, source, opts)
+        answer -> answer
+      end
+    end
+
+    case when_free(attempt, deadline) do
+      {:gave_up, :timeout} -> {:error, {:timeout, "", nil, nil, nil}, "", Error.empty_stats()}
+      {:gave_up, :lost} -> {:error, {:runtime, @lost, nil, nil, nil}, "", Error.empty_stats()}
       answer -> answer
     end
-    |> case do
+  end
+
+  # Repeats `attempt` (a native call on the session's state) while the state is not free: a
+  # fork's call has the arena the family shares (`fork/2`: wait, within the deadline), or the
+  # state is on its way back from a call whose caller just died (the native call notices
+  # within milliseconds and rolls back: wait up to ~5 s, then give it up as lost).
+  defp when_free(attempt, deadline, waited \\ 0) do
+    case attempt.() do
+      :arena_busy ->
+        if deadline && now_ms() >= deadline do
+          {:gave_up, :timeout}
+        else
+          Process.sleep(1)
+          when_free(attempt, deadline, waited)
+        end
+
       :busy when waited < 5_000 ->
         Process.sleep(1)
-        run_when_free(res, source, call_opts, deadline, timeout, waited + 1)
+        when_free(attempt, deadline, waited + 1)
 
       :busy ->
-        {:error, {:runtime, "session state did not come back", nil, nil, nil}, "",
-         Error.empty_stats()}
+        {:gave_up, :lost}
 
       answer ->
         answer
@@ -297,7 +426,7 @@ defmodule LuaSandbox.Session do
        max_result_bytes: o[:max_result_bytes],
        rollback: rollback,
        call: call,
-       globals: LuaSandbox.Encoding.encode_pairs(o[:globals]),
+       globals: o[:globals],
        timeout: nil
      }}
   end
@@ -321,7 +450,17 @@ defmodule LuaSandbox.Session do
        res: res,
        tools: tools,
        print: opts[:print] || :capture,
-       supervisor: opts[:supervisor],
+       # what admission and telemetry need (LuaSandbox.Supervisor.admitted/5)
+       admission: {
+         %{
+           supervisor: opts[:supervisor],
+           tenant: opts[:tenant],
+           chunk: opts[:chunk_name],
+           session: self()
+         },
+         opts[:queue_timeout]
+       },
+       max_memory: opts[:max_memory],
        owner: nil,
        queue: :queue.new()
      }}
@@ -356,7 +495,7 @@ defmodule LuaSandbox.Session do
 
   def handle_info(_, s), do: {:noreply, s}
 
-  defp grant(s), do: {s.res, s.tools, s.print, s.supervisor}
+  defp grant(s), do: {s.res, s.tools, s.print, s.admission, s.max_memory}
 
   # Hands the state to the next waiting caller that is still alive.
   defp next(s) do

@@ -11,14 +11,19 @@ defmodule LuaSandbox.Supervisor do
   dirty CPU schedulers × 4).
 
   Every run counts against its supervisor's `max_concurrency`, whatever its options: a run
-  without `timeout:` stays in the calling process and holds a slot (a small child process
-  that lives as long as the run, or its caller) for its duration; a run with `timeout:` runs in
-  a task under the supervisor. `LuaSandbox.run/2` beyond the bound is refused at once with
-  `kind: :overloaded` — there is no queue to grow without bound; `LuaSandbox.async_stream/2`
-  waits for a free slot instead. A `supervisor:` that is not running is an `ArgumentError`.
+  without `timeout:` stays in the calling process and holds a slot (a row the supervisor
+  gives back if the caller dies) for its duration; a run with `timeout:` runs in a task under
+  the supervisor. A run that finds the supervisor full waits in a FIFO queue shared by
+  `LuaSandbox.run/2`, `LuaSandbox.async/2`, `LuaSandbox.async_stream/2` and session calls, up to its
+  `queue_timeout:` (default 5 000 ms, like Finch's `pool_timeout`; `async_stream/2`:
+  `:infinity`, bounded by its own `timeout`), then answers `kind: :overloaded`;
+  `queue_timeout: 0` answers at once. While runs wait, a freed slot goes to the oldest of them
+  and no newcomer takes one directly, so a caller that retries cannot starve one that waits.
+  Only a run that waits sends a message (to the supervisor's keeper); taking a free slot does
+  not. A `supervisor:` that is not running is an `ArgumentError`.
   """
 
-  alias LuaSandbox.{Chunk, Cluster, Error, Runner}
+  alias LuaSandbox.{Chunk, Cluster, Error, Runner, Telemetry}
   alias LuaSandbox.Supervisor.{Quotas, Slots, Workers}
 
   @doc "The default size: dirty CPU schedulers × 4, unless configured."
@@ -51,7 +56,8 @@ defmodule LuaSandbox.Supervisor do
   `default_max_concurrency/0`), `cluster` (default `false`): `true` makes it a member of the
   cluster group named `name`, which `node: :any` picks from on every connected node, and
   `quotas` (default none): `%{default: limits, tenant => limits}`
-  applied to runs given `tenant:`, where limits are any of
+  applied to runs given `tenant:` and to the calls of a `LuaSandbox.Session` started with
+  `tenant:`, where limits are any of
 
     * `rate: {count, per_ms}` — at most `count` runs per `per_ms` (GCRA, bursts of up to
       `count`); over it: `:rate_limited`
@@ -62,7 +68,14 @@ defmodule LuaSandbox.Supervisor do
       `:quota_exceeded`
 
   A tenant without an entry gets `default` (none if there is no `default`). Refusals carry
-  `retry_after_ms`. Admission takes no message to any process (ETS and counters).
+  `retry_after_ms`. Admission takes no message to any process (ETS and atomics). A run of a
+  tenant with a `concurrency` quota counts against it once it holds a slot (not while queued).
+
+  `audit_log` (default `false`): a Logger level (`true` is `:warning`) at which every
+  capability a script was denied ("os.getenv is not available in this sandbox") is logged
+  once per run and capability, with metadata `lua_supervisor`, `lua_tenant`, `lua_chunk`,
+  `lua_capability` and `lua_count`. Denials are counted in `LuaSandbox.metrics/1` and emitted
+  as telemetry (`LuaSandbox.Telemetry`) whether or not they are logged.
 
   `isolation` (default `:nif`): `:process` starts a pool of `max_concurrency` worker OS
   processes, each a jailed `lua_sandbox_worker` (built by `mix compile` and installed in
@@ -81,7 +94,8 @@ defmodule LuaSandbox.Supervisor do
         max_concurrency: default_max_concurrency(),
         cluster: false,
         isolation: :nif,
-        worker: nil
+        worker: nil,
+        audit_log: false
       ])
 
     quotas = Quotas.validate!(opts[:quotas])
@@ -108,9 +122,22 @@ defmodule LuaSandbox.Supervisor do
       raise ArgumentError, "worker must be a path, got: #{inspect(opts[:worker])}"
     end
 
+    audit =
+      case opts[:audit_log] do
+        true ->
+          :warning
+
+        level when level == false or level in [:debug, :info, :notice, :warning, :error] ->
+          level
+
+        other ->
+          raise ArgumentError,
+                "audit_log must be a boolean or a Logger level, got: #{inspect(other)}"
+      end
+
     children =
       [
-        {Slots, {opts[:name], opts[:max_concurrency], quotas}},
+        {Slots, {opts[:name], opts[:max_concurrency], quotas: quotas, audit_log: audit}},
         # Unbounded: the bound is the slots', which every run takes wherever it runs.
         {Task.Supervisor, name: opts[:name]}
       ] ++
@@ -147,7 +174,7 @@ defmodule LuaSandbox.Supervisor do
   """
   @spec info(atom) :: map
   def info(name) do
-    {_running, capacity} = Slots.load(name)
+    {_running, capacity, _queue} = Slots.load(name)
 
     case Workers.whereis(name) do
       nil ->
@@ -188,90 +215,97 @@ defmodule LuaSandbox.Supervisor do
   def running(name), do: Slots.count(name)
 
   @doc """
-  The load of supervisor `name`: `%{running: n, capacity: max_concurrency}`, from two
-  reads (cheap enough to ask before every run, e.g. to pick a node).
+  The load of supervisor `name`: `%{running: n, capacity: max_concurrency, queue: waiting}`,
+  from three reads (cheap enough to ask before every run, e.g. to pick a node).
   """
-  @spec load(atom) :: %{running: non_neg_integer, capacity: pos_integer}
+  @spec load(atom) :: %{
+          running: non_neg_integer,
+          capacity: pos_integer,
+          queue: non_neg_integer
+        }
   def load(name) do
-    {running, capacity} = Slots.load(name)
-    %{running: running, capacity: capacity}
+    {running, capacity, queue} = Slots.load(name)
+    %{running: running, capacity: capacity, queue: queue}
   end
 
   @doc false
-  # Runs `source` in the calling process while holding a slot of `opts[:supervisor]`.
+  # Runs `source` in the calling process while holding a slot of `opts[:supervisor]` (admitted/5).
   @spec run_local(LuaSandbox.source(), keyword) ::
           {:ok, LuaSandbox.Result.t()} | {:error, Error.t()}
   def run_local(source, opts) do
-    case run_in_slot(source, opts) do
-      :full ->
-        Slots.refused(opts[:supervisor], opts[:tenant], :overloaded)
-        {:error, overloaded(opts[:supervisor])}
+    own =
+      opts[:deadline] ||
+        if is_integer(opts[:timeout]),
+          do: System.monotonic_time(:millisecond) + opts[:timeout]
 
-      result ->
-        result
-    end
+    meta = %{
+      supervisor: opts[:supervisor],
+      tenant: opts[:tenant],
+      chunk: chunk_name(source, opts)
+    }
+
+    admitted(:run, meta, opts[:queue_timeout], own, fn
+      ^own -> Runner.run(source, opts)
+      capped -> Runner.run(source, Keyword.put(opts, :deadline, capped))
+    end)
   end
+
+  defp chunk_name(%Chunk{name: name}, _opts), do: name
+  defp chunk_name(_source, opts), do: opts[:chunk_name]
 
   @doc false
-  # run_local/2 in a task started for `owner` (LuaSandbox.async/2): the run stops if the owner dies.
-  def run_for(owner, source, opts) do
-    watch(owner, self())
-    run_local(source, opts)
-  end
-
-  @doc false
-  # Like run_local/2, but waits (with backoff) for a free slot instead of answering
-  # :overloaded; used by LuaSandbox.async_stream/2, whose own timeout bounds the wait.
-  def run_queued(source, opts, backoff \\ 1) do
-    case run_in_slot(source, opts) do
-      :full ->
-        Process.sleep(backoff)
-        run_queued(source, opts, min(backoff * 2, 20))
-
-      result ->
-        result
-    end
-  end
-
-  # The run, holding one of its supervisor's slots while it runs; `:full` without running.
-  # Admission (the tenant's quotas, then the slot) and the metrics are Slots'.
-  defp run_in_slot(source, opts) do
-    sup = opts[:supervisor]
-    tenant = opts[:tenant]
+  # The one path of a run and of a session call (`what`: `:run` or `:session`) through its
+  # supervisor: admission (the tenant's quotas, then a slot, waiting in the FIFO queue up to
+  # `queue_timeout` but never past `deadline`), then `fun.(deadline)` with the deadline capped
+  # by the tenant's CPU balance (stopped by that cap: `:quota_exceeded`), the slot given back
+  # whatever happens, and the result settled (metrics, CPU debit, denials) and reported
+  # (telemetry). `meta` (`supervisor`, `tenant`, `chunk`, and for a session `session`) is the
+  # telemetry metadata; `deadline` is monotonic ms or nil. Refusals come back as they are.
+  @spec admitted(:run | :session, map, timeout, integer | nil, (integer | nil -> result)) ::
+          result
+        when result: {:ok, LuaSandbox.Result.t()} | {:error, Error.t()}
+  def admitted(what, %{supervisor: sup, tenant: tenant} = meta, queue_timeout, deadline, fun) do
     check_isolation!(sup)
+    telemetry? = Telemetry.enabled?()
+    t0 = if telemetry?, do: :erlang.monotonic_time()
 
-    case Slots.admit(sup, tenant) do
-      {:ok, slot, cap_ms} ->
+    case Slots.admit(sup, tenant, queue_wait(queue_timeout, deadline)) do
+      {:ok, slot, cap_ms, queued_us} ->
+        span = if telemetry?, do: Telemetry.start(what, t0, queued_us, meta)
+
         result =
           try do
-            run_capped(source, opts, cap_ms)
+            capped(fun, deadline, cap_ms)
           after
             Slots.checkin(slot)
           end
 
-        Slots.settle(sup, tenant, result)
+        Slots.settle(slot, tenant, meta.chunk, result)
+        if span, do: Telemetry.stop(span, result)
+        result
 
-      other ->
-        other
+      refused ->
+        refused
     end
   end
 
-  defp run_capped(source, opts, nil), do: Runner.run(source, opts)
+  # The queue wait: `queue_timeout`, but never past the deadline (:infinity sorts above integers).
+  defp queue_wait(wait, nil), do: wait
 
-  # The CPU balance left caps the run's deadline (CPU time never exceeds wall time on one
-  # thread); a run stopped by that cap rather than its own timeout is :quota_exceeded.
-  defp run_capped(source, opts, cap_ms) do
-    now = System.monotonic_time(:millisecond)
-    cap = now + cap_ms
+  defp queue_wait(wait, deadline),
+    do: min(wait, max(deadline - System.monotonic_time(:millisecond), 0))
 
-    own =
-      opts[:deadline] ||
-        if(is_integer(opts[:timeout]), do: now + opts[:timeout], else: nil)
+  # The CPU balance left caps the deadline (CPU time never exceeds wall time on one thread); a
+  # run stopped by that cap rather than its own deadline is :quota_exceeded.
+  defp capped(fun, deadline, nil), do: fun.(deadline)
 
-    if own != nil and own <= cap do
-      Runner.run(source, opts)
+  defp capped(fun, deadline, cap_ms) do
+    cap = System.monotonic_time(:millisecond) + cap_ms
+
+    if deadline != nil and deadline <= cap do
+      fun.(deadline)
     else
-      case Runner.run(source, Keyword.put(opts, :deadline, cap)) do
+      case fun.(cap) do
         {:error, %Error{kind: :timeout} = e} ->
           {:error,
            %{
@@ -284,6 +318,17 @@ defmodule LuaSandbox.Supervisor do
           other
       end
     end
+  end
+
+  @doc false
+  # A task's answer known before it starts (LuaSandbox.async/2 with input it refused).
+  def answer(result), do: result
+
+  @doc false
+  # run_local/2 in a task started for `owner` (LuaSandbox.async/2): the run stops if the owner dies.
+  def run_for(owner, source, opts) do
+    watch(owner, self())
+    run_local(source, opts)
   end
 
   @doc false
@@ -349,11 +394,6 @@ defmodule LuaSandbox.Supervisor do
     Error.new(:node_down, "node #{node} is not reachable", stats: Error.empty_stats())
   end
 
-  @doc false
-  def overloaded(sup) do
-    Error.new(:overloaded, "supervisor #{inspect(sup)} is at max_concurrency")
-  end
-
   defp start_child(sup, fun, args) do
     Task.Supervisor.start_child(sup, __MODULE__, fun, args, restart: :temporary)
   catch
@@ -399,6 +439,11 @@ defmodule LuaSandbox.Supervisor do
   defp deadline(_node, _timeout), do: nil
 
   # How long after `timeout` the task is killed: time for the NIF's own :timeout to arrive.
+  # The deadline inside the NIF and the tool kill (Runner) end every run that is executing,
+  # but not a run that has not started executing: a task queued for a dirty scheduler while
+  # all of them run other scripts, a run on another node that stopped answering (still
+  # connected), or a step between two deadline checks that takes long (one big allocation or
+  # collection). The caller's wait stays bounded only with this kill.
   defp backstop(:infinity), do: :infinity
   defp backstop(timeout), do: timeout + 500
 

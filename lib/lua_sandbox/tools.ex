@@ -10,19 +10,21 @@ defmodule LuaSandbox.Tools do
 
   @max_shown 120
 
-  def call(name, {fun, spec}, args) do
+  # A result that cannot fit the run's `bound` (LuaSandbox.Encoding) is answered with the
+  # limit's kind (`:memory_limit`, ...), which ends the run as that limit would in Lua.
+  def call(name, {fun, spec}, args, bound) do
     case check_args(name, spec.args, args) do
-      :ok -> apply_tool(name, fun, args)
+      :ok -> apply_tool(name, fun, args, bound)
       {:error, message} -> {:raise, message}
     end
   end
 
-  defp apply_tool(name, fun, args) do
+  defp apply_tool(name, fun, args, bound) do
     case fun.(args) do
-      {:ok, value} -> {:ok, Encoding.encode(value)}
+      {:ok, value} -> result(value, bound)
       {:error, reason} -> {:error, reason_text(reason)}
       :ok -> {:ok, nil}
-      value -> {:ok, Encoding.encode(value)}
+      value -> result(value, bound)
     end
   rescue
     e in FunctionClauseError ->
@@ -37,6 +39,13 @@ defmodule LuaSandbox.Tools do
   catch
     :exit, reason -> {:raise, "tool '#{name}' failed: exit #{inspect(reason)}"}
     :throw, value -> {:raise, "tool '#{name}' failed: throw #{inspect(value)}"}
+  end
+
+  defp result(value, bound) do
+    case Encoding.encode(value, bound) do
+      {:ok, value} -> {:ok, value}
+      {:error, kind} -> kind
+    end
   end
 
   # The clause error comes from the tool function itself (its clauses do not match what the

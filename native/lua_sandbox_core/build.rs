@@ -39,7 +39,13 @@ fn main() {
 
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=csrc");
-    for f in ["sb_strlib.c", "sb_tablib.c", "sb_json.c", "sb_budget.h"] {
+    for f in [
+        "sb_strlib.c",
+        "sb_tablib.c",
+        "sb_json.c",
+        "sb_baselib.c",
+        "sb_budget.h",
+    ] {
         println!("cargo:rerun-if-changed=csrc/{f}");
     }
 }

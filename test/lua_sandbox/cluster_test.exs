@@ -2,6 +2,7 @@ defmodule LuaSandbox.ClusterTest do
   # node: :any across real :peer nodes on loopback. Each test makes its own cluster group (a
   # supervisor name) on the shared peers, or starts peers of its own when it takes one down.
   use ExUnit.Case, async: false
+  import LuaSandbox.TestWait
 
   alias LuaSandbox.{Cluster, Error, TestPeer, TestRemote}
 
@@ -21,6 +22,21 @@ defmodule LuaSandbox.ClusterTest do
   end
 
   defp members(group), do: :pg.get_members(Cluster.scope(), group)
+
+  # A run parked in a tool on `node`'s member of `group`, returned once it is running there.
+  defp run_in_flight(group, node) do
+    task =
+      Task.async(fn ->
+        LuaSandbox.run("return tools.sleep(3000)",
+          node: :any,
+          supervisor: group,
+          tools: %{sleep: &TestRemote.sleep_tool/1}
+        )
+      end)
+
+    assert wait_until(fn -> :erpc.call(node, LuaSandbox.Supervisor, :running, [group]) == 1 end)
+    task
+  end
 
   defp join(nodes, group, max) do
     pids = Enum.map(nodes, &TestPeer.member(&1, group, max))
@@ -111,8 +127,10 @@ defmodule LuaSandbox.ClusterTest do
            end)
 
     assert {:error, %Error{kind: :overloaded}} =
-             LuaSandbox.run("return 1", node: :any, supervisor: group)
+             LuaSandbox.run("return 1", node: :any, supervisor: group, queue_timeout: 0)
 
+    # with a queue_timeout the retry waits in its member's queue until a slot frees
+    assert {:ok, _} = LuaSandbox.run("return 1", node: :any, supervisor: group)
     Enum.each(holders, &assert({:ok, _} = Task.await(&1, 10_000)))
   end
 
@@ -130,16 +148,7 @@ defmodule LuaSandbox.ClusterTest do
   test "a member stopped with a run in flight: :node_down", %{nodes: [a | _], group: group} do
     join([a], group, 4)
 
-    in_flight =
-      Task.async(fn ->
-        LuaSandbox.run("return tools.sleep(3000)",
-          node: :any,
-          supervisor: group,
-          tools: %{sleep: &TestRemote.sleep_tool/1}
-        )
-      end)
-
-    assert wait_until(fn -> :erpc.call(a, LuaSandbox.Supervisor, :running, [group]) == 1 end)
+    in_flight = run_in_flight(group, a)
     TestPeer.stop_member(a, group)
 
     assert {:error, %Error{kind: :node_down, message: message}} = Task.await(in_flight, 10_000)
@@ -225,16 +234,7 @@ defmodule LuaSandbox.ClusterTest do
     Process.unlink(peer)
     join([lost], group, 4)
 
-    in_flight =
-      Task.async(fn ->
-        LuaSandbox.run("return tools.sleep(3000)",
-          node: :any,
-          supervisor: group,
-          tools: %{sleep: &TestRemote.sleep_tool/1}
-        )
-      end)
-
-    assert wait_until(fn -> :erpc.call(lost, LuaSandbox.Supervisor, :running, [group]) == 1 end)
+    in_flight = run_in_flight(group, lost)
     join([other], group, 4)
     true = Node.disconnect(lost)
 
@@ -327,13 +327,5 @@ defmodule LuaSandbox.ClusterTest do
       end
 
     times |> Enum.sort() |> Enum.at(150)
-  end
-
-  defp wait_until(fun, tries \\ 300) do
-    cond do
-      fun.() -> true
-      tries == 0 -> false
-      true -> Process.sleep(10) && wait_until(fun, tries - 1)
-    end
   end
 end

@@ -1,6 +1,7 @@
 defmodule LuaSandbox.ConcurrencyTest do
   # One bound for concurrency: every run counts against its supervisor, and async_stream queues.
   use ExUnit.Case, async: true
+  import LuaSandbox.TestWait
 
   alias LuaSandbox.Error
 
@@ -33,11 +34,11 @@ defmodule LuaSandbox.ConcurrencyTest do
       pid = busy(name)
 
       assert {:error, %Error{kind: :overloaded, stats: %{instructions: 0}}} =
-               LuaSandbox.run("return 1", supervisor: name)
+               LuaSandbox.run("return 1", supervisor: name, queue_timeout: 0)
 
       # with timeout: too, the same bound
       assert {:error, %Error{kind: :overloaded}} =
-               LuaSandbox.run("return 1", supervisor: name, timeout: 1_000)
+               LuaSandbox.run("return 1", supervisor: name, timeout: 1_000, queue_timeout: 0)
 
       Process.exit(pid, :kill)
       # the slot goes with its caller
@@ -132,6 +133,7 @@ defmodule LuaSandbox.ConcurrencyTest do
 
       assert Map.keys(stats) |> Enum.sort() == [
                :cpu_us,
+               :denied,
                :duration_us,
                :instructions,
                :memory_peak,
@@ -201,14 +203,6 @@ defmodule LuaSandbox.ConcurrencyTest do
       assert_raise ArgumentError, ~r/may not set timeout/, fn ->
         LuaSandbox.async_stream([{"return 1", timeout: 1}]) |> Enum.to_list()
       end
-    end
-  end
-
-  defp wait_until(fun, tries \\ 400) do
-    cond do
-      fun.() -> :ok
-      tries == 0 -> flunk("condition never became true")
-      true -> Process.sleep(5) && wait_until(fun, tries - 1)
     end
   end
 end

@@ -67,3 +67,19 @@ defmodule LuaSandbox.DescribeTest do
     assert LuaSandbox.run!("setmetatable(_G, {}) return search", tools: tools()).value == nil
   end
 end
+
+defmodule LuaSandbox.DescribeAccountingTest do
+  # Not async: it reads the default supervisor's counters, which async tests move meanwhile
+  # (ExUnit runs the synchronous modules after the async ones, one at a time).
+  use ExUnit.Case, async: false
+
+  test "describe/1 finds the refused functions without counting a run or a denial" do
+    before = LuaSandbox.metrics()
+    text = LuaSandbox.describe()
+    # the probe did call the refused functions
+    assert text =~ "os.getenv" and text =~ "io.open"
+    now = LuaSandbox.metrics()
+    assert now.denied == before.denied
+    assert now.runs == before.runs
+  end
+end

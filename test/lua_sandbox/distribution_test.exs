@@ -1,6 +1,7 @@
 defmodule LuaSandbox.DistributionTest do
   # Real :peer nodes on loopback, started and stopped here.
   use ExUnit.Case, async: false
+  import LuaSandbox.TestWait
 
   alias LuaSandbox.{Error, TestPeer}
 
@@ -78,13 +79,5 @@ defmodule LuaSandbox.DistributionTest do
   test "compiled chunks stay on their node", %{node: node} do
     {:ok, chunk} = LuaSandbox.compile("return 1")
     assert {:error, %Error{kind: :invalid_input}} = LuaSandbox.run(chunk, node: node)
-  end
-
-  defp wait_until(fun, tries \\ 200) do
-    cond do
-      fun.() -> true
-      tries == 0 -> false
-      true -> Process.sleep(10) && wait_until(fun, tries - 1)
-    end
   end
 end

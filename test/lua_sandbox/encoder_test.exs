@@ -94,7 +94,10 @@ defmodule LuaSandbox.EncoderTest do
 
     test "plain data crosses unchanged" do
       data = %{"a" => [1, 2.5, "x", true, %{"b" => [false]}]}
-      assert LuaSandbox.Encoding.encode(data) == data
+
+      assert LuaSandbox.Encoding.encode(data, LuaSandbox.Encoding.bound(1_048_576, nil, nil)) ==
+               {:ok, data}
+
       assert value("return d", globals: %{d: data}) == data
     end
   end

@@ -55,6 +55,7 @@ defmodule LuaSandbox.ErrorKindsTest do
   test "errors made on the Elixir side carry full stats" do
     assert Map.keys(%Error{}.stats) == [
              :cpu_us,
+             :denied,
              :duration_us,
              :instructions,
              :memory_peak,

@@ -83,4 +83,37 @@ defmodule LuaSandbox.HandleTest do
     assert {:ok, %{value: :new}} = LuaSandbox.Session.call(s, "keep", [LuaSandbox.handle(:new)])
     assert {:ok, %{value: :new}} = LuaSandbox.Session.run(s, "return kept")
   end
+
+  test "a userdata that is not one of the run's handles is a Lua error at the tool call" do
+    me = self()
+    tools = %{use: fn args -> send(me, {:used, args}) && "done" end}
+
+    src = """
+    local ok, err = pcall(tools.use, 1, {io.stdout})
+    return ok, err, tools.use(h)
+    """
+
+    assert {:ok, %{values: [false, message, "done"]}} =
+             LuaSandbox.run(src, tools: tools, globals: %{h: LuaSandbox.handle(:mine)})
+
+    assert message =~ "tool 'use': userdata cannot be passed to a tool (at tools.use[2][1])"
+    # the refused call never reached the tool; the next one did, and counted
+    refute_received {:used, [1 | _]}
+    assert_received {:used, [:mine]}
+
+    # uncaught, it ends the run as a runtime error naming the tool
+    assert {:error, %{kind: :runtime, message: m}} =
+             LuaSandbox.run("tools.use(io.stdout)", tools: tools)
+
+    assert m =~ "script:1: tool 'use': userdata cannot be passed to a tool (at tools.use[1])"
+  end
+
+  test "a handle in a session's start_link globals is valid for the session's life" do
+    me = self()
+    tools = %{use: fn [h] -> send(me, {:used, h}) && "done" end}
+    {:ok, s} = LuaSandbox.Session.start_link(tools: tools, globals: %{db: LuaSandbox.handle(:db)})
+    assert {:ok, %{value: :db}} = LuaSandbox.Session.run(s, "return db")
+    assert {:ok, %{value: "done"}} = LuaSandbox.Session.run(s, "return tools.use(db)")
+    assert_received {:used, :db}
+  end
 end

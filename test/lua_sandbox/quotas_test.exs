@@ -2,6 +2,7 @@ defmodule LuaSandbox.QuotasTest do
   # tenant: and the quotas: of LuaSandbox.Supervisor (rate, concurrency, CPU balance), and the
   # metrics they leave in LuaSandbox.metrics/1.
   use ExUnit.Case, async: true
+  import LuaSandbox.TestWait
 
   alias LuaSandbox.Error
 
@@ -66,6 +67,23 @@ defmodule LuaSandbox.QuotasTest do
     end
   end
 
+  test "one caller alternating supervisors for one tenant keeps their states apart" do
+    a = start_sup(%{default: [rate: {2, 60_000}]})
+    b = start_sup(%{default: [rate: {3, 60_000}]})
+
+    results =
+      for _ <- 1..4, sup <- [a, b] do
+        case LuaSandbox.run("return 1", supervisor: sup, tenant: "t") do
+          {:ok, _} -> :ok
+          {:error, %Error{kind: kind}} -> kind
+        end
+      end
+
+    assert results == [:ok, :ok, :ok, :ok, :rate_limited, :ok, :rate_limited, :rate_limited]
+    assert LuaSandbox.metrics(a).by_tenant == %{"t" => %{ok: 2, rate_limited: 2}}
+    assert LuaSandbox.metrics(b).by_tenant == %{"t" => %{ok: 3, rate_limited: 1}}
+  end
+
   describe "concurrency: n" do
     test "the tenant's n+1th run at once is refused; others and later runs pass" do
       sup = start_sup(%{default: [concurrency: 1]})
@@ -127,6 +145,69 @@ defmodule LuaSandbox.QuotasTest do
     end
   end
 
+  describe "a session's tenant:" do
+    defp session(sup, tenant),
+      do: elem(LuaSandbox.Session.start_link(supervisor: sup, tenant: tenant), 1)
+
+    test "every call is admitted under the tenant's rate and counted by tenant" do
+      sup = start_sup(%{default: [rate: {2, 60_000}]})
+      s = session(sup, "s")
+      assert {:ok, _} = LuaSandbox.Session.run(s, "x = 1")
+      assert {:ok, %{value: 1}} = LuaSandbox.Session.run(s, "return x")
+
+      assert {:error, %Error{kind: :rate_limited, retry_after_ms: ms}} =
+               LuaSandbox.Session.run(s, "x = 2")
+
+      assert ms > 0
+      # the refused call did not run
+      assert LuaSandbox.Session.info(s).calls == 2
+      # runs of the same tenant share the rate
+      assert {:error, %Error{kind: :rate_limited}} =
+               LuaSandbox.run("return 1", supervisor: sup, tenant: "s")
+
+      assert LuaSandbox.metrics(sup).by_tenant == %{"s" => %{ok: 2, rate_limited: 2}}
+    end
+
+    test "a call counts against the tenant's concurrency" do
+      sup = start_sup(%{default: [concurrency: 1]})
+      s = session(sup, "a")
+      {task, pid} = blocked_run(sup, "a")
+
+      assert {:error, %Error{kind: :rate_limited}} = LuaSandbox.Session.run(s, "return 1")
+      send(pid, :go)
+      assert {:ok, _} = Task.await(task, 5_000)
+      assert {:ok, %{value: 1}} = LuaSandbox.Session.run(s, "return 1")
+    end
+
+    test "a call is capped by the CPU balance, debited, and rolled back when stopped" do
+      sup = start_sup(%{default: [cpu_ms: {50, 5_000}]})
+      s = session(sup, "c")
+      assert {:ok, _} = LuaSandbox.Session.run(s, "n = 0")
+
+      refusal =
+        Enum.find_value(1..20, fn _ ->
+          case LuaSandbox.Session.run(
+                 s,
+                 "n = n + 1 while true do end",
+                 [timeout: 2_000] ++ @forever
+               ) do
+            {:error, %Error{kind: :quota_exceeded, retry_after_ms: nil}} -> nil
+            {:error, %Error{kind: :quota_exceeded} = e} -> e
+          end
+        end)
+
+      assert %Error{retry_after_ms: wait, stats: %{instructions: 0}} = refusal
+      assert wait > 0
+      # the balance is the tenant's, shared with its runs
+      assert {:error, %Error{kind: :quota_exceeded}} =
+               LuaSandbox.run("return 1", supervisor: sup, tenant: "c")
+
+      assert LuaSandbox.metrics(sup).cpu_us > 10_000
+      # once it refills a little: every stopped call was rolled back
+      wait_until(fn -> match?({:ok, %{value: 0}}, LuaSandbox.Session.run(s, "return n")) end)
+    end
+  end
+
   describe "LuaSandbox.metrics/1" do
     test "counts runs by kind and tenant, refusals, sums and the memory histogram" do
       sup = start_sup(%{default: [rate: {2, 60_000}]}, 4)
@@ -149,8 +230,11 @@ defmodule LuaSandbox.QuotasTest do
     test "an :overloaded refusal is counted once" do
       sup = start_sup(nil, 1)
       {task, pid} = blocked_run(sup, nil)
-      assert {:error, %Error{kind: :overloaded}} = LuaSandbox.run("return 1", supervisor: sup)
-      assert %{running: 1, capacity: 1} = LuaSandbox.Supervisor.load(sup)
+
+      assert {:error, %Error{kind: :overloaded}} =
+               LuaSandbox.run("return 1", supervisor: sup, queue_timeout: 0)
+
+      assert %{running: 1, capacity: 1, queue: 0} = LuaSandbox.Supervisor.load(sup)
       send(pid, :go)
       Task.await(task, 5_000)
       assert LuaSandbox.metrics(sup).overloads == 1
@@ -162,14 +246,6 @@ defmodule LuaSandbox.QuotasTest do
       assert_raise ArgumentError, fn ->
         LuaSandbox.Supervisor.start_link(name: :bad_quotas, quotas: bad)
       end
-    end
-  end
-
-  defp wait_until(fun, tries \\ 200) do
-    cond do
-      fun.() -> :ok
-      tries == 0 -> flunk("condition not met")
-      true -> Process.sleep(10) && wait_until(fun, tries - 1)
     end
   end
 end

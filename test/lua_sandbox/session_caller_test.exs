@@ -3,6 +3,7 @@ defmodule LuaSandbox.SessionCallerTest do
   # with or without `timeout:`: the session answers its next call at once, rolled back, and
   # nothing the call started outlives the caller. Also: `timeout:` bounds a tool's time.
   use ExUnit.Case, async: true
+  import LuaSandbox.TestWait
 
   alias LuaSandbox.Session
 
@@ -12,7 +13,7 @@ defmodule LuaSandbox.SessionCallerTest do
     %{sup: sup}
   end
 
-  defp start!(sup) do
+  defp start!(sup, opts \\ []) do
     me = self()
 
     tools = %{
@@ -22,7 +23,7 @@ defmodule LuaSandbox.SessionCallerTest do
       end
     }
 
-    {:ok, s} = Session.start_link(supervisor: sup, tools: tools)
+    {:ok, s} = Session.start_link([supervisor: sup, tools: tools] ++ opts)
     {:ok, _} = Session.run(s, "n = 1")
     s
   end
@@ -126,7 +127,7 @@ defmodule LuaSandbox.SessionCallerTest do
     sup = :"#{__MODULE__}.one"
     start_supervised!({LuaSandbox.Supervisor, name: sup, max_concurrency: 1}, id: :one)
     a = start!(sup)
-    b = start!(sup)
+    b = start!(sup, queue_timeout: 0)
     spawn_link(fn -> Session.run(a, "tools.wait()") end)
     assert_receive {:parked, _}, 5_000
     assert LuaSandbox.Supervisor.running(sup) == 1
@@ -136,14 +137,6 @@ defmodule LuaSandbox.SessionCallerTest do
   test "supervisor: must be running" do
     assert_raise ArgumentError, ~r/not running/, fn ->
       Session.start_link(supervisor: :"#{__MODULE__}.nope")
-    end
-  end
-
-  defp wait_until(fun, tries \\ 1_000) do
-    cond do
-      fun.() -> :ok
-      tries == 0 -> flunk("condition never held")
-      true -> Process.sleep(1) && wait_until(fun, tries - 1)
     end
   end
 end

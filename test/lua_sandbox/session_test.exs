@@ -83,6 +83,47 @@ defmodule LuaSandbox.SessionTest do
     assert %{rollbacks: 4} = Session.info(s)
   end
 
+  test "a session over 1 MiB (checkpoints from the pages written) rolls back the same way" do
+    s = start!(max_memory: 64 * 1024 * 1024)
+
+    {:ok, _} = Session.run(s, "Blob = string.rep('b', 4 * 1024 * 1024) data = {} n = 0")
+
+    for i <- 1..12 do
+      {:ok, _} = Session.run(s, "n = n + 1 data[#data + 1] = string.rep('d', #{i * 97})")
+      before = dump(s)
+
+      assert {:error, %{kind: :runtime}} =
+               Session.run(s, """
+               n = -1 data[1] = 'changed' data[#data + 1] = {}
+               grown = {} for i = 1, #{i * 5000} do grown[i] = i end
+               #{if rem(i, 3) == 0, do: "collectgarbage()", else: ""}
+               error('halfway')
+               """)
+
+      assert dump(s) == before
+    end
+
+    assert {:ok, %{value: 12}} = Session.run(s, "return n")
+    assert %{rollbacks: 12} = Session.info(s)
+  end
+
+  test "passing arguments does not start a collection step on every call" do
+    # Marshaling pauses the collector; stock LUA_GCRESTART would reset its debt, so each call
+    # would pay a step of marking over the whole heap (charged as instructions).
+    s = start!()
+
+    {:ok, _} =
+      Session.run(s, "keep = {} for i = 1, 5000 do keep[i] = {i} end function f(x) return x end")
+
+    counts =
+      for _ <- 1..41 do
+        {:ok, %{stats: %{instructions: n}}} = Session.call(s, "f", [1])
+        n
+      end
+
+    assert Enum.at(Enum.sort(counts), 20) < 200, inspect(counts)
+  end
+
   test "a caller killed mid-call leaves the session as it was" do
     s = start!()
     {:ok, _} = Session.run(s, "n = 1")

@@ -1,5 +1,6 @@
 defmodule LuaSandbox.SupervisorTest do
   use ExUnit.Case, async: true
+  import LuaSandbox.TestWait
 
   import ExUnit.CaptureLog
 
@@ -53,7 +54,9 @@ defmodule LuaSandbox.SupervisorTest do
       wait_until(fn -> Task.Supervisor.children(name) != [] end)
 
       {us, result} =
-        :timer.tc(fn -> LuaSandbox.run("return 1", supervisor: name, timeout: 1_000) end)
+        :timer.tc(fn ->
+          LuaSandbox.run("return 1", supervisor: name, timeout: 1_000, queue_timeout: 0)
+        end)
 
       assert {:error, %Error{kind: :overloaded}} = result
       assert us < 2_000_000
@@ -77,11 +80,11 @@ defmodule LuaSandbox.SupervisorTest do
       refute Process.alive?(task.pid)
     end
 
-    test "async on a full supervisor gives :overloaded" do
+    test "async on a full supervisor with queue_timeout: 0 gives :overloaded" do
       name = :"lua_sup_#{System.unique_integer([:positive])}"
       start_supervised!({LuaSandbox.Supervisor, name: name, max_concurrency: 1})
       busy = LuaSandbox.async(@loop, [supervisor: name] ++ @forever)
-      refused = LuaSandbox.async("return 1", supervisor: name)
+      refused = LuaSandbox.async("return 1", supervisor: name, queue_timeout: 0)
       assert {:error, %Error{kind: :overloaded}} = LuaSandbox.await(refused, 1_000)
       assert {:error, %Error{kind: :timeout}} = LuaSandbox.await(busy, 100)
     end
@@ -120,14 +123,6 @@ defmodule LuaSandbox.SupervisorTest do
 
       assert log =~ "one"
       assert log =~ "two"
-    end
-  end
-
-  defp wait_until(fun, tries \\ 200) do
-    cond do
-      fun.() -> :ok
-      tries == 0 -> flunk("condition never became true")
-      true -> Process.sleep(5) && wait_until(fun, tries - 1)
     end
   end
 end

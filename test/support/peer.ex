@@ -35,6 +35,21 @@ defmodule LuaSandbox.TestPeer do
   end
 
   @doc """
+  Runs `fun.(node)` on a fresh peer with a single dirty CPU scheduler (what a kill or deadline
+  probe needs to see whether *the* dirty scheduler is free), then stops the peer.
+  """
+  def with_one_dirty_scheduler(fun) do
+    {peer, node} = start(["+SDcpu", "1:1"])
+
+    try do
+      1 = :erpc.call(node, :erlang, :system_info, [:dirty_cpu_schedulers_online])
+      fun.(node)
+    after
+      stop(peer)
+    end
+  end
+
+  @doc """
   Starts a `LuaSandbox.Supervisor` named `name` with `cluster: true` on `node`, under the peer's
   application supervisor (so it outlives the call). Returns its :pg member pid.
   """

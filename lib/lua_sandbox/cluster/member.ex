@@ -21,10 +21,10 @@ defmodule LuaSandbox.Cluster.Member do
   def start_link(arg), do: GenServer.start_link(__MODULE__, arg)
 
   @doc """
-  The load a member publishes: `{running, capacity, queue}`. `queue` is 0 until supervisors
-  queue runs (then it is the number waiting, from the supervisor's own counters).
+  The load a member publishes: `{running, capacity, queue}`, `queue` being the number of runs
+  waiting in the supervisor's queue (LuaSandbox.Supervisor.Slots).
   """
-  def load(name, capacity), do: {Slots.count(name), capacity, 0}
+  def load(name, _capacity), do: Slots.load(name)
 
   @impl true
   def init({name, capacity}) do

@@ -38,6 +38,8 @@
 #include "lualib.h"
 
 #include "sb_budget.h"
+#include "lstate.h"  /* sb_gcpause: the collector's debt */
+#include "lgc.h"
 #include "sb_sandbox.h"
 
 
@@ -335,6 +337,30 @@ static int sb_load (lua_State *L) {
 }
 
 /* }====================================================== */
+
+
+/*
+** The collector paused while the host builds values (marshaling, with the
+** memory limit lifted: no step may run a finalizer then). Stock
+** LUA_GCSTOP/LUA_GCRESTART would set the debt to zero, so the first allocation
+** after every build would start a collection step: on a session, a step of
+** marking per call. These keep the pacing instead: the bytes allocated while
+** paused count as debt, as if the collector had only deferred its steps.
+*/
+void sb_gcpause (lua_State *L, long long saved[3]) {
+  global_State *g = G(L);
+  saved[0] = (long long)gettotalbytes(g);
+  saved[1] = (long long)g->GCdebt;
+  saved[2] = g->gcstp;
+  g->gcstp |= GCSTPUSR;
+}
+
+void sb_gcresume (lua_State *L, const long long saved[3]) {
+  global_State *g = G(L);
+  l_mem grown = gettotalbytes(g) - (l_mem)saved[0];
+  g->gcstp = (lu_byte)saved[2];
+  luaE_setdebt(g, (l_mem)saved[1] + grown);
+}
 
 
 /*
@@ -814,7 +840,12 @@ static int sb_tool (lua_State *L) {
 ** =======================================================
 */
 
+/*
+** Every "X is not available in this sandbox" is raised by one of the two
+** functions below, and each counts the denial first (lua_sandbox_denied).
+*/
 static int unavailable (lua_State *L) {
+  lua_sandbox_denied("", lua_tostring(L, lua_upvalueindex(1)));
   return luaL_error(L, "%s is not available in this sandbox%s",
                     lua_tostring(L, lua_upvalueindex(1)),
                     lua_tostring(L, lua_upvalueindex(2)));
@@ -845,10 +876,12 @@ static int package_index (lua_State *L) {
   int i;
   if (lua_type(L, 2) == LUA_TSTRING)
     for (i = 0; removed[i]; i++)
-      if (strcmp(k, removed[i]) == 0)
+      if (strcmp(k, removed[i]) == 0) {
+        lua_sandbox_denied("package.", removed[i]);
         return luaL_error(L, "package.%s is not available in this sandbox "
                           "(require loads the built-in libraries and the "
                           "host's modules)", k);
+      }
   return 0;
 }
 

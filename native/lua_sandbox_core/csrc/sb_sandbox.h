@@ -33,6 +33,12 @@ extern int lua_sandbox_emit (lua_State *L, const char *s, size_t n);
 */
 extern int lua_sandbox_after (int status);
 
+/*
+** Counts a capability the script was denied ('prefix' .. 'name', e.g.
+** "os.getenv"): stats.denied, the metrics and the audit log.  Never raises.
+*/
+extern void lua_sandbox_denied (const char *prefix, const char *name);
+
 /* Saves the traceback of the run's error (for Error.traceback). */
 extern void lua_sandbox_save_traceback (lua_State *L, const char *s, size_t n);
 

@@ -32,6 +32,11 @@ fn with_control<R>(f: impl FnOnce(&Control, Caller) -> R) -> Option<R> {
     crate::scope::with_active(|scope, caller| f(&scope.control, caller))
 }
 
+/// Counts a capability the active run was denied (a no-op outside a run).
+pub fn note_denied(prefix: &[u8], name: &[u8]) {
+    with_control(|control, _| control.note_denied(prefix, name));
+}
+
 /// Charges `steps` units of work to the budget and checks for a kill.
 ///
 /// Once the ticker is installed this is the VM's own countdown (`lua_sandboxpoll`), the
@@ -54,6 +59,10 @@ pub fn charge_steps(steps: u64) -> Result<(), Abort> {
         return current_abort().map_or(Ok(()), Err);
     }
     with_control(|control, env| {
+        // A check like the ticker's (the abort, the budget, the caller, the deadline), so the
+        // hole finder counts it: marshaling a result after the script ended charges here.
+        #[cfg(feature = "stretch")]
+        crate::stretch::check(std::ptr::null_mut(), "charge outside the VM");
         if let Some(why) = control.abort() {
             return Err(why);
         }
@@ -210,6 +219,7 @@ extern "C" fn tick(l: *mut ffi::lua_State, event: c_int) -> *const c_char {
             return None;
         }
         control.note_memory(used_memory(l));
+        control.clock_mark();
         if control.abort().is_none() {
             control.book(l);
             if control.used.get() >= control.max {

@@ -3,7 +3,7 @@
 //! works for ([`Caller`]). The run scope (`scope.rs`) owns a [`Control`]; the ticker and the
 //! charges (`budget.rs`) update it.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::ffi::c_int;
 use std::ptr;
 use std::time::{Duration, Instant};
@@ -82,9 +82,18 @@ pub struct Control {
     deadline: Cell<Option<Instant>>,
     /// CPU time of the run's finished NIF calls (`os.clock`, `stats.cpu_us`; see facts.rs).
     cpu_before: Cell<Duration>,
-    /// This thread's CPU time when the current NIF call started running the script.
+    /// This thread's CPU time when the current NIF call started running the script, less
+    /// the wall time before the clock was first read (see [`Control::clock_mark`]).
     cpu_start: Cell<Option<Duration>>,
+    /// The capabilities the script was denied ("os.getenv is not available in this sandbox"),
+    /// by name, with how often (`stats.denied`); at most [`MAX_DENIED`] names.
+    denied: RefCell<Vec<(String, u64)>>,
+    /// When the current NIF call started running the script.
+    wall_start: Cell<Option<Instant>>,
 }
+
+/// Distinct denied names a run records (the sandbox has about 40 stubs).
+pub const MAX_DENIED: usize = 64;
 
 impl Control {
     pub fn new(max_instructions: u64) -> Self {
@@ -98,29 +107,74 @@ impl Control {
             deadline: Cell::new(None),
             cpu_before: Cell::new(Duration::ZERO),
             cpu_start: Cell::new(None),
+            denied: RefCell::new(Vec::new()),
+            wall_start: Cell::new(None),
         }
     }
 
+    /// Counts one denial of the capability `prefix` + `name`.
+    pub fn note_denied(&self, prefix: &[u8], name: &[u8]) {
+        let mut denied = self.denied.borrow_mut();
+        let same = |n: &str| {
+            n.len() == prefix.len() + name.len()
+                && n.as_bytes().starts_with(prefix)
+                && n.as_bytes().ends_with(name)
+        };
+        if let Some(entry) = denied.iter_mut().find(|(n, _)| same(n)) {
+            entry.1 += 1;
+        } else if denied.len() < MAX_DENIED {
+            let full = [prefix, name].concat();
+            denied.push((String::from_utf8_lossy(&full).into_owned(), 1));
+        }
+    }
+
+    /// The capabilities the script was denied, with how often.
+    pub fn denied(&self) -> std::cell::Ref<'_, Vec<(String, u64)>> {
+        self.denied.borrow()
+    }
+
     /// Starts counting CPU time for the NIF call running the script on this thread.
+    ///
+    /// The thread's CPU clock is a system call (`CLOCK_THREAD_CPUTIME_ID`, 0.3-1 µs, two per
+    /// call: a third of a short run's cost), so it is read only from the first budget check
+    /// on ([`Control::clock_mark`], every [`TICK_INTERVAL`] units of work): a NIF call that
+    /// ends before counts its wall time, an upper bound of its CPU time over a few µs.
     pub fn clock_start(&self) {
-        self.cpu_start.set(Some(thread_cpu()));
+        self.wall_start.set(Some(Instant::now()));
+        self.cpu_start.set(None);
+    }
+
+    /// Reads the CPU clock once per NIF call (the first budget check calls this): the time
+    /// since [`Control::clock_start`] counts as wall time, the rest as CPU time.
+    pub fn clock_mark(&self) {
+        if self.cpu_start.get().is_none() {
+            if let Some(wall) = self.wall_start.get() {
+                self.cpu_start
+                    .set(Some(thread_cpu().saturating_sub(wall.elapsed())));
+            }
+        }
     }
 
     /// Stops counting at the end of a NIF call (before a tool call or the end of the run).
     pub fn clock_stop(&self) {
-        if let Some(start) = self.cpu_start.take() {
-            let spent = thread_cpu().saturating_sub(start);
-            self.cpu_before.set(self.cpu_before.get() + spent);
-        }
+        let spent = self.running_time();
+        self.cpu_start.set(None);
+        self.wall_start.set(None);
+        self.cpu_before.set(self.cpu_before.get() + spent);
     }
 
     /// The run's own CPU time so far.
     pub fn cpu_time(&self) -> Duration {
-        self.cpu_before.get()
-            + self
-                .cpu_start
-                .get()
-                .map_or(Duration::ZERO, |s| thread_cpu().saturating_sub(s))
+        self.cpu_before.get() + self.running_time()
+    }
+
+    /// The current NIF call's share of [`Control::cpu_time`].
+    fn running_time(&self) -> Duration {
+        match (self.cpu_start.get(), self.wall_start.get()) {
+            (Some(start), _) => thread_cpu().saturating_sub(start),
+            (None, Some(wall)) => wall.elapsed(),
+            (None, None) => Duration::ZERO,
+        }
     }
 
     /// Makes the run time out at `deadline`; checked wherever the kill is.

@@ -107,16 +107,22 @@ pub enum Reply<'p> {
     Error(&'p [u8]),
     /// The tool raised: the call raises `message` where the script called it.
     Raise(&'p [u8]),
+    /// The embedder refused the call's arguments (a userdata that is not one of the run's
+    /// handles): the call raises "tool 'NAME': MESSAGE" where the script called it, and the
+    /// run goes on.
+    Refused(&'p str),
 }
 
 /// What a run reports about itself.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Stats {
     pub instructions: u64,
     pub memory_peak: u64,
     pub duration_us: u64,
     pub tool_calls: u64,
     pub cpu_us: u64,
+    /// The capabilities the script was denied, by name, with how often (`stats.denied`).
+    pub denied: Vec<(String, u64)>,
 }
 
 /// Where a run's slot comes from, and where it goes when the run ends.
@@ -413,6 +419,13 @@ impl Run {
                         ffi::lua_xmove(l, thread, 1);
                         Ok(2)
                     }
+                    Reply::Refused(why) => {
+                        let name = &self.pending_tool;
+                        push_string(l, format!("tool '{name}': {why}").as_bytes(), limit)?;
+                        ffi::lua_pushboolean(thread, 0);
+                        ffi::lua_xmove(l, thread, 1);
+                        Ok(2)
+                    }
                 }
             }
         })();
@@ -430,6 +443,7 @@ impl Run {
             duration_us: self.elapsed.as_micros() as u64,
             tool_calls: self.tool_calls,
             cpu_us: control.cpu_time().as_micros() as u64,
+            denied: control.denied().clone(),
         }
     }
 

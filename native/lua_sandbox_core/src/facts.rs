@@ -4,7 +4,8 @@
 //! every other run and on the host. Here it is the CPU time of the run's own thread
 //! (`CLOCK_THREAD_CPUTIME_ID`), summed over the NIF calls that ran it (a run parked at a tool
 //! call may resume on another scheduler thread), so time spent in tools is not counted. The
-//! sum lives in the run's `budget::Control` (`clock_start`/`clock_stop`).
+//! sum lives in the run's `budget::Control` (`clock_start`/`clock_stop`; the clock is read from
+//! the first budget check of each NIF call on, the few µs before count their wall time).
 //!
 //! (`math.random` is seeded per run from the kernel by `crate::seed`.)
 
@@ -57,5 +58,20 @@ mod tests {
         // between calls (a tool running in Elixir) the clock stands still
         spin(Duration::from_millis(30));
         assert_eq!(control.cpu_time(), after_call);
+    }
+
+    #[test]
+    fn from_the_first_budget_check_on_the_clock_is_cpu_time() {
+        let control = Control::new(u64::MAX);
+        control.clock_start();
+        control.clock_mark();
+        // off the CPU: not counted once the clock was read
+        std::thread::sleep(Duration::from_millis(200));
+        let until = thread_cpu() + Duration::from_millis(10);
+        while thread_cpu() < until {}
+        control.clock_stop();
+        let spent = control.cpu_time();
+        assert!(spent >= Duration::from_millis(10), "{spent:?}");
+        assert!(spent < Duration::from_millis(150), "{spent:?}");
     }
 }

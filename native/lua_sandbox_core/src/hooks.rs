@@ -3,7 +3,7 @@
 //! abort message, the saved traceback. Each reaches the active run through its scope
 //! (`scope.rs`); none raises, and a panic is caught (or aborts) rather than unwinding into C.
 
-use std::ffi::{c_char, c_int};
+use std::ffi::{c_char, c_int, CStr};
 
 use crate::budget::{self, Abort};
 use crate::ffi;
@@ -56,6 +56,22 @@ pub extern "C" fn lua_sandbox_stock_abort_message() -> *const c_char {
     budget::current_abort()
         .map_or(c"run aborted", Abort::c_message)
         .as_ptr()
+}
+
+/// A capability the script was denied (csrc/sb_baselib.c: the two functions that raise "X is
+/// not available in this sandbox" call this first): counted in the run's `stats.denied`.
+/// Never raises.
+#[no_mangle]
+pub extern "C" fn lua_sandbox_denied(prefix: *const c_char, name: *const c_char) {
+    if prefix.is_null() || name.is_null() {
+        return;
+    }
+    let _ = std::panic::catch_unwind(|| {
+        // SAFETY: both are NUL-terminated strings the caller keeps alive for this call (C
+        // literals, or a Lua string held as an upvalue of the calling closure).
+        let (prefix, name) = unsafe { (CStr::from_ptr(prefix), CStr::from_ptr(name)) };
+        budget::note_denied(prefix.to_bytes(), name.to_bytes());
+    });
 }
 
 /// The runner's message handler: keeps the traceback of the script's frames in the run's

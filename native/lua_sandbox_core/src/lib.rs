@@ -2,6 +2,7 @@
 //!
 //! - [`heap`]: an allocator whose bookkeeping lives inside its arena, exact to the byte.
 //! - [`slot`]: a Lua state in a fixed arena, restored from its pristine snapshot by a `memcpy`.
+//! - [`written`]: which pages of an arena were written since the last look (userfaultfd, no signals).
 //! - [`protect`]: the one discipline for raising (longjmp) that every caller of the C API follows.
 //! - [`libs`]: the standard libraries a sandboxed state opens.
 //! - [`seed`]: per-run randomness (`math.random`) for restored states.
@@ -21,6 +22,7 @@
 //! - [`exec`]: the run coroutine: one way to assemble a run, set it up, step it, suspend it at
 //!   a tool call and resume it with the reply.
 //! - [`session`]: a state kept across calls, checkpointed and rolled back per call.
+//! - [`family`]: the slot a session shares with its forks, which take turns in it.
 
 mod asan;
 pub mod budget;
@@ -30,6 +32,7 @@ pub mod control;
 pub mod error;
 pub mod exec;
 pub mod facts;
+pub mod family;
 pub mod handle;
 pub mod hardened;
 pub mod heap;
@@ -47,6 +50,7 @@ pub mod slot;
 pub mod stack;
 #[cfg(feature = "stretch")]
 mod stretch;
+pub mod written;
 
 pub use protect::LuaFailure;
 pub use slot::{Slot, SlotError};

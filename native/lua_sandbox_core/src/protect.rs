@@ -149,3 +149,25 @@ pub unsafe fn describe(l: *mut ffi::lua_State, idx: c_int) -> String {
         }
     }
 }
+
+extern "C-unwind" {
+    fn sb_gcpause(l: *mut ffi::lua_State, saved: *mut [i64; 3]);
+    fn sb_gcresume(l: *mut ffi::lua_State, saved: *const [i64; 3]);
+}
+
+/// Runs `f` with the collector of `l`'s state paused, so that no collection step (and no
+/// finalizer) runs inside it, and its pacing kept: what `f` allocates counts as the
+/// collector's debt afterwards, as if its steps were only deferred (`csrc/sb_baselib.c`;
+/// stock `LUA_GCSTOP`/`LUA_GCRESTART` would start a step at the next allocation).
+///
+/// # Safety
+/// `l` must be a thread of a live state that no collection step is running on.
+pub unsafe fn collector_paused<R>(l: *mut ffi::lua_State, f: impl FnOnce() -> R) -> R {
+    let mut saved = [0i64; 3];
+    // SAFETY: reads and sets fields of the state's global state; never raises.
+    unsafe { sb_gcpause(l, &mut saved) };
+    let r = f();
+    // SAFETY: as above; `saved` is what `sb_gcpause` wrote for this state.
+    unsafe { sb_gcresume(l, &saved) };
+    r
+}

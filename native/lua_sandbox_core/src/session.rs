@@ -1,18 +1,21 @@
 //! Sessions: a sandboxed state that lives across calls, with rollback.
 //!
-//! A [`Session`] owns a slot for its whole life: its state-wide setup is done once
-//! (`exec::prepare_state`), and each call runs a new run coroutine in that same state. A call
-//! borrows the session ([`Session::lend`] gives a [`Loan`], the `exec::Lent` of a
-//! `Home::Session` run): before it starts, the slot's used prefix is copied aside (a checkpoint,
-//! the same `memcpy` machinery as fresh states); when the call ends in any error — a script
-//! error, a limit, the caller's death, also while parked at a tool call — the checkpoint is
-//! copied back, so the session is exactly as it was before the call, its handle store included.
+//! A [`Session`] owns a slot for its whole life — shared with its forks, which take turns in it
+//! (`family.rs`): its state-wide setup is done once (`exec::prepare_state`), and each call
+//! runs a new run coroutine in that same state. A call borrows the session ([`Session::lend`]
+//! gives a [`Loan`], the `exec::Lent` of a `Home::Session` run): before it starts, the slot
+//! takes a checkpoint (`Slot::checkpoint`: a copy of the used prefix, kept up to date from the
+//! pages written once the state passes 1 MiB); when the call ends in any error — a script
+//! error, a limit, the caller's death, also while parked at a tool call — the slot rolls back to
+//! it, so the session is exactly as it was before the call, its handle store included.
 //! Without rollback a failed call keeps what it changed, as Lua would. When the loan ends the
 //! session goes back to whoever keeps it (the NIF: its resource).
 
 use std::any::Any;
+use std::sync::Arc;
 
 use crate::exec::Lent;
+use crate::family::Family;
 use crate::pool::Lease;
 use crate::{ffi, Slot};
 
@@ -22,6 +25,8 @@ pub trait Store: Any + Send + Default {
     fn mark(&self) -> usize;
     /// Forgets the handles made after `mark` (their userdata went with the rolled-back state).
     fn truncate(&mut self, mark: usize);
+    /// A copy for a forked session: the handles in the copied state stay valid in the fork.
+    fn fork(&self) -> Self;
 }
 
 /// No handles (a session whose embedder has none).
@@ -30,13 +35,14 @@ impl Store for () {
         0
     }
     fn truncate(&mut self, _mark: usize) {}
+    fn fork(&self) {}
 }
 
 /// A state kept across calls, with its counters and handle store.
 pub struct Session<H: Store> {
-    lease: Lease,
-    /// The slot's used prefix before the current call (reused buffer).
-    checkpoint: Vec<u8>,
+    /// The slot this session shares with its forks, and its place in it.
+    family: Arc<Family>,
+    id: u64,
     /// Calls made (a thrown-away first attempt is not one).
     pub calls: u64,
     /// Instructions all calls used.
@@ -48,53 +54,87 @@ pub struct Session<H: Store> {
 }
 
 impl<H: Store> Session<H> {
-    /// A session in `lease`'s state (set up by the caller).
-    pub fn new(lease: Lease) -> Session<H> {
+    /// A session in `lease`'s state (set up by the caller), with the handles its setup made.
+    pub fn new(lease: Lease, handles: Box<H>) -> Session<H> {
+        let (family, id) = Family::new(lease);
         Session {
-            lease,
-            checkpoint: Vec::new(),
+            family,
+            id,
             calls: 0,
             instructions: 0,
             rollbacks: 0,
-            handles: Some(Box::default()),
+            handles: Some(handles),
         }
     }
 
-    pub fn slot(&self) -> &Slot {
-        self.lease.slot()
+    /// Bytes the session's state holds; `None` while a call of its family has the slot.
+    pub fn used(&self) -> Option<usize> {
+        self.family.used(self.id)
     }
 
-    /// Lends the session to one call: the slot's peak is reset and, with `rollback`, a
-    /// checkpoint taken. Returns the loan (for `Home::Session`) and the handle store (for the
-    /// call's scope); `give_back` receives the session when the loan ends.
+    /// A new session holding a copy of this one's state and handles, independent from then on
+    /// (its counters start at zero); `None` while a call of the family has the slot with this
+    /// session's state in it.
+    pub fn fork(&self) -> Option<Session<H>> {
+        let id = self.family.fork(self.id)?;
+        Some(Session {
+            family: self.family.clone(),
+            id,
+            calls: 0,
+            instructions: 0,
+            rollbacks: 0,
+            handles: Some(Box::new(
+                self.handles.as_deref().map(H::fork).unwrap_or_default(),
+            )),
+        })
+    }
+
+    /// Lends the session to one call: the slot (with this session's state in it) gets its peak
+    /// reset and, with `checkpoint`, a checkpoint. Returns the loan (for `Home::Session`) and
+    /// the handle store (for the call's scope); `give_back` receives the session when the loan
+    /// ends. `Err` gives the session back when a call of its family has the slot.
+    ///
+    /// `rollback` says whether a failed call is rolled back; `checkpoint` must be true with it,
+    /// and for a first attempt that may be thrown away ([`Lent::discard`]).
+    #[allow(clippy::type_complexity)]
     pub fn lend(
         mut self,
         rollback: bool,
+        checkpoint: bool,
         give_back: impl FnOnce(Session<H>) + Send + 'static,
-    ) -> (Loan<H>, Box<dyn Any + Send>) {
-        self.lease.slot_mut().reset_peak();
-        if rollback {
-            self.lease.slot().checkpoint(&mut self.checkpoint);
+    ) -> Result<(Loan<H>, Box<dyn Any + Send>), Session<H>> {
+        let Some(mut lease) = self.family.take(self.id) else {
+            return Err(self);
+        };
+        lease.slot_mut().reset_peak();
+        if rollback || checkpoint {
+            lease.slot_mut().checkpoint();
         }
         let handles = self.handles.take().unwrap_or_default();
         let loan = Loan {
             handles_mark: handles.mark(),
             session: Some(self),
+            lease: Some(lease),
             give_back: Some(Box::new(give_back)),
             rollback,
             ok: false,
             instructions: 0,
             discarded: false,
         };
-        (loan, handles)
+        Ok((loan, handles))
     }
 
-    /// Copies the checkpoint back and forgets the call's handles.
-    fn roll_back(&mut self, handles_mark: usize) {
-        self.lease.slot_mut().rollback(&self.checkpoint);
+    /// Forgets the call's handles (the state was rolled back).
+    fn truncate_handles(&mut self, handles_mark: usize) {
         if let Some(handles) = self.handles.as_mut() {
             handles.truncate(handles_mark);
         }
+    }
+}
+
+impl<H: Store> Drop for Session<H> {
+    fn drop(&mut self) {
+        self.family.leave(self.id);
     }
 }
 
@@ -102,6 +142,8 @@ impl<H: Store> Session<H> {
 /// unless the call succeeded or rollback is off.
 pub struct Loan<H: Store> {
     session: Option<Session<H>>,
+    /// The family's slot with this session's state in it, for the call.
+    lease: Option<Lease>,
     give_back: Option<Box<dyn FnOnce(Session<H>) + Send>>,
     rollback: bool,
     ok: bool,
@@ -113,10 +155,10 @@ pub struct Loan<H: Store> {
 }
 
 impl<H: Store> Loan<H> {
-    fn session(&self) -> &Session<H> {
-        self.session
+    fn lease(&self) -> &Lease {
+        self.lease
             .as_ref()
-            .expect("a loan holds the session until dropped")
+            .expect("a loan holds the slot until dropped")
     }
 
     fn session_mut(&mut self) -> &mut Session<H> {
@@ -128,11 +170,14 @@ impl<H: Store> Loan<H> {
 
 impl<H: Store> Lent for Loan<H> {
     fn slot(&self) -> &Slot {
-        self.session().lease.slot()
+        self.lease().slot()
     }
 
     fn slot_mut(&mut self) -> &mut Slot {
-        self.session_mut().lease.slot_mut()
+        self.lease
+            .as_mut()
+            .expect("a loan holds the slot until dropped")
+            .slot_mut()
     }
 
     fn succeeded(&mut self) {
@@ -157,8 +202,11 @@ impl<H: Store> Lent for Loan<H> {
 
 impl<H: Store> Drop for Loan<H> {
     fn drop(&mut self) {
-        let (Some(mut session), Some(give_back)) = (self.session.take(), self.give_back.take())
-        else {
+        let (Some(mut session), Some(mut lease), Some(give_back)) = (
+            self.session.take(),
+            self.lease.take(),
+            self.give_back.take(),
+        ) else {
             return;
         };
         if session.handles.is_none() {
@@ -166,23 +214,26 @@ impl<H: Store> Drop for Loan<H> {
             // handles made before are unreachable anyway.
             session.handles = Some(Box::default());
         }
+        let slot = lease.slot_mut();
         if self.discarded {
-            // A first attempt runs only with rollback on: the checkpoint is there.
-            session.roll_back(self.handles_mark);
-            give_back(session);
-            return;
-        }
-        if self.rollback && !self.ok {
-            session.roll_back(self.handles_mark);
-            session.rollbacks += 1;
+            // An attempt always took a checkpoint (`lend`): thrown away, not counted.
+            slot.rollback();
+            session.truncate_handles(self.handles_mark);
         } else {
-            let l = session.lease.slot().state();
-            // SAFETY: the call is over (finished, or abandoned while suspended): nothing runs
-            // on the state; dropping the main stack's values (the run coroutine) never raises.
-            unsafe { ffi::lua_settop(l, 0) };
+            if self.rollback && !self.ok {
+                slot.rollback();
+                session.truncate_handles(self.handles_mark);
+                session.rollbacks += 1;
+            } else {
+                // SAFETY: the call is over (finished, or abandoned while suspended): nothing
+                // runs on the state; dropping the main stack's values (the run coroutine)
+                // never raises.
+                unsafe { ffi::lua_settop(slot.state(), 0) };
+            }
+            session.calls += 1;
+            session.instructions += self.instructions;
         }
-        session.calls += 1;
-        session.instructions += self.instructions;
+        session.family.give_back(lease);
         give_back(session);
     }
 }

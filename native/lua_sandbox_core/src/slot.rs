@@ -25,12 +25,18 @@ use mlua_sys as ffi;
 use crate::asan;
 use crate::heap::{self, Heap};
 use crate::protect::{self, LuaFailure};
+use crate::written::Written;
 
 /// Growth above the snapshot, in bytes, past which a restore returns the pages to the OS.
 pub const TRIM_THRESHOLD: usize = 1 << 20;
 
 /// The largest arena a slot may reserve (virtual address space only).
 pub const MAX_CAPACITY: usize = 1 << 40;
+
+/// State size from which a checkpoint tracks the pages written (see [`Slot::checkpoint`])
+/// instead of copying the whole state each time: below it a `memcpy` is cheaper than the
+/// write faults and the page-table walk.
+pub const TRACK_FROM: usize = 1 << 20;
 
 /// Why a slot could not be created.
 #[derive(Debug)]
@@ -65,6 +71,14 @@ pub struct Slot {
     page: usize,
     state: *mut ffi::lua_State,
     snapshot: Box<[u8]>,
+    /// The checkpoint: the arena's used prefix when [`Slot::checkpoint`] was last called,
+    /// kept equal to the arena everywhere `written` does not report a write.
+    saved: Vec<u8>,
+    /// Write tracking of the arena, on while the checkpoint is kept incrementally.
+    written: Option<Written>,
+    /// State size from which checkpoints track writes (`usize::MAX`: never, e.g. after the
+    /// kernel refused once).
+    track_from: usize,
 }
 
 // SAFETY: a slot owns its mapping and its state exclusively; nothing in them is tied to the
@@ -113,6 +127,9 @@ impl Slot {
             page,
             state: ptr::null_mut(),
             snapshot: Box::new([]),
+            saved: Vec::new(),
+            written: None,
+            track_from: TRACK_FROM,
         };
         // SAFETY: the mapping is page-aligned, writable, `capacity` bytes, and ours alone.
         let heap = unsafe { Heap::init(base.as_ptr(), capacity) };
@@ -214,6 +231,7 @@ impl Slot {
     /// Makes the state pristine again: the snapshot copied back, the limit lifted, and the
     /// pages above the snapshot returned to the OS if the last run grew past the threshold.
     pub fn restore(&mut self) {
+        self.forget_checkpoint();
         let extent = self.heap().extent();
         let len = self.snapshot.len();
         asan::unpoison(self.base.as_ptr(), len);
@@ -233,38 +251,187 @@ impl Slot {
         self.heap().extent()
     }
 
-    /// Copies the state as it is now into `into` (reusing its allocation), so that
-    /// [`Slot::rollback`] can return to exactly this point. Take it only between runs: with no
-    /// Lua code active on the state.
-    pub fn checkpoint(&self, into: &mut Vec<u8>) {
-        let extent = self.heap().extent();
-        into.clear();
-        asan::unpoison(self.base.as_ptr(), extent);
-        // SAFETY: `[base, base + extent)` lies inside the mapping; `&self` means no Lua code
-        // is running on the state while we read it.
-        into.extend_from_slice(unsafe { std::slice::from_raw_parts(self.base.as_ptr(), extent) });
+    /// Records the state as it is now, so that [`Slot::rollback`] can return to exactly this
+    /// point. Take it only between runs: with no Lua code active on the state.
+    ///
+    /// The first checkpoint copies the arena's used prefix aside. From [`TRACK_FROM`] bytes on,
+    /// the slot then tracks the pages written (`written.rs`), and each later checkpoint copies
+    /// only the pages written since the previous checkpoint or rollback, plus the pages the
+    /// state grew into: its cost follows what the calls in between touched, not the state's
+    /// size. Without tracking (a small state, or a kernel without `userfaultfd` write-protect
+    /// or `PAGEMAP_SCAN`), every checkpoint copies the whole prefix.
+    pub fn checkpoint(&mut self) {
+        let extent = self.page_round(self.heap().extent());
+        let mut started = false;
+        if self.written.is_none() && extent >= self.track_from {
+            started = self.start_tracking().is_ok();
+            if !started {
+                self.track_from = usize::MAX;
+            }
+        }
+        let base = self.base.as_ptr();
+        let old = self.saved.len();
+        // Lua's free blocks are poisoned under ASan; this copy reads them on purpose.
+        asan::unpoison(base, extent);
+        // Incremental only from a checkpoint taken under tracking: `saved` then differs from
+        // the arena only where a write was reported.
+        let incremental = self.written.is_some() && !started && old > 0 && old <= extent;
+        if incremental {
+            let saved = &mut self.saved;
+            let scanned = self.written.as_ref().map(|w| {
+                w.scan(extent, true, |from, to| {
+                    let to = to.min(old);
+                    if from < to {
+                        // SAFETY: `[from, to)` lies inside the arena's used prefix (below
+                        // `old` <= `extent`) and inside `saved` (`old` bytes); no Lua code runs.
+                        unsafe {
+                            ptr::copy_nonoverlapping(
+                                base.add(from),
+                                saved.as_mut_ptr().add(from),
+                                to - from,
+                            )
+                        };
+                    }
+                })
+            });
+            if let Some(Ok(())) = scanned {
+                // The pages grown into since: copied whole.
+                // SAFETY: `[old, extent)` lies inside the mapping; nothing writes it now.
+                saved.extend_from_slice(unsafe {
+                    std::slice::from_raw_parts(base.add(old), extent - old)
+                });
+                self.heap().repoison(extent);
+                return;
+            }
+            // A failed scan may have re-protected pages it did not report: nothing it said
+            // can be trusted from now on.
+            self.written = None;
+            self.track_from = usize::MAX;
+        } else if let Some(w) = &self.written {
+            // A full copy follows: protect everything first, so the next scan reports only
+            // what is written after it.
+            if w.scan(extent, true, |_, _| {}).is_err() {
+                self.written = None;
+                self.track_from = usize::MAX;
+            }
+        }
+        self.saved.clear();
+        // SAFETY: `[base, base + extent)` lies inside the mapping (the extent is page-rounded
+        // and capped by the capacity); `&mut self`: no Lua code runs while we read it.
+        self.saved
+            .extend_from_slice(unsafe { std::slice::from_raw_parts(base, extent) });
         self.heap().repoison(extent);
     }
 
-    /// Returns the state to the point `checkpoint` recorded (taken from this slot, at this
-    /// address): everything Lua did since is undone, allocator included. Pages the state grew
-    /// into since then go back to the OS if they pass the threshold.
+    /// Returns the state to the point [`Slot::checkpoint`] recorded: everything Lua did since
+    /// is undone, allocator included — with tracking, by copying back only the pages written
+    /// since. Pages the state grew into since then go back to the OS if they pass the
+    /// threshold.
     ///
     /// # Panics
-    /// If `checkpoint` is larger than the arena (it was not taken from this slot).
-    pub fn rollback(&mut self, checkpoint: &[u8]) {
-        assert!(checkpoint.len() <= self.capacity && checkpoint.len() >= heap::HEADER);
+    /// If no checkpoint was taken since the slot was last restored.
+    pub fn rollback(&mut self) {
+        let len = self.saved.len();
+        assert!(len >= heap::HEADER, "rollback without a checkpoint");
+        let extent = self.page_round(self.heap().extent());
+        let base = self.base.as_ptr();
+        // The copies below write poisoned bytes (free blocks) on purpose.
+        asan::unpoison(base, extent.max(len));
+        let mut restored = false;
+        if let Some(w) = &self.written {
+            let mut runs = Vec::new();
+            if w.scan(extent.max(len), false, |from, to| {
+                runs.push((from, to.min(len)))
+            })
+            .is_ok()
+            {
+                for &(from, to) in runs.iter().filter(|(from, to)| from < to) {
+                    // SAFETY: `[from, to)` lies below `len`, inside both the arena and
+                    // `saved`, a copy of this arena's own prefix, valid at this address;
+                    // `&mut self`: no reference into the arena is live.
+                    unsafe {
+                        ptr::copy_nonoverlapping(
+                            self.saved.as_ptr().add(from),
+                            base.add(from),
+                            to - from,
+                        )
+                    };
+                }
+                // Our own copies lifted the protection: set it again, so the next scan
+                // reports only what Lua writes.
+                restored = runs.iter().all(|&(from, to)| {
+                    from >= to || w.protect(from, to.div_ceil(self.page) * self.page).is_ok()
+                });
+            }
+            if !restored {
+                self.written = None;
+                self.track_from = usize::MAX;
+            }
+        }
+        if !restored {
+            // SAFETY: as above, for the whole checkpoint.
+            unsafe { ptr::copy_nonoverlapping(self.saved.as_ptr(), base, len) };
+        }
+        self.heap().repoison(extent.max(len));
+        if extent > len + TRIM_THRESHOLD {
+            self.trim_above(len, extent);
+        }
+    }
+
+    /// Whether checkpoints currently copy only the pages written (see [`Slot::checkpoint`]).
+    pub fn tracking(&self) -> bool {
+        self.written.is_some()
+    }
+
+    /// Sets the state size from which checkpoints track writes (tests: 0 tracks always).
+    pub fn set_track_from(&mut self, bytes: usize) {
+        self.track_from = bytes;
+    }
+
+    /// A copy of the state's used prefix: what [`Slot::load`] takes back.
+    pub fn image(&self) -> Vec<u8> {
         let extent = self.heap().extent();
-        asan::unpoison(self.base.as_ptr(), checkpoint.len());
+        // SAFETY: `[base, base + extent)` lies inside the mapping; `&self`: no Lua code runs.
+        unsafe { std::slice::from_raw_parts(self.base.as_ptr(), extent) }.to_vec()
+    }
+
+    /// Replaces the state with `image`, an [`Slot::image`] of this slot (this address). The
+    /// checkpoint is forgotten: take a new one before the next rollback.
+    ///
+    /// # Panics
+    /// If `image` cannot be one (larger than the arena, smaller than the allocator's header).
+    pub fn load(&mut self, image: &[u8]) {
+        assert!(image.len() <= self.capacity && image.len() >= heap::HEADER);
+        self.forget_checkpoint();
+        let extent = self.heap().extent();
+        asan::unpoison(self.base.as_ptr(), image.len());
         // SAFETY: as in `restore`: `&mut self`, no reference into the arena is live, and the
-        // checkpoint is a copy of this arena's own prefix, valid at this address.
-        unsafe {
-            ptr::copy_nonoverlapping(checkpoint.as_ptr(), self.base.as_ptr(), checkpoint.len());
+        // image is a copy of this arena's own prefix, valid at this address.
+        unsafe { ptr::copy_nonoverlapping(image.as_ptr(), self.base.as_ptr(), image.len()) };
+        self.heap().repoison(extent.max(image.len()));
+        if extent > image.len() + TRIM_THRESHOLD {
+            self.trim_above(image.len(), extent);
         }
-        self.heap().repoison(extent.max(checkpoint.len()));
-        if extent > checkpoint.len() + TRIM_THRESHOLD {
-            self.trim_above(checkpoint.len(), extent);
-        }
+    }
+
+    /// Drops the checkpoint and the write tracking (the slot goes back to copying in full).
+    fn forget_checkpoint(&mut self) {
+        self.written = None;
+        self.saved = Vec::new();
+        self.track_from = self.track_from.min(TRACK_FROM);
+    }
+
+    fn page_round(&self, n: usize) -> usize {
+        (n.div_ceil(self.page) * self.page).min(self.capacity)
+    }
+
+    /// Turns write tracking on for the whole arena.
+    fn start_tracking(&mut self) -> std::io::Result<()> {
+        // SAFETY: the arena is our private anonymous mapping, page-aligned, `capacity` bytes;
+        // `Drop` ends the tracking before it unmaps the range.
+        let w = unsafe { Written::new(self.base.as_ptr(), self.capacity)? };
+        self.written = Some(w);
+        Ok(())
     }
 
     /// Returns the pages of `[from, to)` (rounded inward to pages) to the OS.
@@ -288,6 +455,8 @@ impl Slot {
 
 impl Drop for Slot {
     fn drop(&mut self) {
+        // The tracking of the range ends before the range is unmapped.
+        self.written = None;
         // SAFETY: the mapping is ours; the state in it is abandoned without `lua_close`
         // (nothing outside the arena refers to it, and the sandbox's states have no
         // finalizers that would need to run).

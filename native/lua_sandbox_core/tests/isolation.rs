@@ -125,8 +125,7 @@ fn math_random_is_reseeded_per_run_and_slots_hash_strings_differently() {
 fn a_rollback_returns_to_the_checkpoint_exactly() {
     let mut slot = new_slot(64 * MIB);
     eval(&mut slot, "counter = 1 log = {'a'} return 1").unwrap();
-    let mut cp = Vec::new();
-    slot.checkpoint(&mut cp);
+    slot.checkpoint();
     let probe = "return counter .. ':' .. table.concat(log, ',') .. ':' .. tostring(extra)";
     assert_eq!(eval(&mut slot, probe).unwrap(), "1:a:nil");
     eval(
@@ -135,7 +134,7 @@ fn a_rollback_returns_to_the_checkpoint_exactly() {
     )
     .unwrap();
     assert_eq!(eval(&mut slot, "return counter").unwrap(), "2");
-    slot.rollback(&cp);
+    slot.rollback();
     assert_eq!(eval(&mut slot, probe).unwrap(), "1:a:nil");
     // The state keeps working and can move on from the rolled-back point.
     eval(&mut slot, "counter = 3 return 1").unwrap();

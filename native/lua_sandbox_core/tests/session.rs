@@ -34,7 +34,7 @@ fn new_session(tools: &[String]) -> Kept {
         })
     }
     .unwrap();
-    Arc::new(Mutex::new(Some(Session::new(lease))))
+    Arc::new(Mutex::new(Some(Session::new(lease, Box::default()))))
 }
 
 /// Starts one call of `src` in the session, up to its first stop.
@@ -45,7 +45,11 @@ fn call(kept: &Kept, src: &str, rollback: bool) -> (Run, Result<Step, SandboxErr
         .take()
         .expect("the session is not on loan");
     let back = kept.clone();
-    let (loan, handles) = session.lend(rollback, move |s| *back.lock().unwrap() = Some(s));
+    let Ok((loan, handles)) =
+        session.lend(rollback, false, move |s| *back.lock().unwrap() = Some(s))
+    else {
+        panic!("no other member of the family has the slot");
+    };
     let mut run = Run::new(
         Home::Session(Box::new(loan)),
         common::limits(),

@@ -7,6 +7,11 @@ rustler::atoms! {
     tool_call,
     retry,
     busy,
+    arena_busy,
+    // session info keys
+    memory,
+    calls,
+    rollbacks,
     lua_print,
     // print modes
     capture,
@@ -37,6 +42,7 @@ rustler::atoms! {
     duration_us,
     tool_calls,
     cpu_us,
+    denied,
     struct_key = "__struct__",
     handle_struct = "Elixir.LuaSandbox.Handle",
     term,

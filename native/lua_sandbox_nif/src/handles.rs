@@ -48,6 +48,25 @@ impl Store for Handles {
     fn truncate(&mut self, mark: usize) {
         self.saved.truncate(mark);
     }
+
+    /// A copy for a forked session: the same token and the same terms (copied into an
+    /// environment of its own), so the handles in the copied state stay valid in the fork.
+    fn fork(&self) -> Handles {
+        let Some(owned) = &self.owned else {
+            return Handles::new();
+        };
+        let copy = OwnedEnv::new();
+        let saved = self
+            .saved
+            .iter()
+            .map(|saved| owned.run(|env| copy.save(saved.load(env))))
+            .collect();
+        Handles {
+            token: self.token,
+            owned: Some(copy),
+            saved,
+        }
+    }
 }
 
 impl Default for Handles {
@@ -84,13 +103,26 @@ pub unsafe fn push(l: *mut ffi::lua_State, term: Term) -> Result<(), &'static st
     Ok(())
 }
 
+/// Why a userdata is not one of this run's handles.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotOurs {
+    /// Not a handle at all (e.g. `io.stdout`).
+    NotAHandle,
+    /// A handle, but made for another run or session (its token or index is not ours).
+    Elsewhere,
+}
+
 /// The term behind the handle at `idx`, if it is one of this run's handles.
 ///
 /// # Safety
 /// `idx` must be a valid index of `l` holding a full userdata; `l` must have 2 free slots.
-pub unsafe fn read<'e>(env: Env<'e>, l: *mut ffi::lua_State, idx: c_int) -> Option<Term<'e>> {
+pub unsafe fn read<'e>(
+    env: Env<'e>,
+    l: *mut ffi::lua_State,
+    idx: c_int,
+) -> Result<Term<'e>, NotOurs> {
     // SAFETY: per the contract.
-    let handle = unsafe { handle::read(l, idx) }?;
+    let handle = unsafe { handle::read(l, idx) }.ok_or(NotOurs::NotAHandle)?;
     with_active(|h| {
         if h.token == 0 || handle.token != h.token {
             return None;
@@ -100,4 +132,5 @@ pub unsafe fn read<'e>(env: Env<'e>, l: *mut ffi::lua_State, idx: c_int) -> Opti
         Some(owned.run(|oenv| saved.load(oenv).in_env(env)))
     })
     .flatten()
+    .ok_or(NotOurs::Elsewhere)
 }

@@ -441,11 +441,41 @@ enum Answer<'a> {
 fn settle_step<'a>(
     env: Env<'a>,
     session: &mut Running,
-    step: Result<Step, SandboxError>,
+    mut step: Result<Step, SandboxError>,
     fast: Option<Fast>,
 ) -> Answer<'a> {
+    // A tool call whose arguments the host refuses (`marshal::ArgsError::Refused`) raises a
+    // Lua error where the script called the tool, and the run goes on to its next stop.
+    loop {
+        match settle_once(env, session, step, fast) {
+            Settled::Answer(answer) => return answer,
+            Settled::Refused(message) => {
+                let t0 = Instant::now();
+                let caller = crate::caller::of(env);
+                step = session
+                    .reply(caller, Reply::Refused(&message))
+                    .and_then(|n| session.resume(caller, n));
+                session.elapsed += t0.elapsed();
+                session.scope.output().flush(caller);
+            }
+        }
+    }
+}
+
+enum Settled<'a> {
+    Answer(Answer<'a>),
+    /// The tool call's arguments were refused: this message is raised in Lua.
+    Refused(String),
+}
+
+fn settle_once<'a>(
+    env: Env<'a>,
+    session: &mut Running,
+    step: Result<Step, SandboxError>,
+    fast: Option<Fast>,
+) -> Settled<'a> {
     let thread = session.thread();
-    Answer::Final(match step {
+    Settled::Answer(Answer::Final(match step {
         Err(e) => finish_error(env, session, e, None),
         Ok(Step::Failed { idx }) => {
             // SAFETY: `idx` is the error object's slot on the finished thread.
@@ -463,7 +493,9 @@ fn settle_step<'a>(
                     let stats = stats_term(env, &session.stats());
                     (atoms::ok(), terms, binary_term(env, &output), stats).encode(env)
                 }
-                Err(e) if fast.is_some_and(|f| f.retry(&e)) => return Answer::Retry,
+                Err(e) if fast.is_some_and(|f| f.retry(&e)) => {
+                    return Settled::Answer(Answer::Retry)
+                }
                 Err(e) => finish_error(env, session, e, None),
             }
         }
@@ -475,14 +507,21 @@ fn settle_step<'a>(
         }) => {
             let root = format!("tools.{name}");
             // SAFETY: the arguments are on the suspended thread at `first..first + n`.
-            let terms = unsafe { marshal::to_terms(env, thread, first, n, bounds(session), &root) };
+            let terms =
+                unsafe { marshal::tool_args(env, thread, first, n, bounds(session), &root) };
             session.take_tool_args(keep);
             match terms {
-                Err(e) => finish_error(env, session, e, None),
-                Ok(terms) => return Answer::ToolCall(binary_term(env, name.as_bytes()), terms),
+                Err(marshal::ArgsError::Refused(message)) => return Settled::Refused(message),
+                Err(marshal::ArgsError::Fatal(e)) => finish_error(env, session, e, None),
+                Ok(terms) => {
+                    return Settled::Answer(Answer::ToolCall(
+                        binary_term(env, name.as_bytes()),
+                        terms,
+                    ))
+                }
             }
         }
-    })
+    }))
 }
 
 /// Elixir's answer to a tool call, given to the suspended run: the values the tool function
@@ -492,10 +531,18 @@ fn reply_to_lua(
     caller: lua_sandbox_core::control::Caller,
     reply: Term,
 ) -> Result<c_int, SandboxError> {
-    // `:timeout`: the run's deadline passed while the tool ran (LuaSandbox.Runner stopped
-    // the tool): the run ends as it would at the deadline inside Lua, output kept.
-    if reply.decode::<Atom>().is_ok_and(|a| a == atoms::timeout()) {
-        return Err(SandboxError::Timeout);
+    // A limit's kind: the run ends as it would at that limit inside Lua, output kept.
+    // `:timeout`: the run's deadline passed while the tool ran (LuaSandbox.Runner stopped the
+    // tool); `:memory_limit` / `:instruction_limit`: the tool's result has more values than
+    // the run's limits let in, which LuaSandbox.Encoding found before walking all of it.
+    if let Ok(kind) = reply.decode::<Atom>() {
+        if kind == atoms::timeout() {
+            return Err(SandboxError::Timeout);
+        } else if kind == atoms::memory_limit() {
+            return Err(SandboxError::MemoryLimit);
+        } else if kind == atoms::instruction_limit() {
+            return Err(SandboxError::InstructionLimit);
+        }
     }
     let (tag, payload): (Atom, Term) = reply
         .decode()

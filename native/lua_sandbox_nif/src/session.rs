@@ -1,7 +1,8 @@
 //! Sessions: a sandboxed state that lives across calls, with per-call limits and rollback.
 //!
 //! The state, its checkpoint before each call and the rollback after a failed one are the
-//! core's `session::Session` (see there); this file holds the NIFs, the session's settings
+//! core's `session::Session` (see there; forks share its slot and take turns in it, the core's
+//! `family.rs`); this file holds the NIFs, the session's settings
 //! (the options every call reads) and the resource a call's loan gives the session back to.
 //! With `rollback: false` a failed call keeps what it changed, as Lua would.
 //!
@@ -99,6 +100,8 @@ fn session_new<'a>(env: Env<'a>, opts: SessionOpts<'a>) -> Term<'a> {
         // The setup runs no script code; the scope only makes a kill stop a huge conversion
         // of globals.
         let scope = Scope::budget(Control::new(u64::MAX));
+        // Handles in the state-wide globals are the session's, for its life.
+        scope.set_handles(Box::new(Handles::new()));
         let state = lease.slot().state();
         let max_depth = opts.max_depth as usize;
         let sources = run::ModuleSources::decode(&opts.modules, opts.max_source as usize);
@@ -120,8 +123,12 @@ fn session_new<'a>(env: Env<'a>, opts: SessionOpts<'a>) -> Term<'a> {
         if let Err(e) = prepared {
             return run::early_error(env, e, &opts.chunk_name, t0);
         }
+        let handles = scope
+            .take_handles()
+            .and_then(|h| h.downcast::<Handles>().ok())
+            .unwrap_or_default();
         let state = SessionState {
-            session: Session::new(lease),
+            session: Session::new(lease, handles),
             settings: Settings {
                 max_memory,
                 max_depth: opts.max_depth as usize,
@@ -158,7 +165,7 @@ const TRY_MAX_USED: usize = run::FAST_MEMORY;
 /// A first attempt at a call on the caller's normal scheduler, like `run_try`: at most
 /// `FAST_INSTRUCTIONS` and `FAST_RESULT_BYTES`, no tool call, no output streamed. It answers
 /// like `session_run` when the call finished within them, and `:retry` when not (also,
-/// without trying, for `rollback: false` or a state over `TRY_MAX_USED`): the attempt is then
+/// without trying, for a state over `TRY_MAX_USED`): the attempt is then
 /// rolled back unseen and uncounted, and the caller runs the call with `session_run`.
 #[rustler::nif]
 fn session_try<'a>(
@@ -171,8 +178,9 @@ fn session_try<'a>(
     let small = res
         .lock()
         .as_ref()
-        .is_some_and(|state| state.session.slot().used() <= TRY_MAX_USED);
-    if !opts.rollback || !small {
+        .and_then(|state| state.session.used())
+        .is_some_and(|used| used <= TRY_MAX_USED);
+    if !small {
         return Ok(atoms::retry().encode(env));
     }
     let fast = run::Fast::for_session(opts.max_instructions, opts.max_result_bytes);
@@ -236,9 +244,23 @@ fn call<'a>(
             timeout: opts.timeout.map(std::time::Duration::from_millis),
         };
         let owner = res.clone();
-        let (loan, handles) = session.lend(opts.rollback, move |session| {
+        let back = settings.clone();
+        // A first attempt may be thrown away (`session_try`): it takes a checkpoint even with
+        // `rollback: false`, which then only means a failure that ends the call keeps what it
+        // changed.
+        let lent = session.lend(opts.rollback, fast.is_some(), move |session| {
             *owner.lock() = Some(SessionState { session, settings });
         });
+        let (loan, handles) = match lent {
+            Ok(lent) => lent,
+            Err(session) => {
+                *res.lock() = Some(SessionState {
+                    session,
+                    settings: back,
+                });
+                return atoms::arena_busy().encode(env);
+            }
+        };
         let mut running = Running::new(
             Home::Session(Box::new(loan)),
             limits,
@@ -291,10 +313,35 @@ fn session_info(env: Env<'_>, res: ResourceArc<SessionRes>) -> Term<'_> {
         return atoms::busy().encode(env);
     };
     let info = Info {
-        memory: state.session.slot().used() as u64,
+        memory: state.session.used().unwrap_or(0) as u64,
         calls: state.session.calls,
         instructions: state.session.instructions,
         rollbacks: state.session.rollbacks,
     };
     (atoms::ok(), info).encode(env)
+}
+
+/// `{:ok, session}`: a new session holding a copy of this one's state (its globals, functions
+/// and handles), independent from then on; `:busy` while a call has this session, or
+/// `:arena_busy` while a call of its family has the slot (the core's `family.rs`).
+#[rustler::nif(schedule = "DirtyCpu")]
+fn session_fork(env: Env<'_>, res: ResourceArc<SessionRes>) -> Term<'_> {
+    // Out of the lock while the state is copied, like a call: others see `:busy`.
+    let Some(state) = res.lock().take() else {
+        return atoms::busy().encode(env);
+    };
+    let answer = match state.session.fork() {
+        None => atoms::arena_busy().encode(env),
+        Some(session) => {
+            let fork = ResourceArc::new(SessionRes {
+                state: Mutex::new(Some(SessionState {
+                    session,
+                    settings: state.settings.clone(),
+                })),
+            });
+            (atoms::ok(), fork).encode(env)
+        }
+    };
+    *res.lock() = Some(state);
+    answer
 }

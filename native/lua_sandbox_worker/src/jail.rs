@@ -123,6 +123,9 @@ pub fn apply(config: &Config) -> Result<Layers, JailError> {
             Err(errno().to_string())
         }
     };
+    // Sessions' checkpoints would open /proc/self/pagemap and a userfaultfd on first use;
+    // the filter below forbids both.
+    lua_sandbox_core::written::disable();
     // The user namespace first: in it, the process may create the others without privileges.
     let user_ns = unshare(libc::CLONE_NEWUSER);
     let pid_ns = unshare(libc::CLONE_NEWPID);

@@ -89,6 +89,14 @@ void luaS_resize (lua_State *L, int nsize) {
   stringtable *tb = &G(L)->strt;
   int osize = tb->size;
   TString **newvect;
+  /* LUA_SANDBOX: the rehash visits every slot of the larger size and moves
+  ** every string; it is paid for in the collector's unit, one per 8 (see
+  ** PATCHES.md). A debit, never a raise: 'growstrtab' resizes while a string
+  ** is being created and 'checkSizes' inside the collector; the next
+  ** instruction or charge ticks. Whether a run resizes depends only on the
+  ** strings it creates (the table starts from the snapshot's), so counts stay
+  ** deterministic. */
+  luaG_sandboxdebit(L, (cast(l_mem, osize > nsize ? osize : nsize) + tb->nuse) >> 3);
   if (nsize < osize)  /* shrinking table? */
     tablerehash(tb->hash, osize, nsize);  /* depopulate shrinking part */
   newvect = luaM_reallocvector(L, tb->hash, osize, nsize, TString*);

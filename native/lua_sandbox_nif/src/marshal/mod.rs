@@ -26,6 +26,7 @@ use rustler::{Encoder, Env, Term, TermType};
 
 use crate::atoms;
 use crate::budget::{self, Abort};
+use crate::handles::NotOurs;
 use crate::term::binary_term;
 use lua_sandbox_core::error::SandboxError;
 
@@ -118,6 +119,16 @@ enum FailKind {
     Memory,
     /// The budget ran out, the caller died or the deadline passed during the conversion.
     Abort(Abort),
+    /// A userdata that is not one of the run's handles.
+    Foreign(NotOurs),
+}
+
+/// What a userdata the host cannot take is, in words.
+fn foreign(why: NotOurs) -> &'static str {
+    match why {
+        NotOurs::NotAHandle => "userdata",
+        NotOurs::Elsewhere => "a handle from another run or session",
+    }
 }
 
 impl Fail {
@@ -134,6 +145,29 @@ impl Fail {
     }
 
     fn into_error(self, root: &str) -> SandboxError {
+        let path = self.path(root);
+        match self.kind {
+            FailKind::Invalid(what) => SandboxError::InvalidInput(format!("{what} at {path}")),
+            FailKind::Unsupported(what) => SandboxError::UnsupportedValue(format!(
+                "{what} cannot leave the sandbox (at {path})"
+            )),
+            FailKind::Foreign(why) => SandboxError::UnsupportedValue(format!(
+                "{} cannot leave the sandbox (at {path})",
+                foreign(why)
+            )),
+            FailKind::Depth(max) => SandboxError::DepthLimit(format!(
+                "value nested deeper than max_depth ({max}) at {path}"
+            )),
+            FailKind::Size(max) => SandboxError::SizeLimit(format!(
+                "result larger than max_result_bytes ({max}) at {path}"
+            )),
+            FailKind::Cycle => SandboxError::Cycle(format!("table contains itself at {path}")),
+            FailKind::Memory => SandboxError::MemoryLimit,
+            FailKind::Abort(why) => SandboxError::from(why),
+        }
+    }
+
+    fn path(&self, root: &str) -> String {
         let mut path = root.to_string();
         for seg in self.rev_path.iter().rev() {
             match seg {
@@ -151,21 +185,7 @@ impl Fail {
                 }
             }
         }
-        match self.kind {
-            FailKind::Invalid(what) => SandboxError::InvalidInput(format!("{what} at {path}")),
-            FailKind::Unsupported(what) => SandboxError::UnsupportedValue(format!(
-                "{what} cannot leave the sandbox (at {path})"
-            )),
-            FailKind::Depth(max) => SandboxError::DepthLimit(format!(
-                "value nested deeper than max_depth ({max}) at {path}"
-            )),
-            FailKind::Size(max) => SandboxError::SizeLimit(format!(
-                "result larger than max_result_bytes ({max}) at {path}"
-            )),
-            FailKind::Cycle => SandboxError::Cycle(format!("table contains itself at {path}")),
-            FailKind::Memory => SandboxError::MemoryLimit,
-            FailKind::Abort(why) => SandboxError::from(why),
-        }
+        path
     }
 }
 
@@ -196,4 +216,4 @@ mod to_lua;
 mod to_term;
 
 pub use to_lua::{push_globals, push_values};
-pub use to_term::{to_term, to_terms, Bounds};
+pub use to_term::{to_term, to_terms, tool_args, ArgsError, Bounds};

@@ -67,7 +67,7 @@ pub unsafe fn push_values(
 }
 
 /// Runs `f` under the backstop with the collector paused (everything built is reachable
-/// anyway), then restarts it.
+/// anyway; no finalizer may run), its pacing kept.
 ///
 /// # Safety
 /// `f` must not raise by construction.
@@ -75,15 +75,10 @@ unsafe fn building(
     l: *mut ffi::lua_State,
     mut f: impl FnMut(*mut ffi::lua_State),
 ) -> Result<(), SandboxError> {
-    // SAFETY: stopping/restarting the collector and querying it never raise.
+    // SAFETY: `l` is not running (the caller's contract), so no collection step is either.
     unsafe {
-        let was_running = ffi::lua_gc(l, ffi::LUA_GCISRUNNING, 0) != 0;
-        ffi::lua_gc(l, ffi::LUA_GCSTOP, 0);
-        let r = protect::call_backstop(l, &mut f);
-        if was_running {
-            ffi::lua_gc(l, ffi::LUA_GCRESTART, 0);
-        }
-        r.map_err(|e| SandboxError::Runtime(e.message))
+        protect::collector_paused(l, || protect::call_backstop(l, &mut f))
+            .map_err(|e| SandboxError::Runtime(e.message))
     }
 }
 

@@ -22,6 +22,53 @@ pub unsafe fn to_terms<'e>(
     bounds: Bounds,
     root: &str,
 ) -> Result<Vec<Term<'e>>, SandboxError> {
+    // SAFETY: forwarded contract.
+    unsafe { read_values(env, l, first, n, bounds) }.map_err(|f| f.into_error(root))
+}
+
+/// How a tool call's arguments failed to convert.
+pub enum ArgsError {
+    /// The script passed what no tool can take but the run can go on from (a userdata that is
+    /// not one of its handles): the message for a Lua error raised at the call.
+    Refused(String),
+    /// Anything else ends the run, as for results.
+    Fatal(SandboxError),
+}
+
+/// [`to_terms`] for a tool call's arguments (path rooted at `root`, e.g. `tools.read`).
+///
+/// # Safety
+/// As for [`to_terms`].
+pub unsafe fn tool_args<'e>(
+    env: Env<'e>,
+    l: *mut ffi::lua_State,
+    first: c_int,
+    n: c_int,
+    bounds: Bounds,
+    root: &str,
+) -> Result<Vec<Term<'e>>, ArgsError> {
+    // SAFETY: forwarded contract.
+    unsafe { read_values(env, l, first, n, bounds) }.map_err(|f| match f.kind {
+        FailKind::Foreign(why) => ArgsError::Refused(format!(
+            "{} cannot be passed to a tool (at {})",
+            foreign(why),
+            f.path(root)
+        )),
+        _ => ArgsError::Fatal(f.into_error(root)),
+    })
+}
+
+/// The values at `first..first + n` as terms; the stack is left as it was.
+///
+/// # Safety
+/// As for [`to_terms`].
+unsafe fn read_values<'e>(
+    env: Env<'e>,
+    l: *mut ffi::lua_State,
+    first: c_int,
+    n: c_int,
+    bounds: Bounds,
+) -> Result<Vec<Term<'e>>, Fail> {
     let mut reader = Reader::new(env, bounds);
     // SAFETY: reading never raises (module doc); the stack is reset afterwards.
     unsafe {
@@ -39,8 +86,7 @@ pub unsafe fn to_terms<'e>(
         }
         let result = result.and_then(|()| reader.meter.flush());
         ffi::lua_settop(l, top);
-        result.map_err(|f| f.into_error(root))?;
-        Ok(out)
+        result.map(|()| out)
     }
 }
 
@@ -156,13 +202,11 @@ impl<'e> Reader<'e> {
                         return Err(unsupported("userdata"));
                     }
                     match crate::handles::read(env, l, idx) {
-                        Some(t) => {
+                        Ok(t) => {
                             self.charge(0)?;
                             Ok(t)
                         }
-                        None => Err(unsupported(
-                            "userdata (a handle made in another run or session)",
-                        )),
+                        Err(why) => Err(Fail::new(FailKind::Foreign(why))),
                     }
                 }
                 ffi::LUA_TFUNCTION => Err(unsupported("a function")),

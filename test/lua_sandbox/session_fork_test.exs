@@ -1,0 +1,182 @@
+defmodule LuaSandbox.SessionForkTest do
+  # Session.fork/2: a new session holding a copy of the state, independent from then on; it
+  # shares the arena with its origin (family.rs), so the tests also switch between members
+  # many times, with failed calls rolled back on either side.
+  use ExUnit.Case, async: true
+
+  alias LuaSandbox.Session
+
+  @state "n = 1 list = {'a'} function bump(k) n = n + k return n end"
+
+  defp start!(opts \\ []) do
+    {:ok, s} = Session.start_link(opts)
+    {:ok, _} = Session.run(s, @state)
+    s
+  end
+
+  # `tools.wait()` tells the test it is parked, then waits for `:go`.
+  defp waiting_tools do
+    me = self()
+
+    %{
+      wait: fn _ ->
+        send(me, {:parked, self()})
+        receive do: (:go -> "went")
+      end
+    }
+  end
+
+  defp state(s) do
+    {:ok, %{values: values}} = Session.run(s, "return n, table.concat(list, ',')")
+    values
+  end
+
+  test "a fork holds a copy of the state: changes on either side stay on that side" do
+    s = start!()
+    {:ok, f} = Session.fork(s)
+    assert state(f) == [1, "a"]
+
+    assert {:ok, %{value: 11}} = Session.call(f, "bump", [10])
+    {:ok, _} = Session.run(f, "list[#list + 1] = 'fork'")
+    assert state(s) == [1, "a"]
+    assert state(f) == [11, "a,fork"]
+
+    assert {:ok, %{value: 101}} = Session.call(s, "bump", [100])
+    {:ok, _} = Session.run(s, "list[#list + 1] = 'origin'")
+    assert state(f) == [11, "a,fork"]
+    assert state(s) == [101, "a,origin"]
+
+    # a fork of a fork; the origin stopped, its forks go on
+    {:ok, g} = Session.fork(f)
+    Session.stop(s)
+    {:ok, _} = Session.run(g, "n = 0")
+    assert state(f) == [11, "a,fork"]
+    assert state(g) == [0, "a,fork"]
+    assert %{calls: 2, rollbacks: 0} = Session.info(g)
+  end
+
+  test "failed calls roll back on the member that made them, across switches" do
+    s = start!(max_memory: 64 * 1024 * 1024)
+    # over 1 MiB: the checkpoints track written pages, and a switch must reset them
+    {:ok, _} = Session.run(s, "Blob = string.rep('x', 2 * 1024 * 1024)")
+    {:ok, f} = Session.fork(s)
+
+    for i <- 1..20 do
+      {member, other} = if rem(i, 2) == 0, do: {s, f}, else: {f, s}
+      before = {state(member), state(other)}
+      assert {:error, %{kind: :runtime}} = Session.run(member, "n = -1 list = {} error('no')")
+      assert {state(member), state(other)} == before
+      assert {:ok, _} = Session.call(member, "bump", [i])
+    end
+
+    assert state(s) == [1 + Enum.sum(2..20//2), "a"]
+    assert state(f) == [1 + Enum.sum(1..19//2), "a"]
+    assert {:ok, %{value: true}} = Session.run(f, "return #Blob == 2 * 1024 * 1024")
+  end
+
+  test "handles are copied with the state" do
+    me = self()
+    tools = %{use: fn [h] -> send(me, {:used, h}) && "done" end}
+    {:ok, s} = Session.start_link(tools: tools)
+    {:ok, _} = Session.run(s, "function keep(h) kept = h end")
+    {:ok, _} = Session.call(s, "keep", [LuaSandbox.handle(:origin)])
+    {:ok, f} = Session.fork(s)
+    {:ok, _} = Session.call(f, "keep", [LuaSandbox.handle(:fork)])
+
+    {:ok, _} = Session.run(s, "tools.use(kept)")
+    assert_received {:used, :origin}
+    {:ok, _} = Session.run(f, "tools.use(kept)")
+    assert_received {:used, :fork}
+    assert {:ok, %{value: :origin}} = Session.run(s, "return kept")
+  end
+
+  test "a fork counts against its supervisor, and waits for a busy session's turn" do
+    sup = :"#{__MODULE__}.one"
+    start_supervised!({LuaSandbox.Supervisor, name: sup, max_concurrency: 1})
+    me = self()
+    tools = waiting_tools()
+
+    s = start!(supervisor: sup, tools: tools)
+    caller = spawn_link(fn -> send(me, {:done, Session.run(s, "n = 2 tools.wait() n = 3")}) end)
+    assert_receive {:parked, tool}, 5_000
+    task = Task.async(fn -> Session.fork(s) end)
+    # the fork waits for the call (the session's turn), not the other way round
+    refute Task.yield(task, 200)
+    send(tool, :go)
+    assert_receive {:done, {:ok, _}}, 5_000
+    assert {:ok, f} = Task.await(task)
+    refute Process.alive?(caller)
+    # it copied the state as the call left it
+    assert state(f) == [3, "a"]
+
+    # the fork's calls count against the supervisor (max_concurrency: 1)
+    spawn_link(fn -> Session.run(f, "tools.wait()") end)
+    assert_receive {:parked, tool}, 5_000
+    assert LuaSandbox.Supervisor.running(sup) == 1
+    assert {:error, %{kind: :overloaded}} = Session.run(s, "return 1")
+    send(tool, :go)
+  end
+
+  test "a member's call waits while another member's call has the arena" do
+    me = self()
+    tools = waiting_tools()
+
+    s = start!(tools: tools)
+    {:ok, f} = Session.fork(s)
+    spawn_link(fn -> send(me, {:done, Session.run(s, "n = 5 tools.wait()")}) end)
+    assert_receive {:parked, tool}, 5_000
+    assert {:error, %{kind: :timeout}} = Session.run(f, "return n", timeout: 100)
+    task = Task.async(fn -> Session.run(f, "return n") end)
+    refute Task.yield(task, 100)
+    send(tool, :go)
+    assert {:ok, %{value: 1}} = Task.await(task)
+    assert_receive {:done, {:ok, _}}
+    assert state(s) == [5, "a"]
+  end
+
+  test "concurrent callers on three members: each keeps its own state" do
+    s = start!(max_memory: 64 * 1024 * 1024)
+    {:ok, _} = Session.run(s, "Blob = string.rep('x', 1536 * 1024)")
+    {:ok, f} = Session.fork(s)
+    {:ok, _} = Session.run(f, "n = 1000")
+    {:ok, g} = Session.fork(f)
+    start = %{s => 1, f => 1000, g => 1000}
+
+    kept =
+      1..4
+      |> Enum.map(fn w ->
+        Task.async(fn ->
+          :rand.seed(:exsss, {w, w, w})
+
+          Enum.reduce(1..60, %{}, fn _, acc ->
+            m = Enum.random(Map.keys(start))
+
+            if :rand.uniform(3) == 1 do
+              {:error, _} =
+                Session.run(
+                  m,
+                  "n = n + 100 local t = {} for i = 1, 5000 do t[i] = i end error('x')"
+                )
+
+              acc
+            else
+              {:ok, _} = Session.run(m, "n = n + 1 local s = 0 for i = 1, 20000 do s = s + i end")
+              Map.update(acc, m, 1, &(&1 + 1))
+            end
+          end)
+        end)
+      end)
+      |> Enum.map(&Task.await(&1, 60_000))
+      |> Enum.reduce(%{}, &Map.merge(&1, &2, fn _, a, b -> a + b end))
+
+    for {m, n0} <- start do
+      assert {:ok, %{values: [n, 1_572_864]}} = Session.run(m, "return n, #Blob")
+      assert n == n0 + Map.get(kept, m, 0)
+    end
+  end
+
+  test "unknown fork options raise" do
+    s = start!()
+    assert_raise ArgumentError, ~r/unknown options for a fork/, fn -> Session.fork(s, x: 1) end
+  end
+end
