@@ -201,6 +201,9 @@ defmodule LuaSandbox.Session do
   one arena: at any time one of them has its state in it and the others keep theirs as
   copies. Their calls take turns (a call waits while another member's call runs), and a call
   by a different member than the last one copies both states (out, then in).
+  A call cannot reach its own session or another member of its family from the process that
+  makes it (from one of its tools, say): it would wait for itself, so it raises
+  `ArgumentError` instead (a tool's raise is a Lua error the script can catch).
 
       iex> {:ok, s} = LuaSandbox.Session.start_link()
       iex> {:ok, _} = LuaSandbox.Session.run(s, "n = 1")
@@ -224,13 +227,16 @@ defmodule LuaSandbox.Session do
     end
 
     own_sup = if Keyword.has_key?(opts, :supervisor), do: Options.validate!(opts)[:supervisor]
-    {:ok, {res, tools, print, {meta, queue_timeout}, max_memory}} = checkout(session, nil)
+
+    {:ok, {res, tools, print, {meta, queue_timeout}, max_memory, family}} =
+      checkout!(session, nil)
+
     sup = own_sup || meta.supervisor
     _ = LuaSandbox.Supervisor.running(sup)
 
     forked =
       try do
-        holding_slot(sup, fn -> fork_when_free(res) end)
+        in_family(family, fn -> holding_slot(sup, fn -> fork_when_free(res) end) end)
       after
         GenServer.cast(session, {:checkin, self()})
       end
@@ -244,7 +250,8 @@ defmodule LuaSandbox.Session do
         tenant: meta.tenant,
         chunk_name: meta.chunk,
         queue_timeout: queue_timeout,
-        max_memory: max_memory
+        max_memory: max_memory,
+        family: family
       ]
 
       GenServer.start_link(__MODULE__, {copy, tools, fork_opts}, gen_opts)
@@ -281,24 +288,26 @@ defmodule LuaSandbox.Session do
     {timeout, call_opts} = call_options(opts, call)
     deadline = if timeout == :infinity, do: nil, else: now_ms() + timeout
 
-    case checkout(session, deadline) do
-      {:ok, {res, tools, print, {meta, queue_timeout}, max_memory}} ->
+    case checkout!(session, deadline) do
+      {:ok, {res, tools, print, {meta, queue_timeout}, max_memory, family}} ->
         try do
           # a call is a run of the supervisor: admission, queue, quotas, metrics, telemetry
-          LuaSandbox.Supervisor.admitted(:session, meta, queue_timeout, deadline, fn deadline ->
-            limits = [
-              print: print,
-              deadline: deadline,
-              timeout: timeout,
-              max_memory: max_memory,
-              max_instructions: call_opts.max_instructions
-            ]
+          in_family(family, fn ->
+            LuaSandbox.Supervisor.admitted(:session, meta, queue_timeout, deadline, fn deadline ->
+              limits = [
+                print: print,
+                deadline: deadline,
+                timeout: timeout,
+                max_memory: max_memory,
+                max_instructions: call_opts.max_instructions
+              ]
 
-            with {:ok, call_opts} <- encode_call(call_opts, limits) do
-              res
-              |> run_when_free(source, call_opts, deadline, timeout)
-              |> Runner.drive(tools, limits)
-            end
+              with {:ok, call_opts} <- encode_call(call_opts, limits) do
+                res
+                |> run_when_free(source, call_opts, deadline, timeout)
+                |> Runner.drive(tools, limits)
+              end
+            end)
           end)
         after
           GenServer.cast(session, {:checkin, self()})
@@ -324,15 +333,46 @@ defmodule LuaSandbox.Session do
   end
 
   # Waits for the session (calls are serialized) until the deadline; a caller that gives up
-  # withdraws, so a grant that crosses its withdrawal is handed on, not kept.
-  defp checkout(session, nil), do: {:ok, GenServer.call(session, :checkout, :infinity)}
+  # withdraws, so a grant that crosses its withdrawal is handed on, not kept. A process that
+  # already holds the session (a tool of its own call calling it again) would wait for itself:
+  # an ArgumentError instead.
+  defp checkout!(session, deadline) do
+    wait = if deadline, do: max(deadline - now_ms(), 0), else: :infinity
 
-  defp checkout(session, deadline) do
-    {:ok, GenServer.call(session, :checkout, max(deadline - now_ms(), 0))}
+    case GenServer.call(session, :checkout, wait) do
+      :reentrant -> raise ArgumentError, reentrant("this session")
+      grant -> {:ok, grant}
+    end
   catch
-    :exit, {:timeout, _} ->
+    :exit, {:timeout, _} when deadline != nil ->
       GenServer.cast(session, {:checkin, self()})
       :timeout
+  end
+
+  # The families (a session and its forks: one arena) this process has a call or fork of in
+  # progress. Another member's call from inside one (a tool calling a fork of its own session)
+  # would wait for the arena its own caller holds: an ArgumentError instead.
+  @families {__MODULE__, :families}
+
+  defp in_family(family, fun) do
+    held = Process.get(@families, [])
+
+    if family in held do
+      raise ArgumentError, reentrant("a fork of this session (they share one arena)")
+    end
+
+    Process.put(@families, [family | held])
+
+    try do
+      fun.()
+    after
+      Process.put(@families, held)
+    end
+  end
+
+  defp reentrant(what) do
+    "a session call cannot reach #{what} while a call of it is in progress in the same " <>
+      "process (e.g. from one of its tools): it would wait for itself"
   end
 
   # A fork holds one of the supervisor's slots while it copies the state; it is not a run
@@ -461,12 +501,16 @@ defmodule LuaSandbox.Session do
          opts[:queue_timeout]
        },
        max_memory: opts[:max_memory],
+       # shared by a session and its forks (one arena; see in_family/2)
+       family: opts[:family] || make_ref(),
        owner: nil,
        queue: :queue.new()
      }}
   end
 
   @impl true
+  def handle_call(:checkout, {pid, _}, %{owner: {pid, _}} = s), do: {:reply, :reentrant, s}
+
   def handle_call(:checkout, {pid, _}, %{owner: nil} = s),
     do: {:reply, grant(s), %{s | owner: {pid, Process.monitor(pid)}}}
 
@@ -495,7 +539,7 @@ defmodule LuaSandbox.Session do
 
   def handle_info(_, s), do: {:noreply, s}
 
-  defp grant(s), do: {s.res, s.tools, s.print, s.admission, s.max_memory}
+  defp grant(s), do: {s.res, s.tools, s.print, s.admission, s.max_memory, s.family}
 
   # Hands the state to the next waiting caller that is still alive.
   defp next(s) do

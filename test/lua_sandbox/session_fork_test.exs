@@ -175,6 +175,47 @@ defmodule LuaSandbox.SessionForkTest do
     end
   end
 
+  # A tool runs in the caller's process, which holds the session (and the family's arena) for
+  # the call: reaching the session or a fork of it from there would wait for itself, forever
+  # without a timeout. It raises instead, which the tool reports as a catchable Lua error.
+  test "a tool reaching its own session, a fork of it, or forking it fails at once" do
+    for reach <- [:self, :fork, :fork_of] do
+      s =
+        start!(
+          tools: %{
+            again: fn [] ->
+              other = receive(do: ({:target, t} -> t))
+
+              case reach do
+                :fork_of -> Session.fork(other)
+                _ -> Session.run(other, "return 1")
+              end
+            end
+          }
+        )
+
+      {:ok, f} = Session.fork(s)
+      other = if reach == :fork, do: f, else: s
+      t0 = System.monotonic_time(:millisecond)
+
+      task =
+        Task.async(fn ->
+          send(self(), {:target, other})
+          Session.run(s, "local ok, e = pcall(tools.again) return ok, e")
+        end)
+
+      assert {:ok, {:ok, %{values: [false, message]}}} =
+               Task.yield(task, 5_000) || Task.shutdown(task),
+             "#{reach}"
+
+      assert message =~ "it would wait for itself", "#{reach}: #{message}"
+      assert System.monotonic_time(:millisecond) - t0 < 2_000
+      # and both stay usable
+      assert {:ok, %{values: [1]}} = Session.run(s, "return 1")
+      assert {:ok, %{values: [1]}} = Session.run(f, "return 1")
+    end
+  end
+
   test "unknown fork options raise" do
     s = start!()
     assert_raise ArgumentError, ~r/unknown options for a fork/, fn -> Session.fork(s, x: 1) end
