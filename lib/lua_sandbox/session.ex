@@ -339,7 +339,9 @@ defmodule LuaSandbox.Session do
   defp checkout!(session, deadline) do
     wait = if deadline, do: max(deadline - now_ms(), 0), else: :infinity
 
-    case GenServer.call(session, :checkout, wait) do
+    callers = [self() | Process.get(:"$callers", [])]
+
+    case GenServer.call(session, {:checkout, callers}, wait) do
       :reentrant -> raise ArgumentError, reentrant("this session")
       grant -> {:ok, grant}
     end
@@ -351,8 +353,23 @@ defmodule LuaSandbox.Session do
 
   # The families (a session and its forks: one arena) this process has a call or fork of in
   # progress. Another member's call from inside one (a tool calling a fork of its own session)
-  # would wait for the arena its own caller holds: an ArgumentError instead.
+  # would wait for the arena its own caller holds: an ArgumentError instead. A tool that runs
+  # in a process of its own (under a deadline, LuaSandbox.Runner) inherits the list.
   @families {__MODULE__, :families}
+
+  @doc false
+  # The families held by this process, for a process that acts for it (Runner's tool process).
+  @spec held_families() :: [reference]
+  def held_families, do: Process.get(@families, [])
+
+  @doc false
+  @spec hold_families([reference]) :: :ok
+  def hold_families([]), do: :ok
+
+  def hold_families(families) do
+    Process.put(@families, families)
+    :ok
+  end
 
   defp in_family(family, fun) do
     held = Process.get(@families, [])
@@ -509,12 +526,19 @@ defmodule LuaSandbox.Session do
   end
 
   @impl true
-  def handle_call(:checkout, {pid, _}, %{owner: {pid, _}} = s), do: {:reply, :reentrant, s}
+  # `callers`: the caller and the processes it acts for (`$callers`): one of them holding the
+  # session means the caller would wait for itself.
+  def handle_call({:checkout, callers}, {pid, _} = from, s) do
+    case s.owner do
+      nil ->
+        {:reply, grant(s), %{s | owner: {pid, Process.monitor(pid)}}}
 
-  def handle_call(:checkout, {pid, _}, %{owner: nil} = s),
-    do: {:reply, grant(s), %{s | owner: {pid, Process.monitor(pid)}}}
-
-  def handle_call(:checkout, from, s), do: {:noreply, %{s | queue: :queue.in(from, s.queue)}}
+      {owner, _} ->
+        if owner in callers,
+          do: {:reply, :reentrant, s},
+          else: {:noreply, %{s | queue: :queue.in(from, s.queue)}}
+    end
+  end
 
   def handle_call(:info, _from, s) do
     case Native.session_info(s.res) do
