@@ -145,12 +145,12 @@ defmodule LuaSandbox.Runner do
   defp call_tool(name, tool, args, {_, _, deadline} = bound) do
     parent = self()
     callers = [parent | Process.get(:"$callers", [])]
-    families = LuaSandbox.Session.held_families()
+    families = LuaSandbox.Session.Family.held()
 
     pid =
       spawn_link(fn ->
         Process.put(:"$callers", callers)
-        LuaSandbox.Session.hold_families(families)
+        LuaSandbox.Session.Family.hold(families)
         send(parent, {self(), :tool_reply, Tools.call(name, tool, args, bound)})
       end)
 

@@ -1,5 +1,6 @@
 defmodule LuaSandbox.Session do
   alias LuaSandbox.{Chunk, Encoding, Error, Native, Options, Runner}
+  alias LuaSandbox.Session.Family
 
   # A state that does not come back from a dead caller's call (see when_free/3).
   @lost "session state did not come back"
@@ -236,7 +237,7 @@ defmodule LuaSandbox.Session do
 
     forked =
       try do
-        in_family(family, fn -> holding_slot(sup, fn -> fork_when_free(res) end) end)
+        Family.enter(family, fn -> holding_slot(sup, fn -> fork_when_free(res) end) end)
       after
         GenServer.cast(session, {:checkin, self()})
       end
@@ -292,7 +293,7 @@ defmodule LuaSandbox.Session do
       {:ok, {res, tools, print, {meta, queue_timeout}, max_memory, family}} ->
         try do
           # a call is a run of the supervisor: admission, queue, quotas, metrics, telemetry
-          in_family(family, fn ->
+          Family.enter(family, fn ->
             LuaSandbox.Supervisor.admitted(:session, meta, queue_timeout, deadline, fn deadline ->
               limits = [
                 print: print,
@@ -342,54 +343,13 @@ defmodule LuaSandbox.Session do
     callers = [self() | Process.get(:"$callers", [])]
 
     case GenServer.call(session, {:checkout, callers}, wait) do
-      :reentrant -> raise ArgumentError, reentrant("this session")
+      :reentrant -> raise ArgumentError, Family.reentrant("this session")
       grant -> {:ok, grant}
     end
   catch
     :exit, {:timeout, _} when deadline != nil ->
       GenServer.cast(session, {:checkin, self()})
       :timeout
-  end
-
-  # The families (a session and its forks: one arena) this process has a call or fork of in
-  # progress. Another member's call from inside one (a tool calling a fork of its own session)
-  # would wait for the arena its own caller holds: an ArgumentError instead. A tool that runs
-  # in a process of its own (under a deadline, LuaSandbox.Runner) inherits the list.
-  @families {__MODULE__, :families}
-
-  @doc false
-  # The families held by this process, for a process that acts for it (Runner's tool process).
-  @spec held_families() :: [reference]
-  def held_families, do: Process.get(@families, [])
-
-  @doc false
-  @spec hold_families([reference]) :: :ok
-  def hold_families([]), do: :ok
-
-  def hold_families(families) do
-    Process.put(@families, families)
-    :ok
-  end
-
-  defp in_family(family, fun) do
-    held = Process.get(@families, [])
-
-    if family in held do
-      raise ArgumentError, reentrant("a fork of this session (they share one arena)")
-    end
-
-    Process.put(@families, [family | held])
-
-    try do
-      fun.()
-    after
-      Process.put(@families, held)
-    end
-  end
-
-  defp reentrant(what) do
-    "a session call cannot reach #{what} while a call of it is in progress in the same " <>
-      "process (e.g. from one of its tools): it would wait for itself"
   end
 
   # A fork holds one of the supervisor's slots while it copies the state; it is not a run
@@ -518,7 +478,7 @@ defmodule LuaSandbox.Session do
          opts[:queue_timeout]
        },
        max_memory: opts[:max_memory],
-       # shared by a session and its forks (one arena; see in_family/2)
+       # shared by a session and its forks (one arena; LuaSandbox.Session.Family)
        family: opts[:family] || make_ref(),
        owner: nil,
        queue: :queue.new()
