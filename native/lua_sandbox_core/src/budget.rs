@@ -43,7 +43,10 @@ pub fn note_denied(prefix: &[u8], name: &[u8]) {
 /// same one the instructions, the VM patches and the C builtins charge; before that (and in
 /// unit tests without a state) it charges the `Control` directly. Returns the abort reason
 /// once one is set. Never raises.
+#[track_caller]
 pub fn charge_steps(steps: u64) -> Result<(), Abort> {
+    #[cfg(feature = "stretch")]
+    let site = std::panic::Location::caller();
     let state = with_control(|control, _| control.state.get()).unwrap_or(0);
     if state != 0 {
         // SAFETY: `state` is the main thread of the active run's state (see
@@ -62,7 +65,10 @@ pub fn charge_steps(steps: u64) -> Result<(), Abort> {
         // A check like the ticker's (the abort, the budget, the caller, the deadline), so the
         // hole finder counts it: marshaling a result after the script ended charges here.
         #[cfg(feature = "stretch")]
-        crate::stretch::check(std::ptr::null_mut(), "charge outside the VM");
+        crate::stretch::check(
+            std::ptr::null_mut(),
+            &format!("charge outside the VM at {site}"),
+        );
         if let Some(why) = control.abort() {
             return Err(why);
         }

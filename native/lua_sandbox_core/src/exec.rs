@@ -643,6 +643,7 @@ fn resume_thread(
     // SAFETY: `thread` is the run coroutine (fresh or suspended at a yield) with its
     // arguments on top; `lua_resume` is a protected entry into Lua.
     let status = unsafe { ffi::lua_resume(thread, ptr::null_mut(), nargs, &mut nres) };
+    crate::stretch::mark();
     budget::settle_instructions(thread, control);
     if let Some(why) = control.abort() {
         return Err(why.into());
