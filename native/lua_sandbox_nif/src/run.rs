@@ -578,7 +578,7 @@ fn finish_error<'a>(
     value_idx: Option<c_int>,
 ) -> Term<'a> {
     let e = session.outcome(e);
-    let line = line_of(&e.to_string(), &session.chunk_name);
+    let line = line_of(&e.message(), &session.chunk_name);
     let traceback = if matches!(e, SandboxError::Runtime(_)) {
         session.scope.take_traceback()
     } else {
