@@ -34,7 +34,10 @@
 //! 6. **Stopping early leaves the state consistent**, for that one case: the collector stops
 //!    only between two steps or, in the atomic phase, before the white flip, so nothing is
 //!    freed and the next cycle starts over (`vendor/lua-src/PATCHES.md`, "The collector under
-//!    the budget"); a C function stops by raising (rules 1–4), never by returning half done.
+//!    the budget"); a C function stops by raising (rules 1–4), never by returning half done
+//!    (bulk copies stop at a piece boundary and raise; a string being filled is popped first).
+//!    One VM primitive answers early instead: `luaH_next` says "no more elements" once the run
+//!    is aborted, which nothing can act on (the next instruction or charge raises).
 //!    Reading the error, the stats and the output after an abort is always fine.
 
 use std::ffi::{c_int, c_void, CStr};
