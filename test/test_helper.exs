@@ -1,2 +1,8 @@
 # Property tests run here too (tagged :property); `make fuzz` runs only them, with more cases.
-ExUnit.start(exclude: [])
+# `make stretch` adds a formatter that names the running test in the hole finder's log.
+formatters =
+  if System.get_env("LUA_SANDBOX_STRETCH_TEST"),
+    do: [ExUnit.CLIFormatter, LuaSandbox.StretchFormatter],
+    else: [ExUnit.CLIFormatter]
+
+ExUnit.start(exclude: [], formatters: formatters)

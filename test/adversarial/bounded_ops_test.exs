@@ -169,7 +169,10 @@ defmodule LuaSandbox.Adversarial.BoundedOpsTest do
 
     {us, result} =
       :timer.tc(fn ->
-        LuaSandbox.run(source, [max_instructions: base.instructions + @work] ++ @opts)
+        LuaSandbox.run(
+          source,
+          [max_instructions: base.instructions + @work, chunk_name: label] ++ @opts
+        )
       end)
 
     # Only a run stopped by the budget measures the charge rate; memory and output limits
@@ -203,7 +206,9 @@ defmodule LuaSandbox.Adversarial.BoundedOpsTest do
   defp setup_cost(setup) do
     case Process.get({:setup_cost, setup}) do
       nil ->
-        {:ok, %{stats: base}} = LuaSandbox.run(setup <> "\nreturn 0", @opts)
+        name = "setup " <> (setup |> String.replace(~r/\s+/, " ") |> String.slice(0, 40))
+        opts = [chunk_name: name] ++ @opts
+        {:ok, %{stats: base}} = LuaSandbox.run(setup <> "\nreturn 0", opts)
         Process.put({:setup_cost, setup}, base)
         base
 
@@ -213,7 +218,11 @@ defmodule LuaSandbox.Adversarial.BoundedOpsTest do
   end
 
   defp kill_latency!(node, label, source) do
-    opts = [max_instructions: 1_000_000_000_000] ++ Keyword.delete(@opts, :timeout)
+    # The label as the chunk name: `make stretch` logs it as the place of each stretch.
+    opts =
+      [max_instructions: 1_000_000_000_000, chunk_name: label] ++
+        Keyword.delete(@opts, :timeout)
+
     args = [source, opts, 10]
     {us, _} = :erpc.call(node, LuaSandbox.TestRemote, :kill_then_run, args, 60_000)
 

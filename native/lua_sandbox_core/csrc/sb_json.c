@@ -82,12 +82,13 @@ static void enc_add (Enc *e, const char *s, size_t len) {
     if (cap - e->n < len) cap = e->n + len;
     if (cap < e->n) luaL_error(e->L, "json.encode: result too large");
     np = (char *)lua_newuserdatauv(e->L, cap, 0);
-    memcpy(np, e->p, e->n);
+    /* in pieces with a check between two (paid by the caller's charges) */
+    luaL_sandboxcopy(e->L, np, e->p, e->n);
     lua_replace(e->L, e->idx);  /* the old box is garbage now */
     e->p = np;
     e->cap = cap;
   }
-  memcpy(e->p + e->n, s, len);
+  luaL_sandboxmemcpy(e->L, e->p + e->n, s, len);
   e->n += len;
 }
 
@@ -303,8 +304,8 @@ static int json_encode (lua_State *L) {
   e.idx = 2;
   enc_value(&e, 1, 0);
   sb_count(L, e.steps, sb_bytes(e.n));
-  lua_pushlstring(L, e.p, e.n);
   sb_flush(L, &e.steps);
+  lua_sandboxpushlstring(L, e.p, e.n);  /* the copy paid above, in pieces */
   return 1;
 }
 

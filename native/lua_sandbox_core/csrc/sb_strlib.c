@@ -794,15 +794,16 @@ static int sb_str_rep (lua_State *L) {
     size_t totallen = (size_t)n * l + (size_t)(n - 1) * lsep;
     luaL_Buffer b;
     char *p = luaL_buffinitsize(L, &b, totallen);
+    /* SANDBOX: a copy larger than a piece checks between pieces */
     while (n-- > 1) {  /* first n-1 copies (followed by separator) */
       sb_count(L, sbs, sb_bytes(l + lsep));  /* SANDBOX */
-      memcpy(p, s, l * sizeof(char)); p += l;
+      luaL_sandboxmemcpy(L, p, s, l * sizeof(char)); p += l;
       if (lsep > 0) {  /* empty 'memcpy' is not that cheap */
-        memcpy(p, sep, lsep * sizeof(char));
+        luaL_sandboxmemcpy(L, p, sep, lsep * sizeof(char));
         p += lsep;
       }
     }
-    memcpy(p, s, l * sizeof(char));  /* last copy (not followed by separator) */
+    luaL_sandboxmemcpy(L, p, s, l * sizeof(char));  /* last copy (not followed by separator) */
     sb_count(L, sbs, sb_bytes(l));  /* SANDBOX */
     sb_flush(L, &sbs);  /* SANDBOX */
     luaL_pushresultsize(&b, totallen);

@@ -43,7 +43,10 @@ pub fn note_denied(prefix: &[u8], name: &[u8]) {
 /// same one the instructions, the VM patches and the C builtins charge; before that (and in
 /// unit tests without a state) it charges the `Control` directly. Returns the abort reason
 /// once one is set. Never raises.
+#[track_caller]
 pub fn charge_steps(steps: u64) -> Result<(), Abort> {
+    #[cfg(feature = "stretch")]
+    let site = std::panic::Location::caller();
     let state = with_control(|control, _| control.state.get()).unwrap_or(0);
     if state != 0 {
         // SAFETY: `state` is the main thread of the active run's state (see
@@ -62,7 +65,10 @@ pub fn charge_steps(steps: u64) -> Result<(), Abort> {
         // A check like the ticker's (the abort, the budget, the caller, the deadline), so the
         // hole finder counts it: marshaling a result after the script ended charges here.
         #[cfg(feature = "stretch")]
-        crate::stretch::check(std::ptr::null_mut(), "charge outside the VM");
+        crate::stretch::check(
+            std::ptr::null_mut(),
+            &format!("charge outside the VM at {site}"),
+        );
         if let Some(why) = control.abort() {
             return Err(why);
         }
@@ -75,6 +81,24 @@ pub fn charge_steps(steps: u64) -> Result<(), Abort> {
         control.abort().map_or(Ok(()), Err)
     })
     .unwrap_or(Ok(()))
+}
+
+/// [`charge_steps`], then a check now (the kill, the deadline, the budget) whatever the
+/// countdown says: for work done outside the VM in pieces (copying a string as large as the
+/// heap), one check per piece, however few units a piece is worth.
+#[track_caller]
+pub fn charge_and_check(steps: u64) -> Result<(), Abort> {
+    charge_steps(steps)?;
+    let state = with_control(|control, _| control.state.get()).unwrap_or(0);
+    if state != 0 {
+        // `state` is the active run's main thread, as in `charge_steps`; the ticker books
+        // the units taken from the countdown since it was last armed and re-arms it, so an
+        // extra call is exact accounting. It never raises and never touches the stack.
+        tick(state as *mut ffi::lua_State, LUA_TICK_WORK);
+        return current_abort().map_or(Ok(()), Err);
+    }
+    // Without a state `charge_steps` checked already.
+    Ok(())
 }
 
 pub use crate::clock::thread_cpu;
@@ -122,6 +146,7 @@ pub(crate) fn used_memory(l: *mut ffi::lua_State) -> usize {
 
 type Ticker = extern "C" fn(*mut ffi::lua_State, c_int) -> *const c_char;
 
+const LUA_TICK_WORK: c_int = 0;
 const LUA_TICK_MEMERR: c_int = 1;
 
 // The work ticker of our Lua build (vendor/lua-src/PATCHES.md, ldebug.c): one countdown per

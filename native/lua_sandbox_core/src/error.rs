@@ -1,6 +1,8 @@
 //! The closed list of ways a run can fail (`LuaSandbox.Error.kind` in Elixir; the NIF's
 //! `error.rs` names each kind with its atom).
 
+use std::borrow::Cow;
+
 use crate::control::Abort;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -59,11 +61,26 @@ impl From<Abort> for SandboxError {
     }
 }
 
-/// The line of `chunk_name:LINE: message`, when the message starts that way.
+impl SandboxError {
+    /// The message (the `Display` text) without copying it when the error carries one: a
+    /// script's error message can be as large as its heap.
+    pub fn message(&self) -> Cow<'_, str> {
+        use SandboxError::*;
+        match self {
+            Syntax(m) | Runtime(m) | DepthLimit(m) | SizeLimit(m) | Cycle(m)
+            | UnsupportedValue(m) | InvalidInput(m) => Cow::Borrowed(m),
+            other => Cow::Owned(other.to_string()),
+        }
+    }
+}
+
+/// The line of `chunk_name:LINE: message`, when the message starts that way. Reads only the
+/// message's first bytes.
 pub fn line_of(message: &str, chunk_name: &str) -> Option<u32> {
     let rest = message.strip_prefix(chunk_name)?.strip_prefix(':')?;
-    let digits: &str = &rest[..rest.find(':')?];
-    digits.parse().ok().filter(|&n| n > 0)
+    // A line number has at most 10 digits: the colon after it is among the first 11 bytes.
+    let end = rest.bytes().take(11).position(|b| b == b':')?;
+    rest[..end].parse().ok().filter(|&n| n > 0)
 }
 
 #[cfg(test)]
@@ -76,5 +93,10 @@ mod tests {
         assert_eq!(line_of("other:3: boom", "script"), None);
         assert_eq!(line_of("script: boom", "script"), None);
         assert_eq!(line_of("script:x: boom", "script"), None);
+        assert_eq!(
+            line_of("script:4000000000: boom", "script"),
+            Some(4_000_000_000)
+        );
+        assert_eq!(line_of("script:12345678901: boom", "script"), None);
     }
 }

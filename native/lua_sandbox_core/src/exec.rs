@@ -643,6 +643,7 @@ fn resume_thread(
     // SAFETY: `thread` is the run coroutine (fresh or suspended at a yield) with its
     // arguments on top; `lua_resume` is a protected entry into Lua.
     let status = unsafe { ffi::lua_resume(thread, ptr::null_mut(), nargs, &mut nres) };
+    crate::stretch::mark();
     budget::settle_instructions(thread, control);
     if let Some(why) = control.abort() {
         return Err(why.into());
@@ -707,9 +708,17 @@ fn resume_thread(
 /// # Safety
 /// `idx` must be a valid index of `l`.
 unsafe fn is_memory_error(l: *mut ffi::lua_State, idx: c_int) -> bool {
-    // SAFETY: per the contract; `describe` only reads.
+    const MESSAGE: &[u8] = b"not enough memory";
+    // SAFETY: per the contract; `lua_tolstring` on a value that is a string only reads it
+    // (compared in place: an error string can be as large as the heap).
     unsafe {
-        ffi::lua_type(l, idx) == ffi::LUA_TSTRING
-            && protect::describe(l, idx) == "not enough memory"
+        if ffi::lua_type(l, idx) != ffi::LUA_TSTRING {
+            return false;
+        }
+        let mut len = 0usize;
+        let p = ffi::lua_tolstring(l, idx, &mut len);
+        !p.is_null()
+            && len == MESSAGE.len()
+            && std::slice::from_raw_parts(p.cast::<u8>(), len) == MESSAGE
     }
 }

@@ -48,8 +48,7 @@ pub mod seed;
 pub mod session;
 pub mod slot;
 pub mod stack;
-#[cfg(feature = "stretch")]
-mod stretch;
+pub mod stretch;
 pub mod written;
 
 pub use protect::LuaFailure;

@@ -34,7 +34,10 @@
 //! 6. **Stopping early leaves the state consistent**, for that one case: the collector stops
 //!    only between two steps or, in the atomic phase, before the white flip, so nothing is
 //!    freed and the next cycle starts over (`vendor/lua-src/PATCHES.md`, "The collector under
-//!    the budget"); a C function stops by raising (rules 1–4), never by returning half done.
+//!    the budget"); a C function stops by raising (rules 1–4), never by returning half done
+//!    (bulk copies stop at a piece boundary and raise; a string being filled is popped first).
+//!    One VM primitive answers early instead: `luaH_next` says "no more elements" once the run
+//!    is aborted, which nothing can act on (the next instruction or charge raises).
 //!    Reading the error, the stats and the output after an abort is always fine.
 
 use std::ffi::{c_int, c_void, CStr};
@@ -134,8 +137,7 @@ pub unsafe fn describe(l: *mut ffi::lua_State, idx: c_int) -> String {
                 if p.is_null() {
                     String::new()
                 } else {
-                    String::from_utf8_lossy(std::slice::from_raw_parts(p.cast::<u8>(), len))
-                        .into_owned()
+                    text_of(std::slice::from_raw_parts(p.cast::<u8>(), len))
                 }
             }
             ffi::LUA_TNUMBER if ffi::lua_isinteger(l, idx) != 0 => {
@@ -148,6 +150,38 @@ pub unsafe fn describe(l: *mut ffi::lua_State, idx: c_int) -> String {
             }
         }
     }
+}
+
+/// Bytes converted between two charges by [`text_of`] (~0.1 ms of work).
+const TEXT_PIECE: usize = 256 * 1024;
+
+/// `bytes` as text, as `String::from_utf8_lossy` would give it, converted in pieces of
+/// [`TEXT_PIECE`] bytes with the work charged to the active run (if any) between pieces: an
+/// error message can be as large as the heap, and converting it happens after the script's
+/// last instruction. When the run is aborted meanwhile (a kill, the deadline, the budget),
+/// the conversion stops there: the abort is then the run's outcome, and the message is cut.
+fn text_of(bytes: &[u8]) -> String {
+    // The whole length at once: growing by doubling would copy a large message again.
+    let mut out = String::with_capacity(bytes.len());
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        let mut end = rest.len().min(TEXT_PIECE);
+        // Cut before a byte that starts a character (not a continuation byte): a sequence
+        // cut there is invalid whole too, so the pieces convert as the whole would.
+        while end < rest.len() && end > 0 && rest[end] & 0xC0 == 0x80 {
+            end -= 1;
+        }
+        if end == 0 {
+            end = rest.len().min(TEXT_PIECE);
+        }
+        let (piece, tail) = rest.split_at(end);
+        out.push_str(&String::from_utf8_lossy(piece));
+        rest = tail;
+        if !rest.is_empty() && crate::budget::charge_and_check((piece.len() >> 4) as u64).is_err() {
+            break;
+        }
+    }
+    out
 }
 
 extern "C-unwind" {
@@ -170,4 +204,41 @@ pub unsafe fn collector_paused<R>(l: *mut ffi::lua_State, f: impl FnOnce() -> R)
     // SAFETY: as above; `saved` is what `sb_gcpause` wrote for this state.
     unsafe { sb_gcresume(l, &saved) };
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_of_converts_in_pieces_as_a_whole() {
+        // Characters of 1 to 4 bytes and invalid bytes, across many piece boundaries.
+        let mut bytes = Vec::new();
+        for i in 0..(3 * TEXT_PIECE / 2) {
+            match i % 6 {
+                0 => bytes.push(b'a'),
+                1 => bytes.extend_from_slice("é".as_bytes()),
+                2 => bytes.extend_from_slice("€".as_bytes()),
+                3 => bytes.extend_from_slice("😀".as_bytes()),
+                4 => bytes.push(0x80),
+                _ => bytes.extend_from_slice(&[0xF0, 0x9F]),
+            }
+        }
+        assert!(bytes.len() > 2 * TEXT_PIECE);
+        assert_eq!(text_of(&bytes), String::from_utf8_lossy(&bytes));
+        let junk = vec![0x80u8; TEXT_PIECE + 5];
+        assert_eq!(text_of(&junk), String::from_utf8_lossy(&junk));
+    }
+
+    #[test]
+    fn text_of_is_charged_and_stops_at_an_abort() {
+        use crate::control::{Abort, Caller, Control};
+        use crate::scope::Scope;
+        let scope = Scope::budget(Control::new(100_000));
+        let _a = scope.activate(Caller::none());
+        // 4 MiB: 262 144 units, over the budget after ~1.5 MiB.
+        let text = text_of(&vec![b'x'; 4 << 20]);
+        assert!(text.len() < 2 << 20, "{}", text.len());
+        assert_eq!(crate::budget::current_abort(), Some(Abort::Instructions));
+    }
 }

@@ -10,7 +10,7 @@ use lua_sandbox_core::exec::Stats;
 use rustler::{Atom, Encoder, Env, Term};
 
 use crate::atoms;
-use crate::term::{binary_term, stats_term};
+use crate::term::{binary_term, binary_term_charged, stats_term};
 
 /// A failed run, session call, session creation or compile, as the NIF answers it.
 pub struct Failure<'a> {
@@ -29,7 +29,7 @@ impl<'a> Failure<'a> {
     /// A failure before anything ran (bad input, a parse error, no slot): no output, and stats
     /// that only count the time spent.
     pub fn early(error: SandboxError, chunk_name: &str, elapsed: Duration) -> Failure<'a> {
-        let line = line_of(&error.to_string(), chunk_name);
+        let line = line_of(&error.message(), chunk_name);
         Failure {
             error,
             line,
@@ -54,7 +54,11 @@ impl Encoder for Failure<'_> {
             atoms::error(),
             (
                 self.error.kind(),
-                self.error.to_string(),
+                // Copied in pieces under the run's budget: a message can be as large as the
+                // heap. Cut short if the run is aborted meanwhile (its caller is gone, or
+                // its deadline passed while its error was answered).
+                binary_term_charged(env, self.error.message().as_bytes())
+                    .unwrap_or_else(|(_, prefix)| prefix),
                 self.line,
                 self.traceback.as_deref(),
                 value,

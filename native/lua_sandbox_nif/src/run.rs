@@ -411,7 +411,9 @@ fn settle<'a>(
     // (dropped, or parked in the resource); the activation ends before that.
     let _active = unsafe { &*scope }.activate(caller);
     session.scope.output().flush(caller);
+    lua_sandbox_core::stretch::mark();
     let answer = settle_step(env, &mut session, step, fast);
+    lua_sandbox_core::stretch::mark();
     session.scope.control.clock_stop();
     match answer {
         Answer::Final(term) => term,
@@ -486,6 +488,7 @@ fn settle_once<'a>(
             // SAFETY: the results are on the finished thread's stack at `first..first + n`.
             let terms =
                 unsafe { marshal::to_terms(env, thread, first, n, bounds(session), "result") };
+            lua_sandbox_core::stretch::mark();
             match terms {
                 Ok(terms) => {
                     session.succeeded();
@@ -575,7 +578,7 @@ fn finish_error<'a>(
     value_idx: Option<c_int>,
 ) -> Term<'a> {
     let e = session.outcome(e);
-    let line = line_of(&e.to_string(), &session.chunk_name);
+    let line = line_of(&e.message(), &session.chunk_name);
     let traceback = if matches!(e, SandboxError::Runtime(_)) {
         session.scope.take_traceback()
     } else {
@@ -600,6 +603,7 @@ fn finish_error<'a>(
         }
         _ => None,
     };
+    lua_sandbox_core::stretch::mark();
     // A first attempt's held chunks go out with its (final) error.
     let output = session.scope.output().finish(crate::caller::of(env));
     Failure {

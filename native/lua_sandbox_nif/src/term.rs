@@ -1,7 +1,8 @@
 //! Small term builders shared by the modules that answer Elixir (no Lua here).
 
+use lua_sandbox_core::budget::{self, Abort};
 use lua_sandbox_core::exec::Stats;
-use rustler::{Encoder, Env, NewBinary, Term};
+use rustler::{Encoder, Env, NewBinary, OwnedBinary, Term};
 
 use crate::atoms;
 
@@ -11,6 +12,42 @@ pub fn binary_term<'e>(env: Env<'e>, bytes: &[u8]) -> Term<'e> {
     bin.as_mut_slice().copy_from_slice(bytes);
     let b: rustler::Binary = bin.into();
     b.encode(env)
+}
+
+/// Bytes copied into a binary between two charges by [`binary_term_charged`] (~0.1 ms).
+pub const PIECE: usize = 256 * 1024;
+
+/// `bytes` as a fresh Elixir binary, copied in pieces of [`PIECE`] bytes with one unit per
+/// KiB charged to the active run after each piece, so that copying a string as large as the
+/// heap is stopped by a kill, the deadline or the budget within one piece. On such an abort
+/// the binary holds only the pieces copied so far: `Err` with the reason and that prefix
+/// (never uninitialized bytes).
+pub fn binary_term_charged<'e>(env: Env<'e>, bytes: &[u8]) -> Result<Term<'e>, (Abort, Term<'e>)> {
+    // Panics if the BEAM cannot allocate it, as `NewBinary` does.
+    let mut bin = OwnedBinary::new(bytes.len());
+    let mut copied = 0;
+    let mut abort = None;
+    for (dst, src) in bin
+        .as_mut_slice()
+        .chunks_mut(PIECE)
+        .zip(bytes.chunks(PIECE))
+    {
+        dst.copy_from_slice(src);
+        copied += src.len();
+        if let Err(why) = budget::charge_and_check((src.len() >> 10) as u64) {
+            abort = Some(why);
+            break;
+        }
+    }
+    if copied < bytes.len() {
+        // Only a prefix is initialized: shrink the binary to it.
+        bin.realloc_or_copy(copied);
+    }
+    let term = bin.release(env).encode(env);
+    match abort {
+        Some(why) if copied < bytes.len() => Err((why, term)),
+        _ => Ok(term),
+    }
 }
 
 /// `%{instructions:, memory_peak:, duration_us:, tool_calls:, cpu_us:, denied:}`, `denied`

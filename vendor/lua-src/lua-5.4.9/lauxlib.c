@@ -572,6 +572,46 @@ static size_t newbuffsize (luaL_Buffer *B, size_t sz) {
 
 
 /*
+** LUA_SANDBOX: a copy in pieces with a check between two (the bytes were
+** paid by the buffer operation); raises when the run is aborted meanwhile.
+*/
+LUALIB_API void luaL_sandboxcopy (lua_State *L, char *dst, const char *src,
+                                  size_t n) {
+  size_t done = lua_sandboxcopy(L, dst, src, n);
+  if (l_unlikely(done < n)) {
+    lua_sandboxcharge(L, 0);  /* aborts are sticky: this raises */
+    memcpy(dst + done, src + done, n - done);
+  }
+}
+
+
+/*
+** LUA_SANDBOX: grows a large box into a new block copied in pieces
+** ('resizebox' would copy it in one 'realloc', with no check). A second box
+** on the top owns the new block until the swap, so an abort raised during
+** the copy leaves the old box intact and the new block to the collector.
+*/
+static char *growbox (luaL_Buffer *B, int boxidx, size_t newsize) {
+  lua_State *L = B->L;
+  UBox *box = (UBox *)lua_touserdata(L, boxidx);
+  UBox *tmp;
+  char *newbuff;
+  luaL_checkstack(L, 3, "buffer");
+  newbox(L);
+  tmp = (UBox *)lua_touserdata(L, -1);
+  newbuff = (char *)resizebox(L, -1, newsize);
+  luaL_sandboxcopy(L, newbuff, B->b, B->n);
+  tmp->box = box->box;  /* swap: the old block goes with the second box */
+  tmp->bsize = box->bsize;
+  box->box = newbuff;
+  box->bsize = newsize;
+  resizebox(L, -1, 0);  /* free the old block */
+  lua_pop(L, 1);
+  return newbuff;
+}
+
+
+/*
 ** Returns a pointer to a free area with at least 'sz' bytes in buffer
 ** 'B'. 'boxidx' is the relative position in the stack where is the
 ** buffer's box or its placeholder.
@@ -598,7 +638,9 @@ static char *prepbuffsizec (luaL_Buffer *B, size_t sz, int boxidx,
     char *newbuff;
     size_t newsize = newbuffsize(B, sz);
     /* create larger buffer */
-    if (buffonstack(B))  /* buffer already has a box? */
+    if (buffonstack(B) && charge && B->n > LUA_SBPIECE)
+      newbuff = growbox(B, boxidx, newsize);  /* LUA_SANDBOX */
+    else if (buffonstack(B))  /* buffer already has a box? */
       newbuff = (char *)resizebox(L, boxidx, newsize);  /* resize it */
     else {  /* no box yet */
       lua_remove(L, boxidx);  /* remove placeholder */
@@ -647,7 +689,7 @@ LUALIB_API char *luaL_prepbuffsize (luaL_Buffer *B, size_t sz) {
 LUALIB_API void luaL_addlstring (luaL_Buffer *B, const char *s, size_t l) {
   if (l > 0) {  /* avoid 'memcpy' when 's' can be NULL */
     char *b = prepbuffsize(B, l, -1);
-    memcpy(b, s, l * sizeof(char));
+    luaL_sandboxmemcpy(B->L, b, s, l * sizeof(char));  /* LUA_SANDBOX: in pieces */
     luaL_addsize(B, l);
   }
 }
@@ -661,7 +703,10 @@ LUALIB_API void luaL_addstring (luaL_Buffer *B, const char *s) {
 LUALIB_API void luaL_pushresult (luaL_Buffer *B) {
   lua_State *L = B->L;
   checkbufferlevel(B, -1);
-  lua_pushlstring(L, B->b, B->n);
+  if (B->n > LUA_SBPIECE)  /* LUA_SANDBOX: a large result, copied in pieces */
+    lua_sandboxpushlstring(L, B->b, B->n);
+  else
+    lua_pushlstring(L, B->b, B->n);
   if (buffonstack(B))
     lua_closeslot(L, -2);  /* close the box */
   lua_remove(L, -2);  /* remove box or placeholder from the stack */
@@ -688,7 +733,7 @@ LUALIB_API void luaL_addvalue (luaL_Buffer *B) {
   size_t len;
   const char *s = lua_tolstring(L, -1, &len);
   char *b = prepbuffsize(B, len, -2);
-  memcpy(b, s, len * sizeof(char));
+  luaL_sandboxmemcpy(L, b, s, len * sizeof(char));  /* LUA_SANDBOX: in pieces */
   luaL_addsize(B, len);
   lua_pop(L, 1);  /* pop string */
 }

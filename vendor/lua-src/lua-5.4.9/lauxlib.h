@@ -218,6 +218,14 @@ LUALIB_API void (luaL_addlstring) (luaL_Buffer *B, const char *s, size_t l);
 LUALIB_API void (luaL_addstring) (luaL_Buffer *B, const char *s);
 LUALIB_API void (luaL_addvalue) (luaL_Buffer *B);
 LUALIB_API void (luaL_pushresult) (luaL_Buffer *B);
+/* LUA_SANDBOX: 'memcpy' in pieces with a check between two (the caller paid
+   for the bytes); raises when the run is aborted meanwhile */
+LUALIB_API void (luaL_sandboxcopy) (lua_State *L, char *dst, const char *src,
+                                    size_t n);
+/* LUA_SANDBOX: 'luaL_sandboxcopy' for a copy that may be large, a plain
+   'memcpy' (no call) for one that fits in a piece */
+#define luaL_sandboxmemcpy(L,d,s,n)  \
+  ((n) > LUA_SBPIECE ? luaL_sandboxcopy(L, d, s, n) : (void)memcpy(d, s, n))
 LUALIB_API void (luaL_pushresultsize) (luaL_Buffer *B, size_t sz);
 LUALIB_API char *(luaL_buffinitsize) (lua_State *L, luaL_Buffer *B, size_t sz);
 

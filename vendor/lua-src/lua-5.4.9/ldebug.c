@@ -262,6 +262,68 @@ int luaG_sandboxaborted (lua_State *L) {
 }
 
 
+/*
+** LUA_SANDBOX: bulk work (a multi-MiB copy, a loop over a million values)
+** is charged before it runs, and a charge is a check only when it runs the
+** countdown out: the work after it would run with no check at all. So bulk
+** work is done in pieces of LUA_SBPIECE bytes (or as many values) with a
+** check between two: 'luaG_sandboxcopy' for copies (non-raising: it stops
+** early when the run is aborted, and its caller raises, or completes the
+** copy where raising is not allowed), 'lua_sandboxcheck' in loops (raising).
+*/
+size_t luaG_sandboxcopy (lua_State *L, void *dst, const void *src,
+                         size_t n) {
+  size_t done = 0;
+  if (G(L)->sbticker == NULL)  /* no ticker: nobody to ask */
+    return (n > 0) ? (memcpy(dst, src, n), n) : 0;
+  while (n - done > LUA_SBPIECE) {
+    memcpy((char *)dst + done, (const char *)src + done, LUA_SBPIECE);
+    done += LUA_SBPIECE;
+    if (sandboxcall(L, LUA_TICK_WORK) != NULL)  /* aborted? */
+      return done;
+  }
+  if (n > done)
+    memcpy((char *)dst + done, (const char *)src + done, n - done);
+  return n;
+}
+
+
+/*
+** LUA_SANDBOX: 'luaG_sandboxcopy' that raises when the run is aborted
+** meanwhile (only where 'luaG_runerror' would be legal; what was being
+** copied into must then be garbage nobody reads).
+*/
+void luaG_sandboxcopyorraise (lua_State *L, void *dst, const void *src,
+                              size_t n) {
+  size_t done = luaG_sandboxcopy(L, dst, src, n);
+  if (l_unlikely(done < n)) {
+    luaG_sandboxcharge(L, 0);  /* aborts are sticky: this raises */
+    memcpy((char *)dst + done, (const char *)src + done, n - done);
+  }
+}
+
+
+LUA_API size_t lua_sandboxcopy (lua_State *L, void *dst, const void *src,
+                                size_t n) {
+  return luaG_sandboxcopy(L, dst, src, n);
+}
+
+
+/* LUA_SANDBOX: a raising check now, whatever the countdown (see above) */
+void luaG_sandboxcheck (lua_State *L) {
+  const char *msg = sandboxcall(L, LUA_TICK_WORK);
+  if (msg != NULL)
+    sandboxraise(L, msg);
+}
+
+
+LUA_API void lua_sandboxcheck (lua_State *L) {
+  lua_lock(L);
+  luaG_sandboxcheck(L);
+  lua_unlock(L);
+}
+
+
 LUA_API void lua_sandboxcharge (lua_State *L, lua_Integer n) {
   lua_lock(L);
   luaG_sandboxcharge(L, (n > 0) ? cast(l_mem, n) : 0);

@@ -63,6 +63,11 @@ LUAI_FUNC void luaG_sandboxtick (lua_State *L, const Instruction *pc);
 LUAI_FUNC void luaG_sandboxcharge (lua_State *L, l_mem n);
 LUAI_FUNC void luaG_sandboxmemerr (lua_State *L);
 LUAI_FUNC int luaG_sandboxaborted (lua_State *L);
+LUAI_FUNC void luaG_sandboxcheck (lua_State *L);
+LUAI_FUNC size_t luaG_sandboxcopy (lua_State *L, void *dst, const void *src,
+                                   size_t n);
+LUAI_FUNC void luaG_sandboxcopyorraise (lua_State *L, void *dst,
+                                        const void *src, size_t n);
 #define luaG_sandboxdebit(L,n)	(G(L)->sbticks -= cast(l_mem, (n)))
 /* LUA_SANDBOX: units of work for 'n' bytes copied, compared or scanned */
 #define SB_BYTESHIFT	4

@@ -114,8 +114,10 @@ static int str_reverse (lua_State *L) {
   luaL_Buffer b;
   const char *s = luaL_checklstring(L, 1, &l);
   char *p = luaL_buffinitsize(L, &b, l);
-  for (i = 0; i < l; i++)
+  for (i = 0; i < l; i++) {
+    lua_sandboxcheckevery(L, i, LUA_SBPIECE);  /* LUA_SANDBOX */
     p[i] = s[l - i - 1];
+  }
   luaL_pushresultsize(&b, l);
   return 1;
 }
@@ -127,8 +129,10 @@ static int str_lower (lua_State *L) {
   luaL_Buffer b;
   const char *s = luaL_checklstring(L, 1, &l);
   char *p = luaL_buffinitsize(L, &b, l);
-  for (i=0; i<l; i++)
+  for (i=0; i<l; i++) {
+    lua_sandboxcheckevery(L, i, LUA_SBPIECE);  /* LUA_SANDBOX */
     p[i] = tolower(uchar(s[i]));
+  }
   luaL_pushresultsize(&b, l);
   return 1;
 }
@@ -140,8 +144,10 @@ static int str_upper (lua_State *L) {
   luaL_Buffer b;
   const char *s = luaL_checklstring(L, 1, &l);
   char *p = luaL_buffinitsize(L, &b, l);
-  for (i=0; i<l; i++)
+  for (i=0; i<l; i++) {
+    lua_sandboxcheckevery(L, i, LUA_SBPIECE);  /* LUA_SANDBOX */
     p[i] = toupper(uchar(s[i]));
+  }
   luaL_pushresultsize(&b, l);
   return 1;
 }
@@ -187,8 +193,10 @@ static int str_byte (lua_State *L) {
   n = (int)(pose -  posi) + 1;
   luaL_checkstack(L, n, "string slice too long");
   lua_sandboxcharge(L, n);  /* LUA_SANDBOX: one unit per value pushed */
-  for (i=0; i<n; i++)
+  for (i=0; i<n; i++) {
+    lua_sandboxcheckevery(L, i, LUA_SBVALUES);  /* LUA_SANDBOX */
     lua_pushinteger(L, uchar(s[posi+i-1]));
+  }
   return n;
 }
 
@@ -200,6 +208,7 @@ static int str_char (lua_State *L) {
   char *p = luaL_buffinitsize(L, &b, n);
   for (i=1; i<=n; i++) {
     lua_Unsigned c = (lua_Unsigned)luaL_checkinteger(L, i);
+    lua_sandboxcheckevery(L, i, LUA_SBVALUES);  /* LUA_SANDBOX */
     luaL_argcheck(L, c <= (lua_Unsigned)UCHAR_MAX, i, "value out of range");
     p[i - 1] = uchar(c);
   }

@@ -377,9 +377,14 @@ static unsigned int findindex (lua_State *L, Table *t, TValue *key,
 ** (8 array slots, 4 nodes), empty slots included: after 't[i] = nil' for
 ** 2^20 keys, each 'next(t)' scanned them all for the price of one
 ** instruction. Non-raising: 'lua_next' is an API function mlua may call
-** unprotected.
+** unprotected. A long scan asks the ticker every SB_NEXTSCAN slots, and
+** once the run is aborted answers "no more elements": the one place an
+** aborted run gets an unfinished answer, sound because nothing can act on
+** it (the very next instruction raises, aborts being sticky, and C code
+** that goes on raises at its next charge; the table is not changed).
 */
 #define nextdebit(L,n)	(G(L)->sbticks -= cast(l_mem, (n)))
+#define SB_NEXTSCAN	32768u
 
 int luaH_next (lua_State *L, Table *t, StkId key) {
   unsigned int asize = luaH_realasize(t);
@@ -392,6 +397,12 @@ int luaH_next (lua_State *L, Table *t, StkId key) {
       setobj2s(L, key + 1, &t->array[i]);
       return 1;
     }
+    if (l_unlikely(i - first >= SB_NEXTSCAN)) {  /* LUA_SANDBOX: a check */
+      nextdebit(L, (i - first) >> 3);
+      first = i;
+      if (luaG_sandboxaborted(L))
+        return 0;
+    }
   }
   if (first < asize)  /* LUA_SANDBOX: the array part, scanned to its end */
     nextdebit(L, (asize - first) >> 3);
@@ -403,6 +414,12 @@ int luaH_next (lua_State *L, Table *t, StkId key) {
       getnodekey(L, s2v(key), n);
       setobj2s(L, key + 1, gval(n));
       return 1;
+    }
+    if (l_unlikely(i - first >= SB_NEXTSCAN)) {  /* LUA_SANDBOX: a check */
+      nextdebit(L, (i - first) >> 2);
+      first = i;
+      if (luaG_sandboxaborted(L))
+        return 0;
     }
   }
   nextdebit(L, (i - first) >> 2);  /* LUA_SANDBOX */

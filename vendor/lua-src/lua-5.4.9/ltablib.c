@@ -188,8 +188,10 @@ static int tpack (lua_State *L) {
   lua_sandboxcharge(L, n);  /* LUA_SANDBOX: one unit per element */
   lua_createtable(L, n, 1);  /* create result table */
   lua_insert(L, 1);  /* put it at index 1 */
-  for (i = n; i >= 1; i--)  /* assign elements */
+  for (i = n; i >= 1; i--) {  /* assign elements */
+    lua_sandboxcheckevery(L, i, LUA_SBVALUES);  /* LUA_SANDBOX */
     lua_seti(L, 1, i);
+  }
   lua_pushinteger(L, n);
   lua_setfield(L, 1, "n");  /* t.n = number of elements */
   return 1;  /* return table */
@@ -207,6 +209,7 @@ static int tunpack (lua_State *L) {
     return luaL_error(L, "too many results to unpack");
   lua_sandboxcharge(L, (lua_Integer)n);  /* LUA_SANDBOX: one unit per value */
   for (; i < e; i++) {  /* push arg[i..e - 1] (to avoid overflows) */
+    lua_sandboxcheckevery(L, i, LUA_SBVALUES);  /* LUA_SANDBOX */
     lua_geti(L, 1, i);
   }
   lua_geti(L, 1, e);  /* push last element */

@@ -497,6 +497,27 @@ LUA_API void (lua_sandboxabort) (lua_State *L);
 LUA_API int (lua_sandboxmemerror) (lua_State *L);
 /* the main thread of the state of 'L' (lives as long as the state) */
 LUA_API lua_State *(lua_sandboxmainthread) (lua_State *L);
+/* bytes of a bulk operation between two checks (~0.1 ms of work) */
+#define LUA_SBPIECE	((size_t)256 * 1024)
+/* values of a bulk operation between two checks (pushes, table reads) */
+#define LUA_SBVALUES	32768
+/* asks the ticker now, whatever the countdown, and raises its message, if
+   any (only where 'luaL_error' could): a check between two pieces of work
+   that was paid for in advance */
+LUA_API void (lua_sandboxcheck) (lua_State *L);
+/* in a loop paid in advance: a check every 'n' (a power of 2) iterations */
+#define lua_sandboxcheckevery(L,i,n)  \
+  { if ((((i) + 1) & ((n) - 1)) == 0) lua_sandboxcheck(L); }
+/* 'memcpy' in pieces of LUA_SBPIECE bytes, asking the ticker between two;
+   never raises, charges nothing (the caller paid): returns the bytes
+   copied, fewer than 'n' (a whole number of pieces) when the run was
+   aborted meanwhile; the caller then raises or completes the copy */
+LUA_API size_t (lua_sandboxcopy) (lua_State *L, void *dst, const void *src,
+                                  size_t n);
+/* 'lua_pushlstring' copying in pieces as 'lua_sandboxcopy'; raises when
+   the run is aborted meanwhile (only where 'luaL_error' could) */
+LUA_API const char *(lua_sandboxpushlstring) (lua_State *L, const char *s,
+                                              size_t len);
 
 LUA_API int (lua_setcstacklimit) (lua_State *L, unsigned int limit);
 

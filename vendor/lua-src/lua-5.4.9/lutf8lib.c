@@ -109,7 +109,9 @@ static int utflen (lua_State *L) {
   if (posi <= posj)  /* LUA_SANDBOX: one unit per 16 bytes decoded */
     lua_sandboxcharge(L, (posj - posi + 1) >> 4);
   while (posi <= posj) {
-    const char *s1 = utf8_decode(s + posi, NULL, !lax);
+    const char *s1;
+    lua_sandboxcheckevery(L, n, LUA_SBVALUES);  /* LUA_SANDBOX */
+    s1 = utf8_decode(s + posi, NULL, !lax);
     if (s1 == NULL) {  /* conversion error? */
       luaL_pushfail(L);  /* return fail ... */
       lua_pushinteger(L, posi + 1);  /* ... and current position */
@@ -147,6 +149,7 @@ static int codepoint (lua_State *L) {
   se = s + pose;  /* string end */
   for (s += posi - 1; s < se;) {
     utfint code;
+    lua_sandboxcheckevery(L, n, LUA_SBVALUES);  /* LUA_SANDBOX */
     s = utf8_decode(s, &code, !lax);
     if (s == NULL)
       return luaL_error(L, MSGInvalid);

@@ -647,13 +647,24 @@ int luaV_equalobj (lua_State *L, const TValue *t1, const TValue *t2) {
 #define isemptystr(o)	(ttisshrstring(o) && tsvalue(o)->shrlen == 0)
 
 /* copy strings in stack from top - n up to top - 1 to buffer */
-static void copy2buff (StkId top, int n, char *buff) {
+/*
+** LUA_SANDBOX: the copy (paid when the result was created) checks for an
+** abort every LUA_SBPIECE bytes, within a string and across strings, and
+** raises when there is one ('luaV_concat' may raise; the unfinished result
+** is garbage nobody reads).
+*/
+static void copy2buff (lua_State *L, StkId top, int n, char *buff) {
   size_t tl = 0;  /* size already copied */
+  size_t checked = 0;  /* LUA_SANDBOX: 'tl' at the last check */
   do {
     TString *st = tsvalue(s2v(top - n));
     size_t l = tsslen(st);  /* length of string being copied */
-    memcpy(buff + tl, getstr(st), l * sizeof(char));
+    luaG_sandboxcopyorraise(L, buff + tl, getstr(st), l * sizeof(char));
     tl += l;
+    if (tl - checked > LUA_SBPIECE && n > 1) {  /* LUA_SANDBOX */
+      luaG_sandboxcheck(L);
+      checked = tl;
+    }
   } while (--n > 0);
 }
 
@@ -691,12 +702,12 @@ void luaV_concat (lua_State *L, int total) {
       }
       if (tl <= LUAI_MAXSHORTLEN) {  /* is result a short string? */
         char buff[LUAI_MAXSHORTLEN];
-        copy2buff(top, n, buff);  /* copy strings to buffer */
+        copy2buff(L, top, n, buff);  /* copy strings to buffer */
         ts = luaS_newlstr(L, buff, tl);
       }
       else {  /* long string; copy strings directly to final result */
         ts = luaS_createlngstrobj(L, tl);
-        copy2buff(top, n, getlngstr(ts));
+        copy2buff(L, top, n, getlngstr(ts));
       }
       setsvalue2s(L, top - n, ts);  /* create result */
     }

@@ -27,7 +27,7 @@ use rustler::{Encoder, Env, Term, TermType};
 use crate::atoms;
 use crate::budget::{self, Abort};
 use crate::handles::NotOurs;
-use crate::term::binary_term;
+use crate::term::{binary_term, binary_term_charged, PIECE};
 use lua_sandbox_core::error::SandboxError;
 
 /// Fixed cost, in bytes, charged per value against `max_result_bytes` on top of string bytes.

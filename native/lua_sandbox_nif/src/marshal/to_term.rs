@@ -153,6 +153,24 @@ impl<'e> Reader<'e> {
         Ok(())
     }
 
+    /// A string as a binary. One larger than a piece is paid per piece as it is copied
+    /// (`binary_term_charged`), so a kill stops a copy as large as the heap within a piece.
+    fn string(&mut self, bytes: &[u8]) -> Result<Term<'e>, Fail> {
+        if bytes.len() <= PIECE {
+            self.charge(bytes.len() as u64)?;
+            return Ok(binary_term(self.env, bytes));
+        }
+        self.charge(0)?;
+        let cost = bytes.len() as u64;
+        if cost > self.bytes_left {
+            self.bytes_left = 0;
+            return Err(Fail::new(FailKind::Size(self.bounds.max_bytes)));
+        }
+        self.bytes_left -= cost;
+        self.meter.flush()?;
+        binary_term_charged(self.env, bytes).map_err(|(why, _)| Fail::new(FailKind::Abort(why)))
+    }
+
     /// Converts the value at absolute stack index `idx`.
     unsafe fn read(
         &mut self,
@@ -184,11 +202,7 @@ impl<'e> Reader<'e> {
                         ))
                     }
                 }
-                ffi::LUA_TSTRING => {
-                    let bytes = lua_bytes(l, idx);
-                    self.charge(bytes.len() as u64)?;
-                    Ok(binary_term(env, bytes))
-                }
+                ffi::LUA_TSTRING => self.string(lua_bytes(l, idx)),
                 ffi::LUA_TTABLE => self.read_table(l, idx, depth),
                 ffi::LUA_TLIGHTUSERDATA
                     if ffi::lua_touserdata(l, idx).cast_const()
@@ -281,9 +295,7 @@ impl<'e> Reader<'e> {
                     }
                     ffi::LUA_TSTRING => {
                         sequence = false;
-                        let bytes = lua_bytes(l, -2);
-                        self.charge(bytes.len() as u64)?;
-                        binary_term(env, bytes)
+                        self.string(lua_bytes(l, -2))?
                     }
                     ffi::LUA_TNUMBER => {
                         sequence = false;

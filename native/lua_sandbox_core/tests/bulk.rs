@@ -1,0 +1,216 @@
+//! Bulk operations are checked as they go (issue 16): a multi-MiB copy or a loop over a million
+//! values is paid before it runs, and then checks for a kill, the deadline and the budget every
+//! piece (`LUA_SBPIECE` bytes, `LUA_SBVALUES` values, vendor/lua-src/PATCHES.md), not only at
+//! its end. Measured as an attacker would see it: the caller's liveness check (made at every
+//! check) records the longest stretch of the run thread's CPU time between two checks.
+
+mod common;
+
+use std::ffi::c_void;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use lua_sandbox_core::budget::thread_cpu;
+use lua_sandbox_core::chunk::Code;
+use lua_sandbox_core::control::Caller;
+use lua_sandbox_core::error::SandboxError;
+use lua_sandbox_core::exec::{Entry, Home, Limits, Run, Setup, StateSetup, Step};
+use lua_sandbox_core::output::Print;
+use lua_sandbox_core::pool;
+
+/// The longest stretch between two liveness checks, in thread CPU ns.
+#[derive(Default)]
+struct Stretches {
+    last: AtomicU64,
+    longest: AtomicU64,
+}
+
+unsafe fn alive(env: *mut c_void) -> bool {
+    // SAFETY: `env` points at the test's `Stretches`, alive for the run.
+    let s = unsafe { &*env.cast::<Stretches>() };
+    let now = thread_cpu().as_nanos() as u64;
+    let last = s.last.swap(now, Ordering::Relaxed);
+    s.longest
+        .fetch_max(now.saturating_sub(last), Ordering::Relaxed);
+    true
+}
+
+/// Runs `src` to its end; returns its outcome and the longest stretch between two checks.
+fn longest_stretch(src: &str) -> (Result<(), SandboxError>, Duration) {
+    let stretches = Stretches::default();
+    let caller = Caller {
+        env: (&stretches as *const Stretches).cast_mut().cast(),
+        alive: Some(alive),
+    };
+    let limits = Limits {
+        max_instructions: 1 << 40,
+        max_memory: 512 << 20,
+        ..common::limits()
+    };
+    let lease = pool::lease(limits.max_memory).expect("a slot");
+    let mut run = Run::new(
+        Home::Fresh(lease),
+        limits,
+        Print::Discard,
+        "script".to_string(),
+        None,
+        Instant::now(),
+    );
+    let code = Code::new(src.as_bytes(), "script", false).unwrap();
+    let setup = Setup {
+        state: Some(StateSetup {
+            globals: None,
+            tools: &[],
+            modules: &[],
+        }),
+        call_globals: None,
+        entry: Entry::Chunk(&code),
+        call: None,
+    };
+    stretches
+        .last
+        .store(thread_cpu().as_nanos() as u64, Ordering::Relaxed);
+    let step = run
+        .prepare(caller, setup)
+        .and_then(|nargs| run.resume(caller, nargs));
+    // The tail after the last check counts too.
+    // SAFETY: `stretches` is alive; the call only reads the clock and updates the counters.
+    unsafe { alive((&stretches as *const Stretches).cast_mut().cast()) };
+    let outcome = match step {
+        Ok(Step::Done { .. }) => Ok(()),
+        Ok(Step::Failed { .. }) => Err(SandboxError::Runtime(String::new())),
+        Err(e) => Err(run.outcome(e)),
+        Ok(other) => panic!("{other:?}"),
+    };
+    let longest = Duration::from_nanos(stretches.longest.load(Ordering::Relaxed));
+    (outcome, longest)
+}
+
+/// Wide for a loaded machine: a piece is ~0.1 ms of work; each operation below did 15–100 ms
+/// of copying or looping between two checks before it was done in pieces. Not here, still
+/// longer than that (bench/ANALYSIS.md): a result list of ~10^6 values (the stack grows to
+/// its maximum in one reallocation, ~7 ms) and the rehash of a table of 4 M entries (~30 ms).
+const BOUND: Duration = Duration::from_millis(5);
+
+#[test]
+fn bulk_operations_check_between_pieces() {
+    let s = "local s = string.rep('x', 1 << 25) ";
+    let cases = [
+        // the sandbox's string.rep loop (csrc/sb_strlib.c) and the buffer's result copy
+        "local t = string.rep('x', 1 << 26)".to_string(),
+        // large pieces copied by string.rep, and its separator
+        format!("{s} local t = string.rep(s, 3, s)"),
+        // the VM's concatenation
+        format!("{s} local t = s .. s .. s"),
+        // the buffer's growth and its added values
+        format!("{s} local t = table.concat({{s, s, s}})"),
+        format!("{s} local t = string.format('%s%s', s, s)"),
+        // byte loops paid in advance
+        format!("{s} local t = s:upper() t = s:lower() t = s:reverse()"),
+        // json's buffer and its result
+        format!("{s} local t = json.encode(s)"),
+    ];
+    for src in &cases {
+        let (outcome, longest) = longest_stretch(src);
+        assert_eq!(outcome, Ok(()), "{src}");
+        assert!(longest < BOUND, "{src}: {longest:?} between two checks");
+    }
+}
+
+/// Counts liveness checks down; the caller is dead once the count runs out.
+unsafe fn alive_for(env: *mut c_void) -> bool {
+    // SAFETY: `env` points at the test's counter, alive for the run.
+    let left = unsafe { &*env.cast::<AtomicU64>() };
+    left.fetch_sub(1, Ordering::Relaxed) > 1
+}
+
+/// Runs `src` with a caller that dies at its `checks`-th liveness check (never: u64::MAX);
+/// returns the outcome and the checks made.
+fn killed_at(src: &str, checks: u64) -> (Result<(), SandboxError>, u64) {
+    let left = AtomicU64::new(checks);
+    let caller = Caller {
+        env: (&left as *const AtomicU64).cast_mut().cast(),
+        alive: Some(alive_for),
+    };
+    let limits = Limits {
+        max_instructions: 1 << 40,
+        max_memory: 512 << 20,
+        ..common::limits()
+    };
+    let lease = pool::lease(limits.max_memory).expect("a slot");
+    let mut run = Run::new(
+        Home::Fresh(lease),
+        limits,
+        Print::Discard,
+        "script".to_string(),
+        None,
+        Instant::now(),
+    );
+    let code = Code::new(src.as_bytes(), "script", false).unwrap();
+    let setup = Setup {
+        state: Some(StateSetup {
+            globals: None,
+            tools: &[],
+            modules: &[],
+        }),
+        call_globals: None,
+        entry: Entry::Chunk(&code),
+        call: None,
+    };
+    let step = run
+        .prepare(caller, setup)
+        .and_then(|nargs| run.resume(caller, nargs));
+    let outcome = match step {
+        Ok(Step::Done { .. }) => Ok(()),
+        Ok(Step::Failed { .. }) => Err(run.outcome(SandboxError::Runtime(String::new()))),
+        Err(e) => Err(run.outcome(e)),
+        Ok(other) => panic!("{other:?}"),
+    };
+    (outcome, checks.wrapping_sub(left.load(Ordering::Relaxed)))
+}
+
+#[test]
+fn a_kill_at_any_check_of_a_bulk_operation_ends_it() {
+    // Killed at checks spread over the whole run, so most land inside the copies: the run
+    // ends killed (the copy stopped, the unfinished buffer or string left to the collector),
+    // and the next run on a pooled slot is fine.
+    for src in [
+        "local t = string.rep('x', 1 << 25) return #t",
+        "local s = string.rep('x', 1 << 23) local t = s .. s .. s .. s return #t",
+        "local s = string.rep('x', 1 << 23) local t = table.concat({s, s, s, s}) return #t",
+        "local s = string.rep('x', 1 << 23) local t = json.encode(s) return #t",
+    ] {
+        let (outcome, total) = killed_at(src, u64::MAX);
+        assert_eq!(outcome, Ok(()), "{src}");
+        assert!(total >= 20, "{src}: only {total} checks");
+        for k in (1..8).map(|i| total * i / 8) {
+            let (outcome, _) = killed_at(src, k);
+            assert_eq!(
+                outcome,
+                Err(SandboxError::Killed),
+                "{src}, killed at check {k}"
+            );
+        }
+    }
+}
+
+/// The longest stretch of a string-table resize (issue 16 item 4), for bench/ANALYSIS.md:
+/// `LUA_PROBE_STRINGS=<n> cargo test --release -p lua_sandbox_core --test bulk
+/// string_table_probe -- --ignored --nocapture` keeps `n` distinct short strings alive in a
+/// table sized before they are made, so the only rehashes while they are made are the string
+/// table's (each doubling rehashes every string in one go, with no check inside).
+#[test]
+#[ignore]
+fn string_table_probe() {
+    let n: u64 = std::env::var("LUA_PROBE_STRINGS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1 << 20);
+    let build = format!("local t = {{}} for i = 1, {n} do t[i] = true end");
+    let (outcome, table_only) = longest_stretch(&build);
+    assert_eq!(outcome, Ok(()));
+    let (outcome, with_strings) =
+        longest_stretch(&format!("{build} for i = 1, {n} do t[i] = 'k' .. i end"));
+    assert_eq!(outcome, Ok(()));
+    eprintln!("{n} strings: longest stretch {with_strings:?} (the table alone: {table_only:?})");
+}
