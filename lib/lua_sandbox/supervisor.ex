@@ -194,17 +194,35 @@ defmodule LuaSandbox.Supervisor do
   end
 
   @doc false
-  # Runs and sessions on an isolation: :process supervisor: not yet (issue 18 item 3).
-  @spec check_isolation!(atom) :: :ok
-  def check_isolation!(sup) do
-    if Workers.whereis(sup) do
-      raise ArgumentError,
-            "not yet supported: running scripts on supervisor #{inspect(sup)}, started with " <>
-              "isolation: :process (its worker pool, info/1 and :worker_crashed are in place; " <>
-              "the worker runs scripts once the core's run machinery is public, issue 17)"
-    end
+  # What an isolation: :process supervisor does not run yet (issue 18): sessions, and in a run
+  # compiled chunks (as the source or a module), `print: {:send, ...}` streaming and handles
+  # (the worker refuses a handle in its input as :invalid_input). Raises ArgumentError naming
+  # what is missing; `what` is `:session` or `{:run, source, opts}` (validated options).
+  @spec check_isolation!(atom, :session | {:run, LuaSandbox.source(), keyword}) :: :ok
+  def check_isolation!(sup, what) do
+    if Workers.whereis(sup), do: check_process!(sup, what)
+    :ok
+  end
+
+  defp check_process!(sup, :session) do
+    not_yet!(sup, "sessions")
+  end
+
+  defp check_process!(sup, {:run, source, opts}) do
+    if match?(%Chunk{}, source) or
+         Enum.any?(opts[:modules], fn {_, m} -> match?(%Chunk{}, m) end),
+       do: not_yet!(sup, "compiled chunks (pass the source text)")
+
+    if match?({:send, _}, opts[:print]) or match?({:send, _, _}, opts[:print]),
+      do: not_yet!(sup, "print: {:send, ...} streaming (print: :capture and :log work)")
 
     :ok
+  end
+
+  defp not_yet!(sup, what) do
+    raise ArgumentError,
+          "not yet supported on supervisor #{inspect(sup)}, started with isolation: :process: " <>
+            what
   end
 
   @doc """
@@ -265,7 +283,7 @@ defmodule LuaSandbox.Supervisor do
           result
         when result: {:ok, LuaSandbox.Result.t()} | {:error, Error.t()}
   def admitted(what, %{supervisor: sup, tenant: tenant} = meta, queue_timeout, deadline, fun) do
-    check_isolation!(sup)
+    if what == :session, do: check_isolation!(sup, :session)
     telemetry? = Telemetry.enabled?()
     t0 = if telemetry?, do: :erlang.monotonic_time()
 

@@ -139,20 +139,28 @@ defmodule LuaSandbox.WorkersTest do
   end
 
   describe "not yet supported" do
-    test "runs and sessions on a :process supervisor say so" do
+    test "sessions, compiled chunks and print: {:send, ...} on a :process supervisor say so" do
       sup = start_pool(1)
+      chunk = LuaSandbox.compile!("return 1")
 
-      assert_raise ArgumentError, ~r/^not yet supported: running scripts on supervisor/, fn ->
-        LuaSandbox.run("return 1", supervisor: sup)
-      end
-
-      assert_raise ArgumentError, ~r/^not yet supported/, fn ->
-        LuaSandbox.run("return 1", supervisor: sup, timeout: 1_000)
-      end
-
-      assert_raise ArgumentError, ~r/^not yet supported/, fn ->
+      assert_raise ArgumentError, ~r/^not yet supported on supervisor .*: sessions/, fn ->
         LuaSandbox.Session.start_link(supervisor: sup)
       end
+
+      assert_raise ArgumentError, ~r/^not yet supported .*: compiled chunks/, fn ->
+        LuaSandbox.run(chunk, supervisor: sup)
+      end
+
+      assert_raise ArgumentError, ~r/^not yet supported .*: compiled chunks/, fn ->
+        LuaSandbox.run("return 1", supervisor: sup, modules: %{"m" => chunk}, timeout: 1_000)
+      end
+
+      assert_raise ArgumentError, ~r/^not yet supported .*: print: \{:send/, fn ->
+        LuaSandbox.run("return 1", supervisor: sup, print: {:send, self()})
+      end
+
+      # and runs are served
+      assert {:ok, %{value: 1}} = LuaSandbox.run("return 1", supervisor: sup)
     end
   end
 
