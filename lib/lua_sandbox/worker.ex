@@ -179,7 +179,8 @@ defmodule LuaSandbox.Worker do
   def run(port, source, native_opts, deadline) do
     opts =
       native_opts
-      |> Map.drop([:print, :print_pid, :print_tag])
+      # :capture, :log (logged by LuaSandbox.Runner from the output) or :discard
+      |> Map.drop([:print_pid, :print_tag])
       |> Map.update!(:chunk_name, &to_string/1)
 
     step(port, {:run, source, opts}, deadline)

@@ -23,7 +23,7 @@ use lua_sandbox_core::control::Abort;
 use lua_sandbox_core::error::SandboxError;
 use lua_sandbox_core::{ffi, protect, sandbox};
 
-use crate::proto::Term;
+use crate::proto::{self, Term};
 
 /// Fixed cost, in bytes, charged per value against `max_result_bytes` on top of string bytes
 /// (the NIF's `marshal::VALUE_COST`).
@@ -518,8 +518,8 @@ pub enum ArgsError {
     Fatal(SandboxError),
 }
 
-/// The `n` values from absolute index `first` of `l`'s stack as terms; paths in errors look
-/// like `root[i]...`. The stack is left as it was.
+/// The `n` values from absolute index `first` of `l`'s stack as one encoded list
+/// ([`Term::Raw`]); paths in errors look like `root[i]...`. The stack is left as it was.
 ///
 /// # Safety
 /// `first..first + n` must be valid indices of `l`, which must not be running.
@@ -529,7 +529,7 @@ pub unsafe fn to_terms(
     n: c_int,
     bounds: Bounds,
     root: &str,
-) -> Result<Vec<Term>, SandboxError> {
+) -> Result<Term, SandboxError> {
     // SAFETY: forwarded contract.
     unsafe { read_values(l, first, n, bounds) }.map_err(|f| f.into_error(root))
 }
@@ -544,7 +544,7 @@ pub unsafe fn tool_args(
     n: c_int,
     bounds: Bounds,
     root: &str,
-) -> Result<Vec<Term>, ArgsError> {
+) -> Result<Term, ArgsError> {
     // SAFETY: forwarded contract.
     unsafe { read_values(l, first, n, bounds) }.map_err(|f| match f.kind {
         FailKind::Userdata => ArgsError::Refused(format!(
@@ -555,7 +555,7 @@ pub unsafe fn tool_args(
     })
 }
 
-/// The value at absolute index `idx` as a term, the path rooted at `root` itself.
+/// The value at absolute index `idx`, encoded ([`Term::Raw`]), the path rooted at `root`.
 ///
 /// # Safety
 /// As for [`to_terms`].
@@ -569,12 +569,11 @@ pub unsafe fn to_term(
     // SAFETY: reading never raises (module doc); the stack is reset afterwards.
     unsafe {
         let top = ffi::lua_gettop(l);
-        let r = reader
-            .read(l, idx, 0)
-            .and_then(|term| reader.meter.flush().map(|()| term));
+        let r = reader.read(l, idx, 0).and_then(|()| reader.meter.flush());
         ffi::lua_settop(l, top);
-        r.map_err(|f| f.into_error(root))
+        r.map_err(|f| f.into_error(root))?;
     }
+    Ok(Term::Raw(reader.out))
 }
 
 unsafe fn read_values(
@@ -582,34 +581,48 @@ unsafe fn read_values(
     first: c_int,
     n: c_int,
     bounds: Bounds,
-) -> Result<Vec<Term>, Fail> {
+) -> Result<Term, Fail> {
     let mut reader = Reader::new(bounds);
+    if n > 0 {
+        proto::put_header(&mut reader.out, false, n as u32);
+    }
     // SAFETY: reading never raises (module doc); the stack is reset afterwards.
     unsafe {
         let top = ffi::lua_gettop(l);
-        let mut out = Vec::with_capacity(n.max(0) as usize);
         let mut result = Ok(());
         for (i, idx) in (first..first + n).enumerate() {
-            match reader.read(l, idx, 0) {
-                Ok(t) => out.push(t),
-                Err(f) => {
-                    result = Err(f.at(Seg::Index(i as i64 + 1)));
-                    break;
-                }
+            if let Err(f) = reader.read(l, idx, 0) {
+                result = Err(f.at(Seg::Index(i as i64 + 1)));
+                break;
             }
         }
         let result = result.and_then(|()| reader.meter.flush());
         ffi::lua_settop(l, top);
-        result.map(|()| out)
+        result?;
     }
+    proto::put_nil(&mut reader.out);
+    Ok(Term::Raw(reader.out))
 }
 
+/// Reads Lua values straight into the external term format: the bytes held are about the
+/// bytes `max_result_bytes` counts, with no tree of terms in between.
 struct Reader {
     bounds: Bounds,
     bytes_left: u64,
     /// The tables on the path from the root to the value being read.
     visiting: HashSet<*const c_void>,
     meter: Meter,
+    out: Vec<u8>,
+    /// For each table being read whose keys are still all positive integers: each entry's
+    /// key and its value's byte range in `out`, relative to the table's header.
+    entries: Vec<Entry>,
+}
+
+#[derive(Clone, Copy)]
+struct Entry {
+    key: u32,
+    start: u32,
+    end: u32,
 }
 
 impl Reader {
@@ -619,6 +632,8 @@ impl Reader {
             bytes_left: bounds.max_bytes,
             visiting: HashSet::new(),
             meter: Meter::default(),
+            out: Vec::new(),
+            entries: Vec::new(),
         }
     }
 
@@ -633,51 +648,52 @@ impl Reader {
         Ok(())
     }
 
-    /// Converts the value at absolute stack index `idx`.
+    fn boolean(&mut self, b: bool) {
+        proto::put_atom(&mut self.out, if b { "true" } else { "false" });
+    }
+
+    /// Encodes the value at absolute stack index `idx`.
     unsafe fn read(
         &mut self,
         l: *mut ffi::lua_State,
         idx: c_int,
         depth: usize,
-    ) -> Result<Term, Fail> {
+    ) -> Result<(), Fail> {
         // SAFETY: `idx` is a valid absolute index; `lua_to*` only on values of the matching
         // type, so none converts or allocates.
         unsafe {
             match ffi::lua_type(l, idx) {
                 ffi::LUA_TNIL => {
                     self.charge(0)?;
-                    Ok(Term::atom("nil"))
+                    proto::put_atom(&mut self.out, "nil");
                 }
                 ffi::LUA_TBOOLEAN => {
                     self.charge(0)?;
-                    Ok(Term::atom(if ffi::lua_toboolean(l, idx) != 0 {
-                        "true"
-                    } else {
-                        "false"
-                    }))
+                    self.boolean(ffi::lua_toboolean(l, idx) != 0);
                 }
                 ffi::LUA_TNUMBER => {
                     self.charge(0)?;
-                    Ok(number(l, idx))
+                    number(l, idx, &mut self.out);
                 }
                 ffi::LUA_TSTRING => {
                     let bytes = lua_bytes(l, idx);
                     self.charge(bytes.len() as u64)?;
-                    Ok(Term::bin(bytes))
+                    proto::put_bin(&mut self.out, bytes);
                 }
-                ffi::LUA_TTABLE => self.read_table(l, idx, depth),
+                ffi::LUA_TTABLE => self.read_table(l, idx, depth)?,
                 ffi::LUA_TLIGHTUSERDATA
                     if ffi::lua_touserdata(l, idx).cast_const() == sandbox::json_null() =>
                 {
                     self.charge(0)?;
-                    Ok(Term::atom("nil"))
+                    proto::put_atom(&mut self.out, "nil");
                 }
-                ffi::LUA_TUSERDATA => Err(Fail::new(FailKind::Userdata)),
-                ffi::LUA_TFUNCTION => Err(unsupported("a function")),
-                ffi::LUA_TTHREAD => Err(unsupported("a coroutine")),
-                _ => Err(unsupported("userdata")),
+                ffi::LUA_TUSERDATA => return Err(Fail::new(FailKind::Userdata)),
+                ffi::LUA_TFUNCTION => return Err(unsupported("a function")),
+                ffi::LUA_TTHREAD => return Err(unsupported("a coroutine")),
+                _ => return Err(unsupported("userdata")),
             }
         }
+        Ok(())
     }
 
     unsafe fn read_table(
@@ -685,7 +701,7 @@ impl Reader {
         l: *mut ffi::lua_State,
         idx: c_int,
         depth: usize,
-    ) -> Result<Term, Fail> {
+    ) -> Result<(), Fail> {
         // SAFETY: as in `read`.
         unsafe {
             let ptr = ffi::lua_topointer(l, idx);
@@ -706,106 +722,141 @@ impl Reader {
         }
     }
 
-    /// One traversal: every entry, then a list when the keys were exactly `1..n`, else a map.
+    /// One traversal, written as a map (key, value, key, value...); when the keys turn out to
+    /// be exactly `1..n`, rewritten in place as a list of the values in key order.
     unsafe fn read_entries(
         &mut self,
         l: *mut ffi::lua_State,
         idx: c_int,
         depth: usize,
-    ) -> Result<Term, Fail> {
-        let mut pairs: Vec<(Term, Term)> = Vec::new();
+    ) -> Result<(), Fail> {
+        let header = self.out.len();
+        proto::put_header(&mut self.out, true, 0);
+        let base = self.entries.len();
         let mut sequence = true;
         let mut max_index: i64 = 0;
         let mut integer_keys: u64 = 0;
+        let mut n: usize = 0;
+        let offset = |out: &Vec<u8>| u32::try_from(out.len() - header).ok();
         // SAFETY: as in `read_table`; `lua_next` is driven with the key it returned and the
         // table is not modified. On an early return the slots left are reset by the caller.
         unsafe {
             ffi::lua_pushnil(l);
             while ffi::lua_next(l, idx) != 0 {
-                let key = match ffi::lua_type(l, -2) {
+                let mut key = None;
+                match ffi::lua_type(l, -2) {
                     ffi::LUA_TNUMBER if ffi::lua_isinteger(l, -2) != 0 => {
                         let i = ffi::lua_tointegerx(l, -2, std::ptr::null_mut());
                         integer_keys += 1;
-                        if sequence && i >= 1 {
-                            max_index = max_index.max(i);
-                        } else {
-                            sequence = false;
+                        match u32::try_from(i) {
+                            Ok(k) if sequence && k >= 1 => {
+                                max_index = max_index.max(i);
+                                key = Some(k);
+                            }
+                            _ => sequence = false,
                         }
-                        Term::Int(i)
+                        proto::put_int(&mut self.out, i);
                     }
                     ffi::LUA_TSTRING => {
                         sequence = false;
                         let bytes = lua_bytes(l, -2);
                         self.charge(bytes.len() as u64)?;
-                        Term::bin(bytes)
+                        proto::put_bin(&mut self.out, bytes);
                     }
                     ffi::LUA_TNUMBER => {
                         sequence = false;
                         self.charge(0)?;
-                        number(l, -2)
+                        number(l, -2, &mut self.out);
                     }
                     ffi::LUA_TBOOLEAN => {
                         sequence = false;
                         self.charge(0)?;
-                        Term::atom(if ffi::lua_toboolean(l, -2) != 0 {
-                            "true"
-                        } else {
-                            "false"
-                        })
+                        self.boolean(ffi::lua_toboolean(l, -2) != 0);
                     }
                     ffi::LUA_TTABLE => return Err(unsupported("a table key")),
                     ffi::LUA_TFUNCTION => return Err(unsupported("a function key")),
                     _ => return Err(unsupported("this key")),
-                };
+                }
+                let start = offset(&self.out);
                 let value_idx = ffi::lua_gettop(l);
-                let value = match self.read(l, value_idx, depth) {
-                    Ok(v) => v,
-                    Err(f) => return Err(f.at(lua_key_seg(l, value_idx - 1))),
-                };
-                pairs.push((key, value));
+                if let Err(f) = self.read(l, value_idx, depth) {
+                    return Err(f.at(lua_key_seg(l, value_idx - 1)));
+                }
+                match (key, start, offset(&self.out)) {
+                    (Some(key), Some(start), Some(end)) if sequence => {
+                        self.entries.push(Entry { key, start, end })
+                    }
+                    _ => sequence = false,
+                }
+                n += 1;
                 ffi::lua_pop(l, 1);
             }
         }
-        let n = pairs.len();
+        let count = u32::try_from(n).map_err(|_| Fail::new(FailKind::Memory))?;
         if sequence && n > 0 && max_index as usize == n {
-            // Distinct integers in 1..=n: the slots in key order.
-            let mut items = vec![Term::atom("nil"); n];
-            for (k, v) in pairs {
-                if let Term::Int(i) = k {
-                    items[(i - 1) as usize] = v;
-                }
-            }
-            Ok(Term::List(items))
+            self.rewrite_as_list(header, base, count);
         } else {
             // A map after all: its integer keys count as values too.
             for _ in 0..integer_keys {
                 self.charge(0)?;
             }
-            Ok(Term::Map(pairs))
+            proto::set_header(&mut self.out, header, true, count);
         }
+        self.entries.truncate(base);
+        Ok(())
+    }
+
+    /// Rewrites the map of `count` entries at `header` (keys `1..count`, each once) as the
+    /// list of its values in key order, in place when they came in order (the array part,
+    /// the common case): each value moves down over the keys before it.
+    fn rewrite_as_list(&mut self, header: usize, base: usize, count: u32) {
+        let in_order = self.entries[base..]
+            .iter()
+            .zip(1..)
+            .all(|(e, k)| e.key == k);
+        if in_order {
+            let mut w = header + proto::HEADER_BYTES;
+            for e in &self.entries[base..] {
+                let (start, end) = (header + e.start as usize, header + e.end as usize);
+                self.out.copy_within(start..end, w);
+                w += end - start;
+            }
+            self.out.truncate(w);
+        } else {
+            // Distinct integers in 1..=n, out of order: a permutation (rare), copied once.
+            self.entries[base..].sort_unstable_by_key(|e| e.key);
+            let map = self.out.split_off(header);
+            self.out.extend([0; proto::HEADER_BYTES]);
+            for e in &self.entries[base..] {
+                self.out
+                    .extend_from_slice(&map[e.start as usize..e.end as usize]);
+            }
+        }
+        proto::set_header(&mut self.out, header, false, count);
+        proto::put_nil(&mut self.out);
     }
 }
 
-/// A Lua number as a term: NaN and the infinities as the NIF sends them (`:nan`,
-/// `:infinity`, `:neg_infinity`).
+/// Encodes a Lua number: NaN and the infinities as the NIF sends them (`:nan`, `:infinity`,
+/// `:neg_infinity`).
 ///
 /// # Safety
 /// The slot must hold a number.
-unsafe fn number(l: *mut ffi::lua_State, idx: c_int) -> Term {
+unsafe fn number(l: *mut ffi::lua_State, idx: c_int, out: &mut Vec<u8>) {
     // SAFETY: per the contract, neither call converts.
     unsafe {
         if ffi::lua_isinteger(l, idx) != 0 {
-            return Term::Int(ffi::lua_tointegerx(l, idx, std::ptr::null_mut()));
+            return proto::put_int(out, ffi::lua_tointegerx(l, idx, std::ptr::null_mut()));
         }
         let f = ffi::lua_tonumberx(l, idx, std::ptr::null_mut());
         if f.is_nan() {
-            Term::atom("nan")
+            proto::put_atom(out, "nan")
         } else if f == f64::INFINITY {
-            Term::atom("infinity")
+            proto::put_atom(out, "infinity")
         } else if f == f64::NEG_INFINITY {
-            Term::atom("neg_infinity")
+            proto::put_atom(out, "neg_infinity")
         } else {
-            Term::Float(f)
+            proto::put_float(out, f)
         }
     }
 }

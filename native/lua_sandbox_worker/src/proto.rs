@@ -76,6 +76,11 @@ pub enum Term {
     /// A term outside the subset that is still well formed: what it is, in words ("pid",
     /// "bitstring", ...). Decoded only, never encoded.
     Other(&'static str),
+    /// A term already in the external format (without the version byte), written as it is:
+    /// values read from Lua are encoded straight into bytes (`marshal`), never held as a
+    /// tree of `Term`s, whose size would be several times the bytes `max_result_bytes` counts.
+    /// Encoded only, never decoded.
+    Raw(Vec<u8>),
 }
 
 impl Term {
@@ -125,25 +130,69 @@ pub fn encode(term: &Term) -> Vec<u8> {
     out
 }
 
+/// Appends integer `i`.
+pub fn put_int(out: &mut Vec<u8>, i: i64) {
+    match i {
+        0..=255 => out.extend([SMALL_INTEGER, i as u8]),
+        i if i32::try_from(i).is_ok() => {
+            out.push(INTEGER);
+            out.extend((i as i32).to_be_bytes());
+        }
+        i => {
+            let magnitude = i.unsigned_abs().to_le_bytes();
+            let len = 8 - magnitude.iter().rev().take_while(|b| **b == 0).count();
+            out.extend([SMALL_BIG, len as u8, u8::from(i < 0)]);
+            out.extend(&magnitude[..len]);
+        }
+    }
+}
+
+/// Appends float `f` (finite: the format has no NaN or infinity).
+pub fn put_float(out: &mut Vec<u8>, f: f64) {
+    out.push(NEW_FLOAT);
+    out.extend(f.to_be_bytes());
+}
+
+/// Appends atom `name` (the protocol's own names, at most 255 bytes).
+pub fn put_atom(out: &mut Vec<u8>, name: &str) {
+    let bytes = &name.as_bytes()[..name.len().min(255)];
+    out.extend([SMALL_ATOM_UTF8, bytes.len() as u8]);
+    out.extend(bytes);
+}
+
+/// Appends a binary.
+pub fn put_bin(out: &mut Vec<u8>, bytes: &[u8]) {
+    out.push(BINARY);
+    out.extend((bytes.len() as u32).to_be_bytes());
+    out.extend(bytes);
+}
+
+/// The header of a list of `n` elements (followed by them and [`put_nil`]) or of a map of
+/// `n` pairs; both take [`HEADER_BYTES`], so one can be rewritten into the other in place.
+pub fn put_header(out: &mut Vec<u8>, map: bool, n: u32) {
+    out.push(if map { MAP } else { LIST });
+    out.extend(n.to_be_bytes());
+}
+
+/// The size of a list or map header.
+pub const HEADER_BYTES: usize = 5;
+
+/// Rewrites the header at `at` (see [`put_header`]).
+pub fn set_header(out: &mut [u8], at: usize, map: bool, n: u32) {
+    out[at] = if map { MAP } else { LIST };
+    out[at + 1..at + HEADER_BYTES].copy_from_slice(&n.to_be_bytes());
+}
+
+/// Appends the empty list (a list's tail).
+pub fn put_nil(out: &mut Vec<u8>) {
+    out.push(NIL);
+}
+
 fn encode_into(term: &Term, out: &mut Vec<u8>) {
     match term {
-        Term::Int(i) => match *i {
-            0..=255 => out.extend([SMALL_INTEGER, *i as u8]),
-            i if i32::try_from(i).is_ok() => {
-                out.push(INTEGER);
-                out.extend((i as i32).to_be_bytes());
-            }
-            i => {
-                let magnitude = i.unsigned_abs().to_le_bytes();
-                let len = 8 - magnitude.iter().rev().take_while(|b| **b == 0).count();
-                out.extend([SMALL_BIG, len as u8, u8::from(i < 0)]);
-                out.extend(&magnitude[..len]);
-            }
-        },
-        Term::Float(f) => {
-            out.push(NEW_FLOAT);
-            out.extend(f.to_be_bytes());
-        }
+        Term::Int(i) => put_int(out, *i),
+        Term::Float(f) => put_float(out, *f),
+        Term::Raw(bytes) => out.extend(bytes),
         Term::Map(pairs) => {
             out.push(MAP);
             out.extend((pairs.len() as u32).to_be_bytes());
@@ -154,17 +203,9 @@ fn encode_into(term: &Term, out: &mut Vec<u8>) {
         }
         // Never built for encoding; an atom keeps the frame well formed all the same.
         Term::Other(what) => encode_into(&Term::atom(what), out),
-        Term::Atom(a) => {
-            // Atoms are the protocol's own names, never data: at most 255 bytes.
-            let bytes = &a.as_bytes()[..a.len().min(255)];
-            out.extend([SMALL_ATOM_UTF8, bytes.len() as u8]);
-            out.extend(bytes);
-        }
-        Term::Bin(b) => {
-            out.push(BINARY);
-            out.extend((b.len() as u32).to_be_bytes());
-            out.extend(b);
-        }
+        // Atoms are the protocol's own names, never data.
+        Term::Atom(a) => put_atom(out, a),
+        Term::Bin(b) => put_bin(out, b),
         Term::Tuple(items) => {
             if items.len() < 256 {
                 out.extend([SMALL_TUPLE, items.len() as u8]);
@@ -390,13 +431,12 @@ pub fn read_frame(input: &mut impl Read) -> io::Result<Option<Vec<u8>>> {
     Ok(Some(frame))
 }
 
-/// Writes `term` as one frame, in one write where the pipe allows, and flushes.
+/// Writes `term` as one frame and flushes. The length goes first, in one write, then the
+/// body: a big answer is not copied once more to put four bytes in front of it.
 pub fn write_frame(output: &mut impl Write, term: &Term) -> io::Result<()> {
     let body = encode(term);
-    let mut frame = Vec::with_capacity(4 + body.len());
-    frame.extend((body.len() as u32).to_be_bytes());
-    frame.extend(body);
-    output.write_all(&frame)?;
+    output.write_all(&(body.len() as u32).to_be_bytes())?;
+    output.write_all(&body)?;
     output.flush()
 }
 

@@ -80,7 +80,11 @@ impl Runner {
         let mut run = Run::new(
             Home::Fresh(lease),
             limits,
-            Print::Capture,
+            if opts.discard {
+                Print::Discard
+            } else {
+                Print::Capture
+            },
             opts.chunk_name.clone(),
             None,
             t0,
@@ -191,7 +195,7 @@ fn settle_once(run: &mut Run, step: Result<Step, SandboxError>) -> Settled {
                     let output = run.scope.output().finish(caller());
                     Term::tuple([
                         Term::atom("ok"),
-                        Term::List(values),
+                        values,
                         Term::Bin(output),
                         stats_term(&run.stats()),
                     ])
@@ -216,7 +220,7 @@ fn settle_once(run: &mut Run, step: Result<Step, SandboxError>) -> Settled {
                     return Settled::ToolCall(Term::tuple([
                         Term::atom("tool_call"),
                         Term::bin(name),
-                        Term::List(args),
+                        args,
                     ]))
                 }
             }
@@ -365,6 +369,8 @@ struct Opts {
     call: Option<(String, Vec<Term>)>,
     tools: Vec<String>,
     modules: Vec<(String, Vec<u8>)>,
+    /// `print: :discard` (`:capture` and `:log` both capture; the BEAM logs).
+    discard: bool,
 }
 
 impl Opts {
@@ -446,7 +452,13 @@ impl Opts {
             Some(t) => text(t, "chunk_name")?,
             None => return Err(bad("chunk_name")),
         };
+        let discard = match get("print").and_then(Term::as_atom) {
+            Some("discard") => true,
+            Some("capture" | "log") => false,
+            _ => return Err(bad("print")),
+        };
         Ok(Opts {
+            discard,
             limits,
             chunk_name,
             globals,
