@@ -87,6 +87,21 @@ for isolation <- LuaSandbox.Isolation.all() do
       end
     end
 
+    describe "big values" do
+      # Under :process they cross a pipe and the worker's buffers, bounded by its jail's
+      # address space (native/lua_sandbox_worker/src/jail.rs buffers_for/1).
+      test "tens of MB in and out, and a list of a million and a half integers" do
+        s = String.duplicate("x", 30_000_000)
+        assert {:ok, %{value: 30_000_000}} = lua_run("return #s", globals: %{s: s})
+
+        assert {:ok, %{value: ^s}} =
+                 lua_run("return string.rep('x', 30000000)", max_result_bytes: 40_000_000)
+
+        l = Enum.to_list(1..1_500_000)
+        assert {:ok, %{values: [1_500_000, ^l]}} = lua_run("return #l, l", globals: %{l: l})
+      end
+    end
+
     describe "Lua to Elixir" do
       test "scalars and non-finite floats" do
         assert {:ok, %{values: [nil, true, 1, 1.5, "s"]}} =
@@ -172,8 +187,9 @@ for isolation <- LuaSandbox.Isolation.all() do
 
         assert {:ok, %{value: map}} = lua_run(src)
         assert map_size(map) == 1000
-        # 1000 new keys; other tests running concurrently may create a few atoms of their own
-        assert :erlang.system_info(:atom_count) - before < 100
+        # 1000 new keys; other tests running concurrently create atoms of their own (each
+        # supervisor of workers_test a name, over a hundred in a run): far fewer than 1000
+        assert :erlang.system_info(:atom_count) - before < 500
       end
     end
   end

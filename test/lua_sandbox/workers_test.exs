@@ -80,7 +80,8 @@ defmodule LuaSandbox.WorkersTest do
           do: assert(layers[required] == :on, "#{required}: #{inspect(layers)}")
 
       # the arena for the default 64 MiB max_memory (4×, as the NIF reserves) + 64 MiB headroom
-      assert layers[:address_space] == (256 + 64) * 1024 * 1024
+      # the arena for 64 MiB, 4 x 64 MiB of run buffers, 64 MiB of headroom
+      assert layers[:address_space] == (256 + 256 + 64) * 1024 * 1024
       assert info.missing_layers == Worker.missing(info.layers)
     end
 

@@ -26,16 +26,28 @@ use seccompiler::{
     SeccompRule, TargetArch,
 };
 
-/// Address space the worker may use on top of its Lua arena: its binary, libc, stack and the
-/// Rust side's buffers.
+/// Address space the worker may use on top of its Lua arena and its run buffers: its binary,
+/// libc, stack.
 pub const HEADROOM: u64 = 64 << 20;
+
+/// The run buffers a worker serving runs of up to `max_memory` heap bytes gets: a run's
+/// input frame and its decoded terms (bounded on the BEAM side by the run's `max_memory`), and
+/// its answer (about `max_result_bytes`, 16 MiB by default, plus `max_output`), each while a
+/// vector doubles. Four times `max_memory` held every case measured (a 50 MB string in and
+/// out, a list of 2.5 M integers); a run past it ends `:worker_crashed`, the node unaffected.
+pub fn buffers_for(max_memory: u64) -> u64 {
+    max_memory.saturating_mul(4)
+}
 
 /// What the jail is asked to enforce.
 #[derive(Clone, Debug)]
 pub struct Config {
     /// The address space reserved for the worker's Lua arena (`pool::capacity_for` of the
-    /// largest `max_memory` it serves); the address space is bounded by this plus [`HEADROOM`].
+    /// largest `max_memory` it serves); the address space is bounded by this, `buffers` and
+    /// [`HEADROOM`].
     pub arena: u64,
+    /// The run buffers ([`buffers_for`]).
+    pub buffers: u64,
 }
 
 /// Which layers are in force, as the worker reports them at boot ([`Layers::to_term`]).
@@ -140,7 +152,10 @@ pub fn apply(config: &Config) -> Result<Layers, JailError> {
 
     // Landlock needs an fd for its ruleset: before RLIMIT_NOFILE forbids new ones.
     let landlock = landlock_deny_all();
-    let address_space = config.arena.saturating_add(HEADROOM);
+    let address_space = config
+        .arena
+        .saturating_add(config.buffers)
+        .saturating_add(HEADROOM);
     set_rlimits(address_space)?;
     install_seccomp()?;
 

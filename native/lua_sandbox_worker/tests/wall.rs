@@ -211,10 +211,14 @@ fn boot_reports_every_layer() {
     for required in ["fds_closed", "rlimits", "no_new_privs", "seccomp"] {
         assert_eq!(w.layer(required), Some(&Term::atom("on")), "{required}");
     }
-    // the arena for the default 64 MiB max_memory, plus the headroom
+    // the arena for the default 64 MiB max_memory, the run buffers, the headroom
     let arena = lua_sandbox_core::pool::capacity_for(64 << 20) as i64;
+    let buffers = lua_sandbox_worker::jail::buffers_for(64 << 20) as i64;
     let headroom = lua_sandbox_worker::jail::HEADROOM as i64;
-    assert_eq!(w.layer("address_space"), Some(&Term::Int(arena + headroom)));
+    assert_eq!(
+        w.layer("address_space"),
+        Some(&Term::Int(arena + buffers + headroom))
+    );
     assert!(w.signal().is_none());
 }
 

@@ -61,6 +61,7 @@ fn main() {
 
     let layers = match jail::apply(&jail::Config {
         arena: capacity as u64,
+        buffers: jail::buffers_for(max_memory as u64),
     }) {
         Ok(layers) => layers,
         Err(e) => {
