@@ -122,6 +122,25 @@ fn errno() -> std::io::Error {
     std::io::Error::last_os_error()
 }
 
+extern "C" {
+    fn tzset();
+}
+
+/// Loads the time zone once, before the jail: `os.date` and `os.time{...}` (strftime,
+/// localtime, mktime) call glibc's `tzset`, which with `TZ` unset stats and re-reads
+/// /etc/localtime every time, system calls the filter kills (a jailed `os.date()` was a
+/// SIGSYS). With `TZ` naming the zone, every later `tzset` sees the name it already loaded and
+/// touches no file. The zone is the BEAM's: its `TZ` is inherited, and glibc's default file
+/// when it has none, so `os.date` reads as under the NIF.
+fn freeze_time_zone() {
+    if std::env::var_os("TZ").is_none() {
+        // The worker has one thread at this point: nothing reads the environment concurrently.
+        std::env::set_var("TZ", ":/etc/localtime");
+    }
+    // SAFETY: tzset takes no arguments; single-threaded here, as above.
+    unsafe { tzset() };
+}
+
 /// Applies every layer to the calling process. Must be called while the process has one
 /// thread (an unprivileged user namespace requires it, and seccomp is installed for this
 /// thread only).
@@ -138,6 +157,7 @@ pub fn apply(config: &Config) -> Result<Layers, JailError> {
     // Sessions' checkpoints would open /proc/self/pagemap and a userfaultfd on first use;
     // the filter below forbids both.
     lua_sandbox_core::written::disable();
+    freeze_time_zone();
     // The user namespace first: in it, the process may create the others without privileges.
     let user_ns = unshare(libc::CLONE_NEWUSER);
     let pid_ns = unshare(libc::CLONE_NEWPID);
