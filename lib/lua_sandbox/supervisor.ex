@@ -81,9 +81,11 @@ defmodule LuaSandbox.Supervisor do
   processes, each a jailed `lua_sandbox_worker` (built by `mix compile` and installed in
   `priv/native/` next to the NIF; `worker:` names another path) that reports at boot which
   layers of its jail are in force, with a warning logged for each one that is not (see
-  `info/1`). A worker that dies is replaced in the background. Not yet supported: running
-  scripts on such a supervisor (runs and sessions raise `ArgumentError` saying so) — the
-  worker will run them with the core's run machinery once that is public (issue 17).
+  `info/1`). A worker that dies is replaced in the background. Runs on such a supervisor
+  execute in a worker; `worker_max_memory` (default 64 MiB) is the largest `max_memory` its
+  workers serve (their arena and the jail's address-space bound are sized for it; a run asking
+  more is `:invalid_input`). Not yet supported there (`ArgumentError` saying so): sessions,
+  compiled chunks, `print: {:send, ...}`; handles in a run's input are `:invalid_input`.
   """
   @spec start_link(keyword) :: Supervisor.on_start()
   def start_link(opts) do
@@ -95,6 +97,7 @@ defmodule LuaSandbox.Supervisor do
         cluster: false,
         isolation: :nif,
         worker: nil,
+        worker_max_memory: 64 * 1024 * 1024,
         audit_log: false
       ])
 
@@ -120,6 +123,16 @@ defmodule LuaSandbox.Supervisor do
 
     unless opts[:worker] == nil or is_binary(opts[:worker]) do
       raise ArgumentError, "worker must be a path, got: #{inspect(opts[:worker])}"
+    end
+
+    # A run's max_memory floor, and the core's ceiling (pool::MAX_MEMORY): the worker's arena
+    # is sized for it.
+    unless is_integer(opts[:worker_max_memory]) and
+             opts[:worker_max_memory] >= LuaSandbox.Options.min_memory() and
+             opts[:worker_max_memory] <= 128 * 1024 * 1024 * 1024 do
+      raise ArgumentError,
+            "worker_max_memory must be a number of bytes from #{LuaSandbox.Options.min_memory()} " <>
+              "to 128 GiB, got: #{inspect(opts[:worker_max_memory])}"
     end
 
     audit =
@@ -156,7 +169,7 @@ defmodule LuaSandbox.Supervisor do
 
       :process ->
         path = opts[:worker] || LuaSandbox.Worker.default_path()
-        [{Workers, {opts[:name], opts[:max_concurrency], path}}]
+        [{Workers, {opts[:name], opts[:max_concurrency], path, opts[:worker_max_memory]}}]
     end
   end
 

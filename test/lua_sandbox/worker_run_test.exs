@@ -107,6 +107,22 @@ defmodule LuaSandbox.WorkerRunTest do
                LuaSandbox.run("return 1", supervisor: sup, max_memory: 128 * 1024 * 1024)
 
       assert m =~ "not yet supported with isolation: :process"
+
+      # a supervisor whose workers are built for more serves it
+      big = :"lua_run_big_#{System.unique_integer([:positive])}"
+
+      start_supervised!(
+        {LuaSandbox.Supervisor,
+         name: big, max_concurrency: 1, isolation: :process, worker_max_memory: 128 * 1024 * 1024},
+        id: big
+      )
+
+      assert {:ok, %{value: 50_000_000}} =
+               LuaSandbox.run("return #string.rep('x', 5e7)",
+                 supervisor: big,
+                 max_memory: 128 * 1024 * 1024,
+                 max_instructions: @big
+               )
     end
   end
 

@@ -3,8 +3,8 @@ defmodule LuaSandbox.Isolation do
   # The API test modules run under both isolations (issue 18): each such file wraps its module
   # in `for isolation <- LuaSandbox.Isolation.all()`, naming it `Module.concat(Base, isolation)`
   # and sending its runs through `opts/2`, which picks the supervisor of that isolation. The
-  # :process one (LuaSandbox.Isolation.Process) is started once, on first use, unlinked from
-  # any test, and outlives them all. Tests of what a :process supervisor does not support yet
+  # :process one (LuaSandbox.Isolation.Process) is started by test_helper.exs, before the tests,
+  # and outlives them all. Tests of what a :process supervisor does not support yet
   # (compiled chunks, print: {:send, ...}, handles, sessions) are generated for :nif only.
 
   @process LuaSandbox.Isolation.Process
@@ -18,24 +18,23 @@ defmodule LuaSandbox.Isolation do
   @doc "The supervisor runs of `isolation` go to."
   def supervisor(:nif), do: LuaSandbox.TaskSupervisor
 
-  def supervisor(:process) do
-    unless Process.whereis(@process), do: start_process()
-    @process
-  end
+  def supervisor(:process), do: @process
 
-  # Several test modules may ask at once: one of them starts it, the others see it running.
-  defp start_process do
-    :global.trans({{__MODULE__, :start}, self()}, fn ->
-      unless Process.whereis(@process) do
-        {:ok, pid} =
-          LuaSandbox.Supervisor.start_link(
-            name: @process,
-            isolation: :process,
-            max_concurrency: 8
-          )
+  @doc """
+  Starts the :process supervisor, once, from test_helper.exs: before any test, so no test's
+  process is ever its parent and no run can find it half started (its Task.Supervisor, which
+  registers the name, starts before its pool of workers).
+  """
+  def start_process do
+    {:ok, _pid} =
+      LuaSandbox.Supervisor.start_link(
+        name: @process,
+        isolation: :process,
+        max_concurrency: 8,
+        # the adversarial suite runs some scripts with 128 MiB
+        worker_max_memory: 256 * 1024 * 1024
+      )
 
-        Process.unlink(pid)
-      end
-    end)
+    :ok
   end
 end
