@@ -77,7 +77,7 @@ fuzz-san:
 bench: deps
 	MIX_ENV=prod mix run bench/run.exs
 
-# isolation: :process, the costs of the port and the pool (the test env has the probes worker)
+# isolation: :process: runs via a jailed worker side by side with the NIF (bench/process.exs)
 bench-process: deps
 	$(TEST_ENV) mix run bench/process.exs
 

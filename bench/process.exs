@@ -1,19 +1,21 @@
-# Run with: make bench-process   (= MIX_ENV=test mix run bench/process.exs: the test env has the
-# worker build with probes, whose `spin` request stands for a busy run)
+# Run with: make bench-process   (= MIX_ENV=test mix run bench/process.exs)
 #
-# isolation: :process (issue 18), what can be measured before scripts run in the worker: the
-# costs of the port and the pool that every run will pay, side by side with a trivial NIF run.
-# Each measure first checks its result. Prints a Markdown table.
+# isolation: :process (issue 18): runs via a jailed worker side by side with the NIF. Each
+# measure first checks its result. Prints a Markdown table.
 #
-#   * NIF trivial run: LuaSandbox.run("return 1") on a :nif supervisor (the baseline)
-#   * worker round trip: checkout + one request/answer (:ping) + checkin, through the pool —
-#     the floor of a trivial run via a worker (a run adds the Lua work the NIF does)
-#   * frame round trip: one request/answer on a worker already checked out — the floor of a
-#     tool call's round trip (a tool call is one frame out and one in)
+#   * trivial run: LuaSandbox.run("return 1") on a :nif and on a :process supervisor,
+#     alternating
+#   * tool round trip: a run making 200 tool calls minus a run making none, per call, both
+#     isolations
+#   * 1 MB term in and out: `return t` with t a ~1 MB list of maps as a global, both isolations
+#   * worker round trip: checkout + one request/answer (:ping) + checkin, through the pool
+#   * frame round trip: one request/answer on a worker already checked out (the floor of a
+#     tool call's round trip: one frame out and one in)
 #   * worker start: Port.open until the boot frame (sandbox built, jail applied)
 #   * respawn: a worker killed from outside (SIGKILL) until its replacement has booted
-#   * kill -> worker free: a caller holding a busy worker is killed, until the worker's OS
-#     process is gone (it sees the port close and exits)
+#   * kill -> worker free: the caller of a run looping in a worker is killed, until the
+#     worker's OS process is gone (the run sees the port close at its next budget tick, ends
+#     :killed and the worker exits), then until the pool has a new worker booted
 #   * worker RSS: resident set of an idle jailed worker (the sandbox's snapshot built)
 
 alias LuaSandbox.Worker
@@ -47,22 +49,17 @@ defmodule Bench.Process do
   defp fmt(x), do: to_string(x)
 end
 
-probes = Path.join(Mix.Project.build_path(), "lua_sandbox_worker_probes")
 {:ok, _} = LuaSandbox.Supervisor.start_link(name: :bench_nif, max_concurrency: 2)
 
 {:ok, _} =
-  LuaSandbox.Supervisor.start_link(
-    name: :bench_proc,
-    max_concurrency: 2,
-    isolation: :process,
-    worker: probes
-  )
+  LuaSandbox.Supervisor.start_link(name: :bench_proc, max_concurrency: 2, isolation: :process)
 
 pool = Workers.whereis(:bench_proc)
 n = String.to_integer(System.get_env("BENCH_N", "5000"))
 
 # sanity
 {:ok, %{value: 1}} = LuaSandbox.run("return 1", supervisor: :bench_nif)
+{:ok, %{value: 1}} = LuaSandbox.run("return 1", supervisor: :bench_proc)
 {:ok, port} = Workers.checkout(pool)
 {:ok, :pong} = Worker.request(port, :ping, 5_000)
 Workers.checkin(pool, port, :ok)
@@ -70,6 +67,7 @@ Workers.checkin(pool, port, :ok)
 warm = fn f -> for _ <- 1..500, do: f.() end
 
 nif = fn -> {:ok, _} = LuaSandbox.run("return 1", supervisor: :bench_nif) end
+proc = fn -> {:ok, _} = LuaSandbox.run("return 1", supervisor: :bench_proc) end
 
 via_pool = fn ->
   {:ok, port} = Workers.checkout(pool)
@@ -78,12 +76,49 @@ via_pool = fn ->
 end
 
 warm.(nif)
+warm.(proc)
 warm.(via_pool)
 
 # alternating rounds
-{a, b} =
-  Enum.reduce(1..n, {[], []}, fn _, {a, b} ->
-    {[Bench.Process.time_us(nif) | a], [Bench.Process.time_us(via_pool) | b]}
+{a, c, b} =
+  Enum.reduce(1..n, {[], [], []}, fn _, {a, c, b} ->
+    {[Bench.Process.time_us(nif) | a], [Bench.Process.time_us(proc) | c],
+     [Bench.Process.time_us(via_pool) | b]}
+  end)
+
+# tool round trip: (200 calls - 0 calls) / 200, per isolation
+tools = %{t: fn [x] -> x end}
+calls = "local s = 0 for i = 1, 200 do s = s + tools.t(i) end return s"
+none = "local s = 0 for i = 1, 200 do s = s + i end return s"
+
+per_call = fn sup ->
+  {:ok, %{value: 20100}} = LuaSandbox.run(calls, supervisor: sup, tools: tools)
+  {:ok, %{value: 20100}} = LuaSandbox.run(none, supervisor: sup, tools: tools)
+
+  for _ <- 1..200 do
+    with_calls =
+      Bench.Process.time_us(fn -> LuaSandbox.run(calls, supervisor: sup, tools: tools) end)
+
+    without = Bench.Process.time_us(fn -> LuaSandbox.run(none, supervisor: sup, tools: tools) end)
+    (with_calls - without) / 200
+  end
+end
+
+tool_nif = per_call.(:bench_nif)
+tool_proc = per_call.(:bench_proc)
+
+# 1 MB term in and out
+big = Enum.map(1..20_000, &%{"id" => &1, "name" => "item #{&1}", "tags" => ["a", "b"]})
+{:ok, %{value: ^big}} = LuaSandbox.run("return t", supervisor: :bench_proc, globals: %{t: big})
+{:ok, %{value: ^big}} = LuaSandbox.run("return t", supervisor: :bench_nif, globals: %{t: big})
+
+mb = fn sup ->
+  fn -> {:ok, _} = LuaSandbox.run("return t", supervisor: sup, globals: %{t: big}) end
+end
+
+{mb_nif, mb_proc} =
+  Enum.reduce(1..100, {[], []}, fn _, {x, y} ->
+    {[Bench.Process.time_us(mb.(:bench_nif)) | x], [Bench.Process.time_us(mb.(:bench_proc)) | y]}
   end)
 
 {:ok, port} = Workers.checkout(pool)
@@ -96,7 +131,7 @@ Workers.checkin(pool, port, :ok)
 starts =
   for _ <- 1..100 do
     t0 = System.monotonic_time(:nanosecond)
-    {:ok, port, _os_pid, _layers} = Worker.start(probes, 64 * 1024 * 1024)
+    {:ok, port, _os_pid, _layers} = Worker.start(Worker.default_path(), 64 * 1024 * 1024)
     us = (System.monotonic_time(:nanosecond) - t0) / 1000
     Worker.close(port)
     us
@@ -118,31 +153,53 @@ respawn =
     (System.monotonic_time(:nanosecond) - t0) / 1000
   end
 
-# kill -> worker free: a caller busy in a worker is killed
-kills =
-  for _ <- 1..30 do
-    me = self()
+# kill -> worker free: the caller of a run looping in a worker is killed
+{kills, refills} =
+  Enum.unzip(
+    for _ <- 1..30 do
+      me = self()
+      before = Map.new(GenServer.call(pool, :info).workers, &{&1.os_pid, &1.runs})
 
-    caller =
-      spawn(fn ->
-        {:ok, port} = Workers.checkout(pool)
-        send(me, {:busy, Worker.os_pid(port)})
-        Worker.request(port, {:probe, "spin", ""}, :infinity)
-      end)
+      caller =
+        spawn(fn ->
+          LuaSandbox.run("tools.busy() while true do end",
+            supervisor: :bench_proc,
+            max_instructions: 1_000_000_000_000,
+            tools: %{busy: fn _ -> send(me, :busy) && :ok end}
+          )
+        end)
 
-    os_pid =
       receive do
-        {:busy, p} -> p
+        :busy -> :ok
       end
 
-    Process.sleep(5)
-    t0 = System.monotonic_time(:nanosecond)
-    Process.exit(caller, :kill)
-    Bench.Process.until(fn -> not File.exists?("/proc/#{os_pid}") end)
-    us = (System.monotonic_time(:nanosecond) - t0) / 1000
-    Bench.Process.until(fn -> length(GenServer.call(pool, :info).workers) == 2 end)
-    us
-  end
+      Process.sleep(5)
+      # the worker whose run count went up
+      [os_pid] =
+        for w <- GenServer.call(pool, :info).workers,
+            w.runs > Map.get(before, w.os_pid, 0),
+            do: w.os_pid
+
+      t0 = System.monotonic_time(:nanosecond)
+      Process.exit(caller, :kill)
+
+      Bench.Process.until(fn ->
+        case File.read("/proc/#{os_pid}/status") do
+          {:ok, status} -> status =~ ~r/^State:\s+Z/m
+          {:error, _} -> true
+        end
+      end)
+
+      gone = (System.monotonic_time(:nanosecond) - t0) / 1000
+
+      Bench.Process.until(fn ->
+        ws = GenServer.call(pool, :info).workers
+        length(ws) == 2 and Enum.all?(ws, &(&1.os_pid != os_pid))
+      end)
+
+      {gone, (System.monotonic_time(:nanosecond) - t0) / 1000}
+    end
+  )
 
 rss = for w <- LuaSandbox.Supervisor.info(:bench_proc).workers, do: w.rss / 1024 / 1024
 
@@ -152,11 +209,17 @@ isolation: :process, #{n} alternating samples (2 cores, shared)
 | measure | p50 | p99 | samples |
 | --- | --- | --- | --- |
 #{Bench.Process.row("NIF trivial run (`return 1`)", Bench.Process.percentiles(a), "µs")}
+#{Bench.Process.row("worker trivial run (`return 1`)", Bench.Process.percentiles(c), "µs")}
+#{Bench.Process.row("NIF tool round trip (per call, 200 calls)", Bench.Process.percentiles(tool_nif), "µs")}
+#{Bench.Process.row("worker tool round trip (per call, 200 calls)", Bench.Process.percentiles(tool_proc), "µs")}
+#{Bench.Process.row("NIF 1 MB term in and out", Bench.Process.percentiles(mb_nif), "µs")}
+#{Bench.Process.row("worker 1 MB term in and out", Bench.Process.percentiles(mb_proc), "µs")}
 #{Bench.Process.row("worker round trip via the pool (checkout, ping, checkin)", Bench.Process.percentiles(b), "µs")}
 #{Bench.Process.row("frame round trip on a checked-out worker (tool-call floor)", Bench.Process.percentiles(frames), "µs")}
 #{Bench.Process.row("worker start: Port.open until its boot frame", Bench.Process.percentiles(starts), "µs")}
 #{Bench.Process.row("respawn after SIGKILL (the `kill` command's ~ms included), until booted", Bench.Process.percentiles(respawn), "µs")}
-#{Bench.Process.row("kill -> worker OS process gone (busy worker)", Bench.Process.percentiles(kills), "µs")}
+#{Bench.Process.row("kill -> worker OS process gone (caller of a looping run killed)", Bench.Process.percentiles(kills), "µs")}
+#{Bench.Process.row("kill -> replacement worker booted", Bench.Process.percentiles(refills), "µs")}
 
 worker RSS (idle, jailed, sandbox built): #{Enum.map_join(rss, ", ", &:erlang.float_to_binary(&1, decimals: 1))} MiB
 """)

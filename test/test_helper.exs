@@ -6,3 +6,5 @@ formatters =
     else: [ExUnit.CLIFormatter]
 
 ExUnit.start(exclude: [], formatters: formatters)
+# The supervisor the API and adversarial test modules run their :process variants on.
+LuaSandbox.Isolation.start_process()

@@ -6,7 +6,8 @@ defmodule LuaSandbox.Runner do
 
   require Logger
 
-  alias LuaSandbox.{Chunk, Encoding, Error, Native, Options, Result, Tools}
+  alias LuaSandbox.{Chunk, Encoding, Error, Native, Options, Result, Tools, Worker}
+  alias LuaSandbox.Supervisor.Workers
 
   def run(source, opts) do
     opts = with_deadline(opts)
@@ -18,6 +19,13 @@ defmodule LuaSandbox.Runner do
   end
 
   defp start(source, encoded, opts) do
+    case Workers.whereis(opts[:supervisor]) do
+      nil -> start_native(source, encoded, opts)
+      pool -> start_worker(pool, source, encoded, opts)
+    end
+  end
+
+  defp start_native(source, encoded, opts) do
     {native_source, opts} =
       case source do
         # A chunk runs under its own name (in messages and the :log metadata).
@@ -37,6 +45,32 @@ defmodule LuaSandbox.Runner do
       answer -> answer
     end
     |> drive(opts[:tools], opts)
+  end
+
+  # isolation: :process: the run goes to a worker of the supervisor's pool, checked out for
+  # this process (its death closes the worker's port, and the worker stops the run: see
+  # LuaSandbox.Worker), and its tool calls come back here. Source text only (checked by
+  # LuaSandbox.Supervisor.check_isolation!/2).
+  defp start_worker(pool, source, encoded, opts) when is_binary(source) do
+    case Workers.checkout(pool) do
+      {:ok, port} ->
+        {answer, status} =
+          try do
+            port
+            |> Worker.run(source, Options.to_native(encoded), opts[:deadline])
+            |> drive(opts[:tools], opts)
+          catch
+            kind, reason ->
+              Workers.checkin(pool, port, :broken)
+              :erlang.raise(kind, reason, __STACKTRACE__)
+          end
+
+        Workers.checkin(pool, port, status)
+        answer
+
+      {:error, reason} ->
+        {:error, Error.new(:overloaded, "no worker process: " <> reason)}
+    end
   end
 
   @doc false
@@ -123,6 +157,25 @@ defmodule LuaSandbox.Runner do
     |> Native.run_resume(reply)
     |> drive(tools, opts)
   end
+
+  # A worker's answer (LuaSandbox.Worker.run/4), with whether the worker can be reused.
+  def drive({:worker, port, deadline, {:tool_call, name, args}}, tools, opts) do
+    reply = call_tool(name, Map.fetch!(tools, name), args, Encoding.bound(opts))
+
+    port
+    |> Worker.reply(reply, deadline)
+    |> drive(tools, opts)
+  end
+
+  def drive({:worker, _port, _deadline, {:ok, _, _, _} = answer}, tools, opts),
+    do: {drive(answer, tools, opts), :ok}
+
+  def drive({:worker, _port, _deadline, {:error, {_, _, _, _, _}, _, _} = answer}, tools, opts),
+    do: {drive(answer, tools, opts), :ok}
+
+  # The worker died (:worker_crashed), did not answer in time, or answered nonsense.
+  def drive({:worker, _port, _deadline, {:broken, error}}, _tools, _opts),
+    do: {{:error, error}, :broken}
 
   def drive({:ok, values, output, stats}, _tools, opts) do
     log_output(output, opts)

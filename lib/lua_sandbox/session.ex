@@ -87,7 +87,7 @@ defmodule LuaSandbox.Session do
     validated = state_options(opts)
     # Raises now if it is not running, not at the first call.
     _ = LuaSandbox.Supervisor.running(validated[:supervisor])
-    LuaSandbox.Supervisor.check_isolation!(validated[:supervisor])
+    LuaSandbox.Supervisor.check_isolation!(validated[:supervisor], :session)
     gen_opts = if name, do: [name: name], else: []
     # Building the state charges no per-call instruction budget: memory bounds the globals.
     bound = Encoding.bound(validated[:max_memory], nil, nil)

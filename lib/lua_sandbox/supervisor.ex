@@ -81,9 +81,11 @@ defmodule LuaSandbox.Supervisor do
   processes, each a jailed `lua_sandbox_worker` (built by `mix compile` and installed in
   `priv/native/` next to the NIF; `worker:` names another path) that reports at boot which
   layers of its jail are in force, with a warning logged for each one that is not (see
-  `info/1`). A worker that dies is replaced in the background. Not yet supported: running
-  scripts on such a supervisor (runs and sessions raise `ArgumentError` saying so) — the
-  worker will run them with the core's run machinery once that is public (issue 17).
+  `info/1`). A worker that dies is replaced in the background. Runs on such a supervisor
+  execute in a worker; `worker_max_memory` (default 64 MiB) is the largest `max_memory` its
+  workers serve (their arena and the jail's address-space bound are sized for it; a run asking
+  more is `:invalid_input`). Not yet supported there (`ArgumentError` saying so): sessions,
+  compiled chunks, `print: {:send, ...}`; handles in a run's input are `:invalid_input`.
   """
   @spec start_link(keyword) :: Supervisor.on_start()
   def start_link(opts) do
@@ -95,6 +97,7 @@ defmodule LuaSandbox.Supervisor do
         cluster: false,
         isolation: :nif,
         worker: nil,
+        worker_max_memory: 64 * 1024 * 1024,
         audit_log: false
       ])
 
@@ -120,6 +123,16 @@ defmodule LuaSandbox.Supervisor do
 
     unless opts[:worker] == nil or is_binary(opts[:worker]) do
       raise ArgumentError, "worker must be a path, got: #{inspect(opts[:worker])}"
+    end
+
+    # A run's max_memory floor, and the core's ceiling (pool::MAX_MEMORY): the worker's arena
+    # is sized for it.
+    unless is_integer(opts[:worker_max_memory]) and
+             opts[:worker_max_memory] >= LuaSandbox.Options.min_memory() and
+             opts[:worker_max_memory] <= 128 * 1024 * 1024 * 1024 do
+      raise ArgumentError,
+            "worker_max_memory must be a number of bytes from #{LuaSandbox.Options.min_memory()} " <>
+              "to 128 GiB, got: #{inspect(opts[:worker_max_memory])}"
     end
 
     audit =
@@ -156,7 +169,7 @@ defmodule LuaSandbox.Supervisor do
 
       :process ->
         path = opts[:worker] || LuaSandbox.Worker.default_path()
-        [{Workers, {opts[:name], opts[:max_concurrency], path}}]
+        [{Workers, {opts[:name], opts[:max_concurrency], path, opts[:worker_max_memory]}}]
     end
   end
 
@@ -194,17 +207,35 @@ defmodule LuaSandbox.Supervisor do
   end
 
   @doc false
-  # Runs and sessions on an isolation: :process supervisor: not yet (issue 18 item 3).
-  @spec check_isolation!(atom) :: :ok
-  def check_isolation!(sup) do
-    if Workers.whereis(sup) do
-      raise ArgumentError,
-            "not yet supported: running scripts on supervisor #{inspect(sup)}, started with " <>
-              "isolation: :process (its worker pool, info/1 and :worker_crashed are in place; " <>
-              "the worker runs scripts once the core's run machinery is public, issue 17)"
-    end
+  # What an isolation: :process supervisor does not run yet (issue 18): sessions, and in a run
+  # compiled chunks (as the source or a module), `print: {:send, ...}` streaming and handles
+  # (the worker refuses a handle in its input as :invalid_input). Raises ArgumentError naming
+  # what is missing; `what` is `:session` or `{:run, source, opts}` (validated options).
+  @spec check_isolation!(atom, :session | {:run, LuaSandbox.source(), keyword}) :: :ok
+  def check_isolation!(sup, what) do
+    if Workers.whereis(sup), do: check_process!(sup, what)
+    :ok
+  end
+
+  defp check_process!(sup, :session) do
+    not_yet!(sup, "sessions")
+  end
+
+  defp check_process!(sup, {:run, source, opts}) do
+    if match?(%Chunk{}, source) or
+         Enum.any?(opts[:modules], fn {_, m} -> match?(%Chunk{}, m) end),
+       do: not_yet!(sup, "compiled chunks (pass the source text)")
+
+    if match?({:send, _}, opts[:print]) or match?({:send, _, _}, opts[:print]),
+      do: not_yet!(sup, "print: {:send, ...} streaming (print: :capture and :log work)")
 
     :ok
+  end
+
+  defp not_yet!(sup, what) do
+    raise ArgumentError,
+          "not yet supported on supervisor #{inspect(sup)}, started with isolation: :process: " <>
+            what
   end
 
   @doc """
@@ -265,7 +296,7 @@ defmodule LuaSandbox.Supervisor do
           result
         when result: {:ok, LuaSandbox.Result.t()} | {:error, Error.t()}
   def admitted(what, %{supervisor: sup, tenant: tenant} = meta, queue_timeout, deadline, fun) do
-    check_isolation!(sup)
+    if what == :session, do: check_isolation!(sup, :session)
     telemetry? = Telemetry.enabled?()
     t0 = if telemetry?, do: :erlang.monotonic_time()
 

@@ -27,7 +27,8 @@ defmodule LuaSandbox.Worker do
     :address_space,
     :seccomp
   ]
-  @answers [:boot, :on, :off, :pong, :ok, :error, :errno, :done]
+  @answers [:boot, :on, :off, :pong, :ok, :error, :errno, :done, :tool_call, nil, :nan] ++
+             [:infinity, :neg_infinity] ++ LuaSandbox.Error.kinds()
 
   @doc "The jail's layers, in the order the worker applies and reports them."
   @spec layers() :: [atom]
@@ -161,6 +162,69 @@ defmodule LuaSandbox.Worker do
     :erlang.binary_to_term(frame, [:safe])
   rescue
     ArgumentError -> {:undecodable, byte_size(frame)}
+  end
+
+  # Beyond the run's own deadline (which the worker enforces), how long the caller waits for
+  # the answer before it gives the worker up as broken.
+  @deadline_slack 1_000
+
+  @doc """
+  Runs Lua `source` on the worker `port` (checked out for the calling process) with the NIF's
+  options (`LuaSandbox.Options.to_native/1`); `deadline` is monotonic ms or nil. The answer is
+  wrapped as `{:worker, port, deadline, answer}` for `LuaSandbox.Runner.drive/3`: `answer` is
+  the NIF's shape (`{:ok, ...}`, `{:error, failure, output, stats}`), `{:tool_call, name, args}`
+  (reply with `reply/3`), or `{:broken, %Error{}}` when the worker died or did not answer.
+  """
+  @spec run(port, binary, map, integer | nil) :: {:worker, port, integer | nil, term}
+  def run(port, source, native_opts, deadline) do
+    opts =
+      native_opts
+      # :capture, :log (logged by LuaSandbox.Runner from the output) or :discard
+      |> Map.drop([:print_pid, :print_tag])
+      |> Map.update!(:chunk_name, &to_string/1)
+
+    step(port, {:run, source, opts}, deadline)
+  end
+
+  @doc "Gives the tool's reply to the run parked on `port`; answers like `run/4`."
+  @spec reply(port, term, integer | nil) :: {:worker, port, integer | nil, term}
+  def reply(port, reply, deadline), do: step(port, {:reply, reply}, deadline)
+
+  defp step(port, request, deadline) do
+    wait =
+      case deadline do
+        nil -> :infinity
+        d -> max(d - System.monotonic_time(:millisecond), 0) + @deadline_slack
+      end
+
+    answer =
+      case request(port, request, wait) do
+        {:ok, {:ok, values, output, stats} = ok}
+        when is_list(values) and is_binary(output) and is_map(stats) ->
+          ok
+
+        {:ok, {:error, {kind, message, _, _, _}, output, stats} = error}
+        when is_atom(kind) and is_binary(message) and is_binary(output) and is_map(stats) ->
+          error
+
+        {:ok, {:tool_call, name, args} = call} when is_binary(name) and is_list(args) ->
+          call
+
+        {:ok, other} ->
+          {:broken,
+           Error.new(:worker_crashed, "the worker answered #{inspect(other, limit: 10)}")}
+
+        {:error, %Error{} = crashed} ->
+          {:broken, crashed}
+
+        :timeout ->
+          {:broken,
+           Error.new(:timeout, "the worker did not answer within its deadline",
+             stats: Error.empty_stats()
+           )}
+      end
+
+    {:worker, port, deadline, answer}
   end
 
   @doc "The worker's OS pid, or nil once its port is closed."

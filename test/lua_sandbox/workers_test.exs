@@ -80,7 +80,8 @@ defmodule LuaSandbox.WorkersTest do
           do: assert(layers[required] == :on, "#{required}: #{inspect(layers)}")
 
       # the arena for the default 64 MiB max_memory (4×, as the NIF reserves) + 64 MiB headroom
-      assert layers[:address_space] == (256 + 64) * 1024 * 1024
+      # the arena for 64 MiB, 4 x 64 MiB of run buffers, 64 MiB of headroom
+      assert layers[:address_space] == (256 + 256 + 64) * 1024 * 1024
       assert info.missing_layers == Worker.missing(info.layers)
     end
 
@@ -139,20 +140,28 @@ defmodule LuaSandbox.WorkersTest do
   end
 
   describe "not yet supported" do
-    test "runs and sessions on a :process supervisor say so" do
+    test "sessions, compiled chunks and print: {:send, ...} on a :process supervisor say so" do
       sup = start_pool(1)
+      chunk = LuaSandbox.compile!("return 1")
 
-      assert_raise ArgumentError, ~r/^not yet supported: running scripts on supervisor/, fn ->
-        LuaSandbox.run("return 1", supervisor: sup)
-      end
-
-      assert_raise ArgumentError, ~r/^not yet supported/, fn ->
-        LuaSandbox.run("return 1", supervisor: sup, timeout: 1_000)
-      end
-
-      assert_raise ArgumentError, ~r/^not yet supported/, fn ->
+      assert_raise ArgumentError, ~r/^not yet supported on supervisor .*: sessions/, fn ->
         LuaSandbox.Session.start_link(supervisor: sup)
       end
+
+      assert_raise ArgumentError, ~r/^not yet supported .*: compiled chunks/, fn ->
+        LuaSandbox.run(chunk, supervisor: sup)
+      end
+
+      assert_raise ArgumentError, ~r/^not yet supported .*: compiled chunks/, fn ->
+        LuaSandbox.run("return 1", supervisor: sup, modules: %{"m" => chunk}, timeout: 1_000)
+      end
+
+      assert_raise ArgumentError, ~r/^not yet supported .*: print: \{:send/, fn ->
+        LuaSandbox.run("return 1", supervisor: sup, print: {:send, self()})
+      end
+
+      # and runs are served
+      assert {:ok, %{value: 1}} = LuaSandbox.run("return 1", supervisor: sup)
     end
   end
 

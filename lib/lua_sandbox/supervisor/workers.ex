@@ -21,12 +21,10 @@ defmodule LuaSandbox.Supervisor.Workers do
 
   alias LuaSandbox.Worker
 
-  # The Lua heap each worker is built for: the default max_memory of a run.
-  @worker_memory 64 * 1024 * 1024
   @retry_ms 1_000
   @checkout_timeout 10_000
 
-  def child_spec({name, _capacity, _path} = arg),
+  def child_spec({name, _capacity, _path, _memory} = arg),
     do: %{id: {__MODULE__, name}, start: {__MODULE__, :start_link, [arg]}, shutdown: 5_000}
 
   def start_link(arg), do: GenServer.start_link(__MODULE__, arg)
@@ -77,9 +75,18 @@ defmodule LuaSandbox.Supervisor.Workers do
   end
 
   @impl true
-  def init({name, capacity, path}) do
+  def init({name, capacity, path, memory}) do
     Process.flag(:trap_exit, true)
-    state = %{name: name, path: path, workers: %{}, idle: [], waiting: :queue.new(), layers: []}
+
+    state = %{
+      name: name,
+      path: path,
+      memory: memory,
+      workers: %{},
+      idle: [],
+      waiting: :queue.new(),
+      layers: []
+    }
 
     case boot_all(state, capacity) do
       {:ok, state} ->
@@ -101,7 +108,7 @@ defmodule LuaSandbox.Supervisor.Workers do
   defp boot_all(state, 0), do: {:ok, state}
 
   defp boot_all(state, n) do
-    case Worker.start(state.path, @worker_memory) do
+    case Worker.start(state.path, state.memory) do
       {:ok, port, os_pid, layers} ->
         state = %{state | layers: layers}
         boot_all(add_idle(state, port, os_pid), n - 1)
@@ -261,7 +268,7 @@ defmodule LuaSandbox.Supervisor.Workers do
 
   # One new worker, booting in the background: its boot frame arrives as a port message.
   defp respawn(state) do
-    case Worker.open(state.path, @worker_memory) do
+    case Worker.open(state.path, state.memory) do
       {:ok, port} ->
         entry = %{os_pid: Worker.os_pid(port), runs: 0, use: :booting}
         %{state | workers: Map.put(state.workers, port, entry)}

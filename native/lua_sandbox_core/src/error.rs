@@ -48,6 +48,28 @@ pub enum SandboxError {
     Timeout,
 }
 
+impl SandboxError {
+    /// The kind's name, as Elixir's atom spells it (`LuaSandbox.Error.kind`): what a worker
+    /// process sends, where the NIF encodes its own atom (`error.rs` there).
+    pub fn kind_name(&self) -> &'static str {
+        match self {
+            SandboxError::Syntax(_) => "syntax",
+            SandboxError::Runtime(_) => "runtime",
+            SandboxError::InstructionLimit => "instruction_limit",
+            SandboxError::MemoryLimit => "memory_limit",
+            SandboxError::OutputLimit => "output_limit",
+            SandboxError::DepthLimit(_) => "depth_limit",
+            SandboxError::SizeLimit(_) => "size_limit",
+            SandboxError::Cycle(_) => "cycle",
+            SandboxError::UnsupportedValue(_) => "unsupported_value",
+            SandboxError::InvalidInput(_) => "invalid_input",
+            SandboxError::ToolLimit => "tool_limit",
+            SandboxError::Killed => "killed",
+            SandboxError::Timeout => "timeout",
+        }
+    }
+}
+
 impl From<Abort> for SandboxError {
     fn from(why: Abort) -> Self {
         match why {

@@ -95,7 +95,27 @@ impl Drop for Lease {
 
 /// A pristine slot for a run limited to `max_memory` bytes: an idle one, or a new one.
 pub fn lease(max_memory: usize) -> Result<Lease, SandboxError> {
-    let capacity = capacity_for(max_memory);
+    lease_from(capacity_for(max_memory))
+}
+
+/// Puts a pristine slot built elsewhere into the idle list of its class, so that later leases
+/// of that class reuse it. A jailed worker builds its one slot before its jail forbids new
+/// mappings of that size, then leases it for every run with [`lease_from`].
+pub fn keep(slot: Slot) {
+    let capacity = slot.capacity();
+    let mut classes = idle();
+    match classes.iter_mut().find(|c| c.capacity == capacity) {
+        Some(class) => class.idle.push(slot),
+        None => classes.push(Class {
+            capacity,
+            idle: vec![slot],
+        }),
+    }
+}
+
+/// A pristine slot of reservation `capacity` (a class of [`capacity_for`]): an idle one, or
+/// a new one.
+pub fn lease_from(capacity: usize) -> Result<Lease, SandboxError> {
     let reused = {
         let mut classes = idle();
         match classes.iter_mut().find(|c| c.capacity == capacity) {

@@ -26,16 +26,28 @@ use seccompiler::{
     SeccompRule, TargetArch,
 };
 
-/// Address space the worker may use on top of its Lua arena: its binary, libc, stack and the
-/// Rust side's buffers.
+/// Address space the worker may use on top of its Lua arena and its run buffers: its binary,
+/// libc, stack.
 pub const HEADROOM: u64 = 64 << 20;
+
+/// The run buffers a worker serving runs of up to `max_memory` heap bytes gets: a run's
+/// input frame and its decoded terms (bounded on the BEAM side by the run's `max_memory`), and
+/// its answer (about `max_result_bytes`, 16 MiB by default, plus `max_output`), each while a
+/// vector doubles. Four times `max_memory` held every case measured (a 50 MB string in and
+/// out, a list of 2.5 M integers); a run past it ends `:worker_crashed`, the node unaffected.
+pub fn buffers_for(max_memory: u64) -> u64 {
+    max_memory.saturating_mul(4)
+}
 
 /// What the jail is asked to enforce.
 #[derive(Clone, Debug)]
 pub struct Config {
     /// The address space reserved for the worker's Lua arena (`pool::capacity_for` of the
-    /// largest `max_memory` it serves); the address space is bounded by this plus [`HEADROOM`].
+    /// largest `max_memory` it serves); the address space is bounded by this, `buffers` and
+    /// [`HEADROOM`].
     pub arena: u64,
+    /// The run buffers ([`buffers_for`]).
+    pub buffers: u64,
 }
 
 /// Which layers are in force, as the worker reports them at boot ([`Layers::to_term`]).
@@ -110,6 +122,25 @@ fn errno() -> std::io::Error {
     std::io::Error::last_os_error()
 }
 
+extern "C" {
+    fn tzset();
+}
+
+/// Loads the time zone once, before the jail: `os.date` and `os.time{...}` (strftime,
+/// localtime, mktime) call glibc's `tzset`, which with `TZ` unset stats and re-reads
+/// /etc/localtime every time, system calls the filter kills (a jailed `os.date()` was a
+/// SIGSYS). With `TZ` naming the zone, every later `tzset` sees the name it already loaded and
+/// touches no file. The zone is the BEAM's: its `TZ` is inherited, and glibc's default file
+/// when it has none, so `os.date` reads as under the NIF.
+fn freeze_time_zone() {
+    if std::env::var_os("TZ").is_none() {
+        // The worker has one thread at this point: nothing reads the environment concurrently.
+        std::env::set_var("TZ", ":/etc/localtime");
+    }
+    // SAFETY: tzset takes no arguments; single-threaded here, as above.
+    unsafe { tzset() };
+}
+
 /// Applies every layer to the calling process. Must be called while the process has one
 /// thread (an unprivileged user namespace requires it, and seccomp is installed for this
 /// thread only).
@@ -126,6 +157,7 @@ pub fn apply(config: &Config) -> Result<Layers, JailError> {
     // Sessions' checkpoints would open /proc/self/pagemap and a userfaultfd on first use;
     // the filter below forbids both.
     lua_sandbox_core::written::disable();
+    freeze_time_zone();
     // The user namespace first: in it, the process may create the others without privileges.
     let user_ns = unshare(libc::CLONE_NEWUSER);
     let pid_ns = unshare(libc::CLONE_NEWPID);
@@ -140,7 +172,10 @@ pub fn apply(config: &Config) -> Result<Layers, JailError> {
 
     // Landlock needs an fd for its ruleset: before RLIMIT_NOFILE forbids new ones.
     let landlock = landlock_deny_all();
-    let address_space = config.arena.saturating_add(HEADROOM);
+    let address_space = config
+        .arena
+        .saturating_add(config.buffers)
+        .saturating_add(HEADROOM);
     set_rlimits(address_space)?;
     install_seccomp()?;
 

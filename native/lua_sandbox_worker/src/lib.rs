@@ -1,9 +1,12 @@
 //! The worker process of `isolation: :process` (issue 18), rustler-free: the jail the worker
-//! applies to itself ([`jail`]), the frames it speaks with the BEAM ([`proto`]) and, in
+//! applies to itself ([`jail`]), the frames it speaks with the BEAM ([`proto`]), the runs it
+//! serves ([`run`], with the values converted by [`marshal`]) and, in
 //! `src/bin/worker/`, the worker binary (built by the Mix compiler and installed in `priv/`).
 
 pub mod jail;
+pub mod marshal;
 pub mod proto;
+pub mod run;
 
 /// Whether the BEAM has closed the worker's end (the port was closed: its caller died, or the
 /// pool gave up on it): the pipe on fd 0 has hung up. Never blocks. A busy worker checks it as

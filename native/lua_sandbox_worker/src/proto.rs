@@ -2,9 +2,13 @@
 //! term in Erlang's external term format (`{:packet, 4}` on an Erlang port, `:erlang.term_to_binary`
 //! and `:erlang.binary_to_term(frame, [:safe])` on the Elixir side, `lib/lua_sandbox/worker.ex`).
 //!
-//! Only the subset the protocol uses is encoded and decoded: integers (64-bit), atoms, binaries,
-//! tuples, proper lists. A frame is bounded ([`MAX_FRAME`]) and so is nesting ([`MAX_NESTING`]),
-//! so a malformed frame is an error, never a crash or an unbounded allocation.
+//! Only the subset the protocol uses is encoded and decoded: integers (64-bit), floats, atoms,
+//! binaries, tuples, proper lists, maps. The terms a script's values cannot be made of (pids,
+//! ports, references, funs, bitstrings, integers over 64 bits, improper lists) decode to
+//! [`Term::Other`] naming what they are, so the run answers with the error the NIF gives for
+//! them rather than refusing the frame. A frame is bounded ([`MAX_FRAME`]) and so is nesting
+//! ([`MAX_NESTING`]), so a malformed frame is an error, never a crash or an unbounded
+//! allocation.
 //!
 //! Messages (BEAM → worker, each `{id, request}`; worker → BEAM, `{id, answer}` once per
 //! request, after the boot frame):
@@ -13,6 +17,11 @@
 //!   `state` is `:on`, `{:off, reason}` or an integer (the address-space bound); a worker whose
 //!   jail cannot be applied exits with status 2 instead.
 //! - `:ping` → `:pong`;
+//! - `{:run, source, opts}` → `{:ok, values, output, stats}`, the error answer
+//!   `{:error, {kind, message, line, traceback, value}, output, stats}` (the NIF's, see
+//!   `src/run.rs`), or `{:tool_call, name, args}`: the run is parked at a tool call and the
+//!   next request must be `{:reply, reply}` (the tool's answer as `LuaSandbox.Tools.call/4`
+//!   gives it, or `:timeout`, `:memory_limit`, `:instruction_limit`), answered like the run;
 //! - `{:probe, name, operand}` (test builds with `wall-probes` only) → `{:errno, n}`,
 //!   `{:done, n}` or no answer at all when the jail killed the worker;
 //! - anything else → `{:error, message}`.
@@ -25,6 +34,19 @@ pub const MAX_FRAME: usize = 256 << 20;
 pub const MAX_NESTING: usize = 64;
 
 const VERSION: u8 = 131;
+const NEW_FLOAT: u8 = 70;
+const BIT_BINARY: u8 = 77;
+const NEW_PID: u8 = 88;
+const NEW_PORT: u8 = 89;
+const NEWER_REFERENCE: u8 = 90;
+const PORT: u8 = 102;
+const PID: u8 = 103;
+const LARGE_BIG: u8 = 111;
+const NEW_FUN: u8 = 112;
+const EXPORT: u8 = 113;
+const NEW_REFERENCE: u8 = 114;
+const MAP: u8 = 116;
+const V4_PORT: u8 = 120;
 const SMALL_INTEGER: u8 = 97;
 const INTEGER: u8 = 98;
 const ATOM: u8 = 100;
@@ -40,13 +62,25 @@ const ATOM_UTF8: u8 = 118;
 const SMALL_ATOM_UTF8: u8 = 119;
 
 /// A term of the protocol's subset.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum Term {
     Int(i64),
+    /// Finite: the external format has no NaN or infinity (the run sends those as atoms).
+    Float(f64),
     Atom(String),
     Bin(Vec<u8>),
     Tuple(Vec<Term>),
     List(Vec<Term>),
+    /// Key-value pairs, in the frame's order.
+    Map(Vec<(Term, Term)>),
+    /// A term outside the subset that is still well formed: what it is, in words ("pid",
+    /// "bitstring", ...). Decoded only, never encoded.
+    Other(&'static str),
+    /// A term already in the external format (without the version byte), written as it is:
+    /// values read from Lua are encoded straight into bytes (`marshal`), never held as a
+    /// tree of `Term`s, whose size would be several times the bytes `max_result_bytes` counts.
+    /// Encoded only, never decoded.
+    Raw(Vec<u8>),
 }
 
 impl Term {
@@ -96,32 +130,82 @@ pub fn encode(term: &Term) -> Vec<u8> {
     out
 }
 
+/// Appends integer `i`.
+pub fn put_int(out: &mut Vec<u8>, i: i64) {
+    match i {
+        0..=255 => out.extend([SMALL_INTEGER, i as u8]),
+        i if i32::try_from(i).is_ok() => {
+            out.push(INTEGER);
+            out.extend((i as i32).to_be_bytes());
+        }
+        i => {
+            let magnitude = i.unsigned_abs().to_le_bytes();
+            let len = 8 - magnitude.iter().rev().take_while(|b| **b == 0).count();
+            out.extend([SMALL_BIG, len as u8, u8::from(i < 0)]);
+            out.extend(&magnitude[..len]);
+        }
+    }
+}
+
+/// Appends float `f` (finite: the format has no NaN or infinity).
+pub fn put_float(out: &mut Vec<u8>, f: f64) {
+    out.push(NEW_FLOAT);
+    out.extend(f.to_be_bytes());
+}
+
+/// Appends atom `name` (the protocol's own names, at most 255 bytes).
+pub fn put_atom(out: &mut Vec<u8>, name: &str) {
+    let bytes = &name.as_bytes()[..name.len().min(255)];
+    out.extend([SMALL_ATOM_UTF8, bytes.len() as u8]);
+    out.extend(bytes);
+}
+
+/// Appends a binary.
+pub fn put_bin(out: &mut Vec<u8>, bytes: &[u8]) {
+    out.push(BINARY);
+    out.extend((bytes.len() as u32).to_be_bytes());
+    out.extend(bytes);
+}
+
+/// The header of a list of `n` elements (followed by them and [`put_nil`]) or of a map of
+/// `n` pairs; both take [`HEADER_BYTES`], so one can be rewritten into the other in place.
+pub fn put_header(out: &mut Vec<u8>, map: bool, n: u32) {
+    out.push(if map { MAP } else { LIST });
+    out.extend(n.to_be_bytes());
+}
+
+/// The size of a list or map header.
+pub const HEADER_BYTES: usize = 5;
+
+/// Rewrites the header at `at` (see [`put_header`]).
+pub fn set_header(out: &mut [u8], at: usize, map: bool, n: u32) {
+    out[at] = if map { MAP } else { LIST };
+    out[at + 1..at + HEADER_BYTES].copy_from_slice(&n.to_be_bytes());
+}
+
+/// Appends the empty list (a list's tail).
+pub fn put_nil(out: &mut Vec<u8>) {
+    out.push(NIL);
+}
+
 fn encode_into(term: &Term, out: &mut Vec<u8>) {
     match term {
-        Term::Int(i) => match *i {
-            0..=255 => out.extend([SMALL_INTEGER, *i as u8]),
-            i if i32::try_from(i).is_ok() => {
-                out.push(INTEGER);
-                out.extend((i as i32).to_be_bytes());
+        Term::Int(i) => put_int(out, *i),
+        Term::Float(f) => put_float(out, *f),
+        Term::Raw(bytes) => out.extend(bytes),
+        Term::Map(pairs) => {
+            out.push(MAP);
+            out.extend((pairs.len() as u32).to_be_bytes());
+            for (k, v) in pairs {
+                encode_into(k, out);
+                encode_into(v, out);
             }
-            i => {
-                let magnitude = i.unsigned_abs().to_le_bytes();
-                let len = 8 - magnitude.iter().rev().take_while(|b| **b == 0).count();
-                out.extend([SMALL_BIG, len as u8, u8::from(i < 0)]);
-                out.extend(&magnitude[..len]);
-            }
-        },
-        Term::Atom(a) => {
-            // Atoms are the protocol's own names, never data: at most 255 bytes.
-            let bytes = &a.as_bytes()[..a.len().min(255)];
-            out.extend([SMALL_ATOM_UTF8, bytes.len() as u8]);
-            out.extend(bytes);
         }
-        Term::Bin(b) => {
-            out.push(BINARY);
-            out.extend((b.len() as u32).to_be_bytes());
-            out.extend(b);
-        }
+        // Never built for encoding; an atom keeps the frame well formed all the same.
+        Term::Other(what) => encode_into(&Term::atom(what), out),
+        // Atoms are the protocol's own names, never data.
+        Term::Atom(a) => put_atom(out, a),
+        Term::Bin(b) => put_bin(out, b),
         Term::Tuple(items) => {
             if items.len() < 256 {
                 out.extend([SMALL_TUPLE, items.len() as u8]);
@@ -212,7 +296,7 @@ impl Reader<'_> {
                 let negative = self.u8()? != 0;
                 let digits = self.take(n)?;
                 if n > 8 {
-                    return Err(DecodeError("integer over 64 bits"));
+                    return Ok(Term::Other("big integer"));
                 }
                 let mut le = [0u8; 8];
                 le[..n].copy_from_slice(digits);
@@ -222,7 +306,70 @@ impl Reader<'_> {
                 } else {
                     i64::try_from(m).ok()
                 };
-                i.map(Term::Int).ok_or(DecodeError("integer over 64 bits"))
+                Ok(i.map_or(Term::Other("big integer"), Term::Int))
+            }
+            LARGE_BIG => {
+                let n = self.u32()?;
+                self.take(n + 1)?;
+                Ok(Term::Other("big integer"))
+            }
+            NEW_FLOAT => Ok(Term::Float(f64::from_be_bytes(
+                self.take(8)?.try_into().unwrap(),
+            ))),
+            MAP => {
+                let n = self.u32()?;
+                // Every key and value takes at least one byte each.
+                if n > (self.buf.len() - self.pos) / 2 {
+                    return Err(DecodeError("truncated"));
+                }
+                let mut pairs = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let k = self.term(depth + 1)?;
+                    let v = self.term(depth + 1)?;
+                    pairs.push((k, v));
+                }
+                Ok(Term::Map(pairs))
+            }
+            BIT_BINARY => {
+                let n = self.u32()?;
+                self.take(n + 1)?;
+                Ok(Term::Other("bitstring"))
+            }
+            PID | NEW_PID => {
+                let tag = self.buf[self.pos - 1];
+                self.term(depth + 1)?;
+                self.take(if tag == PID { 9 } else { 12 })?;
+                Ok(Term::Other("pid"))
+            }
+            PORT | NEW_PORT | V4_PORT => {
+                let tag = self.buf[self.pos - 1];
+                self.term(depth + 1)?;
+                self.take(match tag {
+                    PORT => 5,
+                    NEW_PORT => 8,
+                    _ => 12,
+                })?;
+                Ok(Term::Other("port"))
+            }
+            NEW_REFERENCE | NEWER_REFERENCE => {
+                let tag = self.buf[self.pos - 1];
+                let words = self.u16()?;
+                self.term(depth + 1)?;
+                self.take(if tag == NEW_REFERENCE { 1 } else { 4 })?;
+                self.take(words * 4)?;
+                Ok(Term::Other("reference"))
+            }
+            NEW_FUN => {
+                // The size counts itself.
+                let n = self.u32()?;
+                self.take(n.checked_sub(4).ok_or(DecodeError("bad fun"))?)?;
+                Ok(Term::Other("function"))
+            }
+            EXPORT => {
+                for _ in 0..3 {
+                    self.term(depth + 1)?;
+                }
+                Ok(Term::Other("function"))
             }
             ATOM | ATOM_UTF8 => {
                 let n = self.u16()?;
@@ -254,10 +401,10 @@ impl Reader<'_> {
             LIST => {
                 let n = self.u32()?;
                 let items = self.items(n, depth)?;
-                if self.u8()? != NIL {
-                    return Err(DecodeError("improper list"));
+                match self.term(depth + 1)? {
+                    Term::List(tail) if tail.is_empty() => Ok(Term::List(items)),
+                    _ => Ok(Term::Other("improper list")),
                 }
-                Ok(Term::List(items))
             }
             _ => Err(DecodeError("a term outside the protocol's subset")),
         }
@@ -284,13 +431,12 @@ pub fn read_frame(input: &mut impl Read) -> io::Result<Option<Vec<u8>>> {
     Ok(Some(frame))
 }
 
-/// Writes `term` as one frame, in one write where the pipe allows, and flushes.
+/// Writes `term` as one frame and flushes. The length goes first, in one write, then the
+/// body: a big answer is not copied once more to put four bytes in front of it.
 pub fn write_frame(output: &mut impl Write, term: &Term) -> io::Result<()> {
     let body = encode(term);
-    let mut frame = Vec::with_capacity(4 + body.len());
-    frame.extend((body.len() as u32).to_be_bytes());
-    frame.extend(body);
-    output.write_all(&frame)?;
+    output.write_all(&(body.len() as u32).to_be_bytes())?;
+    output.write_all(&body)?;
     output.flush()
 }
 
@@ -346,13 +492,53 @@ mod tests {
         );
     }
 
+    // What a script's values cannot be made of decodes to `Other`, so the run can name it.
+    #[test]
+    fn terms_outside_the_subset_are_named() {
+        // [1 | 2]
+        assert_eq!(
+            decode(&[131, 108, 0, 0, 0, 1, 97, 1, 97, 2]),
+            Ok(Term::Other("improper list"))
+        );
+        // 2^64 as SMALL_BIG_EXT with 9 digits
+        assert_eq!(
+            decode(&[131, 110, 9, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]),
+            Ok(Term::Other("big integer"))
+        );
+        // <<1::1>>
+        assert_eq!(
+            decode(&[131, 77, 0, 0, 0, 1, 1, 128]),
+            Ok(Term::Other("bitstring"))
+        );
+        // NEW_PID_EXT on node :a
+        assert_eq!(
+            decode(&[131, 88, 119, 1, 97, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0]),
+            Ok(Term::Other("pid"))
+        );
+    }
+
+    #[test]
+    fn floats_and_maps_round_trip() {
+        for t in [
+            Term::Float(1.5),
+            Term::Float(-0.0),
+            Term::Map(vec![(Term::atom("a"), Term::Float(2.0))]),
+        ] {
+            assert_eq!(decode(&encode(&t)), Ok(t));
+        }
+        // 1.5 as :erlang.term_to_binary writes it
+        assert_eq!(
+            decode(&[131, 70, 63, 248, 0, 0, 0, 0, 0, 0]),
+            Ok(Term::Float(1.5))
+        );
+    }
+
     #[test]
     fn malformed_frames_are_errors() {
         assert!(decode(&[]).is_err());
         assert!(decode(&[130, 97, 1]).is_err());
         assert!(decode(&[131, 108, 0, 0, 0, 9, 106]).is_err());
-        assert!(decode(&[131, 108, 0, 0, 0, 1, 97, 1, 97, 2]).is_err()); // improper
-        assert!(decode(&[131, 110, 9, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]).is_err());
+        assert!(decode(&[131, 116, 0, 0, 0, 9, 97, 1]).is_err()); // map count lies
         assert!(decode(&[131, 97, 1, 97]).is_err()); // trailing
         let deep: Vec<u8> = std::iter::once(131)
             .chain(std::iter::repeat_n([104, 1], 100).flatten())

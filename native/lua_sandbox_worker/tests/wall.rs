@@ -43,11 +43,18 @@ impl Worker {
                 .open(path)
                 .unwrap();
             let fd = std::os::fd::IntoRawFd::into_raw_fd(file);
-            // SAFETY: between fork and exec only dup2 runs, which is async-signal-safe; the new
-            // fd 5 has no close-on-exec flag, so the worker inherits it.
+            // SAFETY: between fork and exec only dup2 or fcntl runs, both async-signal-safe; the
+            // new fd 5 has no close-on-exec flag, so the worker inherits it. When the file
+            // was opened as fd 5 itself (the lowest free fd, as concurrent tests left it),
+            // dup2 would leave its close-on-exec flag on: it is cleared instead.
             unsafe {
                 cmd.pre_exec(move || {
-                    if libc::dup2(fd, GIVEN_FD) < 0 {
+                    let r = if fd == GIVEN_FD {
+                        libc::fcntl(fd, libc::F_SETFD, 0)
+                    } else {
+                        libc::dup2(fd, GIVEN_FD)
+                    };
+                    if r < 0 {
                         return Err(std::io::Error::last_os_error());
                     }
                     Ok(())
@@ -211,10 +218,14 @@ fn boot_reports_every_layer() {
     for required in ["fds_closed", "rlimits", "no_new_privs", "seccomp"] {
         assert_eq!(w.layer(required), Some(&Term::atom("on")), "{required}");
     }
-    // the arena for the default 64 MiB max_memory, plus the headroom
+    // the arena for the default 64 MiB max_memory, the run buffers, the headroom
     let arena = lua_sandbox_core::pool::capacity_for(64 << 20) as i64;
+    let buffers = lua_sandbox_worker::jail::buffers_for(64 << 20) as i64;
     let headroom = lua_sandbox_worker::jail::HEADROOM as i64;
-    assert_eq!(w.layer("address_space"), Some(&Term::Int(arena + headroom)));
+    assert_eq!(
+        w.layer("address_space"),
+        Some(&Term::Int(arena + buffers + headroom))
+    );
     assert!(w.signal().is_none());
 }
 

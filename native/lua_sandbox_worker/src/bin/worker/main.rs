@@ -3,9 +3,8 @@
 //! `src/proto.rs` describes until the BEAM closes its end. The BEAM side is
 //! `lib/lua_sandbox/worker.ex`; it warns for each layer not in force.
 //!
-//! Scripts do not run here yet: the core's run machinery (issue 17) is not public yet, and the
-//! worker must use it rather than a copy. Until then the worker boots, reports its jail and
-//! answers `:ping` (and, in test builds, the probes of `probes.rs`).
+//! Scripts run with the core's run machinery, as in the NIF (`lua_sandbox_worker::run`); the
+//! worker also answers `:ping` (and, in test builds, the probes of `probes.rs`).
 //!
 //! Usage: `worker [max_memory_bytes]` (default 64 MiB): the state is the NIF's sandbox
 //! (`lua_sandbox_core::sandbox`), in an arena sized for that `max_memory` as the NIF sizes it.
@@ -16,6 +15,7 @@ use std::os::fd::FromRawFd;
 
 use lua_sandbox_worker::jail;
 use lua_sandbox_worker::proto::{self, Term};
+use lua_sandbox_worker::run::Runner;
 
 // The core's test support runs a chunk in a state (the `lua` probe of test builds only).
 #[cfg(feature = "wall-probes")]
@@ -34,7 +34,7 @@ fn main() {
     lua_sandbox_worker::die_with_parent();
     // The sandbox a run of the NIF gets, in an arena of the same size.
     let capacity = lua_sandbox_core::pool::capacity_for(max_memory);
-    let mut slot = match lua_sandbox_core::sandbox::new_slot(capacity) {
+    let slot = match lua_sandbox_core::sandbox::new_slot(capacity) {
         Ok(slot) => slot,
         Err(e) => {
             eprintln!("worker: the sandbox could not be built: {e}");
@@ -45,6 +45,7 @@ fn main() {
     // split a frame at every byte 10 in it.
     // SAFETY: fd 1 is open for the life of the process (the port's pipe), and the ManuallyDrop
     // never closes it.
+    let mut runner = Runner::new(slot, max_memory);
     let mut out = ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(1) });
 
     // Test builds only: `--no-jail` serves unjailed, so the wall tests can show that each
@@ -53,13 +54,14 @@ fn main() {
     if std::env::args().any(|a| a == "--no-jail") {
         let boot = Term::tuple([Term::atom("boot"), Term::List(vec![])]);
         if proto::write_frame(&mut *out, &boot).is_ok() {
-            serve(&mut slot, &mut *out);
+            serve(&mut runner, &mut *out);
         }
         return;
     }
 
     let layers = match jail::apply(&jail::Config {
         arena: capacity as u64,
+        buffers: jail::buffers_for(max_memory as u64),
     }) {
         Ok(layers) => layers,
         Err(e) => {
@@ -69,18 +71,18 @@ fn main() {
     };
     let boot = Term::tuple([Term::atom("boot"), layers.to_term()]);
     if proto::write_frame(&mut *out, &boot).is_ok() {
-        serve(&mut slot, &mut *out);
+        serve(&mut runner, &mut *out);
     }
 }
 
 /// Answers requests until stdin closes (or a frame cannot be read or written).
-fn serve(slot: &mut lua_sandbox_core::Slot, out: &mut impl std::io::Write) {
+fn serve(runner: &mut Runner, out: &mut impl std::io::Write) {
     let mut input = BufReader::new(std::io::stdin().lock());
     while let Ok(Some(frame)) = proto::read_frame(&mut input) {
         let (id, answer) = match proto::decode(&frame) {
             Ok(Term::Tuple(mut t)) if t.len() == 2 => {
                 let request = t.pop().unwrap();
-                (t.pop().unwrap(), answer(slot, &request))
+                (t.pop().unwrap(), answer(runner, &request))
             }
             Ok(_) => (Term::atom("nil"), error("a request is {id, request}")),
             Err(e) => (Term::atom("nil"), error(&e.to_string())),
@@ -95,18 +97,24 @@ fn error(message: &str) -> Term {
     Term::tuple([Term::atom("error"), Term::bin(message)])
 }
 
-#[allow(unused_variables)]
-fn answer(slot: &mut lua_sandbox_core::Slot, request: &Term) -> Term {
+fn answer(runner: &mut Runner, request: &Term) -> Term {
     match request {
         Term::Atom(a) if a == "ping" => Term::atom("pong"),
+        Term::Tuple(t) if t.len() == 3 && t[0].as_atom() == Some("run") => {
+            runner.start(&t[1], &t[2])
+        }
+        Term::Tuple(t) if t.len() == 2 && t[0].as_atom() == Some("reply") => runner.reply(&t[1]),
         #[cfg(feature = "wall-probes")]
         Term::Tuple(t) if t.len() == 3 && t[0].as_atom() == Some("probe") => {
             match (t[1].as_bin(), t[2].as_bin()) {
-                (Some(name), Some(operand)) => probes::probe(
-                    slot,
-                    &String::from_utf8_lossy(name),
-                    &String::from_utf8_lossy(operand),
-                ),
+                (Some(name), Some(operand)) => match runner.lease() {
+                    Ok(mut lease) => probes::probe(
+                        lease.slot_mut(),
+                        &String::from_utf8_lossy(name),
+                        &String::from_utf8_lossy(operand),
+                    ),
+                    Err(e) => error(&e.to_string()),
+                },
                 _ => error("a probe is {:probe, name, operand}"),
             }
         }

@@ -1,0 +1,901 @@
+//! The worker's terms ([`proto::Term`]) to Lua values and back, with the NIF's bounds and
+//! messages (`native/lua_sandbox_nif/src/marshal/`): depth (`max_depth`), size
+//! (`max_result_bytes`, 8 bytes per value on top of string bytes), cycles, the memory limit
+//! checked while building, and every value charged to the run's budget in batches, so a kill,
+//! a deadline or `max_instructions` stops a huge conversion like any other work. The test
+//! suites that run the API under both isolations hold the two to the same answers.
+//!
+//! Soundness is the NIF marshal's: no Lua API call made here may raise. Reading (`lua_next`,
+//! `lua_rawgeti`, `lua_to*` on values of the right type, `lua_checkstack`) never raises;
+//! writing could only raise on allocation failure, so values are built with the memory limit
+//! lifted (`exec` lifts it around a [`lua_sandbox_core::exec::Push`]), under the backstop, the
+//! size tracked here. Only raw access is used: no metamethod runs.
+//!
+//! There are no handles in a worker (`isolation: :process` does not carry them yet): every
+//! userdata is one the host cannot take.
+
+use std::collections::HashSet;
+use std::ffi::{c_int, c_void};
+use std::fmt::Write;
+
+use lua_sandbox_core::budget;
+use lua_sandbox_core::control::Abort;
+use lua_sandbox_core::error::SandboxError;
+use lua_sandbox_core::{ffi, protect, sandbox};
+
+use crate::proto::{self, Term};
+
+/// Fixed cost, in bytes, charged per value against `max_result_bytes` on top of string bytes
+/// (the NIF's `marshal::VALUE_COST`).
+const VALUE_COST: u64 = 8;
+/// Estimated Lua heap bytes per value built from a term, for the early memory check.
+const LUA_VALUE_BYTES: usize = 40;
+/// The most values handed to a run at once (the NIF's `marshal::MAX_VALUES`).
+const MAX_VALUES: usize = 250_000;
+/// Values converted between two budget checks.
+const CHARGE_BATCH: u64 = 1024;
+
+#[derive(Default)]
+struct Meter {
+    pending: u64,
+}
+
+impl Meter {
+    fn value(&mut self, bytes: usize) -> Result<(), Fail> {
+        self.pending += 1 + (bytes as u64 >> 10);
+        if self.pending >= CHARGE_BATCH {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), Fail> {
+        let steps = std::mem::take(&mut self.pending);
+        budget::charge_steps(steps).map_err(|why| Fail::new(FailKind::Abort(why)))
+    }
+}
+
+/// One step of a path like `globals.ctx.items[3]`, for error messages.
+enum Seg {
+    Key(String),
+    Index(i64),
+    Other(String),
+}
+
+/// What went wrong, and where (innermost segment first).
+struct Fail {
+    kind: FailKind,
+    rev_path: Vec<Seg>,
+}
+
+enum FailKind {
+    Invalid(String),
+    Unsupported(String),
+    Depth(usize),
+    Size(u64),
+    Cycle,
+    Memory,
+    Abort(Abort),
+    /// A userdata (no handles in a worker).
+    Userdata,
+}
+
+impl Fail {
+    fn new(kind: FailKind) -> Fail {
+        Fail {
+            kind,
+            rev_path: Vec::new(),
+        }
+    }
+
+    fn at(mut self, seg: Seg) -> Fail {
+        self.rev_path.push(seg);
+        self
+    }
+
+    fn into_error(self, root: &str) -> SandboxError {
+        let path = self.path(root);
+        match self.kind {
+            FailKind::Invalid(what) => SandboxError::InvalidInput(format!("{what} at {path}")),
+            FailKind::Unsupported(what) => SandboxError::UnsupportedValue(format!(
+                "{what} cannot leave the sandbox (at {path})"
+            )),
+            FailKind::Userdata => SandboxError::UnsupportedValue(format!(
+                "userdata cannot leave the sandbox (at {path})"
+            )),
+            FailKind::Depth(max) => SandboxError::DepthLimit(format!(
+                "value nested deeper than max_depth ({max}) at {path}"
+            )),
+            FailKind::Size(max) => SandboxError::SizeLimit(format!(
+                "result larger than max_result_bytes ({max}) at {path}"
+            )),
+            FailKind::Cycle => SandboxError::Cycle(format!("table contains itself at {path}")),
+            FailKind::Memory => SandboxError::MemoryLimit,
+            FailKind::Abort(why) => SandboxError::from(why),
+        }
+    }
+
+    fn path(&self, root: &str) -> String {
+        let mut path = root.to_string();
+        for seg in self.rev_path.iter().rev() {
+            let _ = match seg {
+                Seg::Key(k) if is_identifier(k) => write!(path, ".{k}"),
+                Seg::Key(k) => write!(path, "[{k:?}]"),
+                Seg::Index(i) => write!(path, "[{i}]"),
+                Seg::Other(s) => write!(path, "[{s}]"),
+            };
+        }
+        path
+    }
+}
+
+fn is_identifier(s: &str) -> bool {
+    let mut chars = s.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+fn invalid(what: &str) -> Fail {
+    Fail::new(FailKind::Invalid(what.to_string()))
+}
+
+fn unsupported(what: &str) -> Fail {
+    Fail::new(FailKind::Unsupported(what.to_string()))
+}
+
+fn stack_exhausted() -> Fail {
+    invalid("Lua stack exhausted (value too large or too deeply nested)")
+}
+
+fn key_seg(bytes: &[u8]) -> Seg {
+    Seg::Key(String::from_utf8_lossy(bytes).into_owned())
+}
+
+/// Bytes the state's heap holds (Lua's own count).
+fn used_memory(l: *mut ffi::lua_State) -> usize {
+    // SAFETY: LUA_GCCOUNT/COUNTB only read the collector's counters.
+    unsafe {
+        let kb = ffi::lua_gc(l, ffi::LUA_GCCOUNT, 0) as usize;
+        let b = ffi::lua_gc(l, ffi::LUA_GCCOUNTB, 0) as usize;
+        kb * 1024 + b
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Terms to Lua
+
+/// Sets each `(name, term)` as a global of `l`. Paths in errors start at `globals`.
+///
+/// # Safety
+/// `l` must be a non-running state whose memory limit the caller lifted; `limit` is the run's
+/// limit (0: none), checked here.
+pub unsafe fn push_globals(
+    l: *mut ffi::lua_State,
+    globals: &[(String, Term)],
+    max_depth: usize,
+    limit: usize,
+) -> Result<(), SandboxError> {
+    if globals.is_empty() {
+        return Ok(());
+    }
+    let mut builder = Builder::new(l, limit, max_depth);
+    let mut result = Ok(());
+    // SAFETY: nothing in the closure raises (module doc); the backstop catches the impossible.
+    unsafe {
+        building(l, |l| {
+            result = builder
+                .set_globals(l, globals)
+                .and_then(|()| builder.meter.flush());
+        })
+    }?;
+    result.map_err(|f| f.into_error("globals"))?;
+    builder.check_memory(l)
+}
+
+/// Converts `terms` to Lua values left on top of `l`'s stack; paths in errors start at `root`
+/// and index from 1. Returns how many values were pushed; on an error nothing is left.
+///
+/// # Safety
+/// As for [`push_globals`].
+pub unsafe fn push_values(
+    l: *mut ffi::lua_State,
+    terms: &[Term],
+    max_depth: usize,
+    root: &str,
+    limit: usize,
+) -> Result<c_int, SandboxError> {
+    let mut builder = Builder::new(l, limit, max_depth);
+    let mut result = Ok(());
+    // SAFETY: only reads.
+    let base = unsafe { ffi::lua_gettop(l) };
+    // SAFETY: as in `push_globals`; the values left on the closure's stack are its results.
+    unsafe {
+        building(l, |l| {
+            result = builder
+                .push_all(l, terms)
+                .and_then(|()| builder.meter.flush());
+            if result.is_err() {
+                ffi::lua_settop(l, 0);
+            }
+        })
+    }?;
+    result.map_err(|f| f.into_error(root))?;
+    builder.check_memory(l)?;
+    // SAFETY: only reads.
+    Ok(unsafe { ffi::lua_gettop(l) } - base)
+}
+
+/// Runs `f` under the backstop with the collector paused.
+///
+/// # Safety
+/// `l` must not be running; `f` must not raise by construction.
+unsafe fn building(
+    l: *mut ffi::lua_State,
+    mut f: impl FnMut(*mut ffi::lua_State),
+) -> Result<(), SandboxError> {
+    // SAFETY: per the contract.
+    unsafe {
+        protect::collector_paused(l, || protect::call_backstop(l, &mut f))
+            .map_err(|e| SandboxError::Runtime(e.message))
+    }
+}
+
+struct Builder {
+    max_depth: usize,
+    limit: usize,
+    estimate: usize,
+    meter: Meter,
+}
+
+impl Builder {
+    fn new(l: *mut ffi::lua_State, limit: usize, max_depth: usize) -> Builder {
+        Builder {
+            max_depth,
+            limit,
+            estimate: used_memory(l),
+            meter: Meter::default(),
+        }
+    }
+
+    /// Stops a build that would obviously exceed the memory limit before allocating it.
+    fn reserve(&mut self, bytes: usize) -> Result<(), Fail> {
+        self.estimate = self.estimate.saturating_add(bytes);
+        if self.limit > 0 && self.estimate > self.limit {
+            Err(Fail::new(FailKind::Memory))
+        } else {
+            Ok(())
+        }
+    }
+
+    fn check_memory(&self, l: *mut ffi::lua_State) -> Result<(), SandboxError> {
+        if self.limit > 0 && used_memory(l) > self.limit {
+            Err(SandboxError::MemoryLimit)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn enter(&self, depth: usize) -> Result<usize, Fail> {
+        if depth >= self.max_depth {
+            Err(Fail::new(FailKind::Depth(self.max_depth)))
+        } else {
+            Ok(depth + 1)
+        }
+    }
+
+    unsafe fn set_globals(
+        &mut self,
+        l: *mut ffi::lua_State,
+        globals: &[(String, Term)],
+    ) -> Result<(), Fail> {
+        // SAFETY: inside the backstop, each push preceded by a successful `lua_checkstack`;
+        // no call here raises (module doc).
+        unsafe {
+            if ffi::lua_checkstack(l, 4) == 0 {
+                return Err(stack_exhausted());
+            }
+            ffi::lua_rawgeti(l, ffi::LUA_REGISTRYINDEX, ffi::LUA_RIDX_GLOBALS);
+            let g = ffi::lua_gettop(l);
+            for (name, term) in globals {
+                self.reserve(name.len() + LUA_VALUE_BYTES)?;
+                push_str(l, name.as_bytes());
+                self.push(l, term, 0)
+                    .map_err(|f| f.at(Seg::Key(name.clone())))?;
+                ffi::lua_rawset(l, g);
+            }
+            ffi::lua_settop(l, g - 1);
+        }
+        Ok(())
+    }
+
+    unsafe fn push_all(&mut self, l: *mut ffi::lua_State, terms: &[Term]) -> Result<(), Fail> {
+        // SAFETY: as in `set_globals`.
+        unsafe {
+            if terms.len() > MAX_VALUES || ffi::lua_checkstack(l, terms.len() as c_int + 4) == 0 {
+                return Err(invalid(&format!(
+                    "{} values are more than Lua's stack allows (at most {MAX_VALUES})",
+                    terms.len()
+                )));
+            }
+            for (i, term) in terms.iter().enumerate() {
+                self.push(l, term, 0)
+                    .map_err(|f| f.at(Seg::Index(i as i64 + 1)))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Pushes the Lua value for `term` (exactly one slot on success).
+    unsafe fn push(
+        &mut self,
+        l: *mut ffi::lua_State,
+        term: &Term,
+        depth: usize,
+    ) -> Result<(), Fail> {
+        self.meter.value(0)?;
+        // SAFETY: as in `set_globals`; callers guarantee one free slot, tables check for more.
+        unsafe {
+            match term {
+                Term::Atom(a) if a == "nil" => ffi::lua_pushnil(l),
+                Term::List(items) => self.push_list(l, items, depth)?,
+                Term::Map(pairs) => self.push_map(l, pairs, depth)?,
+                Term::Tuple(_) => return Err(invalid("tuple cannot become a Lua value")),
+                Term::Other("improper list") => return Err(invalid("improper list")),
+                Term::Other(what) => return Err(self.not_a_value(what, "")),
+                scalar => self.push_scalar(l, scalar)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// The error for a term outside the subset, as the NIF words it.
+    fn not_a_value(&self, what: &str, role: &str) -> Fail {
+        match what {
+            "big integer" => invalid(&format!("integer{role} outside the 64-bit range")),
+            "bitstring" => invalid(&format!("bitstring{role}")),
+            _ => invalid(&format!("{what} cannot become a Lua value")),
+        }
+    }
+
+    unsafe fn push_list(
+        &mut self,
+        l: *mut ffi::lua_State,
+        items: &[Term],
+        depth: usize,
+    ) -> Result<(), Fail> {
+        let depth = self.enter(depth)?;
+        self.reserve(
+            items
+                .len()
+                .saturating_mul(16)
+                .saturating_add(LUA_VALUE_BYTES),
+        )?;
+        let narr = c_int::try_from(items.len()).map_err(|_| Fail::new(FailKind::Memory))?;
+        // SAFETY: as in `set_globals`.
+        unsafe {
+            if ffi::lua_checkstack(l, 3) == 0 {
+                return Err(stack_exhausted());
+            }
+            ffi::lua_createtable(l, narr, 0);
+            let t = ffi::lua_gettop(l);
+            for (i, item) in items.iter().enumerate() {
+                let index = i as i64 + 1;
+                self.push(l, item, depth)
+                    .map_err(|f| f.at(Seg::Index(index)))?;
+                ffi::lua_rawseti(l, t, index);
+            }
+        }
+        Ok(())
+    }
+
+    unsafe fn push_map(
+        &mut self,
+        l: *mut ffi::lua_State,
+        pairs: &[(Term, Term)],
+        depth: usize,
+    ) -> Result<(), Fail> {
+        if let Some((_, name)) = pairs
+            .iter()
+            .find(|(k, _)| k.as_atom() == Some("__struct__"))
+        {
+            let module = name.as_atom().unwrap_or_default();
+            let module = module.strip_prefix("Elixir.").unwrap_or(module);
+            if module == "LuaSandbox.Handle" {
+                return Err(invalid(
+                    "a handle cannot become a Lua value under isolation: :process (not yet supported)",
+                ));
+            }
+            return Err(invalid(&format!(
+                "struct {module} cannot become a Lua value (no LuaSandbox.Encoder)"
+            )));
+        }
+        let depth = self.enter(depth)?;
+        self.reserve(
+            pairs
+                .len()
+                .saturating_mul(40)
+                .saturating_add(LUA_VALUE_BYTES),
+        )?;
+        let nrec = c_int::try_from(pairs.len()).map_err(|_| Fail::new(FailKind::Memory))?;
+        // SAFETY: as in `set_globals`.
+        unsafe {
+            if ffi::lua_checkstack(l, 4) == 0 {
+                return Err(stack_exhausted());
+            }
+            ffi::lua_createtable(l, 0, nrec);
+            let t = ffi::lua_gettop(l);
+            for (k, v) in pairs {
+                self.meter.value(0)?;
+                self.push_key(l, k).map_err(|f| f.at(term_seg(k)))?;
+                // Distinct terms can become one Lua key (`"a"` and `:a`, `1` and `1.0`).
+                ffi::lua_pushvalue(l, -1);
+                let taken = ffi::lua_rawget(l, t) != ffi::LUA_TNIL;
+                ffi::lua_pop(l, 1);
+                if taken {
+                    return Err(invalid("two map keys become the same Lua key").at(term_seg(k)));
+                }
+                self.push(l, v, depth).map_err(|f| f.at(term_seg(k)))?;
+                ffi::lua_rawset(l, t);
+            }
+        }
+        Ok(())
+    }
+
+    unsafe fn push_key(&mut self, l: *mut ffi::lua_State, k: &Term) -> Result<(), Fail> {
+        match k {
+            Term::Atom(a) if a == "nil" => Err(invalid("nil cannot be a Lua table key")),
+            Term::Other(what @ ("big integer" | "bitstring")) => {
+                Err(self.not_a_value(what, " key"))
+            }
+            // SAFETY: `push_map` reserved the slot.
+            Term::Atom(_) | Term::Int(_) | Term::Float(_) | Term::Bin(_) => unsafe {
+                self.push_scalar(l, k)
+            },
+            _ => Err(invalid(
+                "map key must be a binary, atom, integer, float or boolean",
+            )),
+        }
+    }
+
+    /// Pushes a boolean, non-nil atom, integer, float or binary.
+    unsafe fn push_scalar(&mut self, l: *mut ffi::lua_State, term: &Term) -> Result<(), Fail> {
+        // SAFETY: as in `set_globals`; the caller guarantees one free slot.
+        unsafe {
+            match term {
+                Term::Atom(a) if a == "true" || a == "false" => {
+                    ffi::lua_pushboolean(l, c_int::from(a == "true"))
+                }
+                Term::Atom(a) => {
+                    self.reserve(a.len() + LUA_VALUE_BYTES)?;
+                    push_str(l, a.as_bytes());
+                }
+                Term::Int(i) => ffi::lua_pushinteger(l, *i),
+                Term::Float(f) => ffi::lua_pushnumber(l, *f),
+                Term::Bin(b) => {
+                    self.reserve(b.len() + LUA_VALUE_BYTES)?;
+                    self.meter.value(b.len())?;
+                    push_str(l, b);
+                }
+                _ => return Err(invalid("unsupported term")),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The path segment of a map key term (only computed for error messages).
+fn term_seg(k: &Term) -> Seg {
+    match k {
+        Term::Bin(b) => key_seg(b),
+        Term::Atom(a) if a == "true" || a == "false" => Seg::Other(a.clone()),
+        Term::Atom(a) => Seg::Key(a.clone()),
+        Term::Int(i) => Seg::Index(*i),
+        other => Seg::Other(format!("{other:?}")),
+    }
+}
+
+/// Pushes a string. Only called with the memory limit lifted (see the module doc).
+unsafe fn push_str(l: *mut ffi::lua_State, bytes: &[u8]) {
+    // SAFETY: the caller checked the stack; `bytes` is valid for its length.
+    unsafe { ffi::lua_pushlstring(l, bytes.as_ptr().cast(), bytes.len()) };
+}
+
+// ---------------------------------------------------------------------------------------------
+// Lua to terms
+
+/// Limits for Lua -> term conversion.
+#[derive(Clone, Copy)]
+pub struct Bounds {
+    pub max_depth: usize,
+    pub max_bytes: u64,
+}
+
+/// How a tool call's arguments failed to convert (the NIF's `marshal::ArgsError`).
+pub enum ArgsError {
+    /// A userdata: a Lua error raised at the call, and the run goes on.
+    Refused(String),
+    /// Anything else ends the run.
+    Fatal(SandboxError),
+}
+
+/// The `n` values from absolute index `first` of `l`'s stack as one encoded list
+/// ([`Term::Raw`]); paths in errors look like `root[i]...`. The stack is left as it was.
+///
+/// # Safety
+/// `first..first + n` must be valid indices of `l`, which must not be running.
+pub unsafe fn to_terms(
+    l: *mut ffi::lua_State,
+    first: c_int,
+    n: c_int,
+    bounds: Bounds,
+    root: &str,
+) -> Result<Term, SandboxError> {
+    // SAFETY: forwarded contract.
+    unsafe { read_values(l, first, n, bounds) }.map_err(|f| f.into_error(root))
+}
+
+/// [`to_terms`] for a tool call's arguments (path rooted at `root`, e.g. `tools.read`).
+///
+/// # Safety
+/// As for [`to_terms`].
+pub unsafe fn tool_args(
+    l: *mut ffi::lua_State,
+    first: c_int,
+    n: c_int,
+    bounds: Bounds,
+    root: &str,
+) -> Result<Term, ArgsError> {
+    // SAFETY: forwarded contract.
+    unsafe { read_values(l, first, n, bounds) }.map_err(|f| match f.kind {
+        FailKind::Userdata => ArgsError::Refused(format!(
+            "userdata cannot be passed to a tool (at {})",
+            f.path(root)
+        )),
+        _ => ArgsError::Fatal(f.into_error(root)),
+    })
+}
+
+/// The value at absolute index `idx`, encoded ([`Term::Raw`]), the path rooted at `root`.
+///
+/// # Safety
+/// As for [`to_terms`].
+pub unsafe fn to_term(
+    l: *mut ffi::lua_State,
+    idx: c_int,
+    bounds: Bounds,
+    root: &str,
+) -> Result<Term, SandboxError> {
+    let mut reader = Reader::new(bounds);
+    // SAFETY: reading never raises (module doc); the stack is reset afterwards.
+    unsafe {
+        let top = ffi::lua_gettop(l);
+        let r = reader.read(l, idx, 0).and_then(|()| reader.meter.flush());
+        ffi::lua_settop(l, top);
+        r.map_err(|f| f.into_error(root))?;
+    }
+    Ok(Term::Raw(reader.out))
+}
+
+unsafe fn read_values(
+    l: *mut ffi::lua_State,
+    first: c_int,
+    n: c_int,
+    bounds: Bounds,
+) -> Result<Term, Fail> {
+    let mut reader = Reader::new(bounds);
+    if n > 0 {
+        proto::put_header(&mut reader.out, false, n as u32);
+    }
+    // SAFETY: reading never raises (module doc); the stack is reset afterwards.
+    unsafe {
+        let top = ffi::lua_gettop(l);
+        let mut result = Ok(());
+        for (i, idx) in (first..first + n).enumerate() {
+            if let Err(f) = reader.read(l, idx, 0) {
+                result = Err(f.at(Seg::Index(i as i64 + 1)));
+                break;
+            }
+        }
+        let result = result.and_then(|()| reader.meter.flush());
+        ffi::lua_settop(l, top);
+        result?;
+    }
+    proto::put_nil(&mut reader.out);
+    Ok(Term::Raw(reader.out))
+}
+
+/// Reads Lua values straight into the external term format: the bytes held are about the
+/// bytes `max_result_bytes` counts, with no tree of terms in between.
+struct Reader {
+    bounds: Bounds,
+    bytes_left: u64,
+    /// The tables on the path from the root to the value being read.
+    visiting: HashSet<*const c_void>,
+    meter: Meter,
+    out: Vec<u8>,
+    /// For each table being read whose keys are still all positive integers: each entry's
+    /// key and its value's byte range in `out`, relative to the table's header.
+    entries: Vec<Entry>,
+}
+
+#[derive(Clone, Copy)]
+struct Entry {
+    key: u32,
+    start: u32,
+    end: u32,
+}
+
+impl Reader {
+    fn new(bounds: Bounds) -> Reader {
+        Reader {
+            bounds,
+            bytes_left: bounds.max_bytes,
+            visiting: HashSet::new(),
+            meter: Meter::default(),
+            out: Vec::new(),
+            entries: Vec::new(),
+        }
+    }
+
+    fn charge(&mut self, bytes: u64) -> Result<(), Fail> {
+        self.meter.value(bytes as usize)?;
+        let cost = bytes.saturating_add(VALUE_COST);
+        if cost > self.bytes_left {
+            self.bytes_left = 0;
+            return Err(Fail::new(FailKind::Size(self.bounds.max_bytes)));
+        }
+        self.bytes_left -= cost;
+        Ok(())
+    }
+
+    fn boolean(&mut self, b: bool) {
+        proto::put_atom(&mut self.out, if b { "true" } else { "false" });
+    }
+
+    /// Encodes the value at absolute stack index `idx`.
+    unsafe fn read(
+        &mut self,
+        l: *mut ffi::lua_State,
+        idx: c_int,
+        depth: usize,
+    ) -> Result<(), Fail> {
+        // SAFETY: `idx` is a valid absolute index; `lua_to*` only on values of the matching
+        // type, so none converts or allocates.
+        unsafe {
+            match ffi::lua_type(l, idx) {
+                ffi::LUA_TNIL => {
+                    self.charge(0)?;
+                    proto::put_atom(&mut self.out, "nil");
+                }
+                ffi::LUA_TBOOLEAN => {
+                    self.charge(0)?;
+                    self.boolean(ffi::lua_toboolean(l, idx) != 0);
+                }
+                ffi::LUA_TNUMBER => {
+                    self.charge(0)?;
+                    number(l, idx, &mut self.out);
+                }
+                ffi::LUA_TSTRING => {
+                    let bytes = lua_bytes(l, idx);
+                    self.charge(bytes.len() as u64)?;
+                    proto::put_bin(&mut self.out, bytes);
+                }
+                ffi::LUA_TTABLE => self.read_table(l, idx, depth)?,
+                ffi::LUA_TLIGHTUSERDATA
+                    if ffi::lua_touserdata(l, idx).cast_const() == sandbox::json_null() =>
+                {
+                    self.charge(0)?;
+                    proto::put_atom(&mut self.out, "nil");
+                }
+                ffi::LUA_TUSERDATA => return Err(Fail::new(FailKind::Userdata)),
+                ffi::LUA_TFUNCTION => return Err(unsupported("a function")),
+                ffi::LUA_TTHREAD => return Err(unsupported("a coroutine")),
+                _ => return Err(unsupported("userdata")),
+            }
+        }
+        Ok(())
+    }
+
+    unsafe fn read_table(
+        &mut self,
+        l: *mut ffi::lua_State,
+        idx: c_int,
+        depth: usize,
+    ) -> Result<(), Fail> {
+        // SAFETY: as in `read`.
+        unsafe {
+            let ptr = ffi::lua_topointer(l, idx);
+            if self.visiting.contains(&ptr) {
+                return Err(Fail::new(FailKind::Cycle));
+            }
+            if depth >= self.bounds.max_depth {
+                return Err(Fail::new(FailKind::Depth(self.bounds.max_depth)));
+            }
+            if ffi::lua_checkstack(l, 4) == 0 {
+                return Err(stack_exhausted());
+            }
+            self.charge(0)?;
+            self.visiting.insert(ptr);
+            let result = self.read_entries(l, idx, depth + 1);
+            self.visiting.remove(&ptr);
+            result
+        }
+    }
+
+    /// One traversal, written as a map (key, value, key, value...); when the keys turn out to
+    /// be exactly `1..n`, rewritten in place as a list of the values in key order.
+    unsafe fn read_entries(
+        &mut self,
+        l: *mut ffi::lua_State,
+        idx: c_int,
+        depth: usize,
+    ) -> Result<(), Fail> {
+        let header = self.out.len();
+        proto::put_header(&mut self.out, true, 0);
+        let base = self.entries.len();
+        let mut sequence = true;
+        let mut max_index: i64 = 0;
+        let mut integer_keys: u64 = 0;
+        let mut n: usize = 0;
+        let offset = |out: &Vec<u8>| u32::try_from(out.len() - header).ok();
+        // SAFETY: as in `read_table`; `lua_next` is driven with the key it returned and the
+        // table is not modified. On an early return the slots left are reset by the caller.
+        unsafe {
+            ffi::lua_pushnil(l);
+            while ffi::lua_next(l, idx) != 0 {
+                let mut key = None;
+                match ffi::lua_type(l, -2) {
+                    ffi::LUA_TNUMBER if ffi::lua_isinteger(l, -2) != 0 => {
+                        let i = ffi::lua_tointegerx(l, -2, std::ptr::null_mut());
+                        integer_keys += 1;
+                        match u32::try_from(i) {
+                            Ok(k) if sequence && k >= 1 => {
+                                max_index = max_index.max(i);
+                                key = Some(k);
+                            }
+                            _ => sequence = false,
+                        }
+                        proto::put_int(&mut self.out, i);
+                    }
+                    ffi::LUA_TSTRING => {
+                        sequence = false;
+                        let bytes = lua_bytes(l, -2);
+                        self.charge(bytes.len() as u64)?;
+                        proto::put_bin(&mut self.out, bytes);
+                    }
+                    ffi::LUA_TNUMBER => {
+                        sequence = false;
+                        self.charge(0)?;
+                        number(l, -2, &mut self.out);
+                    }
+                    ffi::LUA_TBOOLEAN => {
+                        sequence = false;
+                        self.charge(0)?;
+                        self.boolean(ffi::lua_toboolean(l, -2) != 0);
+                    }
+                    ffi::LUA_TTABLE => return Err(unsupported("a table key")),
+                    ffi::LUA_TFUNCTION => return Err(unsupported("a function key")),
+                    _ => return Err(unsupported("this key")),
+                }
+                let start = offset(&self.out);
+                let value_idx = ffi::lua_gettop(l);
+                if let Err(f) = self.read(l, value_idx, depth) {
+                    return Err(f.at(lua_key_seg(l, value_idx - 1)));
+                }
+                match (key, start, offset(&self.out)) {
+                    (Some(key), Some(start), Some(end)) if sequence => {
+                        self.entries.push(Entry { key, start, end })
+                    }
+                    _ => sequence = false,
+                }
+                n += 1;
+                ffi::lua_pop(l, 1);
+            }
+        }
+        let count = u32::try_from(n).map_err(|_| Fail::new(FailKind::Memory))?;
+        if sequence && n > 0 && max_index as usize == n {
+            self.rewrite_as_list(header, base, count);
+        } else {
+            // A map after all: its integer keys count as values too.
+            for _ in 0..integer_keys {
+                self.charge(0)?;
+            }
+            proto::set_header(&mut self.out, header, true, count);
+        }
+        self.entries.truncate(base);
+        Ok(())
+    }
+
+    /// Rewrites the map of `count` entries at `header` (keys `1..count`, each once) as the
+    /// list of its values in key order, in place when they came in order (the array part,
+    /// the common case): each value moves down over the keys before it.
+    fn rewrite_as_list(&mut self, header: usize, base: usize, count: u32) {
+        let in_order = self.entries[base..]
+            .iter()
+            .zip(1..)
+            .all(|(e, k)| e.key == k);
+        if in_order {
+            let mut w = header + proto::HEADER_BYTES;
+            for e in &self.entries[base..] {
+                let (start, end) = (header + e.start as usize, header + e.end as usize);
+                self.out.copy_within(start..end, w);
+                w += end - start;
+            }
+            self.out.truncate(w);
+        } else {
+            // Distinct integers in 1..=n, out of order: a permutation (rare), copied once.
+            self.entries[base..].sort_unstable_by_key(|e| e.key);
+            let map = self.out.split_off(header);
+            self.out.extend([0; proto::HEADER_BYTES]);
+            for e in &self.entries[base..] {
+                self.out
+                    .extend_from_slice(&map[e.start as usize..e.end as usize]);
+            }
+        }
+        proto::set_header(&mut self.out, header, false, count);
+        proto::put_nil(&mut self.out);
+    }
+}
+
+/// Encodes a Lua number: NaN and the infinities as the NIF sends them (`:nan`, `:infinity`,
+/// `:neg_infinity`).
+///
+/// # Safety
+/// The slot must hold a number.
+unsafe fn number(l: *mut ffi::lua_State, idx: c_int, out: &mut Vec<u8>) {
+    // SAFETY: per the contract, neither call converts.
+    unsafe {
+        if ffi::lua_isinteger(l, idx) != 0 {
+            return proto::put_int(out, ffi::lua_tointegerx(l, idx, std::ptr::null_mut()));
+        }
+        let f = ffi::lua_tonumberx(l, idx, std::ptr::null_mut());
+        if f.is_nan() {
+            proto::put_atom(out, "nan")
+        } else if f == f64::INFINITY {
+            proto::put_atom(out, "infinity")
+        } else if f == f64::NEG_INFINITY {
+            proto::put_atom(out, "neg_infinity")
+        } else {
+            proto::put_float(out, f)
+        }
+    }
+}
+
+/// The path segment of the key at `idx` (only computed for error messages).
+///
+/// # Safety
+/// `idx` must be a valid index of a string, number or boolean key.
+unsafe fn lua_key_seg(l: *mut ffi::lua_State, idx: c_int) -> Seg {
+    // SAFETY: per the contract; only type-matching accessors are used.
+    unsafe {
+        match ffi::lua_type(l, idx) {
+            ffi::LUA_TSTRING => key_seg(lua_bytes(l, idx)),
+            ffi::LUA_TNUMBER if ffi::lua_isinteger(l, idx) != 0 => {
+                Seg::Index(ffi::lua_tointegerx(l, idx, std::ptr::null_mut()))
+            }
+            ffi::LUA_TNUMBER => Seg::Other(format!(
+                "{}",
+                ffi::lua_tonumberx(l, idx, std::ptr::null_mut())
+            )),
+            ffi::LUA_TBOOLEAN => Seg::Other((ffi::lua_toboolean(l, idx) != 0).to_string()),
+            _ => Seg::Other("?".into()),
+        }
+    }
+}
+
+/// The bytes of the string at `idx`.
+///
+/// # Safety
+/// The slot must hold a string; the bytes are valid while it stays on the stack.
+unsafe fn lua_bytes<'x>(l: *mut ffi::lua_State, idx: c_int) -> &'x [u8] {
+    let mut len = 0usize;
+    // SAFETY: per the contract the value is a string: no conversion, no raise.
+    unsafe {
+        let p = ffi::lua_tolstring(l, idx, &mut len);
+        if p.is_null() {
+            &[]
+        } else {
+            std::slice::from_raw_parts(p.cast::<u8>(), len)
+        }
+    }
+}

@@ -1,0 +1,484 @@
+//! Runs scripts in the worker, with the core's run machinery (`exec::Run`) as the NIF does
+//! (`native/lua_sandbox_nif/src/run.rs`), answering in the same shapes: `{:ok, values, output,
+//! stats}`, the error answer `{:error, {kind, message, line, traceback, value}, output, stats}`,
+//! or `{:tool_call, name, args}` with the run parked until the `{:reply, reply}` request.
+//!
+//! The worker has one slot, built before the jail and kept in the core's pool
+//! ([`pool::keep`]); every run leases it and gives it back restored from its snapshot. A run's
+//! caller is the BEAM end of the pipe: when the port closes (the caller died, the pool gave up
+//! on the worker) fd 0 hangs up, the budget's liveness check sees it at the next tick and the
+//! run ends `:killed`; the deadline is the run's own (`timeout` in its limits).
+
+use std::ffi::{c_int, c_void};
+use std::time::{Duration, Instant};
+
+use lua_sandbox_core::chunk::{check_source, Code};
+use lua_sandbox_core::control::Caller;
+use lua_sandbox_core::error::{line_of, SandboxError};
+use lua_sandbox_core::exec::{
+    Entry, Home, Limits, Module, Push, Reply, Run, Setup, StateSetup, Stats, Step,
+};
+use lua_sandbox_core::output::Print;
+use lua_sandbox_core::{ffi, pool, protect, Slot};
+
+use crate::marshal::{self, ArgsError, Bounds};
+use crate::proto::Term;
+
+/// Runs scripts in the worker's one slot; holds the run parked at a tool call, if any.
+pub struct Runner {
+    capacity: usize,
+    /// The largest `max_memory` the slot serves (the worker's argument).
+    max_memory: usize,
+    parked: Option<Run>,
+}
+
+impl Runner {
+    /// Keeps `slot` (pristine, built for `max_memory`) in the core's pool for the runs.
+    pub fn new(slot: Slot, max_memory: usize) -> Runner {
+        let capacity = slot.capacity();
+        pool::keep(slot);
+        Runner {
+            capacity,
+            max_memory,
+            parked: None,
+        }
+    }
+
+    /// The worker's slot, leased (for the test-only probes that run Lua directly).
+    pub fn lease(&self) -> Result<pool::Lease, SandboxError> {
+        pool::lease_from(self.capacity)
+    }
+
+    /// Starts a run: `source` (Lua text) with `opts` (the map `LuaSandbox.Worker.run_opts/1`
+    /// builds from the NIF's options). A run parked at a tool call is dropped first (its
+    /// caller gave up on it).
+    pub fn start(&mut self, source: &Term, opts: &Term) -> Term {
+        self.parked = None;
+        let t0 = Instant::now();
+        let opts = match Opts::decode(opts, self.max_memory) {
+            Ok(opts) => opts,
+            Err(e) => return early(e, "", t0),
+        };
+        let early = |e: SandboxError| early(e, &opts.chunk_name, t0);
+        let Some(source) = source.as_bin() else {
+            return early(SandboxError::InvalidInput(
+                "source must be Lua text".to_string(),
+            ));
+        };
+        let limits = opts.limits;
+        if let Err(e) = check_source(source, limits.max_source, "source") {
+            return early(e);
+        }
+        let code = match Code::new(source, &opts.chunk_name, false) {
+            Ok(code) => code,
+            Err(e) => return early(e),
+        };
+        let lease = match pool::lease_from(self.capacity) {
+            Ok(lease) => lease,
+            Err(e) => return early(e),
+        };
+        let mut run = Run::new(
+            Home::Fresh(lease),
+            limits,
+            if opts.discard {
+                Print::Discard
+            } else {
+                Print::Capture
+            },
+            opts.chunk_name.clone(),
+            None,
+            t0,
+        );
+        let max_depth = limits.max_depth;
+        let prepared = opts.modules().and_then(|modules| {
+            let mut globals = |l: *mut ffi::lua_State, limit: usize| {
+                // SAFETY: `exec` calls this on a state that is not running, its limit lifted.
+                unsafe { marshal::push_globals(l, &opts.globals, max_depth, limit) }.map(|()| 0)
+            };
+            let mut call = opts.call.as_ref().map(|(name, args)| {
+                let push = move |l: *mut ffi::lua_State, limit: usize| {
+                    // SAFETY: as for the globals.
+                    unsafe { marshal::push_values(l, args, max_depth, "call.args", limit) }
+                };
+                (name.as_str(), push)
+            });
+            let setup = Setup {
+                state: Some(StateSetup {
+                    globals: (!opts.globals.is_empty()).then_some(&mut globals as Push),
+                    tools: &opts.tools,
+                    modules: &modules,
+                }),
+                call_globals: None,
+                entry: Entry::Chunk(&code),
+                call: call.as_mut().map(|(name, push)| (*name, push as Push)),
+            };
+            run.prepare(caller(), setup)
+        });
+        let step = prepared.and_then(|nargs| run.resume(caller(), nargs));
+        run.elapsed = t0.elapsed();
+        self.settle(run, step)
+    }
+
+    /// Gives the tool's reply to the parked run and runs it to its next stop.
+    pub fn reply(&mut self, reply: &Term) -> Term {
+        let Some(mut run) = self.parked.take() else {
+            return Term::tuple([Term::atom("error"), Term::bin("no run is parked")]);
+        };
+        let t0 = Instant::now();
+        run.scope.control.clock_start();
+        let step = reply_to_lua(&mut run, reply).and_then(|nargs| run.resume(caller(), nargs));
+        run.elapsed += t0.elapsed();
+        self.settle(run, step)
+    }
+
+    /// Turns a step into the answer; a tool call parks the run, any other outcome ends it
+    /// (the slot goes back, restored).
+    fn settle(&mut self, mut run: Run, mut step: Result<Step, SandboxError>) -> Term {
+        // Converting results and tool arguments is charged to the run's budget, so it runs
+        // with the run's scope active.
+        let scope: *const lua_sandbox_core::scope::Scope = &*run.scope;
+        // SAFETY: the scope is boxed in `run`, which outlives the activation (dropped at the
+        // end of this function, before `run` is parked or dropped).
+        let active = unsafe { &*scope }.activate(caller());
+        let answer = loop {
+            match settle_once(&mut run, step) {
+                Settled::Final(term) => break term,
+                Settled::ToolCall(term) => {
+                    drop(active);
+                    run.scope.control.clock_stop();
+                    self.parked = Some(run);
+                    return term;
+                }
+                Settled::Refused(message) => {
+                    let t0 = Instant::now();
+                    step = run
+                        .reply(caller(), Reply::Refused(&message))
+                        .and_then(|n| run.resume(caller(), n));
+                    run.elapsed += t0.elapsed();
+                }
+            }
+        };
+        drop(active);
+        run.scope.control.clock_stop();
+        answer
+    }
+}
+
+enum Settled {
+    Final(Term),
+    ToolCall(Term),
+    /// The tool call's arguments were refused: this message is raised in Lua.
+    Refused(String),
+}
+
+fn bounds(run: &Run) -> Bounds {
+    Bounds {
+        max_depth: run.limits.max_depth,
+        max_bytes: run.limits.max_result_bytes,
+    }
+}
+
+fn settle_once(run: &mut Run, step: Result<Step, SandboxError>) -> Settled {
+    let thread = run.thread();
+    Settled::Final(match step {
+        Err(e) => finish_error(run, e, None),
+        Ok(Step::Failed { idx }) => {
+            // SAFETY: `idx` is the error object's slot on the finished thread.
+            let message = unsafe { protect::describe(thread, idx) };
+            finish_error(run, SandboxError::Runtime(message), Some(idx))
+        }
+        Ok(Step::Done { first, n }) => {
+            // SAFETY: the results are on the finished thread's stack at `first..first + n`.
+            match unsafe { marshal::to_terms(thread, first, n, bounds(run), "result") } {
+                Ok(values) => {
+                    run.succeeded();
+                    let output = run.scope.output().finish(caller());
+                    Term::tuple([
+                        Term::atom("ok"),
+                        values,
+                        Term::Bin(output),
+                        stats_term(&run.stats()),
+                    ])
+                }
+                Err(e) => finish_error(run, e, None),
+            }
+        }
+        Ok(Step::ToolCall {
+            name,
+            first,
+            n,
+            keep,
+        }) => {
+            let root = format!("tools.{name}");
+            // SAFETY: the arguments are on the suspended thread at `first..first + n`.
+            let args = unsafe { marshal::tool_args(thread, first, n, bounds(run), &root) };
+            run.take_tool_args(keep);
+            match args {
+                Err(ArgsError::Refused(message)) => return Settled::Refused(message),
+                Err(ArgsError::Fatal(e)) => finish_error(run, e, None),
+                Ok(args) => {
+                    return Settled::ToolCall(Term::tuple([
+                        Term::atom("tool_call"),
+                        Term::bin(name),
+                        args,
+                    ]))
+                }
+            }
+        }
+    })
+}
+
+/// The tool's answer (`LuaSandbox.Tools.call/4`'s, or a limit's kind) given to the parked run.
+fn reply_to_lua(run: &mut Run, reply: &Term) -> Result<c_int, SandboxError> {
+    // A limit's kind: the run ends as it would at that limit inside Lua (run.rs of the NIF).
+    match reply.as_atom() {
+        Some("timeout") => return Err(SandboxError::Timeout),
+        Some("memory_limit") => return Err(SandboxError::MemoryLimit),
+        Some("instruction_limit") => return Err(SandboxError::InstructionLimit),
+        _ => {}
+    }
+    let bad = || SandboxError::InvalidInput("bad tool reply".to_string());
+    let Term::Tuple(t) = reply else {
+        return Err(bad());
+    };
+    let [tag, payload] = t.as_slice() else {
+        return Err(bad());
+    };
+    let max_depth = run.limits.max_depth;
+    match (tag.as_atom(), payload) {
+        (Some("ok"), value) => {
+            let values = std::slice::from_ref(value);
+            let mut push = |l: *mut ffi::lua_State, limit: usize| {
+                // SAFETY: `exec` calls this on the main state, not running, its limit lifted.
+                unsafe { marshal::push_values(l, values, max_depth, "tool result", limit) }
+            };
+            run.reply(caller(), Reply::Values(&mut push))
+        }
+        (Some("error"), Term::Bin(msg)) => run.reply(caller(), Reply::Error(msg)),
+        (Some("raise"), Term::Bin(msg)) => run.reply(caller(), Reply::Raise(msg)),
+        _ => Err(SandboxError::InvalidInput("bad tool error".to_string())),
+    }
+}
+
+/// The error answer; `value_idx` is the error object's slot on the run coroutine, if any.
+fn finish_error(run: &mut Run, e: SandboxError, value_idx: Option<c_int>) -> Term {
+    let e = run.outcome(e);
+    let line = line_of(&e.to_string(), &run.chunk_name);
+    let runtime = matches!(e, SandboxError::Runtime(_));
+    let traceback = if runtime {
+        run.scope.take_traceback()
+    } else {
+        None
+    };
+    let thread = run.thread();
+    // A non-string error object travels as a value, bounded like any result.
+    let value = match value_idx {
+        Some(idx) if runtime => {
+            // SAFETY: `idx` is a valid slot of the finished thread; reading never raises.
+            let t = unsafe { ffi::lua_type(thread, idx) };
+            if t == ffi::LUA_TNIL || t == ffi::LUA_TSTRING {
+                None
+            } else {
+                let bounds = Bounds {
+                    max_depth: 64,
+                    max_bytes: 1 << 20,
+                };
+                // SAFETY: as above.
+                unsafe { marshal::to_term(thread, idx, bounds, "error") }.ok()
+            }
+        }
+        _ => None,
+    };
+    let output = run.scope.output().finish(caller());
+    failure(&e, line, traceback, value, output, &run.stats())
+}
+
+/// The error answer of a run that failed before it started.
+fn early(e: SandboxError, chunk_name: &str, t0: Instant) -> Term {
+    let line = line_of(&e.to_string(), chunk_name);
+    let stats = Stats {
+        duration_us: t0.elapsed().as_micros() as u64,
+        ..Stats::default()
+    };
+    failure(&e, line, None, None, Vec::new(), &stats)
+}
+
+/// `{:error, {kind, message, line, traceback, value}, output, stats}`, the NIF's `Failure`.
+fn failure(
+    e: &SandboxError,
+    line: Option<u32>,
+    traceback: Option<String>,
+    value: Option<Term>,
+    output: Vec<u8>,
+    stats: &Stats,
+) -> Term {
+    let nil = || Term::atom("nil");
+    Term::tuple([
+        Term::atom("error"),
+        Term::tuple([
+            Term::atom(e.kind_name()),
+            Term::bin(e.to_string()),
+            line.map_or_else(nil, |l| Term::Int(l.into())),
+            traceback.map_or_else(nil, Term::bin),
+            value.unwrap_or_else(nil),
+        ]),
+        Term::Bin(output),
+        stats_term(stats),
+    ])
+}
+
+/// `%{instructions:, memory_peak:, duration_us:, tool_calls:, cpu_us:, denied:}` (the NIF's
+/// `term::stats_term`).
+fn stats_term(stats: &Stats) -> Term {
+    let int = |v: u64| Term::Int(v.min(i64::MAX as u64) as i64);
+    let denied = stats
+        .denied
+        .iter()
+        .map(|(name, n)| (Term::bin(name), int(*n)))
+        .collect();
+    Term::Map(vec![
+        (Term::atom("instructions"), int(stats.instructions)),
+        (Term::atom("memory_peak"), int(stats.memory_peak)),
+        (Term::atom("duration_us"), int(stats.duration_us)),
+        (Term::atom("tool_calls"), int(stats.tool_calls)),
+        (Term::atom("cpu_us"), int(stats.cpu_us)),
+        (Term::atom("denied"), Term::Map(denied)),
+    ])
+}
+
+/// The worker's caller: the BEAM end of its pipe, alive until the port closes.
+fn caller() -> Caller {
+    Caller {
+        // Never read: `alive` looks at fd 0. Non-null, so the budget asks.
+        env: std::ptr::NonNull::<c_void>::dangling().as_ptr(),
+        alive: Some(alive),
+    }
+}
+
+/// # Safety
+/// None needed: the env is not read.
+unsafe fn alive(_env: *mut c_void) -> bool {
+    !crate::hung_up()
+}
+
+/// A run's options as `LuaSandbox.Worker` sends them.
+struct Opts {
+    limits: Limits,
+    chunk_name: String,
+    globals: Vec<(String, Term)>,
+    call: Option<(String, Vec<Term>)>,
+    tools: Vec<String>,
+    modules: Vec<(String, Vec<u8>)>,
+    /// `print: :discard` (`:capture` and `:log` both capture; the BEAM logs).
+    discard: bool,
+}
+
+impl Opts {
+    fn decode(opts: &Term, worker_memory: usize) -> Result<Opts, SandboxError> {
+        let bad = |what: &str| SandboxError::InvalidInput(format!("bad run option {what}"));
+        let Term::Map(pairs) = opts else {
+            return Err(bad("map"));
+        };
+        let get = |key: &str| {
+            pairs
+                .iter()
+                .find(|(k, _)| k.as_atom() == Some(key))
+                .map(|(_, v)| v)
+        };
+        let int = |key: &str| match get(key) {
+            Some(Term::Int(i)) if *i >= 0 => Ok(*i as u64),
+            _ => Err(bad(key)),
+        };
+        let text = |t: &Term, what: &str| match t {
+            Term::Bin(b) => String::from_utf8(b.clone()).map_err(|_| bad(what)),
+            _ => Err(bad(what)),
+        };
+        let list = |key: &str| match get(key) {
+            Some(Term::List(items)) => Ok(items.as_slice()),
+            _ => Err(bad(key)),
+        };
+        let max_memory = pool::clamp_memory(int("max_memory")?);
+        if max_memory > worker_memory {
+            return Err(SandboxError::InvalidInput(format!(
+                "max_memory above {worker_memory} bytes is not yet supported with \
+                 isolation: :process (the worker's arena is built for that much)"
+            )));
+        }
+        let timeout = match get("timeout") {
+            Some(Term::Int(ms)) if *ms >= 0 => Some(Duration::from_millis(*ms as u64)),
+            Some(Term::Atom(a)) if a == "nil" => None,
+            _ => return Err(bad("timeout")),
+        };
+        let limits = Limits {
+            max_instructions: int("max_instructions")?,
+            max_memory,
+            max_depth: int("max_depth")? as usize,
+            max_result_bytes: int("max_result_bytes")?,
+            max_output: int("max_output")? as usize,
+            max_source: int("max_source")? as usize,
+            max_tool_calls: int("max_tool_calls")?,
+            timeout,
+        };
+        let pair = |t: &Term, what: &str| match t {
+            Term::Tuple(kv) if kv.len() == 2 => Ok((text(&kv[0], what)?, kv[1].clone())),
+            _ => Err(bad(what)),
+        };
+        let globals = list("globals")?
+            .iter()
+            .map(|g| pair(g, "globals"))
+            .collect::<Result<_, _>>()?;
+        let call = match get("call") {
+            Some(Term::Atom(a)) if a == "nil" => None,
+            Some(c) => match pair(c, "call")? {
+                (name, Term::List(args)) => Some((name, args)),
+                _ => return Err(bad("call")),
+            },
+            None => return Err(bad("call")),
+        };
+        let tools = list("tools")?
+            .iter()
+            .map(|t| text(t, "tools"))
+            .collect::<Result<_, _>>()?;
+        let modules = list("modules")?
+            .iter()
+            .map(|m| match pair(m, "modules")? {
+                (name, Term::Bin(source)) => Ok((name, source)),
+                (name, _) => Err(SandboxError::InvalidInput(format!(
+                    "module '{name}' must be Lua source or a compiled chunk"
+                ))),
+            })
+            .collect::<Result<_, _>>()?;
+        let chunk_name = match get("chunk_name") {
+            Some(t) => text(t, "chunk_name")?,
+            None => return Err(bad("chunk_name")),
+        };
+        let discard = match get("print").and_then(Term::as_atom) {
+            Some("discard") => true,
+            Some("capture" | "log") => false,
+            _ => return Err(bad("print")),
+        };
+        Ok(Opts {
+            discard,
+            limits,
+            chunk_name,
+            globals,
+            call,
+            tools,
+            modules,
+        })
+    }
+
+    /// The modules' chunks, checked against `max_source`, ready to load.
+    fn modules(&self) -> Result<Vec<Module<'_>>, SandboxError> {
+        self.modules
+            .iter()
+            .map(|(name, source)| {
+                check_source(source, self.limits.max_source, &format!("module '{name}'"))?;
+                Ok(Module {
+                    name,
+                    code: Code::new(source, name, false)?,
+                })
+            })
+            .collect()
+    }
+}
