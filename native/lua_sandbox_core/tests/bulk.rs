@@ -35,13 +35,14 @@ unsafe fn alive(env: *mut c_void) -> bool {
     true
 }
 
-/// Runs `src` to its end; returns its outcome and the longest stretch between two checks.
-fn longest_stretch(src: &str) -> (Result<(), SandboxError>, Duration) {
-    let stretches = Stretches::default();
-    let caller = Caller {
-        env: (&stretches as *const Stretches).cast_mut().cast(),
-        alive: Some(alive),
-    };
+/// Runs `src` to its end in a fresh slot for `caller`: `started` runs just before the script,
+/// `finished` just after it (before the slot is given back).
+fn run_to_end(
+    src: &str,
+    caller: Caller,
+    started: impl FnOnce(),
+    finished: impl FnOnce(),
+) -> Result<(), SandboxError> {
     let limits = Limits {
         max_instructions: 1 << 40,
         max_memory: 512 << 20,
@@ -67,21 +68,41 @@ fn longest_stretch(src: &str) -> (Result<(), SandboxError>, Duration) {
         entry: Entry::Chunk(&code),
         call: None,
     };
-    stretches
-        .last
-        .store(thread_cpu().as_nanos() as u64, Ordering::Relaxed);
+    started();
     let step = run
         .prepare(caller, setup)
         .and_then(|nargs| run.resume(caller, nargs));
-    // The tail after the last check counts too.
-    // SAFETY: `stretches` is alive; the call only reads the clock and updates the counters.
-    unsafe { alive((&stretches as *const Stretches).cast_mut().cast()) };
-    let outcome = match step {
+    finished();
+    match step {
         Ok(Step::Done { .. }) => Ok(()),
-        Ok(Step::Failed { .. }) => Err(SandboxError::Runtime(String::new())),
+        Ok(Step::Failed { .. }) => Err(run.outcome(SandboxError::Runtime(String::new()))),
         Err(e) => Err(run.outcome(e)),
         Ok(other) => panic!("{other:?}"),
+    }
+}
+
+/// Runs `src` to its end; returns its outcome and the longest stretch between two checks.
+fn longest_stretch(src: &str) -> (Result<(), SandboxError>, Duration) {
+    let stretches = Stretches::default();
+    let env: *mut c_void = (&stretches as *const Stretches).cast_mut().cast();
+    let caller = Caller {
+        env,
+        alive: Some(alive),
     };
+    let outcome = run_to_end(
+        src,
+        caller,
+        || {
+            stretches
+                .last
+                .store(thread_cpu().as_nanos() as u64, Ordering::Relaxed)
+        },
+        // The tail after the last check counts too.
+        // SAFETY: `stretches` is alive; the call only reads the clock and updates the counters.
+        || unsafe {
+            alive(env);
+        },
+    );
     let longest = Duration::from_nanos(stretches.longest.load(Ordering::Relaxed));
     (outcome, longest)
 }
@@ -132,40 +153,7 @@ fn killed_at(src: &str, checks: u64) -> (Result<(), SandboxError>, u64) {
         env: (&left as *const AtomicU64).cast_mut().cast(),
         alive: Some(alive_for),
     };
-    let limits = Limits {
-        max_instructions: 1 << 40,
-        max_memory: 512 << 20,
-        ..common::limits()
-    };
-    let lease = pool::lease(limits.max_memory).expect("a slot");
-    let mut run = Run::new(
-        Home::Fresh(lease),
-        limits,
-        Print::Discard,
-        "script".to_string(),
-        None,
-        Instant::now(),
-    );
-    let code = Code::new(src.as_bytes(), "script", false).unwrap();
-    let setup = Setup {
-        state: Some(StateSetup {
-            globals: None,
-            tools: &[],
-            modules: &[],
-        }),
-        call_globals: None,
-        entry: Entry::Chunk(&code),
-        call: None,
-    };
-    let step = run
-        .prepare(caller, setup)
-        .and_then(|nargs| run.resume(caller, nargs));
-    let outcome = match step {
-        Ok(Step::Done { .. }) => Ok(()),
-        Ok(Step::Failed { .. }) => Err(run.outcome(SandboxError::Runtime(String::new()))),
-        Err(e) => Err(run.outcome(e)),
-        Ok(other) => panic!("{other:?}"),
-    };
+    let outcome = run_to_end(src, caller, || {}, || {});
     (outcome, checks.wrapping_sub(left.load(Ordering::Relaxed)))
 }
 
