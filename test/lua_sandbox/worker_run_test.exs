@@ -7,6 +7,8 @@ defmodule LuaSandbox.WorkerRunTest do
   # API test modules run under both isolations (LuaSandbox.Isolation).
   use ExUnit.Case, async: true
 
+  import LuaSandbox.TestWait
+
   alias LuaSandbox.Error
 
   @big 1_000_000_000_000
@@ -23,23 +25,6 @@ defmodule LuaSandbox.WorkerRunTest do
   end
 
   defp os_pids(sup), do: Enum.map(LuaSandbox.Supervisor.info(sup).workers, & &1.os_pid)
-
-  defp alive?(os_pid) do
-    case File.read("/proc/#{os_pid}/status") do
-      {:ok, s} -> not (s =~ ~r/^State:\s+Z/m)
-      _ -> false
-    end
-  end
-
-  defp within(ms, fun, started \\ System.monotonic_time(:millisecond)) do
-    now = System.monotonic_time(:millisecond)
-
-    cond do
-      fun.() -> now - started
-      now - started > ms -> nil
-      true -> Process.sleep(1) && within(ms, fun, started)
-    end
-  end
 
   # The OS pid of the worker that serves `sup`'s next run, seen from inside the run: a tool
   # reports it (by elimination: the one busy worker).
@@ -64,10 +49,10 @@ defmodule LuaSandbox.WorkerRunTest do
 
       assert_receive :started, 5_000
       Process.sleep(20)
-      assert alive?(os_pid)
+      assert os_alive?(os_pid)
       Process.exit(caller, :kill)
       # The guarantee is milliseconds; the bound is wide for a loaded machine.
-      assert ms = within(2_000, fn -> not alive?(os_pid) end)
+      assert ms = within(2_000, fn -> not os_alive?(os_pid) end)
       assert ms < 2_000
       assert within(5_000, fn -> match?([p] when p != os_pid, os_pids(sup)) end)
       assert {:ok, %{value: 2}} = LuaSandbox.run("return 1 + 1", supervisor: sup)

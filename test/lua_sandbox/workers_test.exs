@@ -6,6 +6,8 @@ defmodule LuaSandbox.WorkersTest do
   # raw system calls from inside the jail on request, or spins forever.
   use ExUnit.Case, async: true
 
+  import LuaSandbox.TestWait
+
   import ExUnit.CaptureLog
 
   alias LuaSandbox.{Error, Worker}
@@ -27,26 +29,6 @@ defmodule LuaSandbox.WorkersTest do
   defp probe(port, name, operand \\ ""),
     do: Worker.request(port, {:probe, name, operand}, 10_000)
 
-  defp alive?(os_pid), do: File.exists?("/proc/#{os_pid}/status") and not zombie?(os_pid)
-
-  defp zombie?(os_pid) do
-    case File.read("/proc/#{os_pid}/status") do
-      {:ok, s} -> s =~ ~r/^State:\s+Z/m
-      _ -> false
-    end
-  end
-
-  # Polls `fun` until it is true or `ms` passed; the time it took in ms, or nil.
-  defp within(ms, fun, started \\ System.monotonic_time(:millisecond)) do
-    now = System.monotonic_time(:millisecond)
-
-    cond do
-      fun.() -> now - started
-      now - started > ms -> nil
-      true -> Process.sleep(2) && within(ms, fun, started)
-    end
-  end
-
   # Every worker of `sup` booted again after a replacement, none of them `old`.
   defp replaced?(sup, k, old) do
     workers = LuaSandbox.Supervisor.info(sup).workers
@@ -67,7 +49,7 @@ defmodule LuaSandbox.WorkersTest do
       assert w1.os_pid != w2.os_pid
 
       for w <- [w1, w2] do
-        assert alive?(w.os_pid)
+        assert os_alive?(w.os_pid)
         assert w.runs == 0
         # a jailed worker with its snapshot built: a few MiB (the target is ≤ 16 MiB)
         assert w.rss > 0 and w.rss < 64 * 1024 * 1024, inspect(w)
@@ -238,7 +220,7 @@ defmodule LuaSandbox.WorkersTest do
       Process.sleep(20)
       Process.exit(caller, :kill)
       # the spinning OS process is gone (the test's bound is wide: a loaded machine)
-      assert ms = within(2_000, fn -> not alive?(os_pid) end)
+      assert ms = within(2_000, fn -> not os_alive?(os_pid) end)
       assert ms < 2_000
       assert within(5_000, fn -> replaced?(sup, 1, os_pid) end)
     end

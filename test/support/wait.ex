@@ -27,4 +27,26 @@ defmodule LuaSandbox.TestWait do
         poll(fun, deadline, timeout_ms)
     end
   end
+
+  @doc """
+  Polls `fun` every millisecond or so until it returns truthy: the milliseconds that took, or
+  `nil` once `ms` have passed (for tests that measure how long something took).
+  """
+  def within(ms, fun, started \\ System.monotonic_time(:millisecond)) do
+    now = System.monotonic_time(:millisecond)
+
+    cond do
+      fun.() -> now - started
+      now - started > ms -> nil
+      true -> Process.sleep(1) && within(ms, fun, started)
+    end
+  end
+
+  @doc "Whether the OS process `os_pid` is running (not gone, not a zombie)."
+  def os_alive?(os_pid) do
+    case File.read("/proc/#{os_pid}/status") do
+      {:ok, s} -> not (s =~ ~r/^State:\s+Z/m)
+      _ -> false
+    end
+  end
 end
