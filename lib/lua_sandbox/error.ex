@@ -1,7 +1,7 @@
 defmodule LuaSandbox.Error do
   # The one list of error kinds: the moduledoc, the `kind` type and `kinds/0` are built from it,
-  # and test/lua_sandbox/error_kinds_test.exs checks the README table and the NIF's kinds
-  # (native/lua_sandbox_nif/src/error.rs) against it.
+  # and test/lua_sandbox/error_kinds_test.exs checks the README table and the native kind names
+  # (SandboxError::kind_name in native/lua_sandbox_core/src/error.rs) against it.
   @kinds [
     syntax: "the source (or a module) does not parse",
     runtime: "the script raised an error, or Lua did (`line` and `traceback` when known)",
@@ -111,7 +111,7 @@ defmodule LuaSandbox.Error do
   def kinds, do: Keyword.keys(@kinds)
 
   @doc false
-  # The kinds only the Elixir side produces (for the test against the NIF's list).
+  # The kinds only the Elixir side produces (for the test against the core's list).
   @spec elixir_only_kinds() :: [kind]
   def elixir_only_kinds, do: @elixir_only
 

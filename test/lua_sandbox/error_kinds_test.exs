@@ -17,13 +17,14 @@ defmodule LuaSandbox.ErrorKindsTest do
     |> Enum.map(&String.to_atom/1)
   end
 
-  # The atoms SandboxError::kind returns, read from the NIF's source.
-  defp nif_kinds do
-    src = File.read!(Path.join(@root, "native/lua_sandbox_nif/src/error.rs"))
-    [_, body] = String.split(src, "fn kind(&self) -> Atom {", parts: 2)
+  # The names SandboxError::kind_name gives, read from the core's source: the one list on the
+  # Rust side (the NIF and the worker both name a kind with it).
+  defp native_kinds do
+    src = File.read!(Path.join(@root, "native/lua_sandbox_core/src/error.rs"))
+    [_, body] = String.split(src, "fn kind_name(&self) -> &'static str {", parts: 2)
     [body | _] = String.split(body, "\n    }\n", parts: 2)
 
-    Regex.scan(~r/=> atoms::([a-z_]+)\(\)/, body, capture: :all_but_first)
+    Regex.scan(~r/=> "([a-z_]+)",/, body, capture: :all_but_first)
     |> List.flatten()
     |> Enum.map(&String.to_atom/1)
   end
@@ -33,11 +34,11 @@ defmodule LuaSandbox.ErrorKindsTest do
     assert File.read!(Path.join(@root, "README.md")) =~ Error.kinds_table()
   end
 
-  test "the NIF's kinds are Error.kinds/0 minus the Elixir-only ones" do
+  test "the native kinds are Error.kinds/0 minus the Elixir-only ones" do
     # :killed is internal: the caller that would read it is dead.
-    nif = nif_kinds() -- [:killed]
-    assert length(nif) > 5, "could not parse error.rs"
-    assert Enum.sort(nif) == Enum.sort(Error.kinds() -- Error.elixir_only_kinds())
+    native = native_kinds() -- [:killed]
+    assert length(native) > 5, "could not parse the core's error.rs"
+    assert Enum.sort(native) == Enum.sort(Error.kinds() -- Error.elixir_only_kinds())
   end
 
   test "the kind typespec and the moduledoc are built from the same list" do

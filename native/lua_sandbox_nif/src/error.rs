@@ -1,7 +1,8 @@
 //! The error answer, encoded in one place: every NIF that fails answers
 //! `{:error, {kind, message, line, traceback, value}, output, stats}` ([`Failure`]), which
 //! `LuaSandbox.Error.from_native/3` turns into the struct; and the error kinds as Elixir sees
-//! them (`LuaSandbox.Error.kind`): one atom per variant of the core's `SandboxError`.
+//! them (`LuaSandbox.Error.kind`): one atom per variant of the core's `SandboxError`, named by
+//! its `kind_name`.
 
 use std::time::Duration;
 
@@ -53,7 +54,7 @@ impl Encoder for Failure<'_> {
         (
             atoms::error(),
             (
-                self.error.kind(),
+                kind(env, &self.error),
                 // Copied in pieces under the run's budget: a message can be as large as the
                 // heap. Cut short if the run is aborted meanwhile (its caller is gone, or
                 // its deadline passed while its error was answered).
@@ -70,27 +71,11 @@ impl Encoder for Failure<'_> {
     }
 }
 
-/// The atom naming an error's kind.
-pub trait Kind {
-    fn kind(&self) -> Atom;
-}
-
-impl Kind for SandboxError {
-    fn kind(&self) -> Atom {
-        match self {
-            SandboxError::Syntax(_) => atoms::syntax(),
-            SandboxError::Runtime(_) => atoms::runtime(),
-            SandboxError::InstructionLimit => atoms::instruction_limit(),
-            SandboxError::MemoryLimit => atoms::memory_limit(),
-            SandboxError::OutputLimit => atoms::output_limit(),
-            SandboxError::DepthLimit(_) => atoms::depth_limit(),
-            SandboxError::SizeLimit(_) => atoms::size_limit(),
-            SandboxError::Cycle(_) => atoms::cycle(),
-            SandboxError::UnsupportedValue(_) => atoms::unsupported_value(),
-            SandboxError::InvalidInput(_) => atoms::invalid_input(),
-            SandboxError::ToolLimit => atoms::tool_limit(),
-            SandboxError::Killed => atoms::killed(),
-            SandboxError::Timeout => atoms::timeout(),
-        }
-    }
+/// The atom naming an error's kind: the core's `SandboxError::kind_name`, the one list of the
+/// kinds on the Rust side (the worker names them with it too); the atoms exist already
+/// (`LuaSandbox.Error.kinds/0`), so this only looks one up.
+pub fn kind(env: Env, error: &SandboxError) -> Atom {
+    // A kind name is a short static ASCII word, which always makes a valid atom: the fallback
+    // is never taken (and would still be an error answer, not a crash).
+    Atom::from_str(env, error.kind_name()).unwrap_or_else(|_| atoms::error())
 }
