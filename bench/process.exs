@@ -13,6 +13,9 @@
 #     tool call's round trip: one frame out and one in)
 #   * worker start: Port.open until the boot frame (sandbox built, jail applied)
 #   * respawn: a worker killed from outside (SIGKILL) until its replacement has booted
+#   * runs right after a death: once the pool has seen a worker killed from outside, as many
+#     concurrent runs as its capacity, until all answered (the pool keeps a spare booted, so
+#     none waits for the replacement's boot)
 #   * kill -> worker free: the caller of a run looping in a worker is killed, until the
 #     worker's OS process is gone (the run sees the port close at its next budget tick, ends
 #     :killed and the worker exits), then until the pool has a new worker booted
@@ -146,11 +149,33 @@ respawn =
 
     Bench.Process.until(fn ->
       ws = GenServer.call(pool, :info).workers
-      length(ws) == 2 and Enum.all?(ws, &(&1.os_pid != victim))
+      length(ws) == 3 and Enum.all?(ws, &(&1.os_pid != victim))
     end)
 
     # System.cmd's own cost (~1 ms) is inside this figure
     (System.monotonic_time(:nanosecond) - t0) / 1000
+  end
+
+# runs right after a death: the pool (capacity 2 and a spare) has seen a worker die, then two
+# concurrent runs at once
+after_death =
+  for _ <- 1..30 do
+    Bench.Process.until(fn -> length(GenServer.call(pool, :info).workers) == 3 end)
+    [%{os_pid: victim} | _] = LuaSandbox.Supervisor.info(:bench_proc).workers
+    {_, 0} = System.cmd("kill", ["-KILL", Integer.to_string(victim)])
+
+    Bench.Process.until(fn ->
+      Enum.all?(GenServer.call(pool, :info).workers, &(&1.os_pid != victim))
+    end)
+
+    Bench.Process.time_us(fn ->
+      [{:ok, %{value: 1}}, {:ok, %{value: 1}}] =
+        for(
+          _ <- 1..2,
+          do: Task.async(fn -> LuaSandbox.run("return 1", supervisor: :bench_proc) end)
+        )
+        |> Task.await_many()
+    end)
   end
 
 # kill -> worker free: the caller of a run looping in a worker is killed
@@ -194,7 +219,7 @@ respawn =
 
       Bench.Process.until(fn ->
         ws = GenServer.call(pool, :info).workers
-        length(ws) == 2 and Enum.all?(ws, &(&1.os_pid != os_pid))
+        length(ws) == 3 and Enum.all?(ws, &(&1.os_pid != os_pid))
       end)
 
       {gone, (System.monotonic_time(:nanosecond) - t0) / 1000}
@@ -218,6 +243,7 @@ isolation: :process, #{n} alternating samples (2 cores, shared)
 #{Bench.Process.row("frame round trip on a checked-out worker (tool-call floor)", Bench.Process.percentiles(frames), "µs")}
 #{Bench.Process.row("worker start: Port.open until its boot frame", Bench.Process.percentiles(starts), "µs")}
 #{Bench.Process.row("respawn after SIGKILL (the `kill` command's ~ms included), until booted", Bench.Process.percentiles(respawn), "µs")}
+#{Bench.Process.row("2 concurrent runs right after the pool saw a worker die (spare serves)", Bench.Process.percentiles(after_death), "µs")}
 #{Bench.Process.row("kill -> worker OS process gone (caller of a looping run killed)", Bench.Process.percentiles(kills), "µs")}
 #{Bench.Process.row("kill -> replacement worker booted", Bench.Process.percentiles(refills), "µs")}
 

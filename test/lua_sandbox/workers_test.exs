@@ -29,10 +29,11 @@ defmodule LuaSandbox.WorkersTest do
   defp probe(port, name, operand \\ ""),
     do: Worker.request(port, {:probe, name, operand}, 10_000)
 
-  # Every worker of `sup` booted again after a replacement, none of them `old`.
+  # Every worker of `sup` (`k` and the spare) booted again after a replacement, none of them
+  # `old`.
   defp replaced?(sup, k, old) do
     workers = LuaSandbox.Supervisor.info(sup).workers
-    length(workers) == k and Enum.all?(workers, &(&1.os_pid != old))
+    length(workers) == k + 1 and Enum.all?(workers, &(&1.os_pid != old))
   end
 
   describe "info/1" do
@@ -42,13 +43,13 @@ defmodule LuaSandbox.WorkersTest do
       assert LuaSandbox.Supervisor.info(name) == %{isolation: :nif, capacity: 3}
     end
 
-    test "a :process supervisor: its workers, alive, and the jail's layers" do
+    test "a :process supervisor: its workers and the spare, alive, and the jail's layers" do
       sup = start_pool(2)
       info = LuaSandbox.Supervisor.info(sup)
-      assert %{isolation: :process, capacity: 2, workers: [w1, w2]} = info
-      assert w1.os_pid != w2.os_pid
+      assert %{isolation: :process, capacity: 2, workers: [w1, w2, w3]} = info
+      assert length(Enum.uniq([w1.os_pid, w2.os_pid, w3.os_pid])) == 3
 
-      for w <- [w1, w2] do
+      for w <- [w1, w2, w3] do
         assert os_alive?(w.os_pid)
         assert w.runs == 0
         # a jailed worker with its snapshot built: a few MiB (the target is ≤ 16 MiB)
@@ -77,7 +78,27 @@ defmodule LuaSandbox.WorkersTest do
         Workers.checkin(pool, port, :ok)
       end
 
-      assert [%{runs: 3}] = LuaSandbox.Supervisor.info(sup).workers
+      # the last worker given back is the next one lent
+      assert [0, 3] = Enum.sort(for w <- LuaSandbox.Supervisor.info(sup).workers, do: w.runs)
+    end
+
+    test "a worker that dies costs the next run no boot: the spare serves it" do
+      sup = start_pool(1)
+      pool = Workers.whereis(sup)
+      booted = MapSet.new(LuaSandbox.Supervisor.info(sup).workers, & &1.os_pid)
+      assert MapSet.size(booted) == 2
+
+      {:ok, port} = Workers.checkout(pool)
+      victim = Worker.os_pid(port)
+      {_, 0} = System.cmd("kill", ["-KILL", Integer.to_string(victim)])
+      assert_receive {^port, {:exit_status, _}}, 5_000
+      Workers.checkin(pool, port, :broken)
+
+      # at once, before the replacement can have booted: the other worker booted at the start
+      {:ok, port} = Workers.checkout(pool)
+      assert Worker.os_pid(port) in MapSet.delete(booted, victim)
+      assert {:ok, :pong} = Worker.request(port, :ping, 5_000)
+      Workers.checkin(pool, port, :ok)
     end
   end
 

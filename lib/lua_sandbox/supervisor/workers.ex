@@ -1,8 +1,11 @@
 defmodule LuaSandbox.Supervisor.Workers do
   @moduledoc false
   # The pool of jailed worker OS processes of a supervisor started with `isolation: :process`:
-  # `capacity` workers (its max_concurrency, so a run admitted by Slots finds one), each an
-  # Erlang port owned by this process (LuaSandbox.Worker).
+  # `capacity` workers (its max_concurrency, so a run admitted by Slots finds one) and one
+  # spare, each an Erlang port owned by this process (LuaSandbox.Worker). The spare is why a
+  # worker that dies or is given up (its caller was killed) costs no run a boot: while its
+  # replacement boots in the background (~1.7 ms, most of it the kernel's process creation,
+  # exec and namespaces: bench/ANALYSIS.md), `capacity` workers are still booted.
   #
   # A caller checks a worker out (its port is connected to the caller for the time, so answers
   # reach it without a hop through here; this process stays linked to the port), talks to it,
@@ -22,6 +25,7 @@ defmodule LuaSandbox.Supervisor.Workers do
   alias LuaSandbox.Worker
 
   @retry_ms 1_000
+  @spares 1
   @checkout_timeout 10_000
 
   def child_spec({name, _capacity, _path, _memory} = arg),
@@ -88,7 +92,7 @@ defmodule LuaSandbox.Supervisor.Workers do
       layers: []
     }
 
-    case boot_all(state, capacity) do
+    case boot_all(state, capacity + @spares) do
       {:ok, state} ->
         for {layer, why} <- Worker.missing(state.layers) do
           Logger.warning(
