@@ -75,6 +75,7 @@ fuzz-san:
 	$(MAKE) san LUA_SAN_PROGRAMS=20000
 
 bench: deps
+	@scripts/ensure_deps.sh bench
 	MIX_ENV=prod mix run bench/run.exs
 
 # isolation: :process: runs via a jailed worker side by side with the NIF (bench/process.exs)

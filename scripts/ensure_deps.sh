@@ -6,6 +6,12 @@ set -euo pipefail
 pkgs=(elixir erlang-dev erlang-proper erlang-luerl)
 missing=()
 
+# `ensure_deps.sh bench`: also gnuplot, which draws bench/results.svg (make bench).
+if [ "${1:-}" = bench ]; then
+  pkgs+=(gnuplot-nox)
+  command -v gnuplot >/dev/null 2>&1 || missing+=(gnuplot-nox)
+fi
+
 command -v elixir >/dev/null 2>&1 || missing+=(elixir)
 command -v erl >/dev/null 2>&1 && [ -d /usr/lib/erlang/usr/include ] || missing+=(erlang-dev)
 if command -v erl >/dev/null 2>&1; then
