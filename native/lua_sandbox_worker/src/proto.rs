@@ -431,18 +431,46 @@ pub fn read_frame(input: &mut impl Read) -> io::Result<Option<Vec<u8>>> {
     Ok(Some(frame))
 }
 
-/// Writes `term` as one frame and flushes. The length goes first, in one write, then the
-/// body: a big answer is not copied once more to put four bytes in front of it.
+/// Writes `term` as one frame, the length and the body in one write (the body is encoded
+/// straight after four bytes kept for the length, so nothing is copied for it), and flushes.
+/// One write, not two: one system call fewer per answer, and the BEAM finds the frame whole
+/// at its first read instead of possibly the length alone. (Timed side by side with the two
+/// writes, a trivial run moved from 91–97 to 78–84 µs p50 in two runs and the other way in
+/// another: within this machine's noise.)
 pub fn write_frame(output: &mut impl Write, term: &Term) -> io::Result<()> {
-    let body = encode(term);
-    output.write_all(&(body.len() as u32).to_be_bytes())?;
-    output.write_all(&body)?;
+    let mut frame = vec![0, 0, 0, 0, VERSION];
+    encode_into(term, &mut frame);
+    let len = u32::try_from(frame.len() - 4)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "a frame of 4 GiB or more"))?;
+    frame[..4].copy_from_slice(&len.to_be_bytes());
+    output.write_all(&frame)?;
     output.flush()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A frame reaches the pipe in one write (the BEAM wakes once for it), and reads back.
+    #[test]
+    fn a_frame_is_one_write() {
+        struct Writes(Vec<Vec<u8>>);
+        impl Write for Writes {
+            fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+                self.0.push(bytes.to_vec());
+                Ok(bytes.len())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let term = Term::tuple([Term::Int(1), Term::bin([7u8; 100_000])]);
+        let mut out = Writes(Vec::new());
+        write_frame(&mut out, &term).unwrap();
+        assert_eq!(out.0.len(), 1, "one write per frame");
+        let body = read_frame(&mut &out.0[0][..]).unwrap().unwrap();
+        assert_eq!(decode(&body).unwrap(), term);
+    }
 
     #[test]
     fn round_trips() {
