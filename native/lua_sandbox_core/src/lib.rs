@@ -38,6 +38,7 @@ pub mod hardened;
 pub mod heap;
 mod hooks;
 pub mod libs;
+pub mod marshal;
 pub mod output;
 pub mod pool;
 pub mod protect;

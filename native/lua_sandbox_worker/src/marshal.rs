@@ -1,165 +1,26 @@
-//! The worker's terms ([`proto::Term`]) to Lua values and back, with the NIF's bounds and
-//! messages (`native/lua_sandbox_nif/src/marshal/`): depth (`max_depth`), size
-//! (`max_result_bytes`, 8 bytes per value on top of string bytes), cycles, the memory limit
-//! checked while building, and every value charged to the run's budget in batches, so a kill,
-//! a deadline or `max_instructions` stops a huge conversion like any other work. The test
+//! The worker's terms ([`proto::Term`]) to Lua values and back. The bounds (depth, size:
+//! `max_result_bytes`, 8 bytes per value on top of string bytes; cycles; the memory limit
+//! checked while building), the meter that charges every value to the run's budget, the
+//! failures and their messages, and the soundness rule (no Lua API call made here may raise)
+//! are the core's (`lua_sandbox_core::marshal`), shared with the NIF's marshaling
+//! (`native/lua_sandbox_nif/src/marshal/`); this module walks the protocol's terms. The test
 //! suites that run the API under both isolations hold the two to the same answers.
-//!
-//! Soundness is the NIF marshal's: no Lua API call made here may raise. Reading (`lua_next`,
-//! `lua_rawgeti`, `lua_to*` on values of the right type, `lua_checkstack`) never raises;
-//! writing could only raise on allocation failure, so values are built with the memory limit
-//! lifted (`exec` lifts it around a [`lua_sandbox_core::exec::Push`]), under the backstop, the
-//! size tracked here. Only raw access is used: no metamethod runs.
 //!
 //! There are no handles in a worker (`isolation: :process` does not carry them yet): every
 //! userdata is one the host cannot take.
 
-use std::collections::HashSet;
-use std::ffi::{c_int, c_void};
-use std::fmt::Write;
+use std::ffi::c_int;
 
-use lua_sandbox_core::budget;
-use lua_sandbox_core::control::Abort;
 use lua_sandbox_core::error::SandboxError;
-use lua_sandbox_core::{ffi, protect, sandbox};
+use lua_sandbox_core::marshal::{
+    building, invalid, key_seg, push_str, stack_exhausted, unsupported, Build, Fail, FailKind,
+    KeyKind, KeyKinds, Seg, Tally, LUA_VALUE_BYTES,
+};
+use lua_sandbox_core::{ffi, sandbox};
 
 use crate::proto::{self, Term};
 
-/// Fixed cost, in bytes, charged per value against `max_result_bytes` on top of string bytes
-/// (the NIF's `marshal::VALUE_COST`).
-const VALUE_COST: u64 = 8;
-/// Estimated Lua heap bytes per value built from a term, for the early memory check.
-const LUA_VALUE_BYTES: usize = 40;
-/// The most values handed to a run at once (the NIF's `marshal::MAX_VALUES`).
-const MAX_VALUES: usize = 250_000;
-/// Values converted between two budget checks.
-const CHARGE_BATCH: u64 = 1024;
-
-#[derive(Default)]
-struct Meter {
-    pending: u64,
-}
-
-impl Meter {
-    fn value(&mut self, bytes: usize) -> Result<(), Fail> {
-        self.pending += 1 + (bytes as u64 >> 10);
-        if self.pending >= CHARGE_BATCH {
-            self.flush()?;
-        }
-        Ok(())
-    }
-
-    fn flush(&mut self) -> Result<(), Fail> {
-        let steps = std::mem::take(&mut self.pending);
-        budget::charge_steps(steps).map_err(|why| Fail::new(FailKind::Abort(why)))
-    }
-}
-
-/// One step of a path like `globals.ctx.items[3]`, for error messages.
-enum Seg {
-    Key(String),
-    Index(i64),
-    Other(String),
-}
-
-/// What went wrong, and where (innermost segment first).
-struct Fail {
-    kind: FailKind,
-    rev_path: Vec<Seg>,
-}
-
-enum FailKind {
-    Invalid(String),
-    Unsupported(String),
-    Depth(usize),
-    Size(u64),
-    Cycle,
-    Memory,
-    Abort(Abort),
-    /// A userdata (no handles in a worker).
-    Userdata,
-}
-
-impl Fail {
-    fn new(kind: FailKind) -> Fail {
-        Fail {
-            kind,
-            rev_path: Vec::new(),
-        }
-    }
-
-    fn at(mut self, seg: Seg) -> Fail {
-        self.rev_path.push(seg);
-        self
-    }
-
-    fn into_error(self, root: &str) -> SandboxError {
-        let path = self.path(root);
-        match self.kind {
-            FailKind::Invalid(what) => SandboxError::InvalidInput(format!("{what} at {path}")),
-            FailKind::Unsupported(what) => SandboxError::UnsupportedValue(format!(
-                "{what} cannot leave the sandbox (at {path})"
-            )),
-            FailKind::Userdata => SandboxError::UnsupportedValue(format!(
-                "userdata cannot leave the sandbox (at {path})"
-            )),
-            FailKind::Depth(max) => SandboxError::DepthLimit(format!(
-                "value nested deeper than max_depth ({max}) at {path}"
-            )),
-            FailKind::Size(max) => SandboxError::SizeLimit(format!(
-                "result larger than max_result_bytes ({max}) at {path}"
-            )),
-            FailKind::Cycle => SandboxError::Cycle(format!("table contains itself at {path}")),
-            FailKind::Memory => SandboxError::MemoryLimit,
-            FailKind::Abort(why) => SandboxError::from(why),
-        }
-    }
-
-    fn path(&self, root: &str) -> String {
-        let mut path = root.to_string();
-        for seg in self.rev_path.iter().rev() {
-            let _ = match seg {
-                Seg::Key(k) if is_identifier(k) => write!(path, ".{k}"),
-                Seg::Key(k) => write!(path, "[{k:?}]"),
-                Seg::Index(i) => write!(path, "[{i}]"),
-                Seg::Other(s) => write!(path, "[{s}]"),
-            };
-        }
-        path
-    }
-}
-
-fn is_identifier(s: &str) -> bool {
-    let mut chars = s.chars();
-    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
-}
-
-fn invalid(what: &str) -> Fail {
-    Fail::new(FailKind::Invalid(what.to_string()))
-}
-
-fn unsupported(what: &str) -> Fail {
-    Fail::new(FailKind::Unsupported(what.to_string()))
-}
-
-fn stack_exhausted() -> Fail {
-    invalid("Lua stack exhausted (value too large or too deeply nested)")
-}
-
-fn key_seg(bytes: &[u8]) -> Seg {
-    Seg::Key(String::from_utf8_lossy(bytes).into_owned())
-}
-
-/// Bytes the state's heap holds (Lua's own count).
-fn used_memory(l: *mut ffi::lua_State) -> usize {
-    // SAFETY: LUA_GCCOUNT/COUNTB only read the collector's counters.
-    unsafe {
-        let kb = ffi::lua_gc(l, ffi::LUA_GCCOUNT, 0) as usize;
-        let b = ffi::lua_gc(l, ffi::LUA_GCCOUNTB, 0) as usize;
-        kb * 1024 + b
-    }
-}
+pub use lua_sandbox_core::marshal::{ArgsError, Bounds};
 
 // ---------------------------------------------------------------------------------------------
 // Terms to Lua
@@ -178,18 +39,20 @@ pub unsafe fn push_globals(
     if globals.is_empty() {
         return Ok(());
     }
-    let mut builder = Builder::new(l, limit, max_depth);
+    // SAFETY: `l` is a valid state (the caller's contract).
+    let mut builder = unsafe { Builder::new(l, limit, max_depth) };
     let mut result = Ok(());
     // SAFETY: nothing in the closure raises (module doc); the backstop catches the impossible.
     unsafe {
         building(l, |l| {
             result = builder
                 .set_globals(l, globals)
-                .and_then(|()| builder.meter.flush());
+                .and_then(|()| builder.b.meter.flush());
         })
     }?;
     result.map_err(|f| f.into_error("globals"))?;
-    builder.check_memory(l)
+    // SAFETY: as above.
+    unsafe { builder.b.check_memory(l) }
 }
 
 /// Converts `terms` to Lua values left on top of `l`'s stack; paths in errors start at `root`
@@ -204,7 +67,8 @@ pub unsafe fn push_values(
     root: &str,
     limit: usize,
 ) -> Result<c_int, SandboxError> {
-    let mut builder = Builder::new(l, limit, max_depth);
+    // SAFETY: `l` is a valid state (the caller's contract).
+    let mut builder = unsafe { Builder::new(l, limit, max_depth) };
     let mut result = Ok(());
     // SAFETY: only reads.
     let base = unsafe { ffi::lua_gettop(l) };
@@ -213,73 +77,30 @@ pub unsafe fn push_values(
         building(l, |l| {
             result = builder
                 .push_all(l, terms)
-                .and_then(|()| builder.meter.flush());
+                .and_then(|()| builder.b.meter.flush());
             if result.is_err() {
                 ffi::lua_settop(l, 0);
             }
         })
     }?;
     result.map_err(|f| f.into_error(root))?;
-    builder.check_memory(l)?;
+    // SAFETY: as above.
+    unsafe { builder.b.check_memory(l) }?;
     // SAFETY: only reads.
     Ok(unsafe { ffi::lua_gettop(l) } - base)
 }
 
-/// Runs `f` under the backstop with the collector paused.
-///
-/// # Safety
-/// `l` must not be running; `f` must not raise by construction.
-unsafe fn building(
-    l: *mut ffi::lua_State,
-    mut f: impl FnMut(*mut ffi::lua_State),
-) -> Result<(), SandboxError> {
-    // SAFETY: per the contract.
-    unsafe {
-        protect::collector_paused(l, || protect::call_backstop(l, &mut f))
-            .map_err(|e| SandboxError::Runtime(e.message))
-    }
-}
-
 struct Builder {
-    max_depth: usize,
-    limit: usize,
-    estimate: usize,
-    meter: Meter,
+    b: Build,
 }
 
 impl Builder {
-    fn new(l: *mut ffi::lua_State, limit: usize, max_depth: usize) -> Builder {
+    /// # Safety
+    /// `l` must be a valid state.
+    unsafe fn new(l: *mut ffi::lua_State, limit: usize, max_depth: usize) -> Builder {
         Builder {
-            max_depth,
-            limit,
-            estimate: used_memory(l),
-            meter: Meter::default(),
-        }
-    }
-
-    /// Stops a build that would obviously exceed the memory limit before allocating it.
-    fn reserve(&mut self, bytes: usize) -> Result<(), Fail> {
-        self.estimate = self.estimate.saturating_add(bytes);
-        if self.limit > 0 && self.estimate > self.limit {
-            Err(Fail::new(FailKind::Memory))
-        } else {
-            Ok(())
-        }
-    }
-
-    fn check_memory(&self, l: *mut ffi::lua_State) -> Result<(), SandboxError> {
-        if self.limit > 0 && used_memory(l) > self.limit {
-            Err(SandboxError::MemoryLimit)
-        } else {
-            Ok(())
-        }
-    }
-
-    fn enter(&self, depth: usize) -> Result<usize, Fail> {
-        if depth >= self.max_depth {
-            Err(Fail::new(FailKind::Depth(self.max_depth)))
-        } else {
-            Ok(depth + 1)
+            // SAFETY: the caller's contract.
+            b: unsafe { Build::new(l, limit, max_depth) },
         }
     }
 
@@ -297,7 +118,7 @@ impl Builder {
             ffi::lua_rawgeti(l, ffi::LUA_REGISTRYINDEX, ffi::LUA_RIDX_GLOBALS);
             let g = ffi::lua_gettop(l);
             for (name, term) in globals {
-                self.reserve(name.len() + LUA_VALUE_BYTES)?;
+                self.b.reserve(name.len() + LUA_VALUE_BYTES)?;
                 push_str(l, name.as_bytes());
                 self.push(l, term, 0)
                     .map_err(|f| f.at(Seg::Key(name.clone())))?;
@@ -311,12 +132,7 @@ impl Builder {
     unsafe fn push_all(&mut self, l: *mut ffi::lua_State, terms: &[Term]) -> Result<(), Fail> {
         // SAFETY: as in `set_globals`.
         unsafe {
-            if terms.len() > MAX_VALUES || ffi::lua_checkstack(l, terms.len() as c_int + 4) == 0 {
-                return Err(invalid(&format!(
-                    "{} values are more than Lua's stack allows (at most {MAX_VALUES})",
-                    terms.len()
-                )));
-            }
+            self.b.room_for(l, terms.len())?;
             for (i, term) in terms.iter().enumerate() {
                 self.push(l, term, 0)
                     .map_err(|f| f.at(Seg::Index(i as i64 + 1)))?;
@@ -332,7 +148,7 @@ impl Builder {
         term: &Term,
         depth: usize,
     ) -> Result<(), Fail> {
-        self.meter.value(0)?;
+        self.b.meter.value(0)?;
         // SAFETY: as in `set_globals`; callers guarantee one free slot, tables check for more.
         unsafe {
             match term {
@@ -363,8 +179,8 @@ impl Builder {
         items: &[Term],
         depth: usize,
     ) -> Result<(), Fail> {
-        let depth = self.enter(depth)?;
-        self.reserve(
+        let depth = self.b.enter(depth)?;
+        self.b.reserve(
             items
                 .len()
                 .saturating_mul(16)
@@ -409,8 +225,8 @@ impl Builder {
                 "struct {module} cannot become a Lua value (no LuaSandbox.Encoder)"
             )));
         }
-        let depth = self.enter(depth)?;
-        self.reserve(
+        let depth = self.b.enter(depth)?;
+        self.b.reserve(
             pairs
                 .len()
                 .saturating_mul(40)
@@ -424,15 +240,18 @@ impl Builder {
             }
             ffi::lua_createtable(l, 0, nrec);
             let t = ffi::lua_gettop(l);
+            let mut seen = KeyKinds::default();
             for (k, v) in pairs {
-                self.meter.value(0)?;
+                self.b.meter.value(0)?;
                 self.push_key(l, k).map_err(|f| f.at(term_seg(k)))?;
-                // Distinct terms can become one Lua key (`"a"` and `:a`, `1` and `1.0`).
-                ffi::lua_pushvalue(l, -1);
-                let taken = ffi::lua_rawget(l, t) != ffi::LUA_TNIL;
-                ffi::lua_pop(l, 1);
-                if taken {
-                    return Err(invalid("two map keys become the same Lua key").at(term_seg(k)));
+                if seen.may_collide(key_kind(k)) {
+                    ffi::lua_pushvalue(l, -1);
+                    let taken = ffi::lua_rawget(l, t) != ffi::LUA_TNIL;
+                    ffi::lua_pop(l, 1);
+                    if taken {
+                        let f = invalid("two map keys become the same Lua key");
+                        return Err(f.at(term_seg(k)));
+                    }
                 }
                 self.push(l, v, depth).map_err(|f| f.at(term_seg(k)))?;
                 ffi::lua_rawset(l, t);
@@ -466,20 +285,31 @@ impl Builder {
                     ffi::lua_pushboolean(l, c_int::from(a == "true"))
                 }
                 Term::Atom(a) => {
-                    self.reserve(a.len() + LUA_VALUE_BYTES)?;
+                    self.b.reserve(a.len() + LUA_VALUE_BYTES)?;
                     push_str(l, a.as_bytes());
                 }
                 Term::Int(i) => ffi::lua_pushinteger(l, *i),
                 Term::Float(f) => ffi::lua_pushnumber(l, *f),
                 Term::Bin(b) => {
-                    self.reserve(b.len() + LUA_VALUE_BYTES)?;
-                    self.meter.value(b.len())?;
+                    self.b.reserve(b.len() + LUA_VALUE_BYTES)?;
+                    self.b.meter.value(b.len())?;
                     push_str(l, b);
                 }
                 _ => return Err(invalid("unsupported term")),
             }
         }
         Ok(())
+    }
+}
+
+/// A map key's kind for [`KeyKinds`].
+fn key_kind(k: &Term) -> KeyKind {
+    match k {
+        Term::Bin(_) => KeyKind::String,
+        Term::Atom(_) => KeyKind::Atom,
+        Term::Int(_) => KeyKind::Integer,
+        Term::Float(_) => KeyKind::Float,
+        _ => KeyKind::Other,
     }
 }
 
@@ -494,29 +324,8 @@ fn term_seg(k: &Term) -> Seg {
     }
 }
 
-/// Pushes a string. Only called with the memory limit lifted (see the module doc).
-unsafe fn push_str(l: *mut ffi::lua_State, bytes: &[u8]) {
-    // SAFETY: the caller checked the stack; `bytes` is valid for its length.
-    unsafe { ffi::lua_pushlstring(l, bytes.as_ptr().cast(), bytes.len()) };
-}
-
 // ---------------------------------------------------------------------------------------------
 // Lua to terms
-
-/// Limits for Lua -> term conversion.
-#[derive(Clone, Copy)]
-pub struct Bounds {
-    pub max_depth: usize,
-    pub max_bytes: u64,
-}
-
-/// How a tool call's arguments failed to convert (the NIF's `marshal::ArgsError`).
-pub enum ArgsError {
-    /// A userdata: a Lua error raised at the call, and the run goes on.
-    Refused(String),
-    /// Anything else ends the run.
-    Fatal(SandboxError),
-}
 
 /// The `n` values from absolute index `first` of `l`'s stack as one encoded list
 /// ([`Term::Raw`]); paths in errors look like `root[i]...`. The stack is left as it was.
@@ -546,13 +355,7 @@ pub unsafe fn tool_args(
     root: &str,
 ) -> Result<Term, ArgsError> {
     // SAFETY: forwarded contract.
-    unsafe { read_values(l, first, n, bounds) }.map_err(|f| match f.kind {
-        FailKind::Userdata => ArgsError::Refused(format!(
-            "userdata cannot be passed to a tool (at {})",
-            f.path(root)
-        )),
-        _ => ArgsError::Fatal(f.into_error(root)),
-    })
+    unsafe { read_values(l, first, n, bounds) }.map_err(|f| f.into_args_error(root))
 }
 
 /// The value at absolute index `idx`, encoded ([`Term::Raw`]), the path rooted at `root`.
@@ -569,7 +372,9 @@ pub unsafe fn to_term(
     // SAFETY: reading never raises (module doc); the stack is reset afterwards.
     unsafe {
         let top = ffi::lua_gettop(l);
-        let r = reader.read(l, idx, 0).and_then(|()| reader.meter.flush());
+        let r = reader
+            .read(l, idx, 0)
+            .and_then(|()| reader.tally.meter.flush());
         ffi::lua_settop(l, top);
         r.map_err(|f| f.into_error(root))?;
     }
@@ -596,7 +401,7 @@ unsafe fn read_values(
                 break;
             }
         }
-        let result = result.and_then(|()| reader.meter.flush());
+        let result = result.and_then(|()| reader.tally.meter.flush());
         ffi::lua_settop(l, top);
         result?;
     }
@@ -607,11 +412,8 @@ unsafe fn read_values(
 /// Reads Lua values straight into the external term format: the bytes held are about the
 /// bytes `max_result_bytes` counts, with no tree of terms in between.
 struct Reader {
-    bounds: Bounds,
-    bytes_left: u64,
-    /// The tables on the path from the root to the value being read.
-    visiting: HashSet<*const c_void>,
-    meter: Meter,
+    /// Bytes left, depth, cycles, the meter.
+    tally: Tally,
     out: Vec<u8>,
     /// For each table being read whose keys are still all positive integers: each entry's
     /// key and its value's byte range in `out`, relative to the table's header.
@@ -628,24 +430,14 @@ struct Entry {
 impl Reader {
     fn new(bounds: Bounds) -> Reader {
         Reader {
-            bounds,
-            bytes_left: bounds.max_bytes,
-            visiting: HashSet::new(),
-            meter: Meter::default(),
+            tally: Tally::new(bounds),
             out: Vec::new(),
             entries: Vec::new(),
         }
     }
 
     fn charge(&mut self, bytes: u64) -> Result<(), Fail> {
-        self.meter.value(bytes as usize)?;
-        let cost = bytes.saturating_add(VALUE_COST);
-        if cost > self.bytes_left {
-            self.bytes_left = 0;
-            return Err(Fail::new(FailKind::Size(self.bounds.max_bytes)));
-        }
-        self.bytes_left -= cost;
-        Ok(())
+        self.tally.charge(bytes)
     }
 
     fn boolean(&mut self, b: bool) {
@@ -687,7 +479,7 @@ impl Reader {
                     self.charge(0)?;
                     proto::put_atom(&mut self.out, "nil");
                 }
-                ffi::LUA_TUSERDATA => return Err(Fail::new(FailKind::Userdata)),
+                ffi::LUA_TUSERDATA => return Err(Fail::new(FailKind::Foreign("userdata"))),
                 ffi::LUA_TFUNCTION => return Err(unsupported("a function")),
                 ffi::LUA_TTHREAD => return Err(unsupported("a coroutine")),
                 _ => return Err(unsupported("userdata")),
@@ -705,19 +497,14 @@ impl Reader {
         // SAFETY: as in `read`.
         unsafe {
             let ptr = ffi::lua_topointer(l, idx);
-            if self.visiting.contains(&ptr) {
-                return Err(Fail::new(FailKind::Cycle));
-            }
-            if depth >= self.bounds.max_depth {
-                return Err(Fail::new(FailKind::Depth(self.bounds.max_depth)));
-            }
-            if ffi::lua_checkstack(l, 4) == 0 {
-                return Err(stack_exhausted());
-            }
-            self.charge(0)?;
-            self.visiting.insert(ptr);
-            let result = self.read_entries(l, idx, depth + 1);
-            self.visiting.remove(&ptr);
+            self.tally.enter(ptr, depth)?;
+            let result = if ffi::lua_checkstack(l, 4) == 0 {
+                Err(stack_exhausted())
+            } else {
+                self.charge(0)
+                    .and_then(|()| self.read_entries(l, idx, depth + 1))
+            };
+            self.tally.leave(ptr);
             result
         }
     }

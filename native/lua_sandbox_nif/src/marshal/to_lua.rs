@@ -18,18 +18,20 @@ pub unsafe fn push_globals(
         return Ok(());
     }
     let mut result = Ok(());
-    let mut builder = Builder::new(l, limit, max_depth);
+    // SAFETY: `l` is a valid state (the caller's contract).
+    let mut builder = unsafe { Builder::new(l, limit, max_depth) };
     // SAFETY: nothing in the closure raises (module doc); the backstop catches the impossible.
     let outcome = unsafe {
         building(l, |l| {
             result = builder
                 .set_globals(l, globals)
-                .and_then(|()| builder.meter.flush());
+                .and_then(|()| builder.b.meter.flush());
         })
     };
     outcome?;
     result.map_err(|f| f.into_error("globals"))?;
-    builder.check_memory(l)
+    // SAFETY: as above.
+    unsafe { builder.b.check_memory(l) }
 }
 
 /// Converts `terms` to Lua values, left on top of `l`'s stack; paths in errors start at
@@ -45,7 +47,8 @@ pub unsafe fn push_values(
     limit: usize,
 ) -> Result<c_int, SandboxError> {
     let mut result = Ok(());
-    let mut builder = Builder::new(l, limit, max_depth);
+    // SAFETY: `l` is a valid state (the caller's contract).
+    let mut builder = unsafe { Builder::new(l, limit, max_depth) };
     // SAFETY: `lua_gettop` only reads.
     let base = unsafe { ffi::lua_gettop(l) };
     // SAFETY: as in `push_globals`. The values left on the closure's stack are its results.
@@ -53,7 +56,7 @@ pub unsafe fn push_values(
         building(l, |l| {
             result = builder
                 .push_all(l, terms)
-                .and_then(|()| builder.meter.flush());
+                .and_then(|()| builder.b.meter.flush());
             if result.is_err() {
                 ffi::lua_settop(l, 0);
             }
@@ -61,71 +64,23 @@ pub unsafe fn push_values(
     };
     outcome?;
     result.map_err(|f| f.into_error(root))?;
-    builder.check_memory(l)?;
+    // SAFETY: as above.
+    unsafe { builder.b.check_memory(l) }?;
     // SAFETY: only reads.
     Ok(unsafe { ffi::lua_gettop(l) } - base)
 }
 
-/// Runs `f` under the backstop with the collector paused (everything built is reachable
-/// anyway; no finalizer may run), its pacing kept.
-///
-/// # Safety
-/// `f` must not raise by construction.
-unsafe fn building(
-    l: *mut ffi::lua_State,
-    mut f: impl FnMut(*mut ffi::lua_State),
-) -> Result<(), SandboxError> {
-    // SAFETY: `l` is not running (the caller's contract), so no collection step is either.
-    unsafe {
-        protect::collector_paused(l, || protect::call_backstop(l, &mut f))
-            .map_err(|e| SandboxError::Runtime(e.message))
-    }
-}
-
-/// Bytes the state's heap holds (Lua's own count).
-pub(crate) fn used_memory(l: *mut ffi::lua_State) -> usize {
-    // SAFETY: LUA_GCCOUNT/COUNTB only read the collector's counters.
-    unsafe {
-        let kb = ffi::lua_gc(l, ffi::LUA_GCCOUNT, 0) as usize;
-        let b = ffi::lua_gc(l, ffi::LUA_GCCOUNTB, 0) as usize;
-        kb * 1024 + b
-    }
-}
-
 struct Builder {
-    max_depth: usize,
-    /// The memory limit in force outside the build (0: none).
-    limit: usize,
-    /// Heap size when the build started plus what it has added, estimated.
-    estimate: usize,
-    meter: Meter,
+    b: Build,
 }
 
 impl Builder {
-    fn new(l: *mut ffi::lua_State, limit: usize, max_depth: usize) -> Builder {
+    /// # Safety
+    /// `l` must be a valid state.
+    unsafe fn new(l: *mut ffi::lua_State, limit: usize, max_depth: usize) -> Builder {
         Builder {
-            max_depth,
-            limit,
-            estimate: used_memory(l),
-            meter: Meter::default(),
-        }
-    }
-
-    /// Stops a build that would obviously exceed the memory limit before allocating it.
-    fn reserve(&mut self, bytes: usize) -> Result<(), Fail> {
-        self.estimate = self.estimate.saturating_add(bytes);
-        if self.limit > 0 && self.estimate > self.limit {
-            Err(Fail::new(FailKind::Memory))
-        } else {
-            Ok(())
-        }
-    }
-
-    fn check_memory(&self, l: *mut ffi::lua_State) -> Result<(), SandboxError> {
-        if self.limit > 0 && used_memory(l) > self.limit {
-            Err(SandboxError::MemoryLimit)
-        } else {
-            Ok(())
+            // SAFETY: the caller's contract.
+            b: unsafe { Build::new(l, limit, max_depth) },
         }
     }
 
@@ -143,7 +98,7 @@ impl Builder {
             ffi::lua_rawgeti(l, ffi::LUA_REGISTRYINDEX, ffi::LUA_RIDX_GLOBALS);
             let g = ffi::lua_gettop(l);
             for (name, term) in globals {
-                self.reserve(name.len() + LUA_VALUE_BYTES)?;
+                self.b.reserve(name.len() + LUA_VALUE_BYTES)?;
                 push_str(l, name.as_bytes());
                 self.push(l, *term, 0)
                     .map_err(|f| f.at(Seg::Key(name.clone())))?;
@@ -157,12 +112,7 @@ impl Builder {
     unsafe fn push_all(&mut self, l: *mut ffi::lua_State, terms: &[Term]) -> Result<(), Fail> {
         // SAFETY: as in `set_globals`.
         unsafe {
-            if terms.len() > MAX_VALUES || ffi::lua_checkstack(l, terms.len() as c_int + 4) == 0 {
-                return Err(invalid(&format!(
-                    "{} values are more than Lua's stack allows (at most {MAX_VALUES})",
-                    terms.len()
-                )));
-            }
+            self.b.room_for(l, terms.len())?;
             for (i, term) in terms.iter().enumerate() {
                 self.push(l, *term, 0)
                     .map_err(|f| f.at(Seg::Index(i as i64 + 1)))?;
@@ -178,7 +128,7 @@ impl Builder {
         term: Term,
         depth: usize,
     ) -> Result<(), Fail> {
-        self.meter.value(0)?;
+        self.b.meter.value(0)?;
         // SAFETY: as in `set_globals`; callers guarantee one free slot, tables check for more.
         unsafe {
             match term.get_type() {
@@ -201,24 +151,17 @@ impl Builder {
         Ok(())
     }
 
-    fn enter(&self, depth: usize) -> Result<usize, Fail> {
-        if depth >= self.max_depth {
-            Err(Fail::new(FailKind::Depth(self.max_depth)))
-        } else {
-            Ok(depth + 1)
-        }
-    }
-
     unsafe fn push_list(
         &mut self,
         l: *mut ffi::lua_State,
         term: Term,
         depth: usize,
     ) -> Result<(), Fail> {
-        let depth = self.enter(depth)?;
+        let depth = self.b.enter(depth)?;
         let len = term.list_length().map_err(|_| invalid("improper list"))?;
         let iter: ListIterator = term.decode().map_err(|_| invalid("improper list"))?;
-        self.reserve(len.saturating_mul(16).saturating_add(LUA_VALUE_BYTES))?;
+        self.b
+            .reserve(len.saturating_mul(16).saturating_add(LUA_VALUE_BYTES))?;
         let narr = c_int::try_from(len).map_err(|_| Fail::new(FailKind::Memory))?;
         // SAFETY: as in `set_globals`.
         unsafe {
@@ -248,7 +191,7 @@ impl Builder {
                 let inner = term
                     .map_get(atoms::term())
                     .map_err(|_| invalid("bad handle"))?;
-                self.reserve(LUA_VALUE_BYTES)?;
+                self.b.reserve(LUA_VALUE_BYTES)?;
                 // SAFETY: as in `set_globals` (limit lifted, one slot free: callers check).
                 return unsafe { crate::handles::push(l, inner) }.map_err(invalid);
             }
@@ -258,10 +201,11 @@ impl Builder {
                 "struct {module} cannot become a Lua value (no LuaSandbox.Encoder)"
             )));
         }
-        let depth = self.enter(depth)?;
+        let depth = self.b.enter(depth)?;
         let size = term.map_size().unwrap_or(0);
         let iter = MapIterator::new(term).ok_or_else(|| invalid("bad map"))?;
-        self.reserve(size.saturating_mul(40).saturating_add(LUA_VALUE_BYTES))?;
+        self.b
+            .reserve(size.saturating_mul(40).saturating_add(LUA_VALUE_BYTES))?;
         let nrec = c_int::try_from(size).map_err(|_| Fail::new(FailKind::Memory))?;
         // SAFETY: as in `set_globals`.
         unsafe {
@@ -270,14 +214,12 @@ impl Builder {
             }
             ffi::lua_createtable(l, 0, nrec);
             let t = ffi::lua_gettop(l);
-            // Distinct terms only become one Lua key across kinds (`"a"` and `:a`, `1` and
-            // `1.0`), so the lookup is only needed once the other kind has been seen.
             let mut seen = KeyKinds::default();
             for (k, v) in iter {
-                self.meter.value(0)?;
+                self.b.meter.value(0)?;
                 let kind = k.get_type();
                 self.push_key(l, k, kind).map_err(|f| f.at(term_seg(k)))?;
-                if seen.may_collide(kind) {
+                if seen.may_collide(key_kind(kind)) {
                     ffi::lua_pushvalue(l, -1);
                     let taken = ffi::lua_rawget(l, t) != ffi::LUA_TNIL;
                     ffi::lua_pop(l, 1);
@@ -335,7 +277,7 @@ impl Builder {
                         let name = term
                             .atom_to_string()
                             .map_err(|_| invalid(&format!("bad atom{role}")))?;
-                        self.reserve(name.len() + LUA_VALUE_BYTES)?;
+                        self.b.reserve(name.len() + LUA_VALUE_BYTES)?;
                         push_str(l, name.as_bytes());
                     }
                 }
@@ -355,48 +297,14 @@ impl Builder {
                     let bin: rustler::Binary = term
                         .decode()
                         .map_err(|_| invalid(&format!("bitstring{role}")))?;
-                    self.reserve(bin.len() + LUA_VALUE_BYTES)?;
-                    self.meter.value(bin.len())?;
+                    self.b.reserve(bin.len() + LUA_VALUE_BYTES)?;
+                    self.b.meter.value(bin.len())?;
                     push_str(l, bin.as_slice());
                 }
                 _ => return Err(invalid("unsupported term")),
             }
         }
         Ok(())
-    }
-}
-
-/// Which kinds of keys a map has shown so far.
-#[derive(Default)]
-struct KeyKinds {
-    strings: bool,
-    atoms: bool,
-    integers: bool,
-    floats: bool,
-}
-
-impl KeyKinds {
-    /// Records `kind`; true if a key of this kind could equal an earlier key in Lua.
-    fn may_collide(&mut self, kind: TermType) -> bool {
-        match kind {
-            TermType::Binary => {
-                self.strings = true;
-                self.atoms
-            }
-            TermType::Atom => {
-                self.atoms = true;
-                self.strings
-            }
-            TermType::Integer => {
-                self.integers = true;
-                self.floats
-            }
-            TermType::Float => {
-                self.floats = true;
-                self.integers
-            }
-            _ => false,
-        }
     }
 }
 
@@ -417,10 +325,13 @@ fn term_seg(k: Term) -> Seg {
     }
 }
 
-/// Pushes a string. Only called with the memory limit lifted (see the module doc).
-unsafe fn push_str(l: *mut ffi::lua_State, bytes: &[u8]) {
-    // SAFETY: the caller checked the stack; `bytes` is valid for its length.
-    unsafe {
-        ffi::lua_pushlstring(l, bytes.as_ptr().cast(), bytes.len());
+/// A map key's kind for [`KeyKinds`].
+fn key_kind(kind: TermType) -> KeyKind {
+    match kind {
+        TermType::Binary => KeyKind::String,
+        TermType::Atom => KeyKind::Atom,
+        TermType::Integer => KeyKind::Integer,
+        TermType::Float => KeyKind::Float,
+        _ => KeyKind::Other,
     }
 }

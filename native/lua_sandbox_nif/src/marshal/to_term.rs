@@ -2,13 +2,6 @@
 
 use super::*;
 
-/// Limits for Lua -> Elixir conversion.
-#[derive(Clone, Copy)]
-pub struct Bounds {
-    pub max_depth: usize,
-    pub max_bytes: u64,
-}
-
 /// Converts the `n` values from absolute index `first` of `l`'s stack to terms; paths in
 /// errors look like `root[i]...`. The stack is left as it was.
 ///
@@ -26,15 +19,6 @@ pub unsafe fn to_terms<'e>(
     unsafe { read_values(env, l, first, n, bounds) }.map_err(|f| f.into_error(root))
 }
 
-/// How a tool call's arguments failed to convert.
-pub enum ArgsError {
-    /// The script passed what no tool can take but the run can go on from (a userdata that is
-    /// not one of its handles): the message for a Lua error raised at the call.
-    Refused(String),
-    /// Anything else ends the run, as for results.
-    Fatal(SandboxError),
-}
-
 /// [`to_terms`] for a tool call's arguments (path rooted at `root`, e.g. `tools.read`).
 ///
 /// # Safety
@@ -48,14 +32,7 @@ pub unsafe fn tool_args<'e>(
     root: &str,
 ) -> Result<Vec<Term<'e>>, ArgsError> {
     // SAFETY: forwarded contract.
-    unsafe { read_values(env, l, first, n, bounds) }.map_err(|f| match f.kind {
-        FailKind::Foreign(why) => ArgsError::Refused(format!(
-            "{} cannot be passed to a tool (at {})",
-            foreign(why),
-            f.path(root)
-        )),
-        _ => ArgsError::Fatal(f.into_error(root)),
-    })
+    unsafe { read_values(env, l, first, n, bounds) }.map_err(|f| f.into_args_error(root))
 }
 
 /// The values at `first..first + n` as terms; the stack is left as it was.
@@ -84,7 +61,7 @@ unsafe fn read_values<'e>(
                 }
             }
         }
-        let result = result.and_then(|()| reader.meter.flush());
+        let result = result.and_then(|()| reader.tally.meter.flush());
         ffi::lua_settop(l, top);
         result.map(|()| out)
     }
@@ -108,7 +85,7 @@ pub unsafe fn to_term<'e>(
         let top = ffi::lua_gettop(l);
         let r = reader
             .read(l, idx, 0)
-            .and_then(|term| reader.meter.flush().map(|()| term));
+            .and_then(|term| reader.tally.meter.flush().map(|()| term));
         ffi::lua_settop(l, top);
         r.map_err(|f| f.into_error(root))
     }
@@ -116,41 +93,28 @@ pub unsafe fn to_term<'e>(
 
 struct Reader<'e> {
     env: Env<'e>,
-    bounds: Bounds,
-    bytes_left: u64,
-    /// The tables on the path from the root to the value being read.
-    visiting: PtrSet,
+    /// Bytes left, depth, cycles, the meter.
+    tally: Tally,
     /// Scratch stacks shared by every table being read: each `read_entries` works above the
     /// length it found and truncates back, so tables cost no allocation of their own.
     keys: Vec<Term<'e>>,
     values: Vec<Term<'e>>,
     indices: Vec<i64>,
-    meter: Meter,
 }
 
 impl<'e> Reader<'e> {
     fn new(env: Env<'e>, bounds: Bounds) -> Self {
         Reader {
             env,
-            bounds,
-            bytes_left: bounds.max_bytes,
-            visiting: PtrSet::default(),
+            tally: Tally::new(bounds),
             keys: Vec::new(),
             values: Vec::new(),
             indices: Vec::new(),
-            meter: Meter::default(),
         }
     }
 
     fn charge(&mut self, bytes: u64) -> Result<(), Fail> {
-        self.meter.value(bytes as usize)?;
-        let cost = bytes.saturating_add(VALUE_COST);
-        if cost > self.bytes_left {
-            self.bytes_left = 0;
-            return Err(Fail::new(FailKind::Size(self.bounds.max_bytes)));
-        }
-        self.bytes_left -= cost;
-        Ok(())
+        self.tally.charge(bytes)
     }
 
     /// A string as a binary. One larger than a piece is paid per piece as it is copied
@@ -161,13 +125,8 @@ impl<'e> Reader<'e> {
             return Ok(binary_term(self.env, bytes));
         }
         self.charge(0)?;
-        let cost = bytes.len() as u64;
-        if cost > self.bytes_left {
-            self.bytes_left = 0;
-            return Err(Fail::new(FailKind::Size(self.bounds.max_bytes)));
-        }
-        self.bytes_left -= cost;
-        self.meter.flush()?;
+        self.tally.spend(bytes.len() as u64)?;
+        self.tally.meter.flush()?;
         binary_term_charged(self.env, bytes).map_err(|(why, _)| Fail::new(FailKind::Abort(why)))
     }
 
@@ -220,7 +179,7 @@ impl<'e> Reader<'e> {
                             self.charge(0)?;
                             Ok(t)
                         }
-                        Err(why) => Err(Fail::new(FailKind::Foreign(why))),
+                        Err(why) => Err(Fail::new(FailKind::Foreign(foreign(why)))),
                     }
                 }
                 ffi::LUA_TFUNCTION => Err(unsupported("a function")),
@@ -240,20 +199,14 @@ impl<'e> Reader<'e> {
         // modified during the traversal, and every push is covered by `lua_checkstack`.
         unsafe {
             let ptr = ffi::lua_topointer(l, idx);
-            if self.visiting.contains(&ptr) {
-                return Err(Fail::new(FailKind::Cycle));
-            }
-            if depth >= self.bounds.max_depth {
-                return Err(Fail::new(FailKind::Depth(self.bounds.max_depth)));
-            }
-            if ffi::lua_checkstack(l, 4) == 0 {
-                return Err(stack_exhausted());
-            }
-            self.charge(0)?;
-
-            self.visiting.insert(ptr);
-            let result = self.read_entries(l, idx, depth + 1);
-            self.visiting.remove(&ptr);
+            self.tally.enter(ptr, depth)?;
+            let result = if ffi::lua_checkstack(l, 4) == 0 {
+                Err(stack_exhausted())
+            } else {
+                self.charge(0)
+                    .and_then(|()| self.read_entries(l, idx, depth + 1))
+            };
+            self.tally.leave(ptr);
             result
         }
     }
