@@ -94,9 +94,12 @@ defmodule LuaSandbox.WorkersTest do
       assert_receive {^port, {:exit_status, _}}, 5_000
       Workers.checkin(pool, port, :broken)
 
-      # at once, before the replacement can have booted: the other worker booted at the start
+      # booted and idle at once, whether or not the replacement has booted yet: the spare,
+      # booted at the start (without it, the pool's one worker was the victim)
+      idle = for w <- LuaSandbox.Supervisor.info(sup).workers, do: w.os_pid
+      assert [spare] = MapSet.to_list(MapSet.delete(booted, victim))
+      assert spare in idle
       {:ok, port} = Workers.checkout(pool)
-      assert Worker.os_pid(port) in MapSet.delete(booted, victim)
       assert {:ok, :pong} = Worker.request(port, :ping, 5_000)
       Workers.checkin(pool, port, :ok)
     end
@@ -244,6 +247,50 @@ defmodule LuaSandbox.WorkersTest do
       assert ms = within(2_000, fn -> not os_alive?(os_pid) end)
       assert ms < 2_000
       assert within(5_000, fn -> replaced?(sup, 1, os_pid) end)
+    end
+  end
+
+  defp linked_ports do
+    {:links, links} = Process.info(self(), :links)
+    Enum.filter(links, &is_port/1)
+  end
+
+  describe "a caller that gave its worker back" do
+    # Port.connect/2 links the new owner to the port: a caller that stayed linked after the
+    # checkin took the worker down when it later exited (ExUnit ends every test process with
+    # :shutdown), and with it the run of whoever held the worker then, killed by the port's
+    # exit signal (seen as "run crashed: :shutdown" / "EXIT from #Port<...>" in the suites).
+    test "and later dies leaves the worker and its next caller alone" do
+      sup = start_pool(1)
+      pool = Workers.whereis(sup)
+      me = self()
+
+      first =
+        spawn(fn ->
+          {:ok, port} = Workers.checkout(pool)
+          {:ok, :pong} = Worker.request(port, :ping, 5_000)
+          Workers.checkin(pool, port, :ok)
+          send(me, {:used, Worker.os_pid(port)})
+
+          receive do
+            :die -> exit(:shutdown)
+          end
+        end)
+
+      assert_receive {:used, os_pid}, 5_000
+      # the next caller gets the same worker (the last one given back is lent first)
+      {:ok, port} = Workers.checkout(pool)
+      assert Worker.os_pid(port) == os_pid
+
+      ref = Process.monitor(first)
+      send(first, :die)
+      assert_receive {:DOWN, ^ref, :process, _, :shutdown}, 5_000
+
+      assert {:ok, :pong} = Worker.request(port, :ping, 5_000)
+      assert linked_ports() == []
+      Workers.checkin(pool, port, :ok)
+      assert linked_ports() == []
+      assert os_alive?(os_pid)
     end
   end
 

@@ -8,13 +8,13 @@ defmodule LuaSandbox.Supervisor.Workers do
   # exec and namespaces: bench/ANALYSIS.md), `capacity` workers are still booted.
   #
   # A caller checks a worker out (its port is connected to the caller for the time, so answers
-  # reach it without a hop through here; this process stays linked to the port), talks to it,
-  # and checks it in. A worker whose caller died while holding it, or that the caller gives
-  # back as broken (a request that timed out), is closed (it exits when it sees the hangup)
-  # and replaced: it is in an unknown
-  # state. A worker that dies (a crash, its jail's seccomp kill, a signal from outside) is
-  # replaced in the background; its caller, if it had one, answers `:worker_crashed` itself
-  # from the port's exit status.
+  # reach it without a hop through here; this process stays linked to the port, the caller is
+  # not: checkout/1), talks to it, and checks it in. A worker whose caller died while holding
+  # it (this process monitors the caller), or that the caller gives back as broken (a request
+  # that timed out), is closed (it exits when it sees the hangup) and replaced: it is in an
+  # unknown state. A worker that dies (a crash, its jail's seccomp kill, a signal from
+  # outside) is replaced in the background; its caller, if it had one, answers
+  # `:worker_crashed` itself from the port's exit status.
   #
   # The first workers are started in init/1, so start_link fails (with the reason) when the
   # binary is missing or its jail cannot be applied, and warns once per layer not in force.
@@ -43,7 +43,19 @@ defmodule LuaSandbox.Supervisor.Workers do
   """
   @spec checkout(pid) :: {:ok, port} | {:error, String.t()}
   def checkout(pool) do
-    GenServer.call(pool, :checkout, @checkout_timeout)
+    case GenServer.call(pool, :checkout, @checkout_timeout) do
+      {:ok, port} = ok ->
+        # `Port.connect/2` links the new owner to the port. Unlinked, the caller is never
+        # killed by the port's exit (the pool stopping mid-run), and its own exit never closes
+        # a worker it gave back long ago (before: any past caller's :shutdown or crash took the
+        # worker down mid-run of the next one). Its death mid-use is the pool's monitor's to
+        # handle (the worker is closed and replaced).
+        Process.unlink(port)
+        ok
+
+      error ->
+        error
+    end
   catch
     :exit, {:timeout, _} -> {:error, "no worker became free within #{@checkout_timeout} ms"}
     :exit, _ -> {:error, "the worker pool stopped"}
@@ -63,6 +75,9 @@ defmodule LuaSandbox.Supervisor.Workers do
         # the port closed meanwhile: the worker died
         ArgumentError -> :broken
       end
+
+    # The caller unlinked at checkout; connecting back leaves it linked as the old owner.
+    Process.unlink(port)
 
     GenServer.cast(pool, {:checkin, port, status})
   end
