@@ -13,8 +13,8 @@ use std::ffi::c_int;
 
 use lua_sandbox_core::error::SandboxError;
 use lua_sandbox_core::marshal::{
-    building, invalid, key_seg, push_str, stack_exhausted, unsupported, Build, Fail, FailKind,
-    KeyKind, KeyKinds, Seg, Tally, LUA_VALUE_BYTES,
+    self, invalid, key_seg, push_str, stack_exhausted, unsupported, Build, Fail, FailKind, KeyKind,
+    KeyKinds, Push, Seg, Tally, LUA_VALUE_BYTES,
 };
 use lua_sandbox_core::{ffi, sandbox};
 
@@ -25,7 +25,7 @@ pub use lua_sandbox_core::marshal::{ArgsError, Bounds};
 // ---------------------------------------------------------------------------------------------
 // Terms to Lua
 
-/// Sets each `(name, term)` as a global of `l`. Paths in errors start at `globals`.
+/// Sets each `(name, term)` as a global of `l` (`lua_sandbox_core::marshal::push_globals`).
 ///
 /// # Safety
 /// `l` must be a non-running state whose memory limit the caller lifted; `limit` is the run's
@@ -36,27 +36,12 @@ pub unsafe fn push_globals(
     max_depth: usize,
     limit: usize,
 ) -> Result<(), SandboxError> {
-    if globals.is_empty() {
-        return Ok(());
-    }
-    // SAFETY: `l` is a valid state (the caller's contract).
-    let mut builder = unsafe { Builder::new(l, limit, max_depth) };
-    let mut result = Ok(());
-    // SAFETY: nothing in the closure raises (module doc); the backstop catches the impossible.
-    unsafe {
-        building(l, |l| {
-            result = builder
-                .set_globals(l, globals)
-                .and_then(|()| builder.b.meter.flush());
-        })
-    }?;
-    result.map_err(|f| f.into_error("globals"))?;
-    // SAFETY: as above.
-    unsafe { builder.b.check_memory(l) }
+    // SAFETY: forwarded contract.
+    unsafe { marshal::push_globals(l, globals, max_depth, limit, |b| Builder { b }) }
 }
 
-/// Converts `terms` to Lua values left on top of `l`'s stack; paths in errors start at `root`
-/// and index from 1. Returns how many values were pushed; on an error nothing is left.
+/// Converts `terms` to Lua values left on top of `l`'s stack
+/// (`lua_sandbox_core::marshal::push_values`): how many were pushed.
 ///
 /// # Safety
 /// As for [`push_globals`].
@@ -67,78 +52,17 @@ pub unsafe fn push_values(
     root: &str,
     limit: usize,
 ) -> Result<c_int, SandboxError> {
-    // SAFETY: `l` is a valid state (the caller's contract).
-    let mut builder = unsafe { Builder::new(l, limit, max_depth) };
-    let mut result = Ok(());
-    // SAFETY: only reads.
-    let base = unsafe { ffi::lua_gettop(l) };
-    // SAFETY: as in `push_globals`; the values left on the closure's stack are its results.
-    unsafe {
-        building(l, |l| {
-            result = builder
-                .push_all(l, terms)
-                .and_then(|()| builder.b.meter.flush());
-            if result.is_err() {
-                ffi::lua_settop(l, 0);
-            }
-        })
-    }?;
-    result.map_err(|f| f.into_error(root))?;
-    // SAFETY: as above.
-    unsafe { builder.b.check_memory(l) }?;
-    // SAFETY: only reads.
-    Ok(unsafe { ffi::lua_gettop(l) } - base)
+    // SAFETY: forwarded contract.
+    unsafe { marshal::push_values(l, terms, max_depth, root, limit, |b| Builder { b }) }
 }
 
 struct Builder {
     b: Build,
 }
 
-impl Builder {
-    /// # Safety
-    /// `l` must be a valid state.
-    unsafe fn new(l: *mut ffi::lua_State, limit: usize, max_depth: usize) -> Builder {
-        Builder {
-            // SAFETY: the caller's contract.
-            b: unsafe { Build::new(l, limit, max_depth) },
-        }
-    }
-
-    unsafe fn set_globals(
-        &mut self,
-        l: *mut ffi::lua_State,
-        globals: &[(String, Term)],
-    ) -> Result<(), Fail> {
-        // SAFETY: inside the backstop, each push preceded by a successful `lua_checkstack`;
-        // no call here raises (module doc).
-        unsafe {
-            if ffi::lua_checkstack(l, 4) == 0 {
-                return Err(stack_exhausted());
-            }
-            ffi::lua_rawgeti(l, ffi::LUA_REGISTRYINDEX, ffi::LUA_RIDX_GLOBALS);
-            let g = ffi::lua_gettop(l);
-            for (name, term) in globals {
-                self.b.reserve(name.len() + LUA_VALUE_BYTES)?;
-                push_str(l, name.as_bytes());
-                self.push(l, term, 0)
-                    .map_err(|f| f.at(Seg::Key(name.clone())))?;
-                ffi::lua_rawset(l, g);
-            }
-            ffi::lua_settop(l, g - 1);
-        }
-        Ok(())
-    }
-
-    unsafe fn push_all(&mut self, l: *mut ffi::lua_State, terms: &[Term]) -> Result<(), Fail> {
-        // SAFETY: as in `set_globals`.
-        unsafe {
-            self.b.room_for(l, terms.len())?;
-            for (i, term) in terms.iter().enumerate() {
-                self.push(l, term, 0)
-                    .map_err(|f| f.at(Seg::Index(i as i64 + 1)))?;
-            }
-        }
-        Ok(())
+impl Push<Term> for Builder {
+    fn build(&mut self) -> &mut Build {
+        &mut self.b
     }
 
     /// Pushes the Lua value for `term` (exactly one slot on success).
@@ -149,7 +73,7 @@ impl Builder {
         depth: usize,
     ) -> Result<(), Fail> {
         self.b.meter.value(0)?;
-        // SAFETY: as in `set_globals`; callers guarantee one free slot, tables check for more.
+        // SAFETY: the trait's contract: one free slot; tables check for more.
         unsafe {
             match term {
                 Term::Atom(a) if a == "nil" => ffi::lua_pushnil(l),
@@ -163,7 +87,9 @@ impl Builder {
         }
         Ok(())
     }
+}
 
+impl Builder {
     /// The error for a term outside the subset, as the NIF words it.
     fn not_a_value(&self, what: &str, role: &str) -> Fail {
         match what {
@@ -187,7 +113,7 @@ impl Builder {
                 .saturating_add(LUA_VALUE_BYTES),
         )?;
         let narr = c_int::try_from(items.len()).map_err(|_| Fail::new(FailKind::Memory))?;
-        // SAFETY: as in `set_globals`.
+        // SAFETY: as in `push` (the trait's contract).
         unsafe {
             if ffi::lua_checkstack(l, 3) == 0 {
                 return Err(stack_exhausted());
@@ -233,7 +159,7 @@ impl Builder {
                 .saturating_add(LUA_VALUE_BYTES),
         )?;
         let nrec = c_int::try_from(pairs.len()).map_err(|_| Fail::new(FailKind::Memory))?;
-        // SAFETY: as in `set_globals`.
+        // SAFETY: as in `push` (the trait's contract).
         unsafe {
             if ffi::lua_checkstack(l, 4) == 0 {
                 return Err(stack_exhausted());
@@ -278,7 +204,7 @@ impl Builder {
 
     /// Pushes a boolean, non-nil atom, integer, float or binary.
     unsafe fn push_scalar(&mut self, l: *mut ffi::lua_State, term: &Term) -> Result<(), Fail> {
-        // SAFETY: as in `set_globals`; the caller guarantees one free slot.
+        // SAFETY: as in `push` (the trait's contract). the caller guarantees one free slot.
         unsafe {
             match term {
                 Term::Atom(a) if a == "true" || a == "false" => {

@@ -14,8 +14,8 @@ use std::ffi::c_int;
 
 use lua_sandbox_core::ffi;
 use lua_sandbox_core::marshal::{
-    building, invalid, key_seg, push_str, stack_exhausted, unsupported, Build, Fail, FailKind,
-    KeyKind, KeyKinds, Seg, Tally, LUA_VALUE_BYTES,
+    invalid, key_seg, push_str, stack_exhausted, unsupported, Build, Fail, FailKind, KeyKind,
+    KeyKinds, Push, Seg, Tally, LUA_VALUE_BYTES,
 };
 use rustler::types::{ListIterator, MapIterator};
 use rustler::{Encoder, Env, Term, TermType};

@@ -2,8 +2,9 @@
 //! the size tracked here (see the module doc of `marshal`).
 
 use super::*;
+use lua_sandbox_core::marshal as shared;
 
-/// Sets each `(name, term)` as a global of `l`. Paths in errors start at `globals`.
+/// Sets each `(name, term)` as a global of `l` (`lua_sandbox_core::marshal::push_globals`).
 ///
 /// # Safety
 /// `l` must be a non-running state whose memory limit the caller lifted (see the module doc);
@@ -14,28 +15,12 @@ pub unsafe fn push_globals(
     max_depth: usize,
     limit: usize,
 ) -> Result<(), SandboxError> {
-    if globals.is_empty() {
-        return Ok(());
-    }
-    let mut result = Ok(());
-    // SAFETY: `l` is a valid state (the caller's contract).
-    let mut builder = unsafe { Builder::new(l, limit, max_depth) };
-    // SAFETY: nothing in the closure raises (module doc); the backstop catches the impossible.
-    let outcome = unsafe {
-        building(l, |l| {
-            result = builder
-                .set_globals(l, globals)
-                .and_then(|()| builder.b.meter.flush());
-        })
-    };
-    outcome?;
-    result.map_err(|f| f.into_error("globals"))?;
-    // SAFETY: as above.
-    unsafe { builder.b.check_memory(l) }
+    // SAFETY: forwarded contract.
+    unsafe { shared::push_globals(l, globals, max_depth, limit, |b| Builder { b }) }
 }
 
-/// Converts `terms` to Lua values, left on top of `l`'s stack; paths in errors start at
-/// `root` and index from 1. Returns how many values were pushed.
+/// Converts `terms` to Lua values left on top of `l`'s stack
+/// (`lua_sandbox_core::marshal::push_values`): how many were pushed.
 ///
 /// # Safety
 /// As for [`push_globals`].
@@ -46,90 +31,29 @@ pub unsafe fn push_values(
     root: &str,
     limit: usize,
 ) -> Result<c_int, SandboxError> {
-    let mut result = Ok(());
-    // SAFETY: `l` is a valid state (the caller's contract).
-    let mut builder = unsafe { Builder::new(l, limit, max_depth) };
-    // SAFETY: `lua_gettop` only reads.
-    let base = unsafe { ffi::lua_gettop(l) };
-    // SAFETY: as in `push_globals`. The values left on the closure's stack are its results.
-    let outcome = unsafe {
-        building(l, |l| {
-            result = builder
-                .push_all(l, terms)
-                .and_then(|()| builder.b.meter.flush());
-            if result.is_err() {
-                ffi::lua_settop(l, 0);
-            }
-        })
-    };
-    outcome?;
-    result.map_err(|f| f.into_error(root))?;
-    // SAFETY: as above.
-    unsafe { builder.b.check_memory(l) }?;
-    // SAFETY: only reads.
-    Ok(unsafe { ffi::lua_gettop(l) } - base)
+    // SAFETY: forwarded contract.
+    unsafe { shared::push_values(l, terms, max_depth, root, limit, |b| Builder { b }) }
 }
 
 struct Builder {
     b: Build,
 }
 
-impl Builder {
-    /// # Safety
-    /// `l` must be a valid state.
-    unsafe fn new(l: *mut ffi::lua_State, limit: usize, max_depth: usize) -> Builder {
-        Builder {
-            // SAFETY: the caller's contract.
-            b: unsafe { Build::new(l, limit, max_depth) },
-        }
-    }
-
-    unsafe fn set_globals(
-        &mut self,
-        l: *mut ffi::lua_State,
-        globals: &[(String, Term)],
-    ) -> Result<(), Fail> {
-        // SAFETY (whole fn): `l` is the running thread inside the backstop; each push is preceded
-        // by a successful `lua_checkstack`; no call here raises (module doc).
-        unsafe {
-            if ffi::lua_checkstack(l, 4) == 0 {
-                return Err(stack_exhausted());
-            }
-            ffi::lua_rawgeti(l, ffi::LUA_REGISTRYINDEX, ffi::LUA_RIDX_GLOBALS);
-            let g = ffi::lua_gettop(l);
-            for (name, term) in globals {
-                self.b.reserve(name.len() + LUA_VALUE_BYTES)?;
-                push_str(l, name.as_bytes());
-                self.push(l, *term, 0)
-                    .map_err(|f| f.at(Seg::Key(name.clone())))?;
-                ffi::lua_rawset(l, g);
-            }
-            ffi::lua_settop(l, g - 1);
-        }
-        Ok(())
-    }
-
-    unsafe fn push_all(&mut self, l: *mut ffi::lua_State, terms: &[Term]) -> Result<(), Fail> {
-        // SAFETY: as in `set_globals`.
-        unsafe {
-            self.b.room_for(l, terms.len())?;
-            for (i, term) in terms.iter().enumerate() {
-                self.push(l, *term, 0)
-                    .map_err(|f| f.at(Seg::Index(i as i64 + 1)))?;
-            }
-        }
-        Ok(())
+impl<'a> Push<Term<'a>> for Builder {
+    fn build(&mut self) -> &mut Build {
+        &mut self.b
     }
 
     /// Pushes the Lua value for `term` (exactly one slot on success).
     unsafe fn push(
         &mut self,
         l: *mut ffi::lua_State,
-        term: Term,
+        term: &Term<'a>,
         depth: usize,
     ) -> Result<(), Fail> {
+        let term = *term;
         self.b.meter.value(0)?;
-        // SAFETY: as in `set_globals`; callers guarantee one free slot, tables check for more.
+        // SAFETY: the trait's contract: one free slot; tables check for more.
         unsafe {
             match term.get_type() {
                 TermType::Atom if term == atoms::nil().to_term(term.get_env()) => {
@@ -150,7 +74,9 @@ impl Builder {
         }
         Ok(())
     }
+}
 
+impl Builder {
     unsafe fn push_list(
         &mut self,
         l: *mut ffi::lua_State,
@@ -163,7 +89,7 @@ impl Builder {
         self.b
             .reserve(len.saturating_mul(16).saturating_add(LUA_VALUE_BYTES))?;
         let narr = c_int::try_from(len).map_err(|_| Fail::new(FailKind::Memory))?;
-        // SAFETY: as in `set_globals`.
+        // SAFETY: as in `push` (the trait's contract).
         unsafe {
             if ffi::lua_checkstack(l, 3) == 0 {
                 return Err(stack_exhausted());
@@ -172,7 +98,7 @@ impl Builder {
             let t = ffi::lua_gettop(l);
             for (i, item) in iter.enumerate() {
                 let index = i as i64 + 1;
-                self.push(l, item, depth)
+                self.push(l, &item, depth)
                     .map_err(|f| f.at(Seg::Index(index)))?;
                 ffi::lua_rawseti(l, t, index);
             }
@@ -192,7 +118,7 @@ impl Builder {
                     .map_get(atoms::term())
                     .map_err(|_| invalid("bad handle"))?;
                 self.b.reserve(LUA_VALUE_BYTES)?;
-                // SAFETY: as in `set_globals` (limit lifted, one slot free: callers check).
+                // SAFETY: as in `push` (the trait's contract) (limit lifted, one slot free: callers check).
                 return unsafe { crate::handles::push(l, inner) }.map_err(invalid);
             }
             let module = name.atom_to_string().unwrap_or_default();
@@ -207,7 +133,7 @@ impl Builder {
         self.b
             .reserve(size.saturating_mul(40).saturating_add(LUA_VALUE_BYTES))?;
         let nrec = c_int::try_from(size).map_err(|_| Fail::new(FailKind::Memory))?;
-        // SAFETY: as in `set_globals`.
+        // SAFETY: as in `push` (the trait's contract).
         unsafe {
             if ffi::lua_checkstack(l, 4) == 0 {
                 return Err(stack_exhausted());
@@ -228,7 +154,7 @@ impl Builder {
                         return Err(f.at(term_seg(k)));
                     }
                 }
-                self.push(l, v, depth).map_err(|f| f.at(term_seg(k)))?;
+                self.push(l, &v, depth).map_err(|f| f.at(term_seg(k)))?;
                 ffi::lua_rawset(l, t);
             }
         }
@@ -267,7 +193,7 @@ impl Builder {
         ty: TermType,
         role: &str,
     ) -> Result<(), Fail> {
-        // SAFETY: as in `set_globals`; the caller guarantees one free slot.
+        // SAFETY: as in `push` (the trait's contract); the caller guarantees one free slot.
         unsafe {
             match ty {
                 TermType::Atom => {
