@@ -553,27 +553,18 @@ LUA_API const char *lua_pushlstring (lua_State *L, const char *s, size_t len) {
 
 /*
 ** LUA_SANDBOX: 'lua_pushlstring' for a long string copied in pieces with a
-** check between two ('luaG_sandboxcopy'); raises when the run is aborted
-** meanwhile, the unfinished string popped first. Only where 'luaL_error'
-** could raise ('lua_pushlstring' itself never raises but for memory).
+** check between two; raises when the run is aborted meanwhile, before the
+** unfinished string is pushed ('luaS_newlstrorraise'). Only where
+** 'luaL_error' could raise ('lua_pushlstring' itself never raises but for
+** memory).
 */
 LUA_API const char *lua_sandboxpushlstring (lua_State *L, const char *s,
                                             size_t len) {
   TString *ts;
-  size_t done;
-  if (len <= LUAI_MAXSHORTLEN)
-    return lua_pushlstring(L, s, len);
   lua_lock(L);
-  ts = luaS_createlngstrobj(L, len);  /* pays for the copy */
+  ts = (len == 0) ? luaS_new(L, "") : luaS_newlstrorraise(L, s, len);
   setsvalue2s(L, L->top.p, ts);
   api_incr_top(L);
-  done = luaG_sandboxcopy(L, getlngstr(ts), s, len);
-  if (l_unlikely(done < len)) {
-    L->top.p--;  /* nobody sees the unfinished string */
-    luaG_sandboxcharge(L, 0);  /* aborts are sticky: this raises */
-    memcpy(getlngstr(ts) + done, s + done, len - done);
-    api_incr_top(L);
-  }
   luaC_checkGC(L);
   lua_unlock(L);
   return getstr(ts);

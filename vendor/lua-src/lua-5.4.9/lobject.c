@@ -413,7 +413,9 @@ typedef struct BuffFS {
 */
 static void pushstr (BuffFS *buff, const char *str, size_t lstr) {
   lua_State *L = buff->L;
-  setsvalue2s(L, L->top.p, luaS_newlstr(L, str, lstr));
+  /* LUA_SANDBOX: a long string copied in pieces; raises when the run is
+     aborted meanwhile, as 'luaV_concat' below does */
+  setsvalue2s(L, L->top.p, luaS_newlstrorraise(L, str, lstr));
   L->top.p++;  /* may use one slot from EXTRA_STACK */
   if (!buff->pushed)  /* no previous string on the stack? */
     buff->pushed = 1;  /* now there is one */
@@ -488,7 +490,8 @@ const char *luaO_pushvfstring (lua_State *L, const char *fmt, va_list argp) {
       case 's': {  /* zero-terminated string */
         const char *s = va_arg(argp, char *);
         if (s == NULL) s = "(null)";
-        addstr2buff(&buff, s, strlen(s));
+        /* LUA_SANDBOX: measured in pieces (a quoted string may be huge) */
+        addstr2buff(&buff, s, luaG_sandboxstrlen(L, s));
         break;
       }
       case 'c': {  /* an 'int' as a character */
