@@ -480,7 +480,7 @@ static void push_onecapture (MatchState *ms, int i, const char *s,
   ptrdiff_t l = get_onecapture(ms, i, s, e, &cap);
   if (l != CAP_POSITION) {
     ms_count(ms, sb_bytes(l));  /* SANDBOX: copy of the capture */
-    lua_pushlstring(ms->L, cap, l);
+    lua_sandboxpushlstring(ms->L, cap, l);  /* SANDBOX: in pieces */
   }
   /* else position was already pushed */
 }

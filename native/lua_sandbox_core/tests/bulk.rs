@@ -113,6 +113,19 @@ fn longest_stretch(src: &str) -> (Result<(), SandboxError>, Duration) {
 /// its maximum in one reallocation, ~7 ms) and the rehash of a table of 4 M entries (~30 ms).
 const BOUND: Duration = Duration::from_millis(5);
 
+/// Runs each script to its end; fails naming every one with a stretch of [`BOUND`] or more.
+fn assert_checked_between_pieces(cases: &[String]) {
+    let mut slow = Vec::new();
+    for src in cases {
+        let (outcome, longest) = longest_stretch(src);
+        assert_eq!(outcome, Ok(()), "{src}");
+        if longest >= BOUND {
+            slow.push(format!("{longest:?} between two checks: {src}"));
+        }
+    }
+    assert!(slow.is_empty(), "{slow:#?}");
+}
+
 #[test]
 fn bulk_operations_check_between_pieces() {
     let s = "local s = string.rep('x', 1 << 25) ";
@@ -130,12 +143,29 @@ fn bulk_operations_check_between_pieces() {
         format!("{s} local t = s:upper() t = s:lower() t = s:reverse()"),
         // json's buffer and its result
         format!("{s} local t = json.encode(s)"),
+        // a long string pushed whole by a C function (`lua_pushlstring`: `luaS_newlstr`)
+        format!("{s} local t = s:sub(2) t = s:sub(1, -2)"),
+        // an error message quoting it (`luaO_pushvfstring`), twice: the option, the message
+        format!("{s} local ok = pcall(collectgarbage, s) assert(not ok)"),
     ];
-    for src in &cases {
-        let (outcome, longest) = longest_stretch(src);
-        assert_eq!(outcome, Ok(()), "{src}");
-        assert!(longest < BOUND, "{src}: {longest:?} between two checks");
-    }
+    assert_checked_between_pieces(&cases);
+}
+
+#[test]
+fn long_numerals_are_read_between_checks() {
+    // 16 MiB numerals, converted by the VM's coercion and by C functions (`tonumber`,
+    // `math.*`): `strtod` read them whole with no check (~10 ms each here); now they are
+    // shortened in pieces first (`luaO_str2numsb`). The results asserted are stock Lua's.
+    let ones = "local n = string.rep('1', 1 << 24) ";
+    let zeros = "local n = '0.' .. string.rep('0', 1 << 24) .. '15e16777218' ";
+    let cases = [
+        format!("{ones} assert(tonumber(n) == math.huge)"),
+        format!("{ones} assert(n + 0 == math.huge)"),
+        format!("{ones} assert(math.floor(n) == math.huge)"),
+        format!("{zeros} assert(tonumber(n) == 15)"),
+        format!("{zeros} assert(math.abs(n) == 15)"),
+    ];
+    assert_checked_between_pieces(&cases);
 }
 
 /// Counts liveness checks down; the caller is dead once the count runs out.
@@ -167,6 +197,9 @@ fn a_kill_at_any_check_of_a_bulk_operation_ends_it() {
         "local s = string.rep('x', 1 << 23) local t = s .. s .. s .. s return #t",
         "local s = string.rep('x', 1 << 23) local t = table.concat({s, s, s, s}) return #t",
         "local s = string.rep('x', 1 << 23) local t = json.encode(s) return #t",
+        "local s = string.rep('x', 1 << 24) local t = s:sub(2) t = s:sub(3) return #t",
+        "local s = string.rep('x', 1 << 24) local ok = pcall(collectgarbage, s) return ok",
+        "local n = string.rep('1', 1 << 24) return tonumber(n) + math.floor(n)",
     ] {
         let (outcome, total) = killed_at(src, u64::MAX);
         assert_eq!(outcome, Ok(()), "{src}");

@@ -309,7 +309,7 @@ LUA_API int lua_isinteger (lua_State *L, int idx) {
 LUA_API int lua_isnumber (lua_State *L, int idx) {
   lua_Number n;
   const TValue *o = index2value(L, idx);
-  return tonumber(o, &n);
+  return tonumber(L, o, &n);
 }
 
 
@@ -378,7 +378,7 @@ LUA_API int lua_compare (lua_State *L, int index1, int index2, int op) {
 ** 16 bytes of the string (non-raising: mlua calls them unprotected).
 */
 LUA_API size_t lua_stringtonumber (lua_State *L, const char *s) {
-  size_t sz = luaO_str2num(s, s2v(L->top.p));
+  size_t sz = luaO_str2numsb(L, s, s2v(L->top.p));  /* LUA_SANDBOX */
   luaG_sandboxdebit(L, luaG_sbbytes(sz ? sz : strlen(s)));  /* LUA_SANDBOX */
   if (sz != 0)
     api_incr_top(L);
@@ -392,7 +392,7 @@ LUA_API lua_Number lua_tonumberx (lua_State *L, int idx, int *pisnum) {
   int isnum;
   if (ttisstring(o))  /* LUA_SANDBOX: see 'lua_stringtonumber' */
     luaG_sandboxdebit(L, luaG_sbbytes(tsslen(tsvalue(o))));
-  isnum = tonumber(o, &n);
+  isnum = tonumber(L, o, &n);
   if (pisnum)
     *pisnum = isnum;
   return n;
@@ -405,7 +405,7 @@ LUA_API lua_Integer lua_tointegerx (lua_State *L, int idx, int *pisnum) {
   int isnum;
   if (ttisstring(o))  /* LUA_SANDBOX: see 'lua_stringtonumber' */
     luaG_sandboxdebit(L, luaG_sbbytes(tsslen(tsvalue(o))));
-  isnum = tointeger(o, &res);
+  isnum = tointeger(L, o, &res);
   if (pisnum)
     *pisnum = isnum;
   return res;
@@ -553,27 +553,18 @@ LUA_API const char *lua_pushlstring (lua_State *L, const char *s, size_t len) {
 
 /*
 ** LUA_SANDBOX: 'lua_pushlstring' for a long string copied in pieces with a
-** check between two ('luaG_sandboxcopy'); raises when the run is aborted
-** meanwhile, the unfinished string popped first. Only where 'luaL_error'
-** could raise ('lua_pushlstring' itself never raises but for memory).
+** check between two; raises when the run is aborted meanwhile, before the
+** unfinished string is pushed ('luaS_newlstrorraise'). Only where
+** 'luaL_error' could raise ('lua_pushlstring' itself never raises but for
+** memory).
 */
 LUA_API const char *lua_sandboxpushlstring (lua_State *L, const char *s,
                                             size_t len) {
   TString *ts;
-  size_t done;
-  if (len <= LUAI_MAXSHORTLEN)
-    return lua_pushlstring(L, s, len);
   lua_lock(L);
-  ts = luaS_createlngstrobj(L, len);  /* pays for the copy */
+  ts = (len == 0) ? luaS_new(L, "") : luaS_newlstrorraise(L, s, len);
   setsvalue2s(L, L->top.p, ts);
   api_incr_top(L);
-  done = luaG_sandboxcopy(L, getlngstr(ts), s, len);
-  if (l_unlikely(done < len)) {
-    L->top.p--;  /* nobody sees the unfinished string */
-    luaG_sandboxcharge(L, 0);  /* aborts are sticky: this raises */
-    memcpy(getlngstr(ts) + done, s + done, len - done);
-    api_incr_top(L);
-  }
   luaC_checkGC(L);
   lua_unlock(L);
   return getstr(ts);

@@ -317,6 +317,26 @@ void luaG_sandboxcheck (lua_State *L) {
 }
 
 
+/*
+** LUA_SANDBOX: 'strlen' of a string that may be as large as the heap (a
+** script's string quoted into a message by 'luaO_pushvfstring'), scanned in
+** pieces of LUA_SBPIECE bytes, each charged one unit per 16 bytes and
+** followed by a raising check (only where 'luaG_runerror' would be legal).
+** 'memchr' stops at the first NUL (C11 7.24.5.1), so it reads no byte past
+** the string's terminator.
+*/
+size_t luaG_sandboxstrlen (lua_State *L, const char *s) {
+  const char *p = s;
+  const char *z;
+  while ((z = cast(const char *, memchr(p, '\0', LUA_SBPIECE))) == NULL) {
+    p += LUA_SBPIECE;
+    luaG_sandboxdebit(L, luaG_sbbytes(LUA_SBPIECE));
+    luaG_sandboxcheck(L);
+  }
+  return cast_sizet(z - s);
+}
+
+
 LUA_API void lua_sandboxcheck (lua_State *L) {
   lua_lock(L);
   luaG_sandboxcheck(L);

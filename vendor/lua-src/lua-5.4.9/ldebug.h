@@ -68,6 +68,7 @@ LUAI_FUNC size_t luaG_sandboxcopy (lua_State *L, void *dst, const void *src,
                                    size_t n);
 LUAI_FUNC void luaG_sandboxcopyorraise (lua_State *L, void *dst,
                                         const void *src, size_t n);
+LUAI_FUNC size_t luaG_sandboxstrlen (lua_State *L, const char *s);
 #define luaG_sandboxdebit(L,n)	(G(L)->sbticks -= cast(l_mem, (n)))
 /* LUA_SANDBOX: units of work for 'n' bytes copied, compared or scanned */
 #define SB_BYTESHIFT	4

@@ -320,6 +320,133 @@ size_t luaO_str2num (const char *s, TValue *o) {
 }
 
 
+
+/*
+** LUA_SANDBOX: long numerals (issue 16). 'strtod' reads a numeral whole,
+** with no check for a kill, the deadline or the budget: ~10 ms for 16 MiB
+** of digits. So a decimal numeral longer than SB_LONGNUM bytes is first
+** rewritten, in one pass with a check every LUA_SBPIECE bytes, into a short
+** numeral that converts to the same value, and that one is converted:
+** - leading zeros and the spaces around the numeral do not change its
+**   value; an integer numeral of at most SB_NUMDIGITS significant digits
+**   is written as those digits (so 'l_str2int' gives the same integer);
+** - any other is written '0.D e E' (so 'l_str2int' rejects it, as it does
+**   the original: a '.', an exponent, or more than 19 digits, which
+**   overflow), where D is its first SB_NUMDIGITS significant digits, plus
+**   a '1' when a later digit is nonzero, and E its decimal exponent.
+**   Rounding to a double only depends on where the value lies among the
+**   doubles and the midpoints between two, which have at most 767
+**   significant digits: cut after 800 digits (T), a value with a nonzero
+**   tail and T followed by '1' lie strictly between T and the next
+**   800-digit number, where no such point lies, so the correctly rounded
+**   'strtod' gives both the same double. E is clamped to +-SB_MAXEXP:
+**   beyond +-400 every nonzero value is already infinite or zero.
+** The grammar accepted is exactly what 'l_str2int' and 'l_str2d' accept
+** of a decimal numeral in a locale whose radix mark is '.': a hexadecimal
+** one ("0x") or another radix mark is left to them. When the run is
+** aborted during the scan, the numeral is reported as not a numeral: the
+** run raises at its next instruction or charge, so nothing acts on the
+** unfinished answer (as 'luaH_next' answers "no more elements").
+*/
+#define SB_LONGNUM	1024
+#define SB_NUMDIGITS	800
+#define SB_MAXEXP	100000000
+#define SB_SHORTNUM	(SB_NUMDIGITS + 32)
+#define SB_STOCK	(~(size_t)0)  /* not handled here: the stock way */
+
+/* advances 'p', with a check every LUA_SBPIECE bytes (see above) */
+#define sbnext(L,p,check)  \
+  { if (l_unlikely(++(p) >= (check))) { \
+      if (luaG_sandboxaborted(L)) return 0; \
+      (check) = (p) + LUA_SBPIECE; } }
+
+/*
+** Writes into 'buff' (SB_SHORTNUM bytes) a short numeral with the value of
+** the numeral 's' and returns the length of 's'; 0 when 's' is not a
+** numeral (or the run was aborted); SB_STOCK when 's' is not decimal.
+*/
+static size_t sbshortnum (lua_State *L, const char *s, char *buff) {
+  const char *p = s;
+  const char *check = s + LUA_SBPIECE;
+  char *b = buff;
+  int ndig = 0;  /* significant digits kept in 'buff' */
+  int sticky = 0;  /* a nonzero digit was dropped */
+  int anydigit = 0;  /* a digit of the mantissa was seen */
+  int isint = 1;  /* no radix mark and no exponent */
+  l_mem point = 0;  /* the value is 0.D times 10^(point + exp) */
+  l_mem exp = 0;
+  while (lisspace(cast_uchar(*p))) sbnext(L, p, check);
+  if (*p == '-') { *b++ = '-'; sbnext(L, p, check); }
+  else if (*p == '+') sbnext(L, p, check);
+  if (p[0] == '0' && (p[1] == 'x' || p[1] == 'X'))
+    return SB_STOCK;  /* hexadecimal */
+  while (*p == '0') { anydigit = 1; sbnext(L, p, check); }
+  for (; lisdigit(cast_uchar(*p)); point++) {  /* significant integer digits */
+    anydigit = 1;
+    if (ndig < SB_NUMDIGITS) b[ndig++] = *p;
+    else if (*p != '0') sticky = 1;
+    sbnext(L, p, check);
+  }
+  if (*p == '.') {
+    isint = 0;
+    sbnext(L, p, check);
+    if (ndig == 0)  /* zeros before the first significant digit */
+      for (; *p == '0'; point--) { anydigit = 1; sbnext(L, p, check); }
+    while (lisdigit(cast_uchar(*p))) {
+      anydigit = 1;
+      if (ndig < SB_NUMDIGITS) b[ndig++] = *p;
+      else if (*p != '0') sticky = 1;
+      sbnext(L, p, check);
+    }
+  }
+  if (!anydigit) return 0;
+  if (*p == 'e' || *p == 'E') {
+    int eneg = 0;
+    isint = 0;
+    sbnext(L, p, check);
+    if (*p == '-') { eneg = 1; sbnext(L, p, check); }
+    else if (*p == '+') sbnext(L, p, check);
+    if (!lisdigit(cast_uchar(*p))) return 0;  /* 'e' left unread: trailing chars */
+    while (lisdigit(cast_uchar(*p))) {
+      if (exp < SB_MAXEXP) exp = exp * 10 + (*p - '0');
+      sbnext(L, p, check);
+    }
+    if (eneg) exp = -exp;
+  }
+  while (lisspace(cast_uchar(*p))) sbnext(L, p, check);
+  if (*p != '\0') return 0;  /* trailing characters */
+  if (ndig == 0)  /* zero */
+    l_sprintf(b, SB_SHORTNUM - 1, "%s", isint ? "0" : "0.0");
+  else if (isint && point == ndig)  /* an integer numeral, every digit kept */
+    b[ndig] = '\0';
+  else {
+    l_mem e = point + exp;
+    if (sticky) b[ndig++] = '1';
+    e = (e > SB_MAXEXP) ? SB_MAXEXP : (e < -SB_MAXEXP) ? -SB_MAXEXP : e;
+    memmove(b + 2, b, ndig);
+    b[0] = '0'; b[1] = '.';
+    l_sprintf(b + 2 + ndig, 16, "e%d", (int)e);
+  }
+  return cast_sizet(p - s);
+}
+
+
+/* LUA_SANDBOX: 'luaO_str2num' reading a long numeral in pieces (see above) */
+size_t luaO_str2numsb (lua_State *L, const char *s, TValue *o) {
+  char buff[SB_SHORTNUM];
+  size_t n;
+  if (memchr(s, '\0', SB_LONGNUM) != NULL ||  /* short ('memchr' stops at it) */
+      lua_getlocaledecpoint() != '.')
+    return luaO_str2num(s, o);
+  n = sbshortnum(L, s, buff);
+  if (n == SB_STOCK)
+    return luaO_str2num(s, o);
+  else if (n == 0 || luaO_str2num(buff, o) == 0)
+    return 0;
+  else
+    return n + 1;
+}
+
 int luaO_utf8esc (char *buff, unsigned long x) {
   int n = 1;  /* number of bytes put in buffer (backwards) */
   lua_assert(x <= 0x7FFFFFFFu);
@@ -413,7 +540,9 @@ typedef struct BuffFS {
 */
 static void pushstr (BuffFS *buff, const char *str, size_t lstr) {
   lua_State *L = buff->L;
-  setsvalue2s(L, L->top.p, luaS_newlstr(L, str, lstr));
+  /* LUA_SANDBOX: a long string copied in pieces; raises when the run is
+     aborted meanwhile, as 'luaV_concat' below does */
+  setsvalue2s(L, L->top.p, luaS_newlstrorraise(L, str, lstr));
   L->top.p++;  /* may use one slot from EXTRA_STACK */
   if (!buff->pushed)  /* no previous string on the stack? */
     buff->pushed = 1;  /* now there is one */
@@ -488,7 +617,8 @@ const char *luaO_pushvfstring (lua_State *L, const char *fmt, va_list argp) {
       case 's': {  /* zero-terminated string */
         const char *s = va_arg(argp, char *);
         if (s == NULL) s = "(null)";
-        addstr2buff(&buff, s, strlen(s));
+        /* LUA_SANDBOX: measured in pieces (a quoted string may be huge) */
+        addstr2buff(&buff, s, luaG_sandboxstrlen(L, s));
         break;
       }
       case 'c': {  /* an 'int' as a character */

@@ -236,17 +236,55 @@ static TString *internshrstr (lua_State *L, const char *str, size_t l) {
 
 
 /*
+** LUA_SANDBOX: a new long string, its copy paid for ('luaS_createlngstrobj')
+** and done in pieces with a check between two ('luaG_sandboxcopy'); returns
+** the bytes copied, fewer than 'l' when the run was aborted meanwhile (the
+** caller completes the copy or raises). Nothing else can see 'ts' meanwhile:
+** the ticker never allocates, so no collection runs before the return.
+*/
+static TString *newlngstr (lua_State *L, const char *str, size_t l,
+                           size_t *done) {
+  TString *ts;
+  if (l_unlikely(l * sizeof(char) >= (MAX_SIZE - sizeof(TString))))
+    luaM_toobig(L);
+  ts = luaS_createlngstrobj(L, l);
+  *done = luaG_sandboxcopy(L, getlngstr(ts), str, l * sizeof(char));
+  return ts;
+}
+
+
+/*
 ** new string (with explicit length)
+** LUA_SANDBOX: 'lua_pushlstring' may not raise, so when the run is aborted
+** during the copy of a long string the copy is completed: the string is
+** whole, and the next instruction or charge raises (aborts are sticky).
 */
 TString *luaS_newlstr (lua_State *L, const char *str, size_t l) {
   if (l <= LUAI_MAXSHORTLEN)  /* short string? */
     return internshrstr(L, str, l);
   else {
-    TString *ts;
-    if (l_unlikely(l * sizeof(char) >= (MAX_SIZE - sizeof(TString))))
-      luaM_toobig(L);
-    ts = luaS_createlngstrobj(L, l);
-    memcpy(getlngstr(ts), str, l * sizeof(char));
+    size_t done;
+    TString *ts = newlngstr(L, str, l, &done);
+    if (l_unlikely(done < l))
+      memcpy(getlngstr(ts) + done, str + done, (l - done) * sizeof(char));
+    return ts;
+  }
+}
+
+
+/*
+** LUA_SANDBOX: 'luaS_newlstr' that raises when the run is aborted during
+** the copy of a long string (only where 'luaG_runerror' would be legal);
+** the unfinished string is garbage nobody reads.
+*/
+TString *luaS_newlstrorraise (lua_State *L, const char *str, size_t l) {
+  if (l <= LUAI_MAXSHORTLEN)  /* short string? */
+    return internshrstr(L, str, l);
+  else {
+    size_t done;
+    TString *ts = newlngstr(L, str, l, &done);
+    if (l_unlikely(done < l))
+      luaG_sandboxcharge(L, 0);  /* aborts are sticky: this raises */
     return ts;
   }
 }

@@ -102,8 +102,8 @@ static int str_sub (lua_State *L) {
   const char *s = luaL_checklstring(L, 1, &l);
   size_t start = posrelatI(luaL_checkinteger(L, 2), l);
   size_t end = getendpos(L, 3, -1, l);
-  if (start <= end)
-    lua_pushlstring(L, s + start - 1, (end - start) + 1);
+  if (start <= end)  /* LUA_SANDBOX: a long result copied in pieces */
+    lua_sandboxpushlstring(L, s + start - 1, (end - start) + 1);
   else lua_pushliteral(L, "");
   return 1;
 }
@@ -736,8 +736,8 @@ static void push_onecapture (MatchState *ms, int i, const char *s,
                                                     const char *e) {
   const char *cap;
   ptrdiff_t l = get_onecapture(ms, i, s, e, &cap);
-  if (l != CAP_POSITION)
-    lua_pushlstring(ms->L, cap, l);
+  if (l != CAP_POSITION)  /* LUA_SANDBOX: a long capture copied in pieces */
+    lua_sandboxpushlstring(ms->L, cap, l);
   /* else position was already pushed */
 }
 

@@ -48,8 +48,9 @@ typedef enum {
 
 
 /* convert an object to a float (including string coercion) */
-#define tonumber(o,n) \
-	(ttisfloat(o) ? (*(n) = fltvalue(o), 1) : luaV_tonumber_(o,n))
+/* LUA_SANDBOX: 'L' reads a long numeral with checks ('luaO_str2numsb') */
+#define tonumber(L,o,n) \
+	(ttisfloat(o) ? (*(n) = fltvalue(o), 1) : luaV_tonumber_(L,o,n))
 
 
 /* convert an object to a float (without string coercion) */
@@ -59,9 +60,9 @@ typedef enum {
 
 
 /* convert an object to an integer (including string coercion) */
-#define tointeger(o,i) \
+#define tointeger(L,o,i) \
   (l_likely(ttisinteger(o)) ? (*(i) = ivalue(o), 1) \
-                          : luaV_tointeger(o,i,LUA_FLOORN2I))
+                          : luaV_tointeger(L,o,i,LUA_FLOORN2I))  /* LUA_SANDBOX: L */
 
 
 /* convert an object to an integer (without string coercion) */
@@ -121,8 +122,10 @@ typedef enum {
 LUAI_FUNC int luaV_equalobj (lua_State *L, const TValue *t1, const TValue *t2);
 LUAI_FUNC int luaV_lessthan (lua_State *L, const TValue *l, const TValue *r);
 LUAI_FUNC int luaV_lessequal (lua_State *L, const TValue *l, const TValue *r);
-LUAI_FUNC int luaV_tonumber_ (const TValue *obj, lua_Number *n);
-LUAI_FUNC int luaV_tointeger (const TValue *obj, lua_Integer *p, F2Imod mode);
+LUAI_FUNC int luaV_tonumber_ (lua_State *L, const TValue *obj,
+                             lua_Number *n);  /* LUA_SANDBOX: L */
+LUAI_FUNC int luaV_tointeger (lua_State *L, const TValue *obj, lua_Integer *p,
+                             F2Imod mode);  /* LUA_SANDBOX: L */
 LUAI_FUNC int luaV_tointegerns (const TValue *obj, lua_Integer *p,
                                 F2Imod mode);
 LUAI_FUNC int luaV_flttointeger (lua_Number n, lua_Integer *p, F2Imod mode);
