@@ -19,13 +19,6 @@ defmodule LuaSandbox.Runner do
   end
 
   defp start(source, encoded, opts) do
-    case Workers.whereis(opts[:supervisor]) do
-      nil -> start_native(source, encoded, opts)
-      pool -> start_worker(pool, source, encoded, opts)
-    end
-  end
-
-  defp start_native(source, encoded, opts) do
     {native_source, opts} =
       case source do
         # A chunk runs under its own name (in messages and the :log metadata).
@@ -35,6 +28,13 @@ defmodule LuaSandbox.Runner do
 
     native_opts = Options.to_native(encoded)
 
+    case Workers.whereis(opts[:supervisor]) do
+      nil -> start_native(source, native_source, native_opts, opts)
+      pool -> start_worker(pool, native_source, native_opts, opts)
+    end
+  end
+
+  defp start_native(source, native_source, native_opts, opts) do
     first =
       if short?(source, opts),
         do: Native.run_try(native_source, native_opts),
@@ -49,15 +49,14 @@ defmodule LuaSandbox.Runner do
 
   # isolation: :process: the run goes to a worker of the supervisor's pool, checked out for
   # this process (its death closes the worker's port, and the worker stops the run: see
-  # LuaSandbox.Worker), and its tool calls come back here. Source text only (checked by
-  # LuaSandbox.Supervisor.check_isolation!/2).
-  defp start_worker(pool, source, encoded, opts) when is_binary(source) do
+  # LuaSandbox.Worker), and its tool calls come back here.
+  defp start_worker(pool, native_source, native_opts, opts) do
     case Workers.checkout(pool) do
       {:ok, port} ->
         {answer, status} =
           try do
             port
-            |> Worker.run(source, Options.to_native(encoded), opts[:deadline])
+            |> Worker.run(native_source, native_opts, opts[:deadline])
             |> drive(opts[:tools], opts)
           catch
             kind, reason ->

@@ -169,7 +169,8 @@ defmodule LuaSandbox.Worker do
   @deadline_slack 1_000
 
   @doc """
-  Runs Lua `source` on the worker `port` (checked out for the calling process) with the NIF's
+  Runs `source` (Lua text, or a compiled chunk's reference as `LuaSandbox.Options.to_native/1`
+  passes chunks) on the worker `port` (checked out for the calling process) with the NIF's
   options (`LuaSandbox.Options.to_native/1`); `deadline` is monotonic ms or nil. The answer is
   wrapped as `{:worker, port, deadline, answer}` for `LuaSandbox.Runner.drive/3`: `answer` is
   the NIF's shape (`{:ok, ...}`, `{:error, failure, output, stats}`), `{:tool_call, name, args}`
@@ -182,8 +183,18 @@ defmodule LuaSandbox.Worker do
       # :capture, :log (logged by LuaSandbox.Runner from the output) or :discard
       |> Map.drop([:print_pid, :print_tag])
       |> Map.update!(:chunk_name, &to_string/1)
+      |> Map.update!(:modules, &Enum.map(&1, fn {name, m} -> {name, wire(m)} end))
 
-    step(port, {:run, source, opts}, deadline)
+    step(port, {:run, wire(source), opts}, deadline)
+  end
+
+  # A chunk crosses as `{:bytecode, bytes, name}`, its bytecode straight from its resource
+  # (the worker loads it as our own bytecode: native/lua_sandbox_worker/src/run.rs `Source`).
+  defp wire(source) when is_binary(source), do: source
+
+  defp wire(chunk) when is_reference(chunk) do
+    {bytecode, name} = LuaSandbox.Native.chunk_bytecode(chunk)
+    {:bytecode, bytecode, name}
   end
 
   @doc "Gives the tool's reply to the run parked on `port`; answers like `run/4`."

@@ -122,20 +122,11 @@ defmodule LuaSandbox.WorkersTest do
   end
 
   describe "not yet supported" do
-    test "sessions, compiled chunks and print: {:send, ...} on a :process supervisor say so" do
+    test "sessions and print: {:send, ...} on a :process supervisor say so" do
       sup = start_pool(1)
-      chunk = LuaSandbox.compile!("return 1")
 
       assert_raise ArgumentError, ~r/^not yet supported on supervisor .*: sessions/, fn ->
         LuaSandbox.Session.start_link(supervisor: sup)
-      end
-
-      assert_raise ArgumentError, ~r/^not yet supported .*: compiled chunks/, fn ->
-        LuaSandbox.run(chunk, supervisor: sup)
-      end
-
-      assert_raise ArgumentError, ~r/^not yet supported .*: compiled chunks/, fn ->
-        LuaSandbox.run("return 1", supervisor: sup, modules: %{"m" => chunk}, timeout: 1_000)
       end
 
       assert_raise ArgumentError, ~r/^not yet supported .*: print: \{:send/, fn ->

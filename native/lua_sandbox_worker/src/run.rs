@@ -60,16 +60,12 @@ impl Runner {
             Err(e) => return early(e, "", t0),
         };
         let early = |e: SandboxError| early(e, &opts.chunk_name, t0);
-        let Some(source) = source.as_bin() else {
-            return early(SandboxError::InvalidInput(
-                "source must be Lua text".to_string(),
-            ));
-        };
         let limits = opts.limits;
-        if let Err(e) = check_source(source, limits.max_source, "source") {
-            return early(e);
-        }
-        let code = match Code::new(source, &opts.chunk_name, false) {
+        let source = match Source::decode(source, "source") {
+            Ok(source) => source,
+            Err(e) => return early(e),
+        };
+        let code = match source.code(&opts.chunk_name, limits.max_source, "source") {
             Ok(code) => code,
             Err(e) => return early(e),
         };
@@ -85,7 +81,8 @@ impl Runner {
             } else {
                 Print::Capture
             },
-            opts.chunk_name.clone(),
+            // A chunk runs under its own name, as in the NIF.
+            source.name(&opts.chunk_name).to_string(),
             None,
             t0,
         );
@@ -368,7 +365,7 @@ struct Opts {
     globals: Vec<(String, Term)>,
     call: Option<(String, Vec<Term>)>,
     tools: Vec<String>,
-    modules: Vec<(String, Vec<u8>)>,
+    modules: Vec<(String, Source)>,
     /// `print: :discard` (`:capture` and `:log` both capture; the BEAM logs).
     discard: bool,
 }
@@ -441,11 +438,10 @@ impl Opts {
             .collect::<Result<_, _>>()?;
         let modules = list("modules")?
             .iter()
-            .map(|m| match pair(m, "modules")? {
-                (name, Term::Bin(source)) => Ok((name, source)),
-                (name, _) => Err(SandboxError::InvalidInput(format!(
-                    "module '{name}' must be Lua source or a compiled chunk"
-                ))),
+            .map(|m| {
+                let (name, source) = pair(m, "modules")?;
+                let source = Source::decode(&source, &format!("module '{name}'"))?;
+                Ok::<_, SandboxError>((name, source))
             })
             .collect::<Result<_, _>>()?;
         let chunk_name = match get("chunk_name") {
@@ -473,12 +469,70 @@ impl Opts {
         self.modules
             .iter()
             .map(|(name, source)| {
-                check_source(source, self.limits.max_source, &format!("module '{name}'"))?;
+                let what = format!("module '{name}'");
                 Ok(Module {
                     name,
-                    code: Code::new(source, name, false)?,
+                    code: source.code(name, self.limits.max_source, &what)?,
                 })
             })
             .collect()
+    }
+}
+
+/// A chunk as the BEAM sends it: Lua text, or `{:bytecode, bytes, name}`, the bytecode of a
+/// compiled chunk (`LuaSandbox.compile/2`) and its name.
+enum Source {
+    Text(Vec<u8>),
+    Bytecode(Vec<u8>, String),
+}
+
+impl Source {
+    /// `what` names the chunk in messages (`source`, `module 'x'`).
+    fn decode(term: &Term, what: &str) -> Result<Source, SandboxError> {
+        match term {
+            Term::Bin(text) => Ok(Source::Text(text.clone())),
+            Term::Tuple(t) => match t.as_slice() {
+                [tag, Term::Bin(bytes), Term::Bin(name)] if tag.as_atom() == Some("bytecode") => {
+                    let name = String::from_utf8(name.clone()).map_err(|_| {
+                        SandboxError::InvalidInput(format!("{what}: chunk name is not UTF-8"))
+                    })?;
+                    Ok(Source::Bytecode(bytes.clone(), name))
+                }
+                _ => Err(Source::bad(what)),
+            },
+            _ => Err(Source::bad(what)),
+        }
+    }
+
+    /// The name the run goes by: a compiled chunk's own, else `given` (the `chunk_name`).
+    fn name<'s>(&'s self, given: &'s str) -> &'s str {
+        match self {
+            Source::Text(_) => given,
+            Source::Bytecode(_, own) => own,
+        }
+    }
+
+    fn bad(what: &str) -> SandboxError {
+        SandboxError::InvalidInput(format!("{what} must be Lua source or a compiled chunk"))
+    }
+
+    /// The chunk ready to load: text under `name` after the checks every source passes
+    /// (`max_source`, no bytecode smuggled in as text); bytecode under its own name, as the
+    /// NIF loads a chunk resource's.
+    ///
+    /// Loading bytecode is sound here because only the BEAM writes to this worker's fd 0 (the
+    /// port it opened), and the BEAM sends bytecode only as `LuaSandbox.Worker` takes it from
+    /// a chunk resource (`Native.chunk_bytecode/1`), which only the core's
+    /// `chunk::compile_bytes` fills: the same bytes the NIF would load, produced by the same
+    /// core. A script never reaches this path (`load` in the sandbox is text only, and source
+    /// text starting with the bytecode signature is refused by `check_source`).
+    fn code(&self, name: &str, max_source: usize, what: &str) -> Result<Code<'_>, SandboxError> {
+        match self {
+            Source::Text(text) => {
+                check_source(text, max_source, what)?;
+                Code::new(text, name, false)
+            }
+            Source::Bytecode(bytes, own) => Code::new(bytes, own, true),
+        }
     }
 }
