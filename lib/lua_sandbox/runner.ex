@@ -158,22 +158,22 @@ defmodule LuaSandbox.Runner do
   end
 
   # A worker's answer (LuaSandbox.Worker.run/4), with whether the worker can be reused.
-  def drive({:worker, port, deadline, {:tool_call, name, args}}, tools, opts) do
+  def drive({:worker, port, context, {:tool_call, name, args}}, tools, opts) do
     reply = call_tool(name, Map.fetch!(tools, name), args, Encoding.bound(opts))
 
     port
-    |> Worker.reply(reply, deadline)
+    |> Worker.reply(reply, context)
     |> drive(tools, opts)
   end
 
-  def drive({:worker, _port, _deadline, {:ok, _, _, _} = answer}, tools, opts),
+  def drive({:worker, _port, _context, {:ok, _, _, _} = answer}, tools, opts),
     do: {drive(answer, tools, opts), :ok}
 
-  def drive({:worker, _port, _deadline, {:error, {_, _, _, _, _}, _, _} = answer}, tools, opts),
+  def drive({:worker, _port, _context, {:error, {_, _, _, _, _}, _, _} = answer}, tools, opts),
     do: {drive(answer, tools, opts), :ok}
 
   # The worker died (:worker_crashed), did not answer in time, or answered nonsense.
-  def drive({:worker, _port, _deadline, {:broken, error}}, _tools, _opts),
+  def drive({:worker, _port, _context, {:broken, error}}, _tools, _opts),
     do: {{:error, error}, :broken}
 
   def drive({:ok, values, output, stats}, _tools, opts) do

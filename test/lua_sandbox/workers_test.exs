@@ -122,15 +122,11 @@ defmodule LuaSandbox.WorkersTest do
   end
 
   describe "not yet supported" do
-    test "sessions and print: {:send, ...} on a :process supervisor say so" do
+    test "sessions on a :process supervisor say so" do
       sup = start_pool(1)
 
       assert_raise ArgumentError, ~r/^not yet supported on supervisor .*: sessions/, fn ->
         LuaSandbox.Session.start_link(supervisor: sup)
-      end
-
-      assert_raise ArgumentError, ~r/^not yet supported .*: print: \{:send/, fn ->
-        LuaSandbox.run("return 1", supervisor: sup, print: {:send, self()})
       end
 
       # and runs are served

@@ -23,7 +23,10 @@
 //!   next request must be `{:reply, reply}` (the tool's answer as `LuaSandbox.Tools.call/4`
 //!   gives it, or `:timeout`, `:memory_limit`, `:instruction_limit`), answered like the run.
 //!   `source` (and a module's source in `opts`) is Lua text, or `{:bytecode, bytes, name}`: a
-//!   compiled chunk's bytecode and name (`src/run.rs` `Source`);
+//!   compiled chunk's bytecode and name (`src/run.rs` `Source`). With `print: :send` in
+//!   `opts`, the run's streamed output comes first as `{id, {:print, bytes}}` frames (any
+//!   number, under the id of the request being answered, `{:run, ...}` or `{:reply, ...}`),
+//!   which the BEAM forwards as the NIF's `{:lua_print, ...}` messages;
 //! - `{:probe, name, operand}` (test builds with `wall-probes` only) → `{:errno, n}`,
 //!   `{:done, n}` or no answer at all when the jail killed the worker;
 //! - anything else → `{:error, message}`.

@@ -10,6 +10,9 @@
 //! run ends `:killed`; the deadline is the run's own (`timeout` in its limits).
 
 use std::ffi::{c_int, c_void};
+use std::mem::ManuallyDrop;
+use std::os::fd::FromRawFd;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use lua_sandbox_core::chunk::{check_source, Code};
@@ -18,11 +21,11 @@ use lua_sandbox_core::error::{line_of, SandboxError};
 use lua_sandbox_core::exec::{
     Entry, Home, Limits, Module, Push, Reply, Run, Setup, StateSetup, Stats, Step,
 };
-use lua_sandbox_core::output::Print;
+use lua_sandbox_core::output::{Print, Sink};
 use lua_sandbox_core::{ffi, pool, protect, Slot};
 
 use crate::marshal::{self, ArgsError, Bounds};
-use crate::proto::Term;
+use crate::proto::{self, Term};
 
 /// Runs scripts in the worker's one slot; holds the run parked at a tool call, if any.
 pub struct Runner {
@@ -30,6 +33,34 @@ pub struct Runner {
     /// The largest `max_memory` the slot serves (the worker's argument).
     max_memory: usize,
     parked: Option<Run>,
+    /// The id of the request being answered ([`Runner::serving`]): streamed output
+    /// (`print: {:send, ...}`) goes out as `{id, {:print, bytes}}` frames under it.
+    request: Arc<Mutex<Term>>,
+}
+
+/// Streams a run's output as `{id, {:print, bytes}}` frames on fd 1, ahead of the request's
+/// answer; the BEAM forwards each as the NIF's `{:lua_print, ...}` message (the pid and the tag
+/// never leave the BEAM). When to send (coalescing) is the core's `output.rs`, as in the NIF.
+struct Frames {
+    request: Arc<Mutex<Term>>,
+}
+
+impl Sink for Frames {
+    fn send(&mut self, _caller: Caller, chunk: &[u8]) {
+        let id = self
+            .request
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let frame = Term::tuple([id, Term::tuple([Term::atom("print"), Term::bin(chunk)])]);
+        // SAFETY: fd 1 is the port's pipe, open for the life of the process (main.rs); the
+        // ManuallyDrop never closes it, and frames are written from this one thread only,
+        // each whole before the next (main.rs writes the answers after the run returns).
+        let mut out = ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(1) });
+        // A broken pipe is the caller gone: the budget's liveness check ends the run at its
+        // next tick; the output is still captured meanwhile.
+        let _ = proto::write_frame(&mut *out, &frame);
+    }
 }
 
 impl Runner {
@@ -41,7 +72,13 @@ impl Runner {
             capacity,
             max_memory,
             parked: None,
+            request: Arc::new(Mutex::new(Term::atom("nil"))),
         }
+    }
+
+    /// The id of the request about to be answered (its streamed output goes under it).
+    pub fn serving(&self, id: &Term) {
+        *self.request.lock().unwrap_or_else(|p| p.into_inner()) = id.clone();
     }
 
     /// The worker's slot, leased (for the test-only probes that run Lua directly).
@@ -76,10 +113,12 @@ impl Runner {
         let mut run = Run::new(
             Home::Fresh(lease),
             limits,
-            if opts.discard {
-                Print::Discard
-            } else {
-                Print::Capture
+            match opts.print {
+                PrintOpt::Discard => Print::Discard,
+                PrintOpt::Capture => Print::Capture,
+                PrintOpt::Send => Print::Stream(Box::new(Frames {
+                    request: self.request.clone(),
+                })),
             },
             // A chunk runs under its own name, as in the NIF.
             source.name(&opts.chunk_name).to_string(),
@@ -137,6 +176,8 @@ impl Runner {
         // SAFETY: the scope is boxed in `run`, which outlives the activation (dropped at the
         // end of this function, before `run` is parked or dropped).
         let active = unsafe { &*scope }.activate(caller());
+        // Streamed output goes out before a tool call and at the end (the NIF's `settle`).
+        run.scope.output().flush(caller());
         let answer = loop {
             match settle_once(&mut run, step) {
                 Settled::Final(term) => break term,
@@ -152,6 +193,7 @@ impl Runner {
                         .reply(caller(), Reply::Refused(&message))
                         .and_then(|n| run.resume(caller(), n));
                     run.elapsed += t0.elapsed();
+                    run.scope.output().flush(caller());
                 }
             }
         };
@@ -366,8 +408,15 @@ struct Opts {
     call: Option<(String, Vec<Term>)>,
     tools: Vec<String>,
     modules: Vec<(String, Source)>,
-    /// `print: :discard` (`:capture` and `:log` both capture; the BEAM logs).
-    discard: bool,
+    print: PrintOpt,
+}
+
+/// The `print` option: `:discard`; `:capture` and `:log` both capture (the BEAM logs); `:send`
+/// also streams ([`Frames`]).
+enum PrintOpt {
+    Discard,
+    Capture,
+    Send,
 }
 
 impl Opts {
@@ -448,13 +497,14 @@ impl Opts {
             Some(t) => text(t, "chunk_name")?,
             None => return Err(bad("chunk_name")),
         };
-        let discard = match get("print").and_then(Term::as_atom) {
-            Some("discard") => true,
-            Some("capture" | "log") => false,
+        let print = match get("print").and_then(Term::as_atom) {
+            Some("discard") => PrintOpt::Discard,
+            Some("capture" | "log") => PrintOpt::Capture,
+            Some("send") => PrintOpt::Send,
             _ => return Err(bad("print")),
         };
         Ok(Opts {
-            discard,
+            print,
             limits,
             chunk_name,
             globals,
