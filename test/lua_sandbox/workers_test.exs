@@ -121,6 +121,45 @@ defmodule LuaSandbox.WorkersTest do
     end
   end
 
+  describe "a worker's earlier callers" do
+    # A caller that checked a worker out used to stay linked to its port after giving it back
+    # (Port.connect/2 links the new owner; the old one stays linked): when that caller later
+    # exited abnormally (an ExUnit test process ends with :shutdown), the exit went through
+    # the port to the run using the worker then, which died with the same reason ("run
+    # crashed: :shutdown" in the adversarial suite under :process).
+    test "exiting abnormally later does not touch a run that uses the worker now" do
+      sup = start_pool(1)
+      parent = self()
+
+      earlier =
+        spawn(fn ->
+          send(parent, {:earlier, LuaSandbox.run("return 1", supervisor: sup)})
+          receive do: (:never -> :ok)
+        end)
+
+      assert_receive {:earlier, {:ok, %{value: 1}}}, 10_000
+      [%{os_pid: os_pid}] = LuaSandbox.Supervisor.info(sup).workers
+
+      tools = %{wait: fn _ -> send(parent, :running) && receive(do: (:go -> :ok)) end}
+
+      {now, mref} =
+        spawn_monitor(fn ->
+          exit({:done, LuaSandbox.run("tools.wait() return 2", supervisor: sup, tools: tools)})
+        end)
+
+      assert_receive :running, 10_000
+      Process.exit(earlier, :shutdown)
+      # the exit signal, if any, has reached the port and the run's process by now
+      Process.sleep(100)
+      # the tool runs in the run's process (no timeout:)
+      send(now, :go)
+      assert_receive {:DOWN, ^mref, :process, ^now, reason}, 10_000
+      assert {:done, {:ok, %{value: 2}}} = reason
+      # and the worker was not lost
+      assert [%{os_pid: ^os_pid}] = LuaSandbox.Supervisor.info(sup).workers
+    end
+  end
+
   describe "not yet supported" do
     test "sessions on a :process supervisor say so" do
       sup = start_pool(1)

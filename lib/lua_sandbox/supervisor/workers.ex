@@ -4,9 +4,9 @@ defmodule LuaSandbox.Supervisor.Workers do
   # `capacity` workers (its max_concurrency, so a run admitted by Slots finds one), each an
   # Erlang port owned by this process (LuaSandbox.Worker).
   #
-  # A caller checks a worker out (its port is connected to the caller for the time, so answers
-  # reach it without a hop through here; this process stays linked to the port), talks to it,
-  # and checks it in. A worker whose caller died while holding it, or that the caller gives
+  # A caller checks a worker out (its port is connected to, and so linked with, the caller for
+  # the time, so answers reach it without a hop through here and its death closes the port;
+  # this process stays linked to the port), talks to it, and checks it in, unlinking itself. A worker whose caller died while holding it, or that the caller gives
   # back as broken (a request that timed out), is closed (it exits when it sees the hangup)
   # and replaced: it is in an unknown
   # state. A worker that dies (a crash, its jail's seccomp kill, a signal from outside) is
@@ -59,6 +59,13 @@ defmodule LuaSandbox.Supervisor.Workers do
         # the port closed meanwhile: the worker died
         ArgumentError -> :broken
       end
+
+    # Port.connect/2 at checkout linked the caller to the port, and the link outlives the
+    # connection: left in place, this caller's later abnormal exit (an ExUnit test process
+    # ends with :shutdown) would close the port under whichever caller uses the worker then,
+    # and kill that caller with the same reason through its own link. Only the pool (which
+    # opened the port) stays linked.
+    Process.unlink(port)
 
     GenServer.cast(pool, {:checkin, port, status})
   end
