@@ -161,6 +161,23 @@ defmodule LuaSandbox.WorkersTest do
   end
 
   describe "not yet supported" do
+    test "handles in a run's input and from a tool are refused, naming why" do
+      sup = start_pool(1)
+      h = LuaSandbox.handle(make_ref())
+
+      assert {:error, %Error{kind: :invalid_input, message: m}} =
+               LuaSandbox.run("return h", supervisor: sup, globals: %{h: h})
+
+      assert m =~ "a handle cannot become a Lua value under isolation: :process"
+
+      assert {:error, %Error{kind: :runtime, message: m}} =
+               LuaSandbox.run("return tools.t()", supervisor: sup, tools: %{t: fn _ -> h end})
+
+      assert m =~ "tool 't': a handle cannot become a Lua value under isolation: :process"
+      # the worker serves on
+      assert {:ok, %{value: 1}} = LuaSandbox.run("return 1", supervisor: sup)
+    end
+
     test "sessions on a :process supervisor say so" do
       sup = start_pool(1)
 
