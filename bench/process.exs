@@ -8,6 +8,8 @@
 #   * tool round trip: a run making 200 tool calls minus a run making none, per call, both
 #     isolations
 #   * 1 MB term in and out: `return t` with t a ~1 MB list of maps as a global, both isolations
+#   * compiled chunk: a ~12 KB chunk compiled once, run on each isolation (the worker is sent
+#     its bytecode every run)
 #   * worker round trip: checkout + one request/answer (:ping) + checkin, through the pool
 #   * frame round trip: one request/answer on a worker already checked out (the floor of a
 #     tool call's round trip: one frame out and one in)
@@ -122,6 +124,26 @@ end
 {mb_nif, mb_proc} =
   Enum.reduce(1..100, {[], []}, fn _, {x, y} ->
     {[Bench.Process.time_us(mb.(:bench_nif)) | x], [Bench.Process.time_us(mb.(:bench_proc)) | y]}
+  end)
+
+# compiled chunk: ~12 KB of source (300 functions) compiled once, its bytecode run by each
+# isolation (the worker is sent the bytecode every run)
+chunk_src =
+  "local M = {}\n" <>
+    Enum.map_join(1..300, "\n", &"M.f#{&1} = function(x) return x + #{&1} end") <>
+    "\nreturn M.f300(1)"
+
+chunk = LuaSandbox.compile!(chunk_src)
+{:ok, %{value: 301}} = LuaSandbox.run(chunk, supervisor: :bench_nif)
+{:ok, %{value: 301}} = LuaSandbox.run(chunk, supervisor: :bench_proc)
+run_chunk = fn sup -> fn -> {:ok, %{value: 301}} = LuaSandbox.run(chunk, supervisor: sup) end end
+warm.(run_chunk.(:bench_nif))
+warm.(run_chunk.(:bench_proc))
+
+{chunk_nif, chunk_proc} =
+  Enum.reduce(1..div(n, 3), {[], []}, fn _, {x, y} ->
+    {[Bench.Process.time_us(run_chunk.(:bench_nif)) | x],
+     [Bench.Process.time_us(run_chunk.(:bench_proc)) | y]}
   end)
 
 {:ok, port} = Workers.checkout(pool)
@@ -239,6 +261,8 @@ isolation: :process, #{n} alternating samples (2 cores, shared)
 #{Bench.Process.row("worker tool round trip (per call, 200 calls)", Bench.Process.percentiles(tool_proc), "µs")}
 #{Bench.Process.row("NIF 1 MB term in and out", Bench.Process.percentiles(mb_nif), "µs")}
 #{Bench.Process.row("worker 1 MB term in and out", Bench.Process.percentiles(mb_proc), "µs")}
+#{Bench.Process.row("NIF compiled chunk (#{byte_size(chunk_src)} B source, 300 functions)", Bench.Process.percentiles(chunk_nif), "µs")}
+#{Bench.Process.row("worker compiled chunk (the same, bytecode sent)", Bench.Process.percentiles(chunk_proc), "µs")}
 #{Bench.Process.row("worker round trip via the pool (checkout, ping, checkin)", Bench.Process.percentiles(b), "µs")}
 #{Bench.Process.row("frame round trip on a checked-out worker (tool-call floor)", Bench.Process.percentiles(frames), "µs")}
 #{Bench.Process.row("worker start: Port.open until its boot frame", Bench.Process.percentiles(starts), "µs")}

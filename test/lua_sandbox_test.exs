@@ -273,38 +273,45 @@ for isolation <- LuaSandbox.Isolation.all() do
         assert run_ok("print('x')", print: :discard).output == ""
       end
 
-      if @isolation == :nif do
-        test "print: {:send, pid} streams chunks and keeps them in output" do
-          r = run_ok("print('a') io.write('b')", print: {:send, self()})
-          assert r.output == "a\nb"
-          # Streamed chunks are coalesced; together they are the output, in order, once.
-          assert LuaSandbox.TestStream.streamed() == "a\nb"
-        end
+      test "print: {:send, pid} streams chunks and keeps them in output" do
+        r = run_ok("print('a') io.write('b')", print: {:send, self()})
+        assert r.output == "a\nb"
+        # Streamed chunks are coalesced; together they are the output, in order, once.
+        assert LuaSandbox.TestStream.streamed() == "a\nb"
       end
     end
 
-    if @isolation == :nif do
-      describe "compile/2" do
-        test "a chunk runs many times, each in a fresh state" do
-          {:ok, chunk} = LuaSandbox.compile("counter = (counter or 0) + 1 return counter")
-          assert LuaSandbox.run!(chunk).value == 1
-          assert LuaSandbox.run!(chunk).value == 1
-        end
+    describe "compile/2" do
+      test "a chunk runs many times, each in a fresh state" do
+        {:ok, chunk} = LuaSandbox.compile("counter = (counter or 0) + 1 return counter")
+        assert run!(chunk).value == 1
+        assert run!(chunk).value == 1
+      end
 
-        test "syntax errors come back from compile" do
-          assert {:error, %Error{kind: :syntax, line: 1}} = LuaSandbox.compile("return +")
-        end
+      test "syntax errors come back from compile" do
+        assert {:error, %Error{kind: :syntax, line: 1}} = LuaSandbox.compile("return +")
+      end
 
-        test "the chunk is opaque and keeps its name" do
-          {:ok, chunk} = LuaSandbox.compile("error('x')", chunk_name: "c1")
-          assert inspect(chunk) == "#LuaSandbox.Chunk<c1>"
-          assert {:error, %Error{message: "c1:1: x"}} = LuaSandbox.run(chunk)
-        end
+      test "the chunk is opaque and keeps its name" do
+        {:ok, chunk} = LuaSandbox.compile("error('x')", chunk_name: "c1")
+        assert inspect(chunk) == "#LuaSandbox.Chunk<c1>"
+        assert {:error, %Error{message: "c1:1: x", line: 1}} = run(chunk)
+        # its own name, whatever chunk_name the run is given
+        assert {:error, %Error{message: "c1:1: x"}} = run(chunk, chunk_name: "other")
+      end
 
-        test "a forged chunk is rejected" do
-          assert_raise ArgumentError, fn ->
-            LuaSandbox.run(%LuaSandbox.Chunk{ref: make_ref(), name: "x"})
-          end
+      test "a chunk takes its globals, call: and tools like source text" do
+        {:ok, chunk} =
+          LuaSandbox.compile("function f(a) return a + base + tools.one() end return base")
+
+        tools = %{one: fn _ -> 1 end}
+        assert run!(chunk, globals: %{base: 10}, tools: tools).value == 10
+        assert run!(chunk, globals: %{base: 10}, tools: tools, call: {"f", [5]}).value == 16
+      end
+
+      test "a forged chunk is rejected" do
+        assert_raise ArgumentError, fn ->
+          run(%LuaSandbox.Chunk{ref: make_ref(), name: "x"})
         end
       end
     end

@@ -23,4 +23,6 @@ defmodule LuaSandbox.Native do
 
   # compiled chunks (dirty CPU)
   def compile(_source, _opts), do: :erlang.nif_error(:nif_not_loaded)
+  # {bytecode, name} of a chunk, for a worker of isolation: :process (normal scheduler, no copy)
+  def chunk_bytecode(_chunk), do: :erlang.nif_error(:nif_not_loaded)
 end

@@ -19,13 +19,6 @@ defmodule LuaSandbox.Runner do
   end
 
   defp start(source, encoded, opts) do
-    case Workers.whereis(opts[:supervisor]) do
-      nil -> start_native(source, encoded, opts)
-      pool -> start_worker(pool, source, encoded, opts)
-    end
-  end
-
-  defp start_native(source, encoded, opts) do
     {native_source, opts} =
       case source do
         # A chunk runs under its own name (in messages and the :log metadata).
@@ -35,6 +28,13 @@ defmodule LuaSandbox.Runner do
 
     native_opts = Options.to_native(encoded)
 
+    case Workers.whereis(opts[:supervisor]) do
+      nil -> start_native(source, native_source, native_opts, opts)
+      pool -> start_worker(pool, native_source, native_opts, opts)
+    end
+  end
+
+  defp start_native(source, native_source, native_opts, opts) do
     first =
       if short?(source, opts),
         do: Native.run_try(native_source, native_opts),
@@ -49,15 +49,14 @@ defmodule LuaSandbox.Runner do
 
   # isolation: :process: the run goes to a worker of the supervisor's pool, checked out for
   # this process (its death closes the worker's port, and the worker stops the run: see
-  # LuaSandbox.Worker), and its tool calls come back here. Source text only (checked by
-  # LuaSandbox.Supervisor.check_isolation!/2).
-  defp start_worker(pool, source, encoded, opts) when is_binary(source) do
+  # LuaSandbox.Worker), and its tool calls come back here.
+  defp start_worker(pool, native_source, native_opts, opts) do
     case Workers.checkout(pool) do
       {:ok, port} ->
         {answer, status} =
           try do
             port
-            |> Worker.run(source, Options.to_native(encoded), opts[:deadline])
+            |> Worker.run(native_source, native_opts, opts[:deadline])
             |> drive(opts[:tools], opts)
           catch
             kind, reason ->
@@ -159,22 +158,22 @@ defmodule LuaSandbox.Runner do
   end
 
   # A worker's answer (LuaSandbox.Worker.run/4), with whether the worker can be reused.
-  def drive({:worker, port, deadline, {:tool_call, name, args}}, tools, opts) do
+  def drive({:worker, port, context, {:tool_call, name, args}}, tools, opts) do
     reply = call_tool(name, Map.fetch!(tools, name), args, Encoding.bound(opts))
 
     port
-    |> Worker.reply(reply, deadline)
+    |> Worker.reply(reply, context)
     |> drive(tools, opts)
   end
 
-  def drive({:worker, _port, _deadline, {:ok, _, _, _} = answer}, tools, opts),
+  def drive({:worker, _port, _context, {:ok, _, _, _} = answer}, tools, opts),
     do: {drive(answer, tools, opts), :ok}
 
-  def drive({:worker, _port, _deadline, {:error, {_, _, _, _, _}, _, _} = answer}, tools, opts),
+  def drive({:worker, _port, _context, {:error, {_, _, _, _, _}, _, _} = answer}, tools, opts),
     do: {drive(answer, tools, opts), :ok}
 
   # The worker died (:worker_crashed), did not answer in time, or answered nonsense.
-  def drive({:worker, _port, _deadline, {:broken, error}}, _tools, _opts),
+  def drive({:worker, _port, _context, {:broken, error}}, _tools, _opts),
     do: {{:error, error}, :broken}
 
   def drive({:ok, values, output, stats}, _tools, opts) do

@@ -84,8 +84,9 @@ defmodule LuaSandbox.Supervisor do
   `info/1`). A worker that dies is replaced in the background. Runs on such a supervisor
   execute in a worker; `worker_max_memory` (default 64 MiB) is the largest `max_memory` its
   workers serve (their arena and the jail's address-space bound are sized for it; a run asking
-  more is `:invalid_input`). Not yet supported there (`ArgumentError` saying so): sessions,
-  compiled chunks, `print: {:send, ...}`; handles in a run's input are `:invalid_input`.
+  more is `:invalid_input`). Compiled chunks run there too (their bytecode goes to the worker),
+  and `print: {:send, ...}` streams as under the NIF. Not yet supported there: sessions
+  (`ArgumentError` saying so); handles in a run's input are `:invalid_input`.
   """
   @spec start_link(keyword) :: Supervisor.on_start()
   def start_link(opts) do
@@ -207,9 +208,8 @@ defmodule LuaSandbox.Supervisor do
   end
 
   @doc false
-  # What an isolation: :process supervisor does not run yet (issue 18): sessions, and in a run
-  # compiled chunks (as the source or a module), `print: {:send, ...}` streaming and handles
-  # (the worker refuses a handle in its input as :invalid_input). Raises ArgumentError naming
+  # What an isolation: :process supervisor does not run yet (issue 18): sessions (handles in a
+  # run's input are refused by the worker as :invalid_input). Raises ArgumentError naming
   # what is missing; `what` is `:session` or `{:run, source, opts}` (validated options).
   @spec check_isolation!(atom, :session | {:run, LuaSandbox.source(), keyword}) :: :ok
   def check_isolation!(sup, what) do
@@ -221,16 +221,7 @@ defmodule LuaSandbox.Supervisor do
     not_yet!(sup, "sessions")
   end
 
-  defp check_process!(sup, {:run, source, opts}) do
-    if match?(%Chunk{}, source) or
-         Enum.any?(opts[:modules], fn {_, m} -> match?(%Chunk{}, m) end),
-       do: not_yet!(sup, "compiled chunks (pass the source text)")
-
-    if match?({:send, _}, opts[:print]) or match?({:send, _, _}, opts[:print]),
-      do: not_yet!(sup, "print: {:send, ...} streaming (print: :capture and :log work)")
-
-    :ok
-  end
+  defp check_process!(_sup, {:run, _source, _opts}), do: :ok
 
   defp not_yet!(sup, what) do
     raise ArgumentError,

@@ -27,7 +27,7 @@ defmodule LuaSandbox.Worker do
     :address_space,
     :seccomp
   ]
-  @answers [:boot, :on, :off, :pong, :ok, :error, :errno, :done, :tool_call, nil, :nan] ++
+  @answers [:boot, :on, :off, :pong, :ok, :error, :errno, :done, :tool_call, :print, nil, :nan] ++
              [:infinity, :neg_infinity] ++ LuaSandbox.Error.kinds()
 
   @doc "The jail's layers, in the order the worker applies and reports them."
@@ -122,8 +122,9 @@ defmodule LuaSandbox.Worker do
   the worker died meanwhile, or `:timeout` (the worker is then in an unknown state: give it
   back as broken).
   """
-  @spec request(port, term, timeout) :: {:ok, term} | {:error, Error.t()} | :timeout
-  def request(port, request, timeout) do
+  @spec request(port, term, timeout, (binary -> any) | nil) ::
+          {:ok, term} | {:error, Error.t()} | :timeout
+  def request(port, request, timeout, print \\ nil) do
     id = System.unique_integer([:positive])
     started = System.monotonic_time(:microsecond)
     os_pid = os_pid(port)
@@ -134,24 +135,38 @@ defmodule LuaSandbox.Worker do
       ArgumentError -> :closed
     end
 
-    await(port, id, os_pid, started, timeout)
+    await(port, id, os_pid, started, timeout, print)
   end
 
-  defp await(port, id, os_pid, started, timeout) do
+  # `timeout` (ms) counts from `started`: frames along the way do not extend the wait.
+  defp await(port, id, os_pid, started, timeout, print) do
     receive do
       {^port, {:data, frame}} ->
         case decode(frame) do
-          {^id, answer} -> {:ok, answer}
+          # a run's streamed output, ahead of its answer (print: {:send, ...})
+          {^id, {:print, bytes}} when is_binary(bytes) and print != nil ->
+            print.(bytes)
+            await(port, id, os_pid, started, timeout, print)
+
+          {^id, answer} ->
+            {:ok, answer}
+
           # an answer to an earlier request that timed out: not ours
-          _other -> await(port, id, os_pid, started, timeout)
+          _other ->
+            await(port, id, os_pid, started, timeout, print)
         end
 
       {^port, {:exit_status, status}} ->
         {:error, crashed(os_pid, status, started)}
     after
-      timeout -> :timeout
+      left(timeout, started) -> :timeout
     end
   end
+
+  defp left(:infinity, _started), do: :infinity
+
+  defp left(timeout, started),
+    do: max(timeout - div(System.monotonic_time(:microsecond) - started, 1000), 0)
 
   defp crashed(os_pid, status, started) do
     stats = %{Error.empty_stats() | duration_us: System.monotonic_time(:microsecond) - started}
@@ -169,28 +184,57 @@ defmodule LuaSandbox.Worker do
   @deadline_slack 1_000
 
   @doc """
-  Runs Lua `source` on the worker `port` (checked out for the calling process) with the NIF's
+  Runs `source` (Lua text, or a compiled chunk's reference as `LuaSandbox.Options.to_native/1`
+  passes chunks) on the worker `port` (checked out for the calling process) with the NIF's
   options (`LuaSandbox.Options.to_native/1`); `deadline` is monotonic ms or nil. The answer is
-  wrapped as `{:worker, port, deadline, answer}` for `LuaSandbox.Runner.drive/3`: `answer` is
+  wrapped as `{:worker, port, context, answer}` for `LuaSandbox.Runner.drive/3`: `answer` is
   the NIF's shape (`{:ok, ...}`, `{:error, failure, output, stats}`), `{:tool_call, name, args}`
-  (reply with `reply/3`), or `{:broken, %Error{}}` when the worker died or did not answer.
+  (reply with `reply/3`, passing `context` on), or `{:broken, %Error{}}` when the worker died or
+  did not answer. With `print: {:send, ...}` the worker streams the output as it goes and it is
+  forwarded from here as the NIF's `{:lua_print, ...}` messages, before the answer.
   """
-  @spec run(port, binary, map, integer | nil) :: {:worker, port, integer | nil, term}
+  @spec run(port, binary | reference, map, integer | nil) :: {:worker, port, context, term}
   def run(port, source, native_opts, deadline) do
+    context = {deadline, forward(native_opts.print_pid, native_opts.print_tag)}
+
     opts =
       native_opts
-      # :capture, :log (logged by LuaSandbox.Runner from the output) or :discard
+      # :capture, :log (logged by LuaSandbox.Runner from the output), :discard, or :send (the
+      # pid and the tag stay here: forward/2)
       |> Map.drop([:print_pid, :print_tag])
       |> Map.update!(:chunk_name, &to_string/1)
+      |> Map.update!(:modules, &Enum.map(&1, fn {name, m} -> {name, wire(m)} end))
 
-    step(port, {:run, source, opts}, deadline)
+    step(port, {:run, wire(source), opts}, context)
+  end
+
+  @typedoc "What a run's steps share: its deadline and where its streamed output goes."
+  @opaque context :: {integer | nil, (binary -> any) | nil}
+
+  # The NIF's messages (native/lua_sandbox_nif/src/print.rs): {:lua_print, chunk}, or with
+  # the tag of {:send, pid, tag} (encoded by LuaSandbox.Options.to_native/1).
+  defp forward(nil, _tag), do: nil
+  defp forward(pid, nil), do: &send(pid, {:lua_print, &1})
+
+  defp forward(pid, tag) do
+    tag = :erlang.binary_to_term(tag)
+    &send(pid, {:lua_print, tag, &1})
+  end
+
+  # A chunk crosses as `{:bytecode, bytes, name}`, its bytecode straight from its resource
+  # (the worker loads it as our own bytecode: native/lua_sandbox_worker/src/run.rs `Source`).
+  defp wire(source) when is_binary(source), do: source
+
+  defp wire(chunk) when is_reference(chunk) do
+    {bytecode, name} = LuaSandbox.Native.chunk_bytecode(chunk)
+    {:bytecode, bytecode, name}
   end
 
   @doc "Gives the tool's reply to the run parked on `port`; answers like `run/4`."
-  @spec reply(port, term, integer | nil) :: {:worker, port, integer | nil, term}
-  def reply(port, reply, deadline), do: step(port, {:reply, reply}, deadline)
+  @spec reply(port, term, context) :: {:worker, port, context, term}
+  def reply(port, reply, context), do: step(port, {:reply, reply}, context)
 
-  defp step(port, request, deadline) do
+  defp step(port, request, {deadline, print} = context) do
     wait =
       case deadline do
         nil -> :infinity
@@ -198,7 +242,7 @@ defmodule LuaSandbox.Worker do
       end
 
     answer =
-      case request(port, request, wait) do
+      case request(port, request, wait, print) do
         {:ok, {:ok, values, output, stats} = ok}
         when is_list(values) and is_binary(output) and is_map(stats) ->
           ok
@@ -224,7 +268,7 @@ defmodule LuaSandbox.Worker do
            )}
       end
 
-    {:worker, port, deadline, answer}
+    {:worker, port, context, answer}
   end
 
   @doc "The worker's OS pid, or nil once its port is closed."

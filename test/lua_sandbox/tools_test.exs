@@ -210,13 +210,17 @@ for isolation <- LuaSandbox.Isolation.all() do
         assert msg =~ "module 'nope' not found"
       end
 
-      if @isolation == :nif do
-        test "compiled chunks work as modules" do
-          {:ok, chunk} = LuaSandbox.compile("return {v = 7}", chunk_name: "seven")
+      test "compiled chunks work as modules" do
+        {:ok, chunk} = LuaSandbox.compile("return {v = 7}", chunk_name: "seven")
 
-          assert {:ok, %{value: 7}} =
-                   lua_run("return require('seven').v", modules: %{seven: chunk})
-        end
+        assert {:ok, %{value: 7}} = lua_run("return require('seven').v", modules: %{seven: chunk})
+      end
+
+      test "a compiled module keeps the chunk's own name in errors" do
+        {:ok, chunk} = LuaSandbox.compile("local x = nil\nreturn x.y", chunk_name: "own")
+
+        assert {:error, %Error{message: "own:2: " <> _}} =
+                 lua_run("require('m')", modules: %{"m" => chunk})
       end
 
       test "modules can use tools" do

@@ -145,25 +145,84 @@ defmodule LuaSandbox.WorkersTest do
     end
   end
 
-  describe "not yet supported" do
-    test "sessions, compiled chunks and print: {:send, ...} on a :process supervisor say so" do
+  describe "a worker's earlier callers" do
+    # A caller that checked a worker out used to stay linked to its port after giving it back
+    # (Port.connect/2 links the new owner; the old one stays linked): when that caller later
+    # exited abnormally (an ExUnit test process ends with :shutdown), the exit went through
+    # the port to the run using the worker then, which died with the same reason ("run
+    # crashed: :shutdown" in the adversarial suite under :process).
+    test "exiting abnormally later does not touch a run that uses the worker now" do
       sup = start_pool(1)
-      chunk = LuaSandbox.compile!("return 1")
+      parent = self()
+
+      earlier =
+        spawn(fn ->
+          send(parent, {:earlier, LuaSandbox.run("return 1", supervisor: sup)})
+          receive do: (:never -> :ok)
+        end)
+
+      assert_receive {:earlier, {:ok, %{value: 1}}}, 10_000
+      booted = LuaSandbox.Supervisor.info(sup).workers |> Enum.map(& &1.os_pid) |> Enum.sort()
+
+      tools = %{wait: fn _ -> send(parent, :running) && receive(do: (:go -> :ok)) end}
+
+      {now, mref} =
+        spawn_monitor(fn ->
+          exit({:done, LuaSandbox.run("tools.wait() return 2", supervisor: sup, tools: tools)})
+        end)
+
+      assert_receive :running, 10_000
+      Process.exit(earlier, :shutdown)
+      # the exit signal, if any, has reached the port and the run's process by now
+      Process.sleep(100)
+      # the tool runs in the run's process (no timeout:)
+      send(now, :go)
+      assert_receive {:DOWN, ^mref, :process, ^now, reason}, 10_000
+      assert {:done, {:ok, %{value: 2}}} = reason
+      # and no worker was lost
+      assert booted ==
+               LuaSandbox.Supervisor.info(sup).workers |> Enum.map(& &1.os_pid) |> Enum.sort()
+    end
+
+    test "are not linked to its port, while they hold it or after" do
+      sup = start_pool(1)
+      pool = Workers.whereis(sup)
+      {:ok, port} = Workers.checkout(pool)
+      assert {:ok, :pong} = Worker.request(port, :ping, 5_000)
+      assert linked_ports() == []
+      Workers.checkin(pool, port, :ok)
+      assert linked_ports() == []
+    end
+  end
+
+  defp linked_ports do
+    {:links, links} = Process.info(self(), :links)
+    Enum.filter(links, &is_port/1)
+  end
+
+  describe "not yet supported" do
+    test "handles in a run's input and from a tool are refused, naming why" do
+      sup = start_pool(1)
+      h = LuaSandbox.handle(make_ref())
+
+      assert {:error, %Error{kind: :invalid_input, message: m}} =
+               LuaSandbox.run("return h", supervisor: sup, globals: %{h: h})
+
+      assert m =~ "a handle cannot become a Lua value under isolation: :process"
+
+      assert {:error, %Error{kind: :runtime, message: m}} =
+               LuaSandbox.run("return tools.t()", supervisor: sup, tools: %{t: fn _ -> h end})
+
+      assert m =~ "tool 't': a handle cannot become a Lua value under isolation: :process"
+      # the worker serves on
+      assert {:ok, %{value: 1}} = LuaSandbox.run("return 1", supervisor: sup)
+    end
+
+    test "sessions on a :process supervisor say so" do
+      sup = start_pool(1)
 
       assert_raise ArgumentError, ~r/^not yet supported on supervisor .*: sessions/, fn ->
         LuaSandbox.Session.start_link(supervisor: sup)
-      end
-
-      assert_raise ArgumentError, ~r/^not yet supported .*: compiled chunks/, fn ->
-        LuaSandbox.run(chunk, supervisor: sup)
-      end
-
-      assert_raise ArgumentError, ~r/^not yet supported .*: compiled chunks/, fn ->
-        LuaSandbox.run("return 1", supervisor: sup, modules: %{"m" => chunk}, timeout: 1_000)
-      end
-
-      assert_raise ArgumentError, ~r/^not yet supported .*: print: \{:send/, fn ->
-        LuaSandbox.run("return 1", supervisor: sup, print: {:send, self()})
       end
 
       # and runs are served
@@ -247,50 +306,6 @@ defmodule LuaSandbox.WorkersTest do
       assert ms = within(2_000, fn -> not os_alive?(os_pid) end)
       assert ms < 2_000
       assert within(5_000, fn -> replaced?(sup, 1, os_pid) end)
-    end
-  end
-
-  defp linked_ports do
-    {:links, links} = Process.info(self(), :links)
-    Enum.filter(links, &is_port/1)
-  end
-
-  describe "a caller that gave its worker back" do
-    # Port.connect/2 links the new owner to the port: a caller that stayed linked after the
-    # checkin took the worker down when it later exited (ExUnit ends every test process with
-    # :shutdown), and with it the run of whoever held the worker then, killed by the port's
-    # exit signal (seen as "run crashed: :shutdown" / "EXIT from #Port<...>" in the suites).
-    test "and later dies leaves the worker and its next caller alone" do
-      sup = start_pool(1)
-      pool = Workers.whereis(sup)
-      me = self()
-
-      first =
-        spawn(fn ->
-          {:ok, port} = Workers.checkout(pool)
-          {:ok, :pong} = Worker.request(port, :ping, 5_000)
-          Workers.checkin(pool, port, :ok)
-          send(me, {:used, Worker.os_pid(port)})
-
-          receive do
-            :die -> exit(:shutdown)
-          end
-        end)
-
-      assert_receive {:used, os_pid}, 5_000
-      # the next caller gets the same worker (the last one given back is lent first)
-      {:ok, port} = Workers.checkout(pool)
-      assert Worker.os_pid(port) == os_pid
-
-      ref = Process.monitor(first)
-      send(first, :die)
-      assert_receive {:DOWN, ^ref, :process, _, :shutdown}, 5_000
-
-      assert {:ok, :pong} = Worker.request(port, :ping, 5_000)
-      assert linked_ports() == []
-      Workers.checkin(pool, port, :ok)
-      assert linked_ports() == []
-      assert os_alive?(os_pid)
     end
   end
 

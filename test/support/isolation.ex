@@ -5,7 +5,7 @@ defmodule LuaSandbox.Isolation do
   # and sending its runs through `opts/2`, which picks the supervisor of that isolation. The
   # :process one (LuaSandbox.Isolation.Process) is started by test_helper.exs, before the tests,
   # and outlives them all. Tests of what a :process supervisor does not support yet
-  # (compiled chunks, print: {:send, ...}, handles, sessions) are generated for :nif only.
+  # (handles, sessions) are generated for :nif only.
 
   @process LuaSandbox.Isolation.Process
 

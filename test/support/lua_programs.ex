@@ -4,6 +4,12 @@ defmodule LuaSandbox.Adversarial.Case do
   # under a kill (`timeout:`), so a regression that hangs shows up as `:timeout` (a wrong
   # kind) instead of hanging CI; every assertion also checks a wall-clock bound and that a
   # normal script still runs afterwards.
+  #
+  # Under both isolations (issue 18): a file wraps its module in
+  # `for isolation <- LuaSandbox.Isolation.all()` and passes `isolation: isolation` to
+  # `use LuaSandbox.Adversarial.Case`; every helper here, and `lua_run/2`, then runs on that
+  # isolation's supervisor (LuaSandbox.Isolation), the test process remembering which
+  # (`isolated/1`; a task started by the test asks `isolation/0` of its caller).
 
   use ExUnit.CaseTemplate
 
@@ -11,15 +17,40 @@ defmodule LuaSandbox.Adversarial.Case do
 
   alias LuaSandbox.Error
 
-  using do
+  using opts do
+    isolation = Keyword.get(opts, :isolation, :nif)
+
     quote do
       import LuaSandbox.Adversarial.Case
       alias LuaSandbox.Error
 
       @moduletag :adversarial
       @moduletag timeout: 120_000
+      # evaluated in the module's body, where the file's `isolation` is bound
+      @lua_isolation unquote(isolation)
+      @moduletag isolation: @lua_isolation
+
+      setup do
+        Process.put(LuaSandbox.Adversarial.Case, @lua_isolation)
+        :ok
+      end
     end
   end
+
+  @doc "The isolation the calling test (or the test that started this task) runs under."
+  def isolation do
+    Enum.find_value([self() | Process.get(:"$callers", [])], :nif, fn pid ->
+      if pid == self(),
+        do: Process.get(__MODULE__),
+        else: with({:dictionary, d} <- Process.info(pid, :dictionary), do: d[__MODULE__])
+    end)
+  end
+
+  @doc "`opts` with the supervisor of the test's isolation (unless they name one)."
+  def isolated(opts), do: LuaSandbox.Isolation.opts(isolation(), opts)
+
+  @doc "`LuaSandbox.run/2` on the test's isolation."
+  def lua_run(src, opts \\ []), do: LuaSandbox.run(src, isolated(opts))
 
   @mib 1024 * 1024
 
@@ -35,7 +66,7 @@ defmodule LuaSandbox.Adversarial.Case do
   @doc "Runs `src` with the small limits (overridable) under a kill; `{microseconds, result}`."
   def hostile(src, opts \\ []) do
     opts = Keyword.merge(@limits ++ [timeout: @kill_ms], opts)
-    :timer.tc(fn -> LuaSandbox.run(src, opts) end)
+    :timer.tc(fn -> lua_run(src, opts) end)
   end
 
   @doc """
@@ -131,7 +162,7 @@ defmodule LuaSandbox.Adversarial.Case do
 
   @doc "A normal script still runs (and promptly)."
   def assert_alive do
-    {us, result} = :timer.tc(fn -> LuaSandbox.run("return 1 + 1", timeout: @kill_ms) end)
+    {us, result} = :timer.tc(fn -> lua_run("return 1 + 1", timeout: @kill_ms) end)
     assert {:ok, %{value: 2}} = result
     assert_bound(us)
   end

@@ -47,3 +47,15 @@ fn compile<'a>(env: Env<'a>, source: rustler::Binary<'a>, opts: CompileOpts) -> 
         Err(e) => Failure::early(e, &opts.chunk_name, Duration::ZERO).encode(env),
     }
 }
+
+/// A compiled chunk's bytecode and name, for a worker of `isolation: :process`
+/// (`LuaSandbox.Worker`), which loads it as the core's own bytecode, under that name, as
+/// `run.rs` loads the resource's. The bytecode is a binary over the resource's bytes (no
+/// copy). Reading it forges nothing: a binary never becomes a chunk again on this side
+/// (`compile` is the only way to make one), and a worker is sent it by the BEAM only, straight
+/// from this resource.
+#[rustler::nif]
+fn chunk_bytecode<'a>(env: Env<'a>, chunk: ResourceArc<CompiledChunk>) -> Term<'a> {
+    let bytecode = chunk.make_binary(env, |c| c.bytecode.as_slice());
+    (bytecode, chunk.name.as_str()).encode(env)
+}

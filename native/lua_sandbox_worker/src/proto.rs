@@ -21,7 +21,12 @@
 //!   `{:error, {kind, message, line, traceback, value}, output, stats}` (the NIF's, see
 //!   `src/run.rs`), or `{:tool_call, name, args}`: the run is parked at a tool call and the
 //!   next request must be `{:reply, reply}` (the tool's answer as `LuaSandbox.Tools.call/4`
-//!   gives it, or `:timeout`, `:memory_limit`, `:instruction_limit`), answered like the run;
+//!   gives it, or `:timeout`, `:memory_limit`, `:instruction_limit`), answered like the run.
+//!   `source` (and a module's source in `opts`) is Lua text, or `{:bytecode, bytes, name}`: a
+//!   compiled chunk's bytecode and name (`src/run.rs` `Source`). With `print: :send` in
+//!   `opts`, the run's streamed output comes first as `{id, {:print, bytes}}` frames (any
+//!   number, under the id of the request being answered, `{:run, ...}` or `{:reply, ...}`),
+//!   which the BEAM forwards as the NIF's `{:lua_print, ...}` messages;
 //! - `{:probe, name, operand}` (test builds with `wall-probes` only) → `{:errno, n}`,
 //!   `{:done, n}` or no answer at all when the jail killed the worker;
 //! - anything else → `{:error, message}`.

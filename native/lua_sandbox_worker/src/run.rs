@@ -10,6 +10,9 @@
 //! run ends `:killed`; the deadline is the run's own (`timeout` in its limits).
 
 use std::ffi::{c_int, c_void};
+use std::mem::ManuallyDrop;
+use std::os::fd::FromRawFd;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use lua_sandbox_core::chunk::{check_source, Code};
@@ -18,11 +21,11 @@ use lua_sandbox_core::error::{line_of, SandboxError};
 use lua_sandbox_core::exec::{
     Entry, Home, Limits, Module, Push, Reply, Run, Setup, StateSetup, Stats, Step,
 };
-use lua_sandbox_core::output::Print;
+use lua_sandbox_core::output::{Print, Sink};
 use lua_sandbox_core::{ffi, pool, protect, Slot};
 
 use crate::marshal::{self, ArgsError, Bounds};
-use crate::proto::Term;
+use crate::proto::{self, Term};
 
 /// Runs scripts in the worker's one slot; holds the run parked at a tool call, if any.
 pub struct Runner {
@@ -30,6 +33,34 @@ pub struct Runner {
     /// The largest `max_memory` the slot serves (the worker's argument).
     max_memory: usize,
     parked: Option<Run>,
+    /// The id of the request being answered ([`Runner::serving`]): streamed output
+    /// (`print: {:send, ...}`) goes out as `{id, {:print, bytes}}` frames under it.
+    request: Arc<Mutex<Term>>,
+}
+
+/// Streams a run's output as `{id, {:print, bytes}}` frames on fd 1, ahead of the request's
+/// answer; the BEAM forwards each as the NIF's `{:lua_print, ...}` message (the pid and the tag
+/// never leave the BEAM). When to send (coalescing) is the core's `output.rs`, as in the NIF.
+struct Frames {
+    request: Arc<Mutex<Term>>,
+}
+
+impl Sink for Frames {
+    fn send(&mut self, _caller: Caller, chunk: &[u8]) {
+        let id = self
+            .request
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let frame = Term::tuple([id, Term::tuple([Term::atom("print"), Term::bin(chunk)])]);
+        // SAFETY: fd 1 is the port's pipe, open for the life of the process (main.rs); the
+        // ManuallyDrop never closes it, and frames are written from this one thread only,
+        // each whole before the next (main.rs writes the answers after the run returns).
+        let mut out = ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(1) });
+        // A broken pipe is the caller gone: the budget's liveness check ends the run at its
+        // next tick; the output is still captured meanwhile.
+        let _ = proto::write_frame(&mut *out, &frame);
+    }
 }
 
 impl Runner {
@@ -41,7 +72,13 @@ impl Runner {
             capacity,
             max_memory,
             parked: None,
+            request: Arc::new(Mutex::new(Term::atom("nil"))),
         }
+    }
+
+    /// The id of the request about to be answered (its streamed output goes under it).
+    pub fn serving(&self, id: &Term) {
+        *self.request.lock().unwrap_or_else(|p| p.into_inner()) = id.clone();
     }
 
     /// The worker's slot, leased (for the test-only probes that run Lua directly).
@@ -60,16 +97,12 @@ impl Runner {
             Err(e) => return early(e, "", t0),
         };
         let early = |e: SandboxError| early(e, &opts.chunk_name, t0);
-        let Some(source) = source.as_bin() else {
-            return early(SandboxError::InvalidInput(
-                "source must be Lua text".to_string(),
-            ));
-        };
         let limits = opts.limits;
-        if let Err(e) = check_source(source, limits.max_source, "source") {
-            return early(e);
-        }
-        let code = match Code::new(source, &opts.chunk_name, false) {
+        let source = match Source::decode(source, "source") {
+            Ok(source) => source,
+            Err(e) => return early(e),
+        };
+        let code = match source.code(&opts.chunk_name, limits.max_source, "source") {
             Ok(code) => code,
             Err(e) => return early(e),
         };
@@ -80,12 +113,15 @@ impl Runner {
         let mut run = Run::new(
             Home::Fresh(lease),
             limits,
-            if opts.discard {
-                Print::Discard
-            } else {
-                Print::Capture
+            match opts.print {
+                PrintOpt::Discard => Print::Discard,
+                PrintOpt::Capture => Print::Capture,
+                PrintOpt::Send => Print::Stream(Box::new(Frames {
+                    request: self.request.clone(),
+                })),
             },
-            opts.chunk_name.clone(),
+            // A chunk runs under its own name, as in the NIF.
+            source.name(&opts.chunk_name).to_string(),
             None,
             t0,
         );
@@ -140,6 +176,8 @@ impl Runner {
         // SAFETY: the scope is boxed in `run`, which outlives the activation (dropped at the
         // end of this function, before `run` is parked or dropped).
         let active = unsafe { &*scope }.activate(caller());
+        // Streamed output goes out before a tool call and at the end (the NIF's `settle`).
+        run.scope.output().flush(caller());
         let answer = loop {
             match settle_once(&mut run, step) {
                 Settled::Final(term) => break term,
@@ -155,6 +193,7 @@ impl Runner {
                         .reply(caller(), Reply::Refused(&message))
                         .and_then(|n| run.resume(caller(), n));
                     run.elapsed += t0.elapsed();
+                    run.scope.output().flush(caller());
                 }
             }
         };
@@ -368,9 +407,16 @@ struct Opts {
     globals: Vec<(String, Term)>,
     call: Option<(String, Vec<Term>)>,
     tools: Vec<String>,
-    modules: Vec<(String, Vec<u8>)>,
-    /// `print: :discard` (`:capture` and `:log` both capture; the BEAM logs).
-    discard: bool,
+    modules: Vec<(String, Source)>,
+    print: PrintOpt,
+}
+
+/// The `print` option: `:discard`; `:capture` and `:log` both capture (the BEAM logs); `:send`
+/// also streams ([`Frames`]).
+enum PrintOpt {
+    Discard,
+    Capture,
+    Send,
 }
 
 impl Opts {
@@ -441,24 +487,24 @@ impl Opts {
             .collect::<Result<_, _>>()?;
         let modules = list("modules")?
             .iter()
-            .map(|m| match pair(m, "modules")? {
-                (name, Term::Bin(source)) => Ok((name, source)),
-                (name, _) => Err(SandboxError::InvalidInput(format!(
-                    "module '{name}' must be Lua source or a compiled chunk"
-                ))),
+            .map(|m| {
+                let (name, source) = pair(m, "modules")?;
+                let source = Source::decode(&source, &format!("module '{name}'"))?;
+                Ok::<_, SandboxError>((name, source))
             })
             .collect::<Result<_, _>>()?;
         let chunk_name = match get("chunk_name") {
             Some(t) => text(t, "chunk_name")?,
             None => return Err(bad("chunk_name")),
         };
-        let discard = match get("print").and_then(Term::as_atom) {
-            Some("discard") => true,
-            Some("capture" | "log") => false,
+        let print = match get("print").and_then(Term::as_atom) {
+            Some("discard") => PrintOpt::Discard,
+            Some("capture" | "log") => PrintOpt::Capture,
+            Some("send") => PrintOpt::Send,
             _ => return Err(bad("print")),
         };
         Ok(Opts {
-            discard,
+            print,
             limits,
             chunk_name,
             globals,
@@ -473,12 +519,70 @@ impl Opts {
         self.modules
             .iter()
             .map(|(name, source)| {
-                check_source(source, self.limits.max_source, &format!("module '{name}'"))?;
+                let what = format!("module '{name}'");
                 Ok(Module {
                     name,
-                    code: Code::new(source, name, false)?,
+                    code: source.code(name, self.limits.max_source, &what)?,
                 })
             })
             .collect()
+    }
+}
+
+/// A chunk as the BEAM sends it: Lua text, or `{:bytecode, bytes, name}`, the bytecode of a
+/// compiled chunk (`LuaSandbox.compile/2`) and its name.
+enum Source {
+    Text(Vec<u8>),
+    Bytecode(Vec<u8>, String),
+}
+
+impl Source {
+    /// `what` names the chunk in messages (`source`, `module 'x'`).
+    fn decode(term: &Term, what: &str) -> Result<Source, SandboxError> {
+        match term {
+            Term::Bin(text) => Ok(Source::Text(text.clone())),
+            Term::Tuple(t) => match t.as_slice() {
+                [tag, Term::Bin(bytes), Term::Bin(name)] if tag.as_atom() == Some("bytecode") => {
+                    let name = String::from_utf8(name.clone()).map_err(|_| {
+                        SandboxError::InvalidInput(format!("{what}: chunk name is not UTF-8"))
+                    })?;
+                    Ok(Source::Bytecode(bytes.clone(), name))
+                }
+                _ => Err(Source::bad(what)),
+            },
+            _ => Err(Source::bad(what)),
+        }
+    }
+
+    /// The name the run goes by: a compiled chunk's own, else `given` (the `chunk_name`).
+    fn name<'s>(&'s self, given: &'s str) -> &'s str {
+        match self {
+            Source::Text(_) => given,
+            Source::Bytecode(_, own) => own,
+        }
+    }
+
+    fn bad(what: &str) -> SandboxError {
+        SandboxError::InvalidInput(format!("{what} must be Lua source or a compiled chunk"))
+    }
+
+    /// The chunk ready to load: text under `name` after the checks every source passes
+    /// (`max_source`, no bytecode smuggled in as text); bytecode under its own name, as the
+    /// NIF loads a chunk resource's.
+    ///
+    /// Loading bytecode is sound here because only the BEAM writes to this worker's fd 0 (the
+    /// port it opened), and the BEAM sends bytecode only as `LuaSandbox.Worker` takes it from
+    /// a chunk resource (`Native.chunk_bytecode/1`), which only the core's
+    /// `chunk::compile_bytes` fills: the same bytes the NIF would load, produced by the same
+    /// core. A script never reaches this path (`load` in the sandbox is text only, and source
+    /// text starting with the bytecode signature is refused by `check_source`).
+    fn code(&self, name: &str, max_source: usize, what: &str) -> Result<Code<'_>, SandboxError> {
+        match self {
+            Source::Text(text) => {
+                check_source(text, max_source, what)?;
+                Code::new(text, name, false)
+            }
+            Source::Bytecode(bytes, own) => Code::new(bytes, own, true),
+        }
     }
 }

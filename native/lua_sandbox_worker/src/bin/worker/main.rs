@@ -82,7 +82,10 @@ fn serve(runner: &mut Runner, out: &mut impl std::io::Write) {
         let (id, answer) = match proto::decode(&frame) {
             Ok(Term::Tuple(mut t)) if t.len() == 2 => {
                 let request = t.pop().unwrap();
-                (t.pop().unwrap(), answer(runner, &request))
+                let id = t.pop().unwrap();
+                runner.serving(&id);
+                let answer = answer(runner, &request);
+                (id, answer)
             }
             Ok(_) => (Term::atom("nil"), error("a request is {id, request}")),
             Err(e) => (Term::atom("nil"), error(&e.to_string())),
