@@ -207,19 +207,21 @@ defmodule LuaSandbox.Supervisor do
   end
 
   @doc false
-  # What an isolation: :process supervisor does not run yet (issue 18): sessions, and in a run
-  # compiled chunks (as the source or a module), `print: {:send, ...}` streaming and handles
-  # (the worker refuses a handle in its input as :invalid_input). Raises ArgumentError naming
-  # what is missing; `what` is `:session` or `{:run, source, opts}` (validated options).
-  @spec check_isolation!(atom, :session | {:run, LuaSandbox.source(), keyword}) :: :ok
+  # What an isolation: :process supervisor does not run yet (issue 18): forks of a session, and
+  # in a run or a session compiled chunks (as the source or a module), `print: {:send, ...}`
+  # streaming and handles (the worker refuses a handle in its input as :invalid_input). Raises
+  # ArgumentError naming what is missing; `what` is `{:run, source, opts}`, `{:session, opts}`
+  # (validated options) or `:fork`.
+  @spec check_isolation!(atom, {:session, keyword} | :fork | {:run, LuaSandbox.source(), keyword}) ::
+          :ok
   def check_isolation!(sup, what) do
     if Workers.whereis(sup), do: check_process!(sup, what)
     :ok
   end
 
-  defp check_process!(sup, :session) do
-    not_yet!(sup, "sessions")
-  end
+  defp check_process!(sup, {:session, opts}), do: check_process!(sup, {:run, "", opts})
+
+  defp check_process!(sup, :fork), do: not_yet!(sup, "forks of a session (Session.fork/2)")
 
   defp check_process!(sup, {:run, source, opts}) do
     if match?(%Chunk{}, source) or
@@ -296,7 +298,6 @@ defmodule LuaSandbox.Supervisor do
           result
         when result: {:ok, LuaSandbox.Result.t()} | {:error, Error.t()}
   def admitted(what, %{supervisor: sup, tenant: tenant} = meta, queue_timeout, deadline, fun) do
-    if what == :session, do: check_isolation!(sup, :session)
     telemetry? = Telemetry.enabled?()
     t0 = if telemetry?, do: :erlang.monotonic_time()
 

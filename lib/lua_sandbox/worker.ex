@@ -28,6 +28,7 @@ defmodule LuaSandbox.Worker do
     :seccomp
   ]
   @answers [:boot, :on, :off, :pong, :ok, :error, :errno, :done, :tool_call, nil, :nan] ++
+             [:cancelled, :busy, :memory, :calls, :instructions, :rollbacks] ++
              [:infinity, :neg_infinity] ++ LuaSandbox.Error.kinds()
 
   @doc "The jail's layers, in the order the worker applies and reports them."
@@ -122,7 +123,12 @@ defmodule LuaSandbox.Worker do
   the worker died meanwhile, or `:timeout` (the worker is then in an unknown state: give it
   back as broken).
   """
-  @spec request(port, term, timeout) :: {:ok, term} | {:error, Error.t()} | :timeout
+  @spec request(port | {:session, pid, non_neg_integer}, term, timeout) ::
+          {:ok, term} | {:error, Error.t()} | :timeout
+  # A session's worker, through its session process (LuaSandbox.Session.Worker).
+  def request({:session, pid, gen}, request, timeout),
+    do: LuaSandbox.Session.Worker.request(pid, gen, request, timeout)
+
   def request(port, request, timeout) do
     id = System.unique_integer([:positive])
     started = System.monotonic_time(:microsecond)
@@ -158,7 +164,9 @@ defmodule LuaSandbox.Worker do
     Error.worker_crashed(os_pid, describe_exit(status), stats)
   end
 
-  defp decode(frame) do
+  @doc false
+  # A frame from a worker (any atom it names exists: see @answers).
+  def decode(frame) do
     :erlang.binary_to_term(frame, [:safe])
   rescue
     ArgumentError -> {:undecodable, byte_size(frame)}
@@ -176,21 +184,26 @@ defmodule LuaSandbox.Worker do
   (reply with `reply/3`), or `{:broken, %Error{}}` when the worker died or did not answer.
   """
   @spec run(port, binary, map, integer | nil) :: {:worker, port, integer | nil, term}
-  def run(port, source, native_opts, deadline) do
-    opts =
-      native_opts
-      # :capture, :log (logged by LuaSandbox.Runner from the output) or :discard
-      |> Map.drop([:print_pid, :print_tag])
-      |> Map.update!(:chunk_name, &to_string/1)
+  def run(port, source, native_opts, deadline),
+    do: step(port, {:run, source, run_opts(native_opts)}, deadline)
 
-    step(port, {:run, source, opts}, deadline)
+  @doc "The NIF's options (`LuaSandbox.Options.to_native/1`) as the worker reads them."
+  @spec run_opts(map) :: map
+  def run_opts(native_opts) do
+    native_opts
+    # :capture, :log (logged by LuaSandbox.Runner from the output) or :discard
+    |> Map.drop([:print_pid, :print_tag])
+    |> Map.update!(:chunk_name, &to_string/1)
   end
 
   @doc "Gives the tool's reply to the run parked on `port`; answers like `run/4`."
   @spec reply(port, term, integer | nil) :: {:worker, port, integer | nil, term}
   def reply(port, reply, deadline), do: step(port, {:reply, reply}, deadline)
 
-  defp step(port, request, deadline) do
+  @doc false
+  # One request of a run (or a session call) and its answer, checked and wrapped for
+  # LuaSandbox.Runner.drive/3; `port` is a port or a session's `{:session, pid, gen}`.
+  def step(port, request, deadline) do
     wait =
       case deadline do
         nil -> :infinity

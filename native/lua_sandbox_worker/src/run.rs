@@ -26,9 +26,9 @@ use crate::proto::Term;
 
 /// Runs scripts in the worker's one slot; holds the run parked at a tool call, if any.
 pub struct Runner {
-    capacity: usize,
+    pub(crate) capacity: usize,
     /// The largest `max_memory` the slot serves (the worker's argument).
-    max_memory: usize,
+    pub(crate) max_memory: usize,
     parked: Option<Run>,
 }
 
@@ -114,9 +114,26 @@ impl Runner {
             };
             run.prepare(caller(), setup)
         });
+        self.go(run, prepared, t0)
+    }
+
+    /// Runs a prepared run (`prepared`: what `Run::prepare` answered) to its first stop and
+    /// answers: the end of a fresh run or a session call (`crate::session`) alike.
+    pub(crate) fn go(
+        &mut self,
+        mut run: Run,
+        prepared: Result<c_int, SandboxError>,
+        t0: Instant,
+    ) -> Term {
         let step = prepared.and_then(|nargs| run.resume(caller(), nargs));
         run.elapsed = t0.elapsed();
         self.settle(run, step)
+    }
+
+    /// Drops the run parked at a tool call, if any (its caller gave up on it: a session call
+    /// is rolled back as the loan ends). Whether there was one.
+    pub fn cancel(&mut self) -> bool {
+        self.parked.take().is_some()
     }
 
     /// Gives the tool's reply to the parked run and runs it to its next stop.
@@ -294,7 +311,7 @@ fn finish_error(run: &mut Run, e: SandboxError, value_idx: Option<c_int>) -> Ter
 }
 
 /// The error answer of a run that failed before it started.
-fn early(e: SandboxError, chunk_name: &str, t0: Instant) -> Term {
+pub(crate) fn early(e: SandboxError, chunk_name: &str, t0: Instant) -> Term {
     let line = line_of(&e.to_string(), chunk_name);
     let stats = Stats {
         duration_us: t0.elapsed().as_micros() as u64,
@@ -346,8 +363,9 @@ fn stats_term(stats: &Stats) -> Term {
     ])
 }
 
-/// The worker's caller: the BEAM end of its pipe, alive until the port closes.
-fn caller() -> Caller {
+/// The worker's caller: the BEAM end of its pipe, alive until the port closes or a session's
+/// `:cancel` arrives (`crate::cancelled`).
+pub(crate) fn caller() -> Caller {
     Caller {
         // Never read: `alive` looks at fd 0. Non-null, so the budget asks.
         env: std::ptr::NonNull::<c_void>::dangling().as_ptr(),
@@ -358,23 +376,25 @@ fn caller() -> Caller {
 /// # Safety
 /// None needed: the env is not read.
 unsafe fn alive(_env: *mut c_void) -> bool {
-    !crate::hung_up()
+    !crate::cancelled()
 }
 
 /// A run's options as `LuaSandbox.Worker` sends them.
-struct Opts {
-    limits: Limits,
-    chunk_name: String,
-    globals: Vec<(String, Term)>,
-    call: Option<(String, Vec<Term>)>,
-    tools: Vec<String>,
+pub(crate) struct Opts {
+    pub(crate) limits: Limits,
+    pub(crate) chunk_name: String,
+    pub(crate) globals: Vec<(String, Term)>,
+    pub(crate) call: Option<(String, Vec<Term>)>,
+    pub(crate) tools: Vec<String>,
     modules: Vec<(String, Vec<u8>)>,
     /// `print: :discard` (`:capture` and `:log` both capture; the BEAM logs).
-    discard: bool,
+    pub(crate) discard: bool,
+    /// A session call's `rollback` (absent: true; fresh runs have nothing to roll back).
+    pub(crate) rollback: bool,
 }
 
 impl Opts {
-    fn decode(opts: &Term, worker_memory: usize) -> Result<Opts, SandboxError> {
+    pub(crate) fn decode(opts: &Term, worker_memory: usize) -> Result<Opts, SandboxError> {
         let bad = |what: &str| SandboxError::InvalidInput(format!("bad run option {what}"));
         let Term::Map(pairs) = opts else {
             return Err(bad("map"));
@@ -457,7 +477,13 @@ impl Opts {
             Some("capture" | "log") => false,
             _ => return Err(bad("print")),
         };
+        let rollback = match get("rollback").and_then(Term::as_atom) {
+            None | Some("true") => true,
+            Some("false") => false,
+            Some(_) => return Err(bad("rollback")),
+        };
         Ok(Opts {
+            rollback,
             discard,
             limits,
             chunk_name,
@@ -469,7 +495,7 @@ impl Opts {
     }
 
     /// The modules' chunks, checked against `max_source`, ready to load.
-    fn modules(&self) -> Result<Vec<Module<'_>>, SandboxError> {
+    pub(crate) fn modules(&self) -> Result<Vec<Module<'_>>, SandboxError> {
         self.modules
             .iter()
             .map(|(name, source)| {
