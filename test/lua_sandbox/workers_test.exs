@@ -122,13 +122,10 @@ defmodule LuaSandbox.WorkersTest do
   end
 
   describe "not yet supported" do
-    test "sessions, compiled chunks and print: {:send, ...} on a :process supervisor say so" do
+    # (a session's forks: session_worker_test.exs)
+    test "compiled chunks and print: {:send, ...} on a :process supervisor say so" do
       sup = start_pool(1)
       chunk = LuaSandbox.compile!("return 1")
-
-      assert_raise ArgumentError, ~r/^not yet supported on supervisor .*: sessions/, fn ->
-        LuaSandbox.Session.start_link(supervisor: sup)
-      end
 
       assert_raise ArgumentError, ~r/^not yet supported .*: compiled chunks/, fn ->
         LuaSandbox.run(chunk, supervisor: sup)
