@@ -107,6 +107,16 @@ defmodule LuaSandbox.SessionWorkerTest do
     assert new_os_pid != os_pid
   end
 
+  @tag :capture_log
+  test "a worker killed between calls is replaced at once, from the session's start", %{sup: sup} do
+    s = start!(sup)
+    {:ok, _} = Session.run(s, "n = 5")
+    %{os_pid: os_pid} = Session.info(s)
+    System.cmd("kill", ["-KILL", Integer.to_string(os_pid)])
+    wait_until(fn -> Session.info(s)[:os_pid] not in [nil, os_pid] end)
+    assert {:ok, %{value: 1}} = Session.run(s, "return n", timeout: 2_000)
+  end
+
   test "the worker goes with the session", %{sup: sup} do
     s = start!(sup)
     %{os_pid: os_pid} = Session.info(s)
