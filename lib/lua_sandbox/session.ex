@@ -55,6 +55,15 @@ defmodule LuaSandbox.Session do
   one field costs about the same on a 16 MiB state as on a small one (see bench/RESULTS.md). A short call on a state of
   at most 1 MiB is first tried on the caller's scheduler (as short runs are); one that needs
   more is rolled back unseen and run on a dirty scheduler.
+
+  On a `supervisor:` started with `isolation: :process`, the state lives in a jailed worker
+  OS process of the session's own (started at `start_link/1`, stopped with the session; its
+  `max_memory` at most the supervisor's `worker_max_memory`), with the same API and answers.
+  The session process holds the worker, so a caller's death cancels its call there (rolled
+  back, the worker kept); a worker that dies answers the call in progress `:worker_crashed`
+  and the session restarts in a new worker from its start options (its state is lost, as a
+  supervised process's is); `info/1` also gives the worker's `os_pid`. Not yet there
+  (`ArgumentError`): `fork/2`, compiled chunks.
   """
 
   use GenServer
@@ -306,12 +315,17 @@ defmodule LuaSandbox.Session do
     end
   end
 
-  @doc "Memory in use (bytes), calls made, instructions used and rollbacks done so far."
+  @doc """
+  Memory in use (bytes), calls made, instructions used and rollbacks done so far (`%{busy:
+  true}` during a call); a session in a worker (`isolation: :process`) adds its `os_pid`.
+  """
   @spec info(t) :: %{
-          memory: non_neg_integer,
-          calls: non_neg_integer,
-          instructions: non_neg_integer,
-          rollbacks: non_neg_integer
+          optional(:memory) => non_neg_integer,
+          optional(:calls) => non_neg_integer,
+          optional(:instructions) => non_neg_integer,
+          optional(:rollbacks) => non_neg_integer,
+          optional(:busy) => true,
+          optional(:os_pid) => pos_integer
         }
   def info(session), do: GenServer.call(session, :info, :infinity)
 

@@ -22,6 +22,17 @@
 //!   `src/run.rs`), or `{:tool_call, name, args}`: the run is parked at a tool call and the
 //!   next request must be `{:reply, reply}` (the tool's answer as `LuaSandbox.Tools.call/4`
 //!   gives it, or `:timeout`, `:memory_limit`, `:instruction_limit`), answered like the run;
+//! - a session's worker (`src/session.rs`; one per `LuaSandbox.Session` on an
+//!   `isolation: :process` supervisor, `lib/lua_sandbox/session/worker.ex`):
+//!   `{:session_new, opts}` (a run's options map, state-wide part used) → `:ok` or the error
+//!   answer; `{:session_run, source_or_nil, opts}` (the run's map with the call's limits,
+//!   `globals`, `call`, `rollback`) → answered like `{:run, ...}`, tool calls included (the
+//!   `{:reply, reply}` request unchanged); `:session_info` → `{:ok, %{memory:, calls:,
+//!   instructions:, rollbacks:}}` or `:busy`;
+//! - `:cancel` → `:cancelled`, after dropping a run parked at a tool call (rolled back, for a
+//!   session). Sent mid-run it stops the run first: a frame waiting on fd 0 during a run can only
+//!   be a cancel, and the run's liveness check sees it at the next budget tick
+//!   (`crate::cancelled`), so the run answers `:killed` and then the cancel `:cancelled`;
 //! - `{:probe, name, operand}` (test builds with `wall-probes` only) → `{:errno, n}`,
 //!   `{:done, n}` or no answer at all when the jail killed the worker;
 //! - anything else → `{:error, message}`.

@@ -6,8 +6,9 @@
 //! The worker has one slot, built before the jail and kept in the core's pool
 //! ([`pool::keep`]); every run leases it and gives it back restored from its snapshot. A run's
 //! caller is the BEAM end of the pipe: when the port closes (the caller died, the pool gave up
-//! on the worker) fd 0 hangs up, the budget's liveness check sees it at the next tick and the
-//! run ends `:killed`; the deadline is the run's own (`timeout` in its limits).
+//! on the worker) fd 0 hangs up, or a session's `:cancel` frame waits on it (`crate::cancelled`),
+//! the budget's liveness check sees it at the next tick and the run ends `:killed`; the deadline
+//! is the run's own (`timeout` in its limits). A session's calls (`crate::session`) run here too.
 
 use std::ffi::{c_int, c_void};
 use std::time::{Duration, Instant};

@@ -3,8 +3,9 @@
 //! `src/proto.rs` describes until the BEAM closes its end. The BEAM side is
 //! `lib/lua_sandbox/worker.ex`; it warns for each layer not in force.
 //!
-//! Scripts run with the core's run machinery, as in the NIF (`lua_sandbox_worker::run`); the
-//! worker also answers `:ping` (and, in test builds, the probes of `probes.rs`).
+//! Scripts run with the core's run machinery, as in the NIF (`lua_sandbox_worker::run`); a
+//! session's worker holds one session (`lua_sandbox_worker::session`); the worker also answers
+//! `:ping` and `:cancel` (and, in test builds, the probes of `probes.rs`).
 //!
 //! Usage: `worker [max_memory_bytes]` (default 64 MiB): the state is the NIF's sandbox
 //! (`lua_sandbox_core::sandbox`), in an arena sized for that `max_memory` as the NIF sizes it.
