@@ -122,6 +122,20 @@ defmodule LuaSandbox.SessionWorkerTest do
     %{os_pid: os_pid} = Session.info(s)
     :ok = Session.stop(s)
     assert within(5_000, fn -> not os_alive?(os_pid) end)
+
+    # and with the process that started it (the session is linked to it)
+    me = self()
+
+    starter =
+      spawn(fn ->
+        send(me, {:session, start!(sup)})
+        Process.sleep(:infinity)
+      end)
+
+    assert_receive {:session, s}
+    %{os_pid: os_pid} = Session.info(s)
+    Process.exit(starter, :kill)
+    assert within(5_000, fn -> not os_alive?(os_pid) end)
   end
 
   test "max_memory is bounded by the supervisor's worker_max_memory", %{sup: sup} do

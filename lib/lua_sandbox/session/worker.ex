@@ -194,7 +194,9 @@ defmodule LuaSandbox.Session.Worker do
   def info(%{call: nil, parked: false, cancelling: nil} = worker) do
     case Worker.request(worker.port, :session_info, @boot_timeout) do
       {:ok, {:ok, info}} when is_map(info) -> {Map.put(info, :os_pid, worker.os_pid), worker}
-      _ -> {%{busy: true}, worker}
+      {:ok, :busy} -> {%{busy: true, os_pid: worker.os_pid}, worker}
+      # it died (this took its exit status) or hangs: a new one, as port_message/2 does
+      _ -> {%{busy: true, os_pid: worker.os_pid}, restart(worker)}
     end
   end
 
