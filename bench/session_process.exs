@@ -13,25 +13,7 @@
 
 alias LuaSandbox.Session
 
-defmodule Bench.SessionProcess do
-  def percentiles(samples) do
-    sorted = Enum.sort(samples)
-    at = fn q -> Enum.at(sorted, min(round(q * length(sorted)), length(sorted) - 1)) end
-    %{p50: at.(0.5), p99: at.(0.99), n: length(sorted)}
-  end
-
-  def time_us(fun) do
-    t0 = System.monotonic_time(:nanosecond)
-    fun.()
-    (System.monotonic_time(:nanosecond) - t0) / 1000
-  end
-
-  def row(label, %{p50: p50, p99: p99, n: n}),
-    do: "| #{label} | #{fmt(p50)} µs | #{fmt(p99)} µs | #{n} |"
-
-  defp fmt(x) when is_float(x), do: :erlang.float_to_binary(x, decimals: 1)
-  defp fmt(x), do: to_string(x)
-end
+Code.require_file("process_helpers.exs", __DIR__)
 
 {:ok, _} = LuaSandbox.Supervisor.start_link(name: :bench_s_nif, max_concurrency: 2)
 
@@ -69,14 +51,12 @@ for _ <- 1..500, s <- [nif, proc], do: call.(s, "f").()
 
 {calls_nif, calls_proc} =
   Enum.reduce(1..n, {[], []}, fn _, {a, b} ->
-    {[Bench.SessionProcess.time_us(call.(nif, "f")) | a],
-     [Bench.SessionProcess.time_us(call.(proc, "f")) | b]}
+    {[Bench.Process.time_us(call.(nif, "f")) | a], [Bench.Process.time_us(call.(proc, "f")) | b]}
   end)
 
 {tools_nif, tools_proc} =
   Enum.reduce(1..div(n, 5), {[], []}, fn _, {a, b} ->
-    {[Bench.SessionProcess.time_us(call.(nif, "g")) | a],
-     [Bench.SessionProcess.time_us(call.(proc, "g")) | b]}
+    {[Bench.Process.time_us(call.(nif, "g")) | a], [Bench.Process.time_us(call.(proc, "g")) | b]}
   end)
 
 killed = fn s, sup, source ->
@@ -88,13 +68,12 @@ killed = fn s, sup, source ->
         :parked -> :ok
       end
     else
-      Stream.repeatedly(fn -> Process.sleep(1) end)
-      |> Enum.find(fn _ -> LuaSandbox.Supervisor.running(sup) == 1 end)
+      Bench.Process.until(fn -> LuaSandbox.Supervisor.running(sup) == 1 end)
 
       Process.sleep(2)
     end
 
-    Bench.SessionProcess.time_us(fn ->
+    Bench.Process.time_us(fn ->
       Process.exit(caller, :kill)
       {:ok, %{value: 1}} = Session.run(s, "return n")
     end)
@@ -108,7 +87,7 @@ park_proc = killed.(proc, :bench_s_proc, "n = 2 tools.park()")
 
 starts = fn sup ->
   for _ <- 1..50 do
-    Bench.SessionProcess.time_us(fn ->
+    Bench.Process.time_us(fn ->
       {:ok, s} = Session.start_link(supervisor: sup)
       Session.stop(s)
     end)
@@ -118,8 +97,8 @@ end
 start_nif = starts.(:bench_s_nif)
 start_proc = starts.(:bench_s_proc)
 
-p = &Bench.SessionProcess.percentiles/1
-r = &Bench.SessionProcess.row/2
+p = &Bench.Process.percentiles/1
+r = &Bench.Process.row(&1, &2, "µs")
 
 IO.puts("""
 sessions on isolation: :process, #{n} alternating samples (2 cores, shared)

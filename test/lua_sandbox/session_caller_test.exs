@@ -21,14 +21,7 @@ for isolation <- LuaSandbox.Isolation.all() do
     end
 
     defp start!(sup, opts \\ []) do
-      me = self()
-
-      tools = %{
-        wait: fn _ ->
-          send(me, {:parked, self()})
-          Process.sleep(:infinity)
-        end
-      }
+      tools = parking_tools(self())
 
       {:ok, s} = Session.start_link([supervisor: sup, tools: tools] ++ opts)
       {:ok, _} = Session.run(s, "n = 1")
@@ -106,14 +99,7 @@ for isolation <- LuaSandbox.Isolation.all() do
     end
 
     test "a run's timeout: bounds its tools the same way" do
-      me = self()
-
-      tools = %{
-        wait: fn _ ->
-          send(me, {:parked, self()})
-          Process.sleep(:infinity)
-        end
-      }
+      tools = parking_tools(self())
 
       {us, answer} =
         :timer.tc(fn ->

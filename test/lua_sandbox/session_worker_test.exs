@@ -25,15 +25,7 @@ defmodule LuaSandbox.SessionWorkerTest do
   end
 
   defp start!(sup, opts \\ []) do
-    me = self()
-
-    tools = %{
-      wait: fn _ ->
-        send(me, {:parked, self()})
-        Process.sleep(:infinity)
-      end
-    }
-
+    tools = parking_tools(self())
     {:ok, s} = Session.start_link([supervisor: sup, tools: tools, globals: %{n: 1}] ++ opts)
     s
   end

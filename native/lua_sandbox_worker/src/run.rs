@@ -92,17 +92,8 @@ impl Runner {
         );
         let max_depth = limits.max_depth;
         let prepared = opts.modules().and_then(|modules| {
-            let mut globals = |l: *mut ffi::lua_State, limit: usize| {
-                // SAFETY: `exec` calls this on a state that is not running, its limit lifted.
-                unsafe { marshal::push_globals(l, &opts.globals, max_depth, limit) }.map(|()| 0)
-            };
-            let mut call = opts.call.as_ref().map(|(name, args)| {
-                let push = move |l: *mut ffi::lua_State, limit: usize| {
-                    // SAFETY: as for the globals.
-                    unsafe { marshal::push_values(l, args, max_depth, "call.args", limit) }
-                };
-                (name.as_str(), push)
-            });
+            let mut globals = opts.push_globals(max_depth);
+            let mut call = opts.push_call(max_depth);
             let setup = Setup {
                 state: Some(StateSetup {
                     globals: (!opts.globals.is_empty()).then_some(&mut globals as Push),
@@ -492,6 +483,35 @@ impl Opts {
             call,
             tools,
             modules,
+        })
+    }
+
+    /// The `globals` as a [`Push`] for `exec` (the run's state-wide ones, or a session call's).
+    pub(crate) fn push_globals(
+        &self,
+        max_depth: usize,
+    ) -> impl FnMut(*mut ffi::lua_State, usize) -> Result<c_int, SandboxError> + '_ {
+        move |l, limit| {
+            // SAFETY: `exec` calls a push on a state that is not running, its limit lifted.
+            unsafe { marshal::push_globals(l, &self.globals, max_depth, limit) }.map(|()| 0)
+        }
+    }
+
+    /// The `call:` (the function's name and its arguments as a [`Push`]), if any.
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn push_call(
+        &self,
+        max_depth: usize,
+    ) -> Option<(
+        &str,
+        impl FnMut(*mut ffi::lua_State, usize) -> Result<c_int, SandboxError> + '_,
+    )> {
+        self.call.as_ref().map(|(name, args)| {
+            let push = move |l: *mut ffi::lua_State, limit: usize| {
+                // SAFETY: as for the globals.
+                unsafe { marshal::push_values(l, args, max_depth, "call.args", limit) }
+            };
+            (name.as_str(), push)
         })
     }
 

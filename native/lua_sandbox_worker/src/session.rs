@@ -19,10 +19,9 @@ use lua_sandbox_core::chunk::{check_source, Code};
 use lua_sandbox_core::error::SandboxError;
 use lua_sandbox_core::exec::{self, Entry, Limits, Push, Setup, StateSetup};
 use lua_sandbox_core::output::Print;
+use lua_sandbox_core::pool;
 use lua_sandbox_core::session::Session;
-use lua_sandbox_core::{ffi, pool};
 
-use crate::marshal;
 use crate::proto::Term;
 use crate::run::{caller, early, Opts, Runner};
 
@@ -56,11 +55,7 @@ impl WorkerSession {
         let limits = opts.limits;
         let session = Session::<()>::build(lease, caller(), |slot| {
             let modules = opts.modules()?;
-            let mut globals = |l: *mut ffi::lua_State, limit: usize| {
-                // SAFETY: `exec` calls this on a state that is not running, its limit lifted.
-                unsafe { marshal::push_globals(l, &opts.globals, limits.max_depth, limit) }
-                    .map(|()| 0)
-            };
+            let mut globals = opts.push_globals(limits.max_depth);
             let setup = StateSetup {
                 globals: (!opts.globals.is_empty()).then_some(&mut globals as Push),
                 tools: &opts.tools,
@@ -141,17 +136,8 @@ impl WorkerSession {
         };
         let max_depth = limits.max_depth;
         let prepared = {
-            let mut globals = |l: *mut ffi::lua_State, limit: usize| {
-                // SAFETY: `exec` calls this on a state that is not running, its limit lifted.
-                unsafe { marshal::push_globals(l, &opts.globals, max_depth, limit) }.map(|()| 0)
-            };
-            let mut call = opts.call.as_ref().map(|(name, args)| {
-                let push = move |l: *mut ffi::lua_State, limit: usize| {
-                    // SAFETY: as for the globals.
-                    unsafe { marshal::push_values(l, args, max_depth, "call.args", limit) }
-                };
-                (name.as_str(), push)
-            });
+            let mut globals = opts.push_globals(max_depth);
+            let mut call = opts.push_call(max_depth);
             let setup = Setup {
                 state: None,
                 call_globals: (!opts.globals.is_empty()).then_some(&mut globals as Push),
