@@ -346,6 +346,8 @@ defmodule LuaSandbox.Session do
     case checkout!(session, deadline) do
       {:ok, {res, tools, print, {meta, queue_timeout}, max_memory, family}} ->
         try do
+          check_worker_source!(res, source, meta.supervisor)
+
           # a call is a run of the supervisor: admission, queue, quotas, metrics, telemetry
           Family.enter(family, fn ->
             LuaSandbox.Supervisor.admitted(:session, meta, queue_timeout, deadline, fn deadline ->
@@ -376,17 +378,16 @@ defmodule LuaSandbox.Session do
 
   defp now_ms, do: System.monotonic_time(:millisecond)
 
+  # A session in a worker takes source text (a compiled chunk is a NIF resource), before the call
+  # is admitted.
+  defp check_worker_source!({:session, _, _}, source, sup) when is_reference(source),
+    do: LuaSandbox.Supervisor.check_isolation!(sup, :chunk)
+
+  defp check_worker_source!(_res, _source, _sup), do: :ok
+
   # A session in a worker (isolation: :process): the call's frames go through the session
   # process to its worker; a worker that did not answer within the deadline is replaced.
   defp call_in({:session, pid, gen} = target, source, call_opts, deadline, timeout, tools, limits) do
-    if is_struct(source, Chunk) or is_reference(source) do
-      sup = elem(GenServer.call(pid, :admission), 0).supervisor
-
-      raise ArgumentError,
-            "not yet supported on supervisor #{inspect(sup)}, started with isolation: :process: " <>
-              "compiled chunks (pass the source text)"
-    end
-
     opts = %{call_opts | timeout: Options.native_timeout(deadline, timeout)}
 
     {answer, status} =
@@ -599,8 +600,6 @@ defmodule LuaSandbox.Session do
 
   def handle_call({:worker_request, _gen, _request}, _from, s),
     do: {:reply, {:error, Error.new(:worker_crashed, "the call does not hold the session")}, s}
-
-  def handle_call(:admission, _from, s), do: {:reply, s.admission, s}
 
   def handle_call(:info, _from, %{worker: worker} = s) when worker != nil do
     {info, worker} = SessionWorker.info(worker)

@@ -211,8 +211,11 @@ defmodule LuaSandbox.Supervisor do
   # in a run or a session compiled chunks (as the source or a module), `print: {:send, ...}`
   # streaming and handles (the worker refuses a handle in its input as :invalid_input). Raises
   # ArgumentError naming what is missing; `what` is `{:run, source, opts}`, `{:session, opts}`
-  # (validated options) or `:fork`.
-  @spec check_isolation!(atom, {:session, keyword} | :fork | {:run, LuaSandbox.source(), keyword}) ::
+  # (validated options), `:fork` or `:chunk` (a session call's source).
+  @spec check_isolation!(
+          atom,
+          {:session, keyword} | :fork | :chunk | {:run, LuaSandbox.source(), keyword}
+        ) ::
           :ok
   def check_isolation!(sup, what) do
     if Workers.whereis(sup), do: check_process!(sup, what)
@@ -223,10 +226,12 @@ defmodule LuaSandbox.Supervisor do
 
   defp check_process!(sup, :fork), do: not_yet!(sup, "forks of a session (Session.fork/2)")
 
+  defp check_process!(sup, :chunk), do: not_yet!(sup, "compiled chunks (pass the source text)")
+
   defp check_process!(sup, {:run, source, opts}) do
     if match?(%Chunk{}, source) or
          Enum.any?(opts[:modules], fn {_, m} -> match?(%Chunk{}, m) end),
-       do: not_yet!(sup, "compiled chunks (pass the source text)")
+       do: check_process!(sup, :chunk)
 
     if match?({:send, _}, opts[:print]) or match?({:send, _, _}, opts[:print]),
       do: not_yet!(sup, "print: {:send, ...} streaming (print: :capture and :log work)")
