@@ -17,7 +17,7 @@ SHELL := /bin/bash
 TEST_ENV := MIX_ENV=test
 LUA_PROPERTY_CASES ?= 10000
 
-.PHONY: all deps build demo test check-format clippy cargo-test mix-test bench fuzz stretch san fuzz-san bench-process
+.PHONY: all deps build demo test check-format clippy cargo-test mix-test bench fuzz stretch san fuzz-san bench-process bench-session-process
 
 all: test
 
@@ -81,6 +81,10 @@ bench: deps
 # isolation: :process: runs via a jailed worker side by side with the NIF (bench/process.exs)
 bench-process: deps
 	$(TEST_ENV) mix run bench/process.exs
+
+# sessions on isolation: :process side by side with the NIF's (bench/session_process.exs)
+bench-session-process: deps
+	$(TEST_ENV) mix run bench/session_process.exs
 
 fuzz: deps
 	$(TEST_ENV) LUA_PROPERTY_CASES=200000 mix test --only property

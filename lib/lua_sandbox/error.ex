@@ -35,7 +35,7 @@ defmodule LuaSandbox.Error do
     worker_crashed:
       "the worker OS process running the script (`isolation: :process`) died mid-run: a " <>
         "crash, its jail's seccomp kill, a signal from outside (the message names the signal); " <>
-        "the pool replaces it"
+        "the pool replaces it (a session's worker: the session restarts from its start options)"
   ]
 
   # Kinds made on the Elixir side only: the NIF never returns them.

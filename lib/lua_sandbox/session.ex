@@ -1,6 +1,8 @@
 defmodule LuaSandbox.Session do
   alias LuaSandbox.{Chunk, Encoding, Error, Native, Options, Runner}
   alias LuaSandbox.Session.Family
+  alias LuaSandbox.Session.Worker, as: SessionWorker
+  alias LuaSandbox.Supervisor.Workers
 
   # A state that does not come back from a dead caller's call (see when_free/3).
   @lost "session state did not come back"
@@ -53,6 +55,15 @@ defmodule LuaSandbox.Session do
   one field costs about the same on a 16 MiB state as on a small one (see bench/RESULTS.md). A short call on a state of
   at most 1 MiB is first tried on the caller's scheduler (as short runs are); one that needs
   more is rolled back unseen and run on a dirty scheduler.
+
+  On a `supervisor:` started with `isolation: :process`, the state lives in a jailed worker
+  OS process of the session's own (started at `start_link/1`, stopped with the session; its
+  `max_memory` at most the supervisor's `worker_max_memory`), with the same API and answers.
+  The session process holds the worker, so a caller's death cancels its call there (rolled
+  back, the worker kept); a worker that dies answers the call in progress `:worker_crashed`
+  and the session restarts in a new worker from its start options (its state is lost, as a
+  supervised process's is); `info/1` also gives the worker's `os_pid`. Not yet there
+  (`ArgumentError`): `fork/2`, compiled chunks.
   """
 
   use GenServer
@@ -87,18 +98,47 @@ defmodule LuaSandbox.Session do
     validated = state_options(opts)
     # Raises now if it is not running, not at the first call.
     _ = LuaSandbox.Supervisor.running(validated[:supervisor])
-    LuaSandbox.Supervisor.check_isolation!(validated[:supervisor], :session)
+    LuaSandbox.Supervisor.check_isolation!(validated[:supervisor], {:session, validated})
     gen_opts = if name, do: [name: name], else: []
     # Building the state charges no per-call instruction budget: memory bounds the globals.
     bound = Encoding.bound(validated[:max_memory], nil, nil)
 
     with {:ok, encoded} <- Runner.encode_opts(validated, bound) do
-      case encoded |> Options.to_native() |> Native.session_new() do
-        {:ok, res} ->
-          GenServer.start_link(__MODULE__, {res, validated[:tools], validated}, gen_opts)
+      native = Options.to_native(encoded)
 
-        {:error, _, _, _} = failed ->
-          Runner.drive(failed, %{}, [])
+      case Workers.whereis(validated[:supervisor]) do
+        nil -> start_native(native, validated, gen_opts)
+        pool -> start_worker(pool, native, validated, gen_opts)
+      end
+    end
+  end
+
+  defp start_native(native, validated, gen_opts) do
+    case Native.session_new(native) do
+      {:ok, res} ->
+        GenServer.start_link(__MODULE__, {res, validated[:tools], validated}, gen_opts)
+
+      {:error, _, _, _} = failed ->
+        Runner.drive(failed, %{}, [])
+    end
+  end
+
+  # isolation: :process: the state lives in a worker OS process of the session's own
+  # (LuaSandbox.Session.Worker), whose port the session process owns.
+  defp start_worker(pool, native, validated, gen_opts) do
+    with {:ok, worker} <- SessionWorker.boot(pool, native) do
+      case GenServer.start_link(
+             __MODULE__,
+             {{:worker, worker}, validated[:tools], validated},
+             gen_opts
+           ) do
+        {:ok, pid} = started ->
+          SessionWorker.hand_over(worker, pid)
+          started
+
+        other ->
+          SessionWorker.close(worker)
+          other
       end
     end
   end
@@ -233,7 +273,16 @@ defmodule LuaSandbox.Session do
       checkout!(session, nil)
 
     sup = own_sup || meta.supervisor
-    _ = LuaSandbox.Supervisor.running(sup)
+
+    try do
+      _ = LuaSandbox.Supervisor.running(sup)
+      LuaSandbox.Supervisor.check_isolation!(meta.supervisor, :fork)
+      LuaSandbox.Supervisor.check_isolation!(sup, :fork)
+    rescue
+      e ->
+        GenServer.cast(session, {:checkin, self()})
+        reraise e, __STACKTRACE__
+    end
 
     forked =
       try do
@@ -266,12 +315,17 @@ defmodule LuaSandbox.Session do
     end
   end
 
-  @doc "Memory in use (bytes), calls made, instructions used and rollbacks done so far."
+  @doc """
+  Memory in use (bytes), calls made, instructions used and rollbacks done so far (`%{busy:
+  true}` during a call); a session in a worker (`isolation: :process`) adds its `os_pid`.
+  """
   @spec info(t) :: %{
-          memory: non_neg_integer,
-          calls: non_neg_integer,
-          instructions: non_neg_integer,
-          rollbacks: non_neg_integer
+          optional(:memory) => non_neg_integer,
+          optional(:calls) => non_neg_integer,
+          optional(:instructions) => non_neg_integer,
+          optional(:rollbacks) => non_neg_integer,
+          optional(:busy) => true,
+          optional(:os_pid) => pos_integer
         }
   def info(session), do: GenServer.call(session, :info, :infinity)
 
@@ -292,6 +346,8 @@ defmodule LuaSandbox.Session do
     case checkout!(session, deadline) do
       {:ok, {res, tools, print, {meta, queue_timeout}, max_memory, family}} ->
         try do
+          check_worker_source!(res, source, meta.supervisor)
+
           # a call is a run of the supervisor: admission, queue, quotas, metrics, telemetry
           Family.enter(family, fn ->
             LuaSandbox.Supervisor.admitted(:session, meta, queue_timeout, deadline, fn deadline ->
@@ -304,9 +360,7 @@ defmodule LuaSandbox.Session do
               ]
 
               with {:ok, call_opts} <- encode_call(call_opts, limits) do
-                res
-                |> run_when_free(source, call_opts, deadline, timeout)
-                |> Runner.drive(tools, limits)
+                call_in(res, source, call_opts, deadline, timeout, tools, limits)
               end
             end)
           end)
@@ -323,6 +377,33 @@ defmodule LuaSandbox.Session do
   end
 
   defp now_ms, do: System.monotonic_time(:millisecond)
+
+  # A session in a worker takes source text (a compiled chunk is a NIF resource), before the call
+  # is admitted.
+  defp check_worker_source!({:session, _, _}, source, sup) when is_reference(source),
+    do: LuaSandbox.Supervisor.check_isolation!(sup, :chunk)
+
+  defp check_worker_source!(_res, _source, _sup), do: :ok
+
+  # A session in a worker (isolation: :process): the call's frames go through the session
+  # process to its worker; a worker that did not answer within the deadline is replaced.
+  defp call_in({:session, pid, gen} = target, source, call_opts, deadline, timeout, tools, limits) do
+    opts = %{call_opts | timeout: Options.native_timeout(deadline, timeout)}
+
+    {answer, status} =
+      target
+      |> SessionWorker.run(source, opts, deadline)
+      |> Runner.drive(tools, limits)
+
+    if status == :broken, do: GenServer.cast(pid, {:broken, gen})
+    answer
+  end
+
+  defp call_in(res, source, call_opts, deadline, timeout, tools, limits) do
+    res
+    |> run_when_free(source, call_opts, deadline, timeout)
+    |> Runner.drive(tools, limits)
+  end
 
   # The call's globals and arguments through LuaSandbox.Encoder, within the session's
   # max_memory and the call's limits (here, holding the session, which knows its max_memory).
@@ -461,10 +542,21 @@ defmodule LuaSandbox.Session do
   ## Server
 
   @impl true
+  def init({{:worker, worker}, tools, opts}) do
+    # The worker's port is linked to this process (it owns it): its death closes the port,
+    # and the worker exits. The other way round, a port that closes with an error (a write to
+    # a worker that had just died: :epipe) must not take the session down: it is a worker's
+    # death like any other (handle_info/2 below).
+    Process.flag(:trap_exit, true)
+    {:ok, state} = init({nil, tools, opts})
+    {:ok, Map.put(state, :worker, worker), {:continue, :worker}}
+  end
+
   def init({res, tools, opts}) do
     {:ok,
      %{
        res: res,
+       worker: nil,
        tools: tools,
        print: opts[:print] || :capture,
        # what admission and telemetry need (LuaSandbox.Supervisor.admitted/5)
@@ -486,10 +578,17 @@ defmodule LuaSandbox.Session do
   end
 
   @impl true
+  def handle_continue(:worker, s),
+    do: {:noreply, %{s | worker: SessionWorker.await_hand_over(s.worker)}}
+
+  @impl true
   # `callers`: the caller and the processes it acts for (`$callers`): one of them holding the
   # session means the caller would wait for itself.
   def handle_call({:checkout, callers}, {pid, _} = from, s) do
     case s.owner do
+      nil when s.worker != nil and s.worker.cancelling != nil ->
+        {:noreply, %{s | queue: :queue.in(from, s.queue)}}
+
       nil ->
         {:reply, grant(s), %{s | owner: {pid, Process.monitor(pid)}}}
 
@@ -498,6 +597,18 @@ defmodule LuaSandbox.Session do
           do: {:reply, :reentrant, s},
           else: {:noreply, %{s | queue: :queue.in(from, s.queue)}}
     end
+  end
+
+  # A frame of the call of the caller holding the session, to its worker.
+  def handle_call({:worker_request, gen, request}, {pid, _} = from, %{owner: {pid, _}} = s),
+    do: {:noreply, %{s | worker: SessionWorker.forward(s.worker, from, gen, request)}}
+
+  def handle_call({:worker_request, _gen, _request}, _from, s),
+    do: {:reply, {:error, Error.new(:worker_crashed, "the call does not hold the session")}, s}
+
+  def handle_call(:info, _from, %{worker: worker} = s) when worker != nil do
+    {info, worker} = SessionWorker.info(worker)
+    {:reply, info, %{s | worker: worker}}
   end
 
   def handle_call(:info, _from, s) do
@@ -510,8 +621,12 @@ defmodule LuaSandbox.Session do
   @impl true
   def handle_cast({:checkin, pid}, %{owner: {pid, mref}} = s) do
     Process.demonitor(mref, [:flush])
-    {:noreply, next(%{s | owner: nil})}
+    {:noreply, release(s)}
   end
+
+  # A caller gave the worker up (no answer within its deadline): a new one.
+  def handle_cast({:broken, gen}, %{worker: worker} = s) when worker != nil,
+    do: {:noreply, %{s | worker: SessionWorker.broken(worker, gen)}}
 
   # A caller that gave up waiting (its deadline passed) leaves the queue.
   def handle_cast({:checkin, pid}, s),
@@ -519,13 +634,50 @@ defmodule LuaSandbox.Session do
 
   @impl true
   def handle_info({:DOWN, mref, :process, pid, _}, %{owner: {pid, mref}} = s),
-    do: {:noreply, next(%{s | owner: nil})}
+    do: {:noreply, release(s)}
+
+  def handle_info({port, msg}, %{worker: %{port: port} = worker} = s) do
+    case SessionWorker.port_message(worker, msg) do
+      {:answered, worker} -> {:noreply, %{s | worker: worker}}
+      {:ignored, worker} -> {:noreply, %{s | worker: worker}}
+      {_free_or_restarted, worker} -> {:noreply, next(%{s | worker: worker})}
+    end
+  end
+
+  # The worker's port closed with an error rather than an exit status (see init/1).
+  def handle_info({:EXIT, port, reason}, %{worker: %{port: port} = worker} = s)
+      when reason != :normal do
+    {:restarted, worker} = SessionWorker.died(worker, "closed its pipe (#{inspect(reason)})")
+    {:noreply, next(%{s | worker: worker})}
+  end
 
   def handle_info(_, s), do: {:noreply, s}
 
-  defp grant(s), do: {s.res, s.tools, s.print, s.admission, s.max_memory, s.family}
+  @impl true
+  def terminate(_reason, %{worker: worker}) when worker != nil, do: SessionWorker.close(worker)
+  def terminate(_reason, _s), do: :ok
+
+  defp grant(%{worker: nil} = s),
+    do: {s.res, s.tools, s.print, s.admission, s.max_memory, s.family}
+
+  defp grant(s),
+    do: {{:session, self(), s.worker.gen}, s.tools, s.print, s.admission, s.max_memory, s.family}
+
+  # The caller holding the session let go (checked in, or died): a worker's call in progress
+  # is cancelled first (the session is handed on once the worker says it is rolled back).
+  defp release(%{worker: nil} = s), do: next(%{s | owner: nil})
+
+  defp release(s) do
+    case SessionWorker.release(s.worker) do
+      {:free, worker} -> next(%{s | owner: nil, worker: worker})
+      {:cancelling, worker} -> %{s | owner: nil, worker: worker}
+    end
+  end
 
   # Hands the state to the next waiting caller that is still alive.
+  defp next(%{owner: owner} = s) when owner != nil, do: s
+  defp next(%{worker: %{cancelling: id}} = s) when id != nil, do: s
+
   defp next(s) do
     case :queue.out(s.queue) do
       {:empty, _} ->

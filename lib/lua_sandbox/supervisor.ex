@@ -208,18 +208,26 @@ defmodule LuaSandbox.Supervisor do
   end
 
   @doc false
-  # What an isolation: :process supervisor does not run yet (issue 18): sessions (handles in a
-  # run's input are refused by the worker as :invalid_input). Raises ArgumentError naming
-  # what is missing; `what` is `:session` or `{:run, source, opts}` (validated options).
-  @spec check_isolation!(atom, :session | {:run, LuaSandbox.source(), keyword}) :: :ok
+  # What an isolation: :process supervisor does not run yet (issue 18): forks of a session, and
+  # a session call whose source is a compiled chunk (a chunk as a run's source or a module
+  # works); handles in a run's input are refused by the worker as :invalid_input. Raises
+  # ArgumentError naming what is missing; `what` is `{:run, source, opts}`, `{:session, opts}`
+  # (validated options), `:fork` or `:chunk` (a session call's source).
+  @spec check_isolation!(
+          atom,
+          {:session, keyword} | :fork | :chunk | {:run, LuaSandbox.source(), keyword}
+        ) ::
+          :ok
   def check_isolation!(sup, what) do
     if Workers.whereis(sup), do: check_process!(sup, what)
     :ok
   end
 
-  defp check_process!(sup, :session) do
-    not_yet!(sup, "sessions")
-  end
+  defp check_process!(sup, {:session, opts}), do: check_process!(sup, {:run, "", opts})
+
+  defp check_process!(sup, :fork), do: not_yet!(sup, "forks of a session (Session.fork/2)")
+
+  defp check_process!(sup, :chunk), do: not_yet!(sup, "compiled chunks (pass the source text)")
 
   defp check_process!(_sup, {:run, _source, _opts}), do: :ok
 
@@ -287,7 +295,6 @@ defmodule LuaSandbox.Supervisor do
           result
         when result: {:ok, LuaSandbox.Result.t()} | {:error, Error.t()}
   def admitted(what, %{supervisor: sup, tenant: tenant} = meta, queue_timeout, deadline, fun) do
-    if what == :session, do: check_isolation!(sup, :session)
     telemetry? = Telemetry.enabled?()
     t0 = if telemetry?, do: :erlang.monotonic_time()
 

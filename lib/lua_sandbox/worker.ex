@@ -28,6 +28,7 @@ defmodule LuaSandbox.Worker do
     :seccomp
   ]
   @answers [:boot, :on, :off, :pong, :ok, :error, :errno, :done, :tool_call, :print, nil, :nan] ++
+             [:cancelled, :busy, :memory, :calls, :instructions, :rollbacks] ++
              [:infinity, :neg_infinity] ++ LuaSandbox.Error.kinds()
 
   @doc "The jail's layers, in the order the worker applies and reports them."
@@ -122,12 +123,23 @@ defmodule LuaSandbox.Worker do
   the worker died meanwhile, or `:timeout` (the worker is then in an unknown state: give it
   back as broken).
   """
-  @spec request(port, term, timeout, (binary -> any) | nil) ::
+  @spec request(port | {:session, pid, non_neg_integer}, term, timeout, (binary -> any) | nil) ::
           {:ok, term} | {:error, Error.t()} | :timeout
-  def request(port, request, timeout, print \\ nil) do
+  def request(target, request, timeout, print \\ nil)
+
+  # A session's worker, through its session process (LuaSandbox.Session.Worker), which
+  # forwards the session's streamed output itself.
+  def request({:session, pid, gen}, request, timeout, _print),
+    do: LuaSandbox.Session.Worker.request(pid, gen, request, timeout)
+
+  def request(port, request, timeout, print) do
     id = System.unique_integer([:positive])
     started = System.monotonic_time(:microsecond)
     os_pid = os_pid(port)
+
+    # A port can close without an exit status (an error on its pipe: a write to a worker that
+    # had just died is :epipe), so the wait watches the port itself too.
+    mref = :erlang.monitor(:port, port)
 
     try do
       Port.command(port, :erlang.term_to_binary({id, request}))
@@ -135,29 +147,35 @@ defmodule LuaSandbox.Worker do
       ArgumentError -> :closed
     end
 
-    await(port, id, os_pid, started, timeout, print)
+    answer = await(port, {id, mref}, os_pid, started, timeout, print)
+    :erlang.demonitor(mref, [:flush])
+    answer
   end
 
   # `timeout` (ms) counts from `started`: frames along the way do not extend the wait.
-  defp await(port, id, os_pid, started, timeout, print) do
+  defp await(port, {id, mref} = ids, os_pid, started, timeout, print) do
     receive do
       {^port, {:data, frame}} ->
         case decode(frame) do
           # a run's streamed output, ahead of its answer (print: {:send, ...})
           {^id, {:print, bytes}} when is_binary(bytes) and print != nil ->
             print.(bytes)
-            await(port, id, os_pid, started, timeout, print)
+            await(port, ids, os_pid, started, timeout, print)
 
           {^id, answer} ->
             {:ok, answer}
 
           # an answer to an earlier request that timed out: not ours
           _other ->
-            await(port, id, os_pid, started, timeout, print)
+            await(port, ids, os_pid, started, timeout, print)
         end
 
       {^port, {:exit_status, status}} ->
-        {:error, crashed(os_pid, status, started)}
+        {:error, crashed(os_pid, describe_exit(status), started)}
+
+      # closed without an exit status (see request/4), or gone already
+      {:DOWN, ^mref, :port, _, reason} ->
+        {:error, crashed(os_pid, "closed its pipe (#{inspect(reason)})", started)}
     after
       left(timeout, started) -> :timeout
     end
@@ -168,12 +186,14 @@ defmodule LuaSandbox.Worker do
   defp left(timeout, started),
     do: max(timeout - div(System.monotonic_time(:microsecond) - started, 1000), 0)
 
-  defp crashed(os_pid, status, started) do
+  defp crashed(os_pid, how, started) do
     stats = %{Error.empty_stats() | duration_us: System.monotonic_time(:microsecond) - started}
-    Error.worker_crashed(os_pid, describe_exit(status), stats)
+    Error.worker_crashed(os_pid, how, stats)
   end
 
-  defp decode(frame) do
+  @doc false
+  # A frame from a worker (any atom it names exists: see @answers).
+  def decode(frame) do
     :erlang.binary_to_term(frame, [:safe])
   rescue
     ArgumentError -> {:undecodable, byte_size(frame)}
@@ -196,27 +216,35 @@ defmodule LuaSandbox.Worker do
   @spec run(port, binary | reference, map, integer | nil) :: {:worker, port, context, term}
   def run(port, source, native_opts, deadline) do
     context = {deadline, forward(native_opts.print_pid, native_opts.print_tag)}
+    step(port, {:run, wire(source), run_opts(native_opts)}, context)
+  end
 
-    opts =
-      native_opts
-      # :capture, :log (logged by LuaSandbox.Runner from the output), :discard, or :send (the
-      # pid and the tag stay here: forward/2)
-      |> Map.drop([:print_pid, :print_tag])
-      |> Map.update!(:chunk_name, &to_string/1)
-      |> Map.update!(:modules, &Enum.map(&1, fn {name, m} -> {name, wire(m)} end))
-
-    step(port, {:run, wire(source), opts}, context)
+  @doc "The NIF's options (`LuaSandbox.Options.to_native/1`) as the worker reads them."
+  @spec run_opts(map) :: map
+  def run_opts(native_opts) do
+    native_opts
+    # :capture, :log (logged by LuaSandbox.Runner from the output), :discard, or :send (the
+    # pid and the tag stay here: forward/2)
+    |> Map.drop([:print_pid, :print_tag])
+    |> Map.update!(:chunk_name, &to_string/1)
+    |> Map.update!(:modules, &Enum.map(&1, fn {name, m} -> {name, wire(m)} end))
   end
 
   @typedoc "What a run's steps share: its deadline and where its streamed output goes."
   @opaque context :: {integer | nil, (binary -> any) | nil}
 
-  # The NIF's messages (native/lua_sandbox_nif/src/print.rs): {:lua_print, chunk}, or with
-  # the tag of {:send, pid, tag} (encoded by LuaSandbox.Options.to_native/1).
-  defp forward(nil, _tag), do: nil
-  defp forward(pid, nil), do: &send(pid, {:lua_print, &1})
+  @doc """
+  Where a run's streamed output goes (`print: {:send, ...}`, from the NIF's options'
+  `print_pid` and `print_tag`): a function sending the NIF's messages
+  (native/lua_sandbox_nif/src/print.rs), `{:lua_print, chunk}` or, with the tag of
+  `{:send, pid, tag}` (encoded by `LuaSandbox.Options.to_native/1`), `{:lua_print, tag, chunk}`;
+  nil when the output is not streamed.
+  """
+  @spec forward(pid | nil, binary | nil) :: (binary -> any) | nil
+  def forward(nil, _tag), do: nil
+  def forward(pid, nil), do: &send(pid, {:lua_print, &1})
 
-  defp forward(pid, tag) do
+  def forward(pid, tag) do
     tag = :erlang.binary_to_term(tag)
     &send(pid, {:lua_print, tag, &1})
   end
@@ -234,7 +262,10 @@ defmodule LuaSandbox.Worker do
   @spec reply(port, term, context) :: {:worker, port, context, term}
   def reply(port, reply, context), do: step(port, {:reply, reply}, context)
 
-  defp step(port, request, {deadline, print} = context) do
+  @doc false
+  # One request of a run (or a session call) and its answer, checked and wrapped for
+  # LuaSandbox.Runner.drive/3; `port` is a port or a session's `{:session, pid, gen}`.
+  def step(port, request, {deadline, print} = context) do
     wait =
       case deadline do
         nil -> :infinity

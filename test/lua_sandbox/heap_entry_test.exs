@@ -159,7 +159,15 @@ defmodule LuaSandbox.HeapEntryTest do
       for mod <- [LuaSandbox, Session],
           {name, _arity} <- mod.__info__(:functions),
           # GenServer callbacks of Session, not its API
-          name not in [:init, :handle_call, :handle_cast, :handle_info, :code_change, :terminate],
+          name not in [
+            :init,
+            :handle_call,
+            :handle_cast,
+            :handle_info,
+            :handle_continue,
+            :code_change,
+            :terminate
+          ],
           uniq: true,
           do: {:function, mod, name}
 

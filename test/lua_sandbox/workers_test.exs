@@ -217,17 +217,6 @@ defmodule LuaSandbox.WorkersTest do
       # the worker serves on
       assert {:ok, %{value: 1}} = LuaSandbox.run("return 1", supervisor: sup)
     end
-
-    test "sessions on a :process supervisor say so" do
-      sup = start_pool(1)
-
-      assert_raise ArgumentError, ~r/^not yet supported on supervisor .*: sessions/, fn ->
-        LuaSandbox.Session.start_link(supervisor: sup)
-      end
-
-      # and runs are served
-      assert {:ok, %{value: 1}} = LuaSandbox.run("return 1", supervisor: sup)
-    end
   end
 
   describe ":worker_crashed" do

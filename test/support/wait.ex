@@ -5,6 +5,19 @@ defmodule LuaSandbox.TestWait do
   import ExUnit.Assertions, only: [flunk: 1]
 
   @doc """
+  A tool `wait` that parks the script calling it for good, telling `pid` `{:parked, tool_pid}`
+  first (the tests of a call killed while parked at a tool).
+  """
+  def parking_tools(pid) do
+    %{
+      wait: fn _ ->
+        send(pid, {:parked, self()})
+        Process.sleep(:infinity)
+      end
+    }
+  end
+
+  @doc """
   Polls `fun` every millisecond or so until it returns truthy (then `true`, so `assert
   wait_until(...)` reads well) or `timeout_ms` has passed (then the test fails). The timeout only
   matters when something is broken, so it is wide for a loaded machine.

@@ -82,6 +82,10 @@ defmodule LuaSandbox.Supervisor.Workers do
     GenServer.cast(pool, {:checkin, port, status})
   end
 
+  @doc "The binary path and `worker_max_memory` of pool `pool` (a session starts its own worker)."
+  @spec spec(pid) :: {Path.t(), pos_integer}
+  def spec(pool), do: GenServer.call(pool, :spec)
+
   @doc "The pool's workers (`os_pid`, `runs`, `rss`) and the layers they reported at boot."
   @spec info(pid) :: %{workers: [map], layers: [{atom, Worker.layer_state()}]}
   def info(pool) do
@@ -186,6 +190,8 @@ defmodule LuaSandbox.Supervisor.Workers do
         {:noreply, %{state | waiting: :queue.in(from, state.waiting)}}
     end
   end
+
+  def handle_call(:spec, _from, state), do: {:reply, {state.path, state.memory}, state}
 
   def handle_call(:info, _from, state) do
     workers =

@@ -13,10 +13,15 @@
 
 use std::any::Any;
 use std::sync::Arc;
+use std::time::Instant;
 
-use crate::exec::Lent;
+use crate::control::{Caller, Control};
+use crate::error::SandboxError;
+use crate::exec::{self, Home, Lent, Limits, Run};
 use crate::family::Family;
+use crate::output::Print;
 use crate::pool::Lease;
+use crate::scope::Scope;
 use crate::{ffi, Slot};
 
 /// The embedder's handle store, as far as rollback needs it.
@@ -65,6 +70,54 @@ impl<H: Store> Session<H> {
             rollbacks: 0,
             handles: Some(handles),
         }
+    }
+
+    /// Builds a session in `lease`'s pristine state, the one way both embedders (the NIF, the
+    /// worker) start one: `setup` does the state-wide setup (`exec::prepare_state`) under a
+    /// scope with no instruction budget (memory bounds the globals) whose kill check asks
+    /// `caller` (so its death stops a huge conversion of globals). The handles the setup made
+    /// are the session's, for its life.
+    pub fn build(
+        mut lease: Lease,
+        caller: Caller,
+        setup: impl FnOnce(&mut Slot) -> Result<(), SandboxError>,
+    ) -> Result<Session<H>, SandboxError> {
+        let scope = Scope::budget(Control::new(u64::MAX));
+        scope.set_handles(Box::new(H::default()));
+        let state = lease.slot().state();
+        // SAFETY: `scope` lives until the end of this function, past `setup`; the leased state
+        // outlives it (the lease moves into the session after the scope's last use).
+        unsafe { exec::under_scope(&scope, caller, state, || setup(lease.slot_mut())) }?;
+        let handles = scope
+            .take_handles()
+            .and_then(|h| h.downcast::<H>().ok())
+            .unwrap_or_default();
+        Ok(Session::new(lease, handles))
+    }
+
+    /// Starts one call: lends the session ([`Session::lend`]) and assembles the call's run
+    /// in its state (`Home::Session`), with the session's handles lent to the run. `Err` gives
+    /// the session back when a call of its family has the slot.
+    #[allow(clippy::too_many_arguments)]
+    pub fn call(
+        self,
+        rollback: bool,
+        checkpoint: bool,
+        give_back: impl FnOnce(Session<H>) + Send + 'static,
+        limits: Limits,
+        print: Print,
+        chunk_name: String,
+        t0: Instant,
+    ) -> Result<Run, Session<H>> {
+        let (loan, handles) = self.lend(rollback, checkpoint, give_back)?;
+        Ok(Run::new(
+            Home::Session(Box::new(loan)),
+            limits,
+            print,
+            chunk_name,
+            Some(handles),
+            t0,
+        ))
     }
 
     /// Bytes the session's state holds; `None` while a call of its family has the slot.

@@ -11,9 +11,6 @@ mod run;
 mod session;
 mod term;
 
-// The budget lives in the rustler-free core; `crate::budget` names it here.
-pub(crate) use lua_sandbox_core::budget;
-
 rustler::init!("Elixir.LuaSandbox.Native");
 
 // Lua allocates many small objects when a state is built and closed; mimalloc makes that

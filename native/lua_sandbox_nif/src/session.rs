@@ -15,13 +15,11 @@ use rustler::types::LocalPid;
 use rustler::{Atom, Encoder, Env, NifMap, NifResult, ResourceArc, Term};
 
 use crate::atoms;
-use crate::budget::Control;
 use crate::handles::Handles;
 use crate::run::{self, Source};
 use lua_sandbox_core::chunk::{check_source, Code};
-use lua_sandbox_core::exec::{self, Entry, Home, Limits, Push, Run as Running, Setup, StateSetup};
+use lua_sandbox_core::exec::{self, Entry, Limits, Push, Setup, StateSetup};
 use lua_sandbox_core::pool as slots;
-use lua_sandbox_core::scope::Scope;
 use lua_sandbox_core::session::Session;
 
 /// State-wide options, validated by `LuaSandbox.Session`.
@@ -93,42 +91,30 @@ fn session_new<'a>(env: Env<'a>, opts: SessionOpts<'a>) -> Term<'a> {
     let t0 = std::time::Instant::now();
     lua_sandbox_core::stack::with_big_stack(|| {
         let max_memory = slots::clamp_memory(opts.max_memory);
-        let mut lease = match slots::lease(max_memory) {
+        let lease = match slots::lease(max_memory) {
             Ok(lease) => lease,
             Err(e) => return run::early_error(env, e, &opts.chunk_name, t0),
         };
-        // The setup runs no script code; the scope only makes a kill stop a huge conversion
-        // of globals.
-        let scope = Scope::budget(Control::new(u64::MAX));
-        // Handles in the state-wide globals are the session's, for its life.
-        scope.set_handles(Box::new(Handles::new()));
-        let state = lease.slot().state();
         let max_depth = opts.max_depth as usize;
         let sources = run::ModuleSources::decode(&opts.modules, opts.max_source as usize);
-        // SAFETY: `scope` lives until the end of this function; the leased state outlives
-        // it (the lease moves into the session, `scope` is dropped here).
-        let prepared = unsafe {
-            exec::under_scope(&scope, crate::caller::of(env), state, || {
-                let sources = sources?;
-                let modules = sources.codes()?;
-                let mut globals = run::push_globals(&opts.globals, max_depth);
-                let setup = StateSetup {
-                    globals: (!opts.globals.is_empty()).then_some(&mut globals as Push),
-                    tools: &opts.tools,
-                    modules: &modules,
-                };
-                exec::prepare_state(lease.slot_mut(), setup, max_memory)
-            })
+        // Handles in the state-wide globals are the session's, for its life.
+        let built = Session::<Handles>::build(lease, crate::caller::of(env), |slot| {
+            let sources = sources?;
+            let modules = sources.codes()?;
+            let mut globals = run::push_globals(&opts.globals, max_depth);
+            let setup = StateSetup {
+                globals: (!opts.globals.is_empty()).then_some(&mut globals as Push),
+                tools: &opts.tools,
+                modules: &modules,
+            };
+            exec::prepare_state(slot, setup, max_memory)
+        });
+        let session = match built {
+            Ok(session) => session,
+            Err(e) => return run::early_error(env, e, &opts.chunk_name, t0),
         };
-        if let Err(e) = prepared {
-            return run::early_error(env, e, &opts.chunk_name, t0);
-        }
-        let handles = scope
-            .take_handles()
-            .and_then(|h| h.downcast::<Handles>().ok())
-            .unwrap_or_default();
         let state = SessionState {
-            session: Session::new(lease, handles),
+            session,
             settings: Settings {
                 max_memory,
                 max_depth: opts.max_depth as usize,
@@ -248,11 +234,19 @@ fn call<'a>(
         // A first attempt may be thrown away (`session_try`): it takes a checkpoint even with
         // `rollback: false`, which then only means a failure that ends the call keeps what it
         // changed.
-        let lent = session.lend(opts.rollback, fast.is_some(), move |session| {
-            *owner.lock() = Some(SessionState { session, settings });
-        });
-        let (loan, handles) = match lent {
-            Ok(lent) => lent,
+        let started = session.call(
+            opts.rollback,
+            fast.is_some(),
+            move |session| {
+                *owner.lock() = Some(SessionState { session, settings });
+            },
+            limits,
+            print,
+            chunk_name,
+            t0,
+        );
+        let mut running = match started {
+            Ok(running) => running,
             Err(session) => {
                 *res.lock() = Some(SessionState {
                     session,
@@ -261,14 +255,6 @@ fn call<'a>(
                 return atoms::arena_busy().encode(env);
             }
         };
-        let mut running = Running::new(
-            Home::Session(Box::new(loan)),
-            limits,
-            print,
-            chunk_name,
-            Some(handles),
-            t0,
-        );
         if fast.is_some() {
             // An attempt streams nothing until it has succeeded.
             running.scope.output().hold();

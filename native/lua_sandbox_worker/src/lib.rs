@@ -7,20 +7,40 @@ pub mod jail;
 pub mod marshal;
 pub mod proto;
 pub mod run;
+pub mod session;
 
 /// Whether the BEAM has closed the worker's end (the port was closed: its caller died, or the
 /// pool gave up on it): the pipe on fd 0 has hung up. Never blocks. A busy worker checks it as
 /// it goes and exits when it is true, so no one has to kill it by pid from outside (a pid may be
 /// reused once its process is gone).
 pub fn hung_up() -> bool {
+    stdin_events(0) & (libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0
+}
+
+/// Whether the BEAM wants the run in progress stopped: it hung up ([`hung_up`]), or a frame is
+/// waiting on fd 0. The BEAM sends nothing to a worker while a run is in progress except a
+/// session's `:cancel` (its caller died, `crate::session`), so a readable pipe mid-run is one.
+/// The worker reads its frames unbuffered (`main.rs`), so a frame sent is seen here until it
+/// is read. Never blocks.
+pub fn cancelled() -> bool {
+    stdin_events(libc::POLLIN) & (libc::POLLIN | libc::POLLHUP | libc::POLLERR | libc::POLLNVAL)
+        != 0
+}
+
+/// The `revents` of fd 0 polled for `events` (0 when nothing happened). Never blocks.
+fn stdin_events(events: libc::c_short) -> libc::c_short {
     let mut fd = libc::pollfd {
         fd: 0,
-        events: 0,
+        events,
         revents: 0,
     };
     // SAFETY: `fd` is one live pollfd for the duration of the call; timeout 0 never blocks.
     let n = unsafe { libc::poll(&mut fd, 1, 0) };
-    n > 0 && fd.revents & (libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0
+    if n > 0 {
+        fd.revents
+    } else {
+        0
+    }
 }
 
 /// Makes the kernel kill this process when its parent (the BEAM's port forker) dies, so a busy

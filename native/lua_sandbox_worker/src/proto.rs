@@ -27,6 +27,18 @@
 //!   `opts`, the run's streamed output comes first as `{id, {:print, bytes}}` frames (any
 //!   number, under the id of the request being answered, `{:run, ...}` or `{:reply, ...}`),
 //!   which the BEAM forwards as the NIF's `{:lua_print, ...}` messages;
+//! - a session's worker (`src/session.rs`; one per `LuaSandbox.Session` on an
+//!   `isolation: :process` supervisor, `lib/lua_sandbox/session/worker.ex`):
+//!   `{:session_new, opts}` (a run's options map, state-wide part used) → `:ok` or the error
+//!   answer; `{:session_run, source_or_nil, opts}` (the run's map with the call's limits,
+//!   `globals`, `call`, `rollback`) → answered like `{:run, ...}`, tool calls included (the
+//!   `{:reply, reply}` request unchanged; `print: :send` streams as for a run);
+//!   `:session_info` → `{:ok, %{memory:, calls:,
+//!   instructions:, rollbacks:}}` or `:busy`;
+//! - `:cancel` → `:cancelled`, after dropping a run parked at a tool call (rolled back, for a
+//!   session). Sent mid-run it stops the run first: a frame waiting on fd 0 during a run can only
+//!   be a cancel, and the run's liveness check sees it at the next budget tick
+//!   (`crate::cancelled`), so the run answers `:killed` and then the cancel `:cancelled`;
 //! - `{:probe, name, operand}` (test builds with `wall-probes` only) → `{:errno, n}`,
 //!   `{:done, n}` or no answer at all when the jail killed the worker;
 //! - anything else → `{:error, message}`.

@@ -6,8 +6,9 @@
 //! The worker has one slot, built before the jail and kept in the core's pool
 //! ([`pool::keep`]); every run leases it and gives it back restored from its snapshot. A run's
 //! caller is the BEAM end of the pipe: when the port closes (the caller died, the pool gave up
-//! on the worker) fd 0 hangs up, the budget's liveness check sees it at the next tick and the
-//! run ends `:killed`; the deadline is the run's own (`timeout` in its limits).
+//! on the worker) fd 0 hangs up, or a session's `:cancel` frame waits on it (`crate::cancelled`),
+//! the budget's liveness check sees it at the next tick and the run ends `:killed`; the deadline
+//! is the run's own (`timeout` in its limits). A session's calls (`crate::session`) run here too.
 
 use std::ffi::{c_int, c_void};
 use std::mem::ManuallyDrop;
@@ -29,9 +30,9 @@ use crate::proto::{self, Term};
 
 /// Runs scripts in the worker's one slot; holds the run parked at a tool call, if any.
 pub struct Runner {
-    capacity: usize,
+    pub(crate) capacity: usize,
     /// The largest `max_memory` the slot serves (the worker's argument).
-    max_memory: usize,
+    pub(crate) max_memory: usize,
     parked: Option<Run>,
     /// The id of the request being answered ([`Runner::serving`]): streamed output
     /// (`print: {:send, ...}`) goes out as `{id, {:print, bytes}}` frames under it.
@@ -81,6 +82,17 @@ impl Runner {
         *self.request.lock().unwrap_or_else(|p| p.into_inner()) = id.clone();
     }
 
+    /// Where a run's or a session call's output goes, for its `print` option.
+    pub(crate) fn print(&self, opt: PrintOpt) -> Print {
+        match opt {
+            PrintOpt::Discard => Print::Discard,
+            PrintOpt::Capture => Print::Capture,
+            PrintOpt::Send => Print::Stream(Box::new(Frames {
+                request: self.request.clone(),
+            })),
+        }
+    }
+
     /// The worker's slot, leased (for the test-only probes that run Lua directly).
     pub fn lease(&self) -> Result<pool::Lease, SandboxError> {
         pool::lease_from(self.capacity)
@@ -113,13 +125,7 @@ impl Runner {
         let mut run = Run::new(
             Home::Fresh(lease),
             limits,
-            match opts.print {
-                PrintOpt::Discard => Print::Discard,
-                PrintOpt::Capture => Print::Capture,
-                PrintOpt::Send => Print::Stream(Box::new(Frames {
-                    request: self.request.clone(),
-                })),
-            },
+            self.print(opts.print),
             // A chunk runs under its own name, as in the NIF.
             source.name(&opts.chunk_name).to_string(),
             None,
@@ -127,17 +133,8 @@ impl Runner {
         );
         let max_depth = limits.max_depth;
         let prepared = opts.modules().and_then(|modules| {
-            let mut globals = |l: *mut ffi::lua_State, limit: usize| {
-                // SAFETY: `exec` calls this on a state that is not running, its limit lifted.
-                unsafe { marshal::push_globals(l, &opts.globals, max_depth, limit) }.map(|()| 0)
-            };
-            let mut call = opts.call.as_ref().map(|(name, args)| {
-                let push = move |l: *mut ffi::lua_State, limit: usize| {
-                    // SAFETY: as for the globals.
-                    unsafe { marshal::push_values(l, args, max_depth, "call.args", limit) }
-                };
-                (name.as_str(), push)
-            });
+            let mut globals = opts.push_globals(max_depth);
+            let mut call = opts.push_call(max_depth);
             let setup = Setup {
                 state: Some(StateSetup {
                     globals: (!opts.globals.is_empty()).then_some(&mut globals as Push),
@@ -150,9 +147,26 @@ impl Runner {
             };
             run.prepare(caller(), setup)
         });
+        self.go(run, prepared, t0)
+    }
+
+    /// Runs a prepared run (`prepared`: what `Run::prepare` answered) to its first stop and
+    /// answers: the end of a fresh run or a session call (`crate::session`) alike.
+    pub(crate) fn go(
+        &mut self,
+        mut run: Run,
+        prepared: Result<c_int, SandboxError>,
+        t0: Instant,
+    ) -> Term {
         let step = prepared.and_then(|nargs| run.resume(caller(), nargs));
         run.elapsed = t0.elapsed();
         self.settle(run, step)
+    }
+
+    /// Drops the run parked at a tool call, if any (its caller gave up on it: a session call
+    /// is rolled back as the loan ends). Whether there was one.
+    pub fn cancel(&mut self) -> bool {
+        self.parked.take().is_some()
     }
 
     /// Gives the tool's reply to the parked run and runs it to its next stop.
@@ -333,7 +347,7 @@ fn finish_error(run: &mut Run, e: SandboxError, value_idx: Option<c_int>) -> Ter
 }
 
 /// The error answer of a run that failed before it started.
-fn early(e: SandboxError, chunk_name: &str, t0: Instant) -> Term {
+pub(crate) fn early(e: SandboxError, chunk_name: &str, t0: Instant) -> Term {
     let line = line_of(&e.to_string(), chunk_name);
     let stats = Stats {
         duration_us: t0.elapsed().as_micros() as u64,
@@ -385,8 +399,9 @@ fn stats_term(stats: &Stats) -> Term {
     ])
 }
 
-/// The worker's caller: the BEAM end of its pipe, alive until the port closes.
-fn caller() -> Caller {
+/// The worker's caller: the BEAM end of its pipe, alive until the port closes or a session's
+/// `:cancel` arrives (`crate::cancelled`).
+pub(crate) fn caller() -> Caller {
     Caller {
         // Never read: `alive` looks at fd 0. Non-null, so the budget asks.
         env: std::ptr::NonNull::<c_void>::dangling().as_ptr(),
@@ -397,30 +412,33 @@ fn caller() -> Caller {
 /// # Safety
 /// None needed: the env is not read.
 unsafe fn alive(_env: *mut c_void) -> bool {
-    !crate::hung_up()
+    !crate::cancelled()
 }
 
 /// A run's options as `LuaSandbox.Worker` sends them.
-struct Opts {
-    limits: Limits,
-    chunk_name: String,
-    globals: Vec<(String, Term)>,
-    call: Option<(String, Vec<Term>)>,
-    tools: Vec<String>,
+pub(crate) struct Opts {
+    pub(crate) limits: Limits,
+    pub(crate) chunk_name: String,
+    pub(crate) globals: Vec<(String, Term)>,
+    pub(crate) call: Option<(String, Vec<Term>)>,
+    pub(crate) tools: Vec<String>,
     modules: Vec<(String, Source)>,
-    print: PrintOpt,
+    pub(crate) print: PrintOpt,
+    /// A session call's `rollback` (absent: true; fresh runs have nothing to roll back).
+    pub(crate) rollback: bool,
 }
 
 /// The `print` option: `:discard`; `:capture` and `:log` both capture (the BEAM logs); `:send`
 /// also streams ([`Frames`]).
-enum PrintOpt {
+#[derive(Clone, Copy)]
+pub(crate) enum PrintOpt {
     Discard,
     Capture,
     Send,
 }
 
 impl Opts {
-    fn decode(opts: &Term, worker_memory: usize) -> Result<Opts, SandboxError> {
+    pub(crate) fn decode(opts: &Term, worker_memory: usize) -> Result<Opts, SandboxError> {
         let bad = |what: &str| SandboxError::InvalidInput(format!("bad run option {what}"));
         let Term::Map(pairs) = opts else {
             return Err(bad("map"));
@@ -503,8 +521,14 @@ impl Opts {
             Some("send") => PrintOpt::Send,
             _ => return Err(bad("print")),
         };
+        let rollback = match get("rollback").and_then(Term::as_atom) {
+            None | Some("true") => true,
+            Some("false") => false,
+            Some(_) => return Err(bad("rollback")),
+        };
         Ok(Opts {
             print,
+            rollback,
             limits,
             chunk_name,
             globals,
@@ -514,8 +538,37 @@ impl Opts {
         })
     }
 
+    /// The `globals` as a [`Push`] for `exec` (the run's state-wide ones, or a session call's).
+    pub(crate) fn push_globals(
+        &self,
+        max_depth: usize,
+    ) -> impl FnMut(*mut ffi::lua_State, usize) -> Result<c_int, SandboxError> + '_ {
+        move |l, limit| {
+            // SAFETY: `exec` calls a push on a state that is not running, its limit lifted.
+            unsafe { marshal::push_globals(l, &self.globals, max_depth, limit) }.map(|()| 0)
+        }
+    }
+
+    /// The `call:` (the function's name and its arguments as a [`Push`]), if any.
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn push_call(
+        &self,
+        max_depth: usize,
+    ) -> Option<(
+        &str,
+        impl FnMut(*mut ffi::lua_State, usize) -> Result<c_int, SandboxError> + '_,
+    )> {
+        self.call.as_ref().map(|(name, args)| {
+            let push = move |l: *mut ffi::lua_State, limit: usize| {
+                // SAFETY: as for the globals.
+                unsafe { marshal::push_values(l, args, max_depth, "call.args", limit) }
+            };
+            (name.as_str(), push)
+        })
+    }
+
     /// The modules' chunks, checked against `max_source`, ready to load.
-    fn modules(&self) -> Result<Vec<Module<'_>>, SandboxError> {
+    pub(crate) fn modules(&self) -> Result<Vec<Module<'_>>, SandboxError> {
         self.modules
             .iter()
             .map(|(name, source)| {

@@ -1,0 +1,171 @@
+//! A session in the worker (`isolation: :process`): a worker started for one
+//! `LuaSandbox.Session` holds its state for the session's life, in the worker's one slot, built
+//! and called with the core's `session::Session` as the NIF does (a checkpoint before each call,
+//! the rollback after a failed one, `rollback: false` too). The calls run with the same run
+//! machinery as fresh runs (`crate::run::Runner`), so they answer in the same shapes and park at
+//! a tool call the same way (the `{:reply, reply}` request resumes them).
+//!
+//! The session's process in the BEAM owns the port, not the caller of a call: a caller's death
+//! does not close it. The session process sends `:cancel` instead. A call in Lua sees the frame
+//! waiting on fd 0 at its next budget tick (`crate::cancelled`) and ends `:killed`; a call parked
+//! at a tool is dropped when the worker reads it ([`Runner::cancel`]). Either way the loan ends
+//! and the state is rolled back; the worker answers the call (if it was running) and then
+//! `:cancelled`, and the session serves its next call.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use lua_sandbox_core::chunk::{check_source, Code};
+use lua_sandbox_core::error::SandboxError;
+use lua_sandbox_core::exec::{self, Entry, Limits, Push, Setup, StateSetup};
+use lua_sandbox_core::pool;
+use lua_sandbox_core::session::Session;
+
+use crate::proto::Term;
+use crate::run::{caller, early, Opts, PrintOpt, Runner};
+
+/// The session between calls, `None` while a call has it (its loan gives it back here).
+type Home = Arc<Mutex<Option<Session<()>>>>;
+
+/// The worker's session: its state and its state-wide settings.
+pub struct WorkerSession {
+    home: Home,
+    max_memory: usize,
+    max_depth: usize,
+    max_source: usize,
+    chunk_name: String,
+    print: PrintOpt,
+}
+
+fn lock(home: &Home) -> MutexGuard<'_, Option<Session<()>>> {
+    // Only take/put happen under the lock: a panic cannot leave it inconsistent.
+    home.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl WorkerSession {
+    /// `{:session_new, opts}`: the session's state, set up once with the state-wide options of
+    /// `opts` (a run's options, `LuaSandbox.Worker.run_opts/1`'s shape). `Err` is the error
+    /// answer (a module that does not load, a global that cannot go in).
+    pub fn new(runner: &Runner, opts: &Term) -> Result<WorkerSession, Term> {
+        let t0 = Instant::now();
+        let opts = Opts::decode(opts, runner.max_memory).map_err(|e| early(e, "", t0))?;
+        let early = |e: SandboxError| early(e, &opts.chunk_name, t0);
+        let lease = pool::lease_from(runner.capacity).map_err(early)?;
+        let limits = opts.limits;
+        let session = Session::<()>::build(lease, caller(), |slot| {
+            let modules = opts.modules()?;
+            let mut globals = opts.push_globals(limits.max_depth);
+            let setup = StateSetup {
+                globals: (!opts.globals.is_empty()).then_some(&mut globals as Push),
+                tools: &opts.tools,
+                modules: &modules,
+            };
+            exec::prepare_state(slot, setup, limits.max_memory)
+        })
+        .map_err(early)?;
+        Ok(WorkerSession {
+            home: Arc::new(Mutex::new(Some(session))),
+            max_memory: limits.max_memory,
+            max_depth: limits.max_depth,
+            max_source: limits.max_source,
+            chunk_name: opts.chunk_name,
+            print: opts.print,
+        })
+    }
+
+    /// `{:session_run, source, opts}`: one call (`source` Lua text, or nil for a `call:` or
+    /// `globals:` only), with the per-call options of `opts` (`rollback` among them); answers
+    /// like a run. A call still parked at a tool is dropped first (its caller gave up on it).
+    pub fn run(&self, runner: &mut Runner, source: &Term, opts: &Term) -> Term {
+        runner.cancel();
+        let t0 = Instant::now();
+        let early = |e: SandboxError| early(e, &self.chunk_name, t0);
+        let opts = match Opts::decode(opts, runner.max_memory) {
+            Ok(opts) => opts,
+            Err(e) => return early(e),
+        };
+        let code = match source {
+            Term::Atom(a) if a == "nil" => None,
+            Term::Bin(text) => match check_source(text, self.max_source, "source")
+                .and_then(|()| Code::new(text, &self.chunk_name, false))
+            {
+                Ok(code) => Some(code),
+                Err(e) => return early(e),
+            },
+            _ => {
+                return early(SandboxError::InvalidInput(
+                    "source must be Lua text".to_string(),
+                ))
+            }
+        };
+        let Some(session) = lock(&self.home).take() else {
+            return early(SandboxError::Runtime(
+                "session state did not come back".to_string(),
+            ));
+        };
+        let limits = Limits {
+            max_memory: self.max_memory,
+            max_depth: self.max_depth,
+            max_source: self.max_source,
+            ..opts.limits
+        };
+        let print = runner.print(self.print);
+        let home = self.home.clone();
+        let give_back = move |session| *lock(&home) = Some(session);
+        let started = session.call(
+            opts.rollback,
+            false,
+            give_back,
+            limits,
+            print,
+            self.chunk_name.clone(),
+            t0,
+        );
+        let mut run = match started {
+            Ok(run) => run,
+            Err(session) => {
+                // A worker holds one session, never a family: the slot is always its own.
+                *lock(&self.home) = Some(session);
+                return early(SandboxError::Runtime("the session's arena is busy".into()));
+            }
+        };
+        let max_depth = limits.max_depth;
+        let prepared = {
+            let mut globals = opts.push_globals(max_depth);
+            let mut call = opts.push_call(max_depth);
+            let setup = Setup {
+                state: None,
+                call_globals: (!opts.globals.is_empty()).then_some(&mut globals as Push),
+                entry: match &code {
+                    Some(code) => Entry::Chunk(code),
+                    None => Entry::Nothing,
+                },
+                call: call.as_mut().map(|(name, push)| (*name, push as Push)),
+            };
+            run.prepare(caller(), setup)
+        };
+        runner.go(run, prepared, t0)
+    }
+
+    /// `:session_info`: `{:ok, %{memory:, calls:, instructions:, rollbacks:}}` (the NIF's
+    /// `session_info`), or `:busy` while a call is parked at a tool.
+    pub fn info(&self) -> Term {
+        let guard = lock(&self.home);
+        let Some(session) = guard.as_ref() else {
+            return Term::atom("busy");
+        };
+        let int = |v: u64| Term::Int(v.min(i64::MAX as u64) as i64);
+        Term::tuple([
+            Term::atom("ok"),
+            Term::Map(vec![
+                (
+                    Term::atom("memory"),
+                    int(session.used().unwrap_or(0) as u64),
+                ),
+                (Term::atom("calls"), int(session.calls)),
+                (Term::atom("instructions"), int(session.instructions)),
+                (Term::atom("rollbacks"), int(session.rollbacks)),
+            ]),
+        ])
+    }
+}

@@ -1,0 +1,174 @@
+defmodule LuaSandbox.SessionWorkerTest do
+  # Sessions on an `isolation: :process` supervisor where they differ from the NIF's: the
+  # state lives in a worker OS process of the session's own; the caller's death cancels the
+  # call in that worker (rolled back, the worker kept); a worker killed mid-call answers
+  # :worker_crashed and the session restarts from its start options; the worker goes with the
+  # session. The answers themselves are held equal to the NIF's by session_test.exs and
+  # session_caller_test.exs, run under both isolations (LuaSandbox.Isolation).
+  use ExUnit.Case, async: true
+
+  import LuaSandbox.TestWait
+
+  alias LuaSandbox.Session
+
+  @big 1_000_000_000_000
+
+  setup do
+    sup = :"lua_session_#{System.unique_integer([:positive])}"
+
+    start_supervised!(
+      {LuaSandbox.Supervisor, name: sup, max_concurrency: 2, isolation: :process},
+      id: sup
+    )
+
+    %{sup: sup}
+  end
+
+  defp start!(sup, opts \\ []) do
+    tools = parking_tools(self())
+    {:ok, s} = Session.start_link([supervisor: sup, tools: tools, globals: %{n: 1}] ++ opts)
+    s
+  end
+
+  defp pool_os_pids(sup), do: Enum.map(LuaSandbox.Supervisor.info(sup).workers, & &1.os_pid)
+
+  test "the state lives in a worker of the session's own, not one of the pool's", %{sup: sup} do
+    s = start!(sup)
+    assert %{os_pid: os_pid, calls: 0} = Session.info(s)
+    assert os_alive?(os_pid)
+    refute os_pid in pool_os_pids(sup)
+    assert {:ok, %{value: 2}} = Session.run(s, "n = n + 1 return n")
+    assert %{os_pid: ^os_pid, calls: 1} = Session.info(s)
+    # the pool's workers served nothing
+    assert Enum.all?(LuaSandbox.Supervisor.info(sup).workers, &(&1.runs == 0))
+  end
+
+  for place <- [:in_lua, :at_tool], timeout <- [:infinity, 60_000] do
+    test "a caller killed #{place} (timeout: #{timeout}): the call is cancelled in the same worker",
+         %{sup: sup} do
+      s = start!(sup)
+      %{os_pid: os_pid} = Session.info(s)
+      me = self()
+
+      source =
+        if unquote(place) == :in_lua,
+          do: "n = 2 while true do end",
+          else: "n = 2 tools.wait() n = 3"
+
+      caller =
+        spawn(fn ->
+          send(me, :calling)
+          Session.run(s, source, timeout: unquote(timeout), max_instructions: @big)
+        end)
+
+      assert_receive :calling
+
+      if unquote(place) == :at_tool,
+        do: assert_receive({:parked, _}, 5_000),
+        else: wait_until(fn -> LuaSandbox.Supervisor.running(sup) == 1 end)
+
+      Process.exit(caller, :kill)
+      # the worker ends the call (rolled back) by itself, with no other call to prompt it,
+      # and is the same worker
+      wait_until(fn -> match?(%{rollbacks: 1}, Session.info(s)) end)
+      assert %{os_pid: ^os_pid, calls: 1} = Session.info(s)
+      {us, answer} = :timer.tc(fn -> Session.run(s, "return n") end)
+      assert {:ok, %{value: 1}} = answer
+      # "within milliseconds" (wide for a loaded machine)
+      assert us < 1_000_000
+    end
+  end
+
+  @tag :capture_log
+  test "a worker killed mid-call: :worker_crashed, then the session restarts from its start",
+       %{sup: sup} do
+    s = start!(sup)
+    {:ok, _} = Session.run(s, "n = 5 kept = true")
+    %{os_pid: os_pid} = Session.info(s)
+    task = Task.async(fn -> Session.run(s, "while true do end", max_instructions: @big) end)
+    wait_until(fn -> LuaSandbox.Supervisor.running(sup) == 1 end)
+    System.cmd("kill", ["-KILL", Integer.to_string(os_pid)])
+
+    assert {:error, %{kind: :worker_crashed, message: message}} = Task.await(task, 10_000)
+    assert message =~ "os pid #{os_pid}"
+    assert message =~ "SIGKILL"
+    refute os_alive?(os_pid)
+    # its start options (globals, tools) again, in a new worker; what the calls did is lost
+    assert {:ok, %{values: [1, nil]}} = Session.run(s, "return n, kept")
+    assert %{os_pid: new_os_pid, calls: 1} = Session.info(s)
+    assert new_os_pid != os_pid
+  end
+
+  @tag :capture_log
+  test "a worker killed between calls is replaced at once, from the session's start", %{sup: sup} do
+    s = start!(sup)
+    {:ok, _} = Session.run(s, "n = 5")
+    %{os_pid: os_pid} = Session.info(s)
+    System.cmd("kill", ["-KILL", Integer.to_string(os_pid)])
+    wait_until(fn -> Session.info(s)[:os_pid] not in [nil, os_pid] end)
+    assert {:ok, %{value: 1}} = Session.run(s, "return n", timeout: 2_000)
+  end
+
+  test "the worker goes with the session", %{sup: sup} do
+    s = start!(sup)
+    %{os_pid: os_pid} = Session.info(s)
+    :ok = Session.stop(s)
+    assert within(5_000, fn -> not os_alive?(os_pid) end)
+
+    # and with the process that started it (the session is linked to it)
+    me = self()
+
+    starter =
+      spawn(fn ->
+        send(me, {:session, start!(sup)})
+        Process.sleep(:infinity)
+      end)
+
+    assert_receive {:session, s}
+    %{os_pid: os_pid} = Session.info(s)
+    Process.exit(starter, :kill)
+    assert within(5_000, fn -> not os_alive?(os_pid) end)
+  end
+
+  test "max_memory is bounded by the supervisor's worker_max_memory", %{sup: sup} do
+    assert {:error, %{kind: :invalid_input, message: message}} =
+             Session.start_link(supervisor: sup, max_memory: 65 * 1024 * 1024)
+
+    assert message =~ "not yet supported with isolation: :process"
+  end
+
+  test "forks and a compiled chunk as a call's source say they are not supported yet",
+       %{sup: sup} do
+    s = start!(sup)
+
+    assert_raise ArgumentError, ~r/^not yet supported on supervisor .*: forks/, fn ->
+      Session.fork(s)
+    end
+
+    assert_raise ArgumentError, ~r/^not yet supported .*: compiled chunks/, fn ->
+      Session.run(s, LuaSandbox.compile!("return 1"))
+    end
+
+    # a NIF session does not fork onto a :process supervisor either
+    {:ok, nif} = Session.start_link()
+
+    assert_raise ArgumentError, ~r/^not yet supported .*: forks/, fn ->
+      Session.fork(nif, supervisor: sup)
+    end
+
+    # and both are served after
+    assert {:ok, %{value: 1}} = Session.run(s, "return n")
+    assert {:ok, %{value: 1}} = Session.run(nif, "return 1")
+  end
+
+  test "compiled chunks as modules and print: {:send, ...} work in a session's worker",
+       %{sup: sup} do
+    util = LuaSandbox.compile!("return {inc = function(x) return x + 1 end}", chunk_name: "util")
+
+    {:ok, s} =
+      Session.start_link(supervisor: sup, modules: %{"util" => util}, print: {:send, self()})
+
+    assert {:ok, %{value: 2}} = Session.run(s, "print('a') return require('util').inc(1)")
+    assert_receive {:lua_print, "a\n"}, 5_000
+  end
+end
