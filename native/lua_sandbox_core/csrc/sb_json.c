@@ -122,11 +122,16 @@ static void enc_string (Enc *e, const char *s, size_t len) {
   static const char hex[] = "0123456789abcdef";
   const unsigned char *p = (const unsigned char *)s;
   size_t i = 0;
+  size_t charged = 0;  /* bytes charged so far */
   enc_char(e, '"');
   while (i < len) {
     unsigned char c = p[i];
-    if ((i & 0xFFFF) == 0xFFFF)  /* long strings: charge as we go */
+    /* long strings: charge (and so check) every 64 KiB as we go; by the
+       position, as a multibyte character steps over some of them */
+    if (i - charged >= 0x10000) {
       sb_count(e->L, e->steps, sb_bytes(0x10000));
+      charged += 0x10000;
+    }
     if (c >= 0x80) {
       size_t n = utf8_seq(p + i, len - i);
       if (n == 0)
@@ -151,7 +156,7 @@ static void enc_string (Enc *e, const char *s, size_t len) {
     i++;
   }
   enc_char(e, '"');
-  sb_count(e->L, e->steps, sb_bytes(len & 0xFFFF));
+  sb_count(e->L, e->steps, sb_bytes(len - charged));
 }
 
 

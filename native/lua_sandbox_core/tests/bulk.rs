@@ -143,6 +143,8 @@ fn bulk_operations_check_between_pieces() {
         format!("{s} local t = s:upper() t = s:lower() t = s:reverse()"),
         // json's buffer and its result
         format!("{s} local t = json.encode(s)"),
+        // json's escaping loop over multibyte UTF-8 text (2-byte characters)
+        "local u = string.rep('\u{e9}', 1 << 23) local t = json.encode(u)".to_string(),
         // a long string pushed whole by a C function (`lua_pushlstring`: `luaS_newlstr`)
         format!("{s} local t = s:sub(2) t = s:sub(1, -2)"),
         // an error message quoting it (`luaO_pushvfstring`), twice: the option, the message
