@@ -127,9 +127,11 @@ defmodule LuaSandbox.Session do
   # (LuaSandbox.Session.Worker), whose port the session process owns.
   defp start_worker(pool, native, validated, gen_opts) do
     with {:ok, worker} <- SessionWorker.boot(pool, native) do
-      case GenServer.start_link(
+      # started unlinked, then linked to the caller in init/1 (it traps exits: see
+      # LuaSandbox.Session.Worker.await_hand_over/1)
+      case GenServer.start(
              __MODULE__,
-             {{:worker, worker}, validated[:tools], validated},
+             {{:worker, worker, self()}, validated[:tools], validated},
              gen_opts
            ) do
         {:ok, pid} = started ->
@@ -542,7 +544,10 @@ defmodule LuaSandbox.Session do
   ## Server
 
   @impl true
-  def init({{:worker, worker}, tools, opts}) do
+  def init({{:worker, worker, caller}, tools, opts}) do
+    Process.flag(:trap_exit, true)
+    # the caller waits in GenServer.start/3: alive, so the link is made
+    Process.link(caller)
     {:ok, state} = init({nil, tools, opts})
     {:ok, Map.put(state, :worker, worker), {:continue, :worker}}
   end
@@ -630,6 +635,13 @@ defmodule LuaSandbox.Session do
   @impl true
   def handle_info({:DOWN, mref, :process, pid, _}, %{owner: {pid, mref}} = s),
     do: {:noreply, release(s)}
+
+  def handle_info({:EXIT, _, _} = signal, %{worker: worker} = s) when worker != nil do
+    case SessionWorker.exit_signal(worker, signal) do
+      :ignore -> {:noreply, s}
+      {:restarted, worker} -> {:noreply, next(%{s | worker: worker})}
+    end
+  end
 
   def handle_info({port, msg}, %{worker: %{port: port} = worker} = s) do
     case SessionWorker.port_message(worker, msg) do
