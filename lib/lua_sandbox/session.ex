@@ -127,9 +127,11 @@ defmodule LuaSandbox.Session do
   # (LuaSandbox.Session.Worker), whose port the session process owns.
   defp start_worker(pool, native, validated, gen_opts) do
     with {:ok, worker} <- SessionWorker.boot(pool, native) do
-      case GenServer.start_link(
+      # started unlinked, then linked to the caller in init/1 (it traps exits: see
+      # LuaSandbox.Session.Worker.await_hand_over/1)
+      case GenServer.start(
              __MODULE__,
-             {{:worker, worker}, validated[:tools], validated},
+             {{:worker, worker, self()}, validated[:tools], validated},
              gen_opts
            ) do
         {:ok, pid} = started ->
@@ -542,12 +544,10 @@ defmodule LuaSandbox.Session do
   ## Server
 
   @impl true
-  def init({{:worker, worker}, tools, opts}) do
-    # The worker's port is linked to this process (it owns it): its death closes the port,
-    # and the worker exits. The other way round, a port that closes with an error (a write to
-    # a worker that had just died: :epipe) must not take the session down: it is a worker's
-    # death like any other (handle_info/2 below).
+  def init({{:worker, worker, caller}, tools, opts}) do
     Process.flag(:trap_exit, true)
+    # the caller waits in GenServer.start/3: alive, so the link is made
+    Process.link(caller)
     {:ok, state} = init({nil, tools, opts})
     {:ok, Map.put(state, :worker, worker), {:continue, :worker}}
   end
@@ -636,19 +636,19 @@ defmodule LuaSandbox.Session do
   def handle_info({:DOWN, mref, :process, pid, _}, %{owner: {pid, mref}} = s),
     do: {:noreply, release(s)}
 
+  def handle_info({:EXIT, _, _} = signal, %{worker: worker} = s) when worker != nil do
+    case SessionWorker.exit_signal(worker, signal) do
+      :ignore -> {:noreply, s}
+      {:restarted, worker} -> {:noreply, next(%{s | worker: worker})}
+    end
+  end
+
   def handle_info({port, msg}, %{worker: %{port: port} = worker} = s) do
     case SessionWorker.port_message(worker, msg) do
       {:answered, worker} -> {:noreply, %{s | worker: worker}}
       {:ignored, worker} -> {:noreply, %{s | worker: worker}}
       {_free_or_restarted, worker} -> {:noreply, next(%{s | worker: worker})}
     end
-  end
-
-  # The worker's port closed with an error rather than an exit status (see init/1).
-  def handle_info({:EXIT, port, reason}, %{worker: %{port: port} = worker} = s)
-      when reason != :normal do
-    {:restarted, worker} = SessionWorker.died(worker, "closed its pipe (#{inspect(reason)})")
-    {:noreply, next(%{s | worker: worker})}
   end
 
   def handle_info(_, s), do: {:noreply, s}

@@ -109,6 +109,29 @@ defmodule LuaSandbox.SessionWorkerTest do
     assert {:ok, %{value: 1}} = Session.run(s, "return n", timeout: 2_000)
   end
 
+  @tag :capture_log
+  test "its port closing abnormally restarts the worker; another link's exit stops the session",
+       %{sup: sup} do
+    s = start!(sup)
+    {:ok, _} = Session.run(s, "n = 5")
+    %{os_pid: os_pid} = Session.info(s)
+    # what a write to a dead worker does (:epipe); the session is not killed with its port
+    Process.exit(:sys.get_state(s).worker.port, :epipe)
+    assert {:ok, %{value: 1}} = Session.run(s, "return n", timeout: 5_000)
+    assert %{os_pid: new_os_pid} = Session.info(s)
+    assert new_os_pid != os_pid
+    assert within(5_000, fn -> not os_alive?(os_pid) end)
+
+    # a linked process's abnormal exit still stops it, as without trapping exits
+    Process.flag(:trap_exit, true)
+    ref = Process.monitor(s)
+    other = spawn(fn -> Process.sleep(:infinity) end)
+    :sys.replace_state(s, fn st -> Process.link(other) && st end)
+    Process.exit(other, :boom)
+    assert_receive {:DOWN, ^ref, :process, ^s, :boom}, 5_000
+    assert within(5_000, fn -> not os_alive?(new_os_pid) end)
+  end
+
   test "the worker goes with the session", %{sup: sup} do
     s = start!(sup)
     %{os_pid: os_pid} = Session.info(s)

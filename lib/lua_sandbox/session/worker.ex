@@ -76,7 +76,16 @@ defmodule LuaSandbox.Session.Worker do
     :ok
   end
 
-  @doc "In the session process, before it serves anything: waits for `hand_over/2`."
+  @doc """
+  In the session process, before it serves anything: waits for `hand_over/2`.
+
+  The port is linked to its owner (so the worker goes with the session), and a port that
+  closes abnormally (`:epipe` when written to after its worker died) would kill the session
+  with it. So the session traps exits (it is started unlinked and links to its starter in
+  `init/1`, so that the starter's exit reaches it as a message too): its port's exit restarts
+  the worker, and any other linked process's abnormal exit ends the session as it would
+  without trapping, silently (`exit_signal/2`).
+  """
   @spec await_hand_over(map) :: map
   def await_hand_over(%{port: port} = worker) do
     receive do
@@ -167,11 +176,9 @@ defmodule LuaSandbox.Session.Worker do
   def port_message(worker, {:exit_status, status}),
     do: died(worker, Worker.describe_exit(status))
 
-  @doc """
-  The worker died (`how`: its exit status in words): the call in progress answers
-  `:worker_crashed`, and the session restarts from its start options in a new worker.
-  """
-  def died(worker, how) do
+  # The worker is gone (`how` says how): the call in progress answers :worker_crashed, and a
+  # new worker holds the session's start state.
+  defp died(worker, how) do
     case worker.call do
       {from, _id} -> GenServer.reply(from, {:error, Error.worker_crashed(worker.os_pid, how)})
       nil -> :ok
@@ -201,6 +208,26 @@ defmodule LuaSandbox.Session.Worker do
     rescue
       ArgumentError -> {:free, restart(worker)}
     end
+  end
+
+  @doc """
+  An exit signal the session process trapped: `{:restarted, worker}` when its port closed
+  abnormally (its worker is gone; no exit status follows then), `:ignore` for a normal exit or
+  an old port's; any other kills the session with its reason, as it would untrapped.
+  """
+  def exit_signal(_worker, {:EXIT, _from, :normal}), do: :ignore
+
+  def exit_signal(%{port: port} = worker, {:EXIT, port, reason}),
+    do: died(worker, "its port closed (#{inspect(reason)})")
+
+  def exit_signal(_worker, {:EXIT, from, _reason}) when is_port(from), do: :ignore
+
+  def exit_signal(worker, {:EXIT, _from, reason}) do
+    # as an untrapped exit signal would: no terminate/2, no error report
+    Worker.close(worker.port)
+    Process.flag(:trap_exit, false)
+    Process.exit(self(), reason)
+    :ignore
   end
 
   @doc "A caller gave the worker up as broken (no answer within its deadline): a new one."
