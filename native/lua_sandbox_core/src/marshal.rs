@@ -493,7 +493,7 @@ impl Tally {
 
     /// Enters the table at `ptr` at `depth`: a cycle or the depth bound is a failure.
     /// [`Tally::leave`] it afterwards, whatever the read's result.
-    pub fn enter(&mut self, ptr: *const c_void, depth: usize) -> Result<(), Fail> {
+    fn enter(&mut self, ptr: *const c_void, depth: usize) -> Result<(), Fail> {
         if self.visiting.contains(&ptr) {
             return Err(Fail::new(FailKind::Cycle));
         }
@@ -506,6 +506,35 @@ impl Tally {
 
     pub fn leave(&mut self, ptr: *const c_void) {
         self.visiting.remove(&ptr);
+    }
+
+    /// Enters the table at absolute index `idx` of `l` at `depth` for a read of its entries:
+    /// [`Tally::enter`], stack room for a traversal (key, value and two more), and the table's
+    /// own charge. Returns the table's address, to [`Tally::leave`] after the read; on a
+    /// failure it has left already.
+    ///
+    /// # Safety
+    /// `idx` must be a valid absolute index of `l` holding a table.
+    pub unsafe fn enter_table(
+        &mut self,
+        l: *mut ffi::lua_State,
+        idx: c_int,
+        depth: usize,
+    ) -> Result<*const c_void, Fail> {
+        // SAFETY: the caller's contract; neither call raises (module doc).
+        let ptr = unsafe { ffi::lua_topointer(l, idx) };
+        self.enter(ptr, depth)?;
+        // SAFETY: as above.
+        let ready = if unsafe { ffi::lua_checkstack(l, 4) } == 0 {
+            Err(stack_exhausted())
+        } else {
+            self.charge(0)
+        };
+        if let Err(f) = ready {
+            self.leave(ptr);
+            return Err(f);
+        }
+        Ok(ptr)
     }
 }
 
@@ -531,7 +560,7 @@ pub enum KeyKind {
 
 impl KeyKinds {
     /// Records `kind`; true if a key of this kind could equal an earlier key in Lua.
-    pub fn may_collide(&mut self, kind: KeyKind) -> bool {
+    fn may_collide(&mut self, kind: KeyKind) -> bool {
         match kind {
             KeyKind::String => {
                 self.strings = true;
@@ -550,6 +579,36 @@ impl KeyKinds {
                 self.integers
             }
             KeyKind::Other => false,
+        }
+    }
+
+    /// Records the kind of the key just pushed on top of `l` for the table at absolute index
+    /// `t`, and refuses it when it is already a key there (two distinct terms that become one
+    /// Lua key); the caller adds the key's path segment.
+    ///
+    /// # Safety
+    /// `t` must be a valid absolute index of `l` holding a table, the key on top of the stack,
+    /// one stack slot free; inside [`building`].
+    pub unsafe fn admit(
+        &mut self,
+        kind: KeyKind,
+        l: *mut ffi::lua_State,
+        t: c_int,
+    ) -> Result<(), Fail> {
+        if !self.may_collide(kind) {
+            return Ok(());
+        }
+        // SAFETY: the caller's contract; a raw lookup runs no metamethod and does not raise.
+        let taken = unsafe {
+            ffi::lua_pushvalue(l, -1);
+            let taken = ffi::lua_rawget(l, t) != ffi::LUA_TNIL;
+            ffi::lua_pop(l, 1);
+            taken
+        };
+        if taken {
+            Err(invalid("two map keys become the same Lua key"))
+        } else {
+            Ok(())
         }
     }
 }

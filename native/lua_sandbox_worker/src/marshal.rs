@@ -170,15 +170,8 @@ impl Builder {
             for (k, v) in pairs {
                 self.b.meter.value(0)?;
                 self.push_key(l, k).map_err(|f| f.at(term_seg(k)))?;
-                if seen.may_collide(key_kind(k)) {
-                    ffi::lua_pushvalue(l, -1);
-                    let taken = ffi::lua_rawget(l, t) != ffi::LUA_TNIL;
-                    ffi::lua_pop(l, 1);
-                    if taken {
-                        let f = invalid("two map keys become the same Lua key");
-                        return Err(f.at(term_seg(k)));
-                    }
-                }
+                seen.admit(key_kind(k), l, t)
+                    .map_err(|f| f.at(term_seg(k)))?;
                 self.push(l, v, depth).map_err(|f| f.at(term_seg(k)))?;
                 ffi::lua_rawset(l, t);
             }
@@ -422,14 +415,8 @@ impl Reader {
     ) -> Result<(), Fail> {
         // SAFETY: as in `read`.
         unsafe {
-            let ptr = ffi::lua_topointer(l, idx);
-            self.tally.enter(ptr, depth)?;
-            let result = if ffi::lua_checkstack(l, 4) == 0 {
-                Err(stack_exhausted())
-            } else {
-                self.charge(0)
-                    .and_then(|()| self.read_entries(l, idx, depth + 1))
-            };
+            let ptr = self.tally.enter_table(l, idx, depth)?;
+            let result = self.read_entries(l, idx, depth + 1);
             self.tally.leave(ptr);
             result
         }

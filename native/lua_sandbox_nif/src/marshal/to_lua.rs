@@ -145,15 +145,8 @@ impl Builder {
                 self.b.meter.value(0)?;
                 let kind = k.get_type();
                 self.push_key(l, k, kind).map_err(|f| f.at(term_seg(k)))?;
-                if seen.may_collide(key_kind(kind)) {
-                    ffi::lua_pushvalue(l, -1);
-                    let taken = ffi::lua_rawget(l, t) != ffi::LUA_TNIL;
-                    ffi::lua_pop(l, 1);
-                    if taken {
-                        let f = invalid("two map keys become the same Lua key");
-                        return Err(f.at(term_seg(k)));
-                    }
-                }
+                seen.admit(key_kind(kind), l, t)
+                    .map_err(|f| f.at(term_seg(k)))?;
                 self.push(l, &v, depth).map_err(|f| f.at(term_seg(k)))?;
                 ffi::lua_rawset(l, t);
             }

@@ -198,14 +198,8 @@ impl<'e> Reader<'e> {
         // SAFETY: as in `read`; `lua_next` is driven with the key it returned, the table is not
         // modified during the traversal, and every push is covered by `lua_checkstack`.
         unsafe {
-            let ptr = ffi::lua_topointer(l, idx);
-            self.tally.enter(ptr, depth)?;
-            let result = if ffi::lua_checkstack(l, 4) == 0 {
-                Err(stack_exhausted())
-            } else {
-                self.charge(0)
-                    .and_then(|()| self.read_entries(l, idx, depth + 1))
-            };
+            let ptr = self.tally.enter_table(l, idx, depth)?;
+            let result = self.read_entries(l, idx, depth + 1);
             self.tally.leave(ptr);
             result
         }
