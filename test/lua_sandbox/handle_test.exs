@@ -127,5 +127,127 @@ for isolation <- LuaSandbox.Isolation.all() do
       assert {:ok, %{value: "done"}} = LuaSandbox.Session.run(s, "return tools.use(db)")
       assert_received {:used, :db}
     end
+
+    test "an ordinary tuple stays an ordinary value (a list), never a handle" do
+      # the shape a handle crosses to a worker in (LuaSandbox.Worker.Handles), as user data
+      {:ok, r} =
+        lua_run("return type(t), t[1], t[2], h, tools.t()[1]",
+          globals: %{t: {:handle, 0}, h: LuaSandbox.handle(:real)},
+          tools: %{t: fn [] -> {:handle, 0} end}
+        )
+
+      assert r.values == ["table", "handle", 0, :real, "handle"]
+    end
+
+    test "handles deep in globals, call arguments and tool results; each is its own" do
+      h = LuaSandbox.handle(%{conn: 1})
+
+      tools = %{
+        echo: fn args -> args end,
+        make: fn [] -> %{"x" => [LuaSandbox.handle(:made)]} end
+      }
+
+      src = """
+      function f(a, b) return a, b end
+      local e = tools.echo(deep.list[2], deep.list[2].inner)
+      return deep.list[2].inner == again, e, tools.make().x[1], deep.list[2].inner == deep.list[2].inner
+      """
+
+      {:ok, r} =
+        lua_run(src,
+          globals: %{deep: %{list: [1, %{inner: h}]}, again: h},
+          tools: tools
+        )
+
+      # the same %Handle{} passed twice is two handles, as two calls of LuaSandbox.handle/1
+      # (echo gives back the terms it received, not handles: they come back as tables)
+      assert r.values == [false, [%{"inner" => %{"conn" => 1}}, %{"conn" => 1}], :made, true]
+
+      {:ok, s} = start_session([])
+      {:ok, _} = LuaSandbox.Session.run(s, "function f(a, b) return {b, a} end")
+
+      assert {:ok, %{value: [[:two], :one]}} =
+               LuaSandbox.Session.call(s, "f", [
+                 LuaSandbox.handle(:one),
+                 [LuaSandbox.handle(:two)]
+               ])
+    end
+
+    test "an error's value gives the term back" do
+      h = LuaSandbox.handle({:secret, 1})
+
+      assert {:error, %{kind: :runtime, value: {:secret, 1}}} =
+               lua_run("error(h)", globals: %{h: h})
+
+      assert {:error, %{kind: :runtime, value: %{"h" => {:secret, 1}}}} =
+               lua_run("error({h = h})", globals: %{h: h})
+    end
+
+    test "a failed session call without rollback keeps its handles" do
+      {:ok, s} = start_session([])
+      {:ok, _} = LuaSandbox.Session.run(s, "function keep_then_fail(h) lost = h error('no') end")
+
+      assert {:error, %{kind: :runtime}} =
+               LuaSandbox.Session.call(s, "keep_then_fail", [LuaSandbox.handle(:kept)],
+                 rollback: false
+               )
+
+      assert {:ok, %{value: :kept}} = LuaSandbox.Session.run(s, "return lost")
+
+      assert :ok = LuaSandbox.Session.set(s, "n", LuaSandbox.handle(:next))
+
+      assert {:ok, %{values: [:kept, :next]}} = LuaSandbox.Session.run(s, "return lost, n")
+    end
+
+    for rollback <- [true, false], place <- [:at_tool, :in_lua] do
+      test "a call whose caller dies #{place} (rollback: #{rollback}) keeps its handles as its state" do
+        me = self()
+
+        tools =
+          Map.put(LuaSandbox.TestWait.parking_tools(me), :ping, fn _ -> send(me, :spinning) end)
+
+        {:ok, s} = start_session(tools: tools)
+
+        {:ok, _} =
+          LuaSandbox.Session.run(s, """
+          function park(h) lost = h tools.wait() end
+          function spin(h) lost = h tools.ping() while true do end end
+          """)
+
+        :ok = LuaSandbox.Session.set(s, "before", LuaSandbox.handle(:before))
+
+        caller =
+          spawn(fn ->
+            LuaSandbox.Session.call(
+              s,
+              if(unquote(place) == :at_tool, do: "park", else: "spin"),
+              [LuaSandbox.handle(:parked)],
+              rollback: unquote(rollback),
+              max_instructions: 1_000_000_000_000
+            )
+          end)
+
+        if unquote(place) == :at_tool,
+          do: assert_receive({:parked, _}, 5_000),
+          else: assert_receive(:spinning, 5_000)
+
+        Process.exit(caller, :kill)
+
+        LuaSandbox.TestWait.wait_until(fn ->
+          match?(%{calls: 3}, LuaSandbox.Session.info(s))
+        end)
+
+        lost = if unquote(rollback), do: nil, else: :parked
+
+        assert {:ok, %{values: [^lost, :before]}} =
+                 LuaSandbox.Session.run(s, "return lost, before")
+
+        # a handle made next is its own, whether or not the lost one's place was freed
+        :ok = LuaSandbox.Session.set(s, "next", LuaSandbox.handle(:next))
+
+        assert {:ok, %{values: [^lost, :before, :next]}} =
+                 LuaSandbox.Session.run(s, "return lost, before, next")
+      end
+    end
   end
 end

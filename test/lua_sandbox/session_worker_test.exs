@@ -110,6 +110,19 @@ defmodule LuaSandbox.SessionWorkerTest do
   end
 
   @tag :capture_log
+  test "a restarted worker has the start's handles, not the calls'", %{sup: sup} do
+    {:ok, s} = Session.start_link(supervisor: sup, globals: %{db: LuaSandbox.handle(:db)})
+    :ok = Session.set(s, "kept", LuaSandbox.handle(:kept))
+    assert {:ok, %{values: [:db, :kept]}} = Session.run(s, "return db, kept")
+    %{os_pid: os_pid} = Session.info(s)
+    System.cmd("kill", ["-KILL", Integer.to_string(os_pid)])
+    wait_until(fn -> Session.info(s)[:os_pid] not in [nil, os_pid] end)
+    assert {:ok, %{values: [:db, nil]}} = Session.run(s, "return db, kept")
+    :ok = Session.set(s, "kept", LuaSandbox.handle(:again))
+    assert {:ok, %{values: [:db, :again]}} = Session.run(s, "return db, kept")
+  end
+
+  @tag :capture_log
   test "its port closing abnormally restarts the worker; another link's exit stops the session",
        %{sup: sup} do
     s = start!(sup)

@@ -17,6 +17,11 @@ defmodule LuaSandbox.Session.Worker do
   # `:worker_crashed` naming how it died, and the session restarts in a new worker from its
   # start options (as a supervisor restarts a child: the state of before is lost);
   # `gen` counts the workers, so a call that spans a restart answers `:worker_crashed` too.
+  #
+  # The session's handles (LuaSandbox.Worker.Handles) live here, in `handles`: every frame of a
+  # call passes through this process, so it swaps them both ways and follows the call's end
+  # (its answer, or the answer of a call whose caller died: `orphan`, or `:cancelled` for one
+  # dropped at a tool) to forget a rolled-back call's handles as the worker rolls it back.
 
   alias LuaSandbox.{Error, Runner, Worker}
   alias LuaSandbox.Worker.Handles

@@ -18,20 +18,23 @@ defmodule LuaSandbox.Worker.Handles do
   # its process, for the session's life, with the NIF's rule (native/lua_sandbox_nif/src/
   # handles.rs): the handles a call made go with it when it is rolled back (it fails, or is
   # cancelled, with `rollback: true`), and a worker restarted from the start options keeps only
-  # the start's. Indices are handed out in order, so the table's length before a call is the
-  # mark to roll back to. Each handle costs what the NIF charges for one: a value of the input's
-  # bound (LuaSandbox.Encoding) and a Lua value's bytes of the run's memory, in the worker.
+  # the start's. Indices are handed out in order, so the next index before a call is the mark
+  # to roll back to; they are never handed out twice, so a handle whose term was forgotten can
+  # never name another's (the worker is then broken, as for an index never given). Each handle
+  # costs what the NIF charges for one: a value of the input's bound (LuaSandbox.Encoding) and
+  # a Lua value's bytes of the run's memory, in the worker.
 
   alias LuaSandbox.Handle
 
-  defstruct count: 0, terms: %{}, start: 0, pending: nil
+  defstruct next: 0, terms: %{}, start: 0, pending: nil
 
   @typedoc """
-  The handles given to a worker: `terms` by index (`0..count - 1`); `start` how many a session's
-  start gave (kept across restarts); `pending` the session call in progress, `{mark, rollback}`.
+  The handles given to a worker: `terms` by index (all below `next`, the next index handed
+  out); `start` the indices a session's start gave (below it: kept across restarts); `pending`
+  the session call in progress, `{mark, rollback}`.
   """
   @type t :: %__MODULE__{
-          count: non_neg_integer,
+          next: non_neg_integer,
           terms: %{non_neg_integer => term},
           start: non_neg_integer,
           pending: {non_neg_integer, boolean} | nil
@@ -56,12 +59,12 @@ defmodule LuaSandbox.Worker.Handles do
 
   def wire({:session_new, opts}, h) do
     {opts, h} = wire_opts(opts, h)
-    {{:session_new, opts}, %{h | start: h.count}}
+    {{:session_new, opts}, %{h | start: h.next}}
   end
 
   def wire({:session_run, source, opts}, h) do
     h = ended(h, false)
-    pending = {h.count, Map.get(opts, :rollback, true)}
+    pending = {h.next, Map.get(opts, :rollback, true)}
     {opts, h} = wire_opts(opts, h)
     {{:session_run, source, opts}, %{h | pending: pending}}
   end
@@ -110,7 +113,7 @@ defmodule LuaSandbox.Worker.Handles do
   defp plain(_), do: :ok
 
   defp swap(%Handle{term: term}, h) do
-    {{:handle, h.count}, %{h | count: h.count + 1, terms: Map.put(h.terms, h.count, term)}}
+    {{:handle, h.next}, %{h | next: h.next + 1, terms: Map.put(h.terms, h.next, term)}}
   end
 
   # Another struct is refused whole by the worker, as by the NIF (no LuaSandbox.Encoder).
@@ -189,10 +192,13 @@ defmodule LuaSandbox.Worker.Handles do
   defp tuples(m) when is_map(m), do: :maps.fold(fn k, v, _ -> tuples(k) && tuples(v) end, :ok, m)
   defp tuples(_), do: :ok
 
-  defp back({:handle, i}, h) when is_integer(i) and i >= 0 and i < h.count,
-    do: Map.fetch!(h.terms, i)
+  defp back({:handle, i}, h) do
+    case h.terms do
+      %{^i => term} -> term
+      _ -> throw({__MODULE__, "handle #{inspect(i)}, which it does not have"})
+    end
+  end
 
-  defp back({:handle, i}, _h), do: throw({__MODULE__, "handle #{inspect(i)}, never given to it"})
   defp back(t, _h) when is_tuple(t), do: throw({__MODULE__, "a tuple, not a handle"})
   defp back([x | t], h), do: [back(x, h) | back(t, h)]
 
@@ -212,15 +218,13 @@ defmodule LuaSandbox.Worker.Handles do
 
   @doc "The session's worker was restarted from the start options: only the start's handles."
   @spec restarted(t) :: t
-  def restarted(h), do: %{truncate(h, h.start) | pending: nil}
+  def restarted(h), do: %{forget(h, h.start) | pending: nil}
 
   # The pending call (if any) ended, `ok` or not: a failed one with rollback forgets its handles.
-  defp ended(%{pending: {mark, true}} = h, false), do: %{truncate(h, mark) | pending: nil}
+  defp ended(%{pending: {mark, true}} = h, false), do: %{forget(h, mark) | pending: nil}
   defp ended(%{pending: nil} = h, _ok), do: h
   defp ended(h, _ok), do: %{h | pending: nil}
 
-  defp truncate(%{count: count} = h, mark) when mark >= count, do: h
-
-  defp truncate(h, mark),
-    do: %{h | count: mark, terms: Map.drop(h.terms, Enum.to_list(mark..(h.count - 1)//1))}
+  # Forgets the terms of the indices from `mark` on (`next` stays: no index is handed out twice).
+  defp forget(h, mark), do: %{h | terms: Map.drop(h.terms, Enum.to_list(mark..(h.next - 1)//1))}
 end
