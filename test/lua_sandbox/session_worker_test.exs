@@ -122,6 +122,32 @@ defmodule LuaSandbox.SessionWorkerTest do
     assert {:ok, %{values: [:db, :again]}} = Session.run(s, "return db, kept")
   end
 
+  test "a call that ends well as its caller dies keeps its handles, as its state", %{sup: sup} do
+    me = self()
+    {:ok, s} = Session.start_link(supervisor: sup, tools: %{ping: fn _ -> send(me, :pinged) end})
+
+    {:ok, _} =
+      Session.run(s, """
+      function keep_slowly(h) kept = h tools.ping() for i = 1, 3e7 do end return true end
+      """)
+
+    caller =
+      spawn(fn ->
+        Session.call(s, "keep_slowly", [LuaSandbox.handle(:kept)], max_instructions: @big)
+      end)
+
+    assert_receive :pinged, 5_000
+    # the tool's reply is with the worker, which loops on: the caller dies meanwhile, and the
+    # session process sees its death before the call's answer (which has no cancel to see)
+    wait_until(fn -> :sys.get_state(s).worker.call != nil end)
+    :sys.suspend(s)
+    Process.exit(caller, :kill)
+    wait_until(fn -> Process.info(s, :message_queue_len) == {:message_queue_len, 2} end, 30_000)
+    :sys.resume(s)
+    assert {:ok, %{value: :kept}} = Session.run(s, "return kept")
+    assert %{calls: 3, rollbacks: 0} = Session.info(s)
+  end
+
   @tag :capture_log
   test "its port closing abnormally restarts the worker; another link's exit stops the session",
        %{sup: sup} do
