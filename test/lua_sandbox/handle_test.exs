@@ -173,6 +173,19 @@ for isolation <- LuaSandbox.Isolation.all() do
                ])
     end
 
+    test "handles count against max_memory and max_instructions as values" do
+      many = List.duplicate(LuaSandbox.handle(:x), 60_000)
+
+      assert {:error, %{kind: :memory_limit}} =
+               lua_run("return #h", globals: %{h: many}, max_memory: 2_000_000)
+
+      assert {:error, %{kind: :instruction_limit}} =
+               lua_run("return #h", globals: %{h: Enum.take(many, 5_000)}, max_instructions: 1_000)
+
+      assert {:ok, %{value: 5_000}} =
+               lua_run("return #h", globals: %{h: Enum.take(many, 5_000)}, max_memory: 2_000_000)
+    end
+
     test "an error's value gives the term back" do
       h = LuaSandbox.handle({:secret, 1})
 
