@@ -117,7 +117,8 @@ impl Push<Term> for Builder {
                         let h = with_handles(|h| h.0.handle(index))
                             .ok_or_else(|| invalid("handles can only be passed to a run"))?;
                         // SAFETY: the trait's contract (not running, limit lifted, one free
-                        // slot), the bytes reserved just above.
+                        // slot), the bytes reserved just above; the worker's state was built
+                        // by `sandbox::new_slot` (main.rs), so the handle metatable is there.
                         handle::push(l, h);
                     }
                     None => return Err(invalid("tuple cannot become a Lua value")),
