@@ -17,7 +17,7 @@ SHELL := /bin/bash
 TEST_ENV := MIX_ENV=test
 LUA_PROPERTY_CASES ?= 10000
 
-.PHONY: all deps build demo test check-format clippy cargo-test mix-test bench fuzz stretch san fuzz-san bench-process bench-session-process
+.PHONY: all deps build demo test check-format clippy cargo-test mix-test bench fuzz stretch san fuzz-san bench-process bench-session-process bench-handle-process
 
 all: test
 
@@ -85,6 +85,10 @@ bench-process: deps
 # sessions on isolation: :process side by side with the NIF's (bench/session_process.exs)
 bench-session-process: deps
 	$(TEST_ENV) mix run bench/session_process.exs
+
+# a handle through a tool on isolation: :process and on the NIF (bench/handle_process.exs)
+bench-handle-process: deps
+	$(TEST_ENV) mix run bench/handle_process.exs
 
 fuzz: deps
 	$(TEST_ENV) LUA_PROPERTY_CASES=200000 mix test --only property

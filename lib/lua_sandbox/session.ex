@@ -62,7 +62,8 @@ defmodule LuaSandbox.Session do
   The session process holds the worker, so a caller's death cancels its call there (rolled
   back, the worker kept); a worker that dies answers the call in progress `:worker_crashed`
   and the session restarts in a new worker from its start options (its state is lost, as a
-  supervised process's is); `info/1` also gives the worker's `os_pid`. Not yet there
+  supervised process's is); `info/1` also gives the worker's `os_pid`. Handles work there as
+  under the NIF (their terms stay in the session process; the worker sees indices). Not yet there
   (`ArgumentError`): `fork/2`, compiled chunks.
   """
 

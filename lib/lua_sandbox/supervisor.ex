@@ -85,8 +85,10 @@ defmodule LuaSandbox.Supervisor do
   execute in a worker; `worker_max_memory` (default 64 MiB) is the largest `max_memory` its
   workers serve (their arena and the jail's address-space bound are sized for it; a run asking
   more is `:invalid_input`). Compiled chunks run there too (their bytecode goes to the worker),
-  and `print: {:send, ...}` streams as under the NIF. Not yet supported there: sessions
-  (`ArgumentError` saying so); handles in a run's input are `:invalid_input`.
+  and `print: {:send, ...}` streams as under the NIF, and handles (`LuaSandbox.handle/1`) work
+  as under the NIF (their terms stay in the BEAM; a worker sees indices). Not yet supported
+  there: a session's forks and a compiled chunk as a session call's source (`ArgumentError`
+  saying so).
   """
   @spec start_link(keyword) :: Supervisor.on_start()
   def start_link(opts) do
@@ -210,7 +212,7 @@ defmodule LuaSandbox.Supervisor do
   @doc false
   # What an isolation: :process supervisor does not run yet (issue 18): forks of a session, and
   # a session call whose source is a compiled chunk (a chunk as a run's source or a module
-  # works); handles in a run's input are refused by the worker as :invalid_input. Raises
+  # works). Raises
   # ArgumentError naming what is missing; `what` is `{:run, source, opts}`, `{:session, opts}`
   # (validated options), `:fork` or `:chunk` (a session call's source).
   @spec check_isolation!(

@@ -11,6 +11,7 @@ defmodule LuaSandbox.Worker do
   # status come to the caller directly, without a hop through the pool.
 
   alias LuaSandbox.Error
+  alias LuaSandbox.Worker.Handles
 
   @boot_timeout 10_000
 
@@ -28,6 +29,7 @@ defmodule LuaSandbox.Worker do
     :seccomp
   ]
   @answers [:boot, :on, :off, :pong, :ok, :error, :errno, :done, :tool_call, :print, nil, :nan] ++
+             [:handle] ++
              [:cancelled, :busy, :memory, :calls, :instructions, :rollbacks] ++
              [:infinity, :neg_infinity] ++ LuaSandbox.Error.kinds()
 
@@ -215,7 +217,8 @@ defmodule LuaSandbox.Worker do
   """
   @spec run(port, binary | reference, map, integer | nil) :: {:worker, port, context, term}
   def run(port, source, native_opts, deadline) do
-    context = {deadline, forward(native_opts.print_pid, native_opts.print_tag)}
+    # the run's handles: their terms stay here (LuaSandbox.Worker.Handles)
+    context = {deadline, forward(native_opts.print_pid, native_opts.print_tag), Handles.new()}
     step(port, {:run, wire(source), run_opts(native_opts)}, context)
   end
 
@@ -230,8 +233,11 @@ defmodule LuaSandbox.Worker do
     |> Map.update!(:modules, &Enum.map(&1, fn {name, m} -> {name, wire(m)} end))
   end
 
-  @typedoc "What a run's steps share: its deadline and where its streamed output goes."
-  @opaque context :: {integer | nil, (binary -> any) | nil}
+  @typedoc """
+  What a run's steps share: its deadline, where its streamed output goes, and its handles
+  (nil for a session call's: its session process swaps them, LuaSandbox.Session.Worker).
+  """
+  @opaque context :: {integer | nil, (binary -> any) | nil, Handles.t() | nil}
 
   @doc """
   Where a run's streamed output goes (`print: {:send, ...}`, from the NIF's options'
@@ -264,16 +270,24 @@ defmodule LuaSandbox.Worker do
 
   @doc false
   # One request of a run (or a session call) and its answer, checked and wrapped for
-  # LuaSandbox.Runner.drive/3; `port` is a port or a session's `{:session, pid, gen}`.
-  def step(port, request, {deadline, print} = context) do
+  # LuaSandbox.Runner.drive/3; `port` is a port or a session's `{:session, pid, gen}`. A run's
+  # handles are swapped here, both ways (LuaSandbox.Worker.Handles).
+  def step(port, request, {deadline, print, handles}) do
     wait =
       case deadline do
         nil -> :infinity
         d -> max(d - System.monotonic_time(:millisecond), 0) + @deadline_slack
       end
 
+    {request, handles} = if handles, do: Handles.wire(request, handles), else: {request, nil}
+
+    {answer, handles} =
+      port
+      |> request(request, wait, print)
+      |> unwire(handles)
+
     answer =
-      case request(port, request, wait, print) do
+      case answer do
         {:ok, {:ok, values, output, stats} = ok}
         when is_list(values) and is_binary(output) and is_map(stats) ->
           ok
@@ -299,8 +313,17 @@ defmodule LuaSandbox.Worker do
            )}
       end
 
-    {:worker, port, context, answer}
+    {:worker, port, {deadline, print, handles}, answer}
   end
+
+  defp unwire({:ok, answer}, handles) when handles != nil do
+    case Handles.unwire(answer, handles) do
+      {:ok, answer, handles} -> {{:ok, answer}, handles}
+      {:error, why} -> {{:error, Error.new(:worker_crashed, "the worker broke: #{why}")}, handles}
+    end
+  end
+
+  defp unwire(answer, handles), do: {answer, handles}
 
   @doc "The worker's OS pid, or nil once its port is closed."
   @spec os_pid(port) :: pos_integer | nil

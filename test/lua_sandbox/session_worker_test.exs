@@ -110,6 +110,53 @@ defmodule LuaSandbox.SessionWorkerTest do
   end
 
   @tag :capture_log
+  test "a restarted worker has the start's handles, not the calls'", %{sup: sup} do
+    {:ok, s} = Session.start_link(supervisor: sup, globals: %{db: LuaSandbox.handle(:db)})
+    :ok = Session.set(s, "kept", LuaSandbox.handle(:kept))
+    assert {:ok, %{values: [:db, :kept]}} = Session.run(s, "return db, kept")
+    %{os_pid: os_pid} = Session.info(s)
+    System.cmd("kill", ["-KILL", Integer.to_string(os_pid)])
+    wait_until(fn -> Session.info(s)[:os_pid] not in [nil, os_pid] end)
+    assert {:ok, %{values: [:db, nil]}} = Session.run(s, "return db, kept")
+    :ok = Session.set(s, "kept", LuaSandbox.handle(:again))
+    assert {:ok, %{values: [:db, :again]}} = Session.run(s, "return db, kept")
+  end
+
+  test "a call that ends well as its caller dies keeps its handles, as its state", %{sup: sup} do
+    me = self()
+    {:ok, s} = Session.start_link(supervisor: sup, tools: %{ping: fn _ -> send(me, :pinged) end})
+
+    {:ok, _} =
+      Session.run(s, """
+      function keep_slowly(h) kept = h tools.ping() for i = 1, 3e7 do end return true end
+      """)
+
+    caller =
+      spawn(fn ->
+        Session.call(s, "keep_slowly", [LuaSandbox.handle(:kept)], max_instructions: @big)
+      end)
+
+    assert_receive :pinged, 5_000
+    # the tool's reply is with the worker, which loops on: the caller dies meanwhile, and the
+    # session process sees its death before the call's answer (which has no cancel to see)
+    wait_until(fn -> :sys.get_state(s).worker.call != nil end)
+    :sys.suspend(s)
+    # (on a machine fast enough to end the loop before the suspend, the answer came first)
+    racing = :sys.get_state(s).worker.call != nil
+    Process.exit(caller, :kill)
+    queued = if racing, do: 2, else: 1
+
+    wait_until(
+      fn -> Process.info(s, :message_queue_len) == {:message_queue_len, queued} end,
+      30_000
+    )
+
+    :sys.resume(s)
+    assert {:ok, %{value: :kept}} = Session.run(s, "return kept")
+    assert %{calls: 3, rollbacks: 0} = Session.info(s)
+  end
+
+  @tag :capture_log
   test "its port closing abnormally restarts the worker; another link's exit stops the session",
        %{sup: sup} do
     s = start!(sup)

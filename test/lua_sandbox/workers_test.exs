@@ -200,22 +200,87 @@ defmodule LuaSandbox.WorkersTest do
     Enum.filter(links, &is_port/1)
   end
 
-  describe "not yet supported" do
-    test "handles in a run's input and from a tool are refused, naming why" do
+  describe "handles" do
+    # A stand-in for a worker: `cat` sends every frame back, so the request sent is the answer.
+    defp echo_port, do: Port.open({:spawn, "cat"}, [{:packet, 4}, :binary])
+
+    defp native_opts(opts),
+      do: opts |> LuaSandbox.Options.validate!() |> LuaSandbox.Options.to_native()
+
+    test "a worker is sent indices only; the terms stay in the BEAM" do
+      ref = make_ref()
+      h = LuaSandbox.handle({:secret, ref})
+      port = echo_port()
+
+      # what the worker got is what came back
+      {:worker, ^port, _context, {:broken, %Error{message: m}}} =
+        Worker.run(port, "return h", native_opts(globals: %{h: h}, call: {"f", [[h]]}), nil)
+
+      Port.close(port)
+      assert m =~ "{\"h\", {:handle,"
+      assert m =~ "{\"f\", [[handle: 1]]}"
+      refute m =~ inspect(ref)
+      refute m =~ "secret"
+    end
+
+    test "a worker naming a handle it was not given is broken (:worker_crashed)" do
+      port = echo_port()
+      h = LuaSandbox.handle(:given)
+
+      {:worker, ^port, context, {:broken, _}} =
+        Worker.run(port, "return h", native_opts(globals: %{h: h}), nil)
+
+      stats = Error.empty_stats()
+
+      assert {:worker, ^port, context, {:ok, [:given, [%{"k" => :given}]], "", ^stats}} =
+               Worker.step(
+                 port,
+                 {:ok, [{:handle, 0}, [%{"k" => {:handle, 0}}]], "", stats},
+                 context
+               )
+
+      for bad <- [{:handle, 1}, {:handle, -1}, {:handle, "0"}, {:other, 0}, {}] do
+        assert {:worker, ^port, ^context, {:broken, %Error{kind: :worker_crashed, message: m}}} =
+                 Worker.step(port, {:ok, [1, %{"x" => [bad]}], "", stats}, context)
+
+        assert m =~ "the worker broke: it named"
+      end
+
+      # in a tool call's arguments and an error's value too
+      assert {:worker, ^port, _, {:broken, %Error{kind: :worker_crashed}}} =
+               Worker.step(port, {:tool_call, "t", [{:handle, 7}]}, context)
+
+      assert {:worker, ^port, _, {:broken, %Error{kind: :worker_crashed}}} =
+               Worker.step(
+                 port,
+                 {:error, {:runtime, "x", nil, nil, {:handle, 7}}, "", stats},
+                 context
+               )
+
+      Port.close(port)
+    end
+
+    @tag :capture_log
+    test "a session's worker naming a handle the session does not have is replaced" do
       sup = start_pool(1)
-      h = LuaSandbox.handle(make_ref())
 
-      assert {:error, %Error{kind: :invalid_input, message: m}} =
-               LuaSandbox.run("return h", supervisor: sup, globals: %{h: h})
+      {:ok, s} =
+        LuaSandbox.Session.start_link(supervisor: sup, globals: %{db: LuaSandbox.handle(:db)})
 
-      assert m =~ "a handle cannot become a Lua value under isolation: :process"
+      :ok = LuaSandbox.Session.set(s, "kept", LuaSandbox.handle(:kept))
+      %{os_pid: os_pid} = LuaSandbox.Session.info(s)
+      # the session forgets the handle its worker still has
+      :sys.replace_state(s, fn st -> update_in(st.worker.handles.terms, &Map.delete(&1, 1)) end)
 
-      assert {:error, %Error{kind: :runtime, message: m}} =
-               LuaSandbox.run("return tools.t()", supervisor: sup, tools: %{t: fn _ -> h end})
+      assert {:error, %Error{kind: :worker_crashed, message: m}} =
+               LuaSandbox.Session.run(s, "return kept")
 
-      assert m =~ "tool 't': a handle cannot become a Lua value under isolation: :process"
-      # the worker serves on
-      assert {:ok, %{value: 1}} = LuaSandbox.run("return 1", supervisor: sup)
+      assert m =~ "os pid #{os_pid}"
+      assert m =~ "it named handle 1, which it does not have"
+      # a new worker from the session's start: its handles with it
+      assert {:ok, %{values: [:db, nil]}} = LuaSandbox.Session.run(s, "return db, kept")
+      assert %{os_pid: new} = LuaSandbox.Session.info(s)
+      assert new != os_pid
     end
   end
 

@@ -17,8 +17,14 @@ defmodule LuaSandbox.Session.Worker do
   # `:worker_crashed` naming how it died, and the session restarts in a new worker from its
   # start options (as a supervisor restarts a child: the state of before is lost);
   # `gen` counts the workers, so a call that spans a restart answers `:worker_crashed` too.
+  #
+  # The session's handles (LuaSandbox.Worker.Handles) live here, in `handles`: every frame of a
+  # call passes through this process, so it swaps them both ways and follows the call's end
+  # (its answer, or the answer of a call whose caller died: `orphan`, or `:cancelled` for one
+  # dropped at a tool) to forget a rolled-back call's handles as the worker rolls it back.
 
   alias LuaSandbox.{Error, Runner, Worker}
+  alias LuaSandbox.Worker.Handles
   alias LuaSandbox.Supervisor.Workers
 
   require Logger
@@ -36,7 +42,9 @@ defmodule LuaSandbox.Session.Worker do
     # The worker's arena is sized for the session's max_memory, within the pool's bound (a
     # session asking for more is refused by the worker, as a run is).
     memory = min(native_opts.max_memory, pool_memory)
-    opts = Worker.run_opts(native_opts)
+    # the session's handles: their terms stay in the session process (LuaSandbox.Worker.Handles)
+    {{:session_new, opts}, handles} =
+      Handles.wire({:session_new, Worker.run_opts(native_opts)}, Handles.new())
 
     with {:ok, port, os_pid, _layers} <- Worker.start(path, memory) do
       worker = %{
@@ -45,6 +53,7 @@ defmodule LuaSandbox.Session.Worker do
         path: path,
         memory: memory,
         opts: opts,
+        handles: handles,
         gen: 0,
         # the session's print: {:send, ...}: its calls' streamed output, sent on from here
         print: Worker.forward(native_opts.print_pid, native_opts.print_tag)
@@ -89,7 +98,8 @@ defmodule LuaSandbox.Session.Worker do
   @spec await_hand_over(map) :: map
   def await_hand_over(%{port: port} = worker) do
     receive do
-      {:port_handed, ^port} -> Map.merge(worker, %{call: nil, parked: false, cancelling: nil})
+      {:port_handed, ^port} ->
+        Map.merge(worker, %{call: nil, parked: false, cancelling: nil, orphan: nil})
     end
   end
 
@@ -111,7 +121,7 @@ defmodule LuaSandbox.Session.Worker do
   @doc "Runs a session call in the worker; answers like `LuaSandbox.Worker.run/4`."
   @spec run({:session, pid, non_neg_integer}, binary | nil, map, integer | nil) :: tuple
   def run(target, source, call_opts, deadline),
-    do: Worker.step(target, {:session_run, source, call_opts}, {deadline, nil})
+    do: Worker.step(target, {:session_run, source, call_opts}, {deadline, nil, nil})
 
   ## Server (in the session process)
 
@@ -124,6 +134,9 @@ defmodule LuaSandbox.Session.Worker do
 
       true ->
         id = System.unique_integer([:positive])
+        # the call's handles are the session's (LuaSandbox.Worker.Handles)
+        {request, handles} = Handles.wire(request, worker.handles)
+        worker = %{worker | call: {from, id}, handles: handles}
 
         try do
           Port.command(
@@ -131,10 +144,10 @@ defmodule LuaSandbox.Session.Worker do
             :erlang.term_to_binary({id, with_state_opts(worker, request)})
           )
 
-          %{worker | call: {from, id}}
+          worker
         rescue
           # the port closed: its exit status is on the way (port_message/2 answers then)
-          ArgumentError -> %{worker | call: {from, id}}
+          ArgumentError -> worker
         end
     end
   end
@@ -161,13 +174,30 @@ defmodule LuaSandbox.Session.Worker do
         {:ignored, worker}
 
       {id, answer} when is_tuple(worker.call) and elem(worker.call, 1) == id ->
-        GenServer.reply(elem(worker.call, 0), {:ok, answer})
-        {:answered, %{worker | call: nil, parked: match?({:tool_call, _, _}, answer)}}
+        case Handles.unwire(answer, worker.handles) do
+          {:ok, answer, handles} ->
+            GenServer.reply(elem(worker.call, 0), {:ok, answer})
+
+            {:answered,
+             %{worker | call: nil, parked: match?({:tool_call, _, _}, answer), handles: handles}}
+
+          # a broken worker: closed (restart/1) and replaced, as a dead one
+          {:error, why} ->
+            died(worker, "closed, as #{why}")
+        end
 
       {id, :cancelled} when id == worker.cancelling ->
-        {:free, %{worker | cancelling: nil, call: nil, parked: false}}
+        handles = Handles.dropped(worker.handles)
+        {:free, %{worker | cancelling: nil, call: nil, parked: false, handles: handles}}
 
-      # the answer of a call whose caller died (cancelled meanwhile)
+      # the answer of a call whose caller died (cancelled meanwhile): whether it was rolled
+      # back decides whether its handles stay
+      {id, answer} when id == worker.orphan ->
+        case Handles.unwire(answer, worker.handles) do
+          {:ok, _answer, handles} -> {:ignored, %{worker | orphan: nil, handles: handles}}
+          {:error, _why} -> {:ignored, %{worker | orphan: nil}}
+        end
+
       _ ->
         {:ignored, worker}
     end
@@ -202,9 +232,11 @@ defmodule LuaSandbox.Session.Worker do
   def release(worker) do
     id = System.unique_integer([:positive])
 
+    orphan = if worker.call, do: elem(worker.call, 1)
+
     try do
       Port.command(worker.port, :erlang.term_to_binary({id, :cancel}))
-      {:cancelling, %{worker | cancelling: id, call: nil}}
+      {:cancelling, %{worker | cancelling: id, call: nil, orphan: orphan}}
     rescue
       ArgumentError -> {:free, restart(worker)}
     end
@@ -260,7 +292,7 @@ defmodule LuaSandbox.Session.Worker do
     with {:ok, port, os_pid, _} <- Worker.start(worker.path, worker.memory),
          {:ok, :ok} <- Worker.request(port, {:session_new, worker.opts}, @boot_timeout) do
       %{worker | port: port, os_pid: os_pid, gen: worker.gen + 1, call: nil, parked: false}
-      |> Map.put(:cancelling, nil)
+      |> Map.merge(%{cancelling: nil, orphan: nil, handles: Handles.restarted(worker.handles)})
     else
       other -> exit({:session_worker_restart_failed, other})
     end

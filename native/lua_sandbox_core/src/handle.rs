@@ -5,7 +5,9 @@
 //! only [`push`] attaches. Lua cannot create such a userdata, read or change what is inside (no
 //! `debug` library; the metatable is hidden), or turn it into anything but itself; [`read`]
 //! recognises only userdata with that metatable, and the embedder honours a handle only when
-//! its token is the one it drew.
+//! its token is the one it drew ([`Token`]): the NIF keeps the terms in its store, the worker of
+//! `isolation: :process` keeps only the token (the BEAM keeps the terms, and checks the
+//! indices the worker names).
 
 use std::ffi::c_int;
 
@@ -25,6 +27,59 @@ pub struct Handle {
 /// A fresh random token for a store of handles (odd, so never 0).
 pub fn new_token() -> u64 {
     crate::seed::random_pair().0 as u64 | 1
+}
+
+/// A store's token: drawn (from the kernel) with its first handle, so runs that pass none pay
+/// nothing; copied into a forked session's store, so the handles in the copied state stay
+/// valid there.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Token(u64);
+
+/// Why a userdata is not one of a store's handles.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotOurs {
+    /// Not a handle at all (e.g. `io.stdout`).
+    NotAHandle,
+    /// A handle, but made for another run or session (its token, or its index, is not ours).
+    Elsewhere,
+}
+
+impl NotOurs {
+    /// What the value is, in words (`marshal::FailKind::Foreign`).
+    pub fn what(self) -> &'static str {
+        match self {
+            NotOurs::NotAHandle => "userdata",
+            NotOurs::Elsewhere => "a handle from another run or session",
+        }
+    }
+}
+
+impl Token {
+    /// The handle of the value at `index` of this store (drawing the token first, if this is
+    /// the store's first handle).
+    pub fn handle(&mut self, index: u64) -> Handle {
+        if self.0 == 0 {
+            self.0 = new_token();
+        }
+        Handle {
+            token: self.0,
+            index,
+        }
+    }
+
+    /// The index of the handle at `idx`, if it is one of this store's (the embedder still
+    /// checks that the index names a value it has).
+    ///
+    /// # Safety
+    /// As for [`read`].
+    pub unsafe fn index_of(&self, l: *mut ffi::lua_State, idx: c_int) -> Result<u64, NotOurs> {
+        // SAFETY: per the contract.
+        let handle = unsafe { read(l, idx) }.ok_or(NotOurs::NotAHandle)?;
+        if self.0 == 0 || handle.token != self.0 {
+            return Err(NotOurs::Elsewhere);
+        }
+        Ok(handle.index)
+    }
 }
 
 /// Pushes a handle (a userdata with the handle metatable).

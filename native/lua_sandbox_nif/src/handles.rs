@@ -12,24 +12,24 @@
 use std::ffi::c_int;
 
 use lua_sandbox_core::ffi;
-use lua_sandbox_core::handle::{self, Handle};
+pub use lua_sandbox_core::handle::NotOurs;
+use lua_sandbox_core::handle::{self, Token};
 use lua_sandbox_core::session::Store;
 use rustler::env::{OwnedEnv, SavedTerm};
 use rustler::{Env, Term};
 
 /// The terms behind one run's handles.
 pub struct Handles {
-    token: u64,
+    token: Token,
     owned: Option<OwnedEnv>,
     saved: Vec<SavedTerm>,
 }
 
 impl Handles {
-    /// No handles yet: the token is drawn (from the kernel) with the first one, so runs
-    /// that pass none pay nothing.
+    /// No handles yet (the token is drawn with the first one: [`Token`]).
     pub fn new() -> Handles {
         Handles {
-            token: 0,
+            token: Token::default(),
             owned: None,
             saved: Vec::new(),
         }
@@ -87,29 +87,14 @@ fn with_active<R>(f: impl FnOnce(&mut Handles) -> R) -> Option<R> {
 /// lifted (so neither push raises); the caller reserved the bytes.
 pub unsafe fn push(l: *mut ffi::lua_State, term: Term) -> Result<(), &'static str> {
     let handle = with_active(|h| {
-        if h.owned.is_none() {
-            h.token = handle::new_token();
-        }
         let owned = h.owned.get_or_insert_with(OwnedEnv::new);
         h.saved.push(owned.save(term));
-        Handle {
-            token: h.token,
-            index: (h.saved.len() - 1) as u64,
-        }
+        h.token.handle((h.saved.len() - 1) as u64)
     })
     .ok_or("handles can only be passed to a run")?;
     // SAFETY: per the contract.
     unsafe { handle::push(l, handle) };
     Ok(())
-}
-
-/// Why a userdata is not one of this run's handles.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum NotOurs {
-    /// Not a handle at all (e.g. `io.stdout`).
-    NotAHandle,
-    /// A handle, but made for another run or session (its token or index is not ours).
-    Elsewhere,
 }
 
 /// The term behind the handle at `idx`, if it is one of this run's handles.
@@ -121,13 +106,12 @@ pub unsafe fn read<'e>(
     l: *mut ffi::lua_State,
     idx: c_int,
 ) -> Result<Term<'e>, NotOurs> {
+    // No store (never in a run): no handle is ours.
+    let token = with_active(|h| h.token).unwrap_or_default();
     // SAFETY: per the contract.
-    let handle = unsafe { handle::read(l, idx) }.ok_or(NotOurs::NotAHandle)?;
+    let index = unsafe { token.index_of(l, idx) }?;
     with_active(|h| {
-        if h.token == 0 || handle.token != h.token {
-            return None;
-        }
-        let saved = h.saved.get(handle.index as usize)?;
+        let saved = h.saved.get(index as usize)?;
         let owned = h.owned.as_ref()?;
         Some(owned.run(|oenv| saved.load(oenv).in_env(env)))
     })

@@ -6,21 +6,53 @@
 //! (`native/lua_sandbox_nif/src/marshal/`); this module walks the protocol's terms. The test
 //! suites that run the API under both isolations hold the two to the same answers.
 //!
-//! There are no handles in a worker (`isolation: :process` does not carry them yet): every
-//! userdata is one the host cannot take.
+//! Handles: the BEAM keeps the terms (`LuaSandbox.Worker.Handles`) and sends each handle as
+//! `{:handle, index}` (`proto.rs`); the worker pushes the core's handle userdata for that index
+//! under the token of its run's (or session's) [`Handles`], and reads one of its own back as
+//! `{:handle, index}`. Any other userdata is one the host cannot take, as in the NIF.
 
 use std::ffi::c_int;
 
 use lua_sandbox_core::error::SandboxError;
+use lua_sandbox_core::handle::{self, Token};
 use lua_sandbox_core::marshal::{
     self, invalid, key_seg, push_str, stack_exhausted, unsupported, Build, Fail, FailKind, KeyKind,
     KeyKinds, Push, Seg, Tally, LUA_VALUE_BYTES,
 };
+use lua_sandbox_core::session::Store;
 use lua_sandbox_core::{ffi, sandbox};
 
 use crate::proto::{self, Term};
 
 pub use lua_sandbox_core::marshal::{ArgsError, Bounds};
+
+// ---------------------------------------------------------------------------------------------
+// Handles
+
+/// The handles of a run or a session in the worker: only their token, lent to the run's scope
+/// as the NIF lends its store. The terms, the count and the rollback of a session's handles
+/// are the BEAM's (`LuaSandbox.Worker.Handles`), which checks every index named here.
+#[derive(Default)]
+pub struct Handles(Token);
+
+impl Store for Handles {
+    /// Nothing to roll back here: the BEAM forgets a rolled-back call's handles.
+    fn mark(&self) -> usize {
+        0
+    }
+
+    fn truncate(&mut self, _mark: usize) {}
+
+    /// The same token: the handles in the copied state stay valid in the fork.
+    fn fork(&self) -> Handles {
+        Handles(self.0)
+    }
+}
+
+/// Runs `f` on the active run's [`Handles`] (lent to its scope, `run.rs`).
+fn with_handles<R>(f: impl FnOnce(&mut Handles) -> R) -> Option<R> {
+    lua_sandbox_core::scope::with_handles::<Handles, R>(f)
+}
 
 // ---------------------------------------------------------------------------------------------
 // Terms to Lua
@@ -79,7 +111,18 @@ impl Push<Term> for Builder {
                 Term::Atom(a) if a == "nil" => ffi::lua_pushnil(l),
                 Term::List(items) => self.push_list(l, items, depth)?,
                 Term::Map(pairs) => self.push_map(l, pairs, depth)?,
-                Term::Tuple(_) => return Err(invalid("tuple cannot become a Lua value")),
+                Term::Tuple(_) => match term.as_handle() {
+                    Some(index) => {
+                        self.b.reserve(LUA_VALUE_BYTES)?;
+                        let h = with_handles(|h| h.0.handle(index))
+                            .ok_or_else(|| invalid("handles can only be passed to a run"))?;
+                        // SAFETY: the trait's contract (not running, limit lifted, one free
+                        // slot), the bytes reserved just above; the worker's state was built
+                        // by `sandbox::new_slot` (main.rs), so the handle metatable is there.
+                        handle::push(l, h);
+                    }
+                    None => return Err(invalid("tuple cannot become a Lua value")),
+                },
                 Term::Other("improper list") => return Err(invalid("improper list")),
                 Term::Other(what) => return Err(self.not_a_value(what, "")),
                 scalar => self.push_scalar(l, scalar)?,
@@ -140,13 +183,9 @@ impl Builder {
             .iter()
             .find(|(k, _)| k.as_atom() == Some("__struct__"))
         {
+            // A handle crosses as `{:handle, index}`, never as its struct.
             let module = name.as_atom().unwrap_or_default();
             let module = module.strip_prefix("Elixir.").unwrap_or(module);
-            if module == "LuaSandbox.Handle" {
-                return Err(invalid(
-                    "a handle cannot become a Lua value under isolation: :process (not yet supported)",
-                ));
-            }
             return Err(invalid(&format!(
                 "struct {module} cannot become a Lua value (no LuaSandbox.Encoder)"
             )));
@@ -398,7 +437,19 @@ impl Reader {
                     self.charge(0)?;
                     proto::put_atom(&mut self.out, "nil");
                 }
-                ffi::LUA_TUSERDATA => return Err(Fail::new(FailKind::Foreign("userdata"))),
+                ffi::LUA_TUSERDATA => {
+                    if ffi::lua_checkstack(l, 2) == 0 {
+                        return Err(unsupported("userdata"));
+                    }
+                    // No store (never in a run): no handle is ours.
+                    let token = with_handles(|h| h.0).unwrap_or_default();
+                    // SAFETY: a full userdata at `idx`, 2 free slots (checked above).
+                    let index = token
+                        .index_of(l, idx)
+                        .map_err(|why| Fail::new(FailKind::Foreign(why.what())))?;
+                    self.charge(0)?;
+                    proto::put_handle(&mut self.out, index);
+                }
                 ffi::LUA_TFUNCTION => return Err(unsupported("a function")),
                 ffi::LUA_TTHREAD => return Err(unsupported("a coroutine")),
                 _ => return Err(unsupported("userdata")),

@@ -39,6 +39,16 @@
 //!   session). Sent mid-run it stops the run first: a frame waiting on fd 0 during a run can only
 //!   be a cancel, and the run's liveness check sees it at the next budget tick
 //!   (`crate::cancelled`), so the run answers `:killed` and then the cancel `:cancelled`;
+//! - handles (`LuaSandbox.handle/1`): the BEAM keeps the terms, per run and per session
+//!   (`lib/lua_sandbox/worker/handles.ex`), and a handle crosses as `{:handle, index}`
+//!   ([`put_handle`], [`Term::as_handle`]) wherever a value does: in the values of `globals`
+//!   and `call` of `{:run, ...}`, `{:session_new, ...}` and `{:session_run, ...}`, in a
+//!   `{:reply, {:ok, value}}`, and back in the values of `{:ok, values, ...}`, an error
+//!   answer's value and a `{:tool_call, name, args}`. No user term can take that form: values
+//!   reach the worker through `LuaSandbox.Encoding`, which turns every tuple into a list (and
+//!   the BEAM's swap turns any tuple left into `{}`), and a Lua value never reads back as a
+//!   tuple. The worker makes the handle userdata with the index (`marshal::Handles`); the BEAM
+//!   checks every index the worker names, and a worker naming one it does not have is broken;
 //! - `{:probe, name, operand}` (test builds with `wall-probes` only) → `{:errno, n}`,
 //!   `{:done, n}` or no answer at all when the jail killed the worker;
 //! - anything else → `{:error, message}`.
@@ -128,6 +138,18 @@ impl Term {
             _ => None,
         }
     }
+
+    /// The index of a handle's wire form `{:handle, index}`, if this is one (see the module
+    /// documentation).
+    pub fn as_handle(&self) -> Option<u64> {
+        match self {
+            Term::Tuple(t) => match t.as_slice() {
+                [tag, Term::Int(i)] if tag.as_atom() == Some(HANDLE) => u64::try_from(*i).ok(),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
 }
 
 /// A frame that is not a term of the subset.
@@ -203,6 +225,16 @@ pub fn set_header(out: &mut [u8], at: usize, map: bool, n: u32) {
 /// Appends the empty list (a list's tail).
 pub fn put_nil(out: &mut Vec<u8>) {
     out.push(NIL);
+}
+
+/// The tag of a handle's wire form.
+const HANDLE: &str = "handle";
+
+/// Appends a handle's wire form, `{:handle, index}` (see the module documentation).
+pub fn put_handle(out: &mut Vec<u8>, index: u64) {
+    out.extend([SMALL_TUPLE, 2]);
+    put_atom(out, HANDLE);
+    put_int(out, index.min(i64::MAX as u64) as i64);
 }
 
 fn encode_into(term: &Term, out: &mut Vec<u8>) {
@@ -560,6 +592,26 @@ mod tests {
             decode(&[131, 88, 119, 1, 97, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0]),
             Ok(Term::Other("pid"))
         );
+    }
+
+    // A handle's wire form reads back; nothing else is one.
+    #[test]
+    fn handles_read_back() {
+        let mut out = vec![VERSION];
+        put_handle(&mut out, 7);
+        assert_eq!(decode(&out).unwrap().as_handle(), Some(7));
+        // {:handle, 3} as :erlang.term_to_binary writes it on OTP 25
+        let beam = [131, 104, 2, 100, 0, 6, 104, 97, 110, 100, 108, 101, 97, 3];
+        assert_eq!(decode(&beam).unwrap().as_handle(), Some(3));
+        for t in [
+            Term::tuple([Term::atom("handle"), Term::Int(-1)]),
+            Term::tuple([Term::atom("handle"), Term::bin("3")]),
+            Term::tuple([Term::atom("other"), Term::Int(3)]),
+            Term::tuple([Term::atom("handle"), Term::Int(3), Term::Int(3)]),
+            Term::List(vec![Term::atom("handle"), Term::Int(3)]),
+        ] {
+            assert_eq!(t.as_handle(), None, "{t:?}");
+        }
     }
 
     #[test]

@@ -128,7 +128,8 @@ impl Runner {
             self.print(opts.print),
             // A chunk runs under its own name, as in the NIF.
             source.name(&opts.chunk_name).to_string(),
-            None,
+            // the token of the run's handles (`marshal::Handles`)
+            Some(Box::new(marshal::Handles::default())),
             t0,
         );
         let max_depth = limits.max_depth;

@@ -21,11 +21,12 @@ use lua_sandbox_core::exec::{self, Entry, Limits, Push, Setup, StateSetup};
 use lua_sandbox_core::pool;
 use lua_sandbox_core::session::Session;
 
+use crate::marshal::Handles;
 use crate::proto::Term;
 use crate::run::{caller, early, Opts, PrintOpt, Runner};
 
 /// The session between calls, `None` while a call has it (its loan gives it back here).
-type Home = Arc<Mutex<Option<Session<()>>>>;
+type Home = Arc<Mutex<Option<Session<Handles>>>>;
 
 /// The worker's session: its state and its state-wide settings.
 pub struct WorkerSession {
@@ -37,7 +38,7 @@ pub struct WorkerSession {
     print: PrintOpt,
 }
 
-fn lock(home: &Home) -> MutexGuard<'_, Option<Session<()>>> {
+fn lock(home: &Home) -> MutexGuard<'_, Option<Session<Handles>>> {
     // Only take/put happen under the lock: a panic cannot leave it inconsistent.
     home.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -52,7 +53,7 @@ impl WorkerSession {
         let early = |e: SandboxError| early(e, &opts.chunk_name, t0);
         let lease = pool::lease_from(runner.capacity).map_err(early)?;
         let limits = opts.limits;
-        let session = Session::<()>::build(lease, caller(), |slot| {
+        let session = Session::<Handles>::build(lease, caller(), |slot| {
             let modules = opts.modules()?;
             let mut globals = opts.push_globals(limits.max_depth);
             let setup = StateSetup {

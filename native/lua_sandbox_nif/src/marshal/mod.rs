@@ -21,17 +21,8 @@ use rustler::types::{ListIterator, MapIterator};
 use rustler::{Encoder, Env, Term, TermType};
 
 use crate::atoms;
-use crate::handles::NotOurs;
 use crate::term::{binary_term, binary_term_charged, PIECE};
 use lua_sandbox_core::error::SandboxError;
-
-/// What a userdata the host cannot take is, in words.
-fn foreign(why: NotOurs) -> &'static str {
-    match why {
-        NotOurs::NotAHandle => "userdata",
-        NotOurs::Elsewhere => "a handle from another run or session",
-    }
-}
 
 mod to_lua;
 mod to_term;

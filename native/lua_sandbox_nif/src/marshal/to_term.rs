@@ -179,7 +179,7 @@ impl<'e> Reader<'e> {
                             self.charge(0)?;
                             Ok(t)
                         }
-                        Err(why) => Err(Fail::new(FailKind::Foreign(foreign(why)))),
+                        Err(why) => Err(Fail::new(FailKind::Foreign(why.what()))),
                     }
                 }
                 ffi::LUA_TFUNCTION => Err(unsupported("a function")),
