@@ -63,7 +63,7 @@ defmodule LuaSandbox.Session do
   back, the worker kept); a worker that dies answers the call in progress `:worker_crashed`
   and the session restarts in a new worker from its start options (its state is lost, as a
   supervised process's is); `info/1` also gives the worker's `os_pid`. Not yet there
-  (`ArgumentError`): `fork/2`, compiled chunks.
+  (`ArgumentError`): `fork/2`.
   """
 
   use GenServer
@@ -348,8 +348,6 @@ defmodule LuaSandbox.Session do
     case checkout!(session, deadline) do
       {:ok, {res, tools, print, {meta, queue_timeout}, max_memory, family}} ->
         try do
-          check_worker_source!(res, source, meta.supervisor)
-
           # a call is a run of the supervisor: admission, queue, quotas, metrics, telemetry
           Family.enter(family, fn ->
             LuaSandbox.Supervisor.admitted(:session, meta, queue_timeout, deadline, fn deadline ->
@@ -379,13 +377,6 @@ defmodule LuaSandbox.Session do
   end
 
   defp now_ms, do: System.monotonic_time(:millisecond)
-
-  # A session in a worker takes source text (a compiled chunk is a NIF resource), before the call
-  # is admitted.
-  defp check_worker_source!({:session, _, _}, source, sup) when is_reference(source),
-    do: LuaSandbox.Supervisor.check_isolation!(sup, :chunk)
-
-  defp check_worker_source!(_res, _source, _sup), do: :ok
 
   # A session in a worker (isolation: :process): the call's frames go through the session
   # process to its worker; a worker that did not answer within the deadline is replaced.

@@ -208,14 +208,13 @@ defmodule LuaSandbox.Supervisor do
   end
 
   @doc false
-  # What an isolation: :process supervisor does not run yet (issue 18): forks of a session, and
-  # a session call whose source is a compiled chunk (a chunk as a run's source or a module
-  # works); handles in a run's input are refused by the worker as :invalid_input. Raises
+  # What an isolation: :process supervisor does not run yet (issue 18): forks of a session;
+  # handles in a run's input are refused by the worker as :invalid_input. Raises
   # ArgumentError naming what is missing; `what` is `{:run, source, opts}`, `{:session, opts}`
-  # (validated options), `:fork` or `:chunk` (a session call's source).
+  # (validated options) or `:fork`.
   @spec check_isolation!(
           atom,
-          {:session, keyword} | :fork | :chunk | {:run, LuaSandbox.source(), keyword}
+          {:session, keyword} | :fork | {:run, LuaSandbox.source(), keyword}
         ) ::
           :ok
   def check_isolation!(sup, what) do
@@ -226,8 +225,6 @@ defmodule LuaSandbox.Supervisor do
   defp check_process!(sup, {:session, opts}), do: check_process!(sup, {:run, "", opts})
 
   defp check_process!(sup, :fork), do: not_yet!(sup, "forks of a session (Session.fork/2)")
-
-  defp check_process!(sup, :chunk), do: not_yet!(sup, "compiled chunks (pass the source text)")
 
   defp check_process!(_sup, {:run, _source, _opts}), do: :ok
 

@@ -249,11 +249,13 @@ defmodule LuaSandbox.Worker do
     &send(pid, {:lua_print, tag, &1})
   end
 
-  # A chunk crosses as `{:bytecode, bytes, name}`, its bytecode straight from its resource
-  # (the worker loads it as our own bytecode: native/lua_sandbox_worker/src/run.rs `Source`).
-  defp wire(source) when is_binary(source), do: source
+  @doc false
+  # A source as it crosses to a worker (a run's, a module's, a session call's): text as it is,
+  # a chunk as `{:bytecode, bytes, name}`, its bytecode straight from its resource (the worker
+  # loads it as our own bytecode: native/lua_sandbox_worker/src/run.rs `Source`).
+  def wire(source) when is_binary(source), do: source
 
-  defp wire(chunk) when is_reference(chunk) do
+  def wire(chunk) when is_reference(chunk) do
     {bytecode, name} = LuaSandbox.Native.chunk_bytecode(chunk)
     {:bytecode, bytecode, name}
   end

@@ -160,16 +160,12 @@ defmodule LuaSandbox.SessionWorkerTest do
     assert message =~ "not yet supported with isolation: :process"
   end
 
-  test "forks and a compiled chunk as a call's source say they are not supported yet",
+  test "forks say they are not supported yet",
        %{sup: sup} do
     s = start!(sup)
 
     assert_raise ArgumentError, ~r/^not yet supported on supervisor .*: forks/, fn ->
       Session.fork(s)
-    end
-
-    assert_raise ArgumentError, ~r/^not yet supported .*: compiled chunks/, fn ->
-      Session.run(s, LuaSandbox.compile!("return 1"))
     end
 
     # a NIF session does not fork onto a :process supervisor either

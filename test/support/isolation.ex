@@ -5,8 +5,7 @@ defmodule LuaSandbox.Isolation do
   # and sending its runs through `opts/2`, which picks the supervisor of that isolation. The
   # :process one (LuaSandbox.Isolation.Process) is started by test_helper.exs, before the tests,
   # and outlives them all. Tests of what a :process supervisor does not support yet
-  # (handles, a session's forks, a compiled chunk as a session call's source) are generated for
-  # :nif only. Sessions on it run in a worker of their own each (session_test.exs,
+  # (handles, a session's forks) are generated for :nif only. Sessions on it run in a worker of their own each (session_test.exs,
   # session_caller_test.exs).
 
   @process LuaSandbox.Isolation.Process

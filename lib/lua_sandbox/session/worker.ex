@@ -141,8 +141,11 @@ defmodule LuaSandbox.Session.Worker do
 
   # A call's options are the per-call ones; the worker reads a run's whole map, whose
   # state-wide part (limits, chunk name, print) is the session's.
-  defp with_state_opts(worker, {:session_run, source, call_opts}),
-    do: {:session_run, source, Map.merge(%{worker.opts | tools: [], modules: []}, call_opts)}
+  # A compiled chunk crosses as its bytecode (LuaSandbox.Worker.wire/1), as a run's does.
+  defp with_state_opts(worker, {:session_run, source, call_opts}) do
+    opts = Map.merge(%{worker.opts | tools: [], modules: []}, call_opts)
+    {:session_run, if(source, do: Worker.wire(source)), opts}
+  end
 
   defp with_state_opts(_worker, request), do: request
 

@@ -30,7 +30,8 @@
 //! - a session's worker (`src/session.rs`; one per `LuaSandbox.Session` on an
 //!   `isolation: :process` supervisor, `lib/lua_sandbox/session/worker.ex`):
 //!   `{:session_new, opts}` (a run's options map, state-wide part used) → `:ok` or the error
-//!   answer; `{:session_run, source_or_nil, opts}` (the run's map with the call's limits,
+//!   answer; `{:session_run, source_or_nil, opts}` (`source` as a run's: text or
+//!   `{:bytecode, bytes, name}`; the run's map with the call's limits,
 //!   `globals`, `call`, `rollback`) → answered like `{:run, ...}`, tool calls included (the
 //!   `{:reply, reply}` request unchanged; `print: :send` streams as for a run);
 //!   `:session_info` → `{:ok, %{memory:, calls:,

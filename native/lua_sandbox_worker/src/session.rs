@@ -15,14 +15,13 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
-use lua_sandbox_core::chunk::{check_source, Code};
 use lua_sandbox_core::error::SandboxError;
 use lua_sandbox_core::exec::{self, Entry, Limits, Push, Setup, StateSetup};
 use lua_sandbox_core::pool;
 use lua_sandbox_core::session::Session;
 
 use crate::proto::Term;
-use crate::run::{caller, early, Opts, PrintOpt, Runner};
+use crate::run::{caller, early, Opts, PrintOpt, Runner, Source};
 
 /// The session between calls, `None` while a call has it (its loan gives it back here).
 type Home = Arc<Mutex<Option<Session<()>>>>;
@@ -73,8 +72,8 @@ impl WorkerSession {
         })
     }
 
-    /// `{:session_run, source, opts}`: one call (`source` Lua text, or nil for a `call:` or
-    /// `globals:` only), with the per-call options of `opts` (`rollback` among them); answers
+    /// `{:session_run, source, opts}`: one call (`source` Lua text, a compiled chunk's
+    /// `{:bytecode, bytes, name}`, or nil for a `call:` or `globals:` only), with the per-call options of `opts` (`rollback` among them); answers
     /// like a run. A call still parked at a tool is dropped first (its caller gave up on it).
     pub fn run(&self, runner: &mut Runner, source: &Term, opts: &Term) -> Term {
         runner.cancel();
@@ -84,20 +83,26 @@ impl WorkerSession {
             Ok(opts) => opts,
             Err(e) => return early(e),
         };
-        let code = match source {
+        // Lua text, or a compiled chunk's `{:bytecode, bytes, name}` (run under its own name,
+        // as the NIF runs a chunk resource in a session), or nil
+        let source = match source {
             Term::Atom(a) if a == "nil" => None,
-            Term::Bin(text) => match check_source(text, self.max_source, "source")
-                .and_then(|()| Code::new(text, &self.chunk_name, false))
-            {
+            other => match Source::decode(other, "source") {
+                Ok(source) => Some(source),
+                Err(e) => return early(e),
+            },
+        };
+        let code = match &source {
+            None => None,
+            Some(source) => match source.code(&self.chunk_name, self.max_source, "source") {
                 Ok(code) => Some(code),
                 Err(e) => return early(e),
             },
-            _ => {
-                return early(SandboxError::InvalidInput(
-                    "source must be Lua text".to_string(),
-                ))
-            }
         };
+        let chunk_name = source
+            .as_ref()
+            .map_or(self.chunk_name.as_str(), |s| s.name(&self.chunk_name))
+            .to_string();
         let Some(session) = lock(&self.home).take() else {
             return early(SandboxError::Runtime(
                 "session state did not come back".to_string(),
@@ -118,7 +123,7 @@ impl WorkerSession {
             give_back,
             limits,
             print,
-            self.chunk_name.clone(),
+            chunk_name,
             t0,
         );
         let mut run = match started {
