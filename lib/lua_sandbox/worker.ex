@@ -28,7 +28,7 @@ defmodule LuaSandbox.Worker do
     :seccomp
   ]
   @answers [:boot, :on, :off, :pong, :ok, :error, :errno, :done, :tool_call, :print, nil, :nan] ++
-             [:cancelled, :busy, :memory, :calls, :instructions, :rollbacks] ++
+             [:cancelled, :busy, :arena_busy, :memory, :calls, :instructions, :rollbacks] ++
              [:infinity, :neg_infinity] ++ LuaSandbox.Error.kinds()
 
   @doc "The jail's layers, in the order the worker applies and reports them."
@@ -286,6 +286,10 @@ defmodule LuaSandbox.Worker do
 
         {:ok, {:tool_call, name, args} = call} when is_binary(name) and is_list(args) ->
           call
+
+        # a session call while another member of its family has the arena (try again)
+        {:ok, :arena_busy} ->
+          :arena_busy
 
         {:ok, other} ->
           {:broken,

@@ -116,7 +116,7 @@ defmodule LuaSandbox.SessionWorkerTest do
     {:ok, _} = Session.run(s, "n = 5")
     %{os_pid: os_pid} = Session.info(s)
     # what a write to a dead worker does (:epipe); the session is not killed with its port
-    Process.exit(:sys.get_state(s).worker.port, :epipe)
+    Process.exit(:sys.get_state(:sys.get_state(s).worker.family).port, :epipe)
     assert {:ok, %{value: 1}} = Session.run(s, "return n", timeout: 5_000)
     assert %{os_pid: new_os_pid} = Session.info(s)
     assert new_os_pid != os_pid
@@ -160,24 +160,33 @@ defmodule LuaSandbox.SessionWorkerTest do
     assert message =~ "not yet supported with isolation: :process"
   end
 
-  test "forks say they are not supported yet",
+  test "the supervisor's info lists the session workers: os pid, calls served, RSS, sessions",
        %{sup: sup} do
+    assert LuaSandbox.Supervisor.info(sup).session_workers == []
     s = start!(sup)
+    {:ok, _} = Session.run(s, "n = 2")
+    {:ok, f} = Session.fork(s)
+    {:ok, _} = Session.run(f, "return n")
+    %{os_pid: os_pid} = Session.info(s)
 
-    assert_raise ArgumentError, ~r/^not yet supported on supervisor .*: forks/, fn ->
-      Session.fork(s)
-    end
+    assert [%{os_pid: ^os_pid, runs: 2, rss: rss, sessions: sessions}] =
+             LuaSandbox.Supervisor.info(sup).session_workers
 
-    # a NIF session does not fork onto a :process supervisor either
-    {:ok, nif} = Session.start_link()
+    assert rss > 0
+    assert Enum.sort(sessions) == Enum.sort([s, f])
+    # the pool's own workers are listed apart
+    refute os_pid in pool_os_pids(sup)
 
-    assert_raise ArgumentError, ~r/^not yet supported .*: forks/, fn ->
-      Session.fork(nif, supervisor: sup)
-    end
+    # a second session, in a worker of its own
+    t = start!(sup)
+    %{os_pid: other} = Session.info(t)
+    infos = LuaSandbox.Supervisor.info(sup).session_workers
+    assert Enum.sort(Enum.map(infos, & &1.os_pid)) == Enum.sort([os_pid, other])
 
-    # and both are served after
-    assert {:ok, %{value: 1}} = Session.run(s, "return n")
-    assert {:ok, %{value: 1}} = Session.run(nif, "return 1")
+    :ok = Session.stop(s)
+    :ok = Session.stop(f)
+    wait_until(fn -> length(LuaSandbox.Supervisor.info(sup).session_workers) == 1 end)
+    assert [%{os_pid: ^other, sessions: [^t]}] = LuaSandbox.Supervisor.info(sup).session_workers
   end
 
   test "compiled chunks as modules and print: {:send, ...} work in a session's worker",

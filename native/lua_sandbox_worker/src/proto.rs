@@ -35,7 +35,18 @@
 //!   `globals`, `call`, `rollback`) → answered like `{:run, ...}`, tool calls included (the
 //!   `{:reply, reply}` request unchanged; `print: :send` streams as for a run);
 //!   `:session_info` → `{:ok, %{memory:, calls:,
-//!   instructions:, rollbacks:}}` or `:busy`;
+//!   instructions:, rollbacks:}}` or `:busy`. These address the session, member 0 of its
+//!   family. Its forks (`LuaSandbox.Session.fork/2`) live in the same worker, members of one
+//!   core family taking turns in the worker's one slot (`src/session.rs` `Family`; a state
+//!   works only at the address it was built at, and ASLR moves this binary's C functions from
+//!   one worker to the next, so a state image cannot go to another worker), numbered by the
+//!   BEAM: `{:session_fork, from, new}` → `:ok` (member `new` holds a copy of member `from`'s
+//!   state), `:busy`, `:arena_busy` or `{:error, message}`; `{:session_run, member, source,
+//!   opts}` and `{:session_info, member}` as above for member `member` (`:arena_busy` if another
+//!   member's call has the slot: the BEAM sends a member's call only when no other member's call
+//!   is in progress or parked, so it never does); `{:session_close, member}` → `:ok`, its state
+//!   forgotten. One process per family (`lib/lua_sandbox/session/worker.ex`) is the one writer
+//!   to the worker's port;
 //! - `:cancel` → `:cancelled`, after dropping a run parked at a tool call (rolled back, for a
 //!   session). Sent mid-run it stops the run first: a frame waiting on fd 0 during a run can only
 //!   be a cancel, and the run's liveness check sees it at the next budget tick
