@@ -138,12 +138,17 @@ for isolation <- LuaSandbox.Isolation.all() do
       spawn_link(fn -> send(me, {:done, Session.run(s, "n = 5 tools.wait()")}) end)
       assert_receive {:parked, tool}, 5_000
       assert {:error, %{kind: :timeout}} = Session.run(f, "return n", timeout: 100)
+      # a member whose state is not in the arena can be forked and asked for its info meanwhile
+      assert %{calls: 0} = Session.info(f)
+      assert %{busy: true} = Session.info(s)
+      {:ok, g} = Session.fork(f)
       task = Task.async(fn -> Session.run(f, "return n") end)
       refute Task.yield(task, 100)
       send(tool, :go)
       assert {:ok, %{value: 1}} = Task.await(task)
       assert_receive {:done, {:ok, _}}
       assert state(s) == [5, "a"]
+      assert state(g) == [1, "a"]
     end
 
     test "concurrent callers on three members: each keeps its own state" do

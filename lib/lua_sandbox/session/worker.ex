@@ -208,7 +208,7 @@ defmodule LuaSandbox.Session.Worker do
            # session joins
            members: %{0 => watch(spec.starter)},
            next: 1,
-           # the call in progress or parked: %{member, from, id, parked, fork}
+           # the call in progress or parked: %{member, from, id, parked}
            active: nil,
            # {member, id} of a `:cancel` sent
            cancelling: nil,
@@ -267,7 +267,10 @@ defmodule LuaSandbox.Session.Worker do
 
   def handle_call({:release, _member}, _from, s), do: {:reply, :free, s}
 
-  def handle_call({:info, member}, _from, %{active: nil, cancelling: nil} = s) do
+  # while the worker waits for a request (as for a fork); a member whose call is parked
+  # answers `:busy`
+  def handle_call({:info, member}, _from, %{active: active, cancelling: nil} = s)
+      when active == nil or active.parked do
     case Worker.request(s.port, {:session_info, member}, @boot_timeout) do
       {:ok, {:ok, info}} when is_map(info) ->
         {:reply, Map.put(info, :os_pid, s.os_pid), s}
@@ -353,23 +356,20 @@ defmodule LuaSandbox.Session.Worker do
   @impl true
   def terminate(_reason, s), do: Worker.close(s.port)
 
-  # A member's request: a call (or a fork) when the arena is free; a tool's reply to its own
-  # parked call; else `:arena_busy` (another member's call has the arena).
+  # A member's request: a call when the arena is free; a tool's reply to its own parked call;
+  # a fork while the worker waits for a request (no call running: one may be parked at a tool,
+  # as the NIF forks a member whose state is not in the arena); else `:arena_busy` (another
+  # member's call has the arena).
   defp take_request(s, member, from, request) do
     case {s.active, s.cancelling, request} do
       {%{member: ^member, parked: true} = active, _, {:reply, _}} ->
         send_request(s, %{active | from: from, parked: false}, request)
 
-      {nil, nil, :session_fork} ->
-        new = s.next
-        {pid, _} = from
-        members = Map.put(s.members, new, watch(pid))
-        active = %{member: member, from: from, parked: false, fork: new}
-        s = %{s | next: new + 1, members: members}
-        send_request(s, active, {:session_fork, member, new})
+      {active, nil, :session_fork} when active == nil or active.parked ->
+        fork(s, member, from)
 
       {nil, nil, {:session_run, source, call_opts}} ->
-        active = %{member: member, from: from, parked: false, fork: nil}
+        active = %{member: member, from: from, parked: false}
 
         send_request(
           s,
@@ -437,18 +437,6 @@ defmodule LuaSandbox.Session.Worker do
     end
   end
 
-  defp answered(s, %{fork: new} = active, answer) when new != nil do
-    case answer do
-      :ok ->
-        GenServer.reply(active.from, {:ok, {:forked, self(), new, s.gen}})
-        idle(%{s | active: nil})
-
-      other ->
-        GenServer.reply(active.from, {:ok, other})
-        idle(drop_member(%{s | active: nil}, new))
-    end
-  end
-
   defp answered(s, active, answer) do
     GenServer.reply(active.from, {:ok, answer})
 
@@ -489,14 +477,25 @@ defmodule LuaSandbox.Session.Worker do
     end
   end
 
-  defp drop_member(s, member) do
-    case Map.pop(s.members, member) do
-      {{_pid, mref}, members} ->
-        Process.demonitor(mref, [:flush])
-        %{s | members: members, leaving: [member | s.leaving]}
+  # A new member holding a copy of `member`'s state, its caller watched until the fork's
+  # session joins (the worker answers at once: no call is running).
+  defp fork(s, member, {pid, _} = from) do
+    new = s.next
+    s = %{s | next: new + 1}
 
-      {nil, _} ->
+    case Worker.request(s.port, {:session_fork, member, new}, @boot_timeout) do
+      {:ok, :ok} ->
+        GenServer.reply(from, {:ok, {:forked, self(), new, s.gen}})
+        %{s | members: Map.put(s.members, new, watch(pid))}
+
+      {:ok, other} ->
+        GenServer.reply(from, {:ok, other})
         s
+
+      # it died (this took its exit status) or hangs: a new one, without the fork
+      _ ->
+        GenServer.reply(from, {:error, restarted_error()})
+        died(s, "did not answer a fork")
     end
   end
 
