@@ -377,5 +377,9 @@ defmodule LuaSandbox.Worker do
     end
   end
 
+  # native/lua_sandbox_worker/src/lib.rs `PROTOCOL_ERROR`
+  def describe_exit(4),
+    do: "exited with status 4 (a protocol error: a frame other than :cancel during a run)"
+
   def describe_exit(status), do: "exited with status #{status}"
 end

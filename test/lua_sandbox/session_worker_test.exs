@@ -132,6 +132,23 @@ defmodule LuaSandbox.SessionWorkerTest do
     assert within(5_000, fn -> not os_alive?(new_os_pid) end)
   end
 
+  @tag :capture_log
+  test "a frame other than :cancel during a call ends the worker as a protocol error",
+       %{sup: sup} do
+    s = start!(sup)
+    %{os_pid: os_pid} = Session.info(s)
+    task = Task.async(fn -> Session.run(s, "while true do end", max_instructions: @big) end)
+    wait_until(fn -> LuaSandbox.Supervisor.running(sup) == 1 end)
+    port = :sys.get_state(:sys.get_state(s).worker.family).port
+    Port.command(port, :erlang.term_to_binary({1, :ping}))
+
+    assert {:error, %{kind: :worker_crashed, message: message}} = Task.await(task, 10_000)
+    assert message =~ "os pid #{os_pid}"
+    assert message =~ "protocol error"
+    # and the session restarts, as after any crash
+    assert {:ok, %{value: 1}} = Session.run(s, "return n", timeout: 5_000)
+  end
+
   test "the worker goes with the session", %{sup: sup} do
     s = start!(sup)
     %{os_pid: os_pid} = Session.info(s)

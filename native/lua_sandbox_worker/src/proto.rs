@@ -48,9 +48,11 @@
 //!   forgotten. One process per family (`lib/lua_sandbox/session/worker.ex`) is the one writer
 //!   to the worker's port;
 //! - `:cancel` → `:cancelled`, after dropping a run parked at a tool call (rolled back, for a
-//!   session). Sent mid-run it stops the run first: a frame waiting on fd 0 during a run can only
-//!   be a cancel, and the run's liveness check sees it at the next budget tick
-//!   (`crate::cancelled`), so the run answers `:killed` and then the cancel `:cancelled`;
+//!   session). Sent mid-run it stops the run first: the run's liveness check reads it at the
+//!   next budget tick (`crate::cancelled`), so the run answers `:killed` and then the cancel
+//!   `:cancelled`. It is the one frame the BEAM may send during a run: any other frame read then
+//!   is a protocol error, which ends the worker with a message on stderr and exit status 4
+//!   (`crate::PROTOCOL_ERROR`);
 //! - `{:probe, name, operand}` (test builds with `wall-probes` only) → `{:errno, n}`,
 //!   `{:done, n}` or no answer at all when the jail killed the worker;
 //! - anything else → `{:error, message}`.

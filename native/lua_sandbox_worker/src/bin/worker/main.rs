@@ -100,6 +100,15 @@ fn serve(runner: &mut Runner, out: &mut impl std::io::Write) {
         if proto::write_frame(out, &Term::tuple([id, answer])).is_err() {
             break;
         }
+        // A `:cancel` that the run just answered read from the pipe (it stopped the run): its
+        // own answer now, after dropping the run if it parked meanwhile.
+        if let Some(id) = lua_sandbox_worker::take_cancel() {
+            runner.cancel();
+            let cancelled = Term::tuple([id, Term::atom("cancelled")]);
+            if proto::write_frame(out, &cancelled).is_err() {
+                break;
+            }
+        }
     }
 }
 
