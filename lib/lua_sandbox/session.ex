@@ -57,10 +57,10 @@ defmodule LuaSandbox.Session do
   more is rolled back unseen and run on a dirty scheduler.
 
   On a `supervisor:` started with `isolation: :process`, the state lives in a jailed worker
-  OS process of the session's own (started at `start_link/1`, stopped with the session; its
-  `max_memory` at most the supervisor's `worker_max_memory`), with the same API and answers.
-  The session process holds the worker, so a caller's death cancels its call there (rolled
-  back, the worker kept); a worker that dies answers the call in progress `:worker_crashed`
+  OS process of the session's own (started at `start_link/1`, stopped with the session and its
+  forks; its `max_memory` at most the supervisor's `worker_max_memory`), with the same API and
+  answers. A process of the session's (not the caller's) holds the worker, so a caller's death
+  cancels its call there (rolled back, the worker kept); a worker that dies answers the call in progress `:worker_crashed`
   and the session restarts in a new worker from its start options (its state is lost, as a
   supervised process's is); `info/1` also gives the worker's `os_pid`. A fork's state lives
   in its origin's worker (`fork/2`).
