@@ -207,6 +207,9 @@ defmodule LuaSandbox.Session.Worker do
            # member => {pid, monitor}: the session processes, or a fork's caller until its
            # session joins
            members: %{0 => watch(spec.starter)},
+           # the members whose session process has joined (the others' watched pid is the
+           # caller starting it, to whom the family sends nothing)
+           joined: MapSet.new(),
            next: 1,
            # the call in progress or parked: %{member, from, id, parked}
            active: nil,
@@ -252,7 +255,8 @@ defmodule LuaSandbox.Session.Worker do
     case s.members do
       %{^member => {_, mref}} ->
         Process.demonitor(mref, [:flush])
-        {:reply, :ok, %{s | members: Map.put(s.members, member, watch(pid))}}
+        members = Map.put(s.members, member, watch(pid))
+        {:reply, :ok, %{s | members: members, joined: MapSet.put(s.joined, member)}}
 
       _ ->
         {:reply, {:error, :gone}, s}
@@ -461,7 +465,7 @@ defmodule LuaSandbox.Session.Worker do
   # A member is gone (its session stopped, or a fork's caller died before starting it): its
   # call in progress is cancelled, its state dropped; the family ends with its last member.
   defp leave(s, member) do
-    s = %{s | members: Map.delete(s.members, member)}
+    s = %{s | members: Map.delete(s.members, member), joined: MapSet.delete(s.joined, member)}
 
     cond do
       map_size(s.members) == 0 ->
@@ -501,9 +505,11 @@ defmodule LuaSandbox.Session.Worker do
 
   defp notify(s, member, what) do
     case s.members do
-      %{^member => {pid, _}} -> send(pid, {what, self()})
+      %{^member => {pid, _}} -> if member in s.joined, do: send(pid, {what, self()})
       _ -> :ok
     end
+
+    :ok
   end
 
   # The worker is gone (`how` says how): the call in progress answers :worker_crashed, and a
@@ -548,7 +554,7 @@ defmodule LuaSandbox.Session.Worker do
 
   defp notify_gen(s, member) do
     %{^member => {pid, _}} = s.members
-    send(pid, {:worker_restarted, self(), s.gen})
+    if member in s.joined, do: send(pid, {:worker_restarted, self(), s.gen})
   end
 
   # Each fork restarts from the session's start state too: a copy of member 0's, which is
