@@ -10,6 +10,10 @@
 #     the kill until another caller's `return n` is answered (rolled back: n is 1)
 #   * the same with the caller parked at a tool
 #   * session start: `Session.start_link/1` (a worker's: Port.open, boot, session_new)
+#   * fork start: `Session.fork(s)` of a small session (a worker's: its fork is made in the
+#     origin's worker, with the family's process as one more hop), BENCH_FORK_N times (300)
+#   * fork call: `Session.call(f, "f", [1])` right after a call of its origin, so each one
+#     switches the family's arena (saves the origin's state, loads the fork's), as in the NIF
 
 alias LuaSandbox.Session
 
@@ -97,6 +101,32 @@ end
 start_nif = starts.(:bench_s_nif)
 start_proc = starts.(:bench_s_proc)
 
+fork_n = String.to_integer(System.get_env("BENCH_FORK_N", "300"))
+
+forks = fn s ->
+  for _ <- 1..fork_n do
+    {us, {:ok, f}} = :timer.tc(fn -> Session.fork(s) end)
+    Session.stop(f)
+    us
+  end
+end
+
+fork_calls = fn s ->
+  {:ok, f} = Session.fork(s)
+
+  samples =
+    for _ <- 1..fork_n do
+      {:ok, %{value: 1}} = Session.call(s, "f", [1])
+      Bench.Process.time_us(call.(f, "f"))
+    end
+
+  Session.stop(f)
+  samples
+end
+
+{fork_nif, fork_proc} = {forks.(nif), forks.(proc)}
+{fork_call_nif, fork_call_proc} = {fork_calls.(nif), fork_calls.(proc)}
+
 p = &Bench.Process.percentiles/1
 r = &Bench.Process.row(&1, &2, "µs")
 
@@ -115,4 +145,8 @@ sessions on isolation: :process, #{n} alternating samples (2 cores, shared)
 #{r.("worker: caller killed at a tool -> next call answered", p.(park_proc))}
 #{r.("NIF session start and stop", p.(start_nif))}
 #{r.("worker session start and stop", p.(start_proc))}
+#{r.("NIF fork start (`Session.fork/1`)", p.(fork_nif))}
+#{r.("worker fork start (`Session.fork/1`)", p.(fork_proc))}
+#{r.("NIF fork call after an origin call (`f(1)`, arena switched)", p.(fork_call_nif))}
+#{r.("worker fork call after an origin call (`f(1)`, arena switched)", p.(fork_call_proc))}
 """)

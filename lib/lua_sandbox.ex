@@ -152,9 +152,6 @@ defmodule LuaSandbox do
     check_source!(source)
     opts = Options.validate!(opts)
 
-    if is_nil(opts[:node]),
-      do: LuaSandbox.Supervisor.check_isolation!(opts[:supervisor], {:run, source, opts})
-
     if opts[:timeout] == :infinity and is_nil(opts[:node]) do
       LuaSandbox.Supervisor.run_local(source, opts)
     else
@@ -250,7 +247,6 @@ defmodule LuaSandbox do
     opts = Options.validate!(opts)
     run_opts = Keyword.merge(opts, timeout: :infinity, node: nil)
     sup = opts[:supervisor]
-    LuaSandbox.Supervisor.check_isolation!(sup, {:run, source, opts})
 
     # The task takes its slot when it starts (an :overloaded result if there is none). Its
     # input is encoded (bounded) here, before it is copied to the task.
@@ -350,9 +346,6 @@ defmodule LuaSandbox do
     # Validated now (and the supervisor looked up), so a mistake raises here, not in a worker.
     shared = Options.validate!(Keyword.put(run_opts, :timeout, timeout))
     _ = LuaSandbox.Supervisor.running(shared[:supervisor])
-
-    if is_nil(shared[:node]),
-      do: LuaSandbox.Supervisor.check_isolation!(shared[:supervisor], {:run, "", shared})
 
     sources
     |> Stream.map(&stream_item!(&1, run_opts))

@@ -57,14 +57,14 @@ defmodule LuaSandbox.Session do
   more is rolled back unseen and run on a dirty scheduler.
 
   On a `supervisor:` started with `isolation: :process`, the state lives in a jailed worker
-  OS process of the session's own (started at `start_link/1`, stopped with the session; its
-  `max_memory` at most the supervisor's `worker_max_memory`), with the same API and answers.
-  The session process holds the worker, so a caller's death cancels its call there (rolled
-  back, the worker kept); a worker that dies answers the call in progress `:worker_crashed`
+  OS process of the session's own (started at `start_link/1`, stopped with the session and its
+  forks; its `max_memory` at most the supervisor's `worker_max_memory`), with the same API and
+  answers. A process of the session's (not the caller's) holds the worker, so a caller's death
+  cancels its call there (rolled back, the worker kept); a worker that dies answers the call in progress `:worker_crashed`
   and the session restarts in a new worker from its start options (its state is lost, as a
-  supervised process's is); `info/1` also gives the worker's `os_pid`. Handles work there as
-  under the NIF (their terms stay in the session process; the worker sees indices). Not yet there
-  (`ArgumentError`): `fork/2`, compiled chunks.
+  supervised process's is); `info/1` also gives the worker's `os_pid`. A fork's state lives
+  in its origin's worker (`fork/2`). Handles work there as under the NIF (their terms stay in
+  the BEAM; the worker sees indices).
   """
 
   use GenServer
@@ -99,7 +99,6 @@ defmodule LuaSandbox.Session do
     validated = state_options(opts)
     # Raises now if it is not running, not at the first call.
     _ = LuaSandbox.Supervisor.running(validated[:supervisor])
-    LuaSandbox.Supervisor.check_isolation!(validated[:supervisor], {:session, validated})
     gen_opts = if name, do: [name: name], else: []
     # Building the state charges no per-call instruction budget: memory bounds the globals.
     bound = Encoding.bound(validated[:max_memory], nil, nil)
@@ -124,25 +123,22 @@ defmodule LuaSandbox.Session do
     end
   end
 
-  # isolation: :process: the state lives in a worker OS process of the session's own
-  # (LuaSandbox.Session.Worker), whose port the session process owns.
+  # isolation: :process: the state lives in a worker OS process of the session's own (with its
+  # forks'), whose port the family's process owns (LuaSandbox.Session.Worker).
   defp start_worker(pool, native, validated, gen_opts) do
     with {:ok, worker} <- SessionWorker.boot(pool, native) do
-      # started unlinked, then linked to the caller in init/1 (it traps exits: see
-      # LuaSandbox.Session.Worker.await_hand_over/1)
-      case GenServer.start(
-             __MODULE__,
-             {{:worker, worker, self()}, validated[:tools], validated},
-             gen_opts
-           ) do
-        {:ok, pid} = started ->
-          SessionWorker.hand_over(worker, pid)
-          started
+      start_member(worker, validated[:tools], validated, gen_opts)
+    end
+  end
 
-        other ->
-          SessionWorker.close(worker)
-          other
-      end
+  defp start_member(worker, tools, opts, gen_opts) do
+    case GenServer.start_link(__MODULE__, {{:worker, worker}, tools, opts}, gen_opts) do
+      {:ok, _} = started ->
+        started
+
+      other ->
+        SessionWorker.close(worker)
+        other
     end
   end
 
@@ -249,6 +245,12 @@ defmodule LuaSandbox.Session do
   makes it (from one of its tools, say): it would wait for itself, so it raises
   `ArgumentError` instead (a tool's raise is a Lua error the script can catch).
 
+  On an `isolation: :process` supervisor the same holds in the session's worker: a fork's
+  state lives there with its origin's (an image of a state cannot move to another process), so
+  a fork stays in its session's isolation (a `supervisor` of the other one raises
+  `ArgumentError`); a worker that dies restarts every member of the family from the session's
+  start options.
+
       iex> {:ok, s} = LuaSandbox.Session.start_link()
       iex> {:ok, _} = LuaSandbox.Session.run(s, "n = 1")
       iex> {:ok, f} = LuaSandbox.Session.fork(s)
@@ -279,8 +281,7 @@ defmodule LuaSandbox.Session do
 
     try do
       _ = LuaSandbox.Supervisor.running(sup)
-      LuaSandbox.Supervisor.check_isolation!(meta.supervisor, :fork)
-      LuaSandbox.Supervisor.check_isolation!(sup, :fork)
+      check_fork_isolation!(res, sup)
     rescue
       e ->
         GenServer.cast(session, {:checkin, self()})
@@ -307,7 +308,30 @@ defmodule LuaSandbox.Session do
         family: family
       ]
 
-      GenServer.start_link(__MODULE__, {copy, tools, fork_opts}, gen_opts)
+      case copy do
+        {:worker, worker} -> start_member(worker, tools, fork_opts, gen_opts)
+        res -> GenServer.start_link(__MODULE__, {res, tools, fork_opts}, gen_opts)
+      end
+    end
+  end
+
+  # A fork's state stays where its session's is (a Lua state works only at its address): in
+  # the NIF, or in the session's worker (isolation: :process).
+  defp check_fork_isolation!(res, sup) do
+    in_worker = match?({:session, _, _}, res)
+
+    if in_worker != (Workers.whereis(sup) != nil) do
+      raise ArgumentError,
+            "a fork runs where its session does: supervisor #{inspect(sup)} has isolation: " <>
+              "#{if in_worker, do: ":nif", else: ":process"}, the session's other one"
+    end
+  end
+
+  # A session in a worker forks there (its fork is a member of the family of that worker).
+  defp fork_when_free({:session, _, _} = target) do
+    case when_free(fn -> SessionWorker.fork(target) end, nil) do
+      {:ok, worker} -> {:ok, {:worker, worker}}
+      answer -> answer
     end
   end
 
@@ -349,8 +373,6 @@ defmodule LuaSandbox.Session do
     case checkout!(session, deadline) do
       {:ok, {res, tools, print, {meta, queue_timeout}, max_memory, family}} ->
         try do
-          check_worker_source!(res, source, meta.supervisor)
-
           # a call is a run of the supervisor: admission, queue, quotas, metrics, telemetry
           Family.enter(family, fn ->
             LuaSandbox.Supervisor.admitted(:session, meta, queue_timeout, deadline, fn deadline ->
@@ -381,25 +403,29 @@ defmodule LuaSandbox.Session do
 
   defp now_ms, do: System.monotonic_time(:millisecond)
 
-  # A session in a worker takes source text (a compiled chunk is a NIF resource), before the call
-  # is admitted.
-  defp check_worker_source!({:session, _, _}, source, sup) when is_reference(source),
-    do: LuaSandbox.Supervisor.check_isolation!(sup, :chunk)
-
-  defp check_worker_source!(_res, _source, _sup), do: :ok
-
   # A session in a worker (isolation: :process): the call's frames go through the session
-  # process to its worker; a worker that did not answer within the deadline is replaced.
+  # process to its worker, started when no other member of its family has a call there (as
+  # for the NIF's arena: wait, within the deadline); a worker that did not answer within the
+  # deadline is replaced.
   defp call_in({:session, pid, gen} = target, source, call_opts, deadline, timeout, tools, limits) do
-    opts = %{call_opts | timeout: Options.native_timeout(deadline, timeout)}
+    attempt = fn ->
+      opts = %{call_opts | timeout: Options.native_timeout(deadline, timeout)}
+      SessionWorker.run(target, source, opts, deadline)
+    end
 
-    {answer, status} =
-      target
-      |> SessionWorker.run(source, opts, deadline)
-      |> Runner.drive(tools, limits)
+    case when_free(attempt, deadline) do
+      {:gave_up, :timeout} ->
+        Runner.drive(
+          {:error, {:timeout, "", nil, nil, nil}, "", Error.empty_stats()},
+          tools,
+          limits
+        )
 
-    if status == :broken, do: GenServer.cast(pid, {:broken, gen})
-    answer
+      step ->
+        {answer, status} = Runner.drive(step, tools, limits)
+        if status == :broken, do: GenServer.cast(pid, {:broken, gen})
+        answer
+    end
   end
 
   defp call_in(res, source, call_opts, deadline, timeout, tools, limits) do
@@ -545,12 +571,9 @@ defmodule LuaSandbox.Session do
   ## Server
 
   @impl true
-  def init({{:worker, worker, caller}, tools, opts}) do
-    Process.flag(:trap_exit, true)
-    # the caller waits in GenServer.start/3: alive, so the link is made
-    Process.link(caller)
+  def init({{:worker, worker}, tools, opts}) do
     {:ok, state} = init({nil, tools, opts})
-    {:ok, Map.put(state, :worker, worker), {:continue, :worker}}
+    {:ok, %{state | worker: SessionWorker.join(worker)}}
   end
 
   def init({res, tools, opts}) do
@@ -579,15 +602,11 @@ defmodule LuaSandbox.Session do
   end
 
   @impl true
-  def handle_continue(:worker, s),
-    do: {:noreply, %{s | worker: SessionWorker.await_hand_over(s.worker)}}
-
-  @impl true
   # `callers`: the caller and the processes it acts for (`$callers`): one of them holding the
   # session means the caller would wait for itself.
   def handle_call({:checkout, callers}, {pid, _} = from, s) do
     case s.owner do
-      nil when s.worker != nil and s.worker.cancelling != nil ->
+      nil when s.worker != nil and s.worker.cancelling ->
         {:noreply, %{s | queue: :queue.in(from, s.queue)}}
 
       nil ->
@@ -607,10 +626,8 @@ defmodule LuaSandbox.Session do
   def handle_call({:worker_request, _gen, _request}, _from, s),
     do: {:reply, {:error, Error.new(:worker_crashed, "the call does not hold the session")}, s}
 
-  def handle_call(:info, _from, %{worker: worker} = s) when worker != nil do
-    {info, worker} = SessionWorker.info(worker)
-    {:reply, info, %{s | worker: worker}}
-  end
+  def handle_call(:info, _from, %{worker: worker} = s) when worker != nil,
+    do: {:reply, SessionWorker.info(worker), s}
 
   def handle_call(:info, _from, s) do
     case Native.session_info(s.res) do
@@ -637,20 +654,16 @@ defmodule LuaSandbox.Session do
   def handle_info({:DOWN, mref, :process, pid, _}, %{owner: {pid, mref}} = s),
     do: {:noreply, release(s)}
 
-  def handle_info({:EXIT, _, _} = signal, %{worker: worker} = s) when worker != nil do
-    case SessionWorker.exit_signal(worker, signal) do
-      :ignore -> {:noreply, s}
-      {:restarted, worker} -> {:noreply, next(%{s | worker: worker})}
-    end
-  end
+  # From the family's process (LuaSandbox.Session.Worker): a cancelled call of this session has
+  # ended; a new worker holds the family; the family is gone (so is the state).
+  def handle_info({:member_free, family}, %{worker: %{family: family} = w} = s),
+    do: {:noreply, next(%{s | worker: SessionWorker.member_free(w)})}
 
-  def handle_info({port, msg}, %{worker: %{port: port} = worker} = s) do
-    case SessionWorker.port_message(worker, msg) do
-      {:answered, worker} -> {:noreply, %{s | worker: worker}}
-      {:ignored, worker} -> {:noreply, %{s | worker: worker}}
-      {_free_or_restarted, worker} -> {:noreply, next(%{s | worker: worker})}
-    end
-  end
+  def handle_info({:worker_restarted, family, gen}, %{worker: %{family: family} = w} = s),
+    do: {:noreply, next(%{s | worker: SessionWorker.restarted(w, gen)})}
+
+  def handle_info({:DOWN, _, :process, family, reason}, %{worker: %{family: family}} = s),
+    do: {:stop, reason, s}
 
   def handle_info(_, s), do: {:noreply, s}
 
@@ -677,7 +690,7 @@ defmodule LuaSandbox.Session do
 
   # Hands the state to the next waiting caller that is still alive.
   defp next(%{owner: owner} = s) when owner != nil, do: s
-  defp next(%{worker: %{cancelling: id}} = s) when id != nil, do: s
+  defp next(%{worker: %{cancelling: true}} = s), do: s
 
   defp next(s) do
     case :queue.out(s.queue) do

@@ -86,9 +86,9 @@ defmodule LuaSandbox.Supervisor do
   workers serve (their arena and the jail's address-space bound are sized for it; a run asking
   more is `:invalid_input`). Compiled chunks run there too (their bytecode goes to the worker),
   and `print: {:send, ...}` streams as under the NIF, and handles (`LuaSandbox.handle/1`) work
-  as under the NIF (their terms stay in the BEAM; a worker sees indices). Not yet supported
-  there: a session's forks and a compiled chunk as a session call's source (`ArgumentError`
-  saying so).
+  as under the NIF (their terms stay in the BEAM; a worker sees indices). A session started on
+  it (`supervisor:`) holds its state, and its forks', in a worker of its own
+  (`LuaSandbox.Session`).
   """
   @spec start_link(keyword) :: Supervisor.on_start()
   def start_link(opts) do
@@ -179,7 +179,10 @@ defmodule LuaSandbox.Supervisor do
   @doc """
   What supervisor `name` is: its `isolation` and `capacity` (its `max_concurrency`), and for
   `isolation: :process` its `workers` (each `%{os_pid, runs, rss}`: runs served, resident set
-  in bytes, nil where the OS does not say) and the `layers` of the jail as the workers
+  in bytes, nil where the OS does not say), its `session_workers` (the worker of each session
+  started on it, holding the session's state and its forks': each `%{os_pid, runs, rss,
+  sessions}`, `runs` the calls it answered, `sessions` the pids of the session and its forks)
+  and the `layers` of the jail as the workers
   reported them at boot, each `{name, state}` with `state` one of `:on`, `{:on, detail}`,
   `{:off, reason}` or, for `:address_space`, the bound in bytes; `missing_layers` lists the
   ones not in force with the reason (each was logged as a warning at start). Raises
@@ -197,46 +200,17 @@ defmodule LuaSandbox.Supervisor do
         %{isolation: :nif, capacity: capacity}
 
       pool ->
-        %{workers: workers, layers: layers} = Workers.info(pool)
+        %{workers: workers, session_workers: session_workers, layers: layers} = Workers.info(pool)
 
         %{
           isolation: :process,
           capacity: capacity,
           workers: workers,
+          session_workers: session_workers,
           layers: layers,
           missing_layers: LuaSandbox.Worker.missing(layers)
         }
     end
-  end
-
-  @doc false
-  # What an isolation: :process supervisor does not run yet (issue 18): forks of a session, and
-  # a session call whose source is a compiled chunk (a chunk as a run's source or a module
-  # works). Raises
-  # ArgumentError naming what is missing; `what` is `{:run, source, opts}`, `{:session, opts}`
-  # (validated options), `:fork` or `:chunk` (a session call's source).
-  @spec check_isolation!(
-          atom,
-          {:session, keyword} | :fork | :chunk | {:run, LuaSandbox.source(), keyword}
-        ) ::
-          :ok
-  def check_isolation!(sup, what) do
-    if Workers.whereis(sup), do: check_process!(sup, what)
-    :ok
-  end
-
-  defp check_process!(sup, {:session, opts}), do: check_process!(sup, {:run, "", opts})
-
-  defp check_process!(sup, :fork), do: not_yet!(sup, "forks of a session (Session.fork/2)")
-
-  defp check_process!(sup, :chunk), do: not_yet!(sup, "compiled chunks (pass the source text)")
-
-  defp check_process!(_sup, {:run, _source, _opts}), do: :ok
-
-  defp not_yet!(sup, what) do
-    raise ArgumentError,
-          "not yet supported on supervisor #{inspect(sup)}, started with isolation: :process: " <>
-            what
   end
 
   @doc """

@@ -30,7 +30,7 @@ defmodule LuaSandbox.Worker do
   ]
   @answers [:boot, :on, :off, :pong, :ok, :error, :errno, :done, :tool_call, :print, nil, :nan] ++
              [:handle] ++
-             [:cancelled, :busy, :memory, :calls, :instructions, :rollbacks] ++
+             [:cancelled, :busy, :arena_busy, :memory, :calls, :instructions, :rollbacks] ++
              [:infinity, :neg_infinity] ++ LuaSandbox.Error.kinds()
 
   @doc "The jail's layers, in the order the worker applies and reports them."
@@ -255,11 +255,13 @@ defmodule LuaSandbox.Worker do
     &send(pid, {:lua_print, tag, &1})
   end
 
-  # A chunk crosses as `{:bytecode, bytes, name}`, its bytecode straight from its resource
-  # (the worker loads it as our own bytecode: native/lua_sandbox_worker/src/run.rs `Source`).
-  defp wire(source) when is_binary(source), do: source
+  @doc false
+  # A source as it crosses to a worker (a run's, a module's, a session call's): text as it is,
+  # a chunk as `{:bytecode, bytes, name}`, its bytecode straight from its resource (the worker
+  # loads it as our own bytecode: native/lua_sandbox_worker/src/run.rs `Source`).
+  def wire(source) when is_binary(source), do: source
 
-  defp wire(chunk) when is_reference(chunk) do
+  def wire(chunk) when is_reference(chunk) do
     {bytecode, name} = LuaSandbox.Native.chunk_bytecode(chunk)
     {:bytecode, bytecode, name}
   end
@@ -298,6 +300,10 @@ defmodule LuaSandbox.Worker do
 
         {:ok, {:tool_call, name, args} = call} when is_binary(name) and is_list(args) ->
           call
+
+        # a session call while another member of its family has the arena (try again)
+        {:ok, :arena_busy} ->
+          :arena_busy
 
         {:ok, other} ->
           {:broken,
@@ -393,6 +399,10 @@ defmodule LuaSandbox.Worker do
       _ -> "killed by signal #{n}"
     end
   end
+
+  # native/lua_sandbox_worker/src/lib.rs `PROTOCOL_ERROR`
+  def describe_exit(4),
+    do: "exited with status 4 (a protocol error: a frame other than :cancel during a run)"
 
   def describe_exit(status), do: "exited with status #{status}"
 end

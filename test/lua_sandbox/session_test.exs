@@ -256,6 +256,20 @@ for isolation <- LuaSandbox.Isolation.all() do
       assert {:ok, %{value: 50}} = Session.run(s, "return count")
     end
 
+    test "a compiled chunk as a call's source: run in the state, under its own name" do
+      s = start!(chunk_name: "session")
+      {:ok, _} = Session.run(s, "n = 1")
+      bump = LuaSandbox.compile!("n = n + 1 return n", chunk_name: "bump")
+      assert {:ok, %{value: 2}} = Session.run(s, bump)
+      assert {:ok, %{value: 3}} = Session.run(s, bump, max_instructions: 1_000)
+      # a failed one rolls back, its message under the chunk's name
+      boom = LuaSandbox.compile!("n = 100 error('boom')", chunk_name: "boom")
+      assert {:error, %{kind: :runtime, message: message}} = Session.run(s, boom)
+      assert message =~ ~r/^boom:1: boom/
+      assert {:ok, %{value: 3}} = Session.run(s, "return n")
+      assert %{calls: 5, rollbacks: 1} = Session.info(s)
+    end
+
     test "setup errors are returned from start_link" do
       assert {:error, %LuaSandbox.Error{kind: :syntax}} =
                Session.start_link(

@@ -138,20 +138,23 @@ defmodule LuaSandbox.SessionWorkerTest do
 
     assert_receive :pinged, 5_000
     # the tool's reply is with the worker, which loops on: the caller dies meanwhile, and the
-    # session process sees its death before the call's answer (which has no cancel to see)
-    wait_until(fn -> :sys.get_state(s).worker.call != nil end)
-    :sys.suspend(s)
+    # family's process (the port's owner) takes the session's release of the call before the
+    # call's answer (which has no cancel to see): the answer is an orphan's
+    family = :sys.get_state(s).worker.family
+    wait_until(fn -> match?(%{parked: false}, :sys.get_state(family).active) end)
+    :sys.suspend(family)
     # (on a machine fast enough to end the loop before the suspend, the answer came first)
-    racing = :sys.get_state(s).worker.call != nil
+    racing = :sys.get_state(family).active != nil
     Process.exit(caller, :kill)
+    # the release, then the answer
     queued = if racing, do: 2, else: 1
 
     wait_until(
-      fn -> Process.info(s, :message_queue_len) == {:message_queue_len, queued} end,
+      fn -> Process.info(family, :message_queue_len) == {:message_queue_len, queued} end,
       30_000
     )
 
-    :sys.resume(s)
+    :sys.resume(family)
     assert {:ok, %{value: :kept}} = Session.run(s, "return kept")
     assert %{calls: 3, rollbacks: 0} = Session.info(s)
   end
@@ -163,7 +166,7 @@ defmodule LuaSandbox.SessionWorkerTest do
     {:ok, _} = Session.run(s, "n = 5")
     %{os_pid: os_pid} = Session.info(s)
     # what a write to a dead worker does (:epipe); the session is not killed with its port
-    Process.exit(:sys.get_state(s).worker.port, :epipe)
+    Process.exit(:sys.get_state(:sys.get_state(s).worker.family).port, :epipe)
     assert {:ok, %{value: 1}} = Session.run(s, "return n", timeout: 5_000)
     assert %{os_pid: new_os_pid} = Session.info(s)
     assert new_os_pid != os_pid
@@ -177,6 +180,23 @@ defmodule LuaSandbox.SessionWorkerTest do
     Process.exit(other, :boom)
     assert_receive {:DOWN, ^ref, :process, ^s, :boom}, 5_000
     assert within(5_000, fn -> not os_alive?(new_os_pid) end)
+  end
+
+  @tag :capture_log
+  test "a frame other than :cancel during a call ends the worker as a protocol error",
+       %{sup: sup} do
+    s = start!(sup)
+    %{os_pid: os_pid} = Session.info(s)
+    task = Task.async(fn -> Session.run(s, "while true do end", max_instructions: @big) end)
+    wait_until(fn -> LuaSandbox.Supervisor.running(sup) == 1 end)
+    port = :sys.get_state(:sys.get_state(s).worker.family).port
+    Port.command(port, :erlang.term_to_binary({1, :ping}))
+
+    assert {:error, %{kind: :worker_crashed, message: message}} = Task.await(task, 10_000)
+    assert message =~ "os pid #{os_pid}"
+    assert message =~ "protocol error"
+    # and the session restarts, as after any crash
+    assert {:ok, %{value: 1}} = Session.run(s, "return n", timeout: 5_000)
   end
 
   test "the worker goes with the session", %{sup: sup} do
@@ -207,28 +227,33 @@ defmodule LuaSandbox.SessionWorkerTest do
     assert message =~ "not yet supported with isolation: :process"
   end
 
-  test "forks and a compiled chunk as a call's source say they are not supported yet",
+  test "the supervisor's info lists the session workers: os pid, calls served, RSS, sessions",
        %{sup: sup} do
+    assert LuaSandbox.Supervisor.info(sup).session_workers == []
     s = start!(sup)
+    {:ok, _} = Session.run(s, "n = 2")
+    {:ok, f} = Session.fork(s)
+    {:ok, _} = Session.run(f, "return n")
+    %{os_pid: os_pid} = Session.info(s)
 
-    assert_raise ArgumentError, ~r/^not yet supported on supervisor .*: forks/, fn ->
-      Session.fork(s)
-    end
+    assert [%{os_pid: ^os_pid, runs: 2, rss: rss, sessions: sessions}] =
+             LuaSandbox.Supervisor.info(sup).session_workers
 
-    assert_raise ArgumentError, ~r/^not yet supported .*: compiled chunks/, fn ->
-      Session.run(s, LuaSandbox.compile!("return 1"))
-    end
+    assert rss > 0
+    assert Enum.sort(sessions) == Enum.sort([s, f])
+    # the pool's own workers are listed apart
+    refute os_pid in pool_os_pids(sup)
 
-    # a NIF session does not fork onto a :process supervisor either
-    {:ok, nif} = Session.start_link()
+    # a second session, in a worker of its own
+    t = start!(sup)
+    %{os_pid: other} = Session.info(t)
+    infos = LuaSandbox.Supervisor.info(sup).session_workers
+    assert Enum.sort(Enum.map(infos, & &1.os_pid)) == Enum.sort([os_pid, other])
 
-    assert_raise ArgumentError, ~r/^not yet supported .*: forks/, fn ->
-      Session.fork(nif, supervisor: sup)
-    end
-
-    # and both are served after
-    assert {:ok, %{value: 1}} = Session.run(s, "return n")
-    assert {:ok, %{value: 1}} = Session.run(nif, "return 1")
+    :ok = Session.stop(s)
+    :ok = Session.stop(f)
+    wait_until(fn -> length(LuaSandbox.Supervisor.info(sup).session_workers) == 1 end)
+    assert [%{os_pid: ^other, sessions: [^t]}] = LuaSandbox.Supervisor.info(sup).session_workers
   end
 
   test "compiled chunks as modules and print: {:send, ...} work in a session's worker",

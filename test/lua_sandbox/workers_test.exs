@@ -270,7 +270,8 @@ defmodule LuaSandbox.WorkersTest do
       :ok = LuaSandbox.Session.set(s, "kept", LuaSandbox.handle(:kept))
       %{os_pid: os_pid} = LuaSandbox.Session.info(s)
       # the session forgets the handle its worker still has
-      :sys.replace_state(s, fn st -> update_in(st.worker.handles.terms, &Map.delete(&1, 1)) end)
+      family = :sys.get_state(s).worker.family
+      :sys.replace_state(family, fn st -> update_in(st.handles[0].terms, &Map.delete(&1, 1)) end)
 
       assert {:error, %Error{kind: :worker_crashed, message: m}} =
                LuaSandbox.Session.run(s, "return kept")

@@ -5,9 +5,9 @@ defmodule LuaSandbox.Isolation do
   # and sending its runs through `opts/2`, which picks the supervisor of that isolation. The
   # :process one (LuaSandbox.Isolation.Process) is started by test_helper.exs, before the tests,
   # and outlives them all. Tests of what a :process supervisor does not support yet
-  # (a session's forks, a compiled chunk as a session call's source) are generated for
-  # :nif only. Sessions on it run in a worker of their own each (session_test.exs,
-  # session_caller_test.exs). Tests that time the NIF's dirty schedulers on a peer node have a
+  # (none at the moment) are generated for :nif only. Sessions on it run in a worker of their
+  # own each, with their forks (session_test.exs, session_caller_test.exs,
+  # session_fork_test.exs). Tests that time the NIF's dirty schedulers on a peer node have a
   # worker counterpart instead (bounded_ops_test.exs: a session call's cancel).
 
   @process LuaSandbox.Isolation.Process

@@ -86,16 +86,32 @@ defmodule LuaSandbox.Supervisor.Workers do
   @spec spec(pid) :: {Path.t(), pos_integer}
   def spec(pool), do: GenServer.call(pool, :spec)
 
-  @doc "The pool's workers (`os_pid`, `runs`, `rss`) and the layers they reported at boot."
-  @spec info(pid) :: %{workers: [map], layers: [{atom, Worker.layer_state()}]}
+  @doc """
+  The pool's workers (`os_pid`, `runs`, `rss`), the layers they reported at boot, and the
+  workers of its sessions (`os_pid`, `runs`: calls answered, `rss`, `sessions`: the pids of the
+  session and its forks whose states it holds; `LuaSandbox.Session.Worker`).
+  """
+  @spec info(pid) :: %{
+          workers: [map],
+          session_workers: [map],
+          layers: [{atom, Worker.layer_state()}]
+        }
   def info(pool) do
-    %{workers: workers, layers: layers} = GenServer.call(pool, :info)
+    %{workers: workers, families: families, layers: layers} = GenServer.call(pool, :info)
 
     %{
       layers: layers,
-      workers: for(w <- workers, do: Map.put(w, :rss, Worker.rss(w.os_pid)))
+      workers: for(w <- workers, do: Map.put(w, :rss, Worker.rss(w.os_pid))),
+      session_workers:
+        families
+        |> Enum.flat_map(&LuaSandbox.Session.Worker.describe/1)
+        |> Enum.sort_by(& &1.os_pid)
     }
   end
+
+  @doc "Counts the process of a session's worker (a family) among the pool's, while it lives."
+  @spec enroll(pid, pid) :: :ok
+  def enroll(pool, family), do: GenServer.cast(pool, {:enroll, family})
 
   @impl true
   def init({name, capacity, path, memory}) do
@@ -108,6 +124,8 @@ defmodule LuaSandbox.Supervisor.Workers do
       workers: %{},
       idle: [],
       waiting: :queue.new(),
+      # the processes of its sessions' workers (enroll/2), each monitored
+      families: %{},
       layers: []
     }
 
@@ -197,10 +215,18 @@ defmodule LuaSandbox.Supervisor.Workers do
     workers =
       for {_port, w} <- state.workers, w.use != :booting, do: Map.take(w, [:os_pid, :runs])
 
-    {:reply, %{workers: Enum.sort_by(workers, & &1.os_pid), layers: state.layers}, state}
+    {:reply,
+     %{
+       workers: Enum.sort_by(workers, & &1.os_pid),
+       families: Map.keys(state.families),
+       layers: state.layers
+     }, state}
   end
 
   @impl true
+  def handle_cast({:enroll, family}, state),
+    do: {:noreply, put_in(state.families[family], Process.monitor(family))}
+
   def handle_cast({:checkin, port, status}, state) do
     case state.workers[port] do
       %{use: {:busy, _pid, mref}} ->
@@ -217,10 +243,11 @@ defmodule LuaSandbox.Supervisor.Workers do
 
   @impl true
   # A caller died holding a worker: it may be mid-request, so it is not reused.
-  def handle_info({:DOWN, mref, :process, _pid, _reason}, state) do
+  def handle_info({:DOWN, mref, :process, pid, _reason}, state) do
     case Enum.find(state.workers, fn {_p, w} -> match?({:busy, _, ^mref}, w.use) end) do
       {port, _} -> {:noreply, replace(state, port)}
-      nil -> {:noreply, state}
+      # a session's worker gone
+      nil -> {:noreply, %{state | families: Map.delete(state.families, pid)}}
     end
   end
 

@@ -17,14 +17,69 @@ pub fn hung_up() -> bool {
     stdin_events(0) & (libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0
 }
 
-/// Whether the BEAM wants the run in progress stopped: it hung up ([`hung_up`]), or a frame is
-/// waiting on fd 0. The BEAM sends nothing to a worker while a run is in progress except a
-/// session's `:cancel` (its caller died, `crate::session`), so a readable pipe mid-run is one.
-/// The worker reads its frames unbuffered (`main.rs`), so a frame sent is seen here until it
-/// is read. Never blocks.
+/// Whether the BEAM wants the run in progress stopped: it hung up ([`hung_up`]), or it sent
+/// `{id, :cancel}` (a session's caller died, `crate::session`). A frame waiting on fd 0 during
+/// a run is read here (the worker reads its frames unbuffered, `main.rs`, so a frame sent is
+/// seen here until it is read): a cancel is kept ([`take_cancel`], answered after the run's
+/// answer) and stops the run from then on; any other frame is a protocol error (the BEAM sends
+/// nothing else to a worker while a run is in progress), which ends the worker at once with a
+/// message on stderr and exit status [`PROTOCOL_ERROR`]. Never blocks, except to read the rest
+/// of a frame whose start has arrived.
 pub fn cancelled() -> bool {
-    stdin_events(libc::POLLIN) & (libc::POLLIN | libc::POLLHUP | libc::POLLERR | libc::POLLNVAL)
-        != 0
+    if lock_cancel().is_some() {
+        return true;
+    }
+    let events = stdin_events(libc::POLLIN);
+    if events & (libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0 && events & libc::POLLIN == 0
+    {
+        return true;
+    }
+    if events & libc::POLLIN == 0 {
+        return false;
+    }
+    // SAFETY: fd 0 is open for the life of the process (the port's pipe), and the ManuallyDrop
+    // never closes it.
+    let mut input = std::mem::ManuallyDrop::new(unsafe {
+        <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(0)
+    });
+    let frame = match proto::read_frame(&mut *input) {
+        // the BEAM closed its end
+        Ok(None) | Err(_) => return true,
+        Ok(Some(frame)) => frame,
+    };
+    match proto::decode(&frame) {
+        Ok(proto::Term::Tuple(t)) if t.len() == 2 && t[1].as_atom() == Some("cancel") => {
+            *lock_cancel() = Some(t[0].clone());
+            true
+        }
+        other => protocol_error(&format!(
+            "a frame other than {{id, :cancel}} arrived during a run: {other:?}"
+        )),
+    }
+}
+
+/// The exit status of a worker that ended on a protocol error.
+pub const PROTOCOL_ERROR: i32 = 4;
+
+/// Ends the worker: the BEAM broke the protocol (`src/proto.rs`), so nothing it sends can be
+/// trusted to mean what it should. `std::process::exit` unwinds nothing (no Lua frame is
+/// crossed by a Rust unwind): the process ends where it stands.
+pub fn protocol_error(what: &str) -> ! {
+    eprintln!("lua_sandbox_worker: protocol error: {what}");
+    std::process::exit(PROTOCOL_ERROR)
+}
+
+/// The id of a `:cancel` read during a run ([`cancelled`]), to answer `:cancelled` after the
+/// run's answer; taken once.
+pub fn take_cancel() -> Option<proto::Term> {
+    lock_cancel().take()
+}
+
+static CANCEL: std::sync::Mutex<Option<proto::Term>> = std::sync::Mutex::new(None);
+
+fn lock_cancel() -> std::sync::MutexGuard<'static, Option<proto::Term>> {
+    // Only a store or a take happen under the lock: a panic cannot leave it inconsistent.
+    CANCEL.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The `revents` of fd 0 polled for `events` (0 when nothing happened). Never blocks.

@@ -30,15 +30,29 @@
 //! - a session's worker (`src/session.rs`; one per `LuaSandbox.Session` on an
 //!   `isolation: :process` supervisor, `lib/lua_sandbox/session/worker.ex`):
 //!   `{:session_new, opts}` (a run's options map, state-wide part used) → `:ok` or the error
-//!   answer; `{:session_run, source_or_nil, opts}` (the run's map with the call's limits,
+//!   answer; `{:session_run, source_or_nil, opts}` (`source` as a run's: text or
+//!   `{:bytecode, bytes, name}`; the run's map with the call's limits,
 //!   `globals`, `call`, `rollback`) → answered like `{:run, ...}`, tool calls included (the
 //!   `{:reply, reply}` request unchanged; `print: :send` streams as for a run);
 //!   `:session_info` → `{:ok, %{memory:, calls:,
-//!   instructions:, rollbacks:}}` or `:busy`;
+//!   instructions:, rollbacks:}}` or `:busy`. These address the session, member 0 of its
+//!   family. Its forks (`LuaSandbox.Session.fork/2`) live in the same worker, members of one
+//!   core family taking turns in the worker's one slot (`src/session.rs` `Family`; a state
+//!   works only at the address it was built at, and ASLR moves this binary's C functions from
+//!   one worker to the next, so a state image cannot go to another worker), numbered by the
+//!   BEAM: `{:session_fork, from, new}` → `:ok` (member `new` holds a copy of member `from`'s
+//!   state), `:busy`, `:arena_busy` or `{:error, message}`; `{:session_run, member, source,
+//!   opts}` and `{:session_info, member}` as above for member `member` (`:arena_busy` if another
+//!   member's call has the slot: the BEAM sends a member's call only when no other member's call
+//!   is in progress or parked, so it never does); `{:session_close, member}` → `:ok`, its state
+//!   forgotten. One process per family (`lib/lua_sandbox/session/worker.ex`) is the one writer
+//!   to the worker's port;
 //! - `:cancel` → `:cancelled`, after dropping a run parked at a tool call (rolled back, for a
-//!   session). Sent mid-run it stops the run first: a frame waiting on fd 0 during a run can only
-//!   be a cancel, and the run's liveness check sees it at the next budget tick
-//!   (`crate::cancelled`), so the run answers `:killed` and then the cancel `:cancelled`;
+//!   session). Sent mid-run it stops the run first: the run's liveness check reads it at the
+//!   next budget tick (`crate::cancelled`), so the run answers `:killed` and then the cancel
+//!   `:cancelled`. It is the one frame the BEAM may send during a run: any other frame read then
+//!   is a protocol error, which ends the worker with a message on stderr and exit status 4
+//!   (`crate::PROTOCOL_ERROR`);
 //! - handles (`LuaSandbox.handle/1`): the BEAM keeps the terms, per run and per session
 //!   (`lib/lua_sandbox/worker/handles.ex`), and a handle crosses as `{:handle, index}`
 //!   ([`put_handle`], [`Term::as_handle`]) wherever a value does: in the values of `globals`

@@ -584,15 +584,16 @@ impl Opts {
 }
 
 /// A chunk as the BEAM sends it: Lua text, or `{:bytecode, bytes, name}`, the bytecode of a
-/// compiled chunk (`LuaSandbox.compile/2`) and its name.
-enum Source {
+/// compiled chunk (`LuaSandbox.compile/2`) and its name: a run's source and modules, and a
+/// session call's source (`crate::session`).
+pub(crate) enum Source {
     Text(Vec<u8>),
     Bytecode(Vec<u8>, String),
 }
 
 impl Source {
     /// `what` names the chunk in messages (`source`, `module 'x'`).
-    fn decode(term: &Term, what: &str) -> Result<Source, SandboxError> {
+    pub(crate) fn decode(term: &Term, what: &str) -> Result<Source, SandboxError> {
         match term {
             Term::Bin(text) => Ok(Source::Text(text.clone())),
             Term::Tuple(t) => match t.as_slice() {
@@ -609,7 +610,7 @@ impl Source {
     }
 
     /// The name the run goes by: a compiled chunk's own, else `given` (the `chunk_name`).
-    fn name<'s>(&'s self, given: &'s str) -> &'s str {
+    pub(crate) fn name<'s>(&'s self, given: &'s str) -> &'s str {
         match self {
             Source::Text(_) => given,
             Source::Bytecode(_, own) => own,
@@ -630,7 +631,12 @@ impl Source {
     /// `chunk::compile_bytes` fills: the same bytes the NIF would load, produced by the same
     /// core. A script never reaches this path (`load` in the sandbox is text only, and source
     /// text starting with the bytecode signature is refused by `check_source`).
-    fn code(&self, name: &str, max_source: usize, what: &str) -> Result<Code<'_>, SandboxError> {
+    pub(crate) fn code(
+        &self,
+        name: &str,
+        max_source: usize,
+        what: &str,
+    ) -> Result<Code<'_>, SandboxError> {
         match self {
             Source::Text(text) => {
                 check_source(text, max_source, what)?;

@@ -1,5 +1,6 @@
 //! A session in the worker (`isolation: :process`): a worker started for one
-//! `LuaSandbox.Session` holds its state for the session's life, in the worker's one slot, built
+//! `LuaSandbox.Session` holds its state for the session's life, in the worker's one slot, and
+//! the states of its forks ([`Family`], below), built
 //! and called with the core's `session::Session` as the NIF does (a checkpoint before each call,
 //! the rollback after a failed one, `rollback: false` too). The calls run with the same run
 //! machinery as fresh runs (`crate::run::Runner`), so they answer in the same shapes and park at
@@ -12,10 +13,10 @@
 //! and the state is rolled back; the worker answers the call (if it was running) and then
 //! `:cancelled`, and the session serves its next call.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
-use lua_sandbox_core::chunk::{check_source, Code};
 use lua_sandbox_core::error::SandboxError;
 use lua_sandbox_core::exec::{self, Entry, Limits, Push, Setup, StateSetup};
 use lua_sandbox_core::pool;
@@ -23,7 +24,7 @@ use lua_sandbox_core::session::Session;
 
 use crate::marshal::Handles;
 use crate::proto::Term;
-use crate::run::{caller, early, Opts, PrintOpt, Runner};
+use crate::run::{caller, early, Opts, PrintOpt, Runner, Source};
 
 /// The session between calls, `None` while a call has it (its loan gives it back here).
 type Home = Arc<Mutex<Option<Session<Handles>>>>;
@@ -74,8 +75,8 @@ impl WorkerSession {
         })
     }
 
-    /// `{:session_run, source, opts}`: one call (`source` Lua text, or nil for a `call:` or
-    /// `globals:` only), with the per-call options of `opts` (`rollback` among them); answers
+    /// `{:session_run, source, opts}`: one call (`source` Lua text, a compiled chunk's
+    /// `{:bytecode, bytes, name}`, or nil for a `call:` or `globals:` only), with the per-call options of `opts` (`rollback` among them); answers
     /// like a run. A call still parked at a tool is dropped first (its caller gave up on it).
     pub fn run(&self, runner: &mut Runner, source: &Term, opts: &Term) -> Term {
         runner.cancel();
@@ -85,20 +86,26 @@ impl WorkerSession {
             Ok(opts) => opts,
             Err(e) => return early(e),
         };
-        let code = match source {
+        // Lua text, or a compiled chunk's `{:bytecode, bytes, name}` (run under its own name,
+        // as the NIF runs a chunk resource in a session), or nil
+        let source = match source {
             Term::Atom(a) if a == "nil" => None,
-            Term::Bin(text) => match check_source(text, self.max_source, "source")
-                .and_then(|()| Code::new(text, &self.chunk_name, false))
-            {
+            other => match Source::decode(other, "source") {
+                Ok(source) => Some(source),
+                Err(e) => return early(e),
+            },
+        };
+        let code = match &source {
+            None => None,
+            Some(source) => match source.code(&self.chunk_name, self.max_source, "source") {
                 Ok(code) => Some(code),
                 Err(e) => return early(e),
             },
-            _ => {
-                return early(SandboxError::InvalidInput(
-                    "source must be Lua text".to_string(),
-                ))
-            }
         };
+        let chunk_name = source
+            .as_ref()
+            .map_or(self.chunk_name.as_str(), |s| s.name(&self.chunk_name))
+            .to_string();
         let Some(session) = lock(&self.home).take() else {
             return early(SandboxError::Runtime(
                 "session state did not come back".to_string(),
@@ -119,15 +126,16 @@ impl WorkerSession {
             give_back,
             limits,
             print,
-            self.chunk_name.clone(),
+            chunk_name,
             t0,
         );
         let mut run = match started {
             Ok(run) => run,
             Err(session) => {
-                // A worker holds one session, never a family: the slot is always its own.
+                // Another member's call has the family's slot: never, as the BEAM sends a
+                // member's call only when no other member's call is in progress (or parked).
                 *lock(&self.home) = Some(session);
-                return early(SandboxError::Runtime("the session's arena is busy".into()));
+                return Term::atom("arena_busy");
             }
         };
         let max_depth = limits.max_depth;
@@ -168,5 +176,127 @@ impl WorkerSession {
                 (Term::atom("rollbacks"), int(session.rollbacks)),
             ]),
         ])
+    }
+}
+
+impl WorkerSession {
+    /// A new member of this session's family holding a copy of its state (the core's
+    /// `Session::fork`), with its settings; `Err` is the answer (`:busy`, `:arena_busy`).
+    fn fork(&self) -> Result<WorkerSession, Term> {
+        let guard = lock(&self.home);
+        let Some(session) = guard.as_ref() else {
+            return Err(Term::atom("busy"));
+        };
+        let Some(copy) = session.fork() else {
+            return Err(Term::atom("arena_busy"));
+        };
+        Ok(WorkerSession {
+            home: Arc::new(Mutex::new(Some(copy))),
+            max_memory: self.max_memory,
+            max_depth: self.max_depth,
+            max_source: self.max_source,
+            chunk_name: self.chunk_name.clone(),
+            print: self.print,
+        })
+    }
+}
+
+/// The sessions a session's worker holds: the session (member 0, `{:session_new, opts}`) and
+/// its forks (`{:session_fork, from, new}`), members of one core family (`family.rs`): they
+/// share the worker's one slot and take turns in it, as a NIF session and its forks do. A Lua
+/// state works only at the address it was built at, and the addresses of this binary's C
+/// functions differ from one worker to the next (ASLR), so a fork's state cannot move to
+/// another worker: it stays in its origin's. The members are numbered by the BEAM
+/// (`LuaSandbox.Session.Worker`, which also sends a member's call only when no other member's
+/// call is in progress or parked, so the slot is always free for it).
+#[derive(Default)]
+pub struct Family {
+    members: HashMap<i64, WorkerSession>,
+}
+
+fn member_of(t: &Term) -> Option<i64> {
+    match t {
+        Term::Int(i) => Some(*i),
+        _ => None,
+    }
+}
+
+fn error(message: &str) -> Term {
+    Term::tuple([Term::atom("error"), Term::bin(message)])
+}
+
+impl Family {
+    /// Answers a session request of `src/proto.rs`, or `None` when `request` is not one.
+    pub fn answer(&mut self, runner: &mut Runner, request: &Term) -> Option<Term> {
+        let Term::Tuple(t) = request else {
+            return (request.as_atom() == Some("session_info")).then(|| self.info(0));
+        };
+        let tag = t.first().and_then(Term::as_atom)?;
+        Some(match (tag, t.as_slice()) {
+            ("session_new", [_, opts]) => {
+                if !self.members.is_empty() {
+                    return Some(error("this worker holds a session already"));
+                }
+                match WorkerSession::new(runner, opts) {
+                    Ok(made) => {
+                        self.members.insert(0, made);
+                        Term::atom("ok")
+                    }
+                    Err(answer) => answer,
+                }
+            }
+            ("session_run", [_, source, opts]) => self.run(runner, 0, source, opts),
+            ("session_run", [_, member, source, opts]) => match member_of(member) {
+                Some(m) => self.run(runner, m, source, opts),
+                None => error("a member is an integer"),
+            },
+            ("session_info", [_, member]) => match member_of(member) {
+                Some(m) => self.info(m),
+                None => error("a member is an integer"),
+            },
+            ("session_fork", [_, from, new]) => match (member_of(from), member_of(new)) {
+                (Some(from), Some(new)) => self.fork(from, new),
+                _ => error("members are integers"),
+            },
+            ("session_close", [_, member]) => {
+                // Its state is forgotten (the core's `Family::leave`); the slot goes back to
+                // the worker's pool with the last member.
+                if let Some(m) = member_of(member) {
+                    self.members.remove(&m);
+                }
+                Term::atom("ok")
+            }
+            _ => return None,
+        })
+    }
+
+    fn run(&self, runner: &mut Runner, member: i64, source: &Term, opts: &Term) -> Term {
+        match self.members.get(&member) {
+            Some(session) => session.run(runner, source, opts),
+            None => error("no such session in this worker"),
+        }
+    }
+
+    fn info(&self, member: i64) -> Term {
+        match self.members.get(&member) {
+            Some(session) => session.info(),
+            None => error("no such session in this worker"),
+        }
+    }
+
+    fn fork(&mut self, from: i64, new: i64) -> Term {
+        if self.members.contains_key(&new) {
+            return error("that member exists already");
+        }
+        let Some(origin) = self.members.get(&from) else {
+            return error("no such session in this worker");
+        };
+        match origin.fork() {
+            Ok(copy) => {
+                self.members.insert(new, copy);
+                Term::atom("ok")
+            }
+            Err(answer) => answer,
+        }
     }
 }

@@ -4,7 +4,7 @@
 //! `lib/lua_sandbox/worker.ex`; it warns for each layer not in force.
 //!
 //! Scripts run with the core's run machinery, as in the NIF (`lua_sandbox_worker::run`); a
-//! session's worker holds one session (`lua_sandbox_worker::session`); the worker also answers
+//! session's worker holds one session and its forks (`lua_sandbox_worker::session`); the worker also answers
 //! `:ping` and `:cancel` (and, in test builds, the probes of `probes.rs`).
 //!
 //! Usage: `worker [max_memory_bytes]` (default 64 MiB): the state is the NIF's sandbox
@@ -16,7 +16,7 @@ use std::os::fd::FromRawFd;
 use lua_sandbox_worker::jail;
 use lua_sandbox_worker::proto::{self, Term};
 use lua_sandbox_worker::run::Runner;
-use lua_sandbox_worker::session::WorkerSession;
+use lua_sandbox_worker::session::Family;
 
 // The core's test support runs a chunk in a state (the `lua` probe of test builds only).
 #[cfg(feature = "wall-probes")]
@@ -83,15 +83,15 @@ fn serve(runner: &mut Runner, out: &mut impl std::io::Write) {
     // SAFETY: fd 0 is open for the life of the process (the port's pipe), and the ManuallyDrop
     // never closes it.
     let mut input = ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(0) });
-    // The session this worker holds, once `{:session_new, opts}` made it.
-    let mut session = None;
+    // The session this worker holds, once `{:session_new, opts}` made it, and its forks.
+    let mut family = Family::default();
     while let Ok(Some(frame)) = proto::read_frame(&mut *input) {
         let (id, answer) = match proto::decode(&frame) {
             Ok(Term::Tuple(mut t)) if t.len() == 2 => {
                 let request = t.pop().unwrap();
                 let id = t.pop().unwrap();
                 runner.serving(&id);
-                let answer = answer(runner, &mut session, &request);
+                let answer = answer(runner, &mut family, &request);
                 (id, answer)
             }
             Ok(_) => (Term::atom("nil"), error("a request is {id, request}")),
@@ -100,6 +100,15 @@ fn serve(runner: &mut Runner, out: &mut impl std::io::Write) {
         if proto::write_frame(out, &Term::tuple([id, answer])).is_err() {
             break;
         }
+        // A `:cancel` that the run just answered read from the pipe (it stopped the run): its
+        // own answer now, after dropping the run if it parked meanwhile.
+        if let Some(id) = lua_sandbox_worker::take_cancel() {
+            runner.cancel();
+            let cancelled = Term::tuple([id, Term::atom("cancelled")]);
+            if proto::write_frame(out, &cancelled).is_err() {
+                break;
+            }
+        }
     }
 }
 
@@ -107,33 +116,16 @@ fn error(message: &str) -> Term {
     Term::tuple([Term::atom("error"), Term::bin(message)])
 }
 
-fn answer(runner: &mut Runner, session: &mut Option<WorkerSession>, request: &Term) -> Term {
+fn answer(runner: &mut Runner, family: &mut Family, request: &Term) -> Term {
+    if let Some(answer) = family.answer(runner, request) {
+        return answer;
+    }
     match request {
         Term::Atom(a) if a == "ping" => Term::atom("pong"),
         Term::Atom(a) if a == "cancel" => {
             runner.cancel();
             Term::atom("cancelled")
         }
-        Term::Tuple(t) if t.len() == 2 && t[0].as_atom() == Some("session_new") => {
-            if session.is_some() {
-                return error("this worker holds a session already");
-            }
-            match WorkerSession::new(runner, &t[1]) {
-                Ok(made) => {
-                    *session = Some(made);
-                    Term::atom("ok")
-                }
-                Err(answer) => answer,
-            }
-        }
-        Term::Tuple(t) if t.len() == 3 && t[0].as_atom() == Some("session_run") => match session {
-            Some(session) => session.run(runner, &t[1], &t[2]),
-            None => error("no session in this worker"),
-        },
-        Term::Atom(a) if a == "session_info" => match session {
-            Some(session) => session.info(),
-            None => error("no session in this worker"),
-        },
         Term::Tuple(t) if t.len() == 3 && t[0].as_atom() == Some("run") => {
             runner.start(&t[1], &t[2])
         }
