@@ -5,6 +5,10 @@ defmodule LuaSandbox.TestPeer do
   @doc "Makes this VM a distributed node (starting epmd if needed)."
   def ensure_distributed do
     unless Node.alive?() do
+      # Tests partition nodes on purpose (Node.disconnect/1, a peer stopped mid-run); OTP's
+      # `global` would answer by disconnecting every other node that saw the lost one, peers
+      # of unrelated tests included. Off here and on every peer (`start/1`).
+      :ok = Application.put_env(:kernel, :prevent_overlapping_partitions, false)
       {_, 0} = System.cmd("epmd", ["-daemon"])
       name = :"lua_sandbox_test_#{System.unique_integer([:positive])}@127.0.0.1"
       {:ok, _} = Node.start(name, :longnames)
@@ -27,7 +31,9 @@ defmodule LuaSandbox.TestPeer do
         name: name,
         host: ~c"127.0.0.1",
         longnames: true,
-        args: Enum.map(vm_args, &String.to_charlist/1) ++ paths
+        args:
+          Enum.map(vm_args, &String.to_charlist/1) ++
+            [~c"-kernel", ~c"prevent_overlapping_partitions", ~c"false"] ++ paths
       })
 
     {:ok, _} = :erpc.call(node, Application, :ensure_all_started, [:lua_sandbox])
