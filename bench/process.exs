@@ -13,6 +13,8 @@
 #   * worker round trip: checkout + one request/answer (:ping) + checkin, through the pool
 #   * frame round trip: one request/answer on a worker already checked out (the floor of a
 #     tool call's round trip: one frame out and one in)
+#   * the host's floor: the ping frame echoed by `cat` through a {:packet, 4} port (no worker
+#     code: what two pipe writes and two process wakeups cost on this machine)
 #   * worker start: Port.open until the boot frame (sandbox built, jail applied)
 #   * respawn: a worker killed from outside (SIGKILL) until its replacement has booted
 #   * runs right after a death: once the pool has seen a worker killed from outside, as many
@@ -127,6 +129,23 @@ warm.(ping)
 frames = for _ <- 1..n, do: Bench.Process.time_us(ping)
 Workers.checkin(pool, port, :ok)
 
+# the host's floor: the same-sized frame echoed by `cat` through a {:packet, 4} port (no
+# worker code at all: two pipe writes, two wakeups), alternating with the worker's ping
+cat = Port.open({:spawn_executable, System.find_executable("cat")}, [{:packet, 4}, :binary])
+ping_frame = :erlang.term_to_binary({1, :ping})
+
+echo = fn ->
+  Port.command(cat, ping_frame)
+
+  receive do
+    {^cat, {:data, ^ping_frame}} -> :ok
+  end
+end
+
+warm.(echo)
+echoes = for _ <- 1..n, do: Bench.Process.time_us(echo)
+Port.close(cat)
+
 # worker start: Port.open until the boot frame (what the pool pays to replace one)
 starts =
   for _ <- 1..100 do
@@ -240,6 +259,7 @@ isolation: :process, #{n} alternating samples (2 cores, shared)
 #{Bench.Process.row("worker compiled chunk (the same, bytecode sent)", Bench.Process.percentiles(chunk_proc), "µs")}
 #{Bench.Process.row("worker round trip via the pool (checkout, ping, checkin)", Bench.Process.percentiles(b), "µs")}
 #{Bench.Process.row("frame round trip on a checked-out worker (tool-call floor)", Bench.Process.percentiles(frames), "µs")}
+#{Bench.Process.row("the host's floor: a frame echoed by `cat` through a port", Bench.Process.percentiles(echoes), "µs")}
 #{Bench.Process.row("worker start: Port.open until its boot frame", Bench.Process.percentiles(starts), "µs")}
 #{Bench.Process.row("respawn after SIGKILL (the `kill` command's ~ms included), until booted", Bench.Process.percentiles(respawn), "µs")}
 #{Bench.Process.row("2 concurrent runs right after the pool saw a worker die (spare serves)", Bench.Process.percentiles(after_death), "µs")}
