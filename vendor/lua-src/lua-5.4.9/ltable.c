@@ -297,37 +297,53 @@ static unsigned int setlimittosize (Table *t) {
 ** See explanation about 'deadok' in function 'equalkey'.
 */
 /*
-** LUA_SANDBOX: the lookups below take a 'global_State' (NULL for internal
+** LUA_SANDBOX: the lookups below take the running state (NULL for internal
 ** uses, e.g. from 'luaH_getn') and debit SB_NODECOST units of work per node
 ** walked beyond the first, plus the bytes of a long-string key compared
-** (and hashed, the first time), from its countdown (non-raising: the collector and 'luaH_next' may run them).
+** (and hashed, the first time: 'luaS_hashlongstrc', in pieces with a check
+** between two), from its countdown (non-raising: the collector and
+** 'luaH_next' may run them). A long-string key is hashed and compared in
+** pieces with a check between two ('luaS_hashlongstrc', 'luaS_eqlngstrc');
+** when an abort interrupts either, the lookup answers "absent": nothing can
+** act on it (the next instruction or charge raises; an insert checks first,
+** 'luaH_finishset'), as 'luaH_next' answers an aborted run.
 ** Keys that collide in one chain (integers are hashed by a plain modulo)
 ** otherwise make every lookup and insert walk the whole chain for the price
 ** of one instruction.
 */
-#define chaindebit(g,n)	{ if ((g) != NULL) (g)->sbticks -= cast(l_mem, (n)); }
+#define chaindebit(L,n)	{ if ((L) != NULL) G(L)->sbticks -= cast(l_mem, (n)); }
 /* units per node walked: a long chain is a cache miss per node (measured
    ~200 ns per node on a 2^17-node table on a loaded machine) */
 #define SB_NODECOST	2
 
-static const TValue *getgeneric (global_State *g, Table *t, const TValue *key,
+static const TValue *getgeneric (lua_State *L, Table *t, const TValue *key,
                                  int deadok) {
   Node *n;
   l_mem walked = 0;  /* LUA_SANDBOX */
-  if (ttislngstring(key)) {  /* LUA_SANDBOX: its compare, and its hash once */
+  int lng = 0;  /* LUA_SANDBOX: a long-string key, hashed and compared in pieces */
+  if (ttislngstring(key) && L != NULL) {  /* LUA_SANDBOX: its hash, once */
     TString *ts = tsvalue(key);
-    walked = luaG_sbbytes(ts->u.lnglen) * (ts->extra == 0 ? 2 : 1);
+    if (l_unlikely(!luaS_hashlongstrc(L, ts)))  /* aborted meanwhile? */
+      return &absentkey;  /* nothing can act on it (see above) */
+    walked = luaG_sbbytes(ts->u.lnglen);  /* and its compare */
+    lng = 1;
   }
   n = mainpositionTV(t, key);
   for (;;) {  /* check whether 'key' is somewhere in the chain */
-    if (equalkey(key, n, deadok)) {
-      chaindebit(g, walked);  /* LUA_SANDBOX */
+    /* LUA_SANDBOX: long strings compared in pieces (see above) */
+    int eq = (lng && keytt(n) == ctb(LUA_VLNGSTR))
+             ? luaS_eqlngstrc(L, tsvalue(key), keystrval(n))
+             : equalkey(key, n, deadok);
+    if (l_unlikely(eq < 0))  /* aborted meanwhile? */
+      return &absentkey;
+    if (eq) {
+      chaindebit(L, walked);  /* LUA_SANDBOX */
       return gval(n);  /* that's it */
     }
     else {
       int nx = gnext(n);
       if (nx == 0) {
-        chaindebit(g, walked);  /* LUA_SANDBOX */
+        chaindebit(L, walked);  /* LUA_SANDBOX */
         return &absentkey;  /* not found */
       }
       n += nx;
@@ -362,9 +378,15 @@ static unsigned int findindex (lua_State *L, Table *t, TValue *key,
   if (i - 1u < asize)  /* is 'key' inside array part? */
     return i;  /* yes; that's the index */
   else {
-    const TValue *n = getgeneric(G(L), t, key, 1);  /* LUA_SANDBOX */
-    if (l_unlikely(isabstkey(n)))
+    const TValue *n = getgeneric(L, t, key, 1);  /* LUA_SANDBOX */
+    if (l_unlikely(isabstkey(n))) {
+      /* LUA_SANDBOX: a long key whose lookup an abort interrupted (see
+         'getgeneric'; an abort sets the countdown to 0): "no more
+         elements", as 'luaH_next' answers an aborted run (see below) */
+      if (ttislngstring(key) && G(L)->sbticks <= 0 && luaG_sandboxaborted(L))
+        return asize + cast_uint(sizenode(t));
       luaG_runerror(L, "invalid key to 'next'");  /* key not found */
+    }
     i = cast_int(nodefromval(n) - gnode(t, 0));  /* key index in hash table */
     /* hash elements are numbered after array ones */
     return (i + 1) + asize;
@@ -815,7 +837,7 @@ static void luaH_newkey (lua_State *L, Table *t, const TValue *key,
 ** If key is 0 or negative, 'res' will have its higher bit on, so that
 ** if cannot be smaller than alimit.
 */
-static const TValue *getint (global_State *g, Table *t, lua_Integer key) {
+static const TValue *getint (lua_State *L, Table *t, lua_Integer key) {
   lua_Unsigned alimit = t->alimit;
   if (l_castS2U(key) - 1u < alimit)  /* 'key' in [1, t->alimit]? */
     return &t->array[key - 1];
@@ -829,7 +851,7 @@ static const TValue *getint (global_State *g, Table *t, lua_Integer key) {
     l_mem walked = 0;  /* LUA_SANDBOX */
     for (;;) {  /* check whether 'key' is somewhere in the chain */
       if (keyisinteger(n) && keyival(n) == key) {
-        chaindebit(g, walked);  /* LUA_SANDBOX */
+        chaindebit(L, walked);  /* LUA_SANDBOX */
         return gval(n);  /* that's it */
       }
       else {
@@ -839,7 +861,7 @@ static const TValue *getint (global_State *g, Table *t, lua_Integer key) {
         walked += SB_NODECOST;  /* LUA_SANDBOX */
       }
     }
-    chaindebit(g, walked);  /* LUA_SANDBOX */
+    chaindebit(L, walked);  /* LUA_SANDBOX */
     return &absentkey;
   }
 }
@@ -852,7 +874,7 @@ const TValue *luaH_getint (Table *t, lua_Integer key) {
 
 /* LUA_SANDBOX: 'luaH_getint' charging its chain walk to 'L' */
 const TValue *luaH_getintc (lua_State *L, Table *t, lua_Integer key) {
-  return getint(G(L), t, key);
+  return getint(L, t, key);
 }
 
 
@@ -875,13 +897,13 @@ const TValue *luaH_getshortstr (Table *t, TString *key) {
 }
 
 
-static const TValue *getstrkey (global_State *g, Table *t, TString *key) {
+static const TValue *getstrkey (lua_State *L, Table *t, TString *key) {
   if (key->tt == LUA_VSHRSTR)
     return luaH_getshortstr(t, key);
   else {  /* for long strings, use generic case */
     TValue ko;
     setsvalue(cast(lua_State *, NULL), &ko, key);
-    return getgeneric(g, t, &ko, 0);
+    return getgeneric(L, t, &ko, 0);
   }
 }
 
@@ -893,26 +915,26 @@ const TValue *luaH_getstr (Table *t, TString *key) {
 
 /* LUA_SANDBOX: 'luaH_getstr' charging its chain walk to 'L' */
 const TValue *luaH_getstrc (lua_State *L, Table *t, TString *key) {
-  return getstrkey(G(L), t, key);
+  return getstrkey(L, t, key);
 }
 
 
 /*
 ** main search function
 */
-static const TValue *get (global_State *g, Table *t, const TValue *key) {
+static const TValue *get (lua_State *L, Table *t, const TValue *key) {
   switch (ttypetag(key)) {
     case LUA_VSHRSTR: return luaH_getshortstr(t, tsvalue(key));
-    case LUA_VNUMINT: return getint(g, t, ivalue(key));
+    case LUA_VNUMINT: return getint(L, t, ivalue(key));
     case LUA_VNIL: return &absentkey;
     case LUA_VNUMFLT: {
       lua_Integer k;
       if (luaV_flttointeger(fltvalue(key), &k, F2Ieq)) /* integral index? */
-        return getint(g, t, k);  /* use specialized version */
+        return getint(L, t, k);  /* use specialized version */
       /* else... */
     }  /* FALLTHROUGH */
     default:
-      return getgeneric(g, t, key, 0);
+      return getgeneric(L, t, key, 0);
   }
 }
 
@@ -924,7 +946,7 @@ const TValue *luaH_get (Table *t, const TValue *key) {
 
 /* LUA_SANDBOX: 'luaH_get' charging its chain walk to 'L' */
 const TValue *luaH_getc (lua_State *L, Table *t, const TValue *key) {
-  return get(G(L), t, key);
+  return get(L, t, key);
 }
 
 
@@ -936,8 +958,16 @@ const TValue *luaH_getc (lua_State *L, Table *t, const TValue *key) {
 */
 void luaH_finishset (lua_State *L, Table *t, const TValue *key,
                                    const TValue *slot, TValue *value) {
-  if (isabstkey(slot))
+  if (isabstkey(slot)) {
+    /* LUA_SANDBOX: "absent" for a long key may be a lookup an abort
+       interrupted (see 'getgeneric'): the key may be there. An abort sets
+       the countdown to 0 ('lua_sandboxabort'), so when it has run out,
+       check (raising, before the table is touched: 'luaH_newkey' raises
+       already, "index is nil") */
+    if (ttislngstring(key) && l_unlikely(G(L)->sbticks <= 0))
+      luaG_sandboxcheck(L);
     luaH_newkey(L, t, key, value);
+  }
   else
     setobj2t(L, cast(TValue *, slot), value);
 }
