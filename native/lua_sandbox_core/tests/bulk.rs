@@ -176,6 +176,21 @@ fn long_keys_are_hashed_between_checks() {
 }
 
 #[test]
+fn table_rehashes_check_between_pieces() {
+    // A rehash counts every slot, clears the new hash part and moves every key (ltable.c
+    // `rehash`, `setnodevector`, `reinsert`): growing to 2 M float keys took ~20 ms between two
+    // checks in its last rehash. Now every 8 192 slots (SB_REHASHPIECE).
+    let cases = [
+        "local t = {} for i = 1, 1 << 21 do t[i + 0.5] = true end".to_string(),
+        // emptied, then refilled with other keys: the rehash counts the dead slots too
+        "local t = {} for i = 1, 1 << 20 do t[i + 0.5] = true end \
+         for i = 1, 1 << 20 do t[i + 0.5] = nil end for i = 1, 1 << 20 do t[-i - 0.5] = i end"
+            .to_string(),
+    ];
+    assert_checked_between_pieces(&cases);
+}
+
+#[test]
 fn long_numerals_are_read_between_checks() {
     // 16 MiB numerals, converted by the VM's coercion and by C functions (`tonumber`,
     // `math.*`): `strtod` read them whole with no check (~10 ms each here); now they are
@@ -219,6 +234,7 @@ fn a_kill_at_any_check_of_a_bulk_operation_ends_it() {
         "local n = string.rep('1', 1 << 24) return tonumber(n) + math.floor(n)",
         "local s = string.rep('x', 1 << 24) local t = {} t[s .. 'a'] = 1 return t[s .. 'b']",
         "local s = string.rep('x', 1 << 24) local t = {[s] = 1} return t[s:sub(1)]",
+        "local t = {} for i = 1, 1 << 20 do t[i + 0.5] = i end return #t",
     ] {
         let (outcome, total) = killed_at(src, u64::MAX);
         assert_eq!(outcome, Ok(()), "{src}");

@@ -134,6 +134,60 @@ fn a_thrown_away_attempt_is_rolled_back_and_not_counted() {
     );
 }
 
+/// Runs `src` in a new session whose setup was `setup`, its caller dying at its `at`-th
+/// liveness check, rollback off; `Ok(session)` when the call was killed, `Err` when it
+/// finished first.
+fn killed_at(setup: &str, src: &str, at: u64) -> Result<Kept, ()> {
+    let kept = new_session(&[]);
+    assert_eq!(finish(&kept, setup, false), Ok("0".into()));
+    let left = std::sync::atomic::AtomicU64::new(at);
+    let caller = Caller {
+        env: (&left as *const std::sync::atomic::AtomicU64)
+            .cast_mut()
+            .cast(),
+        alive: Some(common::alive_for),
+    };
+    let (mut run, step) = call_for(&kept, src, false, caller);
+    let outcome = match step {
+        Ok(Step::Done { .. }) => {
+            run.succeeded();
+            return Err(());
+        }
+        Ok(Step::Failed { .. }) => run.outcome(SandboxError::Runtime(String::new())),
+        Err(e) => run.outcome(e),
+        Ok(other) => panic!("{other:?}"),
+    };
+    assert_eq!(outcome, SandboxError::Killed, "killed at check {at}");
+    drop(run);
+    Ok(kept)
+}
+
+#[test]
+fn a_kill_inside_a_rehash_leaves_the_table_whole() {
+    // Without rollback an aborted call's state goes on (protect.rs rule 6). A rehash checks
+    // every 8 192 slots (ltable.c SB_REHASHPIECE): a kill while it counts or clears raises
+    // before the table is touched, one while it moves the keys undoes the move first. Killed
+    // at every check of a table's growth, the next call must find every key set before.
+    let setup = "t, done = {}, 0 return 0";
+    let grow = "for i = 1, 30000 do t[i + 0.5] = i done = i end return 0";
+    let check = "local n = 0 for k, v in pairs(t) do n = n + 1 assert(v == k - 0.5) end \
+                 for i = 1, n do assert(t[i + 0.5] == i) end \
+                 return (n == done or n == done + 1) and 'whole' or n .. ' of ' .. done";
+    let mut killed = 0;
+    for at in 1.. {
+        let Ok(kept) = killed_at(setup, grow, at) else {
+            break;
+        };
+        killed += 1;
+        assert_eq!(
+            finish(&kept, check, false),
+            Ok("whole".into()),
+            "after a kill at check {at}"
+        );
+    }
+    assert!(killed >= 20, "only {killed} checks in the call");
+}
+
 #[test]
 fn a_kill_inside_a_long_key_lookup_leaves_the_table_whole() {
     // Without rollback an aborted call's state goes on (protect.rs rule 6). A long-string key
@@ -147,29 +201,9 @@ fn a_kill_inside_a_long_key_lookup_leaves_the_table_whole() {
                  return n .. ' ' .. t[big .. 'x'] .. ' ' .. (t[big .. 'y'] > 0 and 'y' or '?')";
     let mut killed = 0;
     for at in 1.. {
-        let kept = new_session(&[]);
-        assert_eq!(finish(&kept, setup, false), Ok("0".into()));
-        let left = std::sync::atomic::AtomicU64::new(at);
-        let caller = Caller {
-            env: (&left as *const std::sync::atomic::AtomicU64)
-                .cast_mut()
-                .cast(),
-            alive: Some(common::alive_for),
+        let Ok(kept) = killed_at(setup, change, at) else {
+            break;
         };
-        let (mut run, step) = call_for(&kept, change, false, caller);
-        let outcome = match step {
-            Ok(Step::Done { .. }) => {
-                run.succeeded();
-                drop(run);
-                assert_eq!(finish(&kept, check, false), Ok("2 3 y".into()));
-                break;
-            }
-            Ok(Step::Failed { .. }) => run.outcome(SandboxError::Runtime(String::new())),
-            Err(e) => run.outcome(e),
-            Ok(other) => panic!("{other:?}"),
-        };
-        assert_eq!(outcome, SandboxError::Killed, "killed at check {at}");
-        drop(run);
         killed += 1;
         assert_eq!(
             finish(&kept, check, false),

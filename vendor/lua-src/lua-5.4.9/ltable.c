@@ -507,7 +507,24 @@ static int countint (lua_Integer key, unsigned int *nums) {
 ** number of keys that will go into corresponding slice and return
 ** total number of non-nil keys.
 */
-static unsigned int numusearray (const Table *t, unsigned int *nums) {
+/*
+** LUA_SANDBOX: a rehash goes through every slot of the table (counting the
+** keys), of its new hash part (clearing it) and of its old hash part
+** (moving the keys): ~20-40 ns a slot, 17-30 ms for a table of 1-4 M
+** entries with no check. Each of the three now asks the ticker every
+** SB_REHASHPIECE slots (~0.1-0.3 ms). Counting and clearing leave the table
+** untouched and raise at once ('rehash' runs inside 'luaH_newkey', which
+** raises already: "table overflow", memory errors); the move is undone
+** before raising ('luaH_resize'), so an aborted rehash leaves the table
+** exactly as it was, for a 'rollback: false' session that goes on with it.
+*/
+#define SB_REHASHPIECE	8192u
+#define sbpiecedone(i)	(((i) & (SB_REHASHPIECE - 1u)) == 0u && (i) > 0u)
+#define sbrehashcheck(L,i)  \
+  { if (l_unlikely(sbpiecedone(i))) luaG_sandboxcheck(L); }
+
+static unsigned int numusearray (lua_State *L, const Table *t,
+                                 unsigned int *nums) {
   int lg;
   unsigned int ttlg;  /* 2^lg */
   unsigned int ause = 0;  /* summation of 'nums' */
@@ -526,6 +543,7 @@ static unsigned int numusearray (const Table *t, unsigned int *nums) {
     for (; i <= lim; i++) {
       if (!isempty(&t->array[i-1]))
         lc++;
+      sbrehashcheck(L, i);  /* LUA_SANDBOX */
     }
     nums[lg] += lc;
     ause += lc;
@@ -534,7 +552,8 @@ static unsigned int numusearray (const Table *t, unsigned int *nums) {
 }
 
 
-static int numusehash (const Table *t, unsigned int *nums, unsigned int *pna) {
+static int numusehash (lua_State *L, const Table *t, unsigned int *nums,
+                       unsigned int *pna) {
   int totaluse = 0;  /* total number of elements */
   int ause = 0;  /* elements added to 'nums' (can go to array part) */
   int i = sizenode(t);
@@ -545,6 +564,7 @@ static int numusehash (const Table *t, unsigned int *nums, unsigned int *pna) {
         ause += countint(keyival(n), nums);
       totaluse++;
     }
+    sbrehashcheck(L, cast_uint(i));  /* LUA_SANDBOX */
   }
   *pna += ause;
   return totaluse;
@@ -576,6 +596,15 @@ static void setnodevector (lua_State *L, Table *t, unsigned int size) {
       gnext(n) = 0;
       setnilkey(n);
       setempty(gval(n));
+      /* LUA_SANDBOX: a check (see SB_REHASHPIECE); 't' is a new table or
+         'luaH_resize''s 'newt', which nobody sees: freed before the raise */
+      if (l_unlikely(sbpiecedone(cast_uint(i))) && luaG_sandboxaborted(L)) {
+        luaM_freearray(L, t->node, size);
+        t->node = cast(Node *, dummynode);
+        t->lsizenode = 0;
+        t->lastfree = NULL;
+        luaG_sandboxcheck(L);  /* aborts are sticky: this raises */
+      }
     }
     t->lsizenode = cast_byte(lsize);
     t->lastfree = gnode(t, size);  /* all positions are free */
@@ -589,11 +618,19 @@ static void setnodevector (lua_State *L, Table *t, unsigned int size) {
 static void luaH_newkey (lua_State *L, Table *t, const TValue *key,
                                                  TValue *value);
 
-static void reinsert (lua_State *L, Table *ot, Table *t) {
-  int j;
+/*
+** LUA_SANDBOX: starts at node 'j'; with 'checked', asks the ticker every
+** SB_REHASHPIECE nodes and stops when the run is aborted ('ot' is only
+** read, so it is still whole; 'luaH_resize' undoes the rest). Returns the
+** node it stopped at ('sizenode(ot)' when done).
+*/
+static int reinsert (lua_State *L, Table *ot, Table *t, int j, int checked) {
   int size = sizenode(ot);
-  for (j = 0; j < size; j++) {
+  for (; j < size; j++) {
     Node *old = gnode(ot, j);
+    if (checked && l_unlikely(sbpiecedone(cast_uint(j))) &&
+        luaG_sandboxaborted(L))  /* LUA_SANDBOX */
+      return j;
     if (!isempty(gval(old))) {
       /* doesn't need barrier/invalidate cache, as entry was
          already present in the table */
@@ -611,7 +648,9 @@ static void reinsert (lua_State *L, Table *ot, Table *t) {
         luaH_newkey(L, t, &k, gval(old));
     }
   }
+  return size;
 }
+
 
 
 /*
@@ -627,6 +666,38 @@ static void exchangehashpart (Table *t1, Table *t2) {
   t2->lsizenode = lsizenode;
   t2->node = node;
   t2->lastfree = lastfree;
+}
+
+
+/*
+** LUA_SANDBOX: undoes a 'luaH_resize' whose move ('reinsert') an abort
+** stopped: 't' has the new hash part, partly filled, and its array grown
+** to 'newasize' ('newt' has the old hash part, whole). Gives 't' its old
+** hash part back, frees the new one and shrinks the array back to
+** 'oldasize' (the keys moved into its new slice are still in the old hash
+** part; the old slots were not written). The shrink goes to the allocator
+** directly, as 'luaM_realloc_' would without its emergency collection: a
+** shrink cannot need one, and nothing here may run the collector or raise.
+** Returns 0 (nothing undone) if the allocator refused the shrink, which the
+** sandbox's own never does (heap.rs): the caller then finishes the move.
+*/
+static int undoresize (lua_State *L, Table *t, Table *newt,
+                       unsigned int oldasize, unsigned int newasize) {
+  global_State *g = G(L);
+  TValue *array = t->array;
+  if (newasize > oldasize) {
+    size_t osize = cast_sizet(newasize) * sizeof(TValue);
+    size_t nsize = cast_sizet(oldasize) * sizeof(TValue);
+    array = cast(TValue *, (*g->frealloc)(g->ud, t->array, osize, nsize));
+    if (array == NULL && nsize > 0)
+      return 0;  /* refused: the array is as it was, grown */
+    g->GCdebt = (g->GCdebt + cast(l_mem, nsize)) - cast(l_mem, osize);
+  }
+  exchangehashpart(t, newt);  /* 't' has its old hash part back */
+  freehash(L, newt);  /* the new one */
+  t->array = array;
+  t->alimit = oldasize;  /* its real size ('setlimittosize') */
+  return 1;
 }
 
 
@@ -675,7 +746,16 @@ void luaH_resize (lua_State *L, Table *t, unsigned int newasize,
   for (i = oldasize; i < newasize; i++)  /* clear new slice of the array */
      setempty(&t->array[i]);
   /* re-insert elements from old hash part into new parts */
-  reinsert(L, &newt, t);  /* 'newt' now has the old hash */
+  /* LUA_SANDBOX: checked (see SB_REHASHPIECE) unless the array shrank, whose
+     vanishing slice is gone; undone on an abort, then raised */
+  i = cast_uint(reinsert(L, &newt, t, 0, newasize >= oldasize));
+  if (l_unlikely(cast_int(i) < sizenode(&newt))) {  /* stopped early? */
+    if (undoresize(L, t, &newt, oldasize, newasize)) {
+      luaG_sandboxcheck(L);  /* aborts are sticky: this raises */
+      return;  /* (not reached) 't' is as it was, whole; 'newt' is freed */
+    }
+    reinsert(L, &newt, t, cast_int(i), 0);  /* not undone: finish it */
+  }
   freehash(L, &newt);  /* free old hash part */
 }
 
@@ -696,9 +776,9 @@ static void rehash (lua_State *L, Table *t, const TValue *ek) {
   int totaluse;
   for (i = 0; i <= MAXABITS; i++) nums[i] = 0;  /* reset counts */
   setlimittosize(t);
-  na = numusearray(t, nums);  /* count keys in array part */
+  na = numusearray(L, t, nums);  /* count keys in array part */
   totaluse = na;  /* all those keys are integer keys */
-  totaluse += numusehash(t, nums, &na);  /* count keys in hash part */
+  totaluse += numusehash(L, t, nums, &na);  /* count keys in hash part */
   /* count extra key */
   if (ttisinteger(ek))
     na += countint(ivalue(ek), nums);
