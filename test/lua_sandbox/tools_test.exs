@@ -205,6 +205,18 @@ for isolation <- LuaSandbox.Isolation.all() do
         assert {:error, %Error{message: "m:2: " <> _}} = lua_run("require('m')", modules: modules)
       end
 
+      test "a name is looked up up to its first NUL, as lua_getfield saw it; the loader gets it whole" do
+        modules = %{"m" => "local name = ... return {name = name}"}
+
+        src = """
+        local a = require('m\\0x')
+        return #a.name, a == require('m'), require('string\\0y') == string, select(2, pcall(require, 'no\\0pe'))
+        """
+
+        assert {:ok, %{values: [3, true, true, msg]}} = lua_run(src, modules: modules)
+        assert msg =~ "module 'no' not found"
+      end
+
       test "a missing module is a Lua error" do
         assert {:ok, %{values: [false, msg]}} = lua_run("return pcall(require, 'nope')")
         assert msg =~ "module 'nope' not found"

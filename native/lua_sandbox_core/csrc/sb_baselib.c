@@ -500,18 +500,51 @@ static void pushavailable (lua_State *L) {
 }
 
 
+/*
+** The module name as a table key (at the top), as 'lua_getfield(L, t, name)'
+** saw it: the name up to its first NUL. 'lua_getfield' found that NUL with
+** 'strlen', compared the name whole with 'luaS_new''s cache and made a new
+** long string, hashed again, per lookup: 16 MiB each with no check. Here
+** the NUL is looked for in pieces of LUA_SBPIECE bytes, charged one unit per
+** 16 and checked between two, and a name without one (any real name) is its
+** own key: one string for every lookup, hashed once (in pieces, by the VM).
+*/
+static void pushnamekey (lua_State *L, int idx) {
+  size_t len, done = 0;
+  const char *name = lua_tolstring(L, idx, &len);
+  const char *nul = NULL;
+  while (done < len && nul == NULL) {
+    size_t n = (len - done < LUA_SBPIECE) ? len - done : LUA_SBPIECE;
+    nul = (const char *)memchr(name + done, '\0', n);
+    done += n;
+    lua_sandboxcharge(L, (lua_Integer)(n / SB_BYTES_PER_STEP));
+    if (done < len && nul == NULL)
+      lua_sandboxcheck(L);
+  }
+  if (nul == NULL)
+    lua_pushvalue(L, idx);
+  else
+    lua_pushlstring(L, name, (size_t)(nul - name));
+}
+
+
 static int require_k (lua_State *L, int status, lua_KContext ctx) {
-  const char *name = lua_tostring(L, 1);
   (void)status; (void)ctx;
-  /* stack: name, LOADED, loader, loader result */
-  if (!lua_isnil(L, -1))  /* non-nil return? */
-    lua_setfield(L, 2, name);  /* LOADED[name] = returned value */
+  /* stack: name, key, LOADED, loader result */
+  if (!lua_isnil(L, -1)) {  /* non-nil return? */
+    lua_pushvalue(L, 2);
+    lua_insert(L, -2);
+    lua_settable(L, 3);  /* LOADED[name] = returned value */
+  }
   else
     lua_pop(L, 1);  /* pop nil */
-  if (lua_getfield(L, 2, name) == LUA_TNIL) {   /* module set no value? */
+  lua_pushvalue(L, 2);
+  if (lua_gettable(L, 3) == LUA_TNIL) {   /* module set no value? */
     lua_pushboolean(L, 1);  /* use true as result */
     lua_copy(L, -1, -2);  /* replace loader result */
-    lua_setfield(L, 2, name);  /* LOADED[name] = true */
+    lua_pushvalue(L, 2);
+    lua_insert(L, -2);
+    lua_settable(L, 3);  /* LOADED[name] = true */
   }
   lua_pushliteral(L, ":preload:");  /* loader data, as for package.preload */
   return 2;
@@ -521,19 +554,22 @@ static int require_k (lua_State *L, int status, lua_KContext ctx) {
 /* loadlib.c's ll_require over package.loaded and the host's modules */
 static int sb_require (lua_State *L) {
   const char *name = luaL_checkstring(L, 1);
-  lua_settop(L, 1);  /* LOADED table will be at index 2 */
-  lua_getfield(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);
-  lua_getfield(L, 2, name);  /* LOADED[name] */
+  lua_settop(L, 1);
+  pushnamekey(L, 1);  /* key at index 2 */
+  lua_getfield(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);  /* LOADED at 3 */
+  lua_pushvalue(L, 2);
+  lua_gettable(L, 3);  /* LOADED[name] */
   if (lua_toboolean(L, -1))  /* is it there? */
     return 1;  /* package is already loaded */
   lua_pop(L, 1);
   lua_getfield(L, LUA_REGISTRYINDEX, SB_MODULES);
-  if (!lua_istable(L, 3) || lua_getfield(L, 3, name) != LUA_TFUNCTION) {
+  lua_pushvalue(L, 2);
+  if (!lua_istable(L, 4) || lua_gettable(L, 4) != LUA_TFUNCTION) {
     pushavailable(L);
     return luaL_error(L, "module '%s' not found (available: %s)", name,
                       lua_tostring(L, -1));
   }
-  lua_remove(L, 3);  /* name, LOADED, loader */
+  lua_remove(L, 4);  /* name, key, LOADED, loader */
   lua_pushvalue(L, 1);  /* name is 1st argument to module loader */
   lua_pushliteral(L, ":preload:");  /* 2nd argument */
   /* a module may call tools while it loads: allow yields */

@@ -35,9 +35,14 @@
 //!    only between two steps or, in the atomic phase, before the white flip, so nothing is
 //!    freed and the next cycle starts over (`vendor/lua-src/PATCHES.md`, "The collector under
 //!    the budget"); a C function stops by raising (rules 1–4), never by returning half done
-//!    (bulk copies stop at a piece boundary and raise; a string being filled is popped first).
-//!    One VM primitive answers early instead: `luaH_next` says "no more elements" once the run
-//!    is aborted, which nothing can act on (the next instruction or charge raises).
+//!    (bulk copies stop at a piece boundary and raise; a string being filled is popped first;
+//!    a table's rehash raises before it touches the table, or undoes its move of the keys
+//!    first: `luaH_resize`).
+//!    Two VM primitives answer early instead: `luaH_next` says "no more elements" once the run
+//!    is aborted, and a table lookup whose long-string key an abort interrupted (its hash or
+//!    its compare, done in pieces) says "absent", leaving the key unhashed; nothing can act on
+//!    either (the next instruction or charge raises, and an insert of a long key checks for
+//!    the abort before touching the table: `luaH_finishset`).
 //!    Reading the error, the stats and the output after an abort is always fine.
 
 use std::ffi::{c_int, c_void, CStr};

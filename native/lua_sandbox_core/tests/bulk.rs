@@ -154,6 +154,43 @@ fn bulk_operations_check_between_pieces() {
 }
 
 #[test]
+fn long_keys_are_hashed_between_checks() {
+    // A long-string key is hashed on its first lookup, every byte (stock `luaS_hash`, ~1 ns a
+    // byte): 32 MiB took ~35 ms between two checks, in the VM's `t[k]`, `rawget`/`rawset`,
+    // `next` and the sandbox's `require` (whose `lua_getfield` also ran `strlen` over the
+    // name and made it a new key per lookup). Now in pieces (`luaS_hashlongstrc`).
+    let s = "local s = string.rep('a', 1 << 25) ";
+    let cases = [
+        format!("{s} local t = {{}} t[s .. 'x'] = 1 assert(t[s .. 'x'] == 1)"),
+        format!("{s} local t = {{[s .. 'a'] = 1, [s .. 'b'] = 2}} assert(t[s .. 'c'] == nil)"),
+        format!("{s} local t = {{}} rawset(t, s .. 'x', 1) assert(rawget(t, s .. 'x') == 1)"),
+        format!("{s} local t = {{[s .. 'x'] = 1}} assert(next(t, s .. 'x') == nil)"),
+        // `require`'s `lua_getfield` measured the name with `strlen` and compared it whole
+        // with `luaS_new`'s cache: ~1 ms per 16 MiB, so a name of 128 MiB
+        "local s = string.rep('a', 1 << 27) assert(not pcall(require, s))".to_string(),
+        // a lookup that finds its long key compares it whole (`memcmp`, ~1 ms per 16 MiB)
+        "local s = string.rep('a', 1 << 27) local t = {[s] = 1} assert(t[s:sub(1)] == 1)"
+            .to_string(),
+    ];
+    assert_checked_between_pieces(&cases);
+}
+
+#[test]
+fn table_rehashes_check_between_pieces() {
+    // A rehash counts every slot, clears the new hash part and moves every key (ltable.c
+    // `rehash`, `setnodevector`, `reinsert`): growing to 2 M float keys took ~20 ms between two
+    // checks in its last rehash. Now every 8 192 slots (SB_REHASHPIECE).
+    let cases = [
+        "local t = {} for i = 1, 1 << 21 do t[i + 0.5] = true end".to_string(),
+        // emptied, then refilled with other keys: the rehash counts the dead slots too
+        "local t = {} for i = 1, 1 << 20 do t[i + 0.5] = true end \
+         for i = 1, 1 << 20 do t[i + 0.5] = nil end for i = 1, 1 << 20 do t[-i - 0.5] = i end"
+            .to_string(),
+    ];
+    assert_checked_between_pieces(&cases);
+}
+
+#[test]
 fn long_numerals_are_read_between_checks() {
     // 16 MiB numerals, converted by the VM's coercion and by C functions (`tonumber`,
     // `math.*`): `strtod` read them whole with no check (~10 ms each here); now they are
@@ -170,20 +207,13 @@ fn long_numerals_are_read_between_checks() {
     assert_checked_between_pieces(&cases);
 }
 
-/// Counts liveness checks down; the caller is dead once the count runs out.
-unsafe fn alive_for(env: *mut c_void) -> bool {
-    // SAFETY: `env` points at the test's counter, alive for the run.
-    let left = unsafe { &*env.cast::<AtomicU64>() };
-    left.fetch_sub(1, Ordering::Relaxed) > 1
-}
-
 /// Runs `src` with a caller that dies at its `checks`-th liveness check (never: u64::MAX);
 /// returns the outcome and the checks made.
 fn killed_at(src: &str, checks: u64) -> (Result<(), SandboxError>, u64) {
     let left = AtomicU64::new(checks);
     let caller = Caller {
         env: (&left as *const AtomicU64).cast_mut().cast(),
-        alive: Some(alive_for),
+        alive: Some(common::alive_for),
     };
     let outcome = run_to_end(src, caller, || {}, || {});
     (outcome, checks.wrapping_sub(left.load(Ordering::Relaxed)))
@@ -202,6 +232,9 @@ fn a_kill_at_any_check_of_a_bulk_operation_ends_it() {
         "local s = string.rep('x', 1 << 24) local t = s:sub(2) t = s:sub(3) return #t",
         "local s = string.rep('x', 1 << 24) local ok = pcall(collectgarbage, s) return ok",
         "local n = string.rep('1', 1 << 24) return tonumber(n) + math.floor(n)",
+        "local s = string.rep('x', 1 << 24) local t = {} t[s .. 'a'] = 1 return t[s .. 'b']",
+        "local s = string.rep('x', 1 << 24) local t = {[s] = 1} return t[s:sub(1)]",
+        "local t = {} for i = 1, 1 << 20 do t[i + 0.5] = i end return #t",
     ] {
         let (outcome, total) = killed_at(src, u64::MAX);
         assert_eq!(outcome, Ok(()), "{src}");

@@ -39,6 +39,16 @@ fn new_session(tools: &[String]) -> Kept {
 
 /// Starts one call of `src` in the session, up to its first stop.
 fn call(kept: &Kept, src: &str, rollback: bool) -> (Run, Result<Step, SandboxError>) {
+    call_for(kept, src, rollback, Caller::none())
+}
+
+/// [`call`] for `caller`.
+fn call_for(
+    kept: &Kept,
+    src: &str,
+    rollback: bool,
+    caller: Caller,
+) -> (Run, Result<Step, SandboxError>) {
     let session = kept
         .lock()
         .unwrap()
@@ -66,8 +76,8 @@ fn call(kept: &Kept, src: &str, rollback: bool) -> (Run, Result<Step, SandboxErr
         call: None,
     };
     let step = run
-        .prepare(Caller::none(), setup)
-        .and_then(|n| run.resume(Caller::none(), n));
+        .prepare(caller, setup)
+        .and_then(|n| run.resume(caller, n));
     (run, step)
 }
 
@@ -122,4 +132,84 @@ fn a_thrown_away_attempt_is_rolled_back_and_not_counted() {
         finish(&kept, "return tostring(x == nil)", true),
         Ok("true".into())
     );
+}
+
+/// Runs `src` in a new session whose setup was `setup`, its caller dying at its `at`-th
+/// liveness check, rollback off; `Ok(session)` when the call was killed, `Err` when it
+/// finished first.
+fn killed_at(setup: &str, src: &str, at: u64) -> Result<Kept, ()> {
+    let kept = new_session(&[]);
+    assert_eq!(finish(&kept, setup, false), Ok("0".into()));
+    let left = std::sync::atomic::AtomicU64::new(at);
+    let caller = Caller {
+        env: (&left as *const std::sync::atomic::AtomicU64)
+            .cast_mut()
+            .cast(),
+        alive: Some(common::alive_for),
+    };
+    let (mut run, step) = call_for(&kept, src, false, caller);
+    let outcome = match step {
+        Ok(Step::Done { .. }) => {
+            run.succeeded();
+            return Err(());
+        }
+        Ok(Step::Failed { .. }) => run.outcome(SandboxError::Runtime(String::new())),
+        Err(e) => run.outcome(e),
+        Ok(other) => panic!("{other:?}"),
+    };
+    assert_eq!(outcome, SandboxError::Killed, "killed at check {at}");
+    drop(run);
+    Ok(kept)
+}
+
+#[test]
+fn a_kill_inside_a_rehash_leaves_the_table_whole() {
+    // Without rollback an aborted call's state goes on (protect.rs rule 6). A rehash checks
+    // every 8 192 slots (ltable.c SB_REHASHPIECE): a kill while it counts or clears raises
+    // before the table is touched, one while it moves the keys undoes the move first. Killed
+    // at every check of a table's growth, the next call must find every key set before.
+    let setup = "t, done = {}, 0 return 0";
+    let grow = "for i = 1, 30000 do t[i + 0.5] = i done = i end return 0";
+    let check = "local n = 0 for k, v in pairs(t) do n = n + 1 assert(v == k - 0.5) end \
+                 for i = 1, n do assert(t[i + 0.5] == i) end \
+                 return (n == done or n == done + 1) and 'whole' or n .. ' of ' .. done";
+    let mut killed = 0;
+    for at in 1.. {
+        let Ok(kept) = killed_at(setup, grow, at) else {
+            break;
+        };
+        killed += 1;
+        assert_eq!(
+            finish(&kept, check, false),
+            Ok("whole".into()),
+            "after a kill at check {at}"
+        );
+    }
+    assert!(killed >= 20, "only {killed} checks in the call");
+}
+
+#[test]
+fn a_kill_inside_a_long_key_lookup_leaves_the_table_whole() {
+    // Without rollback an aborted call's state goes on (protect.rs rule 6). A long-string key
+    // is hashed and compared in pieces with a check between two (`luaS_hashlongstrc`,
+    // `luaS_eqlngstrc`): a kill at any of those checks must leave the key unhashed (never a
+    // partial hash) and the table unchanged (an interrupted lookup's "absent" must not turn
+    // into a second copy of a key that is there), so the next call finds every key.
+    let setup = "big = string.rep('a', 1 << 20) k = big .. 'x' t = {[big .. 'y'] = 1} return 0";
+    let change = "t[k] = 2 t[big .. 'y'] = 2 return 0";
+    let check = "t[k] = 3 local n = 0 for _ in pairs(t) do n = n + 1 end \
+                 return n .. ' ' .. t[big .. 'x'] .. ' ' .. (t[big .. 'y'] > 0 and 'y' or '?')";
+    let mut killed = 0;
+    for at in 1.. {
+        let Ok(kept) = killed_at(setup, change, at) else {
+            break;
+        };
+        killed += 1;
+        assert_eq!(
+            finish(&kept, check, false),
+            Ok("2 3 y".into()),
+            "after a kill at check {at}"
+        );
+    }
+    assert!(killed >= 8, "only {killed} checks in the call");
 }

@@ -43,11 +43,49 @@ int luaS_eqlngstr (TString *a, TString *b) {
 }
 
 
-unsigned int luaS_hash (const char *str, size_t l, unsigned int seed) {
-  unsigned int h = seed ^ cast_uint(l);
+/*
+** LUA_SANDBOX: the hash's loop, continuing 'h' over 'str[0..l)' from its
+** last byte down (stock 'luaS_hash' is 'hashdown(seed ^ l, str, l)'). So a
+** string can be hashed in pieces, the last piece first, with the very same
+** value: 'hashdown(h, s, a + b)' is 'hashdown(hashdown(h, s + a, b), s, a)'.
+*/
+static unsigned int hashdown (unsigned int h, const char *str, size_t l) {
   for (; l > 0; l--)
     h ^= ((h<<5) + (h>>2) + cast_byte(str[l - 1]));
   return h;
+}
+
+
+/*
+** LUA_SANDBOX: 'luaS_eqlngstr' for a running state, used by table lookups:
+** one that finds its long key compares it whole ('memcmp', ~0.1 ms per MiB),
+** so the compare is done in pieces of LUA_SBPIECE bytes with a non-raising
+** question to the ticker between two (its units are the lookup's). Returns
+** 1 (equal), 0 (different), or -1 when the run was aborted before the
+** answer: the lookup then answers "absent", as for an interrupted hash.
+*/
+int luaS_eqlngstrc (lua_State *L, TString *a, TString *b) {
+  size_t len = a->u.lnglen;
+  size_t done = 0;
+  lua_assert(a->tt == LUA_VLNGSTR && b->tt == LUA_VLNGSTR);
+  if (a == b)
+    return 1;
+  if (len != b->u.lnglen ||
+      (a->extra != 0 && b->extra != 0 && a->hash != b->hash))
+    return 0;
+  while (len - done > LUA_SBPIECE) {
+    if (memcmp(getlngstr(a) + done, getlngstr(b) + done, LUA_SBPIECE) != 0)
+      return 0;
+    done += LUA_SBPIECE;
+    if (luaG_sandboxaborted(L))
+      return -1;
+  }
+  return memcmp(getlngstr(a) + done, getlngstr(b) + done, len - done) == 0;
+}
+
+
+unsigned int luaS_hash (const char *str, size_t l, unsigned int seed) {
+  return hashdown(seed ^ cast_uint(l), str, l);  /* LUA_SANDBOX */
 }
 
 
@@ -59,6 +97,41 @@ unsigned int luaS_hashlongstr (TString *ts) {
     ts->extra = 1;  /* now it has its hash */
   }
   return ts->hash;
+}
+
+
+/*
+** LUA_SANDBOX: 'luaS_hashlongstr' for a running state, which every table
+** lookup and insert with a long-string key goes through first. The hash
+** reads every byte (~1 ns each: 16 MiB took ~17 ms with no check), so it
+** is done in pieces of LUA_SBPIECE bytes, the last one first (see
+** 'hashdown'), each debited one unit per 16 bytes and followed by a
+** non-raising question to the ticker ('luaG_sandboxaborted'): lookups may
+** not raise ('lua_rawget', 'luaH_next'). Returns 1 once the hash is known;
+** 0 when the run was aborted meanwhile: the string is then left exactly as
+** it was (no hash, 'extra' still 0, its seed in 'hash'), and the caller
+** answers "absent" (a lookup: nothing can act on it, the next instruction
+** or charge raises) or raises (an insert, 'luaH_newkey').
+*/
+int luaS_hashlongstrc (lua_State *L, TString *ts) {
+  lua_assert(ts->tt == LUA_VLNGSTR);
+  if (ts->extra == 0) {  /* no hash? */
+    const char *str = getlngstr(ts);
+    size_t l = ts->u.lnglen;
+    unsigned int h = ts->hash ^ cast_uint(l);  /* the seed, as 'luaS_hash' */
+    while (l > LUA_SBPIECE) {
+      l -= LUA_SBPIECE;
+      h = hashdown(h, str + l, LUA_SBPIECE);
+      luaG_sandboxdebit(L, luaG_sbbytes(LUA_SBPIECE));
+      if (luaG_sandboxaborted(L))
+        return 0;  /* nothing set: the string is as it was */
+    }
+    h = hashdown(h, str, l);
+    luaG_sandboxdebit(L, luaG_sbbytes(l));
+    ts->hash = h;
+    ts->extra = 1;  /* now it has its hash */
+  }
+  return 1;
 }
 
 

@@ -297,37 +297,53 @@ static unsigned int setlimittosize (Table *t) {
 ** See explanation about 'deadok' in function 'equalkey'.
 */
 /*
-** LUA_SANDBOX: the lookups below take a 'global_State' (NULL for internal
+** LUA_SANDBOX: the lookups below take the running state (NULL for internal
 ** uses, e.g. from 'luaH_getn') and debit SB_NODECOST units of work per node
 ** walked beyond the first, plus the bytes of a long-string key compared
-** (and hashed, the first time), from its countdown (non-raising: the collector and 'luaH_next' may run them).
+** (and hashed, the first time: 'luaS_hashlongstrc', in pieces with a check
+** between two), from its countdown (non-raising: the collector and
+** 'luaH_next' may run them). A long-string key is hashed and compared in
+** pieces with a check between two ('luaS_hashlongstrc', 'luaS_eqlngstrc');
+** when an abort interrupts either, the lookup answers "absent": nothing can
+** act on it (the next instruction or charge raises; an insert checks first,
+** 'luaH_finishset'), as 'luaH_next' answers an aborted run.
 ** Keys that collide in one chain (integers are hashed by a plain modulo)
 ** otherwise make every lookup and insert walk the whole chain for the price
 ** of one instruction.
 */
-#define chaindebit(g,n)	{ if ((g) != NULL) (g)->sbticks -= cast(l_mem, (n)); }
+#define chaindebit(L,n)	{ if ((L) != NULL) G(L)->sbticks -= cast(l_mem, (n)); }
 /* units per node walked: a long chain is a cache miss per node (measured
    ~200 ns per node on a 2^17-node table on a loaded machine) */
 #define SB_NODECOST	2
 
-static const TValue *getgeneric (global_State *g, Table *t, const TValue *key,
+static const TValue *getgeneric (lua_State *L, Table *t, const TValue *key,
                                  int deadok) {
   Node *n;
   l_mem walked = 0;  /* LUA_SANDBOX */
-  if (ttislngstring(key)) {  /* LUA_SANDBOX: its compare, and its hash once */
+  int lng = 0;  /* LUA_SANDBOX: a long-string key, hashed and compared in pieces */
+  if (ttislngstring(key) && L != NULL) {  /* LUA_SANDBOX: its hash, once */
     TString *ts = tsvalue(key);
-    walked = luaG_sbbytes(ts->u.lnglen) * (ts->extra == 0 ? 2 : 1);
+    if (l_unlikely(!luaS_hashlongstrc(L, ts)))  /* aborted meanwhile? */
+      return &absentkey;  /* nothing can act on it (see above) */
+    walked = luaG_sbbytes(ts->u.lnglen);  /* and its compare */
+    lng = 1;
   }
   n = mainpositionTV(t, key);
   for (;;) {  /* check whether 'key' is somewhere in the chain */
-    if (equalkey(key, n, deadok)) {
-      chaindebit(g, walked);  /* LUA_SANDBOX */
+    /* LUA_SANDBOX: long strings compared in pieces (see above) */
+    int eq = (lng && keytt(n) == ctb(LUA_VLNGSTR))
+             ? luaS_eqlngstrc(L, tsvalue(key), keystrval(n))
+             : equalkey(key, n, deadok);
+    if (l_unlikely(eq < 0))  /* aborted meanwhile? */
+      return &absentkey;
+    if (eq) {
+      chaindebit(L, walked);  /* LUA_SANDBOX */
       return gval(n);  /* that's it */
     }
     else {
       int nx = gnext(n);
       if (nx == 0) {
-        chaindebit(g, walked);  /* LUA_SANDBOX */
+        chaindebit(L, walked);  /* LUA_SANDBOX */
         return &absentkey;  /* not found */
       }
       n += nx;
@@ -362,9 +378,15 @@ static unsigned int findindex (lua_State *L, Table *t, TValue *key,
   if (i - 1u < asize)  /* is 'key' inside array part? */
     return i;  /* yes; that's the index */
   else {
-    const TValue *n = getgeneric(G(L), t, key, 1);  /* LUA_SANDBOX */
-    if (l_unlikely(isabstkey(n)))
+    const TValue *n = getgeneric(L, t, key, 1);  /* LUA_SANDBOX */
+    if (l_unlikely(isabstkey(n))) {
+      /* LUA_SANDBOX: a long key whose lookup an abort interrupted (see
+         'getgeneric'; an abort sets the countdown to 0): "no more
+         elements", as 'luaH_next' answers an aborted run (see below) */
+      if (ttislngstring(key) && G(L)->sbticks <= 0 && luaG_sandboxaborted(L))
+        return asize + cast_uint(sizenode(t));
       luaG_runerror(L, "invalid key to 'next'");  /* key not found */
+    }
     i = cast_int(nodefromval(n) - gnode(t, 0));  /* key index in hash table */
     /* hash elements are numbered after array ones */
     return (i + 1) + asize;
@@ -485,7 +507,24 @@ static int countint (lua_Integer key, unsigned int *nums) {
 ** number of keys that will go into corresponding slice and return
 ** total number of non-nil keys.
 */
-static unsigned int numusearray (const Table *t, unsigned int *nums) {
+/*
+** LUA_SANDBOX: a rehash goes through every slot of the table (counting the
+** keys), of its new hash part (clearing it) and of its old hash part
+** (moving the keys): ~20-40 ns a slot, 17-30 ms for a table of 1-4 M
+** entries with no check. Each of the three now asks the ticker every
+** SB_REHASHPIECE slots (~0.1-0.3 ms). Counting and clearing leave the table
+** untouched and raise at once ('rehash' runs inside 'luaH_newkey', which
+** raises already: "table overflow", memory errors); the move is undone
+** before raising ('luaH_resize'), so an aborted rehash leaves the table
+** exactly as it was, for a 'rollback: false' session that goes on with it.
+*/
+#define SB_REHASHPIECE	8192u
+#define sbpiecedone(i)	(((i) & (SB_REHASHPIECE - 1u)) == 0u && (i) > 0u)
+#define sbrehashcheck(L,i)  \
+  { if (l_unlikely(sbpiecedone(i))) luaG_sandboxcheck(L); }
+
+static unsigned int numusearray (lua_State *L, const Table *t,
+                                 unsigned int *nums) {
   int lg;
   unsigned int ttlg;  /* 2^lg */
   unsigned int ause = 0;  /* summation of 'nums' */
@@ -504,6 +543,7 @@ static unsigned int numusearray (const Table *t, unsigned int *nums) {
     for (; i <= lim; i++) {
       if (!isempty(&t->array[i-1]))
         lc++;
+      sbrehashcheck(L, i);  /* LUA_SANDBOX */
     }
     nums[lg] += lc;
     ause += lc;
@@ -512,7 +552,8 @@ static unsigned int numusearray (const Table *t, unsigned int *nums) {
 }
 
 
-static int numusehash (const Table *t, unsigned int *nums, unsigned int *pna) {
+static int numusehash (lua_State *L, const Table *t, unsigned int *nums,
+                       unsigned int *pna) {
   int totaluse = 0;  /* total number of elements */
   int ause = 0;  /* elements added to 'nums' (can go to array part) */
   int i = sizenode(t);
@@ -523,6 +564,7 @@ static int numusehash (const Table *t, unsigned int *nums, unsigned int *pna) {
         ause += countint(keyival(n), nums);
       totaluse++;
     }
+    sbrehashcheck(L, cast_uint(i));  /* LUA_SANDBOX */
   }
   *pna += ause;
   return totaluse;
@@ -554,6 +596,15 @@ static void setnodevector (lua_State *L, Table *t, unsigned int size) {
       gnext(n) = 0;
       setnilkey(n);
       setempty(gval(n));
+      /* LUA_SANDBOX: a check (see SB_REHASHPIECE); 't' is a new table or
+         'luaH_resize''s 'newt', which nobody sees: freed before the raise */
+      if (l_unlikely(sbpiecedone(cast_uint(i))) && luaG_sandboxaborted(L)) {
+        luaM_freearray(L, t->node, size);
+        t->node = cast(Node *, dummynode);
+        t->lsizenode = 0;
+        t->lastfree = NULL;
+        luaG_sandboxcheck(L);  /* aborts are sticky: this raises */
+      }
     }
     t->lsizenode = cast_byte(lsize);
     t->lastfree = gnode(t, size);  /* all positions are free */
@@ -567,11 +618,19 @@ static void setnodevector (lua_State *L, Table *t, unsigned int size) {
 static void luaH_newkey (lua_State *L, Table *t, const TValue *key,
                                                  TValue *value);
 
-static void reinsert (lua_State *L, Table *ot, Table *t) {
-  int j;
+/*
+** LUA_SANDBOX: starts at node 'j'; with 'checked', asks the ticker every
+** SB_REHASHPIECE nodes and stops when the run is aborted ('ot' is only
+** read, so it is still whole; 'luaH_resize' undoes the rest). Returns the
+** node it stopped at ('sizenode(ot)' when done).
+*/
+static int reinsert (lua_State *L, Table *ot, Table *t, int j, int checked) {
   int size = sizenode(ot);
-  for (j = 0; j < size; j++) {
+  for (; j < size; j++) {
     Node *old = gnode(ot, j);
+    if (checked && l_unlikely(sbpiecedone(cast_uint(j))) &&
+        luaG_sandboxaborted(L))  /* LUA_SANDBOX */
+      return j;
     if (!isempty(gval(old))) {
       /* doesn't need barrier/invalidate cache, as entry was
          already present in the table */
@@ -589,7 +648,9 @@ static void reinsert (lua_State *L, Table *ot, Table *t) {
         luaH_newkey(L, t, &k, gval(old));
     }
   }
+  return size;
 }
+
 
 
 /*
@@ -605,6 +666,38 @@ static void exchangehashpart (Table *t1, Table *t2) {
   t2->lsizenode = lsizenode;
   t2->node = node;
   t2->lastfree = lastfree;
+}
+
+
+/*
+** LUA_SANDBOX: undoes a 'luaH_resize' whose move ('reinsert') an abort
+** stopped: 't' has the new hash part, partly filled, and its array grown
+** to 'newasize' ('newt' has the old hash part, whole). Gives 't' its old
+** hash part back, frees the new one and shrinks the array back to
+** 'oldasize' (the keys moved into its new slice are still in the old hash
+** part; the old slots were not written). The shrink goes to the allocator
+** directly, as 'luaM_realloc_' would without its emergency collection: a
+** shrink cannot need one, and nothing here may run the collector or raise.
+** Returns 0 (nothing undone) if the allocator refused the shrink, which the
+** sandbox's own never does (heap.rs): the caller then finishes the move.
+*/
+static int undoresize (lua_State *L, Table *t, Table *newt,
+                       unsigned int oldasize, unsigned int newasize) {
+  global_State *g = G(L);
+  TValue *array = t->array;
+  if (newasize > oldasize) {
+    size_t osize = cast_sizet(newasize) * sizeof(TValue);
+    size_t nsize = cast_sizet(oldasize) * sizeof(TValue);
+    array = cast(TValue *, (*g->frealloc)(g->ud, t->array, osize, nsize));
+    if (array == NULL && nsize > 0)
+      return 0;  /* refused: the array is as it was, grown */
+    g->GCdebt = (g->GCdebt + cast(l_mem, nsize)) - cast(l_mem, osize);
+  }
+  exchangehashpart(t, newt);  /* 't' has its old hash part back */
+  freehash(L, newt);  /* the new one */
+  t->array = array;
+  t->alimit = oldasize;  /* its real size ('setlimittosize') */
+  return 1;
 }
 
 
@@ -653,7 +746,16 @@ void luaH_resize (lua_State *L, Table *t, unsigned int newasize,
   for (i = oldasize; i < newasize; i++)  /* clear new slice of the array */
      setempty(&t->array[i]);
   /* re-insert elements from old hash part into new parts */
-  reinsert(L, &newt, t);  /* 'newt' now has the old hash */
+  /* LUA_SANDBOX: checked (see SB_REHASHPIECE) unless the array shrank, whose
+     vanishing slice is gone; undone on an abort, then raised */
+  i = cast_uint(reinsert(L, &newt, t, 0, newasize >= oldasize));
+  if (l_unlikely(cast_int(i) < sizenode(&newt))) {  /* stopped early? */
+    if (undoresize(L, t, &newt, oldasize, newasize)) {
+      luaG_sandboxcheck(L);  /* aborts are sticky: this raises */
+      return;  /* (not reached) 't' is as it was, whole; 'newt' is freed */
+    }
+    reinsert(L, &newt, t, cast_int(i), 0);  /* not undone: finish it */
+  }
   freehash(L, &newt);  /* free old hash part */
 }
 
@@ -674,9 +776,9 @@ static void rehash (lua_State *L, Table *t, const TValue *ek) {
   int totaluse;
   for (i = 0; i <= MAXABITS; i++) nums[i] = 0;  /* reset counts */
   setlimittosize(t);
-  na = numusearray(t, nums);  /* count keys in array part */
+  na = numusearray(L, t, nums);  /* count keys in array part */
   totaluse = na;  /* all those keys are integer keys */
-  totaluse += numusehash(t, nums, &na);  /* count keys in hash part */
+  totaluse += numusehash(L, t, nums, &na);  /* count keys in hash part */
   /* count extra key */
   if (ttisinteger(ek))
     na += countint(ivalue(ek), nums);
@@ -815,7 +917,7 @@ static void luaH_newkey (lua_State *L, Table *t, const TValue *key,
 ** If key is 0 or negative, 'res' will have its higher bit on, so that
 ** if cannot be smaller than alimit.
 */
-static const TValue *getint (global_State *g, Table *t, lua_Integer key) {
+static const TValue *getint (lua_State *L, Table *t, lua_Integer key) {
   lua_Unsigned alimit = t->alimit;
   if (l_castS2U(key) - 1u < alimit)  /* 'key' in [1, t->alimit]? */
     return &t->array[key - 1];
@@ -829,7 +931,7 @@ static const TValue *getint (global_State *g, Table *t, lua_Integer key) {
     l_mem walked = 0;  /* LUA_SANDBOX */
     for (;;) {  /* check whether 'key' is somewhere in the chain */
       if (keyisinteger(n) && keyival(n) == key) {
-        chaindebit(g, walked);  /* LUA_SANDBOX */
+        chaindebit(L, walked);  /* LUA_SANDBOX */
         return gval(n);  /* that's it */
       }
       else {
@@ -839,7 +941,7 @@ static const TValue *getint (global_State *g, Table *t, lua_Integer key) {
         walked += SB_NODECOST;  /* LUA_SANDBOX */
       }
     }
-    chaindebit(g, walked);  /* LUA_SANDBOX */
+    chaindebit(L, walked);  /* LUA_SANDBOX */
     return &absentkey;
   }
 }
@@ -852,7 +954,7 @@ const TValue *luaH_getint (Table *t, lua_Integer key) {
 
 /* LUA_SANDBOX: 'luaH_getint' charging its chain walk to 'L' */
 const TValue *luaH_getintc (lua_State *L, Table *t, lua_Integer key) {
-  return getint(G(L), t, key);
+  return getint(L, t, key);
 }
 
 
@@ -875,13 +977,13 @@ const TValue *luaH_getshortstr (Table *t, TString *key) {
 }
 
 
-static const TValue *getstrkey (global_State *g, Table *t, TString *key) {
+static const TValue *getstrkey (lua_State *L, Table *t, TString *key) {
   if (key->tt == LUA_VSHRSTR)
     return luaH_getshortstr(t, key);
   else {  /* for long strings, use generic case */
     TValue ko;
     setsvalue(cast(lua_State *, NULL), &ko, key);
-    return getgeneric(g, t, &ko, 0);
+    return getgeneric(L, t, &ko, 0);
   }
 }
 
@@ -893,26 +995,26 @@ const TValue *luaH_getstr (Table *t, TString *key) {
 
 /* LUA_SANDBOX: 'luaH_getstr' charging its chain walk to 'L' */
 const TValue *luaH_getstrc (lua_State *L, Table *t, TString *key) {
-  return getstrkey(G(L), t, key);
+  return getstrkey(L, t, key);
 }
 
 
 /*
 ** main search function
 */
-static const TValue *get (global_State *g, Table *t, const TValue *key) {
+static const TValue *get (lua_State *L, Table *t, const TValue *key) {
   switch (ttypetag(key)) {
     case LUA_VSHRSTR: return luaH_getshortstr(t, tsvalue(key));
-    case LUA_VNUMINT: return getint(g, t, ivalue(key));
+    case LUA_VNUMINT: return getint(L, t, ivalue(key));
     case LUA_VNIL: return &absentkey;
     case LUA_VNUMFLT: {
       lua_Integer k;
       if (luaV_flttointeger(fltvalue(key), &k, F2Ieq)) /* integral index? */
-        return getint(g, t, k);  /* use specialized version */
+        return getint(L, t, k);  /* use specialized version */
       /* else... */
     }  /* FALLTHROUGH */
     default:
-      return getgeneric(g, t, key, 0);
+      return getgeneric(L, t, key, 0);
   }
 }
 
@@ -924,7 +1026,7 @@ const TValue *luaH_get (Table *t, const TValue *key) {
 
 /* LUA_SANDBOX: 'luaH_get' charging its chain walk to 'L' */
 const TValue *luaH_getc (lua_State *L, Table *t, const TValue *key) {
-  return get(G(L), t, key);
+  return get(L, t, key);
 }
 
 
@@ -936,8 +1038,16 @@ const TValue *luaH_getc (lua_State *L, Table *t, const TValue *key) {
 */
 void luaH_finishset (lua_State *L, Table *t, const TValue *key,
                                    const TValue *slot, TValue *value) {
-  if (isabstkey(slot))
+  if (isabstkey(slot)) {
+    /* LUA_SANDBOX: "absent" for a long key may be a lookup an abort
+       interrupted (see 'getgeneric'): the key may be there. An abort sets
+       the countdown to 0 ('lua_sandboxabort'), so when it has run out,
+       check (raising, before the table is touched: 'luaH_newkey' raises
+       already, "index is nil") */
+    if (ttislngstring(key) && l_unlikely(G(L)->sbticks <= 0))
+      luaG_sandboxcheck(L);
     luaH_newkey(L, t, key, value);
+  }
   else
     setobj2t(L, cast(TValue *, slot), value);
 }

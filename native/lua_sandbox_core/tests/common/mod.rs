@@ -100,3 +100,14 @@ pub fn limits() -> lua_sandbox_core::exec::Limits {
         timeout: None,
     }
 }
+
+/// A caller's liveness check counting down the `AtomicU64` at `env`: the caller is dead from
+/// the check that runs the count out (`Caller { env, alive: Some(alive_for) }`).
+///
+/// # Safety
+/// `env` must point at an `AtomicU64` alive for the run.
+pub unsafe fn alive_for(env: *mut c_void) -> bool {
+    // SAFETY: the caller guarantees `env` points at a live counter.
+    let left = unsafe { &*env.cast::<std::sync::atomic::AtomicU64>() };
+    left.fetch_sub(1, std::sync::atomic::Ordering::Relaxed) > 1
+}
