@@ -295,7 +295,7 @@ defmodule LuaSandbox.Session do
         GenServer.cast(session, {:checkin, self()})
       end
 
-    with {:ok, copy} <- forked do
+    with {:ok, copy} <- refused_fork(forked) do
       gen_opts = if name, do: [name: name], else: []
       # the fork keeps its origin's tenant, chunk name and queue timeout
       fork_opts = [
@@ -314,6 +314,12 @@ defmodule LuaSandbox.Session do
       end
     end
   end
+
+  # A fork whose copy of the state did not get its memory (the NIF's or the worker's error
+  # answer: `:memory_limit`, the session untouched) answers the error.
+  defp refused_fork({:error, {_, _, _, _, _}, _, _} = refused), do: Runner.drive(refused, %{}, [])
+
+  defp refused_fork(answer), do: answer
 
   # A fork's state stays where its session's is (a Lua state works only at its address): in
   # the NIF, or in the session's worker (isolation: :process).
