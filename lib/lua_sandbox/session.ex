@@ -158,6 +158,9 @@ defmodule LuaSandbox.Session do
 
     * `:syntax`, `:runtime` — as for `LuaSandbox.run/2` (the call is rolled back)
     * `:instruction_limit`, `:memory_limit`, `:output_limit`, `:tool_limit`, `:timeout`
+      (a `:memory_limit` also when the copy of the state the call needs — its checkpoint, or
+      the image of the family member whose state is in the arena — cannot get its memory: the
+      call is refused before it runs)
     * `:overloaded` — the session's supervisor stayed at its `max_concurrency` for the
       session's whole `queue_timeout`
     * `:rate_limited`, `:quota_exceeded` — the session's `tenant` is over a quota of its
@@ -250,6 +253,10 @@ defmodule LuaSandbox.Session do
   a fork stays in its session's isolation (a `supervisor` of the other one raises
   `ArgumentError`); a worker that dies restarts every member of the family from the session's
   start options.
+
+  The copies of the states are on the host's heap (in a worker, within its address-space
+  bound): a fork whose copy cannot get its memory answers `{:error, %LuaSandbox.Error{kind:
+  :memory_limit}}`, the session and its family as they were.
 
       iex> {:ok, s} = LuaSandbox.Session.start_link()
       iex> {:ok, _} = LuaSandbox.Session.run(s, "n = 1")

@@ -73,11 +73,7 @@ impl Family {
                 // The occupant's checkpoint dies with its stay in the arena (`Slot::load`
                 // forgets it): forgotten first, its memory serves the image.
                 slot.forget_checkpoint();
-                let saved = slot.image().and_then(|bytes| {
-                    room(&mut inner.images)?;
-                    Ok(bytes)
-                });
-                match saved {
+                match slot.image() {
                     Ok(bytes) => {
                         let used = slot.used();
                         inner.images.insert(occupant, Image { bytes, used });
@@ -126,7 +122,6 @@ impl Family {
                 used: mine.used,
             }
         };
-        room(&mut inner.images)?;
         let new = inner.next;
         inner.next += 1;
         inner.images.insert(new, image);
@@ -152,12 +147,4 @@ impl Family {
             inner.occupant = None;
         }
     }
-}
-
-/// Room for one more image in `images`, reserved fallibly (the table's own memory).
-fn room(images: &mut HashMap<u64, Image>) -> Result<(), CopyRefused> {
-    images.try_reserve(1).map_err(|_| CopyRefused {
-        what: "the family's table of images",
-        bytes: (images.len() + 1) * std::mem::size_of::<(u64, Image)>(),
-    })
 }

@@ -398,19 +398,11 @@ impl Slot {
         asan::unpoison(base, extent.max(len));
         let mut restored = false;
         if let Some(w) = &self.written {
-            // The runs to copy back; a list the allocator refuses to grow (the host out of
-            // memory) falls back to the full copy below, which needs none.
             let mut runs = Vec::new();
-            let mut listed = true;
             if w.scan(extent.max(len), false, |from, to| {
-                if runs.try_reserve(1).is_ok() {
-                    runs.push((from, to.min(len)));
-                } else {
-                    listed = false;
-                }
+                runs.push((from, to.min(len)))
             })
             .is_ok()
-                && listed
             {
                 for &(from, to) in runs.iter().filter(|(from, to)| from < to) {
                     // SAFETY: `[from, to)` lies below `len`, inside both the arena and

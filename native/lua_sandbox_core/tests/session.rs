@@ -230,6 +230,12 @@ fn bounded_child() {
         matches!(refused, Some(CopyRefused { what, bytes }) if what.contains("image") && bytes >= used),
         "{refused:?}"
     );
+    // So is a fork of the fork, whose state is an image (not in the slot).
+    let refused = fork.lock().unwrap().as_ref().unwrap().fork().err();
+    assert!(
+        matches!(refused, Some(CopyRefused { what, bytes }) if what.contains("image") && bytes >= used),
+        "{refused:?}"
+    );
     // The origin's call with rollback: refused for want of its checkpoint, before it runs.
     let refused = try_call(&kept, "big = nil return 1", true).err();
     assert!(
