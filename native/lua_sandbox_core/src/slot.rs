@@ -99,12 +99,16 @@ pub fn copy_of(bytes: &[u8], what: &'static str) -> Result<Vec<u8>, CopyRefused>
     Ok(copy)
 }
 
-/// Makes room in `buf` for `more` bytes past its length, fallibly.
+/// Makes room in `buf` for `more` bytes past its length, fallibly: amortized as `Vec`'s own
+/// growth is (a checkpoint that grows a little with each call does not reallocate each time),
+/// or exactly when the amortized size is refused.
 fn reserve(buf: &mut Vec<u8>, more: usize, what: &'static str) -> Result<(), CopyRefused> {
-    buf.try_reserve_exact(more).map_err(|_| CopyRefused {
-        what,
-        bytes: buf.len().saturating_add(more),
-    })
+    buf.try_reserve(more)
+        .or_else(|_| buf.try_reserve_exact(more))
+        .map_err(|_| CopyRefused {
+            what,
+            bytes: buf.len().saturating_add(more),
+        })
 }
 
 /// One arena, its Lua state and its pristine snapshot.
