@@ -158,6 +158,9 @@ defmodule LuaSandbox.Session do
 
     * `:syntax`, `:runtime` — as for `LuaSandbox.run/2` (the call is rolled back)
     * `:instruction_limit`, `:memory_limit`, `:output_limit`, `:tool_limit`, `:timeout`
+      (a `:memory_limit` also when the copy of the state the call needs — its checkpoint, or
+      the image of the family member whose state is in the arena — cannot get its memory: the
+      call is refused before it runs)
     * `:overloaded` — the session's supervisor stayed at its `max_concurrency` for the
       session's whole `queue_timeout`
     * `:rate_limited`, `:quota_exceeded` — the session's `tenant` is over a quota of its
@@ -251,6 +254,10 @@ defmodule LuaSandbox.Session do
   `ArgumentError`); a worker that dies restarts every member of the family from the session's
   start options.
 
+  The copies of the states are on the host's heap (in a worker, within its address-space
+  bound): a fork whose copy cannot get its memory answers `{:error, %LuaSandbox.Error{kind:
+  :memory_limit}}`, the session and its family as they were.
+
       iex> {:ok, s} = LuaSandbox.Session.start_link()
       iex> {:ok, _} = LuaSandbox.Session.run(s, "n = 1")
       iex> {:ok, f} = LuaSandbox.Session.fork(s)
@@ -295,7 +302,7 @@ defmodule LuaSandbox.Session do
         GenServer.cast(session, {:checkin, self()})
       end
 
-    with {:ok, copy} <- forked do
+    with {:ok, copy} <- refused_fork(forked) do
       gen_opts = if name, do: [name: name], else: []
       # the fork keeps its origin's tenant, chunk name and queue timeout
       fork_opts = [
@@ -314,6 +321,12 @@ defmodule LuaSandbox.Session do
       end
     end
   end
+
+  # A fork whose copy of the state did not get its memory (the NIF's or the worker's error
+  # answer: `:memory_limit`, the session untouched) answers the error.
+  defp refused_fork({:error, {_, _, _, _, _}, _, _} = refused), do: Runner.drive(refused, %{}, [])
+
+  defp refused_fork(answer), do: answer
 
   # A fork's state stays where its session's is (a Lua state works only at its address): in
   # the NIF, or in the session's worker (isolation: :process).

@@ -188,13 +188,17 @@ defmodule LuaSandbox.Session.Worker do
 
   @doc """
   Forks the session the caller holds: `{:ok, worker}` (the fork's `worker` state, for its
-  session process to `join/1`), `:arena_busy` (try again), or `{:error, %Error{}}`.
+  session process to `join/1`), `:arena_busy` (try again), the worker's error answer (a
+  `:memory_limit` when the copy does not fit its address space: no fork, the worker and the
+  family as they were), or `{:error, %Error{}}`.
   """
-  @spec fork({:session, pid, non_neg_integer}) :: {:ok, map} | :arena_busy | {:error, Error.t()}
+  @spec fork({:session, pid, non_neg_integer}) ::
+          {:ok, map} | :arena_busy | {:error, tuple, binary, map} | {:error, Error.t()}
   def fork({:session, pid, gen}) do
     case request(pid, gen, :session_fork, :infinity) do
       {:ok, {:forked, family, member, gen}} -> {:ok, member(family, member, gen)}
       {:ok, :arena_busy} -> :arena_busy
+      {:ok, {:error, {_, _, _, _, _}, _, _} = refused} -> refused
       {:ok, other} -> {:error, Error.new(:worker_crashed, "the fork failed: #{inspect(other)}")}
       {:error, %Error{}} = error -> error
     end

@@ -103,7 +103,7 @@ fn checkpoints() {
         let (mut ck, mut rb) = (Vec::new(), Vec::new());
         for _ in 0..n {
             let t = Instant::now();
-            slot.checkpoint();
+            slot.checkpoint().expect("a checkpoint");
             ck.push(t.elapsed().as_nanos() as f64 / 1000.0);
             common::eval(&mut slot, "n = (n or 0) + 1 return n").unwrap();
             let t = Instant::now();

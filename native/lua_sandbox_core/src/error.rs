@@ -19,6 +19,10 @@ pub enum SandboxError {
     /// `max_memory` reached.
     #[error("memory limit exceeded")]
     MemoryLimit,
+    /// A host-side copy of a session's state (a fork's image, a checkpoint) could not get its
+    /// memory (`slot::CopyRefused`): a `memory_limit` too, with a message saying which.
+    #[error("{0}")]
+    StateCopies(String),
     /// `max_output` exceeded.
     #[error("output limit exceeded")]
     OutputLimit,
@@ -56,7 +60,7 @@ impl SandboxError {
             SandboxError::Syntax(_) => "syntax",
             SandboxError::Runtime(_) => "runtime",
             SandboxError::InstructionLimit => "instruction_limit",
-            SandboxError::MemoryLimit => "memory_limit",
+            SandboxError::MemoryLimit | SandboxError::StateCopies(_) => "memory_limit",
             SandboxError::OutputLimit => "output_limit",
             SandboxError::DepthLimit(_) => "depth_limit",
             SandboxError::SizeLimit(_) => "size_limit",
@@ -83,13 +87,19 @@ impl From<Abort> for SandboxError {
     }
 }
 
+impl From<crate::slot::CopyRefused> for SandboxError {
+    fn from(refused: crate::slot::CopyRefused) -> Self {
+        SandboxError::StateCopies(refused.to_string())
+    }
+}
+
 impl SandboxError {
     /// The message (the `Display` text) without copying it when the error carries one: a
     /// script's error message can be as large as its heap.
     pub fn message(&self) -> Cow<'_, str> {
         use SandboxError::*;
         match self {
-            Syntax(m) | Runtime(m) | DepthLimit(m) | SizeLimit(m) | Cycle(m)
+            Syntax(m) | Runtime(m) | StateCopies(m) | DepthLimit(m) | SizeLimit(m) | Cycle(m)
             | UnsupportedValue(m) | InvalidInput(m) => Cow::Borrowed(m),
             other => Cow::Owned(other.to_string()),
         }

@@ -8,11 +8,16 @@
 //! an image and loads its own (`Slot::load`): a copy of each state. Members are independent
 //! from the fork on — each has its own state, handles, counters and checkpoints — but their
 //! calls take turns: while one member's call has the slot, the others' answer `:arena_busy`.
+//!
+//! The images live on the host's heap and grow with the scripts' data: each is reserved
+//! fallibly (`slot::copy_of`), and a copy the allocator refuses refuses the fork or the call
+//! that needed it ([`CopyRefused`]) with the family as it was — no member lost or half-copied.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::pool::Lease;
+use crate::slot::{self, CopyRefused};
 
 /// A session and its forks.
 pub struct Family {
@@ -54,19 +59,30 @@ impl Family {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The slot with member `id`'s state in it, lent until [`Family::give_back`]; `None`
-    /// while another member's call has it.
-    pub fn take(&self, id: u64) -> Option<Lease> {
+    /// The slot with member `id`'s state in it, lent until [`Family::give_back`]; `Ok(None)`
+    /// while another member's call has it. `Err` when the occupant's state (another member's)
+    /// could not be saved as an image: nothing changed, the occupant still in the arena.
+    pub fn take(&self, id: u64) -> Result<Option<Lease>, CopyRefused> {
         let mut inner = self.lock();
-        let mut lease = inner.lease.take()?;
+        let Some(mut lease) = inner.lease.take() else {
+            return Ok(None);
+        };
         if inner.occupant != Some(id) {
             let slot = lease.slot_mut();
             if let Some(occupant) = inner.occupant {
-                let image = Image {
-                    bytes: slot.image(),
-                    used: slot.used(),
-                };
-                inner.images.insert(occupant, image);
+                // The occupant's checkpoint dies with its stay in the arena (`Slot::load`
+                // forgets it): forgotten first, its memory serves the image.
+                slot.forget_checkpoint();
+                match slot.image() {
+                    Ok(bytes) => {
+                        let used = slot.used();
+                        inner.images.insert(occupant, Image { bytes, used });
+                    }
+                    Err(refused) => {
+                        inner.lease = Some(lease);
+                        return Err(refused);
+                    }
+                }
             }
             let mine = inner
                 .images
@@ -75,7 +91,7 @@ impl Family {
             slot.load(&mine.bytes);
             inner.occupant = Some(id);
         }
-        Some(lease)
+        Ok(Some(lease))
     }
 
     /// Ends a loan of [`Family::take`].
@@ -83,27 +99,33 @@ impl Family {
         self.lock().lease = Some(lease);
     }
 
-    /// A new member holding a copy of member `id`'s state; `None` while a call has the slot
-    /// and `id`'s state is in it.
-    pub fn fork(&self, id: u64) -> Option<u64> {
+    /// A new member holding a copy of member `id`'s state; `Ok(None)` while a call has the
+    /// slot and `id`'s state is in it. `Err` when the copy could not get its memory: no new
+    /// member, `id` untouched.
+    pub fn fork(&self, id: u64) -> Result<Option<u64>, CopyRefused> {
         let mut inner = self.lock();
         let image = if inner.occupant == Some(id) {
-            let slot = inner.lease.as_ref()?.slot();
+            let Some(lease) = inner.lease.as_ref() else {
+                return Ok(None);
+            };
+            let slot = lease.slot();
             Image {
-                bytes: slot.image(),
+                bytes: slot.image()?,
                 used: slot.used(),
             }
         } else {
-            let mine = inner.images.get(&id)?;
+            let Some(mine) = inner.images.get(&id) else {
+                return Ok(None);
+            };
             Image {
-                bytes: mine.bytes.clone(),
+                bytes: slot::copy_of(&mine.bytes, "an image of a state")?,
                 used: mine.used,
             }
         };
         let new = inner.next;
         inner.next += 1;
         inner.images.insert(new, image);
-        Some(new)
+        Ok(Some(new))
     }
 
     /// Bytes member `id`'s state holds; `None` while a call has the slot with it.

@@ -10,6 +10,11 @@
 //! it, so the session is exactly as it was before the call, its handle store included.
 //! Without rollback a failed call keeps what it changed, as Lua would. When the loan ends the
 //! session goes back to whoever keeps it (the NIF: its resource).
+//!
+//! The checkpoint and the family's images are copies on the host's heap, as large as the
+//! state: they are reserved fallibly, and one the allocator refuses refuses the call before it
+//! runs ([`NotLent::Refused`]) — a call that needs a rollback point never runs without one —
+//! or the fork, with the session as it was. The embedders answer it `:memory_limit`.
 
 use std::any::Any;
 use std::sync::Arc;
@@ -22,6 +27,7 @@ use crate::family::Family;
 use crate::output::Print;
 use crate::pool::Lease;
 use crate::scope::Scope;
+use crate::slot::CopyRefused;
 use crate::{ffi, Slot};
 
 /// The embedder's handle store, as far as rollback needs it.
@@ -41,6 +47,16 @@ impl Store for () {
     }
     fn truncate(&mut self, _mark: usize) {}
     fn fork(&self) {}
+}
+
+/// Why a session was not lent to a call: it comes back with the reason.
+pub enum NotLent<H: Store> {
+    /// A call of its family has the slot (try again).
+    ArenaBusy(Session<H>),
+    /// A copy the call needs — the other member's image to make room, the checkpoint — could
+    /// not get its memory. Nothing ran; the session is as it was (its state may now be the one
+    /// in the slot, which changes nothing it can see).
+    Refused(Session<H>, CopyRefused),
 }
 
 /// A state kept across calls, with its counters and handle store.
@@ -97,7 +113,7 @@ impl<H: Store> Session<H> {
 
     /// Starts one call: lends the session ([`Session::lend`]) and assembles the call's run
     /// in its state (`Home::Session`), with the session's handles lent to the run. `Err` gives
-    /// the session back when a call of its family has the slot.
+    /// the session back when it could not be lent ([`NotLent`]).
     #[allow(clippy::too_many_arguments)]
     pub fn call(
         self,
@@ -108,7 +124,7 @@ impl<H: Store> Session<H> {
         print: Print,
         chunk_name: String,
         t0: Instant,
-    ) -> Result<Run, Session<H>> {
+    ) -> Result<Run, NotLent<H>> {
         let (loan, handles) = self.lend(rollback, checkpoint, give_back)?;
         Ok(Run::new(
             Home::Session(Box::new(loan)),
@@ -126,11 +142,13 @@ impl<H: Store> Session<H> {
     }
 
     /// A new session holding a copy of this one's state and handles, independent from then on
-    /// (its counters start at zero); `None` while a call of the family has the slot with this
-    /// session's state in it.
-    pub fn fork(&self) -> Option<Session<H>> {
-        let id = self.family.fork(self.id)?;
-        Some(Session {
+    /// (its counters start at zero); `Ok(None)` while a call of the family has the slot with
+    /// this session's state in it; `Err` when the copy could not get its memory (no fork).
+    pub fn fork(&self) -> Result<Option<Session<H>>, CopyRefused> {
+        let Some(id) = self.family.fork(self.id)? else {
+            return Ok(None);
+        };
+        Ok(Some(Session {
             family: self.family.clone(),
             id,
             calls: 0,
@@ -139,13 +157,15 @@ impl<H: Store> Session<H> {
             handles: Some(Box::new(
                 self.handles.as_deref().map(H::fork).unwrap_or_default(),
             )),
-        })
+        }))
     }
 
     /// Lends the session to one call: the slot (with this session's state in it) gets its peak
     /// reset and, with `checkpoint`, a checkpoint. Returns the loan (for `Home::Session`) and
     /// the handle store (for the call's scope); `give_back` receives the session when the loan
-    /// ends. `Err` gives the session back when a call of its family has the slot.
+    /// ends. `Err` gives the session back when a call of its family has the slot, or when a
+    /// copy the call needs could not get its memory: a checkpoint that cannot be taken refuses
+    /// the call (it does not run without its rollback point).
     ///
     /// `rollback` says whether a failed call is rolled back; `checkpoint` must be true with it,
     /// and for a first attempt that may be thrown away ([`Lent::discard`]).
@@ -155,13 +175,18 @@ impl<H: Store> Session<H> {
         rollback: bool,
         checkpoint: bool,
         give_back: impl FnOnce(Session<H>) + Send + 'static,
-    ) -> Result<(Loan<H>, Box<dyn Any + Send>), Session<H>> {
-        let Some(mut lease) = self.family.take(self.id) else {
-            return Err(self);
+    ) -> Result<(Loan<H>, Box<dyn Any + Send>), NotLent<H>> {
+        let mut lease = match self.family.take(self.id) {
+            Ok(Some(lease)) => lease,
+            Ok(None) => return Err(NotLent::ArenaBusy(self)),
+            Err(refused) => return Err(NotLent::Refused(self, refused)),
         };
         lease.slot_mut().reset_peak();
         if rollback || checkpoint {
-            lease.slot_mut().checkpoint();
+            if let Err(refused) = lease.slot_mut().checkpoint() {
+                self.family.give_back(lease);
+                return Err(NotLent::Refused(self, refused));
+            }
         }
         let handles = self.handles.take().unwrap_or_default();
         let loan = Loan {

@@ -64,6 +64,53 @@ impl std::fmt::Display for SlotError {
 
 impl std::error::Error for SlotError {}
 
+/// A host-side copy of a state (an image, a checkpoint) that could not get its memory: the
+/// allocator refused it (the process's address-space limit, or the host out of memory). Every
+/// such copy grows with the script's data, so it is reserved fallibly first and refused with
+/// this instead of aborting the process (Rust's infallible allocation aborts when it fails).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CopyRefused {
+    /// What the copy was for.
+    pub what: &'static str,
+    /// The bytes it asked for.
+    pub bytes: usize,
+}
+
+impl std::fmt::Display for CopyRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the session's state copies need more memory than this process can allocate \
+             ({} of {} bytes refused)",
+            self.what, self.bytes
+        )
+    }
+}
+
+impl std::error::Error for CopyRefused {}
+
+/// A copy of `bytes` in a new vector whose memory was reserved fallibly: `Err` instead of the
+/// abort of `to_vec` when the allocator refuses it. `what` names the copy in the error.
+pub fn copy_of(bytes: &[u8], what: &'static str) -> Result<Vec<u8>, CopyRefused> {
+    let mut copy = Vec::new();
+    reserve(&mut copy, bytes.len(), what)?;
+    // Within the capacity just reserved: no allocation.
+    copy.extend_from_slice(bytes);
+    Ok(copy)
+}
+
+/// Makes room in `buf` for `more` bytes past its length, fallibly: amortized as `Vec`'s own
+/// growth is (a checkpoint that grows a little with each call does not reallocate each time),
+/// or exactly when the amortized size is refused.
+fn reserve(buf: &mut Vec<u8>, more: usize, what: &'static str) -> Result<(), CopyRefused> {
+    buf.try_reserve(more)
+        .or_else(|_| buf.try_reserve_exact(more))
+        .map_err(|_| CopyRefused {
+            what,
+            bytes: buf.len().saturating_add(more),
+        })
+}
+
 /// One arena, its Lua state and its pristine snapshot.
 pub struct Slot {
     base: NonNull<u8>,
@@ -260,8 +307,22 @@ impl Slot {
     /// state grew into: its cost follows what the calls in between touched, not the state's
     /// size. Without tracking (a small state, or a kernel without `userfaultfd` write-protect
     /// or `PAGEMAP_SCAN`), every checkpoint copies the whole prefix.
-    pub fn checkpoint(&mut self) {
+    ///
+    /// The copy's memory is reserved before anything changes: `Err` when the allocator refuses
+    /// it, and then there is no checkpoint to roll back to (the state itself is untouched; a
+    /// kept incremental copy stays as consistent as it was, for the next attempt).
+    pub fn checkpoint(&mut self) -> Result<(), CopyRefused> {
         let extent = self.page_round(self.heap().extent());
+        let kept = self.saved.len();
+        if self.written.is_some() && kept > 0 && kept <= extent {
+            // Possibly incremental: the pages grown into since are appended (and a failed
+            // scan's full copy below fits the same capacity).
+            reserve(&mut self.saved, extent - kept, "the checkpoint")?;
+        } else if self.saved.capacity() < extent {
+            // A full copy: the old one goes first, so the two are never held together.
+            self.saved = Vec::new();
+            reserve(&mut self.saved, extent, "the checkpoint")?;
+        }
         let mut started = false;
         if self.written.is_none() && extent >= self.track_from {
             started = self.start_tracking().is_ok();
@@ -295,13 +356,13 @@ impl Slot {
                 })
             });
             if let Some(Ok(())) = scanned {
-                // The pages grown into since: copied whole.
+                // The pages grown into since: copied whole, within the capacity reserved above.
                 // SAFETY: `[old, extent)` lies inside the mapping; nothing writes it now.
                 saved.extend_from_slice(unsafe {
                     std::slice::from_raw_parts(base.add(old), extent - old)
                 });
                 self.heap().repoison(extent);
-                return;
+                return Ok(());
             }
             // A failed scan may have re-protected pages it did not report: nothing it said
             // can be trusted from now on.
@@ -316,11 +377,13 @@ impl Slot {
             }
         }
         self.saved.clear();
+        // Within the capacity reserved above (at least `extent`): no allocation.
         // SAFETY: `[base, base + extent)` lies inside the mapping (the extent is page-rounded
         // and capped by the capacity); `&mut self`: no Lua code runs while we read it.
         self.saved
             .extend_from_slice(unsafe { std::slice::from_raw_parts(base, extent) });
         self.heap().repoison(extent);
+        Ok(())
     }
 
     /// Returns the state to the point [`Slot::checkpoint`] recorded: everything Lua did since
@@ -388,11 +451,15 @@ impl Slot {
         self.track_from = bytes;
     }
 
-    /// A copy of the state's used prefix: what [`Slot::load`] takes back.
-    pub fn image(&self) -> Vec<u8> {
+    /// A copy of the state's used prefix: what [`Slot::load`] takes back. `Err` when the
+    /// allocator refuses its memory (nothing else happens).
+    pub fn image(&self) -> Result<Vec<u8>, CopyRefused> {
         let extent = self.heap().extent();
         // SAFETY: `[base, base + extent)` lies inside the mapping; `&self`: no Lua code runs.
-        unsafe { std::slice::from_raw_parts(self.base.as_ptr(), extent) }.to_vec()
+        copy_of(
+            unsafe { std::slice::from_raw_parts(self.base.as_ptr(), extent) },
+            "an image of a state",
+        )
     }
 
     /// Replaces the state with `image`, an [`Slot::image`] of this slot (this address). The
@@ -414,8 +481,9 @@ impl Slot {
         }
     }
 
-    /// Drops the checkpoint and the write tracking (the slot goes back to copying in full).
-    fn forget_checkpoint(&mut self) {
+    /// Drops the checkpoint and the write tracking (the slot goes back to copying in full):
+    /// its memory is free for other copies. The next rollback needs a new checkpoint.
+    pub fn forget_checkpoint(&mut self) {
         self.written = None;
         self.saved = Vec::new();
         self.track_from = self.track_from.min(TRACK_FROM);

@@ -125,7 +125,7 @@ fn math_random_is_reseeded_per_run_and_slots_hash_strings_differently() {
 fn a_rollback_returns_to_the_checkpoint_exactly() {
     let mut slot = new_slot(64 * MIB);
     eval(&mut slot, "counter = 1 log = {'a'} return 1").unwrap();
-    slot.checkpoint();
+    slot.checkpoint().expect("a checkpoint");
     let probe = "return counter .. ':' .. table.concat(log, ',') .. ':' .. tostring(extra)";
     assert_eq!(eval(&mut slot, probe).unwrap(), "1:a:nil");
     eval(

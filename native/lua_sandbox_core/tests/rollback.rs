@@ -43,8 +43,8 @@ fn loaded(track_from: usize) -> lua_sandbox_core::Slot {
 fn check(track_from: usize, calls: &[(usize, bool)]) {
     let mut slot = loaded(track_from);
     for &(op, keep) in calls {
-        slot.checkpoint();
-        let reference = slot.image();
+        slot.checkpoint().expect("a checkpoint");
+        let reference = slot.image().expect("an image");
         let before = digest(&mut slot);
         let outcome = eval(&mut slot, OPS[op]);
         if keep && outcome.is_ok() {
@@ -52,7 +52,7 @@ fn check(track_from: usize, calls: &[(usize, bool)]) {
         }
         slot.rollback();
         assert!(
-            slot.image() == reference,
+            slot.image().expect("an image") == reference,
             "op {op}: the state differs from its checkpoint after the rollback"
         );
         assert_eq!(digest(&mut slot), before, "op {op}");
@@ -99,12 +99,12 @@ fn a_small_call_on_a_big_state_copies_only_what_it_wrote() {
         "filler = string.rep('f', 16 * 1024 * 1024) return 1",
     )
     .unwrap();
-    slot.checkpoint();
+    slot.checkpoint().expect("a checkpoint");
     assert!(slot.tracking(), "a 16 MiB state is tracked");
     let time = |slot: &mut lua_sandbox_core::Slot| {
         let t = std::time::Instant::now();
         for _ in 0..50 {
-            slot.checkpoint();
+            slot.checkpoint().expect("a checkpoint");
             eval(slot, "counter = (counter or 0) + 1 return counter").unwrap();
             slot.rollback();
         }

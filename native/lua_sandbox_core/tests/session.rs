@@ -13,7 +13,8 @@ use lua_sandbox_core::error::SandboxError;
 use lua_sandbox_core::exec::{self, Entry, Home, Run, Setup, StateSetup, Step};
 use lua_sandbox_core::output::Print;
 use lua_sandbox_core::scope::Scope;
-use lua_sandbox_core::session::Session;
+use lua_sandbox_core::session::{NotLent, Session};
+use lua_sandbox_core::slot::CopyRefused;
 use lua_sandbox_core::{budget, pool, protect};
 
 type Kept = Arc<Mutex<Option<Session<()>>>>;
@@ -49,17 +50,40 @@ fn call_for(
     rollback: bool,
     caller: Caller,
 ) -> (Run, Result<Step, SandboxError>) {
+    try_call_for(kept, src, rollback, caller).expect("the call's copies fit")
+}
+
+/// [`call`], or the refusal of a copy the call needs (the session kept as it was).
+fn try_call(
+    kept: &Kept,
+    src: &str,
+    rollback: bool,
+) -> Result<(Run, Result<Step, SandboxError>), CopyRefused> {
+    try_call_for(kept, src, rollback, Caller::none())
+}
+
+/// [`try_call`] for `caller`.
+fn try_call_for(
+    kept: &Kept,
+    src: &str,
+    rollback: bool,
+    caller: Caller,
+) -> Result<(Run, Result<Step, SandboxError>), CopyRefused> {
     let session = kept
         .lock()
         .unwrap()
         .take()
         .expect("the session is not on loan");
     let back = kept.clone();
-    let Ok((loan, handles)) =
-        session.lend(rollback, false, move |s| *back.lock().unwrap() = Some(s))
-    else {
-        panic!("no other member of the family has the slot");
-    };
+    let (loan, handles) =
+        match session.lend(rollback, false, move |s| *back.lock().unwrap() = Some(s)) {
+            Ok(lent) => lent,
+            Err(NotLent::ArenaBusy(_)) => panic!("no other member of the family has the slot"),
+            Err(NotLent::Refused(session, refused)) => {
+                *kept.lock().unwrap() = Some(session);
+                return Err(refused);
+            }
+        };
     let mut run = Run::new(
         Home::Session(Box::new(loan)),
         common::limits(),
@@ -78,7 +102,7 @@ fn call_for(
     let step = run
         .prepare(caller, setup)
         .and_then(|n| run.resume(caller, n));
-    (run, step)
+    Ok((run, step))
 }
 
 /// Runs `src` to its end; `Ok(first result)` when it finished, `Err` when it failed.
@@ -212,4 +236,136 @@ fn a_kill_inside_a_long_key_lookup_leaves_the_table_whole() {
         );
     }
     assert!(killed >= 8, "only {killed} checks in the call");
+}
+
+/// Set in the child process that [`copies_that_do_not_fit_are_refused`] runs itself in.
+const BOUNDED_CHILD: &str = "LUA_SANDBOX_TEST_BOUNDED_CHILD";
+
+/// The host-side copies of a session's state — a fork's image, the image of the member that
+/// makes room for another's call, the checkpoint before a call — are refused (`CopyRefused`)
+/// when the allocator refuses their memory, instead of aborting the process. The refusals are
+/// real: this test runs itself again in a child process (this test binary, only this test),
+/// which lowers its own address-space limit (`RLIMIT_AS`) below what a copy needs, where the
+/// other tests cannot feel it. Not under the sanitizer build, whose allocator aborts on a
+/// failed allocation by design.
+#[test]
+#[cfg_attr(feature = "sanitize", ignore)]
+fn copies_that_do_not_fit_are_refused() {
+    if std::env::var_os(BOUNDED_CHILD).is_some() {
+        return bounded_child();
+    }
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "copies_that_do_not_fit_are_refused",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(BOUNDED_CHILD, "1")
+        // glibc's malloc, set at the child's start: one arena for all threads (no thread's
+        // heap reserved ahead, where a large block could be carved out without new address
+        // space), and every block from 128 KiB on a mapping of its own (no threshold that
+        // grows after a free): each copy needs new address space, which the limit refuses.
+        .env("MALLOC_ARENA_MAX", "1")
+        .env("MALLOC_MMAP_THRESHOLD_", "131072")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "the child failed ({}):\n{stdout}\n{stderr}",
+        out.status
+    );
+    assert!(
+        stdout.contains("bounded child: every copy refused"),
+        "the child did not run the test:\n{stdout}"
+    );
+}
+
+/// The address space this process has mapped now (`/proc/self/statm`'s size), in bytes.
+fn mapped() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
+    let pages: u64 = statm.split_whitespace().next().unwrap().parse().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    pages * unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u64
+}
+
+/// Sets the soft `RLIMIT_AS` (the hard one stays, so the soft one can be raised back).
+fn limit_address_space(bytes: u64) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a live rlimit for both calls.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_AS, &mut lim), 0);
+        lim.rlim_cur = bytes.min(lim.rlim_max);
+        assert_eq!(libc::setrlimit(libc::RLIMIT_AS, &lim), 0);
+    }
+}
+
+fn bounded_child() {
+    let kept = new_session(&[]);
+    assert_eq!(
+        finish(
+            &kept,
+            "big = {} for i = 1, 5000 do big[i] = string.rep('x', 1000) .. i end return #big",
+            false
+        ),
+        Ok("5000".into())
+    );
+    let fork: Kept = {
+        let guard = kept.lock().unwrap();
+        let made = guard.as_ref().unwrap().fork();
+        Arc::new(Mutex::new(Some(made.unwrap().expect("the slot is free"))))
+    };
+    let used = kept.lock().unwrap().as_ref().unwrap().used().unwrap();
+    assert!(used > 5 << 20, "a state of {used} bytes");
+
+    // Room for less than half a copy of the state.
+    limit_address_space(mapped() + used as u64 / 2);
+    let refused = kept.lock().unwrap().as_ref().unwrap().fork().err();
+    assert!(
+        matches!(refused, Some(CopyRefused { what, bytes }) if what.contains("image") && bytes >= used),
+        "{refused:?}"
+    );
+    // So is a fork of the fork, whose state is an image (not in the slot).
+    let refused = fork.lock().unwrap().as_ref().unwrap().fork().err();
+    assert!(
+        matches!(refused, Some(CopyRefused { what, bytes }) if what.contains("image") && bytes >= used),
+        "{refused:?}"
+    );
+    // The origin's call with rollback: refused for want of its checkpoint, before it runs.
+    let refused = try_call(&kept, "big = nil return 1", true).err();
+    assert!(
+        matches!(refused, Some(CopyRefused { what, .. }) if what.contains("checkpoint")),
+        "{refused:?}"
+    );
+    // The fork's call: refused for want of the origin's image (the origin stays in the slot).
+    let refused = try_call(&fork, "big = nil return 1", false).err();
+    assert!(
+        matches!(refused, Some(CopyRefused { what, .. }) if what.contains("image")),
+        "{refused:?}"
+    );
+    // Nothing happened: without rollback the origin's call needs no copy, and its state is whole.
+    assert_eq!(finish(&kept, "return #big", false), Ok("5000".into()));
+    assert_eq!(counters(&kept), (2, 0));
+
+    // With room again, the fork's call and a new fork go through, the states as they were.
+    limit_address_space(u64::MAX);
+    assert_eq!(
+        finish(&fork, "big[1] = 'f' return #big", true),
+        Ok("5000".into())
+    );
+    assert_eq!(counters(&fork), (1, 0));
+    assert_eq!(
+        finish(&kept, "return big[1]:sub(1, 1)", true),
+        Ok("x".into())
+    );
+    assert!(matches!(
+        kept.lock().unwrap().as_ref().unwrap().fork(),
+        Ok(Some(_))
+    ));
+    println!("bounded child: every copy refused, then served");
 }

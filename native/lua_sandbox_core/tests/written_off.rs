@@ -12,7 +12,7 @@ fn after_disable_checkpoints_never_track_and_rollback_still_returns() {
     let mut tracked = new_slot(64 * MIB);
     tracked.restore();
     tracked.set_track_from(0);
-    tracked.checkpoint();
+    tracked.checkpoint().expect("a checkpoint");
     // Where the kernel has no tracking, this test checks only the disabled path.
     let kernel_tracks = tracked.tracking();
 
@@ -21,7 +21,7 @@ fn after_disable_checkpoints_never_track_and_rollback_still_returns() {
     slot.restore();
     slot.set_track_from(0);
     eval(&mut slot, "counter = 1 return 1").unwrap();
-    slot.checkpoint();
+    slot.checkpoint().expect("a checkpoint");
     assert!(!slot.tracking(), "tracking started after disable()");
     eval(
         &mut slot,

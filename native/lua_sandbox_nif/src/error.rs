@@ -1,8 +1,8 @@
 //! The error answer, encoded in one place: every NIF that fails answers
 //! `{:error, {kind, message, line, traceback, value}, output, stats}` ([`Failure`]), which
 //! `LuaSandbox.Error.from_native/3` turns into the struct; and the error kinds as Elixir sees
-//! them (`LuaSandbox.Error.kind`): one atom per variant of the core's `SandboxError`, named by
-//! its `kind_name`.
+//! them (`LuaSandbox.Error.kind`): an atom per variant of the core's `SandboxError`, named by
+//! its `kind_name` (`StateCopies` is a `:memory_limit` with its own message).
 
 use std::time::Duration;
 

@@ -20,7 +20,7 @@ use crate::run::{self, Source};
 use lua_sandbox_core::chunk::{check_source, Code};
 use lua_sandbox_core::exec::{self, Entry, Limits, Push, Setup, StateSetup};
 use lua_sandbox_core::pool as slots;
-use lua_sandbox_core::session::Session;
+use lua_sandbox_core::session::{NotLent, Session};
 
 /// State-wide options, validated by `LuaSandbox.Session`.
 #[derive(NifMap)]
@@ -247,12 +247,21 @@ fn call<'a>(
         );
         let mut running = match started {
             Ok(running) => running,
-            Err(session) => {
+            Err(NotLent::ArenaBusy(session)) => {
                 *res.lock() = Some(SessionState {
                     session,
                     settings: back,
                 });
                 return atoms::arena_busy().encode(env);
+            }
+            // A copy the call needs did not get its memory: refused before it ran.
+            Err(NotLent::Refused(session, refused)) => {
+                let answer = run::early_error(env, refused.into(), &back.chunk_name, t0);
+                *res.lock() = Some(SessionState {
+                    session,
+                    settings: back,
+                });
+                return answer;
             }
         };
         if fast.is_some() {
@@ -308,17 +317,20 @@ fn session_info(env: Env<'_>, res: ResourceArc<SessionRes>) -> Term<'_> {
 }
 
 /// `{:ok, session}`: a new session holding a copy of this one's state (its globals, functions
-/// and handles), independent from then on; `:busy` while a call has this session, or
-/// `:arena_busy` while a call of its family has the slot (the core's `family.rs`).
+/// and handles), independent from then on; `:busy` while a call has this session,
+/// `:arena_busy` while a call of its family has the slot (the core's `family.rs`), or a
+/// `:memory_limit` error answer when the copy could not get its memory.
 #[rustler::nif(schedule = "DirtyCpu")]
 fn session_fork(env: Env<'_>, res: ResourceArc<SessionRes>) -> Term<'_> {
+    let t0 = std::time::Instant::now();
     // Out of the lock while the state is copied, like a call: others see `:busy`.
     let Some(state) = res.lock().take() else {
         return atoms::busy().encode(env);
     };
     let answer = match state.session.fork() {
-        None => atoms::arena_busy().encode(env),
-        Some(session) => {
+        Err(refused) => run::early_error(env, refused.into(), &state.settings.chunk_name, t0),
+        Ok(None) => atoms::arena_busy().encode(env),
+        Ok(Some(session)) => {
             let fork = ResourceArc::new(SessionRes {
                 state: Mutex::new(Some(SessionState {
                     session,

@@ -20,7 +20,7 @@ use std::time::Instant;
 use lua_sandbox_core::error::SandboxError;
 use lua_sandbox_core::exec::{self, Entry, Limits, Push, Setup, StateSetup};
 use lua_sandbox_core::pool;
-use lua_sandbox_core::session::Session;
+use lua_sandbox_core::session::{NotLent, Session};
 
 use crate::marshal::Handles;
 use crate::proto::Term;
@@ -131,11 +131,17 @@ impl WorkerSession {
         );
         let mut run = match started {
             Ok(run) => run,
-            Err(session) => {
+            Err(NotLent::ArenaBusy(session)) => {
                 // Another member's call has the family's slot: never, as the BEAM sends a
                 // member's call only when no other member's call is in progress (or parked).
                 *lock(&self.home) = Some(session);
                 return Term::atom("arena_busy");
+            }
+            // A copy the call needs (the other member's image, the checkpoint) does not fit
+            // the worker's address space: refused before it ran, `:memory_limit`.
+            Err(NotLent::Refused(session, refused)) => {
+                *lock(&self.home) = Some(session);
+                return early(refused.into());
             }
         };
         let max_depth = limits.max_depth;
@@ -181,14 +187,18 @@ impl WorkerSession {
 
 impl WorkerSession {
     /// A new member of this session's family holding a copy of its state (the core's
-    /// `Session::fork`), with its settings; `Err` is the answer (`:busy`, `:arena_busy`).
+    /// `Session::fork`), with its settings; `Err` is the answer (`:busy`, `:arena_busy`, or a
+    /// `:memory_limit` error answer when the copy does not fit the worker's address space).
     fn fork(&self) -> Result<WorkerSession, Term> {
+        let t0 = Instant::now();
         let guard = lock(&self.home);
         let Some(session) = guard.as_ref() else {
             return Err(Term::atom("busy"));
         };
-        let Some(copy) = session.fork() else {
-            return Err(Term::atom("arena_busy"));
+        let copy = match session.fork() {
+            Ok(Some(copy)) => copy,
+            Ok(None) => return Err(Term::atom("arena_busy")),
+            Err(refused) => return Err(early(refused.into(), &self.chunk_name, t0)),
         };
         Ok(WorkerSession {
             home: Arc::new(Mutex::new(Some(copy))),
