@@ -24,6 +24,10 @@ use crate::control::Abort;
 use crate::error::SandboxError;
 use crate::{ffi, protect};
 
+mod to_lua;
+
+pub use to_lua::{push_globals, push_values, Bad, Host, Kind};
+
 /// Fixed cost, in bytes, charged per value against `max_result_bytes` on top of string bytes.
 pub const VALUE_COST: u64 = 8;
 
@@ -331,128 +335,6 @@ impl Build {
         }
         Ok(())
     }
-}
-
-/// A host's term walk for a build: pushes the Lua value of one of its terms. The build's
-/// bookkeeping is the walk's own [`Build`] (`build`), so [`push_globals`] and [`push_values`]
-/// drive either host's walk the same way.
-pub trait Push<T> {
-    fn build(&mut self) -> &mut Build;
-
-    /// Pushes the Lua value for `term` (exactly one slot on success) at `depth`.
-    ///
-    /// # Safety
-    /// `l` is the thread being built on, inside [`building`], with one free stack slot.
-    unsafe fn push(&mut self, l: *mut ffi::lua_State, term: &T, depth: usize) -> Result<(), Fail>;
-}
-
-/// Sets each `(name, term)` as a global of `l` with the walk `host` makes from a [`Build`].
-/// Paths in errors start at `globals`.
-///
-/// # Safety
-/// `l` must be a non-running state whose memory limit the caller lifted; `limit` is the run's
-/// limit (0: none), checked here.
-pub unsafe fn push_globals<T, H: Push<T>>(
-    l: *mut ffi::lua_State,
-    globals: &[(String, T)],
-    max_depth: usize,
-    limit: usize,
-    host: impl FnOnce(Build) -> H,
-) -> Result<(), SandboxError> {
-    if globals.is_empty() {
-        return Ok(());
-    }
-    // SAFETY: `l` is a valid state (the caller's contract).
-    let mut walk = host(unsafe { Build::new(l, limit, max_depth) });
-    let mut result = Ok(());
-    // SAFETY: nothing in the closure raises (module doc); the backstop catches the impossible.
-    unsafe {
-        building(l, |l| {
-            result = set_globals(&mut walk, l, globals).and_then(|()| walk.build().meter.flush());
-        })
-    }?;
-    result.map_err(|f| f.into_error("globals"))?;
-    // SAFETY: as above.
-    unsafe { walk.build().check_memory(l) }
-}
-
-/// Converts `terms` to Lua values left on top of `l`'s stack; paths in errors start at `root`
-/// and index from 1. Returns how many values were pushed; on an error nothing is left.
-///
-/// # Safety
-/// As for [`push_globals`].
-pub unsafe fn push_values<T, H: Push<T>>(
-    l: *mut ffi::lua_State,
-    terms: &[T],
-    max_depth: usize,
-    root: &str,
-    limit: usize,
-    host: impl FnOnce(Build) -> H,
-) -> Result<c_int, SandboxError> {
-    // SAFETY: `l` is a valid state (the caller's contract).
-    let mut walk = host(unsafe { Build::new(l, limit, max_depth) });
-    let mut result = Ok(());
-    // SAFETY: only reads.
-    let base = unsafe { ffi::lua_gettop(l) };
-    // SAFETY: as in `push_globals`; the values left on the closure's stack are its results.
-    unsafe {
-        building(l, |l| {
-            result = push_all(&mut walk, l, terms).and_then(|()| walk.build().meter.flush());
-            if result.is_err() {
-                ffi::lua_settop(l, 0);
-            }
-        })
-    }?;
-    result.map_err(|f| f.into_error(root))?;
-    // SAFETY: as above.
-    unsafe { walk.build().check_memory(l) }?;
-    // SAFETY: only reads.
-    Ok(unsafe { ffi::lua_gettop(l) } - base)
-}
-
-/// # Safety
-/// Inside [`building`] on `l`.
-unsafe fn set_globals<T>(
-    walk: &mut impl Push<T>,
-    l: *mut ffi::lua_State,
-    globals: &[(String, T)],
-) -> Result<(), Fail> {
-    // SAFETY: inside the backstop, each push preceded by a successful `lua_checkstack`; no
-    // call here raises (module doc).
-    unsafe {
-        if ffi::lua_checkstack(l, 4) == 0 {
-            return Err(stack_exhausted());
-        }
-        ffi::lua_rawgeti(l, ffi::LUA_REGISTRYINDEX, ffi::LUA_RIDX_GLOBALS);
-        let g = ffi::lua_gettop(l);
-        for (name, term) in globals {
-            walk.build().reserve(name.len() + LUA_VALUE_BYTES)?;
-            push_str(l, name.as_bytes());
-            walk.push(l, term, 0)
-                .map_err(|f| f.at(Seg::Key(name.clone())))?;
-            ffi::lua_rawset(l, g);
-        }
-        ffi::lua_settop(l, g - 1);
-    }
-    Ok(())
-}
-
-/// # Safety
-/// Inside [`building`] on `l`.
-unsafe fn push_all<T>(
-    walk: &mut impl Push<T>,
-    l: *mut ffi::lua_State,
-    terms: &[T],
-) -> Result<(), Fail> {
-    // SAFETY: as in `set_globals`; `room_for` grew the stack for every value.
-    unsafe {
-        walk.build().room_for(l, terms.len())?;
-        for (i, term) in terms.iter().enumerate() {
-            walk.push(l, term, 0)
-                .map_err(|f| f.at(Seg::Index(i as i64 + 1)))?;
-        }
-    }
-    Ok(())
 }
 
 /// The bookkeeping of a read (Lua values to terms): the bytes left of `max_result_bytes`, the

@@ -27,7 +27,7 @@ use crate::atoms;
 use crate::chunk::CompiledChunk;
 use crate::error::Failure;
 use crate::handles::Handles;
-use crate::marshal::{self, Bounds};
+use crate::marshal::{self, Bounds, Nif};
 use crate::term::{binary_term, stats_term};
 
 /// Options, already validated and defaulted by `LuaSandbox.Options`.
@@ -271,7 +271,7 @@ pub(crate) fn push_globals<'s, 'a: 's>(
     move |l, limit| {
         // SAFETY: `exec` calls this on a state that is not running, its limit lifted
         // (marshal's contract).
-        unsafe { marshal::push_globals(l, globals, max_depth, limit) }.map(|()| 0)
+        unsafe { marshal::push_globals::<Nif>(l, globals, max_depth, limit) }.map(|()| 0)
     }
 }
 
@@ -282,7 +282,7 @@ pub(crate) fn push_args<'s, 'a: 's>(
 ) -> impl FnMut(*mut ffi::lua_State, usize) -> Result<c_int, SandboxError> + use<'s, 'a> {
     move |l, limit| {
         // SAFETY: as in `push_globals`.
-        unsafe { marshal::push_values(l, args, max_depth, "call.args", limit) }
+        unsafe { marshal::push_values::<Nif>(l, args, max_depth, "call.args", limit) }
     }
 }
 
@@ -556,7 +556,7 @@ fn reply_to_lua(
         let mut push = |l: *mut ffi::lua_State, limit: usize| {
             // SAFETY: `exec` calls this on the main state, not running, its limit lifted
             // (marshal's contract); on an error nothing is left on the stack.
-            unsafe { marshal::push_values(l, &values, max_depth, "tool result", limit) }
+            unsafe { marshal::push_values::<Nif>(l, &values, max_depth, "tool result", limit) }
         };
         return session.reply(caller, Reply::Values(&mut push));
     }

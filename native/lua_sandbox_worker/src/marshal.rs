@@ -16,8 +16,7 @@ use std::ffi::c_int;
 use lua_sandbox_core::error::SandboxError;
 use lua_sandbox_core::handle::{self, Token};
 use lua_sandbox_core::marshal::{
-    self, invalid, key_seg, push_str, stack_exhausted, unsupported, Build, Fail, FailKind, KeyKind,
-    KeyKinds, Push, Seg, Tally, LUA_VALUE_BYTES,
+    invalid, key_seg, unsupported, Bad, Fail, FailKind, Host, Kind, Seg, Tally,
 };
 use lua_sandbox_core::session::Store;
 use lua_sandbox_core::{ffi, sandbox};
@@ -57,228 +56,83 @@ fn with_handles<R>(f: impl FnOnce(&mut Handles) -> R) -> Option<R> {
 // ---------------------------------------------------------------------------------------------
 // Terms to Lua
 
-/// Sets each `(name, term)` as a global of `l` (`lua_sandbox_core::marshal::push_globals`).
-///
-/// # Safety
-/// `l` must be a non-running state whose memory limit the caller lifted; `limit` is the run's
-/// limit (0: none), checked here.
-pub unsafe fn push_globals(
-    l: *mut ffi::lua_State,
-    globals: &[(String, Term)],
-    max_depth: usize,
-    limit: usize,
-) -> Result<(), SandboxError> {
-    // SAFETY: forwarded contract.
-    unsafe { marshal::push_globals(l, globals, max_depth, limit, |b| Builder { b }) }
-}
+pub use lua_sandbox_core::marshal::{push_globals, push_values};
 
-/// Converts `terms` to Lua values left on top of `l`'s stack
-/// (`lua_sandbox_core::marshal::push_values`): how many were pushed.
-///
-/// # Safety
-/// As for [`push_globals`].
-pub unsafe fn push_values(
-    l: *mut ffi::lua_State,
-    terms: &[Term],
-    max_depth: usize,
-    root: &str,
-    limit: usize,
-) -> Result<c_int, SandboxError> {
-    // SAFETY: forwarded contract.
-    unsafe { marshal::push_values(l, terms, max_depth, root, limit, |b| Builder { b }) }
-}
+/// The protocol's terms for the core's walk: `marshal::push_globals::<Proto>(...)`.
+pub struct Proto;
 
-struct Builder {
-    b: Build,
-}
+impl Host for Proto {
+    type Term = Term;
+    type Ref<'t> = &'t Term;
+    type Items<'t> = std::slice::Iter<'t, Term>;
+    type Pairs<'t> = Pairs<'t>;
+    /// The index of `{:handle, index}`.
+    type Handle = u64;
 
-impl Push<Term> for Builder {
-    fn build(&mut self) -> &mut Build {
-        &mut self.b
-    }
-
-    /// Pushes the Lua value for `term` (exactly one slot on success).
-    unsafe fn push(
-        &mut self,
-        l: *mut ffi::lua_State,
-        term: &Term,
-        depth: usize,
-    ) -> Result<(), Fail> {
-        self.b.meter.value(0)?;
-        // SAFETY: the trait's contract: one free slot; tables check for more.
-        unsafe {
-            match term {
-                Term::Atom(a) if a == "nil" => ffi::lua_pushnil(l),
-                Term::List(items) => self.push_list(l, items, depth)?,
-                Term::Map(pairs) => self.push_map(l, pairs, depth)?,
-                Term::Tuple(_) => match term.as_handle() {
-                    Some(index) => {
-                        self.b.reserve(LUA_VALUE_BYTES)?;
-                        let h = with_handles(|h| h.0.handle(index))
-                            .ok_or_else(|| invalid("handles can only be passed to a run"))?;
-                        // SAFETY: the trait's contract (not running, limit lifted, one free
-                        // slot), the bytes reserved just above; the worker's state was built
-                        // by `sandbox::new_slot` (main.rs), so the handle metatable is there.
-                        handle::push(l, h);
-                    }
-                    None => return Err(invalid("tuple cannot become a Lua value")),
-                },
-                Term::Other("improper list") => return Err(invalid("improper list")),
-                Term::Other(what) => return Err(self.not_a_value(what, "")),
-                scalar => self.push_scalar(l, scalar)?,
-            }
-        }
-        Ok(())
-    }
-}
-
-impl Builder {
-    /// The error for a term outside the subset, as the NIF words it.
-    fn not_a_value(&self, what: &str, role: &str) -> Fail {
-        match what {
-            "big integer" => invalid(&format!("integer{role} outside the 64-bit range")),
-            "bitstring" => invalid(&format!("bitstring{role}")),
-            _ => invalid(&format!("{what} cannot become a Lua value")),
-        }
-    }
-
-    unsafe fn push_list(
-        &mut self,
-        l: *mut ffi::lua_State,
-        items: &[Term],
-        depth: usize,
-    ) -> Result<(), Fail> {
-        let depth = self.b.enter(depth)?;
-        self.b.reserve(
-            items
-                .len()
-                .saturating_mul(16)
-                .saturating_add(LUA_VALUE_BYTES),
-        )?;
-        let narr = c_int::try_from(items.len()).map_err(|_| Fail::new(FailKind::Memory))?;
-        // SAFETY: as in `push` (the trait's contract).
-        unsafe {
-            if ffi::lua_checkstack(l, 3) == 0 {
-                return Err(stack_exhausted());
-            }
-            ffi::lua_createtable(l, narr, 0);
-            let t = ffi::lua_gettop(l);
-            for (i, item) in items.iter().enumerate() {
-                let index = i as i64 + 1;
-                self.push(l, item, depth)
-                    .map_err(|f| f.at(Seg::Index(index)))?;
-                ffi::lua_rawseti(l, t, index);
-            }
-        }
-        Ok(())
-    }
-
-    unsafe fn push_map(
-        &mut self,
-        l: *mut ffi::lua_State,
-        pairs: &[(Term, Term)],
-        depth: usize,
-    ) -> Result<(), Fail> {
-        if let Some((_, name)) = pairs
-            .iter()
-            .find(|(k, _)| k.as_atom() == Some("__struct__"))
-        {
-            // A handle crosses as `{:handle, index}`, never as its struct.
-            let module = name.as_atom().unwrap_or_default();
-            let module = module.strip_prefix("Elixir.").unwrap_or(module);
-            return Err(invalid(&format!(
-                "struct {module} cannot become a Lua value (no LuaSandbox.Encoder)"
-            )));
-        }
-        let depth = self.b.enter(depth)?;
-        self.b.reserve(
-            pairs
-                .len()
-                .saturating_mul(40)
-                .saturating_add(LUA_VALUE_BYTES),
-        )?;
-        let nrec = c_int::try_from(pairs.len()).map_err(|_| Fail::new(FailKind::Memory))?;
-        // SAFETY: as in `push` (the trait's contract).
-        unsafe {
-            if ffi::lua_checkstack(l, 4) == 0 {
-                return Err(stack_exhausted());
-            }
-            ffi::lua_createtable(l, 0, nrec);
-            let t = ffi::lua_gettop(l);
-            let mut seen = KeyKinds::default();
-            for (k, v) in pairs {
-                self.b.meter.value(0)?;
-                self.push_key(l, k).map_err(|f| f.at(term_seg(k)))?;
-                seen.admit(key_kind(k), l, t)
-                    .map_err(|f| f.at(term_seg(k)))?;
-                self.push(l, v, depth).map_err(|f| f.at(term_seg(k)))?;
-                ffi::lua_rawset(l, t);
-            }
-        }
-        Ok(())
-    }
-
-    unsafe fn push_key(&mut self, l: *mut ffi::lua_State, k: &Term) -> Result<(), Fail> {
-        match k {
-            Term::Atom(a) if a == "nil" => Err(invalid("nil cannot be a Lua table key")),
-            Term::Other(what @ ("big integer" | "bitstring")) => {
-                Err(self.not_a_value(what, " key"))
-            }
-            // SAFETY: `push_map` reserved the slot.
-            Term::Atom(_) | Term::Int(_) | Term::Float(_) | Term::Bin(_) => unsafe {
-                self.push_scalar(l, k)
+    fn kind<'t>(term: &'t Term) -> Kind<'t, Proto> {
+        match term {
+            Term::Atom(a) => match a.as_str() {
+                "nil" => Kind::Nil,
+                "true" => Kind::Bool(true),
+                "false" => Kind::Bool(false),
+                name => Kind::Atom(name.into()),
             },
-            _ => Err(invalid(
-                "map key must be a binary, atom, integer, float or boolean",
-            )),
+            Term::Int(i) => Kind::Int(*i),
+            Term::Float(f) => Kind::Float(*f),
+            Term::Bin(b) => Kind::Bin(b),
+            Term::List(_) => Kind::List,
+            Term::Map(pairs) => match pairs
+                .iter()
+                .find(|(k, _)| k.as_atom() == Some("__struct__"))
+            {
+                // A handle crosses as `{:handle, index}`, never as its struct.
+                Some((_, name)) => Kind::Struct(name.as_atom().unwrap_or_default().into()),
+                None => Kind::Map,
+            },
+            Term::Tuple(_) => term
+                .as_handle()
+                .map_or(Kind::NotAValue("tuple"), Kind::Handle),
+            Term::Other("improper list") => Kind::Invalid("improper list"),
+            Term::Other("big integer") => Kind::Bad(Bad::BigInteger),
+            Term::Other("bitstring") => Kind::Bad(Bad::Bitstring),
+            Term::Other(what) => Kind::NotAValue(what),
+            Term::Raw(_) => Kind::Invalid("unsupported term"),
         }
     }
 
-    /// Pushes a boolean, non-nil atom, integer, float or binary.
-    unsafe fn push_scalar(&mut self, l: *mut ffi::lua_State, term: &Term) -> Result<(), Fail> {
-        // SAFETY: as in `push` (the trait's contract). the caller guarantees one free slot.
-        unsafe {
-            match term {
-                Term::Atom(a) if a == "true" || a == "false" => {
-                    ffi::lua_pushboolean(l, c_int::from(a == "true"))
-                }
-                Term::Atom(a) => {
-                    self.b.reserve(a.len() + LUA_VALUE_BYTES)?;
-                    push_str(l, a.as_bytes());
-                }
-                Term::Int(i) => ffi::lua_pushinteger(l, *i),
-                Term::Float(f) => ffi::lua_pushnumber(l, *f),
-                Term::Bin(b) => {
-                    self.b.reserve(b.len() + LUA_VALUE_BYTES)?;
-                    self.b.meter.value(b.len())?;
-                    push_str(l, b);
-                }
-                _ => return Err(invalid("unsupported term")),
-            }
+    fn items<'t>(term: &'t Term) -> Result<(usize, std::slice::Iter<'t, Term>), Fail>
+    where
+        Self: 't,
+    {
+        match term {
+            Term::List(items) => Ok((items.len(), items.iter())),
+            _ => Err(invalid("unsupported term")),
         }
-        Ok(())
+    }
+
+    fn pairs<'t>(term: &'t Term) -> Result<(usize, Pairs<'t>), Fail>
+    where
+        Self: 't,
+    {
+        match term {
+            Term::Map(pairs) => Ok((pairs.len(), Pairs(pairs.iter()))),
+            _ => Err(invalid("unsupported term")),
+        }
+    }
+
+    fn handle(index: u64) -> Option<handle::Handle> {
+        with_handles(|h| h.0.handle(index))
     }
 }
 
-/// A map key's kind for [`KeyKinds`].
-fn key_kind(k: &Term) -> KeyKind {
-    match k {
-        Term::Bin(_) => KeyKind::String,
-        Term::Atom(_) => KeyKind::Atom,
-        Term::Int(_) => KeyKind::Integer,
-        Term::Float(_) => KeyKind::Float,
-        _ => KeyKind::Other,
-    }
-}
+/// A map's pairs as the walk takes them.
+pub struct Pairs<'t>(std::slice::Iter<'t, (Term, Term)>);
 
-/// The path segment of a map key term (only computed for error messages).
-fn term_seg(k: &Term) -> Seg {
-    match k {
-        Term::Bin(b) => key_seg(b),
-        Term::Atom(a) if a == "true" || a == "false" => Seg::Other(a.clone()),
-        Term::Atom(a) => Seg::Key(a.clone()),
-        Term::Int(i) => Seg::Index(*i),
-        other => Seg::Other(format!("{other:?}")),
+impl<'t> Iterator for Pairs<'t> {
+    type Item = (&'t Term, &'t Term);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        self.0.next().map(|(k, v)| (k, v))
     }
 }
 

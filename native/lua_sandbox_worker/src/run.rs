@@ -25,7 +25,7 @@ use lua_sandbox_core::exec::{
 use lua_sandbox_core::output::{Print, Sink};
 use lua_sandbox_core::{ffi, pool, protect, Slot};
 
-use crate::marshal::{self, ArgsError, Bounds};
+use crate::marshal::{self, ArgsError, Bounds, Proto};
 use crate::proto::{self, Term};
 
 /// Runs scripts in the worker's one slot; holds the run parked at a tool call, if any.
@@ -304,7 +304,7 @@ fn reply_to_lua(run: &mut Run, reply: &Term) -> Result<c_int, SandboxError> {
             let values = std::slice::from_ref(value);
             let mut push = |l: *mut ffi::lua_State, limit: usize| {
                 // SAFETY: `exec` calls this on the main state, not running, its limit lifted.
-                unsafe { marshal::push_values(l, values, max_depth, "tool result", limit) }
+                unsafe { marshal::push_values::<Proto>(l, values, max_depth, "tool result", limit) }
             };
             run.reply(caller(), Reply::Values(&mut push))
         }
@@ -546,7 +546,8 @@ impl Opts {
     ) -> impl FnMut(*mut ffi::lua_State, usize) -> Result<c_int, SandboxError> + '_ {
         move |l, limit| {
             // SAFETY: `exec` calls a push on a state that is not running, its limit lifted.
-            unsafe { marshal::push_globals(l, &self.globals, max_depth, limit) }.map(|()| 0)
+            unsafe { marshal::push_globals::<Proto>(l, &self.globals, max_depth, limit) }
+                .map(|()| 0)
         }
     }
 
@@ -562,7 +563,7 @@ impl Opts {
         self.call.as_ref().map(|(name, args)| {
             let push = move |l: *mut ffi::lua_State, limit: usize| {
                 // SAFETY: as for the globals.
-                unsafe { marshal::push_values(l, args, max_depth, "call.args", limit) }
+                unsafe { marshal::push_values::<Proto>(l, args, max_depth, "call.args", limit) }
             };
             (name.as_str(), push)
         })

@@ -13,10 +13,7 @@
 use std::ffi::c_int;
 
 use lua_sandbox_core::ffi;
-use lua_sandbox_core::marshal::{
-    invalid, key_seg, push_str, stack_exhausted, unsupported, Build, Fail, FailKind, KeyKind,
-    KeyKinds, Push, Seg, Tally, LUA_VALUE_BYTES,
-};
+use lua_sandbox_core::marshal::{invalid, key_seg, unsupported, Fail, FailKind, Seg, Tally};
 use rustler::types::{ListIterator, MapIterator};
 use rustler::{Encoder, Env, Term, TermType};
 
@@ -27,6 +24,7 @@ use lua_sandbox_core::error::SandboxError;
 mod to_lua;
 mod to_term;
 
+pub use lua_sandbox_core::marshal::{push_globals, push_values};
 pub use lua_sandbox_core::marshal::{ArgsError, Bounds};
-pub use to_lua::{push_globals, push_values};
+pub use to_lua::Nif;
 pub use to_term::{to_term, to_terms, tool_args};
