@@ -24,8 +24,10 @@ use crate::control::Abort;
 use crate::error::SandboxError;
 use crate::{ffi, protect};
 
+mod to_host;
 mod to_lua;
 
+pub use to_host::{read_value, read_values, Sink};
 pub use to_lua::{push_globals, push_values, Bad, Host, Kind};
 
 /// Fixed cost, in bytes, charged per value against `max_result_bytes` on top of string bytes.

@@ -486,8 +486,8 @@ fn settle_once<'a>(
         }
         Ok(Step::Done { first, n }) => {
             // SAFETY: the results are on the finished thread's stack at `first..first + n`.
-            let terms =
-                unsafe { marshal::to_terms(env, thread, first, n, bounds(session), "result") };
+            let terms = unsafe { marshal::to_terms(env, thread, first, n, bounds(session)) }
+                .map_err(|f| f.into_error("result"));
             lua_sandbox_core::stretch::mark();
             match terms {
                 Ok(terms) => {
@@ -510,8 +510,8 @@ fn settle_once<'a>(
         }) => {
             let root = format!("tools.{name}");
             // SAFETY: the arguments are on the suspended thread at `first..first + n`.
-            let terms =
-                unsafe { marshal::tool_args(env, thread, first, n, bounds(session), &root) };
+            let terms = unsafe { marshal::to_terms(env, thread, first, n, bounds(session)) }
+                .map_err(|f| f.into_args_error(&root));
             session.take_tool_args(keep);
             match terms {
                 Err(marshal::ArgsError::Refused(message)) => return Settled::Refused(message),

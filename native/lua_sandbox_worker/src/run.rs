@@ -243,7 +243,9 @@ fn settle_once(run: &mut Run, step: Result<Step, SandboxError>) -> Settled {
         }
         Ok(Step::Done { first, n }) => {
             // SAFETY: the results are on the finished thread's stack at `first..first + n`.
-            match unsafe { marshal::to_terms(thread, first, n, bounds(run), "result") } {
+            match unsafe { marshal::to_terms(thread, first, n, bounds(run)) }
+                .map_err(|f| f.into_error("result"))
+            {
                 Ok(values) => {
                     run.succeeded();
                     let output = run.scope.output().finish(caller());
@@ -265,7 +267,8 @@ fn settle_once(run: &mut Run, step: Result<Step, SandboxError>) -> Settled {
         }) => {
             let root = format!("tools.{name}");
             // SAFETY: the arguments are on the suspended thread at `first..first + n`.
-            let args = unsafe { marshal::tool_args(thread, first, n, bounds(run), &root) };
+            let args = unsafe { marshal::to_terms(thread, first, n, bounds(run)) }
+                .map_err(|f| f.into_args_error(&root));
             run.take_tool_args(keep);
             match args {
                 Err(ArgsError::Refused(message)) => return Settled::Refused(message),

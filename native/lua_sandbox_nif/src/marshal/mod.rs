@@ -13,7 +13,7 @@
 use std::ffi::c_int;
 
 use lua_sandbox_core::ffi;
-use lua_sandbox_core::marshal::{invalid, key_seg, unsupported, Fail, FailKind, Seg, Tally};
+use lua_sandbox_core::marshal::{invalid, unsupported, Fail, FailKind, Tally};
 use rustler::types::{ListIterator, MapIterator};
 use rustler::{Encoder, Env, Term, TermType};
 
@@ -27,4 +27,4 @@ mod to_term;
 pub use lua_sandbox_core::marshal::{push_globals, push_values};
 pub use lua_sandbox_core::marshal::{ArgsError, Bounds};
 pub use to_lua::Nif;
-pub use to_term::{to_term, to_terms, tool_args};
+pub use to_term::{to_term, to_terms};
