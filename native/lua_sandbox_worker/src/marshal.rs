@@ -1,10 +1,12 @@
-//! The worker's terms ([`proto::Term`]) to Lua values and back. The bounds (depth, size:
-//! `max_result_bytes`, 8 bytes per value on top of string bytes; cycles; the memory limit
+//! The worker's terms ([`proto::Term`]) to Lua values and back, by the core's walks
+//! (`lua_sandbox_core::marshal`), the NIF's own: the order of the checks, the bounds (depth,
+//! size: `max_result_bytes`, 8 bytes per value on top of string bytes; cycles; the memory limit
 //! checked while building), the meter that charges every value to the run's budget, the
 //! failures and their messages, and the soundness rule (no Lua API call made here may raise)
-//! are the core's (`lua_sandbox_core::marshal`), shared with the NIF's marshaling
-//! (`native/lua_sandbox_nif/src/marshal/`); this module walks the protocol's terms. The test
-//! suites that run the API under both isolations hold the two to the same answers.
+//! are the core's. This module is the protocol side: what a term is for the walk to Lua
+//! ([`Proto`]) and the bytes the walk from Lua writes (a [`Sink`] encoding straight into the
+//! external term format). The test suites that run the API under both isolations hold the two
+//! hosts to the same answers.
 //!
 //! Handles: the BEAM keeps the terms (`LuaSandbox.Worker.Handles`) and sends each handle as
 //! `{:handle, index}` (`proto.rs`); the worker pushes the core's handle userdata for that index
@@ -56,7 +58,7 @@ fn with_handles<R>(f: impl FnOnce(&mut Handles) -> R) -> Option<R> {
 // ---------------------------------------------------------------------------------------------
 // Terms to Lua
 
-pub use lua_sandbox_core::marshal::{push_globals, push_values};
+pub use lua_sandbox_core::marshal::{globals_push, values_push};
 
 /// The protocol's terms for the core's walk: `marshal::push_globals::<Proto>(...)`.
 pub struct Proto;

@@ -225,13 +225,6 @@ enum Settled {
     Refused(String),
 }
 
-fn bounds(run: &Run) -> Bounds {
-    Bounds {
-        max_depth: run.limits.max_depth,
-        max_bytes: run.limits.max_result_bytes,
-    }
-}
-
 fn settle_once(run: &mut Run, step: Result<Step, SandboxError>) -> Settled {
     let thread = run.thread();
     Settled::Final(match step {
@@ -243,7 +236,7 @@ fn settle_once(run: &mut Run, step: Result<Step, SandboxError>) -> Settled {
         }
         Ok(Step::Done { first, n }) => {
             // SAFETY: the results are on the finished thread's stack at `first..first + n`.
-            match unsafe { marshal::to_terms(thread, first, n, bounds(run)) }
+            match unsafe { marshal::to_terms(thread, first, n, run.limits.bounds()) }
                 .map_err(|f| f.into_error("result"))
             {
                 Ok(values) => {
@@ -267,7 +260,7 @@ fn settle_once(run: &mut Run, step: Result<Step, SandboxError>) -> Settled {
         }) => {
             let root = format!("tools.{name}");
             // SAFETY: the arguments are on the suspended thread at `first..first + n`.
-            let args = unsafe { marshal::to_terms(thread, first, n, bounds(run)) }
+            let args = unsafe { marshal::to_terms(thread, first, n, run.limits.bounds()) }
                 .map_err(|f| f.into_args_error(&root));
             run.take_tool_args(keep);
             match args {
@@ -305,10 +298,7 @@ fn reply_to_lua(run: &mut Run, reply: &Term) -> Result<c_int, SandboxError> {
     match (tag.as_atom(), payload) {
         (Some("ok"), value) => {
             let values = std::slice::from_ref(value);
-            let mut push = |l: *mut ffi::lua_State, limit: usize| {
-                // SAFETY: `exec` calls this on the main state, not running, its limit lifted.
-                unsafe { marshal::push_values::<Proto>(l, values, max_depth, "tool result", limit) }
-            };
+            let mut push = marshal::values_push::<Proto>(values, max_depth, "tool result");
             run.reply(caller(), Reply::Values(&mut push))
         }
         (Some("error"), Term::Bin(msg)) => run.reply(caller(), Reply::Error(msg)),
@@ -336,12 +326,8 @@ fn finish_error(run: &mut Run, e: SandboxError, value_idx: Option<c_int>) -> Ter
             if t == ffi::LUA_TNIL || t == ffi::LUA_TSTRING {
                 None
             } else {
-                let bounds = Bounds {
-                    max_depth: 64,
-                    max_bytes: 1 << 20,
-                };
                 // SAFETY: as above.
-                unsafe { marshal::to_term(thread, idx, bounds, "error") }.ok()
+                unsafe { marshal::to_term(thread, idx, Bounds::ERROR_VALUE, "error") }.ok()
             }
         }
         _ => None,
@@ -547,11 +533,7 @@ impl Opts {
         &self,
         max_depth: usize,
     ) -> impl FnMut(*mut ffi::lua_State, usize) -> Result<c_int, SandboxError> + '_ {
-        move |l, limit| {
-            // SAFETY: `exec` calls a push on a state that is not running, its limit lifted.
-            unsafe { marshal::push_globals::<Proto>(l, &self.globals, max_depth, limit) }
-                .map(|()| 0)
-        }
+        marshal::globals_push::<Proto>(&self.globals, max_depth)
     }
 
     /// The `call:` (the function's name and its arguments as a [`Push`]), if any.
@@ -564,11 +546,10 @@ impl Opts {
         impl FnMut(*mut ffi::lua_State, usize) -> Result<c_int, SandboxError> + '_,
     )> {
         self.call.as_ref().map(|(name, args)| {
-            let push = move |l: *mut ffi::lua_State, limit: usize| {
-                // SAFETY: as for the globals.
-                unsafe { marshal::push_values::<Proto>(l, args, max_depth, "call.args", limit) }
-            };
-            (name.as_str(), push)
+            (
+                name.as_str(),
+                marshal::values_push::<Proto>(args, max_depth, "call.args"),
+            )
         })
     }
 

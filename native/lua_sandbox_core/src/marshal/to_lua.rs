@@ -170,6 +170,31 @@ pub unsafe fn push_values<H: Host>(
     Ok(unsafe { ffi::lua_gettop(l) } - base)
 }
 
+/// `globals` as the `exec::Push` of a setup's `globals:` ([`push_globals`]; returns 0).
+pub fn globals_push<'s, H: Host + 's>(
+    globals: &'s [(String, H::Term)],
+    max_depth: usize,
+) -> impl FnMut(*mut ffi::lua_State, usize) -> Result<c_int, SandboxError> + 's {
+    move |l, limit| {
+        // SAFETY: `exec` calls a push on a state that is not running, its limit lifted
+        // (`exec::Push`), which is `push_globals`'s contract.
+        unsafe { push_globals::<H>(l, globals, max_depth, limit) }.map(|()| 0)
+    }
+}
+
+/// `values` as an `exec::Push` of values (`call:`'s arguments, a tool's result:
+/// [`push_values`], paths from `root`).
+pub fn values_push<'s, H: Host + 's>(
+    values: &'s [H::Term],
+    max_depth: usize,
+    root: &'s str,
+) -> impl FnMut(*mut ffi::lua_State, usize) -> Result<c_int, SandboxError> + 's {
+    move |l, limit| {
+        // SAFETY: as in `globals_push`; on an error nothing is left on the stack.
+        unsafe { push_values::<H>(l, values, max_depth, root, limit) }
+    }
+}
+
 /// The path segment of a map key (only computed for error messages).
 fn seg<H: Host>(k: &H::Term) -> Seg {
     match H::kind(k) {
