@@ -195,6 +195,13 @@ pub fn values_push<'s, H: Host + 's>(
     }
 }
 
+/// What a new table will hold: a list's items in its array part, a map's pairs in its hash part.
+#[derive(Clone, Copy)]
+enum Shape {
+    List,
+    Map,
+}
+
 /// The path segment of a map key (only computed for error messages).
 fn seg<H: Host>(k: &H::Term) -> Seg {
     match H::kind(k) {
@@ -315,15 +322,9 @@ impl Build {
     ) -> Result<(), Fail> {
         let depth = self.enter(depth)?;
         let (len, items) = H::items(term)?;
-        self.reserve(len.saturating_mul(16).saturating_add(LUA_VALUE_BYTES))?;
-        let narr = c_int::try_from(len).map_err(|_| Fail::new(FailKind::Memory))?;
-        // SAFETY: as in `push` (the contract); the checked slots hold the table and an item.
+        // SAFETY: as in `push` (the contract); the 3 slots hold the table and an item.
         unsafe {
-            if ffi::lua_checkstack(l, 3) == 0 {
-                return Err(stack_exhausted());
-            }
-            ffi::lua_createtable(l, narr, 0);
-            let t = ffi::lua_gettop(l);
+            let t = self.new_table(l, len, Shape::List)?;
             for (i, item) in items.enumerate() {
                 let index = i as i64 + 1;
                 self.push::<H>(l, item.borrow(), depth)
@@ -344,16 +345,10 @@ impl Build {
     ) -> Result<(), Fail> {
         let depth = self.enter(depth)?;
         let (size, pairs) = H::pairs(term)?;
-        self.reserve(size.saturating_mul(40).saturating_add(LUA_VALUE_BYTES))?;
-        let nrec = c_int::try_from(size).map_err(|_| Fail::new(FailKind::Memory))?;
-        // SAFETY: as in `push` (the contract); the checked slots hold the table, a key, its
-        // value and the lookup of `KeyKinds::admit`.
+        // SAFETY: as in `push` (the contract); the 4 slots hold the table, a key, its value
+        // and the lookup of `KeyKinds::admit`.
         unsafe {
-            if ffi::lua_checkstack(l, 4) == 0 {
-                return Err(stack_exhausted());
-            }
-            ffi::lua_createtable(l, 0, nrec);
-            let t = ffi::lua_gettop(l);
+            let t = self.new_table(l, size, Shape::Map)?;
             let mut seen = KeyKinds::default();
             for (k, v) in pairs {
                 let k = k.borrow();
@@ -368,6 +363,38 @@ impl Build {
             }
         }
         Ok(())
+    }
+
+    /// A new table for `n` entries on top of `l`, after the memory estimate and the stack
+    /// check (the table and 2 more slots for a list's item, 3 for a map's key, value and
+    /// lookup): its absolute index.
+    ///
+    /// # Safety
+    /// As for [`Build::push`].
+    unsafe fn new_table(
+        &mut self,
+        l: *mut ffi::lua_State,
+        n: usize,
+        shape: Shape,
+    ) -> Result<c_int, Fail> {
+        let (per_entry, slots) = match shape {
+            Shape::List => (16, 3),
+            Shape::Map => (40, 4),
+        };
+        self.reserve(n.saturating_mul(per_entry).saturating_add(LUA_VALUE_BYTES))?;
+        let n = c_int::try_from(n).map_err(|_| Fail::new(FailKind::Memory))?;
+        // SAFETY: the contract; `lua_checkstack` does not raise, and the table is created
+        // (with the limit lifted) only in a slot it granted.
+        unsafe {
+            if ffi::lua_checkstack(l, slots) == 0 {
+                return Err(stack_exhausted());
+            }
+            match shape {
+                Shape::List => ffi::lua_createtable(l, n, 0),
+                Shape::Map => ffi::lua_createtable(l, 0, n),
+            }
+            Ok(ffi::lua_gettop(l))
+        }
     }
 
     /// Pushes a map key of `kind`.
