@@ -241,11 +241,13 @@ fn start<'a>(
     let sources = ModuleSources::decode(&opts.modules, max_source);
     let prepared = sources.and_then(|sources| {
         let modules = sources.codes()?;
-        let mut globals = marshal::globals_push::<Nif>(&opts.globals, limits.max_depth);
+        // SAFETY: the push goes to `exec` (the setup or the reply) and nowhere else.
+        let mut globals = unsafe { marshal::globals_push::<Nif>(&opts.globals, limits.max_depth) };
         let mut call = opts.call.as_ref().map(|(name, args)| {
             (
                 name,
-                marshal::values_push::<Nif>(args, limits.max_depth, "call.args"),
+                // SAFETY: the push goes to `exec` (the setup or the reply) and nowhere else.
+                unsafe { marshal::values_push::<Nif>(args, limits.max_depth, "call.args") },
             )
         });
         let setup = Setup {
@@ -527,7 +529,8 @@ fn reply_to_lua(
     let max_depth = session.limits.max_depth;
     if tag == atoms::ok() {
         let values = [payload];
-        let mut push = marshal::values_push::<Nif>(&values, max_depth, "tool result");
+        // SAFETY: the push goes to `exec` (the setup or the reply) and nowhere else.
+        let mut push = unsafe { marshal::values_push::<Nif>(&values, max_depth, "tool result") };
         return session.reply(caller, Reply::Values(&mut push));
     }
     let msg: rustler::Binary = payload

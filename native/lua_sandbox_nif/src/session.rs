@@ -102,7 +102,8 @@ fn session_new<'a>(env: Env<'a>, opts: SessionOpts<'a>) -> Term<'a> {
         let built = Session::<Handles>::build(lease, crate::caller::of(env), |slot| {
             let sources = sources?;
             let modules = sources.codes()?;
-            let mut globals = marshal::globals_push::<Nif>(&opts.globals, max_depth);
+            // SAFETY: the push goes to `exec` (the setup or the reply) and nowhere else.
+            let mut globals = unsafe { marshal::globals_push::<Nif>(&opts.globals, max_depth) };
             let setup = StateSetup {
                 globals: (!opts.globals.is_empty()).then_some(&mut globals as Push),
                 tools: &opts.tools,
@@ -265,11 +266,13 @@ fn call<'a>(
             None => Entry::Nothing,
         };
         let max_depth = limits.max_depth;
-        let mut globals = marshal::globals_push::<Nif>(&opts.globals, max_depth);
+        // SAFETY: the push goes to `exec` (the setup or the reply) and nowhere else.
+        let mut globals = unsafe { marshal::globals_push::<Nif>(&opts.globals, max_depth) };
         let mut call = opts.call.as_ref().map(|(name, args)| {
             (
                 name,
-                marshal::values_push::<Nif>(args, max_depth, "call.args"),
+                // SAFETY: the push goes to `exec` (the setup or the reply) and nowhere else.
+                unsafe { marshal::values_push::<Nif>(args, max_depth, "call.args") },
             )
         });
         let setup = Setup {

@@ -298,7 +298,9 @@ fn reply_to_lua(run: &mut Run, reply: &Term) -> Result<c_int, SandboxError> {
     match (tag.as_atom(), payload) {
         (Some("ok"), value) => {
             let values = std::slice::from_ref(value);
-            let mut push = marshal::values_push::<Proto>(values, max_depth, "tool result");
+            // SAFETY: the push goes to `exec` (the setup or the reply) and nowhere else.
+            let mut push =
+                unsafe { marshal::values_push::<Proto>(values, max_depth, "tool result") };
             run.reply(caller(), Reply::Values(&mut push))
         }
         (Some("error"), Term::Bin(msg)) => run.reply(caller(), Reply::Error(msg)),
@@ -533,7 +535,9 @@ impl Opts {
         &self,
         max_depth: usize,
     ) -> impl FnMut(*mut ffi::lua_State, usize) -> Result<c_int, SandboxError> + '_ {
-        marshal::globals_push::<Proto>(&self.globals, max_depth)
+        // SAFETY: the callers (`Runner::start`, `crate::session`) give it to `exec`'s setup
+        // and nowhere else.
+        unsafe { marshal::globals_push::<Proto>(&self.globals, max_depth) }
     }
 
     /// The `call:` (the function's name and its arguments as a [`Push`]), if any.
@@ -548,7 +552,8 @@ impl Opts {
         self.call.as_ref().map(|(name, args)| {
             (
                 name.as_str(),
-                marshal::values_push::<Proto>(args, max_depth, "call.args"),
+                // SAFETY: as for the globals.
+                unsafe { marshal::values_push::<Proto>(args, max_depth, "call.args") },
             )
         })
     }

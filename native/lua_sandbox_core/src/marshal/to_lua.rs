@@ -171,20 +171,27 @@ pub unsafe fn push_values<H: Host>(
 }
 
 /// `globals` as the `exec::Push` of a setup's `globals:` ([`push_globals`]; returns 0).
-pub fn globals_push<'s, H: Host + 's>(
+///
+/// # Safety
+/// The closure may only be called as `exec` calls a push (`exec::Push`: on a state that is not
+/// running, its memory limit lifted): give it to `exec` and to nothing else.
+pub unsafe fn globals_push<'s, H: Host + 's>(
     globals: &'s [(String, H::Term)],
     max_depth: usize,
 ) -> impl FnMut(*mut ffi::lua_State, usize) -> Result<c_int, SandboxError> + 's {
     move |l, limit| {
-        // SAFETY: `exec` calls a push on a state that is not running, its limit lifted
-        // (`exec::Push`), which is `push_globals`'s contract.
+        // SAFETY: only `exec` calls it (this function's contract), on a state that is not
+        // running, its limit lifted (`exec::Push`): `push_globals`'s contract.
         unsafe { push_globals::<H>(l, globals, max_depth, limit) }.map(|()| 0)
     }
 }
 
 /// `values` as an `exec::Push` of values (`call:`'s arguments, a tool's result:
 /// [`push_values`], paths from `root`).
-pub fn values_push<'s, H: Host + 's>(
+///
+/// # Safety
+/// As for [`globals_push`].
+pub unsafe fn values_push<'s, H: Host + 's>(
     values: &'s [H::Term],
     max_depth: usize,
     root: &'s str,
