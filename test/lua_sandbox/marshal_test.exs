@@ -76,6 +76,19 @@ for isolation <- LuaSandbox.Isolation.all() do
         end
       end
 
+      test "a scalar key Lua cannot hold is refused in the same words on both isolations" do
+        # The one walk (lua_sandbox_core::marshal::to_lua) words it and names the key's place.
+        for {key, what} <- [
+              {Integer.pow(2, 70), "integer key outside the 64-bit range"},
+              {<<1::3>>, "bitstring key"}
+            ] do
+          assert {:error, %Error{kind: :invalid_input, message: msg}} =
+                   lua_run("return 1", globals: %{ctx: %{"m" => %{key => 1}}})
+
+          assert msg == "#{what} at globals.ctx.m[?]"
+        end
+      end
+
       test "structs without a LuaSandbox.Encoder are invalid input" do
         assert kind(roundtrip(%ExUnit.Test{})) == :invalid_input
       end

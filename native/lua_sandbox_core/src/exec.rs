@@ -44,6 +44,16 @@ pub struct Limits {
     pub timeout: Option<Duration>,
 }
 
+impl Limits {
+    /// The bounds of a run's results and tool arguments (Lua -> terms).
+    pub fn bounds(&self) -> crate::marshal::Bounds {
+        crate::marshal::Bounds {
+            max_depth: self.max_depth,
+            max_bytes: self.max_result_bytes,
+        }
+    }
+}
+
 /// Values the embedder converts into Lua: called with a state that is not running, whose memory
 /// limit is lifted (so nothing it pushes raises), and the run's limit in bytes (0: none), which
 /// it must check itself. It leaves its values on the stack and returns how many, or sets

@@ -1,10 +1,13 @@
 //! What both marshalings share — the NIF's (`native/lua_sandbox_nif/src/marshal/`, over rustler
 //! terms) and the worker's (`native/lua_sandbox_worker/src/marshal.rs`, over the external term
-//! format): the bounds and what a value costs against them, the meter that charges the
-//! conversion to the run's budget, the failure with its path and its message, and the
-//! bookkeeping of a build (terms to Lua: memory estimate, depth) and of a read (Lua to terms:
-//! bytes left, depth, cycles). Each side walks its own term type; the rules and the messages
-//! are here once, so the two isolations answer alike by construction.
+//! format): the walks themselves, terms to Lua ([`push_globals`], [`push_values`], driven by
+//! a [`Host`] that says what one of its terms is) and Lua to terms ([`read_values`],
+//! [`read_value`], writing into a [`Sink`] that makes the host's terms); the bounds and what a
+//! value costs against them, the meter that charges the conversion to the run's budget, the
+//! failure with its path and its message, and the bookkeeping of a build (terms to Lua: memory
+//! estimate, depth) and of a read (Lua to terms: bytes left, depth, cycles). Each host keeps
+//! only what is its own term type's; the order of the checks, the costs and the messages are
+//! here once, so the two isolations answer alike by construction.
 //!
 //! Soundness (both walks): no Lua API call made while marshaling may raise, because a raise
 //! would `longjmp` over Rust frames that own heap values. Reading (`lua_next`, `lua_rawgeti`,
@@ -12,7 +15,9 @@
 //! raise on allocation failure (keys are never nil or NaN), so a build runs with the memory
 //! limit lifted, under [`building`] (the backstop, the collector paused), tracks the size
 //! itself ([`Build`]) and checks the limit at the end. Only raw access is used: no metamethod
-//! runs.
+//! runs. A host's code runs inside the walks ([`Host`]'s methods, a [`Sink`]'s): it holds its
+//! own values (a name, an iterator, a vector) only across these Lua calls that cannot raise,
+//! and makes none that could.
 
 use std::collections::HashSet;
 use std::ffi::{c_int, c_void};
@@ -23,6 +28,12 @@ use crate::budget;
 use crate::control::Abort;
 use crate::error::SandboxError;
 use crate::{ffi, protect};
+
+mod to_host;
+mod to_lua;
+
+pub use to_host::{read_value, read_values, Sink};
+pub use to_lua::{globals_push, push_globals, push_values, values_push, Bad, Host, Kind};
 
 /// Fixed cost, in bytes, charged per value against `max_result_bytes` on top of string bytes.
 pub const VALUE_COST: u64 = 8;
@@ -197,12 +208,12 @@ pub fn unsupported(what: &str) -> Fail {
 }
 
 /// `lua_checkstack` refused: the value needs more Lua stack than a state may have.
-pub fn stack_exhausted() -> Fail {
+fn stack_exhausted() -> Fail {
     invalid("Lua stack exhausted (value too large or too deeply nested)")
 }
 
 /// The path segment of a string key.
-pub fn key_seg(bytes: &[u8]) -> Seg {
+fn key_seg(bytes: &[u8]) -> Seg {
     Seg::Key(String::from_utf8_lossy(bytes).into_owned())
 }
 
@@ -211,6 +222,14 @@ pub fn key_seg(bytes: &[u8]) -> Seg {
 pub struct Bounds {
     pub max_depth: usize,
     pub max_bytes: u64,
+}
+
+impl Bounds {
+    /// A run's error object that is not a string travels as a value, bounded by these.
+    pub const ERROR_VALUE: Bounds = Bounds {
+        max_depth: 64,
+        max_bytes: 1 << 20,
+    };
 }
 
 /// How a tool call's arguments failed to convert.
@@ -239,7 +258,7 @@ unsafe fn used_memory(l: *mut ffi::lua_State) -> usize {
 ///
 /// # Safety
 /// `l` must not be running; `f` must not raise by construction (module doc).
-pub unsafe fn building(
+unsafe fn building(
     l: *mut ffi::lua_State,
     mut f: impl FnMut(*mut ffi::lua_State),
 ) -> Result<(), SandboxError> {
@@ -254,20 +273,20 @@ pub unsafe fn building(
 ///
 /// # Safety
 /// `l` must have a free stack slot and its memory limit lifted.
-pub unsafe fn push_str(l: *mut ffi::lua_State, bytes: &[u8]) {
+unsafe fn push_str(l: *mut ffi::lua_State, bytes: &[u8]) {
     // SAFETY: the caller checked the stack; `bytes` is valid for its length.
     unsafe { ffi::lua_pushlstring(l, bytes.as_ptr().cast(), bytes.len()) };
 }
 
 /// The bookkeeping of a build (terms to Lua values): the depth bound, the memory limit in force
 /// outside the build and the heap's estimated size, and the meter.
-pub struct Build {
+struct Build {
     max_depth: usize,
     /// The memory limit in force outside the build (0: none).
     limit: usize,
     /// Heap size when the build started plus what it has added, estimated.
     estimate: usize,
-    pub meter: Meter,
+    meter: Meter,
 }
 
 impl Build {
@@ -275,7 +294,7 @@ impl Build {
     ///
     /// # Safety
     /// `l` must be a valid state.
-    pub unsafe fn new(l: *mut ffi::lua_State, limit: usize, max_depth: usize) -> Build {
+    unsafe fn new(l: *mut ffi::lua_State, limit: usize, max_depth: usize) -> Build {
         Build {
             max_depth,
             limit,
@@ -286,7 +305,7 @@ impl Build {
     }
 
     /// Stops a build that would obviously exceed the memory limit before allocating it.
-    pub fn reserve(&mut self, bytes: usize) -> Result<(), Fail> {
+    fn reserve(&mut self, bytes: usize) -> Result<(), Fail> {
         self.estimate = self.estimate.saturating_add(bytes);
         if self.limit > 0 && self.estimate > self.limit {
             Err(Fail::new(FailKind::Memory))
@@ -299,7 +318,7 @@ impl Build {
     ///
     /// # Safety
     /// `l` must be a valid state.
-    pub unsafe fn check_memory(&self, l: *mut ffi::lua_State) -> Result<(), SandboxError> {
+    unsafe fn check_memory(&self, l: *mut ffi::lua_State) -> Result<(), SandboxError> {
         // SAFETY: the caller's contract.
         if self.limit > 0 && unsafe { used_memory(l) } > self.limit {
             Err(SandboxError::MemoryLimit)
@@ -309,7 +328,7 @@ impl Build {
     }
 
     /// One table deeper: the new depth, or the depth bound's failure.
-    pub fn enter(&self, depth: usize) -> Result<usize, Fail> {
+    fn enter(&self, depth: usize) -> Result<usize, Fail> {
         if depth >= self.max_depth {
             Err(Fail::new(FailKind::Depth(self.max_depth)))
         } else {
@@ -322,7 +341,7 @@ impl Build {
     ///
     /// # Safety
     /// `l` must be the thread being built on, inside [`building`].
-    pub unsafe fn room_for(&self, l: *mut ffi::lua_State, count: usize) -> Result<(), Fail> {
+    unsafe fn room_for(&self, l: *mut ffi::lua_State, count: usize) -> Result<(), Fail> {
         // SAFETY: `lua_checkstack` does not raise (module doc).
         if count > MAX_VALUES || unsafe { ffi::lua_checkstack(l, count as c_int + 4) } == 0 {
             return Err(invalid(&format!(
@@ -331,128 +350,6 @@ impl Build {
         }
         Ok(())
     }
-}
-
-/// A host's term walk for a build: pushes the Lua value of one of its terms. The build's
-/// bookkeeping is the walk's own [`Build`] (`build`), so [`push_globals`] and [`push_values`]
-/// drive either host's walk the same way.
-pub trait Push<T> {
-    fn build(&mut self) -> &mut Build;
-
-    /// Pushes the Lua value for `term` (exactly one slot on success) at `depth`.
-    ///
-    /// # Safety
-    /// `l` is the thread being built on, inside [`building`], with one free stack slot.
-    unsafe fn push(&mut self, l: *mut ffi::lua_State, term: &T, depth: usize) -> Result<(), Fail>;
-}
-
-/// Sets each `(name, term)` as a global of `l` with the walk `host` makes from a [`Build`].
-/// Paths in errors start at `globals`.
-///
-/// # Safety
-/// `l` must be a non-running state whose memory limit the caller lifted; `limit` is the run's
-/// limit (0: none), checked here.
-pub unsafe fn push_globals<T, H: Push<T>>(
-    l: *mut ffi::lua_State,
-    globals: &[(String, T)],
-    max_depth: usize,
-    limit: usize,
-    host: impl FnOnce(Build) -> H,
-) -> Result<(), SandboxError> {
-    if globals.is_empty() {
-        return Ok(());
-    }
-    // SAFETY: `l` is a valid state (the caller's contract).
-    let mut walk = host(unsafe { Build::new(l, limit, max_depth) });
-    let mut result = Ok(());
-    // SAFETY: nothing in the closure raises (module doc); the backstop catches the impossible.
-    unsafe {
-        building(l, |l| {
-            result = set_globals(&mut walk, l, globals).and_then(|()| walk.build().meter.flush());
-        })
-    }?;
-    result.map_err(|f| f.into_error("globals"))?;
-    // SAFETY: as above.
-    unsafe { walk.build().check_memory(l) }
-}
-
-/// Converts `terms` to Lua values left on top of `l`'s stack; paths in errors start at `root`
-/// and index from 1. Returns how many values were pushed; on an error nothing is left.
-///
-/// # Safety
-/// As for [`push_globals`].
-pub unsafe fn push_values<T, H: Push<T>>(
-    l: *mut ffi::lua_State,
-    terms: &[T],
-    max_depth: usize,
-    root: &str,
-    limit: usize,
-    host: impl FnOnce(Build) -> H,
-) -> Result<c_int, SandboxError> {
-    // SAFETY: `l` is a valid state (the caller's contract).
-    let mut walk = host(unsafe { Build::new(l, limit, max_depth) });
-    let mut result = Ok(());
-    // SAFETY: only reads.
-    let base = unsafe { ffi::lua_gettop(l) };
-    // SAFETY: as in `push_globals`; the values left on the closure's stack are its results.
-    unsafe {
-        building(l, |l| {
-            result = push_all(&mut walk, l, terms).and_then(|()| walk.build().meter.flush());
-            if result.is_err() {
-                ffi::lua_settop(l, 0);
-            }
-        })
-    }?;
-    result.map_err(|f| f.into_error(root))?;
-    // SAFETY: as above.
-    unsafe { walk.build().check_memory(l) }?;
-    // SAFETY: only reads.
-    Ok(unsafe { ffi::lua_gettop(l) } - base)
-}
-
-/// # Safety
-/// Inside [`building`] on `l`.
-unsafe fn set_globals<T>(
-    walk: &mut impl Push<T>,
-    l: *mut ffi::lua_State,
-    globals: &[(String, T)],
-) -> Result<(), Fail> {
-    // SAFETY: inside the backstop, each push preceded by a successful `lua_checkstack`; no
-    // call here raises (module doc).
-    unsafe {
-        if ffi::lua_checkstack(l, 4) == 0 {
-            return Err(stack_exhausted());
-        }
-        ffi::lua_rawgeti(l, ffi::LUA_REGISTRYINDEX, ffi::LUA_RIDX_GLOBALS);
-        let g = ffi::lua_gettop(l);
-        for (name, term) in globals {
-            walk.build().reserve(name.len() + LUA_VALUE_BYTES)?;
-            push_str(l, name.as_bytes());
-            walk.push(l, term, 0)
-                .map_err(|f| f.at(Seg::Key(name.clone())))?;
-            ffi::lua_rawset(l, g);
-        }
-        ffi::lua_settop(l, g - 1);
-    }
-    Ok(())
-}
-
-/// # Safety
-/// Inside [`building`] on `l`.
-unsafe fn push_all<T>(
-    walk: &mut impl Push<T>,
-    l: *mut ffi::lua_State,
-    terms: &[T],
-) -> Result<(), Fail> {
-    // SAFETY: as in `set_globals`; `room_for` grew the stack for every value.
-    unsafe {
-        walk.build().room_for(l, terms.len())?;
-        for (i, term) in terms.iter().enumerate() {
-            walk.push(l, term, 0)
-                .map_err(|f| f.at(Seg::Index(i as i64 + 1)))?;
-        }
-    }
-    Ok(())
 }
 
 /// The bookkeeping of a read (Lua values to terms): the bytes left of `max_result_bytes`, the
@@ -504,7 +401,7 @@ impl Tally {
         Ok(())
     }
 
-    pub fn leave(&mut self, ptr: *const c_void) {
+    fn leave(&mut self, ptr: *const c_void) {
         self.visiting.remove(&ptr);
     }
 
@@ -515,7 +412,7 @@ impl Tally {
     ///
     /// # Safety
     /// `idx` must be a valid absolute index of `l` holding a table.
-    pub unsafe fn enter_table(
+    unsafe fn enter_table(
         &mut self,
         l: *mut ffi::lua_State,
         idx: c_int,
@@ -542,7 +439,7 @@ impl Tally {
 /// kinds (`"a"` and `:a`, `1` and `1.0`), so a lookup for a collision is only needed once the
 /// other kind has been seen.
 #[derive(Default)]
-pub struct KeyKinds {
+struct KeyKinds {
     strings: bool,
     atoms: bool,
     integers: bool,
@@ -550,7 +447,7 @@ pub struct KeyKinds {
 }
 
 /// A map key's kind, as [`KeyKinds`] tells them apart.
-pub enum KeyKind {
+enum KeyKind {
     String,
     Atom,
     Integer,
@@ -589,7 +486,7 @@ impl KeyKinds {
     /// # Safety
     /// `t` must be a valid absolute index of `l` holding a table, the key on top of the stack,
     /// one stack slot free; inside [`building`].
-    pub unsafe fn admit(
+    unsafe fn admit(
         &mut self,
         kind: KeyKind,
         l: *mut ffi::lua_State,

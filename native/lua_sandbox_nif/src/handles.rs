@@ -80,21 +80,14 @@ fn with_active<R>(f: impl FnOnce(&mut Handles) -> R) -> Option<R> {
     lua_sandbox_core::scope::with_handles::<Handles, R>(f)
 }
 
-/// Pushes a handle for `term` (a userdata with the handle metatable).
-///
-/// # Safety
-/// As for the marshal builder: `l` is not running, has a free slot, and its memory limit is
-/// lifted (so neither push raises); the caller reserved the bytes.
-pub unsafe fn push(l: *mut ffi::lua_State, term: Term) -> Result<(), &'static str> {
-    let handle = with_active(|h| {
+/// The handle for `term`, kept in the active run's store (the core's marshal walk pushes it);
+/// `None` outside a run.
+pub fn adopt(term: Term) -> Option<handle::Handle> {
+    with_active(|h| {
         let owned = h.owned.get_or_insert_with(OwnedEnv::new);
         h.saved.push(owned.save(term));
         h.token.handle((h.saved.len() - 1) as u64)
     })
-    .ok_or("handles can only be passed to a run")?;
-    // SAFETY: per the contract.
-    unsafe { handle::push(l, handle) };
-    Ok(())
 }
 
 /// The term behind the handle at `idx`, if it is one of this run's handles.

@@ -27,7 +27,7 @@ use crate::atoms;
 use crate::chunk::CompiledChunk;
 use crate::error::Failure;
 use crate::handles::Handles;
-use crate::marshal::{self, Bounds};
+use crate::marshal::{self, Bounds, Nif};
 use crate::term::{binary_term, stats_term};
 
 /// Options, already validated and defaulted by `LuaSandbox.Options`.
@@ -241,11 +241,15 @@ fn start<'a>(
     let sources = ModuleSources::decode(&opts.modules, max_source);
     let prepared = sources.and_then(|sources| {
         let modules = sources.codes()?;
-        let mut globals = push_globals(&opts.globals, limits.max_depth);
-        let mut call = opts
-            .call
-            .as_ref()
-            .map(|(name, args)| (name, push_args(args, limits.max_depth)));
+        // SAFETY: the push goes to `exec` (the setup or the reply) and nowhere else.
+        let mut globals = unsafe { marshal::globals_push::<Nif>(&opts.globals, limits.max_depth) };
+        let mut call = opts.call.as_ref().map(|(name, args)| {
+            (
+                name,
+                // SAFETY: the push goes to `exec` (the setup or the reply) and nowhere else.
+                unsafe { marshal::values_push::<Nif>(args, limits.max_depth, "call.args") },
+            )
+        });
         let setup = Setup {
             state: Some(StateSetup {
                 globals: (!opts.globals.is_empty()).then_some(&mut globals as Push),
@@ -261,29 +265,6 @@ fn start<'a>(
         running.prepare(crate::caller::of(env), setup)
     });
     begin(env, prepared, running, t0, fast)
-}
-
-/// Sets `globals` (name, term) as globals of the state it is given (see `exec::Push`).
-pub(crate) fn push_globals<'s, 'a: 's>(
-    globals: &'s [(String, Term<'a>)],
-    max_depth: usize,
-) -> impl FnMut(*mut ffi::lua_State, usize) -> Result<c_int, SandboxError> + use<'s, 'a> {
-    move |l, limit| {
-        // SAFETY: `exec` calls this on a state that is not running, its limit lifted
-        // (marshal's contract).
-        unsafe { marshal::push_globals(l, globals, max_depth, limit) }.map(|()| 0)
-    }
-}
-
-/// Pushes `call:`'s arguments (see `exec::Push`).
-pub(crate) fn push_args<'s, 'a: 's>(
-    args: &'s [Term<'a>],
-    max_depth: usize,
-) -> impl FnMut(*mut ffi::lua_State, usize) -> Result<c_int, SandboxError> + use<'s, 'a> {
-    move |l, limit| {
-        // SAFETY: as in `push_globals`.
-        unsafe { marshal::push_values(l, args, max_depth, "call.args", limit) }
-    }
 }
 
 /// The `modules:` option's sources as the NIF received them, checked.
@@ -386,13 +367,6 @@ fn retry_later(env: Env<'_>, running: Running) -> Term<'_> {
     atoms::retry().encode(env)
 }
 
-fn bounds(running: &Running) -> Bounds {
-    Bounds {
-        max_depth: running.limits.max_depth,
-        max_bytes: running.limits.max_result_bytes,
-    }
-}
-
 /// Turns a step into the NIF's answer; a tool call parks the session in the resource, any
 /// other outcome ends the lease (the slot is restored and reused).
 fn settle<'a>(
@@ -487,7 +461,8 @@ fn settle_once<'a>(
         Ok(Step::Done { first, n }) => {
             // SAFETY: the results are on the finished thread's stack at `first..first + n`.
             let terms =
-                unsafe { marshal::to_terms(env, thread, first, n, bounds(session), "result") };
+                unsafe { marshal::to_terms(env, thread, first, n, session.limits.bounds()) }
+                    .map_err(|f| f.into_error("result"));
             lua_sandbox_core::stretch::mark();
             match terms {
                 Ok(terms) => {
@@ -511,7 +486,8 @@ fn settle_once<'a>(
             let root = format!("tools.{name}");
             // SAFETY: the arguments are on the suspended thread at `first..first + n`.
             let terms =
-                unsafe { marshal::tool_args(env, thread, first, n, bounds(session), &root) };
+                unsafe { marshal::to_terms(env, thread, first, n, session.limits.bounds()) }
+                    .map_err(|f| f.into_args_error(&root));
             session.take_tool_args(keep);
             match terms {
                 Err(marshal::ArgsError::Refused(message)) => return Settled::Refused(message),
@@ -553,11 +529,8 @@ fn reply_to_lua(
     let max_depth = session.limits.max_depth;
     if tag == atoms::ok() {
         let values = [payload];
-        let mut push = |l: *mut ffi::lua_State, limit: usize| {
-            // SAFETY: `exec` calls this on the main state, not running, its limit lifted
-            // (marshal's contract); on an error nothing is left on the stack.
-            unsafe { marshal::push_values(l, &values, max_depth, "tool result", limit) }
-        };
+        // SAFETY: the push goes to `exec` (the setup or the reply) and nowhere else.
+        let mut push = unsafe { marshal::values_push::<Nif>(&values, max_depth, "tool result") };
         return session.reply(caller, Reply::Values(&mut push));
     }
     let msg: rustler::Binary = payload
@@ -593,12 +566,8 @@ fn finish_error<'a>(
             if t == ffi::LUA_TNIL || t == ffi::LUA_TSTRING {
                 None
             } else {
-                let bounds = Bounds {
-                    max_depth: 64,
-                    max_bytes: 1 << 20,
-                };
                 // SAFETY: as above.
-                unsafe { marshal::to_term(env, thread, idx, bounds, "error") }.ok()
+                unsafe { marshal::to_term(env, thread, idx, Bounds::ERROR_VALUE, "error") }.ok()
             }
         }
         _ => None,

@@ -16,6 +16,7 @@ use rustler::{Atom, Encoder, Env, NifMap, NifResult, ResourceArc, Term};
 
 use crate::atoms;
 use crate::handles::Handles;
+use crate::marshal::{self, Nif};
 use crate::run::{self, Source};
 use lua_sandbox_core::chunk::{check_source, Code};
 use lua_sandbox_core::exec::{self, Entry, Limits, Push, Setup, StateSetup};
@@ -101,7 +102,8 @@ fn session_new<'a>(env: Env<'a>, opts: SessionOpts<'a>) -> Term<'a> {
         let built = Session::<Handles>::build(lease, crate::caller::of(env), |slot| {
             let sources = sources?;
             let modules = sources.codes()?;
-            let mut globals = run::push_globals(&opts.globals, max_depth);
+            // SAFETY: the push goes to `exec` (the setup or the reply) and nowhere else.
+            let mut globals = unsafe { marshal::globals_push::<Nif>(&opts.globals, max_depth) };
             let setup = StateSetup {
                 globals: (!opts.globals.is_empty()).then_some(&mut globals as Push),
                 tools: &opts.tools,
@@ -273,11 +275,15 @@ fn call<'a>(
             None => Entry::Nothing,
         };
         let max_depth = limits.max_depth;
-        let mut globals = run::push_globals(&opts.globals, max_depth);
-        let mut call = opts
-            .call
-            .as_ref()
-            .map(|(name, args)| (name, run::push_args(args, max_depth)));
+        // SAFETY: the push goes to `exec` (the setup or the reply) and nowhere else.
+        let mut globals = unsafe { marshal::globals_push::<Nif>(&opts.globals, max_depth) };
+        let mut call = opts.call.as_ref().map(|(name, args)| {
+            (
+                name,
+                // SAFETY: the push goes to `exec` (the setup or the reply) and nowhere else.
+                unsafe { marshal::values_push::<Nif>(args, max_depth, "call.args") },
+            )
+        });
         let setup = Setup {
             state: None,
             call_globals: (!opts.globals.is_empty()).then_some(&mut globals as Push),

@@ -1,10 +1,12 @@
-//! The worker's terms ([`proto::Term`]) to Lua values and back. The bounds (depth, size:
-//! `max_result_bytes`, 8 bytes per value on top of string bytes; cycles; the memory limit
+//! The worker's terms ([`proto::Term`]) to Lua values and back, by the core's walks
+//! (`lua_sandbox_core::marshal`), the NIF's own: the order of the checks, the bounds (depth,
+//! size: `max_result_bytes`, 8 bytes per value on top of string bytes; cycles; the memory limit
 //! checked while building), the meter that charges every value to the run's budget, the
 //! failures and their messages, and the soundness rule (no Lua API call made here may raise)
-//! are the core's (`lua_sandbox_core::marshal`), shared with the NIF's marshaling
-//! (`native/lua_sandbox_nif/src/marshal/`); this module walks the protocol's terms. The test
-//! suites that run the API under both isolations hold the two to the same answers.
+//! are the core's. This module is the protocol side: what a term is for the walk to Lua
+//! ([`Proto`]) and the bytes the walk from Lua writes (a [`Sink`] encoding straight into the
+//! external term format). The test suites that run the API under both isolations hold the two
+//! hosts to the same answers.
 //!
 //! Handles: the BEAM keeps the terms (`LuaSandbox.Worker.Handles`) and sends each handle as
 //! `{:handle, index}` (`proto.rs`); the worker pushes the core's handle userdata for that index
@@ -14,17 +16,16 @@
 use std::ffi::c_int;
 
 use lua_sandbox_core::error::SandboxError;
-use lua_sandbox_core::handle::{self, Token};
+use lua_sandbox_core::ffi;
+use lua_sandbox_core::handle::{self, NotOurs, Token};
 use lua_sandbox_core::marshal::{
-    self, invalid, key_seg, push_str, stack_exhausted, unsupported, Build, Fail, FailKind, KeyKind,
-    KeyKinds, Push, Seg, Tally, LUA_VALUE_BYTES,
+    invalid, read_value, read_values, Bad, FailKind, Host, Kind, Sink, Tally,
 };
 use lua_sandbox_core::session::Store;
-use lua_sandbox_core::{ffi, sandbox};
 
 use crate::proto::{self, Term};
 
-pub use lua_sandbox_core::marshal::{ArgsError, Bounds};
+pub use lua_sandbox_core::marshal::{ArgsError, Bounds, Fail};
 
 // ---------------------------------------------------------------------------------------------
 // Handles
@@ -57,228 +58,83 @@ fn with_handles<R>(f: impl FnOnce(&mut Handles) -> R) -> Option<R> {
 // ---------------------------------------------------------------------------------------------
 // Terms to Lua
 
-/// Sets each `(name, term)` as a global of `l` (`lua_sandbox_core::marshal::push_globals`).
-///
-/// # Safety
-/// `l` must be a non-running state whose memory limit the caller lifted; `limit` is the run's
-/// limit (0: none), checked here.
-pub unsafe fn push_globals(
-    l: *mut ffi::lua_State,
-    globals: &[(String, Term)],
-    max_depth: usize,
-    limit: usize,
-) -> Result<(), SandboxError> {
-    // SAFETY: forwarded contract.
-    unsafe { marshal::push_globals(l, globals, max_depth, limit, |b| Builder { b }) }
-}
+pub use lua_sandbox_core::marshal::{globals_push, values_push};
 
-/// Converts `terms` to Lua values left on top of `l`'s stack
-/// (`lua_sandbox_core::marshal::push_values`): how many were pushed.
-///
-/// # Safety
-/// As for [`push_globals`].
-pub unsafe fn push_values(
-    l: *mut ffi::lua_State,
-    terms: &[Term],
-    max_depth: usize,
-    root: &str,
-    limit: usize,
-) -> Result<c_int, SandboxError> {
-    // SAFETY: forwarded contract.
-    unsafe { marshal::push_values(l, terms, max_depth, root, limit, |b| Builder { b }) }
-}
+/// The protocol's terms for the core's walk: `marshal::push_globals::<Proto>(...)`.
+pub struct Proto;
 
-struct Builder {
-    b: Build,
-}
+impl Host for Proto {
+    type Term = Term;
+    type Ref<'t> = &'t Term;
+    type Items<'t> = std::slice::Iter<'t, Term>;
+    type Pairs<'t> = Pairs<'t>;
+    /// The index of `{:handle, index}`.
+    type Handle = u64;
 
-impl Push<Term> for Builder {
-    fn build(&mut self) -> &mut Build {
-        &mut self.b
-    }
-
-    /// Pushes the Lua value for `term` (exactly one slot on success).
-    unsafe fn push(
-        &mut self,
-        l: *mut ffi::lua_State,
-        term: &Term,
-        depth: usize,
-    ) -> Result<(), Fail> {
-        self.b.meter.value(0)?;
-        // SAFETY: the trait's contract: one free slot; tables check for more.
-        unsafe {
-            match term {
-                Term::Atom(a) if a == "nil" => ffi::lua_pushnil(l),
-                Term::List(items) => self.push_list(l, items, depth)?,
-                Term::Map(pairs) => self.push_map(l, pairs, depth)?,
-                Term::Tuple(_) => match term.as_handle() {
-                    Some(index) => {
-                        self.b.reserve(LUA_VALUE_BYTES)?;
-                        let h = with_handles(|h| h.0.handle(index))
-                            .ok_or_else(|| invalid("handles can only be passed to a run"))?;
-                        // SAFETY: the trait's contract (not running, limit lifted, one free
-                        // slot), the bytes reserved just above; the worker's state was built
-                        // by `sandbox::new_slot` (main.rs), so the handle metatable is there.
-                        handle::push(l, h);
-                    }
-                    None => return Err(invalid("tuple cannot become a Lua value")),
-                },
-                Term::Other("improper list") => return Err(invalid("improper list")),
-                Term::Other(what) => return Err(self.not_a_value(what, "")),
-                scalar => self.push_scalar(l, scalar)?,
-            }
-        }
-        Ok(())
-    }
-}
-
-impl Builder {
-    /// The error for a term outside the subset, as the NIF words it.
-    fn not_a_value(&self, what: &str, role: &str) -> Fail {
-        match what {
-            "big integer" => invalid(&format!("integer{role} outside the 64-bit range")),
-            "bitstring" => invalid(&format!("bitstring{role}")),
-            _ => invalid(&format!("{what} cannot become a Lua value")),
-        }
-    }
-
-    unsafe fn push_list(
-        &mut self,
-        l: *mut ffi::lua_State,
-        items: &[Term],
-        depth: usize,
-    ) -> Result<(), Fail> {
-        let depth = self.b.enter(depth)?;
-        self.b.reserve(
-            items
-                .len()
-                .saturating_mul(16)
-                .saturating_add(LUA_VALUE_BYTES),
-        )?;
-        let narr = c_int::try_from(items.len()).map_err(|_| Fail::new(FailKind::Memory))?;
-        // SAFETY: as in `push` (the trait's contract).
-        unsafe {
-            if ffi::lua_checkstack(l, 3) == 0 {
-                return Err(stack_exhausted());
-            }
-            ffi::lua_createtable(l, narr, 0);
-            let t = ffi::lua_gettop(l);
-            for (i, item) in items.iter().enumerate() {
-                let index = i as i64 + 1;
-                self.push(l, item, depth)
-                    .map_err(|f| f.at(Seg::Index(index)))?;
-                ffi::lua_rawseti(l, t, index);
-            }
-        }
-        Ok(())
-    }
-
-    unsafe fn push_map(
-        &mut self,
-        l: *mut ffi::lua_State,
-        pairs: &[(Term, Term)],
-        depth: usize,
-    ) -> Result<(), Fail> {
-        if let Some((_, name)) = pairs
-            .iter()
-            .find(|(k, _)| k.as_atom() == Some("__struct__"))
-        {
-            // A handle crosses as `{:handle, index}`, never as its struct.
-            let module = name.as_atom().unwrap_or_default();
-            let module = module.strip_prefix("Elixir.").unwrap_or(module);
-            return Err(invalid(&format!(
-                "struct {module} cannot become a Lua value (no LuaSandbox.Encoder)"
-            )));
-        }
-        let depth = self.b.enter(depth)?;
-        self.b.reserve(
-            pairs
-                .len()
-                .saturating_mul(40)
-                .saturating_add(LUA_VALUE_BYTES),
-        )?;
-        let nrec = c_int::try_from(pairs.len()).map_err(|_| Fail::new(FailKind::Memory))?;
-        // SAFETY: as in `push` (the trait's contract).
-        unsafe {
-            if ffi::lua_checkstack(l, 4) == 0 {
-                return Err(stack_exhausted());
-            }
-            ffi::lua_createtable(l, 0, nrec);
-            let t = ffi::lua_gettop(l);
-            let mut seen = KeyKinds::default();
-            for (k, v) in pairs {
-                self.b.meter.value(0)?;
-                self.push_key(l, k).map_err(|f| f.at(term_seg(k)))?;
-                seen.admit(key_kind(k), l, t)
-                    .map_err(|f| f.at(term_seg(k)))?;
-                self.push(l, v, depth).map_err(|f| f.at(term_seg(k)))?;
-                ffi::lua_rawset(l, t);
-            }
-        }
-        Ok(())
-    }
-
-    unsafe fn push_key(&mut self, l: *mut ffi::lua_State, k: &Term) -> Result<(), Fail> {
-        match k {
-            Term::Atom(a) if a == "nil" => Err(invalid("nil cannot be a Lua table key")),
-            Term::Other(what @ ("big integer" | "bitstring")) => {
-                Err(self.not_a_value(what, " key"))
-            }
-            // SAFETY: `push_map` reserved the slot.
-            Term::Atom(_) | Term::Int(_) | Term::Float(_) | Term::Bin(_) => unsafe {
-                self.push_scalar(l, k)
+    fn kind<'t>(term: &'t Term) -> Kind<'t, Proto> {
+        match term {
+            Term::Atom(a) => match a.as_str() {
+                "nil" => Kind::Nil,
+                "true" => Kind::Bool(true),
+                "false" => Kind::Bool(false),
+                name => Kind::Atom(name.into()),
             },
-            _ => Err(invalid(
-                "map key must be a binary, atom, integer, float or boolean",
-            )),
+            Term::Int(i) => Kind::Int(*i),
+            Term::Float(f) => Kind::Float(*f),
+            Term::Bin(b) => Kind::Bin(b),
+            Term::List(_) => Kind::List,
+            Term::Map(pairs) => match pairs
+                .iter()
+                .find(|(k, _)| k.as_atom() == Some("__struct__"))
+            {
+                // A handle crosses as `{:handle, index}`, never as its struct.
+                Some((_, name)) => Kind::Struct(name.as_atom().unwrap_or_default().into()),
+                None => Kind::Map,
+            },
+            Term::Tuple(_) => term
+                .as_handle()
+                .map_or(Kind::NotAValue("tuple"), Kind::Handle),
+            Term::Other("improper list") => Kind::Invalid("improper list"),
+            Term::Other("big integer") => Kind::Bad(Bad::BigInteger),
+            Term::Other("bitstring") => Kind::Bad(Bad::Bitstring),
+            Term::Other(what) => Kind::NotAValue(what),
+            Term::Raw(_) => Kind::Invalid("unsupported term"),
         }
     }
 
-    /// Pushes a boolean, non-nil atom, integer, float or binary.
-    unsafe fn push_scalar(&mut self, l: *mut ffi::lua_State, term: &Term) -> Result<(), Fail> {
-        // SAFETY: as in `push` (the trait's contract). the caller guarantees one free slot.
-        unsafe {
-            match term {
-                Term::Atom(a) if a == "true" || a == "false" => {
-                    ffi::lua_pushboolean(l, c_int::from(a == "true"))
-                }
-                Term::Atom(a) => {
-                    self.b.reserve(a.len() + LUA_VALUE_BYTES)?;
-                    push_str(l, a.as_bytes());
-                }
-                Term::Int(i) => ffi::lua_pushinteger(l, *i),
-                Term::Float(f) => ffi::lua_pushnumber(l, *f),
-                Term::Bin(b) => {
-                    self.b.reserve(b.len() + LUA_VALUE_BYTES)?;
-                    self.b.meter.value(b.len())?;
-                    push_str(l, b);
-                }
-                _ => return Err(invalid("unsupported term")),
-            }
+    fn items<'t>(term: &'t Term) -> Result<(usize, std::slice::Iter<'t, Term>), Fail>
+    where
+        Self: 't,
+    {
+        match term {
+            Term::List(items) => Ok((items.len(), items.iter())),
+            _ => Err(invalid("unsupported term")),
         }
-        Ok(())
+    }
+
+    fn pairs<'t>(term: &'t Term) -> Result<(usize, Pairs<'t>), Fail>
+    where
+        Self: 't,
+    {
+        match term {
+            Term::Map(pairs) => Ok((pairs.len(), Pairs(pairs.iter()))),
+            _ => Err(invalid("unsupported term")),
+        }
+    }
+
+    fn handle(index: u64) -> Option<handle::Handle> {
+        with_handles(|h| h.0.handle(index))
     }
 }
 
-/// A map key's kind for [`KeyKinds`].
-fn key_kind(k: &Term) -> KeyKind {
-    match k {
-        Term::Bin(_) => KeyKind::String,
-        Term::Atom(_) => KeyKind::Atom,
-        Term::Int(_) => KeyKind::Integer,
-        Term::Float(_) => KeyKind::Float,
-        _ => KeyKind::Other,
-    }
-}
+/// A map's pairs as the walk takes them.
+pub struct Pairs<'t>(std::slice::Iter<'t, (Term, Term)>);
 
-/// The path segment of a map key term (only computed for error messages).
-fn term_seg(k: &Term) -> Seg {
-    match k {
-        Term::Bin(b) => key_seg(b),
-        Term::Atom(a) if a == "true" || a == "false" => Seg::Other(a.clone()),
-        Term::Atom(a) => Seg::Key(a.clone()),
-        Term::Int(i) => Seg::Index(*i),
-        other => Seg::Other(format!("{other:?}")),
+impl<'t> Iterator for Pairs<'t> {
+    type Item = (&'t Term, &'t Term);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        self.0.next().map(|(k, v)| (k, v))
     }
 }
 
@@ -286,7 +142,9 @@ fn term_seg(k: &Term) -> Seg {
 // Lua to terms
 
 /// The `n` values from absolute index `first` of `l`'s stack as one encoded list
-/// ([`Term::Raw`]); paths in errors look like `root[i]...`. The stack is left as it was.
+/// ([`Term::Raw`]), read by the core's walk (`lua_sandbox_core::marshal::read_values`); paths in
+/// errors look like `root[i]...` once the caller roots the failure (`Fail::into_error`, or
+/// `Fail::into_args_error` for a tool call's arguments). The stack is left as it was.
 ///
 /// # Safety
 /// `first..first + n` must be valid indices of `l`, which must not be running.
@@ -295,25 +153,15 @@ pub unsafe fn to_terms(
     first: c_int,
     n: c_int,
     bounds: Bounds,
-    root: &str,
-) -> Result<Term, SandboxError> {
+) -> Result<Term, Fail> {
+    let mut bytes = Bytes::default();
+    if n > 0 {
+        proto::put_header(&mut bytes.out, false, n as u32);
+    }
     // SAFETY: forwarded contract.
-    unsafe { read_values(l, first, n, bounds) }.map_err(|f| f.into_error(root))
-}
-
-/// [`to_terms`] for a tool call's arguments (path rooted at `root`, e.g. `tools.read`).
-///
-/// # Safety
-/// As for [`to_terms`].
-pub unsafe fn tool_args(
-    l: *mut ffi::lua_State,
-    first: c_int,
-    n: c_int,
-    bounds: Bounds,
-    root: &str,
-) -> Result<Term, ArgsError> {
-    // SAFETY: forwarded contract.
-    unsafe { read_values(l, first, n, bounds) }.map_err(|f| f.into_args_error(root))
+    unsafe { read_values(&mut bytes, l, first, n, bounds) }?;
+    proto::put_nil(&mut bytes.out);
+    Ok(Term::Raw(bytes.out))
 }
 
 /// The value at absolute index `idx`, encoded ([`Term::Raw`]), the path rooted at `root`.
@@ -326,235 +174,52 @@ pub unsafe fn to_term(
     bounds: Bounds,
     root: &str,
 ) -> Result<Term, SandboxError> {
-    let mut reader = Reader::new(bounds);
-    // SAFETY: reading never raises (module doc); the stack is reset afterwards.
-    unsafe {
-        let top = ffi::lua_gettop(l);
-        let r = reader
-            .read(l, idx, 0)
-            .and_then(|()| reader.tally.meter.flush());
-        ffi::lua_settop(l, top);
-        r.map_err(|f| f.into_error(root))?;
-    }
-    Ok(Term::Raw(reader.out))
+    let mut bytes = Bytes::default();
+    // SAFETY: forwarded contract.
+    unsafe { read_value(&mut bytes, l, idx, bounds) }.map_err(|f| f.into_error(root))?;
+    Ok(Term::Raw(bytes.out))
 }
 
-unsafe fn read_values(
-    l: *mut ffi::lua_State,
-    first: c_int,
-    n: c_int,
-    bounds: Bounds,
-) -> Result<Term, Fail> {
-    let mut reader = Reader::new(bounds);
-    if n > 0 {
-        proto::put_header(&mut reader.out, false, n as u32);
-    }
-    // SAFETY: reading never raises (module doc); the stack is reset afterwards.
-    unsafe {
-        let top = ffi::lua_gettop(l);
-        let mut result = Ok(());
-        for (i, idx) in (first..first + n).enumerate() {
-            if let Err(f) = reader.read(l, idx, 0) {
-                result = Err(f.at(Seg::Index(i as i64 + 1)));
-                break;
-            }
-        }
-        let result = result.and_then(|()| reader.tally.meter.flush());
-        ffi::lua_settop(l, top);
-        result?;
-    }
-    proto::put_nil(&mut reader.out);
-    Ok(Term::Raw(reader.out))
-}
-
-/// Reads Lua values straight into the external term format: the bytes held are about the
-/// bytes `max_result_bytes` counts, with no tree of terms in between.
-struct Reader {
-    /// Bytes left, depth, cycles, the meter.
-    tally: Tally,
+/// Lua values written straight into the external term format: the bytes held are about the
+/// bytes `max_result_bytes` counts, with no tree of terms in between. A value is where its
+/// bytes were written.
+#[derive(Default)]
+struct Bytes {
     out: Vec<u8>,
     /// For each table being read whose keys are still all positive integers: each entry's
-    /// key and its value's byte range in `out`, relative to the table's header.
+    /// key and its value's bytes in `out`, relative to the table's header.
     entries: Vec<Entry>,
 }
 
 #[derive(Clone, Copy)]
 struct Entry {
-    key: u32,
-    start: u32,
-    end: u32,
+    key: i64,
+    start: usize,
+    end: usize,
 }
 
-impl Reader {
-    fn new(bounds: Bounds) -> Reader {
-        Reader {
-            tally: Tally::new(bounds),
-            out: Vec::new(),
-            entries: Vec::new(),
-        }
-    }
+/// Where a value's bytes are in `out`.
+#[derive(Clone, Copy)]
+struct Span {
+    start: usize,
+    end: usize,
+}
 
-    fn charge(&mut self, bytes: u64) -> Result<(), Fail> {
-        self.tally.charge(bytes)
-    }
+/// A table being written: where its header is, and where its entries start in `entries`.
+struct Table {
+    header: usize,
+    base: usize,
+}
 
-    fn boolean(&mut self, b: bool) {
-        proto::put_atom(&mut self.out, if b { "true" } else { "false" });
-    }
-
-    /// Encodes the value at absolute stack index `idx`.
-    unsafe fn read(
-        &mut self,
-        l: *mut ffi::lua_State,
-        idx: c_int,
-        depth: usize,
-    ) -> Result<(), Fail> {
-        // SAFETY: `idx` is a valid absolute index; `lua_to*` only on values of the matching
-        // type, so none converts or allocates.
-        unsafe {
-            match ffi::lua_type(l, idx) {
-                ffi::LUA_TNIL => {
-                    self.charge(0)?;
-                    proto::put_atom(&mut self.out, "nil");
-                }
-                ffi::LUA_TBOOLEAN => {
-                    self.charge(0)?;
-                    self.boolean(ffi::lua_toboolean(l, idx) != 0);
-                }
-                ffi::LUA_TNUMBER => {
-                    self.charge(0)?;
-                    number(l, idx, &mut self.out);
-                }
-                ffi::LUA_TSTRING => {
-                    let bytes = lua_bytes(l, idx);
-                    self.charge(bytes.len() as u64)?;
-                    proto::put_bin(&mut self.out, bytes);
-                }
-                ffi::LUA_TTABLE => self.read_table(l, idx, depth)?,
-                ffi::LUA_TLIGHTUSERDATA
-                    if ffi::lua_touserdata(l, idx).cast_const() == sandbox::json_null() =>
-                {
-                    self.charge(0)?;
-                    proto::put_atom(&mut self.out, "nil");
-                }
-                ffi::LUA_TUSERDATA => {
-                    if ffi::lua_checkstack(l, 2) == 0 {
-                        return Err(unsupported("userdata"));
-                    }
-                    // No store (never in a run): no handle is ours.
-                    let token = with_handles(|h| h.0).unwrap_or_default();
-                    // SAFETY: a full userdata at `idx`, 2 free slots (checked above).
-                    let index = token
-                        .index_of(l, idx)
-                        .map_err(|why| Fail::new(FailKind::Foreign(why.what())))?;
-                    self.charge(0)?;
-                    proto::put_handle(&mut self.out, index);
-                }
-                ffi::LUA_TFUNCTION => return Err(unsupported("a function")),
-                ffi::LUA_TTHREAD => return Err(unsupported("a coroutine")),
-                _ => return Err(unsupported("userdata")),
-            }
+impl Bytes {
+    /// The bytes `put` writes, as a value.
+    fn put(&mut self, put: impl FnOnce(&mut Vec<u8>)) -> Span {
+        let start = self.out.len();
+        put(&mut self.out);
+        Span {
+            start,
+            end: self.out.len(),
         }
-        Ok(())
-    }
-
-    unsafe fn read_table(
-        &mut self,
-        l: *mut ffi::lua_State,
-        idx: c_int,
-        depth: usize,
-    ) -> Result<(), Fail> {
-        // SAFETY: as in `read`.
-        unsafe {
-            let ptr = self.tally.enter_table(l, idx, depth)?;
-            let result = self.read_entries(l, idx, depth + 1);
-            self.tally.leave(ptr);
-            result
-        }
-    }
-
-    /// One traversal, written as a map (key, value, key, value...); when the keys turn out to
-    /// be exactly `1..n`, rewritten in place as a list of the values in key order.
-    unsafe fn read_entries(
-        &mut self,
-        l: *mut ffi::lua_State,
-        idx: c_int,
-        depth: usize,
-    ) -> Result<(), Fail> {
-        let header = self.out.len();
-        proto::put_header(&mut self.out, true, 0);
-        let base = self.entries.len();
-        let mut sequence = true;
-        let mut max_index: i64 = 0;
-        let mut integer_keys: u64 = 0;
-        let mut n: usize = 0;
-        let offset = |out: &Vec<u8>| u32::try_from(out.len() - header).ok();
-        // SAFETY: as in `read_table`; `lua_next` is driven with the key it returned and the
-        // table is not modified. On an early return the slots left are reset by the caller.
-        unsafe {
-            ffi::lua_pushnil(l);
-            while ffi::lua_next(l, idx) != 0 {
-                let mut key = None;
-                match ffi::lua_type(l, -2) {
-                    ffi::LUA_TNUMBER if ffi::lua_isinteger(l, -2) != 0 => {
-                        let i = ffi::lua_tointegerx(l, -2, std::ptr::null_mut());
-                        integer_keys += 1;
-                        match u32::try_from(i) {
-                            Ok(k) if sequence && k >= 1 => {
-                                max_index = max_index.max(i);
-                                key = Some(k);
-                            }
-                            _ => sequence = false,
-                        }
-                        proto::put_int(&mut self.out, i);
-                    }
-                    ffi::LUA_TSTRING => {
-                        sequence = false;
-                        let bytes = lua_bytes(l, -2);
-                        self.charge(bytes.len() as u64)?;
-                        proto::put_bin(&mut self.out, bytes);
-                    }
-                    ffi::LUA_TNUMBER => {
-                        sequence = false;
-                        self.charge(0)?;
-                        number(l, -2, &mut self.out);
-                    }
-                    ffi::LUA_TBOOLEAN => {
-                        sequence = false;
-                        self.charge(0)?;
-                        self.boolean(ffi::lua_toboolean(l, -2) != 0);
-                    }
-                    ffi::LUA_TTABLE => return Err(unsupported("a table key")),
-                    ffi::LUA_TFUNCTION => return Err(unsupported("a function key")),
-                    _ => return Err(unsupported("this key")),
-                }
-                let start = offset(&self.out);
-                let value_idx = ffi::lua_gettop(l);
-                if let Err(f) = self.read(l, value_idx, depth) {
-                    return Err(f.at(lua_key_seg(l, value_idx - 1)));
-                }
-                match (key, start, offset(&self.out)) {
-                    (Some(key), Some(start), Some(end)) if sequence => {
-                        self.entries.push(Entry { key, start, end })
-                    }
-                    _ => sequence = false,
-                }
-                n += 1;
-                ffi::lua_pop(l, 1);
-            }
-        }
-        let count = u32::try_from(n).map_err(|_| Fail::new(FailKind::Memory))?;
-        if sequence && n > 0 && max_index as usize == n {
-            self.rewrite_as_list(header, base, count);
-        } else {
-            // A map after all: its integer keys count as values too.
-            for _ in 0..integer_keys {
-                self.charge(0)?;
-            }
-            proto::set_header(&mut self.out, header, true, count);
-        }
-        self.entries.truncate(base);
-        Ok(())
     }
 
     /// Rewrites the map of `count` entries at `header` (keys `1..count`, each once) as the
@@ -568,7 +233,7 @@ impl Reader {
         if in_order {
             let mut w = header + proto::HEADER_BYTES;
             for e in &self.entries[base..] {
-                let (start, end) = (header + e.start as usize, header + e.end as usize);
+                let (start, end) = (header + e.start, header + e.end);
                 self.out.copy_within(start..end, w);
                 w += end - start;
             }
@@ -579,8 +244,7 @@ impl Reader {
             let map = self.out.split_off(header);
             self.out.extend([0; proto::HEADER_BYTES]);
             for e in &self.entries[base..] {
-                self.out
-                    .extend_from_slice(&map[e.start as usize..e.end as usize]);
+                self.out.extend_from_slice(&map[e.start..e.end]);
             }
         }
         proto::set_header(&mut self.out, header, false, count);
@@ -588,65 +252,87 @@ impl Reader {
     }
 }
 
-/// Encodes a Lua number: NaN and the infinities as the NIF sends them (`:nan`, `:infinity`,
-/// `:neg_infinity`).
-///
-/// # Safety
-/// The slot must hold a number.
-unsafe fn number(l: *mut ffi::lua_State, idx: c_int, out: &mut Vec<u8>) {
-    // SAFETY: per the contract, neither call converts.
-    unsafe {
-        if ffi::lua_isinteger(l, idx) != 0 {
-            return proto::put_int(out, ffi::lua_tointegerx(l, idx, std::ptr::null_mut()));
-        }
-        let f = ffi::lua_tonumberx(l, idx, std::ptr::null_mut());
-        if f.is_nan() {
-            proto::put_atom(out, "nan")
-        } else if f == f64::INFINITY {
-            proto::put_atom(out, "infinity")
-        } else if f == f64::NEG_INFINITY {
-            proto::put_atom(out, "neg_infinity")
-        } else {
-            proto::put_float(out, f)
-        }
-    }
-}
+impl Sink for Bytes {
+    type Value = Span;
+    type Table = Table;
 
-/// The path segment of the key at `idx` (only computed for error messages).
-///
-/// # Safety
-/// `idx` must be a valid index of a string, number or boolean key.
-unsafe fn lua_key_seg(l: *mut ffi::lua_State, idx: c_int) -> Seg {
-    // SAFETY: per the contract; only type-matching accessors are used.
-    unsafe {
-        match ffi::lua_type(l, idx) {
-            ffi::LUA_TSTRING => key_seg(lua_bytes(l, idx)),
-            ffi::LUA_TNUMBER if ffi::lua_isinteger(l, idx) != 0 => {
-                Seg::Index(ffi::lua_tointegerx(l, idx, std::ptr::null_mut()))
+    fn nil(&mut self) -> Span {
+        self.put(|out| proto::put_atom(out, "nil"))
+    }
+
+    fn boolean(&mut self, b: bool) -> Span {
+        self.put(|out| proto::put_atom(out, if b { "true" } else { "false" }))
+    }
+
+    fn integer(&mut self, i: i64) -> Span {
+        self.put(|out| proto::put_int(out, i))
+    }
+
+    /// NaN and the infinities as the NIF sends them (`:nan`, `:infinity`, `:neg_infinity`).
+    fn float(&mut self, f: f64) -> Span {
+        self.put(|out| {
+            if f.is_nan() {
+                proto::put_atom(out, "nan")
+            } else if f == f64::INFINITY {
+                proto::put_atom(out, "infinity")
+            } else if f == f64::NEG_INFINITY {
+                proto::put_atom(out, "neg_infinity")
+            } else {
+                proto::put_float(out, f)
             }
-            ffi::LUA_TNUMBER => Seg::Other(format!(
-                "{}",
-                ffi::lua_tonumberx(l, idx, std::ptr::null_mut())
-            )),
-            ffi::LUA_TBOOLEAN => Seg::Other((ffi::lua_toboolean(l, idx) != 0).to_string()),
-            _ => Seg::Other("?".into()),
+        })
+    }
+
+    fn string(&mut self, tally: &mut Tally, bytes: &[u8]) -> Result<Span, Fail> {
+        tally.charge(bytes.len() as u64)?;
+        Ok(self.put(|out| proto::put_bin(out, bytes)))
+    }
+
+    unsafe fn handle(&mut self, l: *mut ffi::lua_State, idx: c_int) -> Result<Span, NotOurs> {
+        // No store (never in a run): no handle is ours.
+        let token = with_handles(|h| h.0).unwrap_or_default();
+        // SAFETY: the trait's contract.
+        let index = unsafe { token.index_of(l, idx) }?;
+        Ok(self.put(|out| proto::put_handle(out, index)))
+    }
+
+    /// Written as a map (key, value, key, value...) under a header filled in at the end.
+    fn begin(&mut self) -> Table {
+        let header = self.out.len();
+        proto::put_header(&mut self.out, true, 0);
+        Table {
+            header,
+            base: self.entries.len(),
         }
     }
-}
 
-/// The bytes of the string at `idx`.
-///
-/// # Safety
-/// The slot must hold a string; the bytes are valid while it stays on the stack.
-unsafe fn lua_bytes<'x>(l: *mut ffi::lua_State, idx: c_int) -> &'x [u8] {
-    let mut len = 0usize;
-    // SAFETY: per the contract the value is a string: no conversion, no raise.
-    unsafe {
-        let p = ffi::lua_tolstring(l, idx, &mut len);
-        if p.is_null() {
-            &[]
-        } else {
-            std::slice::from_raw_parts(p.cast::<u8>(), len)
+    fn entry(&mut self, table: &mut Table, _key: Span, index: Option<i64>, value: Span) {
+        if let Some(key) = index {
+            self.entries.push(Entry {
+                key,
+                start: value.start - table.header,
+                end: value.end - table.header,
+            });
         }
+    }
+
+    fn list(&mut self, table: Table, n: usize) -> Result<Span, Fail> {
+        let count = u32::try_from(n).map_err(|_| Fail::new(FailKind::Memory))?;
+        self.rewrite_as_list(table.header, table.base, count);
+        self.entries.truncate(table.base);
+        Ok(Span {
+            start: table.header,
+            end: self.out.len(),
+        })
+    }
+
+    fn map(&mut self, table: Table, n: usize) -> Result<Span, Fail> {
+        let count = u32::try_from(n).map_err(|_| Fail::new(FailKind::Memory))?;
+        proto::set_header(&mut self.out, table.header, true, count);
+        self.entries.truncate(table.base);
+        Ok(Span {
+            start: table.header,
+            end: self.out.len(),
+        })
     }
 }

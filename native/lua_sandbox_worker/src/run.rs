@@ -25,7 +25,7 @@ use lua_sandbox_core::exec::{
 use lua_sandbox_core::output::{Print, Sink};
 use lua_sandbox_core::{ffi, pool, protect, Slot};
 
-use crate::marshal::{self, ArgsError, Bounds};
+use crate::marshal::{self, ArgsError, Bounds, Proto};
 use crate::proto::{self, Term};
 
 /// Runs scripts in the worker's one slot; holds the run parked at a tool call, if any.
@@ -225,13 +225,6 @@ enum Settled {
     Refused(String),
 }
 
-fn bounds(run: &Run) -> Bounds {
-    Bounds {
-        max_depth: run.limits.max_depth,
-        max_bytes: run.limits.max_result_bytes,
-    }
-}
-
 fn settle_once(run: &mut Run, step: Result<Step, SandboxError>) -> Settled {
     let thread = run.thread();
     Settled::Final(match step {
@@ -243,7 +236,9 @@ fn settle_once(run: &mut Run, step: Result<Step, SandboxError>) -> Settled {
         }
         Ok(Step::Done { first, n }) => {
             // SAFETY: the results are on the finished thread's stack at `first..first + n`.
-            match unsafe { marshal::to_terms(thread, first, n, bounds(run), "result") } {
+            match unsafe { marshal::to_terms(thread, first, n, run.limits.bounds()) }
+                .map_err(|f| f.into_error("result"))
+            {
                 Ok(values) => {
                     run.succeeded();
                     let output = run.scope.output().finish(caller());
@@ -265,7 +260,8 @@ fn settle_once(run: &mut Run, step: Result<Step, SandboxError>) -> Settled {
         }) => {
             let root = format!("tools.{name}");
             // SAFETY: the arguments are on the suspended thread at `first..first + n`.
-            let args = unsafe { marshal::tool_args(thread, first, n, bounds(run), &root) };
+            let args = unsafe { marshal::to_terms(thread, first, n, run.limits.bounds()) }
+                .map_err(|f| f.into_args_error(&root));
             run.take_tool_args(keep);
             match args {
                 Err(ArgsError::Refused(message)) => return Settled::Refused(message),
@@ -302,10 +298,9 @@ fn reply_to_lua(run: &mut Run, reply: &Term) -> Result<c_int, SandboxError> {
     match (tag.as_atom(), payload) {
         (Some("ok"), value) => {
             let values = std::slice::from_ref(value);
-            let mut push = |l: *mut ffi::lua_State, limit: usize| {
-                // SAFETY: `exec` calls this on the main state, not running, its limit lifted.
-                unsafe { marshal::push_values(l, values, max_depth, "tool result", limit) }
-            };
+            // SAFETY: the push goes to `exec` (the setup or the reply) and nowhere else.
+            let mut push =
+                unsafe { marshal::values_push::<Proto>(values, max_depth, "tool result") };
             run.reply(caller(), Reply::Values(&mut push))
         }
         (Some("error"), Term::Bin(msg)) => run.reply(caller(), Reply::Error(msg)),
@@ -333,12 +328,8 @@ fn finish_error(run: &mut Run, e: SandboxError, value_idx: Option<c_int>) -> Ter
             if t == ffi::LUA_TNIL || t == ffi::LUA_TSTRING {
                 None
             } else {
-                let bounds = Bounds {
-                    max_depth: 64,
-                    max_bytes: 1 << 20,
-                };
                 // SAFETY: as above.
-                unsafe { marshal::to_term(thread, idx, bounds, "error") }.ok()
+                unsafe { marshal::to_term(thread, idx, Bounds::ERROR_VALUE, "error") }.ok()
             }
         }
         _ => None,
@@ -544,10 +535,9 @@ impl Opts {
         &self,
         max_depth: usize,
     ) -> impl FnMut(*mut ffi::lua_State, usize) -> Result<c_int, SandboxError> + '_ {
-        move |l, limit| {
-            // SAFETY: `exec` calls a push on a state that is not running, its limit lifted.
-            unsafe { marshal::push_globals(l, &self.globals, max_depth, limit) }.map(|()| 0)
-        }
+        // SAFETY: the callers (`Runner::start`, `crate::session`) give it to `exec`'s setup
+        // and nowhere else.
+        unsafe { marshal::globals_push::<Proto>(&self.globals, max_depth) }
     }
 
     /// The `call:` (the function's name and its arguments as a [`Push`]), if any.
@@ -560,11 +550,11 @@ impl Opts {
         impl FnMut(*mut ffi::lua_State, usize) -> Result<c_int, SandboxError> + '_,
     )> {
         self.call.as_ref().map(|(name, args)| {
-            let push = move |l: *mut ffi::lua_State, limit: usize| {
+            (
+                name.as_str(),
                 // SAFETY: as for the globals.
-                unsafe { marshal::push_values(l, args, max_depth, "call.args", limit) }
-            };
-            (name.as_str(), push)
+                unsafe { marshal::values_push::<Proto>(args, max_depth, "call.args") },
+            )
         })
     }
 

@@ -1,9 +1,9 @@
-//! Terms to Lua values and back, bounded in depth and size, with cycle detection.
-//!
-//! Both directions walk the Lua C API directly on the Lua stack. The bounds, the meter, the
-//! failures and their messages, and the soundness rule (no Lua API call made here may raise)
-//! are the core's (`lua_sandbox_core::marshal`), shared with the worker's marshaling; this
-//! module walks rustler terms. No atom is created from Lua data.
+//! Terms to Lua values and back, bounded in depth and size, with cycle detection: the core's
+//! walks (`lua_sandbox_core::marshal`, shared with the worker), which own the order of the
+//! checks, the bounds, the meter, the failures and their messages, and the soundness rule (no
+//! Lua API call made while marshaling may raise). This module is the rustler side: what a term
+//! is for the walk to Lua ([`Nif`], `to_lua.rs`) and the terms the walk from Lua makes
+//! (`to_term.rs`). No atom is created from Lua data.
 //!
 //! Cost: both directions are O(values): the tables on the current path live in a hash set, and
 //! each value (plus each KiB of string data) is charged to the run's budget as it is converted,
@@ -13,10 +13,7 @@
 use std::ffi::c_int;
 
 use lua_sandbox_core::ffi;
-use lua_sandbox_core::marshal::{
-    invalid, key_seg, push_str, stack_exhausted, unsupported, Build, Fail, FailKind, KeyKind,
-    KeyKinds, Push, Seg, Tally, LUA_VALUE_BYTES,
-};
+use lua_sandbox_core::marshal::{invalid, unsupported, Fail, FailKind, Tally};
 use rustler::types::{ListIterator, MapIterator};
 use rustler::{Encoder, Env, Term, TermType};
 
@@ -27,6 +24,7 @@ use lua_sandbox_core::error::SandboxError;
 mod to_lua;
 mod to_term;
 
+pub use lua_sandbox_core::marshal::{globals_push, values_push};
 pub use lua_sandbox_core::marshal::{ArgsError, Bounds};
-pub use to_lua::{push_globals, push_values};
-pub use to_term::{to_term, to_terms, tool_args};
+pub use to_lua::Nif;
+pub use to_term::{to_term, to_terms};
