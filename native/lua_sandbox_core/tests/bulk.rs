@@ -231,6 +231,25 @@ fn array_part_resizes_check_between_pieces() {
 }
 
 #[test]
+fn long_string_compares_check_between_pieces() {
+    // `==` on two long strings of equal length compared them whole (`memcmp`, ~1 ms per 16
+    // MiB: 128 MiB here), `<` ran one `strcoll`; now in pieces (lvm.c `luaV_equalobj`,
+    // `luaS_eqlngstrc`; `l_strcmp`, `sbstrcmp`, in the "C" collation the tests run in).
+    let s = "local a = string.rep('a', 1 << 27) local b = a:sub(1) ";
+    let cases = [
+        format!("{s} assert(a == b)"),
+        format!("{s} b = nil local c = a:sub(2) .. 'b' assert(a ~= c)"),
+        format!("{s} assert(not (a < b) and a <= b)"),
+        format!("{s} b = nil local c = a:sub(2) .. 'b' assert(a < c and not (c <= a))"),
+        // segments after a NUL, compared one by one
+        "local a = string.rep('a', 1 << 26) .. '\\0' .. string.rep('a', 1 << 26) \
+         local b = a:sub(1, -2) .. 'b' assert(a < b and a ~= b)"
+            .to_string(),
+    ];
+    assert_checked_between_pieces(&cases);
+}
+
+#[test]
 fn long_numerals_are_read_between_checks() {
     // 16 MiB numerals, converted by the VM's coercion and by C functions (`tonumber`,
     // `math.*`): `strtod` read them whole with no check (~10 ms each here); now they are
@@ -277,6 +296,8 @@ fn a_kill_at_any_check_of_a_bulk_operation_ends_it() {
         "local t = {} for i = 1, 1 << 20 do t[i + 0.5] = i end return #t",
         "local s = string.rep('x', 999000) return select('#', s:byte(1, -1))",
         "local t = {} for i = 1, 1 << 20 do t[i] = i end return #t",
+        "local a = string.rep('a', 1 << 24) local b = a:sub(1) return a == b",
+        "local a = string.rep('a', 1 << 24) local b = a:sub(1) return a <= b",
         "local t = {} for i = 1, 1 << 20 do t[i] = i end for i = 1, 1 << 19 do t[i] = nil end \
          t.x = 1 return t.x",
     ] {
