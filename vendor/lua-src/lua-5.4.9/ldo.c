@@ -251,8 +251,10 @@ int luaD_checkminstack (lua_State *L) {
 ** pointers are turned into offsets and back only after the copy), then
 ** raises (or answers "could not grow" where raising is not allowed, as a
 ** refused allocation does; the next instruction or charge raises). The
-** old block is freed only after the switch, so 'used' counts both for a
-** moment, as 'lauxlib.c' 'growbox' does. A shrink (the collector's, or a
+** new block comes from 'luaM_sandboxgrow' (the allocator counts only the
+** growth against its limit, as for a 'realloc'; when it refuses, the stock
+** path below runs, which refuses too). The old block is freed only after
+** the switch. Returns -1 for that stock path. A shrink (the collector's, or a
 ** reset) moves at most 2/3 of the old stack and stays in one 'realloc':
 ** it may not fail.
 */
@@ -260,22 +262,23 @@ int luaD_checkminstack (lua_State *L) {
 
 static int growstackinpieces (lua_State *L, int oldsize, int newsize,
                               int raiseerror) {
-  global_State *g = G(L);
-  int oldgcstop = g->gcstopem;
   size_t oldbytes = cast_sizet(oldsize + EXTRA_STACK) * sizeof(StackValue);
   StkId newstack;
   int i;
   int piece = SB_STACKPIECE;  /* slots left to erase before a check */
-  g->gcstopem = 1;  /* no emergency collection: as the stock path */
-  newstack = luaM_reallocvector(L, NULL, 0, newsize + EXTRA_STACK,
-                                   StackValue);
-  g->gcstopem = oldgcstop;
-  luaG_sandboxdebit(L, newsize >> 4);
-  if (l_unlikely(newstack == NULL)) {  /* refused: the stack is untouched */
-    if (raiseerror)
-      luaM_error(L);
-    return 0;
+  size_t newbytes = cast_sizet(newsize + EXTRA_STACK) * sizeof(StackValue);
+  if (oldbytes >= LUA_SBGROWMIN)
+    newstack = cast(StkId, luaM_sandboxgrow(L, oldbytes, newbytes));
+  else {  /* a small stack: both counted, as good as the difference */
+    global_State *g = G(L);
+    int oldgcstop = g->gcstopem;
+    g->gcstopem = 1;  /* no emergency collection: as the stock path */
+    newstack = cast(StkId, luaM_reallocvector(L, NULL, 0, newbytes, char));
+    g->gcstopem = oldgcstop;
   }
+  if (l_unlikely(newstack == NULL))  /* refused: the stack is untouched */
+    return -1;  /* the stock path, as a refused 'realloc' would go on */
+  luaG_sandboxdebit(L, newsize >> 4);
   if (luaG_sandboxcopy(L, newstack, L->stack.p, oldbytes) < oldbytes)
     goto aborted;
   for (i = oldsize + EXTRA_STACK; i < newsize + EXTRA_STACK; i++) {
@@ -307,8 +310,11 @@ int luaD_reallocstack (lua_State *L, int newsize, int raiseerror) {
   int oldgcstop = G(L)->gcstopem;
   lua_assert(newsize <= LUAI_MAXSTACK || newsize == ERRORSTACKSIZE);
   if (newsize > oldsize && G(L)->sbticker != NULL &&  /* LUA_SANDBOX */
-      newsize + EXTRA_STACK > SB_STACKPIECE)
-    return growstackinpieces(L, oldsize, newsize, raiseerror);
+      newsize + EXTRA_STACK > SB_STACKPIECE) {
+    int grown = growstackinpieces(L, oldsize, newsize, raiseerror);
+    if (grown >= 0)
+      return grown;
+  }
   relstack(L);  /* change pointers to offsets */
   G(L)->gcstopem = 1;  /* stop emergency collection */
   newstack = luaM_reallocvector(L, L->stack.p, oldsize + EXTRA_STACK,

@@ -709,10 +709,10 @@ static int undoresize (lua_State *L, Table *t, Table *newt,
 ** check between two. Nothing refers to the new block yet, so an abort
 ** meanwhile frees it and the new hash part ('newt') and raises, the table
 ** untouched. The old block is kept until the keys have moved, so undoing
-** an aborted move is only freeing the new block (no shrink, no copy); the
-** two are counted together in 'used' meanwhile, as 'lauxlib.c' 'growbox'
-** does. Returns the new block, or NULL when the growth is small enough for
-** the stock 'realloc'.
+** an aborted move is only freeing the new block (no shrink, no copy). The
+** new block comes from 'luaM_sandboxgrow': the allocator counts only the
+** growth against its limit, as for the 'realloc'. Returns the new block, or
+** NULL for the stock 'realloc' path (a small growth, or a refused one).
 */
 static TValue *growarrayinpieces (lua_State *L, Table *t, Table *newt,
                                   unsigned int oldasize,
@@ -722,11 +722,16 @@ static TValue *growarrayinpieces (lua_State *L, Table *t, Table *newt,
   if (newasize <= oldasize || G(L)->sbticker == NULL ||
       cast_sizet(newasize) * sizeof(TValue) <= LUA_SBPIECE)
     return NULL;
-  newarray = luaM_reallocvector(L, NULL, 0, newasize, TValue);
-  if (l_unlikely(newarray == NULL)) {  /* allocation failed? */
-    freehash(L, newt);  /* release new hash part */
-    luaM_error(L);  /* raise error (with the table unchanged) */
-  }
+  if (oldasize == 0)  /* a new array part: no copy, no limit to spare */
+    newarray = luaM_reallocvector(L, NULL, 0, newasize, TValue);
+  else if (cast_sizet(oldasize) * sizeof(TValue) < LUA_SBGROWMIN)
+    return NULL;  /* too small to tell the allocator: the stock path */
+  else
+    newarray = cast(TValue *, luaM_sandboxgrow(L,
+        cast_sizet(oldasize) * sizeof(TValue),
+        cast_sizet(newasize) * sizeof(TValue)));
+  if (l_unlikely(newarray == NULL))  /* refused: the stock path, which */
+    return NULL;  /* collects and tries again, and raises if refused */
   if (luaG_sandboxcopy(L, newarray, t->array,
                        cast_sizet(oldasize) * sizeof(TValue)) <
       cast_sizet(oldasize) * sizeof(TValue))
