@@ -30,6 +30,9 @@ const SMALL_CLASSES: usize = SMALL_MAX / ALIGN;
 /// Four classes per power of two from 2^10 up to 2^58.
 const LARGE_CLASSES: usize = 4 * 48;
 const CLASSES: usize = SMALL_CLASSES + LARGE_CLASSES;
+/// lua.h `LUA_SBGROWMIN`: a request with no block and an `osize` of at least this is a growth
+/// into a new block from a block of `osize` bytes (see `Heap::realloc`).
+const GROW_MIN: usize = 1024;
 
 #[repr(C)]
 struct FreeBlock {
@@ -213,6 +216,16 @@ impl Heap {
     /// allocator contract guarantees.
     unsafe fn realloc(&mut self, p: *mut u8, osize: usize, nsize: usize) -> *mut u8 {
         let old = if p.is_null() { 0 } else { osize };
+        // A new block for a growth the VM copies in pieces (lua.h `LUA_SBGROWMIN`, lmem.c
+        // `luaM_sandboxgrow`): the old block of `osize` bytes is freed once the copy is done,
+        // so the limit and the peak count the growth only, as for the `realloc` it replaces
+        // (which holds both blocks for its copy too). Lua passes a small tag there otherwise.
+        let credit = if p.is_null() && osize >= GROW_MIN {
+            osize
+        } else {
+            0
+        };
+        let spare = old + credit;
         if nsize == 0 {
             if !p.is_null() {
                 // SAFETY: forwarded contract.
@@ -221,7 +234,8 @@ impl Heap {
             }
             return ptr::null_mut();
         }
-        if nsize > old && (nsize - old > self.limit || self.used > self.limit - (nsize - old)) {
+        if nsize > spare && (nsize - spare > self.limit || self.used > self.limit - (nsize - spare))
+        {
             self.refusals += 1;
             return ptr::null_mut();
         }
@@ -274,7 +288,7 @@ impl Heap {
             }
         }
         self.used = self.used - old + nsize;
-        self.peak = self.peak.max(self.used);
+        self.peak = self.peak.max(self.used - credit);
         q
     }
 }
@@ -317,6 +331,27 @@ mod tests {
             }
             assert_eq!(s % ALIGN, 0);
             n = if n < 5000 { n + 1 } else { n + n / 7 };
+        }
+    }
+
+    #[test]
+    fn a_growth_in_pieces_counts_the_difference() {
+        let mut arena = vec![0u128; (1 << 16) / 16];
+        // SAFETY: the test's own aligned buffer.
+        unsafe {
+            let heap = &mut *Heap::init(arena.as_mut_ptr().cast(), 1 << 16);
+            let old = heap.realloc(ptr::null_mut(), 0, 4096);
+            heap.set_limit(heap.used() + 2048);
+            // A plain new block of 6 KiB does not fit beside the old one...
+            assert!(heap.realloc(ptr::null_mut(), 0, 6144).is_null());
+            // ...but as the growth of the 4 KiB block it is 2 KiB more, as a `realloc` is.
+            let new = heap.realloc(ptr::null_mut(), 4096, 6144);
+            assert!(!new.is_null());
+            assert_eq!(heap.peak(), 6144);
+            heap.realloc(old, 4096, 0);
+            assert_eq!(heap.used(), 6144);
+            // A small `osize` with no block is Lua's tag: no credit.
+            assert!(heap.realloc(ptr::null_mut(), 8, 4096).is_null());
         }
     }
 

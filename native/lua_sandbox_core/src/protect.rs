@@ -37,7 +37,9 @@
 //!    the budget"); a C function stops by raising (rules 1–4), never by returning half done
 //!    (bulk copies stop at a piece boundary and raise; a string being filled is popped first;
 //!    a table's rehash raises before it touches the table, or undoes its move of the keys
-//!    first: `luaH_resize`).
+//!    first: `luaH_resize`; a large stack or array part grows into a new block filled in
+//!    pieces, freed on an abort before anything refers to it: `growstackinpieces`,
+//!    `growarrayinpieces`).
 //!    Two VM primitives answer early instead: `luaH_next` says "no more elements" once the run
 //!    is aborted, and a table lookup whose long-string key an abort interrupted (its hash or
 //!    its compare, done in pieces) says "absent", leaving the key unhashed; nothing can act on

@@ -108,9 +108,9 @@ fn longest_stretch(src: &str) -> (Result<(), SandboxError>, Duration) {
 }
 
 /// Wide for a loaded machine: a piece is ~0.1 ms of work; each operation below did 15–100 ms
-/// of copying or looping between two checks before it was done in pieces. Not here, still
-/// longer than that (bench/ANALYSIS.md): a result list of ~10^6 values (the stack grows to
-/// its maximum in one reallocation, ~7 ms) and the rehash of a table of 4 M entries (~30 ms).
+/// of copying or looping between two checks before it was done in pieces (the stack's and an
+/// array part's growth to ~10^6 slots: 7-10 ms). Not here, still longer than that
+/// (bench/ANALYSIS.md): the string table's rehash for millions of short strings.
 const BOUND: Duration = Duration::from_millis(5);
 
 /// Runs each script to its end; fails naming every one with a stretch of [`BOUND`] or more.
@@ -119,6 +119,7 @@ fn assert_checked_between_pieces(cases: &[String]) {
     for src in cases {
         let (outcome, longest) = longest_stretch(src);
         assert_eq!(outcome, Ok(()), "{src}");
+        eprintln!("{longest:?} between two checks: {src}");
         if longest >= BOUND {
             slow.push(format!("{longest:?} between two checks: {src}"));
         }
@@ -191,6 +192,64 @@ fn table_rehashes_check_between_pieces() {
 }
 
 #[test]
+fn stack_growth_checks_between_pieces() {
+    // A huge result list grows the stack to ~10^6 slots: stock `luaD_reallocstack` copied the
+    // old slots and erased the new ones in one `realloc` and one loop (~16 MiB, 7-9 ms between
+    // two checks at full size). Now in pieces (ldo.c `growstackinpieces`); no table is built
+    // here (a table's array part is another growth).
+    let s = "local s = string.rep('x', 999000) ";
+    let cases = [
+        format!("{s} assert(select('#', s:byte(1, -1)) == 999000)"),
+        format!("{s} local t = {{s:byte(1, -1)}} assert(select('#', table.unpack(t)) == 999000)"),
+        // a coroutine's stack grown by `lua_checkstack` (the arguments of a resume; half the
+        // size: they are passed on as varargs, which the callee copies again)
+        format!(
+            "{s} local co = coroutine.wrap(function(...) return select('#', ...) end) \
+                 assert(co(s:byte(1, 450000)) == 450000)"
+        ),
+    ];
+    assert_checked_between_pieces(&cases);
+}
+
+#[test]
+fn array_part_resizes_check_between_pieces() {
+    // A table's array part growing to 2^20 slots copied 8 MiB (`realloc`) and cleared 8 MiB
+    // more in one go (~8 ms between two checks); one shrinking moved its vanishing slice's keys
+    // into the hash part with no check (2^20 keys here: ~9 ms). Now in pieces (ltable.c
+    // `growarrayinpieces`, `luaH_resize`).
+    let cases = [
+        "local t = {} for i = 1, 1 << 20 do t[i] = i end assert(#t == 1 << 20)".to_string(),
+        // a table made at its size (`lua_createtable`: the new slice cleared)
+        "local t = table.pack(string.rep('x', 999000):byte(1, -1)) assert(t.n == 999000)"
+            .to_string(),
+        // the upper half left: the array shrinks to nothing when a new key is added
+        "local t = {} for i = 1, 1 << 21 do t[i] = i end for i = 1, 1 << 20 do t[i] = nil end \
+         t.x = 1 assert(t[1 << 21] == 1 << 21)"
+            .to_string(),
+    ];
+    assert_checked_between_pieces(&cases);
+}
+
+#[test]
+fn long_string_compares_check_between_pieces() {
+    // `==` on two long strings of equal length compared them whole (`memcmp`, ~1 ms per 16
+    // MiB: 128 MiB here), `<` ran one `strcoll`; now in pieces (lvm.c `luaV_equalobj`,
+    // `luaS_eqlngstrc`; `l_strcmp`, `sbstrcmp`, in the "C" collation the tests run in).
+    let s = "local a = string.rep('a', 1 << 27) local b = a:sub(1) ";
+    let cases = [
+        format!("{s} assert(a == b)"),
+        format!("{s} b = nil local c = a:sub(2) .. 'b' assert(a ~= c)"),
+        format!("{s} assert(not (a < b) and a <= b)"),
+        format!("{s} b = nil local c = a:sub(2) .. 'b' assert(a < c and not (c <= a))"),
+        // segments after a NUL, compared one by one
+        "local a = string.rep('a', 1 << 26) .. '\\0' .. string.rep('a', 1 << 26) \
+         local b = a:sub(1, -2) .. 'b' assert(a < b and a ~= b)"
+            .to_string(),
+    ];
+    assert_checked_between_pieces(&cases);
+}
+
+#[test]
 fn long_numerals_are_read_between_checks() {
     // 16 MiB numerals, converted by the VM's coercion and by C functions (`tonumber`,
     // `math.*`): `strtod` read them whole with no check (~10 ms each here); now they are
@@ -235,6 +294,12 @@ fn a_kill_at_any_check_of_a_bulk_operation_ends_it() {
         "local s = string.rep('x', 1 << 24) local t = {} t[s .. 'a'] = 1 return t[s .. 'b']",
         "local s = string.rep('x', 1 << 24) local t = {[s] = 1} return t[s:sub(1)]",
         "local t = {} for i = 1, 1 << 20 do t[i + 0.5] = i end return #t",
+        "local s = string.rep('x', 999000) return select('#', s:byte(1, -1))",
+        "local t = {} for i = 1, 1 << 20 do t[i] = i end return #t",
+        "local a = string.rep('a', 1 << 24) local b = a:sub(1) return a == b",
+        "local a = string.rep('a', 1 << 24) local b = a:sub(1) return a <= b",
+        "local t = {} for i = 1, 1 << 20 do t[i] = i end for i = 1, 1 << 19 do t[i] = nil end \
+         t.x = 1 return t.x",
     ] {
         let (outcome, total) = killed_at(src, u64::MAX);
         assert_eq!(outcome, Ok(()), "{src}");

@@ -213,6 +213,84 @@ fn a_kill_inside_a_rehash_leaves_the_table_whole() {
 }
 
 #[test]
+fn a_kill_inside_an_array_growth_leaves_the_table_whole() {
+    // Without rollback an aborted call's state goes on (protect.rs rule 6). A large array part
+    // grows into a new block, copied and cleared in pieces with a check between two, the old
+    // block kept until the keys have moved (ltable.c `growarrayinpieces`): a kill at any check
+    // must leave the old array, and the hash part, whole. Killed at every check of a growth
+    // from 2^16 to 2^17 slots, the next call must find every key set before; with 1 000 keys
+    // in the hash part (moved with no check: a kill in the copy or the clearing must raise
+    // there) and with 12 000 (a kill while they move frees the new array).
+    for hashed in [1000, 12000] {
+        let setup = format!(
+            "t, done = {{}}, 1 << 16 for i = 1, done do t[i] = i end \
+             for i = 1, {hashed} do t[i + 0.5] = -i end return 0"
+        );
+        let grow = "for i = done + 1, 1 << 17 do t[i] = i done = i end return 0";
+        let check = format!(
+            "local n = 0 for k, v in pairs(t) do n = n + 1 \
+             assert(v == (math.type(k) == 'integer' and k or 0.5 - k)) end \
+             for i = 1, done do assert(t[i] == i) end \
+             for i = 1, {hashed} do assert(t[i + 0.5] == -i) end \
+             n = n - {hashed} return (n == done or n == done + 1) and 'whole' or n .. ' of ' .. done"
+        );
+        let mut killed = 0;
+        for at in 1.. {
+            let Ok(kept) = killed_at(&setup, grow, at) else {
+                break;
+            };
+            killed += 1;
+            assert_eq!(
+                finish(&kept, &check, false),
+                Ok("whole".into()),
+                "{hashed} hashed, after a kill at check {at}"
+            );
+        }
+        assert!(killed >= 20, "only {killed} checks in the call");
+    }
+}
+
+#[test]
+fn a_kill_inside_a_stack_growth_leaves_the_stack_whole() {
+    // Without rollback an aborted call's state goes on (protect.rs rule 6). A large stack
+    // grows into a new block, copied and erased in pieces with a check between two (ldo.c
+    // `growstackinpieces`), the stack's pointers switched only once it is complete: a kill at
+    // any check must leave the old stack whole. Here the stack of a suspended coroutine
+    // holding 20 000 values (two pieces) grows for 80 000 arguments of a resume
+    // (`lua_checkstack`: the resume fails, then the call raises); the next call resumes it
+    // and checks every value. A kill after the growth, once the coroutine runs, kills it
+    // ("dead"); most land before (in `table.unpack`, the growth), where it must be whole.
+    let setup = "local vals = {} for i = 1, 20000 do vals[i] = i end \
+                 big = {string.rep('x', 80000):byte(1, -1)} \
+                 co = coroutine.create(function(...) \
+                   while true do \
+                     local t = {...} \
+                     for i = 1, 20000 do if t[i] ~= i then error('lost ' .. i) end end \
+                     coroutine.yield(select('#', ...)) \
+                   end \
+                 end) \
+                 assert(coroutine.resume(co, table.unpack(vals))) return 0";
+    let grow = "assert(coroutine.resume(co, table.unpack(big))) return 0";
+    let check = "local ok, n = coroutine.resume(co) \
+                 if ok and n == 20000 then return 'whole' end \
+                 return n == 'cannot resume dead coroutine' and 'dead' or tostring(n)";
+    let (mut killed, mut whole) = (0, 0);
+    for at in 1.. {
+        let Ok(kept) = killed_at(setup, grow, at) else {
+            break;
+        };
+        killed += 1;
+        let found = finish(&kept, check, false);
+        assert!(
+            found == Ok("whole".into()) || found == Ok("dead".into()),
+            "after a kill at check {at}: {found:?}"
+        );
+        whole += usize::from(found == Ok("whole".into()));
+    }
+    assert!(killed >= 10 && whole >= 5, "{killed} checks, {whole} whole");
+}
+
+#[test]
 fn a_kill_inside_a_long_key_lookup_leaves_the_table_whole() {
     // Without rollback an aborted call's state goes on (protect.rs rule 6). A long-string key
     // is hashed and compared in pieces with a check between two (`luaS_hashlongstrc`,

@@ -239,12 +239,82 @@ int luaD_checkminstack (lua_State *L) {
 ** In case of allocation error, raise an error or return false according
 ** to 'raiseerror'.
 */
+/*
+** LUA_SANDBOX: a stack growing to ~10^6 slots (a huge result list:
+** 'string.byte(s, 1, -1)', 'table.unpack') copied 8 MiB and erased as much
+** again in one 'realloc' and one loop: ~8 ms with no check. A growth whose
+** new stack is larger than LUA_SBPIECE bytes goes into a new block instead:
+** the old slots are copied and the new ones erased in pieces with a
+** non-raising check between two ('luaG_sandboxcopy', 'luaG_sandboxaborted').
+** Until the copy is complete nothing refers to the new block, so an abort
+** meanwhile frees it and leaves the stack exactly as it was (the stack's
+** pointers are turned into offsets and back only after the copy), then
+** raises (or answers "could not grow" where raising is not allowed, as a
+** refused allocation does; the next instruction or charge raises). The
+** new block comes from 'luaM_sandboxgrow' (the allocator counts only the
+** growth against its limit, as for a 'realloc'; when it refuses, the stock
+** path below runs, which refuses too). The old block is freed only after
+** the switch. Returns -1 for that stock path. A shrink (the collector's, or a
+** reset) moves at most 2/3 of the old stack and stays in one 'realloc':
+** it may not fail.
+*/
+#define SB_STACKPIECE	cast_int(LUA_SBPIECE / sizeof(StackValue))
+
+static int growstackinpieces (lua_State *L, int oldsize, int newsize,
+                              int raiseerror) {
+  size_t oldbytes = cast_sizet(oldsize + EXTRA_STACK) * sizeof(StackValue);
+  StkId newstack;
+  int i;
+  int piece = SB_STACKPIECE;  /* slots left to erase before a check */
+  size_t newbytes = cast_sizet(newsize + EXTRA_STACK) * sizeof(StackValue);
+  if (oldbytes >= LUA_SBGROWMIN)
+    newstack = cast(StkId, luaM_sandboxgrow(L, oldbytes, newbytes));
+  else {  /* a small stack: both counted, as good as the difference */
+    global_State *g = G(L);
+    int oldgcstop = g->gcstopem;
+    g->gcstopem = 1;  /* no emergency collection: as the stock path */
+    newstack = cast(StkId, luaM_reallocvector(L, NULL, 0, newbytes, char));
+    g->gcstopem = oldgcstop;
+  }
+  if (l_unlikely(newstack == NULL))  /* refused: the stack is untouched */
+    return -1;  /* the stock path, as a refused 'realloc' would go on */
+  luaG_sandboxdebit(L, newsize >> 4);
+  if (luaG_sandboxcopy(L, newstack, L->stack.p, oldbytes) < oldbytes)
+    goto aborted;
+  for (i = oldsize + EXTRA_STACK; i < newsize + EXTRA_STACK; i++) {
+    setnilvalue(s2v(newstack + i));  /* erase new segment */
+    if (l_unlikely(--piece == 0)) {
+      piece = SB_STACKPIECE;
+      if (luaG_sandboxaborted(L))
+        goto aborted;
+    }
+  }
+  relstack(L);  /* change pointers to offsets (the old stack's) */
+  luaM_freearray(L, L->stack.p, cast_sizet(oldsize + EXTRA_STACK));
+  L->stack.p = newstack;
+  correctstack(L);  /* change offsets back to pointers (the new stack's) */
+  L->stack_last.p = L->stack.p + newsize;
+  return 1;
+ aborted:  /* nothing refers to the new block: free it, keep the old */
+  luaM_freearray(L, newstack, cast_sizet(newsize + EXTRA_STACK));
+  if (raiseerror)
+    luaG_sandboxcheck(L);  /* aborts are sticky: this raises */
+  return 0;
+}
+
+
 int luaD_reallocstack (lua_State *L, int newsize, int raiseerror) {
   int oldsize = stacksize(L);
   int i;
   StkId newstack;
   int oldgcstop = G(L)->gcstopem;
   lua_assert(newsize <= LUAI_MAXSTACK || newsize == ERRORSTACKSIZE);
+  if (newsize > oldsize && G(L)->sbticker != NULL &&  /* LUA_SANDBOX */
+      newsize + EXTRA_STACK > SB_STACKPIECE) {
+    int grown = growstackinpieces(L, oldsize, newsize, raiseerror);
+    if (grown >= 0)
+      return grown;
+  }
   relstack(L);  /* change pointers to offsets */
   G(L)->gcstopem = 1;  /* stop emergency collection */
   newstack = luaM_reallocvector(L, L->stack.p, oldsize + EXTRA_STACK,

@@ -201,6 +201,27 @@ void *luaM_saferealloc_ (lua_State *L, void *block, size_t osize,
 }
 
 
+/*
+** LUA_SANDBOX: a new block of 'nsize' bytes for a growth done in pieces
+** (the stack's, an array part's: 'ldo.c', 'ltable.c'), whose old block of
+** 'osize' bytes is freed once the copy is complete. The allocator is told
+** 'osize' (with a NULL block, where Lua otherwise passes an object's tag,
+** always below LUA_SBGROWMIN), so one that keeps a limit can check it
+** against the growth, as for the 'realloc' this replaces (the sandbox's,
+** heap.rs). Never raises, never collects: NULL when refused (the caller
+** then takes the stock 'realloc' path, which may collect and retry).
+*/
+void *luaM_sandboxgrow (lua_State *L, size_t osize, size_t nsize) {
+  global_State *g = G(L);
+  void *newblock;
+  lua_assert(osize >= LUA_SBGROWMIN && nsize > osize);
+  newblock = (*g->frealloc)(g->ud, NULL, osize, nsize);
+  if (newblock != NULL)
+    g->GCdebt += nsize;
+  return newblock;
+}
+
+
 void *luaM_malloc_ (lua_State *L, size_t size, int tag) {
   if (size == 0)
     return NULL;  /* that's all */

@@ -88,6 +88,8 @@ LUAI_FUNC void *luaM_growaux_ (lua_State *L, void *block, int nelems,
 LUAI_FUNC void *luaM_shrinkvector_ (lua_State *L, void *block, int *nelem,
                                     int final_n, int size_elem);
 LUAI_FUNC void *luaM_malloc_ (lua_State *L, size_t size, int tag);
+LUAI_FUNC void *luaM_sandboxgrow (lua_State *L, size_t osize,
+                                 size_t nsize);  /* LUA_SANDBOX */
 
 #endif
 

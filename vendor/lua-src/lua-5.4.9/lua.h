@@ -501,6 +501,12 @@ LUA_API lua_State *(lua_sandboxmainthread) (lua_State *L);
 #define LUA_SBPIECE	((size_t)256 * 1024)
 /* values of a bulk operation between two checks (pushes, table reads) */
 #define LUA_SBVALUES	32768
+/* an allocation request with a NULL block and 'osize' at least this is a
+   growth into a new block from a block of 'osize' bytes, freed once the new
+   one is filled (Lua passes an object's tag there otherwise, always below):
+   an allocator with a limit may count only the difference ('lmem.c'
+   'luaM_sandboxgrow') */
+#define LUA_SBGROWMIN	((size_t)1024)
 /* asks the ticker now, whatever the countdown, and raises its message, if
    any (only where 'luaL_error' could): a check between two pieces of work
    that was paid for in advance */

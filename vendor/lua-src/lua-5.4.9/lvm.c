@@ -11,6 +11,7 @@
 
 #include <float.h>
 #include <limits.h>
+#include <locale.h>  /* LUA_SANDBOX: 'sbstrcmp' */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -393,6 +394,43 @@ void luaV_finishset (lua_State *L, const TValue *t, TValue *key,
 ** comparison operators and 'lua_compare', which may call metamethods, so
 ** the charge may raise.
 */
+/*
+** LUA_SANDBOX: 'strcoll' of two long segments ran whole with no check
+** (~1.5 ms per 16 MiB). In the "C" (or "POSIX") collation, the only one a
+** sandboxed process has unless its host changed it (scripts cannot:
+** 'os.setlocale' is removed), 'strcoll' is 'strcmp', which can be cut:
+** pieces of LUA_SBPIECE bytes with neither a difference nor a '\0' are
+** skipped with a raising check after each (inside 'l_strcmp', which raises
+** already), and 'strcmp' then compares from the piece where they stop, so
+** it reads at most one piece. Both segments are longer than 'off' plus a
+** piece while pieces are skipped ('n' is the shorter one's real length,
+** and a string's buffer holds its length plus its '\0'). Returns 0 (not
+** compared: a short segment or another collation, for 'strcoll') or 1,
+** with 'strcmp''s result in '*res' and, when equal, the index of the '\0'
+** ending both in '*zl'.
+*/
+static int sbstrcmp (lua_State *L, const char *s1, const char *s2,
+                     size_t n, int *res, size_t *zl) {
+  size_t off = 0;
+  const char *coll;
+  if (n <= LUA_SBPIECE)
+    return 0;
+  coll = setlocale(LC_COLLATE, NULL);
+  if (coll == NULL || (strcmp(coll, "C") != 0 && strcmp(coll, "POSIX") != 0))
+    return 0;
+  while (n - off > LUA_SBPIECE &&
+         memcmp(s1 + off, s2 + off, LUA_SBPIECE) == 0 &&
+         memchr(s1 + off, '\0', LUA_SBPIECE) == NULL) {
+    off += LUA_SBPIECE;
+    luaG_sandboxcheck(L);
+  }
+  *res = strcmp(s1 + off, s2 + off);
+  if (*res == 0)
+    *zl = off + strlen(s1 + off);
+  return 1;
+}
+
+
 static int l_strcmp (lua_State *L, const TString *ts1, const TString *ts2) {
   const char *s1 = getstr(ts1);
   size_t rl1 = tsslen(ts1);  /* real length */
@@ -400,13 +438,17 @@ static int l_strcmp (lua_State *L, const TString *ts1, const TString *ts2) {
   size_t rl2 = tsslen(ts2);
   for (;;) {  /* for each segment */
     int temp;
+    size_t zl = 0;  /* LUA_SANDBOX: the '\0' ending both, from 'sbstrcmp' */
+    int cut;
     luaG_sandboxcharge(L, 1 + luaG_sbbytes(rl1 < rl2 ? rl1 : rl2));
-    temp = strcoll(s1, s2);
+    cut = sbstrcmp(L, s1, s2, (rl1 < rl2) ? rl1 : rl2, &temp, &zl);
+    if (!cut)
+      temp = strcoll(s1, s2);
     if (temp != 0)  /* not equal? */
       return temp;  /* done */
     else {  /* strings are equal up to a '\0' */
-      size_t zl1 = strlen(s1);  /* index of first '\0' in 's1' */
-      size_t zl2 = strlen(s2);  /* index of first '\0' in 's2' */
+      size_t zl1 = cut ? zl : strlen(s1);  /* index of first '\0' in 's1' */
+      size_t zl2 = cut ? zl : strlen(s2);  /* index of first '\0' in 's2' */
       if (zl2 == rl2)  /* 's2' is finished? */
         return (zl1 == rl1) ? 0 : 1;  /* check 's1' */
       else if (zl1 == rl1)  /* 's1' is finished? */
@@ -610,9 +652,17 @@ int luaV_equalobj (lua_State *L, const TValue *t1, const TValue *t2) {
     case LUA_VLCF: return fvalue(t1) == fvalue(t2);
     case LUA_VSHRSTR: return eqshrstr(tsvalue(t1), tsvalue(t2));
     case LUA_VLNGSTR: {  /* LUA_SANDBOX: charge the compare (non-raising) */
-      if (L != NULL && tsvalue(t1)->u.lnglen == tsvalue(t2)->u.lnglen)
+      int eq;
+      if (L == NULL)  /* 'luaV_rawequalobj' (may not raise): whole */
+        return luaS_eqlngstr(tsvalue(t1), tsvalue(t2));
+      if (tsvalue(t1)->u.lnglen == tsvalue(t2)->u.lnglen)
         luaG_sandboxdebit(L, luaG_sbbytes(tsvalue(t1)->u.lnglen));
-      return luaS_eqlngstr(tsvalue(t1), tsvalue(t2));
+      /* compared in pieces with a check between two ('==', 'lua_compare':
+         both may raise already, through '__eq'); aborted: raise */
+      eq = luaS_eqlngstrc(L, tsvalue(t1), tsvalue(t2));
+      if (l_unlikely(eq < 0))
+        luaG_sandboxcheck(L);  /* aborts are sticky: this raises */
+      return eq;
     }
     case LUA_VUSERDATA: {
       if (uvalue(t1) == uvalue(t2)) return 1;
