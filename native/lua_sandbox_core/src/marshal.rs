@@ -84,7 +84,15 @@ pub type PtrSet = HashSet<*const c_void, BuildHasherDefault<PtrHasher>>;
 #[derive(Default)]
 pub struct Meter {
     pending: u64,
+    tables: u32,
 }
+
+/// Tables entered between two forced checks (`budget::charge_and_check`), whatever the
+/// countdown says: a table is worth one unit like any value, but entering one recurses, and
+/// the first walk this deep in an OS process touches its stack's pages for the first time —
+/// 11–18 ms for a 10 000-deep result, ~1.8 µs a level, against 0.15 µs warm (bench/ANALYSIS.md,
+/// issue 16), charged as if warm. A check every 64 tables bounds that to ~0.1 ms.
+const TABLES_PER_CHECK: u32 = 64;
 
 impl Meter {
     pub fn value(&mut self, bytes: usize) -> Result<(), Fail> {
@@ -93,6 +101,18 @@ impl Meter {
             self.flush()?;
         }
         Ok(())
+    }
+
+    /// One table entered: a value, and a check every [`TABLES_PER_CHECK`] tables.
+    pub fn table(&mut self) -> Result<(), Fail> {
+        self.tables += 1;
+        if self.tables >= TABLES_PER_CHECK {
+            self.tables = 0;
+            self.pending += 1;
+            let steps = std::mem::take(&mut self.pending);
+            return budget::charge_and_check(steps).map_err(|why| Fail::new(FailKind::Abort(why)));
+        }
+        self.value(0)
     }
 
     pub fn flush(&mut self) -> Result<(), Fail> {
@@ -378,6 +398,13 @@ impl Tally {
         self.spend(bytes.saturating_add(VALUE_COST))
     }
 
+    /// A table entered: [`Tally::charge`] of a value, with the meter's check every
+    /// [`TABLES_PER_CHECK`] tables ([`Meter::table`]).
+    fn charge_table(&mut self) -> Result<(), Fail> {
+        self.meter.table()?;
+        self.spend(VALUE_COST)
+    }
+
     /// `cost` bytes against `max_result_bytes` alone (a large string paid by the piece).
     pub fn spend(&mut self, cost: u64) -> Result<(), Fail> {
         if cost > self.bytes_left {
@@ -425,7 +452,7 @@ impl Tally {
         let ready = if unsafe { ffi::lua_checkstack(l, 4) } == 0 {
             Err(stack_exhausted())
         } else {
-            self.charge(0)
+            self.charge_table()
         };
         if let Err(f) = ready {
             self.leave(ptr);
