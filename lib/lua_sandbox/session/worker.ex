@@ -422,8 +422,8 @@ defmodule LuaSandbox.Session.Worker do
 
   # `request` with the member's handles swapped for their wire form (LuaSandbox.Worker.Handles).
   defp wire_handles(s, member, request) do
-    {request, handles} = Handles.wire(request, Map.get(s.handles, member, Handles.new()))
-    {request, %{s | handles: Map.put(s.handles, member, handles)}}
+    {request, handles} = Handles.wire(request, handles_of(s, member))
+    {request, put_handles(s, member, handles)}
   end
 
   defp send_request(s, active, request) do
@@ -464,7 +464,7 @@ defmodule LuaSandbox.Session.Worker do
         {member, _} = s.cancelling
         notify(s, member, :member_free)
         # a call dropped where it was parked has no answer of its own: rolled back
-        s = update_handles(s, member, &Handles.dropped/1)
+        s = put_handles(s, member, Handles.dropped(handles_of(s, member)))
         idle(%{s | cancelling: nil, orphan: nil})
 
       # the answer of a call whose caller died (cancelled meanwhile): whether it was rolled
@@ -472,8 +472,8 @@ defmodule LuaSandbox.Session.Worker do
       {id, answer} when is_tuple(s.orphan) and elem(s.orphan, 1) == id ->
         {member, _} = s.orphan
 
-        case Handles.unwire(answer, Map.get(s.handles, member, Handles.new())) do
-          {:ok, _answer, handles} -> %{s | orphan: nil, handles: put_handles(s, member, handles)}
+        case Handles.unwire(answer, handles_of(s, member)) do
+          {:ok, _answer, handles} -> put_handles(%{s | orphan: nil}, member, handles)
           {:error, _why} -> %{s | orphan: nil}
         end
 
@@ -483,10 +483,10 @@ defmodule LuaSandbox.Session.Worker do
   end
 
   defp answered(s, active, answer) do
-    case Handles.unwire(answer, Map.get(s.handles, active.member, Handles.new())) do
+    case Handles.unwire(answer, handles_of(s, active.member)) do
       {:ok, answer, handles} ->
         GenServer.reply(active.from, {:ok, answer})
-        s = %{s | handles: put_handles(s, active.member, handles)}
+        s = put_handles(s, active.member, handles)
 
         case answer do
           {:tool_call, _, _} -> %{s | active: %{active | parked: true, from: nil}}
@@ -499,16 +499,14 @@ defmodule LuaSandbox.Session.Worker do
     end
   end
 
+  # A member's table (every member has one from its start or fork until it leaves).
+  defp handles_of(s, member), do: Map.get(s.handles, member, Handles.new())
+
   # (a member that left has no table to update)
   defp put_handles(s, member, handles) do
-    if Map.has_key?(s.members, member), do: Map.put(s.handles, member, handles), else: s.handles
-  end
-
-  defp update_handles(s, member, fun) do
-    case s.handles do
-      %{^member => handles} -> %{s | handles: Map.put(s.handles, member, fun.(handles))}
-      _ -> s
-    end
+    if Map.has_key?(s.handles, member),
+      do: %{s | handles: Map.put(s.handles, member, handles)},
+      else: s
   end
 
   # The worker is free: the states of members that left are dropped.
@@ -557,7 +555,7 @@ defmodule LuaSandbox.Session.Worker do
       {:ok, :ok} ->
         GenServer.reply(from, {:ok, {:forked, self(), new, s.gen}})
         # the copied state holds the origin's handles
-        copied = %{Map.get(s.handles, member, Handles.new()) | pending: nil}
+        copied = %{handles_of(s, member) | pending: nil}
 
         %{
           s
