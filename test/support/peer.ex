@@ -6,9 +6,9 @@ defmodule LuaSandbox.TestPeer do
   def ensure_distributed do
     unless Node.alive?() do
       # Tests partition nodes on purpose (Node.disconnect/1, a peer stopped mid-run); OTP's
-      # `global` would answer by disconnecting every other node that saw the lost one, peers
-      # of unrelated tests included. Off here and on every peer (`start/1`).
-      :ok = Application.put_env(:kernel, :prevent_overlapping_partitions, false)
+      # `global` on the peers would answer by asking every other node to disconnect from the
+      # ones that saw the lost one, unrelated peers included: off on every peer (`start/1`).
+      # (This node's `global` read its setting at boot: it cannot be changed from here.)
       {_, 0} = System.cmd("epmd", ["-daemon"])
       name = :"lua_sandbox_test_#{System.unique_integer([:positive])}@127.0.0.1"
       {:ok, _} = Node.start(name, :longnames)
