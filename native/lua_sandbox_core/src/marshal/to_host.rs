@@ -155,7 +155,10 @@ impl<S: Sink> Reader<'_, S> {
                     let ptr = self.tally.enter_table(l, idx, depth)?;
                     let result = self.read_entries(l, idx, depth + 1);
                     self.tally.leave(ptr);
-                    result
+                    // Checked on the way back up too; a failure already on its way stays
+                    // the outcome (an abort found here is sticky: the run reports it).
+                    let checked = self.tally.meter.left();
+                    result.and_then(|v| checked.map(|()| v))
                 }
                 ffi::LUA_TLIGHTUSERDATA
                     if ffi::lua_touserdata(l, idx).cast_const() == sandbox::json_null() =>

@@ -139,17 +139,17 @@ impl<'e> Sink for Terms<'e> {
         let indices = &self.indices[ibase..];
         let list = if indices.iter().zip(1..).all(|(&i, k)| i == k) {
             // The array part, in order: the common case.
-            values.encode(self.env)
+            list_checked(self.env, values)
         } else {
             // Distinct integers in 1..=n: a permutation of the slots.
             let mut items = vec![atoms::nil().encode(self.env); n];
             for (&i, &v) in indices.iter().zip(values) {
                 items[(i - 1) as usize] = v;
             }
-            items.encode(self.env)
+            list_checked(self.env, &items)
         };
         self.truncate(table);
-        Ok(list)
+        list.map_err(|why| Fail::new(FailKind::Abort(why)))
     }
 
     fn map(&mut self, table: (usize, usize), _n: usize) -> Result<Term<'e>, Fail> {
