@@ -138,6 +138,29 @@ impl Meter {
     }
 }
 
+/// Elements a growing scratch vector copies between two checks ([`push_checked`]): 256 KiB of
+/// 8-byte terms, ~0.1 ms with the new block's pages faulted in.
+pub const GROW_PIECE: usize = 32 * 1024;
+
+/// Pushes `item` on `v`, a host's scratch vector of a read (its terms, its entries). A full
+/// vector of [`GROW_PIECE`] elements or more grows into a new block of twice its capacity,
+/// its elements copied a piece at a time with a check between pieces: `Vec`'s own doubling
+/// copies it whole and faults the new block in at once (a 10^5-entry table's three scratch
+/// vectors doubling together: 2.7 ms between two checks, issue 16). On an abort `v` is left
+/// as it was (the new block is dropped).
+pub fn push_checked<T: Copy>(v: &mut Vec<T>, item: T) -> Result<(), Fail> {
+    if v.len() == v.capacity() && v.len() >= GROW_PIECE {
+        let mut grown = Vec::with_capacity(v.len() * 2);
+        for piece in v.chunks(GROW_PIECE) {
+            grown.extend_from_slice(piece);
+            budget::charge_and_check(0).map_err(|why| Fail::new(FailKind::Abort(why)))?;
+        }
+        *v = grown;
+    }
+    v.push(item);
+    Ok(())
+}
+
 /// One step of a path like `globals.ctx.items[3]`, for error messages.
 #[derive(Clone, Debug)]
 pub enum Seg {

@@ -297,7 +297,9 @@ impl Sink for SlowTables {
         Err(NotOurs::NotAHandle)
     }
     fn begin(&mut self) {}
-    fn entry(&mut self, _: &mut (), _: (), _: Option<i64>, _: ()) {}
+    fn entry(&mut self, _: &mut (), _: (), _: Option<i64>, _: ()) -> Result<(), Fail> {
+        Ok(())
+    }
     fn list(&mut self, _: (), _: usize) -> Result<(), Fail> {
         self.spin();
         Ok(())

@@ -3,7 +3,7 @@
 
 use super::*;
 use lua_sandbox_core::handle::NotOurs;
-use lua_sandbox_core::marshal::{read_value, read_values, Sink};
+use lua_sandbox_core::marshal::{push_checked, read_value, read_values, Sink};
 
 /// Converts the `n` values from absolute index `first` of `l`'s stack to terms; paths in
 /// errors look like `root[i]...` once the caller roots the failure (`Fail::into_error`, or
@@ -125,12 +125,13 @@ impl<'e> Sink for Terms<'e> {
         key: Term<'e>,
         index: Option<i64>,
         value: Term<'e>,
-    ) {
-        self.keys.push(key);
-        self.values.push(value);
+    ) -> Result<(), Fail> {
+        push_checked(&mut self.keys, key)?;
+        push_checked(&mut self.values, value)?;
         if let Some(i) = index {
-            self.indices.push(i);
+            push_checked(&mut self.indices, i)?;
         }
+        Ok(())
     }
 
     fn list(&mut self, table: (usize, usize), n: usize) -> Result<Term<'e>, Fail> {
