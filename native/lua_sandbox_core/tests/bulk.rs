@@ -453,6 +453,29 @@ fn a_kill_at_any_check_of_a_bulk_operation_ends_it() {
     }
 }
 
+/// The CallInfos a deep recursion leaves are freed with checks between pieces (issue 16, the
+/// run's end): the shrink after an error (`luaE_shrinkCI`: half of the ~280 000 here, then
+/// half of the rest) freed them in one loop, 0.8-2.3 ms with no check, and now asks the
+/// ticker every `LUA_SBVALUES` frees. Counted as checks: the script with the error after the
+/// recursion makes several more than the one without (1-2 more without the pieces: the
+/// stack's shrink debits its size, which ticks once).
+#[test]
+fn freeing_a_deep_recursions_callinfos_checks_between_pieces() {
+    let deep = "local function f(n) if n == 0 then return 0 end return 1 + f(n - 1) end f(280000) ";
+    let (outcome, without) = killed_at(&format!("{deep} return 1"), u64::MAX);
+    assert_eq!(outcome, Ok(()));
+    let (outcome, with) = killed_at(
+        &format!("{deep} local ok = pcall(error, 'x') return 1"),
+        u64::MAX,
+    );
+    assert_eq!(outcome, Ok(()));
+    eprintln!("checks: {without} without the shrink, {with} with it");
+    assert!(
+        with >= without + 5,
+        "{with} checks with the shrink, {without} without"
+    );
+}
+
 /// The longest stretch of a string-table resize (issue 16 item 4), for bench/ANALYSIS.md:
 /// `LUA_PROBE_STRINGS=<n> cargo test --release -p lua_sandbox_core --test bulk
 /// string_table_probe -- --ignored --nocapture` keeps `n` distinct short strings alive in a
