@@ -175,7 +175,7 @@ for isolation <- LuaSandbox.Isolation.all() do
         )
       end
 
-      test "nesting at the max_depth cap (10_000) and past it" do
+      test "nesting at the max_depth cap (10_000) and past it", context do
         assert_values(
           "local t = {} for i = 1, 9999 do t = {t} end return t",
           fn [v] -> is_list(v) end,
@@ -185,6 +185,8 @@ for isolation <- LuaSandbox.Isolation.all() do
         assert_error("local t = {} for i = 1, 20000 do t = {t} end return t", :depth_limit,
           max_depth: 10_000
         )
+
+        assert_checked(context)
       end
 
       test "tool arguments are bounded like results" do
@@ -217,11 +219,23 @@ for isolation <- LuaSandbox.Isolation.all() do
         assert_error("return {[{}] = 1}", :unsupported_value)
       end
 
-      test "1e5 return values" do
+      test "1e5 return values", context do
         assert_values(
           "return table.unpack(table.pack(string.byte(string.rep('a', 1e5), 1, -1)), 1, 1e5)",
           fn values -> length(values) == 100_000 end
         )
+
+        assert_checked(context)
+      end
+
+      test "a list of 1e5 values, in a table and as a tool's arguments", context do
+        src = "return {string.byte(string.rep('a', 1e5), 1, -1)}"
+        assert_values(src, fn [v] -> length(v) == 100_000 end)
+
+        echo = [tools: %{echo: fn args -> length(args) end}]
+        src = "return tools.echo(string.byte(string.rep('a', 1e5), 1, -1))"
+        assert_values(src, fn [n] -> n == 100_000 end, echo)
+        assert_checked(context)
       end
 
       test "a table filling the heap, returned" do

@@ -160,6 +160,30 @@ defmodule LuaSandbox.Adversarial.Case do
     assert us < bound, "took #{div(us, 1000)} ms, bound #{div(bound, 1000)} ms"
   end
 
+  @doc """
+  Under `make stretch` (the hole finder's build: LUA_SANDBOX_STRETCH_LOG names its log, the
+  formatter puts the running test's name in each line): fails naming every stretch of
+  `max_us` µs or more between two budget checks that the running test logged, so a hole
+  shows up as this test's failure. A no-op in any other build. `context` is the test's.
+  """
+  def assert_checked(%{module: module, test: test}, max_us \\ 1000) do
+    with path when is_binary(path) <- System.get_env("LUA_SANDBOX_STRETCH_LOG"),
+         {:ok, log} <- File.read(path) do
+      name = "#{inspect(module)} #{test}"
+
+      long =
+        for line <- String.split(log, "\n", trim: true),
+            [us, _where, ^name | _] <- [String.split(line, "\t")],
+            String.to_integer(us) >= max_us,
+            do: line
+
+      assert long == [],
+             "stretches of #{max_us} µs or more between two checks:\n" <> Enum.join(long, "\n")
+    end
+
+    :ok
+  end
+
   @doc "A normal script still runs (and promptly)."
   def assert_alive do
     {us, result} = :timer.tc(fn -> lua_run("return 1 + 1", timeout: @kill_ms) end)

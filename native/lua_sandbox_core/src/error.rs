@@ -106,6 +106,18 @@ impl SandboxError {
     }
 }
 
+impl SandboxError {
+    /// The message, moved out when the error carries one (no copy: see [`Self::message`]).
+    pub fn into_message(self) -> String {
+        use SandboxError::*;
+        match self {
+            Syntax(m) | Runtime(m) | StateCopies(m) | DepthLimit(m) | SizeLimit(m) | Cycle(m)
+            | UnsupportedValue(m) | InvalidInput(m) => m,
+            other => other.to_string(),
+        }
+    }
+}
+
 /// The line of `chunk_name:LINE: message`, when the message starts that way. Reads only the
 /// message's first bytes.
 pub fn line_of(message: &str, chunk_name: &str) -> Option<u32> {

@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::ffi::c_void;
+use std::ffi::{c_int, c_void};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -15,8 +15,11 @@ use lua_sandbox_core::chunk::Code;
 use lua_sandbox_core::control::Caller;
 use lua_sandbox_core::error::SandboxError;
 use lua_sandbox_core::exec::{Entry, Home, Limits, Run, Setup, StateSetup, Step};
+use lua_sandbox_core::ffi;
+use lua_sandbox_core::handle::NotOurs;
+use lua_sandbox_core::marshal::{read_values, Bounds, Fail, Sink, Tally};
 use lua_sandbox_core::output::Print;
-use lua_sandbox_core::pool;
+use lua_sandbox_core::{pool, stack};
 
 /// The longest stretch between two liveness checks, in thread CPU ns.
 #[derive(Default)]
@@ -266,6 +269,141 @@ fn long_numerals_are_read_between_checks() {
     assert_checked_between_pieces(&cases);
 }
 
+/// A sink that makes nothing but takes `work` of thread CPU time for each table it finishes,
+/// like a host making a list or a map term.
+struct SlowTables {
+    work: Duration,
+}
+
+impl SlowTables {
+    fn spin(&self) {
+        let until = thread_cpu() + self.work;
+        while thread_cpu() < until {}
+    }
+}
+
+impl Sink for SlowTables {
+    type Value = ();
+    type Table = ();
+
+    fn nil(&mut self) {}
+    fn boolean(&mut self, _: bool) {}
+    fn integer(&mut self, _: i64) {}
+    fn float(&mut self, _: f64) {}
+    fn string(&mut self, tally: &mut Tally, bytes: &[u8]) -> Result<(), Fail> {
+        tally.charge(bytes.len() as u64)
+    }
+    unsafe fn handle(&mut self, _: *mut ffi::lua_State, _: c_int) -> Result<(), NotOurs> {
+        Err(NotOurs::NotAHandle)
+    }
+    fn begin(&mut self) {}
+    fn entry(&mut self, _: &mut (), _: (), _: Option<i64>, _: ()) -> Result<(), Fail> {
+        Ok(())
+    }
+    fn list(&mut self, _: (), _: usize) -> Result<(), Fail> {
+        self.spin();
+        Ok(())
+    }
+    fn map(&mut self, _: (), _: usize) -> Result<(), Fail> {
+        self.spin();
+        Ok(())
+    }
+}
+
+/// Reading a deep result checks on the way back up as on the way down (issue 16): each table
+/// left makes its term (the host's list or map) or, on a failure, a step of its path, with no
+/// check in between before `Meter::left`. Here the host takes 2 µs a table: 10 000 levels
+/// were 20 ms between two checks on the way up, a check every 64 tables makes it ~0.15 ms.
+#[test]
+fn reading_a_deep_result_checks_on_the_way_up() {
+    let limits = Limits {
+        max_instructions: 1 << 40,
+        max_memory: 64 << 20,
+        max_depth: 20_000,
+        ..common::limits()
+    };
+    for (src, max_depth, ok) in [
+        (
+            "local t = {} for i = 1, 9999 do t = {t} end return t",
+            20_000,
+            true,
+        ),
+        (
+            "local t = {} for i = 1, 9999 do t = {x = t} end return t",
+            20_000,
+            true,
+        ),
+        // past the depth bound: the failure goes back up 10 000 levels
+        (
+            "local t = {} for i = 1, 20000 do t = {t} end return t",
+            10_000,
+            false,
+        ),
+    ] {
+        let lease = pool::lease(limits.max_memory).expect("a slot");
+        let mut run = Run::new(
+            Home::Fresh(lease),
+            limits,
+            Print::Discard,
+            "script".to_string(),
+            None,
+            Instant::now(),
+        );
+        let code = Code::new(src.as_bytes(), "script", false).unwrap();
+        let setup = Setup {
+            state: Some(StateSetup {
+                globals: None,
+                tools: &[],
+                modules: &[],
+            }),
+            call_globals: None,
+            entry: Entry::Chunk(&code),
+            call: None,
+        };
+        let step = run
+            .prepare(Caller::none(), setup)
+            .and_then(|nargs| run.resume(Caller::none(), nargs));
+        let Ok(Step::Done { first, n }) = step else {
+            panic!("{src}: {step:?}")
+        };
+        let stretches = Stretches::default();
+        let caller = Caller {
+            env: (&stretches as *const Stretches).cast_mut().cast(),
+            alive: Some(alive),
+        };
+        let thread = run.thread();
+        let bounds = Bounds {
+            max_depth,
+            max_bytes: 1 << 30,
+        };
+        let read = {
+            let _active = run.scope.activate(caller);
+            stretches
+                .last
+                .store(thread_cpu().as_nanos() as u64, Ordering::Relaxed);
+            let mut sink = SlowTables {
+                work: Duration::from_micros(2),
+            };
+            // SAFETY: the results are on the finished thread at `first..first + n`; the
+            // reading walk runs on a stack deep enough for 10 000 levels.
+            let read = stack::with_big_stack(|| unsafe {
+                read_values(&mut sink, thread, first, n, bounds).map(|_| ())
+            });
+            // The tail after the last check counts too.
+            // SAFETY: `stretches` is alive; the call only reads the clock and the counters.
+            unsafe { alive((&stretches as *const Stretches).cast_mut().cast()) };
+            read
+        };
+        assert_eq!(read.is_ok(), ok, "{src}");
+        let longest = Duration::from_nanos(stretches.longest.load(Ordering::Relaxed));
+        eprintln!("{longest:?} between two checks: reading {src}");
+        assert!(
+            longest < BOUND,
+            "{longest:?} between two checks: reading {src}"
+        );
+    }
+}
+
 /// Runs `src` with a caller that dies at its `checks`-th liveness check (never: u64::MAX);
 /// returns the outcome and the checks made.
 fn killed_at(src: &str, checks: u64) -> (Result<(), SandboxError>, u64) {
@@ -313,6 +451,29 @@ fn a_kill_at_any_check_of_a_bulk_operation_ends_it() {
             );
         }
     }
+}
+
+/// The CallInfos a deep recursion leaves are freed with checks between pieces (issue 16, the
+/// run's end): the shrink after an error (`luaE_shrinkCI`: half of the ~280 000 here, then
+/// half of the rest) freed them in one loop, 0.8-2.3 ms with no check, and now asks the
+/// ticker every `LUA_SBVALUES` frees. Counted as checks: the script with the error after the
+/// recursion makes several more than the one without (1-2 more without the pieces: the
+/// stack's shrink debits its size, which ticks once).
+#[test]
+fn freeing_a_deep_recursions_callinfos_checks_between_pieces() {
+    let deep = "local function f(n) if n == 0 then return 0 end return 1 + f(n - 1) end f(280000) ";
+    let (outcome, without) = killed_at(&format!("{deep} return 1"), u64::MAX);
+    assert_eq!(outcome, Ok(()));
+    let (outcome, with) = killed_at(
+        &format!("{deep} local ok = pcall(error, 'x') return 1"),
+        u64::MAX,
+    );
+    assert_eq!(outcome, Ok(()));
+    eprintln!("checks: {without} without the shrink, {with} with it");
+    assert!(
+        with >= without + 5,
+        "{with} checks with the shrink, {without} without"
+    );
 }
 
 /// The longest stretch of a string-table resize (issue 16 item 4), for bench/ANALYSIS.md:

@@ -28,7 +28,7 @@ use crate::chunk::CompiledChunk;
 use crate::error::Failure;
 use crate::handles::Handles;
 use crate::marshal::{self, Bounds, Nif};
-use crate::term::{binary_term, stats_term};
+use crate::term::{binary_term, list_checked, stats_term};
 
 /// Options, already validated and defaulted by `LuaSandbox.Options`.
 #[derive(NifMap)]
@@ -409,7 +409,8 @@ fn settle<'a>(
 /// What a finished NIF call hands back: a final answer, or a tool call to park the run at.
 enum Answer<'a> {
     Final(Term<'a>),
-    ToolCall(Term<'a>, Vec<Term<'a>>),
+    /// The tool's name and its arguments' list.
+    ToolCall(Term<'a>, Term<'a>),
     /// A first attempt's result is over the attempt's bounds: run it again (`run_try`).
     Retry,
 }
@@ -465,12 +466,15 @@ fn settle_once<'a>(
                     .map_err(|f| f.into_error("result"));
             lua_sandbox_core::stretch::mark();
             match terms {
-                Ok(terms) => {
-                    session.succeeded();
-                    let output = session.scope.output().finish(crate::caller::of(env));
-                    let stats = stats_term(env, &session.stats());
-                    (atoms::ok(), terms, binary_term(env, &output), stats).encode(env)
-                }
+                Ok(terms) => match list_checked(env, &terms) {
+                    Ok(values) => {
+                        session.succeeded();
+                        let output = session.scope.output().finish(crate::caller::of(env));
+                        let stats = stats_term(env, &session.stats());
+                        (atoms::ok(), values, binary_term(env, &output), stats).encode(env)
+                    }
+                    Err(why) => finish_error(env, session, why.into(), None),
+                },
                 Err(e) if fast.is_some_and(|f| f.retry(&e)) => {
                     return Settled::Answer(Answer::Retry)
                 }
@@ -492,12 +496,15 @@ fn settle_once<'a>(
             match terms {
                 Err(marshal::ArgsError::Refused(message)) => return Settled::Refused(message),
                 Err(marshal::ArgsError::Fatal(e)) => finish_error(env, session, e, None),
-                Ok(terms) => {
-                    return Settled::Answer(Answer::ToolCall(
-                        binary_term(env, name.as_bytes()),
-                        terms,
-                    ))
-                }
+                Ok(terms) => match list_checked(env, &terms) {
+                    Ok(args) => {
+                        return Settled::Answer(Answer::ToolCall(
+                            binary_term(env, name.as_bytes()),
+                            args,
+                        ))
+                    }
+                    Err(why) => finish_error(env, session, why.into(), None),
+                },
             }
         }
     }))

@@ -19,7 +19,7 @@ use lua_sandbox_core::error::SandboxError;
 use lua_sandbox_core::ffi;
 use lua_sandbox_core::handle::{self, NotOurs, Token};
 use lua_sandbox_core::marshal::{
-    invalid, read_value, read_values, Bad, FailKind, Host, Kind, Sink, Tally,
+    invalid, push_checked, read_value, read_values, Bad, FailKind, Host, Kind, Sink, Tally,
 };
 use lua_sandbox_core::session::Store;
 
@@ -306,14 +306,22 @@ impl Sink for Bytes {
         }
     }
 
-    fn entry(&mut self, table: &mut Table, _key: Span, index: Option<i64>, value: Span) {
+    fn entry(
+        &mut self,
+        table: &mut Table,
+        _key: Span,
+        index: Option<i64>,
+        value: Span,
+    ) -> Result<(), Fail> {
         if let Some(key) = index {
-            self.entries.push(Entry {
+            let entry = Entry {
                 key,
                 start: value.start - table.header,
                 end: value.end - table.header,
-            });
+            };
+            push_checked(&mut self.entries, entry)?;
         }
+        Ok(())
     }
 
     fn list(&mut self, table: Table, n: usize) -> Result<Span, Fail> {

@@ -312,7 +312,7 @@ fn reply_to_lua(run: &mut Run, reply: &Term) -> Result<c_int, SandboxError> {
 /// The error answer; `value_idx` is the error object's slot on the run coroutine, if any.
 fn finish_error(run: &mut Run, e: SandboxError, value_idx: Option<c_int>) -> Term {
     let e = run.outcome(e);
-    let line = line_of(&e.to_string(), &run.chunk_name);
+    let line = line_of(&e.message(), &run.chunk_name);
     let runtime = matches!(e, SandboxError::Runtime(_));
     let traceback = if runtime {
         run.scope.take_traceback()
@@ -335,22 +335,25 @@ fn finish_error(run: &mut Run, e: SandboxError, value_idx: Option<c_int>) -> Ter
         _ => None,
     };
     let output = run.scope.output().finish(caller());
-    failure(&e, line, traceback, value, output, &run.stats())
+    let stats = run.stats();
+    failure(e, line, traceback, value, output, &stats)
 }
 
 /// The error answer of a run that failed before it started.
 pub(crate) fn early(e: SandboxError, chunk_name: &str, t0: Instant) -> Term {
-    let line = line_of(&e.to_string(), chunk_name);
+    let line = line_of(&e.message(), chunk_name);
     let stats = Stats {
         duration_us: t0.elapsed().as_micros() as u64,
         ..Stats::default()
     };
-    failure(&e, line, None, None, Vec::new(), &stats)
+    failure(e, line, None, None, Vec::new(), &stats)
 }
 
 /// `{:error, {kind, message, line, traceback, value}, output, stats}`, the NIF's `Failure`.
+/// The message is moved into the answer, not copied: it can be as large as the heap (a
+/// 20 MB error message was copied twice more here, with no check, after the run's end).
 fn failure(
-    e: &SandboxError,
+    e: SandboxError,
     line: Option<u32>,
     traceback: Option<String>,
     value: Option<Term>,
@@ -362,7 +365,7 @@ fn failure(
         Term::atom("error"),
         Term::tuple([
             Term::atom(e.kind_name()),
-            Term::bin(e.to_string()),
+            Term::Bin(e.into_message().into_bytes()),
             line.map_or_else(nil, |l| Term::Int(l.into())),
             traceback.map_or_else(nil, Term::bin),
             value.unwrap_or_else(nil),
@@ -634,5 +637,67 @@ impl Source {
             }
             Source::Bytecode(bytes, own) => Code::new(bytes, own, true),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::alloc::{GlobalAlloc, Layout, System};
+    use std::cell::Cell;
+
+    thread_local! {
+        /// Bytes this thread allocated (or grew blocks by).
+        static ALLOCATED: Cell<usize> = const { Cell::new(0) };
+    }
+
+    /// The system allocator, counting what each thread allocates.
+    struct Counting;
+
+    // SAFETY: every method forwards to the system allocator with its caller's arguments; the
+    // count is a thread-local `Cell` with a const initializer and no destructor, whose access
+    // never allocates, never fails and never reenters the allocator.
+    unsafe impl GlobalAlloc for Counting {
+        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+            ALLOCATED.with(|a| a.set(a.get() + layout.size()));
+            // SAFETY: the caller's contract, forwarded.
+            unsafe { System.alloc(layout) }
+        }
+
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+            // SAFETY: the caller's contract, forwarded (the block came from `System`).
+            unsafe { System.dealloc(ptr, layout) }
+        }
+
+        unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+            ALLOCATED.with(|a| a.set(a.get() + new_size.saturating_sub(layout.size())));
+            // SAFETY: the caller's contract, forwarded (the block came from `System`).
+            unsafe { System.realloc(ptr, layout, new_size) }
+        }
+    }
+
+    #[global_allocator]
+    static COUNTING: Counting = Counting;
+
+    /// An error message can be as large as the heap: the error answer moves it in, where it
+    /// was copied twice more (`to_string` for its line, and for the answer), ~10 ms of work for
+    /// 20 MB with no check after the run's end (issue 16).
+    #[test]
+    fn a_huge_error_message_is_moved_into_the_answer() {
+        let message = "x".repeat(8 << 20);
+        let before = ALLOCATED.with(Cell::get);
+        let answer = early(SandboxError::Runtime(message), "script", Instant::now());
+        let allocated = ALLOCATED.with(Cell::get) - before;
+        assert!(
+            allocated < 1 << 20,
+            "{allocated} bytes allocated to answer with an 8 MiB message"
+        );
+        let Term::Tuple(outer) = &answer else {
+            panic!("not an error answer")
+        };
+        let Term::Tuple(error) = &outer[1] else {
+            panic!("not an error answer")
+        };
+        assert!(matches!(&error[1], Term::Bin(m) if m.len() == 8 << 20));
     }
 }

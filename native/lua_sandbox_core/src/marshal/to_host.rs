@@ -40,14 +40,15 @@ pub trait Sink {
     /// A table's entries are about to be read.
     fn begin(&mut self) -> Self::Table;
     /// One entry of `table`; `index` is the key as long as every key so far was a positive
-    /// integer.
+    /// integer. A host that keeps entries in growing vectors grows them with checks
+    /// ([`super::push_checked`]), and fails with the abort met there.
     fn entry(
         &mut self,
         table: &mut Self::Table,
         key: Self::Value,
         index: Option<i64>,
         value: Self::Value,
-    );
+    ) -> Result<(), Fail>;
     /// The table's `n` keys were exactly `1..=n`, in some order: the list of the values in key
     /// order.
     fn list(&mut self, table: Self::Table, n: usize) -> Result<Self::Value, Fail>;
@@ -155,7 +156,10 @@ impl<S: Sink> Reader<'_, S> {
                     let ptr = self.tally.enter_table(l, idx, depth)?;
                     let result = self.read_entries(l, idx, depth + 1);
                     self.tally.leave(ptr);
-                    result
+                    // Checked on the way back up too; a failure already on its way stays
+                    // the outcome (an abort found here is sticky: the run reports it).
+                    let checked = self.tally.meter.left();
+                    result.and_then(|v| checked.map(|()| v))
                 }
                 ffi::LUA_TLIGHTUSERDATA
                     if ffi::lua_touserdata(l, idx).cast_const() == sandbox::json_null() =>
@@ -260,7 +264,7 @@ impl<S: Sink> Reader<'_, S> {
                     // A failed read may leave slots behind: address the key absolutely.
                     Err(f) => return Err(f.at(lua_key_seg(l, value_idx - 1))),
                 };
-                self.sink.entry(&mut table, key, index, value);
+                self.sink.entry(&mut table, key, index, value)?;
                 n += 1;
                 ffi::lua_pop(l, 1);
             }

@@ -18,7 +18,7 @@ use rustler::types::{ListIterator, MapIterator};
 use rustler::{Encoder, Env, Term, TermType};
 
 use crate::atoms;
-use crate::term::{binary_term, binary_term_charged, PIECE};
+use crate::term::{binary_term, binary_term_charged, list_checked, PIECE};
 use lua_sandbox_core::error::SandboxError;
 
 mod to_lua;

@@ -3,7 +3,7 @@
 
 use super::*;
 use lua_sandbox_core::handle::NotOurs;
-use lua_sandbox_core::marshal::{read_value, read_values, Sink};
+use lua_sandbox_core::marshal::{push_checked, read_value, read_values, Sink};
 
 /// Converts the `n` values from absolute index `first` of `l`'s stack to terms; paths in
 /// errors look like `root[i]...` once the caller roots the failure (`Fail::into_error`, or
@@ -125,12 +125,13 @@ impl<'e> Sink for Terms<'e> {
         key: Term<'e>,
         index: Option<i64>,
         value: Term<'e>,
-    ) {
-        self.keys.push(key);
-        self.values.push(value);
+    ) -> Result<(), Fail> {
+        push_checked(&mut self.keys, key)?;
+        push_checked(&mut self.values, value)?;
         if let Some(i) = index {
-            self.indices.push(i);
+            push_checked(&mut self.indices, i)?;
         }
+        Ok(())
     }
 
     fn list(&mut self, table: (usize, usize), n: usize) -> Result<Term<'e>, Fail> {
@@ -139,17 +140,17 @@ impl<'e> Sink for Terms<'e> {
         let indices = &self.indices[ibase..];
         let list = if indices.iter().zip(1..).all(|(&i, k)| i == k) {
             // The array part, in order: the common case.
-            values.encode(self.env)
+            list_checked(self.env, values)
         } else {
             // Distinct integers in 1..=n: a permutation of the slots.
             let mut items = vec![atoms::nil().encode(self.env); n];
             for (&i, &v) in indices.iter().zip(values) {
                 items[(i - 1) as usize] = v;
             }
-            items.encode(self.env)
+            list_checked(self.env, &items)
         };
         self.truncate(table);
-        Ok(list)
+        list.map_err(|why| Fail::new(FailKind::Abort(why)))
     }
 
     fn map(&mut self, table: (usize, usize), _n: usize) -> Result<Term<'e>, Fail> {
