@@ -920,6 +920,8 @@ static GCObject **sweeptolive (lua_State *L, GCObject **p) {
 */
 static void checkSizes (lua_State *L, global_State *g) {
   if (!g->gcemergency) {
+    /* LUA_SANDBOX: 'luaS_resize' only starts the halving ('sweepstep' and
+       new strings carry it out), and nothing while a resize is going on */
     if (g->strt.nuse < g->strt.size / 4) {  /* string table too big? */
       l_mem olddebt = g->GCdebt;
       luaS_resize(L, g->strt.size / 2);
@@ -1625,12 +1627,21 @@ static lu_mem atomic (lua_State *L) {
 }
 
 
+/* LUA_SANDBOX: buckets of a string-table resize per sweep step */
+#define STRTGCSTEP	64
+
 static int sweepstep (lua_State *L, global_State *g,
                       int nextstate, GCObject **nextlist) {
   if (g->sweepgc) {
     l_mem olddebt = g->GCdebt;
     int count;
     g->sweepgc = sweeplist(L, g->sweepgc, GCSWEEPMAX, &count);
+    /* LUA_SANDBOX: and a step of a string-table resize in progress (it
+       frees merged segments: in the estimate too), 3 units of work per
+       bucket as for a new string's step (lstring.c); not in an emergency
+       collection, which changes no structure (as 'checkSizes') */
+    if (!g->gcemergency)
+      count += 3 * luaS_resizestep(L, STRTGCSTEP);
     g->GCestimate += g->GCdebt - olddebt;  /* update estimate */
     return count;
   }
@@ -1682,6 +1693,17 @@ static lu_mem singlestep (lua_State *L) {
       break;
     }
     case GCSswpend: {  /* finish sweeps */
+      /* LUA_SANDBOX: a string-table resize still in progress is finished
+         first, a step per single step (paid, and checked between two, by
+         the caller); then 'checkSizes' may start a halving, which the next
+         cycle finishes here at the latest. One halving per cycle, as stock
+         Lua, in pieces. */
+      if (g->strt.small < g->strt.size && !g->gcemergency) {
+        l_mem olddebt = g->GCdebt;
+        work = 3 * luaS_resizestep(L, STRTGCSTEP);
+        g->GCestimate += g->GCdebt - olddebt;  /* merged segments freed */
+        break;
+      }
       checkSizes(L, g);
       g->gcstate = GCScallfin;
       work = 0;
