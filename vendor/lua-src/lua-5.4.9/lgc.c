@@ -920,8 +920,8 @@ static GCObject **sweeptolive (lua_State *L, GCObject **p) {
 */
 static void checkSizes (lua_State *L, global_State *g) {
   if (!g->gcemergency) {
-    /* LUA_SANDBOX: 'luaS_resize' only starts the halving ('sweepstep' and
-       new strings carry it out), and nothing while a resize is going on */
+    /* LUA_SANDBOX: 'luaS_resize' only starts the halving (or turns a
+       doubling in progress back into one), which 'GCSswpend' carries out */
     if (g->strt.nuse < g->strt.size / 4) {  /* string table too big? */
       l_mem olddebt = g->GCdebt;
       luaS_resize(L, g->strt.size / 2);
@@ -1648,6 +1648,8 @@ static int sweepstep (lua_State *L, global_State *g,
   else {  /* enter next state */
     g->gcstate = nextstate;
     g->sweepgc = nextlist;
+    if (nextstate == GCSswpend)  /* LUA_SANDBOX: sweeps done (see below) */
+      checkSizes(L, g);
     return 0;  /* no work done */
   }
 }
@@ -1693,18 +1695,18 @@ static lu_mem singlestep (lua_State *L) {
       break;
     }
     case GCSswpend: {  /* finish sweeps */
-      /* LUA_SANDBOX: a string-table resize still in progress is finished
-         first, a step per single step (paid, and checked between two, by
-         the caller); then 'checkSizes' may start a halving, which the next
-         cycle finishes here at the latest. One halving per cycle, as stock
-         Lua, in pieces. */
+      /* LUA_SANDBOX: 'checkSizes' ran on entering this state ('sweepstep')
+         and may have started a halving; it, or any resize still in
+         progress, is finished here, a step per single step (paid, and
+         checked between two, by the caller), while the table holds only
+         the strings that survived the sweep: one halving per cycle, as
+         stock Lua, in pieces. */
       if (g->strt.small < g->strt.size && !g->gcemergency) {
         l_mem olddebt = g->GCdebt;
         work = 3 * luaS_resizestep(L, STRTGCSTEP);
         g->GCestimate += g->GCdebt - olddebt;  /* merged segments freed */
         break;
       }
-      checkSizes(L, g);
       g->gcstate = GCScallfin;
       work = 0;
       break;

@@ -250,8 +250,10 @@ int luaS_resizestep (lua_State *L, int n) {
       }
     }
     else {
-      tb->k--;
-      mergebucket(tb, tb->k);
+      if (tb->k > 0) {  /* (0 when a doubling turned back at its start) */
+        tb->k--;
+        mergebucket(tb, tb->k);
+      }
       freemerged(L, tb);
     }
     done++;
@@ -316,8 +318,15 @@ static void startgrowth (lua_State *L, stringtable *tb, int nsize) {
 */
 void luaS_resize (lua_State *L, int nsize) {
   stringtable *tb = &G(L)->strt;
-  if (tb->small < tb->size)  /* a resize in progress? */
-    return;  /* this one waits */
+  if (tb->small < tb->size) {  /* a resize in progress? */
+    /* a doubling in progress turns into the halving back to its smaller
+       size: the table is the same (buckets below 'k' split, the others
+       not), and the halving merges those split so far; its new segments,
+       never written above 'small + k', are freed at its first step */
+    if (!tb->shrinking && nsize == tb->small)
+      tb->shrinking = 1;
+    return;  /* any other waits */
+  }
   if (nsize > tb->size)
     startgrowth(L, tb, nsize);
   else if (nsize < tb->size && nsize > 0) {
