@@ -351,7 +351,8 @@ fn string_table_probe() {
 /// table of 2^21 strings is itself a stretch of several ms), and a live table made after them
 /// heads the collector's list (its first sweep frees the dead objects at the head of the list
 /// in one go, `sweeptolive`). What remains is the collector's sweep of the dead strings, 8 per
-/// unit (~0.8 ms per check interval of 1 000 units).
+/// unit (~0.8 ms per check interval of 1 000 units alone; up to ~2 ms beside the other tests
+/// of this file on two cores, hence [`BOUND`]).
 #[test]
 fn string_table_resizes_in_pieces() {
     let src = "local n = 1 << 21 local t = {} for i = 1, n >> 10 do t[i] = {} end \
@@ -364,8 +365,5 @@ fn string_table_resizes_in_pieces() {
     let (outcome, longest) = longest_stretch(src);
     assert_eq!(outcome, Ok(()));
     eprintln!("2^21 strings made and collected: longest stretch {longest:?}");
-    assert!(
-        longest < Duration::from_millis(2),
-        "{longest:?} between two checks"
-    );
+    assert!(longest < BOUND, "{longest:?} between two checks");
 }
