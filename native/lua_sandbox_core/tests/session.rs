@@ -213,6 +213,51 @@ fn a_kill_inside_a_rehash_leaves_the_table_whole() {
 }
 
 #[test]
+fn a_kill_inside_a_string_table_resize_leaves_it_whole() {
+    // Without rollback an aborted call's state goes on (protect.rs rule 6). The string table
+    // resizes in pieces (lstring.c, linear hashing): a doubling splits a few buckets per new
+    // short string, a halving merges a few per new string and per collector sweep step, and
+    // the table is consistent between any two. Killed at every check of calls that grow it
+    // (20 000 new strings) and halve it (those strings dropped, then collections), the next
+    // calls must find every string still alive as the one object it was (short strings are
+    // equal only if they are the same object, and a string is a table key by identity), and
+    // finish any resize left in progress.
+    let cases = [
+        (
+            "t, u, done = {}, {}, 0 return 0",
+            "for i = 1, 20000 do local s = 'k' .. i t[i] = s u[s] = i done = i end return 0",
+        ),
+        (
+            "t, u, done = {}, {}, 100 for i = 1, 20000 do t[i] = 'k' .. i end \
+             for i = 1, 100 do u['k' .. i] = i end return 0",
+            "for i = 1, 20000 do t[i] = nil end \
+             for i = 1, 6 do collectgarbage() end return 0",
+        ),
+    ];
+    let check = "for i = 1, done do local s = 'k' .. i assert(u[s] == i) \
+                 assert(t[i] == nil or t[i] == s) end \
+                 for i = 1, 30000 do local s = 'z' .. i end collectgarbage() collectgarbage() \
+                 for i = 1, done do assert(u['k' .. i] == i) end \
+                 local n = 0 for s in pairs(u) do n = n + 1 end \
+                 return (n == done or n == done + 1) and 'whole' or n .. ' of ' .. done";
+    for (setup, resize) in cases {
+        let mut killed = 0;
+        for at in 1.. {
+            let Ok(kept) = killed_at(setup, resize, at) else {
+                break;
+            };
+            killed += 1;
+            assert_eq!(
+                finish(&kept, check, false),
+                Ok("whole".into()),
+                "{resize}: after a kill at check {at}"
+            );
+        }
+        assert!(killed >= 20, "{resize}: only {killed} checks in the call");
+    }
+}
+
+#[test]
 fn a_kill_inside_an_array_growth_leaves_the_table_whole() {
     // Without rollback an aborted call's state goes on (protect.rs rule 6). A large array part
     // grows into a new block, copied and cleared in pieces with a check between two, the old

@@ -920,6 +920,8 @@ static GCObject **sweeptolive (lua_State *L, GCObject **p) {
 */
 static void checkSizes (lua_State *L, global_State *g) {
   if (!g->gcemergency) {
+    /* LUA_SANDBOX: 'luaS_resize' only starts the halving (or turns a
+       doubling in progress back into one), which 'GCSswpend' carries out */
     if (g->strt.nuse < g->strt.size / 4) {  /* string table too big? */
       l_mem olddebt = g->GCdebt;
       luaS_resize(L, g->strt.size / 2);
@@ -1625,18 +1627,29 @@ static lu_mem atomic (lua_State *L) {
 }
 
 
+/* LUA_SANDBOX: buckets of a string-table resize per sweep step */
+#define STRTGCSTEP	64
+
 static int sweepstep (lua_State *L, global_State *g,
                       int nextstate, GCObject **nextlist) {
   if (g->sweepgc) {
     l_mem olddebt = g->GCdebt;
     int count;
     g->sweepgc = sweeplist(L, g->sweepgc, GCSWEEPMAX, &count);
+    /* LUA_SANDBOX: and a step of a string-table resize in progress (it
+       frees merged segments: in the estimate too), 3 units of work per
+       bucket as for a new string's step (lstring.c); not in an emergency
+       collection, which changes no structure (as 'checkSizes') */
+    if (!g->gcemergency)
+      count += 3 * luaS_resizestep(L, STRTGCSTEP);
     g->GCestimate += g->GCdebt - olddebt;  /* update estimate */
     return count;
   }
   else {  /* enter next state */
     g->gcstate = nextstate;
     g->sweepgc = nextlist;
+    if (nextstate == GCSswpend)  /* LUA_SANDBOX: sweeps done (see below) */
+      checkSizes(L, g);
     return 0;  /* no work done */
   }
 }
@@ -1682,7 +1695,18 @@ static lu_mem singlestep (lua_State *L) {
       break;
     }
     case GCSswpend: {  /* finish sweeps */
-      checkSizes(L, g);
+      /* LUA_SANDBOX: 'checkSizes' ran on entering this state ('sweepstep')
+         and may have started a halving; it, or any resize still in
+         progress, is finished here, a step per single step (paid, and
+         checked between two, by the caller), while the table holds only
+         the strings that survived the sweep: one halving per cycle, as
+         stock Lua, in pieces. */
+      if (g->strt.small < g->strt.size && !g->gcemergency) {
+        l_mem olddebt = g->GCdebt;
+        work = 3 * luaS_resizestep(L, STRTGCSTEP);
+        g->GCestimate += g->GCdebt - olddebt;  /* merged segments freed */
+        break;
+      }
       g->gcstate = GCScallfin;
       work = 0;
       break;

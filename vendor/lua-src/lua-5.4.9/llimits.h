@@ -227,6 +227,16 @@ typedef l_uint32 Instruction;
 #define MINSTRTABSIZE	128
 #endif
 
+/*
+** LUA_SANDBOX: buckets per segment of the string table (a power of 2, at
+** least MINSTRTABSIZE; lstate.h 'stringtable'): a segment is allocated
+** whole and never copied, 8 KiB with 8-byte pointers.
+*/
+#if !defined(LUAI_STRSEGBITS)
+#define LUAI_STRSEGBITS	10
+#endif
+#define LUAI_STRSEG	(1 << LUAI_STRSEGBITS)
+
 
 /*
 ** Size of cache for strings in the API. 'N' is the number of

@@ -301,7 +301,7 @@ static void close_state (lua_State *L) {
     luaC_freeallobjects(L);  /* collect all objects */
     luai_userstateclose(L);
   }
-  luaM_freearray(L, G(L)->strt.hash, G(L)->strt.size);
+  luaS_freetable(L);  /* LUA_SANDBOX: the string table's segments */
   freestack(L);
   lua_assert(gettotalbytes(g) == sizeof(LG));
   (*g->frealloc)(g->ud, fromstate(L), sizeof(LG), 0);  /* free main block */
@@ -409,7 +409,10 @@ LUA_API lua_State *lua_newstate (lua_Alloc f, void *ud) {
   g->seed = luai_makeseed(L);
   g->gcstp = GCSTPGC;  /* no GC while building state */
   g->strt.size = g->strt.nuse = 0;
-  g->strt.hash = NULL;
+  g->strt.seg = NULL;  /* LUA_SANDBOX: no segment yet (lstate.h) */
+  g->strt.small = g->strt.k = g->strt.seg0 = 0;
+  g->strt.nseg = g->strt.dirsize = 0;
+  g->strt.shrinking = 0;
   setnilvalue(&g->l_registry);
   g->panic = NULL;
   g->gcstate = GCSpause;

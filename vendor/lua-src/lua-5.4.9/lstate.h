@@ -152,10 +152,25 @@ struct lua_longjmp;  /* defined in ldo.c */
 #define KGC_GEN		1	/* generational gc */
 
 
+/*
+** LUA_SANDBOX: the string table is resized in pieces (linear hashing, see
+** lstring.c and PATCHES.md): its buckets live in segments of LUAI_STRSEG
+** pointers ('seg[0]' has 'seg0' of them, fewer while the table is smaller
+** than one segment), so it never copies or clears an array, and a resize
+** splits or merges a few buckets per new string and per collector step.
+** String 'h' is in bucket 'h % size', or 'h % small' when that is at
+** least 'k' ('luaS_bucket'): stable, 'small' is 'size' and 'k' is 0.
+*/
 typedef struct stringtable {
-  TString **hash;
+  TString ***seg;  /* LUA_SANDBOX: the buckets, by segment */
   int nuse;  /* number of elements */
-  int size;
+  int size;  /* LUA_SANDBOX: the larger size while a resize is in progress */
+  int small;  /* LUA_SANDBOX: the smaller size while one is ('size' if not) */
+  int k;  /* LUA_SANDBOX: buckets below 'k' of 'small' are split */
+  int seg0;  /* LUA_SANDBOX: buckets allocated in 'seg[0]' */
+  int nseg;  /* LUA_SANDBOX: segments allocated ('seg[0]' included) */
+  int dirsize;  /* LUA_SANDBOX: entries allocated in 'seg' */
+  lu_byte shrinking;  /* LUA_SANDBOX: the resize in progress merges */
 } stringtable;
 
 

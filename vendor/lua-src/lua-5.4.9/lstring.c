@@ -135,21 +135,173 @@ int luaS_hashlongstrc (lua_State *L, TString *ts) {
 }
 
 
-static void tablerehash (TString **vect, int osize, int nsize) {
-  int i;
-  for (i = osize; i < nsize; i++)  /* clear new elements */
-    vect[i] = NULL;
-  for (i = 0; i < osize; i++) {  /* rehash old part of the array */
-    TString *p = vect[i];
-    vect[i] = NULL;
-    while (p) {  /* for each string in the list */
-      TString *hnext = p->u.hnext;  /* save next */
-      unsigned int h = lmod(p->hash, nsize);  /* new position */
-      p->u.hnext = vect[h];  /* chain it into array */
-      vect[h] = p;
-      p = hnext;
+/*
+** LUA_SANDBOX: the string table resizes in pieces (see PATCHES.md, "The
+** string table in pieces"). Stock Lua rehashed every short string in one
+** go when a new one filled the table and when the collector halved it:
+** ~40 ns per string (a cache miss each), 1-4 ms at 10^5-10^6 strings and
+** ~70 ms at 2 M, with no check inside. Here the buckets live in segments of
+** LUAI_STRSEG pointers (lstate.h), so the table is never copied or cleared
+** whole, and a resize is linear hashing: a doubling from 's' buckets to
+** '2s' splits bucket 'i' of the small table into 'i' and 'i + s' for 'i'
+** ascending, a halving merges bucket 'i + s' into 'i' for 'i' descending;
+** 'k' is the boundary. During both, string 'h' is in bucket 'h % 2s' when
+** 'h % s' is below 'k' and in bucket 'h % s' otherwise ('strbucket'), and
+** every operation leaves the table consistent: a lookup, an insert or a
+** removal (the collector's sweep) can happen between any two steps, and an
+** aborted run leaves nothing to undo (a 'rollback: false' session keeps
+** using the table as it is, and later steps finish the resize).
+** Steps are taken by every new short string ('internshrstr': STRTSTEP
+** buckets) and by every sweep step of the collector ('luaS_resizestep');
+** a resize asked for while one is in progress waits for it to finish.
+*/
+#define STRTSTEP	8
+
+/* the slot of bucket 'i' */
+#define strslot(tb,i)	(&(tb)->seg[(i) >> LUAI_STRSEGBITS] \
+                                   [(i) & (LUAI_STRSEG - 1)])
+
+/* LUA_SANDBOX: the bucket of hash 'h', split or not (see above) */
+static TString **strbucket (stringtable *tb, unsigned int h) {
+  unsigned int j = lmod(h, tb->size);
+  unsigned int lo = lmod(h, tb->small);
+  if (lo >= cast_uint(tb->k))  /* merged, or not split yet? */
+    j = lo;
+  return strslot(tb, j);
+}
+
+
+/* LUA_SANDBOX: split bucket 'i' of the small table into 'i' and 'i + s' */
+static void splitbucket (stringtable *tb, int i) {
+  int s = tb->small;
+  TString **lo = strslot(tb, i);
+  TString **hi = strslot(tb, i + s);  /* never read before this write */
+  TString *p = *lo;
+  *lo = *hi = NULL;
+  while (p) {
+    TString *hnext = p->u.hnext;
+    TString **l = (p->hash & cast_uint(s)) ? hi : lo;
+    p->u.hnext = *l;
+    *l = p;
+    p = hnext;
+  }
+}
+
+
+/* LUA_SANDBOX: merge bucket 'i + s' into 'i' */
+static void mergebucket (stringtable *tb, int i) {
+  TString **lo = strslot(tb, i);
+  TString *p = *strslot(tb, i + tb->small);
+  while (p) {
+    TString *hnext = p->u.hnext;
+    p->u.hnext = *lo;
+    *lo = p;
+    p = hnext;
+  }
+}
+
+
+/*
+** LUA_SANDBOX: a halving is done: segments holding only buckets at or
+** above 'small + k' are never read again (a lookup reads bucket 'h % size'
+** only when 'h % small' is below 'k'): they are freed as 'k' passes them,
+** and 'seg[0]' is shrunk at the end when the table fits in one segment (a
+** shrink, which Lua's allocator contract says never fails; were it refused
+** the larger block is simply kept).
+*/
+static void freemerged (lua_State *L, stringtable *tb) {
+  while (tb->nseg > 1 &&
+         ((tb->nseg - 1) << LUAI_STRSEGBITS) >= tb->small + tb->k) {
+    tb->nseg--;
+    luaM_freearray(L, tb->seg[tb->nseg], LUAI_STRSEG);
+    tb->seg[tb->nseg] = NULL;
+  }
+  if (tb->k == 0) {  /* every bucket merged? */
+    int s = tb->small;
+    if (s < tb->seg0) {
+      TString **v = luaM_reallocvector(L, tb->seg[0], tb->seg0, s, TString*);
+      if (v != NULL) {
+        tb->seg[0] = v;
+        tb->seg0 = s;
+      }
+    }
+    tb->size = s;
+    tb->shrinking = 0;
+  }
+}
+
+
+/*
+** LUA_SANDBOX: advance the resize in progress by up to 'n' buckets; returns
+** how many were split or merged (0 when none is in progress). Never raises
+** and never allocates (a halving only frees). Each bucket holds about one
+** string, so the work of a step is bounded by 'n' (a string table whose
+** chains are long is slow to search as well).
+*/
+int luaS_resizestep (lua_State *L, int n) {
+  stringtable *tb = &G(L)->strt;
+  int done = 0;
+  while (done < n && tb->small < tb->size) {
+    if (!tb->shrinking) {
+      splitbucket(tb, tb->k);
+      if (++tb->k == tb->small) {  /* every bucket split? */
+        tb->small = tb->size;
+        tb->k = 0;
+      }
+    }
+    else {
+      if (tb->k > 0) {  /* (0 when a doubling turned back at its start) */
+        tb->k--;
+        mergebucket(tb, tb->k);
+      }
+      freemerged(L, tb);
+    }
+    done++;
+  }
+  return done;
+}
+
+
+/*
+** LUA_SANDBOX: start a doubling: the new buckets 'size' to '2 size - 1'
+** get their room (a larger 'seg[0]' while the table fits in one segment,
+** new segments after it), never cleared: bucket 'i + s' is written when
+** bucket 'i' is split, before any lookup can read it. If an allocation
+** fails the table keeps its size (as stock Lua) and a segment allocated
+** meanwhile is kept for the next attempt.
+*/
+static void startgrowth (lua_State *L, stringtable *tb, int nsize) {
+  if (nsize <= LUAI_STRSEG) {
+    if (tb->seg0 < nsize) {
+      TString **v = luaM_reallocvector(L, tb->seg[0], tb->seg0, nsize,
+                                       TString*);
+      if (v == NULL)
+        return;
+      tb->seg[0] = v;
+      tb->seg0 = nsize;
     }
   }
+  else {
+    int nseg = nsize >> LUAI_STRSEGBITS;
+    if (tb->dirsize < nseg) {
+      TString ***d = luaM_reallocvector(L, tb->seg, tb->dirsize, nseg,
+                                        TString**);
+      if (d == NULL)
+        return;
+      tb->seg = d;
+      tb->dirsize = nseg;
+    }
+    while (tb->nseg < nseg) {
+      TString **v = luaM_reallocvector(L, NULL, 0, LUAI_STRSEG, TString*);
+      if (v == NULL)
+        return;
+      tb->seg[tb->nseg++] = v;
+    }
+  }
+  tb->small = tb->size;
+  tb->size = nsize;
+  tb->k = 0;
+  tb->shrinking = 0;
 }
 
 
@@ -157,32 +309,45 @@ static void tablerehash (TString **vect, int osize, int nsize) {
 ** Resize the string table. If allocation fails, keep the current size.
 ** (This can degrade performance, but any non-zero size should work
 ** correctly.)
+** LUA_SANDBOX: only starts the resize (to twice or half the size), which
+** later steps carry out ('luaS_resizestep'); nothing while one is in
+** progress. Its work, one split or merge per bucket of the smaller size,
+** is paid by those steps, 3 units of the collector's work per bucket (two
+** slots and about one string moved; one unit per 8 of them, as the
+** collector's), so counts depend only on the strings a run creates.
 */
 void luaS_resize (lua_State *L, int nsize) {
   stringtable *tb = &G(L)->strt;
-  int osize = tb->size;
-  TString **newvect;
-  /* LUA_SANDBOX: the rehash visits every slot of the larger size and moves
-  ** every string; it is paid for in the collector's unit, one per 8 (see
-  ** PATCHES.md). A debit, never a raise: 'growstrtab' resizes while a string
-  ** is being created and 'checkSizes' inside the collector; the next
-  ** instruction or charge ticks. Whether a run resizes depends only on the
-  ** strings it creates (the table starts from the snapshot's), so counts stay
-  ** deterministic. */
-  luaG_sandboxdebit(L, (cast(l_mem, osize > nsize ? osize : nsize) + tb->nuse) >> 3);
-  if (nsize < osize)  /* shrinking table? */
-    tablerehash(tb->hash, osize, nsize);  /* depopulate shrinking part */
-  newvect = luaM_reallocvector(L, tb->hash, osize, nsize, TString*);
-  if (l_unlikely(newvect == NULL)) {  /* reallocation failed? */
-    if (nsize < osize)  /* was it shrinking table? */
-      tablerehash(tb->hash, nsize, osize);  /* restore to original size */
-    /* leave table as it was */
+  if (tb->small < tb->size) {  /* a resize in progress? */
+    /* a doubling in progress turns into the halving back to its smaller
+       size: the table is the same (buckets below 'k' split, the others
+       not), and the halving merges those split so far; its new segments,
+       never written above 'small + k', are freed at its first step */
+    if (!tb->shrinking && nsize == tb->small)
+      tb->shrinking = 1;
+    return;  /* any other waits */
   }
-  else {  /* allocation succeeded */
-    tb->hash = newvect;
-    tb->size = nsize;
-    if (nsize > osize)
-      tablerehash(newvect, osize, nsize);  /* rehash for new size */
+  if (nsize > tb->size)
+    startgrowth(L, tb, nsize);
+  else if (nsize < tb->size && nsize > 0) {
+    lua_assert(nsize * 2 == tb->size);
+    tb->small = nsize;
+    tb->k = nsize;  /* every bucket split: merge from the top */
+    tb->shrinking = 1;
+  }
+}
+
+
+/* LUA_SANDBOX: free the string table (closing the state) */
+void luaS_freetable (lua_State *L) {
+  stringtable *tb = &G(L)->strt;
+  if (tb->seg != NULL) {
+    int i;
+    for (i = 0; i < tb->nseg; i++)
+      luaM_freearray(L, tb->seg[i], (i == 0) ? tb->seg0 : LUAI_STRSEG);
+    luaM_freearray(L, tb->seg, tb->dirsize);
+    tb->seg = NULL;
+    tb->nseg = tb->dirsize = 0;
   }
 }
 
@@ -208,9 +373,17 @@ void luaS_init (lua_State *L) {
   global_State *g = G(L);
   int i, j;
   stringtable *tb = &G(L)->strt;
-  tb->hash = luaM_newvector(L, MINSTRTABSIZE, TString*);
-  tablerehash(tb->hash, 0, MINSTRTABSIZE);  /* clear array */
-  tb->size = MINSTRTABSIZE;
+  /* LUA_SANDBOX: one segment of MINSTRTABSIZE buckets */
+  tb->seg = luaM_newvector(L, 1, TString**);
+  tb->dirsize = 1;
+  tb->seg[0] = luaM_newvector(L, MINSTRTABSIZE, TString*);
+  tb->seg0 = MINSTRTABSIZE;
+  tb->nseg = 1;
+  for (i = 0; i < MINSTRTABSIZE; i++)  /* clear array */
+    tb->seg[0][i] = NULL;
+  tb->size = tb->small = MINSTRTABSIZE;
+  tb->k = 0;
+  tb->shrinking = 0;
   /* pre-create memory-error message */
   g->memerrmsg = luaS_newliteral(L, MEMERRMSG);
   luaC_fix(L, obj2gco(g->memerrmsg));  /* it should never be collected */
@@ -256,7 +429,7 @@ TString *luaS_createlngstrobj (lua_State *L, size_t l) {
 
 void luaS_remove (lua_State *L, TString *ts) {
   stringtable *tb = &G(L)->strt;
-  TString **p = &tb->hash[lmod(ts->hash, tb->size)];
+  TString **p = strbucket(tb, ts->hash);  /* LUA_SANDBOX */
   while (*p != ts)  /* find previous element */
     p = &(*p)->u.hnext;
   *p = (*p)->u.hnext;  /* remove element from its list */
@@ -283,7 +456,7 @@ static TString *internshrstr (lua_State *L, const char *str, size_t l) {
   global_State *g = G(L);
   stringtable *tb = &g->strt;
   unsigned int h = luaS_hash(str, l, g->seed);
-  TString **list = &tb->hash[lmod(h, tb->size)];
+  TString **list = strbucket(tb, h);  /* LUA_SANDBOX */
   lua_assert(str != NULL);  /* otherwise 'memcmp'/'memcpy' are undefined */
   for (ts = *list; ts != NULL; ts = ts->u.hnext) {
     if (l == ts->shrlen && (memcmp(str, getshrstr(ts), l * sizeof(char)) == 0)) {
@@ -294,13 +467,19 @@ static TString *internshrstr (lua_State *L, const char *str, size_t l) {
     }
   }
   /* else must create a new string */
-  if (tb->nuse >= tb->size) {  /* need to grow string table? */
+  if (tb->nuse >= tb->size && tb->small == tb->size)  /* need to grow? */
     growstrtab(L, tb);
-    list = &tb->hash[lmod(h, tb->size)];  /* rehash with new size */
-  }
+  /* LUA_SANDBOX: a resize in progress takes a step (see 'strbucket'), paid
+     in the collector's unit, 3 per 8 buckets: a debit, never a raise
+     ('lua_pushlstring' may only fail for lack of memory) */
+  if (tb->small < tb->size)
+    luaG_sandboxdebit(L, (3 * luaS_resizestep(L, STRTSTEP) + 7) >> 3);
   ts = createstrobj(L, l, LUA_VSHRSTR, h);
   ts->shrlen = cast_byte(l);
   memcpy(getshrstr(ts), str, l * sizeof(char));
+  /* LUA_SANDBOX: its bucket now (an emergency collection in 'createstrobj'
+     may have removed strings; it takes no resize step) */
+  list = strbucket(tb, h);
   ts->u.hnext = *list;
   *list = ts;
   tb->nuse++;

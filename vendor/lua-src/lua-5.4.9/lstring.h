@@ -47,6 +47,8 @@ LUAI_FUNC int luaS_hashlongstrc (lua_State *L, TString *ts);  /* LUA_SANDBOX */
 LUAI_FUNC int luaS_eqlngstr (TString *a, TString *b);
 LUAI_FUNC int luaS_eqlngstrc (lua_State *L, TString *a, TString *b);  /* LUA_SANDBOX */
 LUAI_FUNC void luaS_resize (lua_State *L, int newsize);
+LUAI_FUNC int luaS_resizestep (lua_State *L, int n);  /* LUA_SANDBOX */
+LUAI_FUNC void luaS_freetable (lua_State *L);  /* LUA_SANDBOX */
 LUAI_FUNC void luaS_clearcache (global_State *g);
 LUAI_FUNC void luaS_init (lua_State *L);
 LUAI_FUNC void luaS_remove (lua_State *L, TString *ts);
