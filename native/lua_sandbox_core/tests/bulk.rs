@@ -43,16 +43,32 @@ fn run_to_end(
     started: impl FnOnce(),
     finished: impl FnOnce(),
 ) -> Result<(), SandboxError> {
-    let limits = Limits {
+    run_with(src, big_limits(), Print::Discard, caller, started, finished)
+}
+
+/// Room for the bulk cases: a budget no case reaches, 512 MiB of memory.
+fn big_limits() -> Limits {
+    Limits {
         max_instructions: 1 << 40,
         max_memory: 512 << 20,
         ..common::limits()
-    };
+    }
+}
+
+/// [`run_to_end`] under `limits`, printing to `print`.
+fn run_with(
+    src: &str,
+    limits: Limits,
+    print: Print,
+    caller: Caller,
+    started: impl FnOnce(),
+    finished: impl FnOnce(),
+) -> Result<(), SandboxError> {
     let lease = pool::lease(limits.max_memory).expect("a slot");
     let mut run = Run::new(
         Home::Fresh(lease),
         limits,
-        Print::Discard,
+        print,
         "script".to_string(),
         None,
         Instant::now(),
@@ -83,14 +99,25 @@ fn run_to_end(
 
 /// Runs `src` to its end; returns its outcome and the longest stretch between two checks.
 fn longest_stretch(src: &str) -> (Result<(), SandboxError>, Duration) {
+    longest_stretch_with(src, big_limits(), Print::Discard)
+}
+
+/// [`longest_stretch`] under `limits`, printing to `print`.
+fn longest_stretch_with(
+    src: &str,
+    limits: Limits,
+    print: Print,
+) -> (Result<(), SandboxError>, Duration) {
     let stretches = Stretches::default();
     let env: *mut c_void = (&stretches as *const Stretches).cast_mut().cast();
     let caller = Caller {
         env,
         alive: Some(alive),
     };
-    let outcome = run_to_end(
+    let outcome = run_with(
         src,
+        limits,
+        print,
         caller,
         || {
             stretches
@@ -264,6 +291,32 @@ fn long_numerals_are_read_between_checks() {
         format!("{zeros} assert(math.abs(n) == 15)"),
     ];
     assert_checked_between_pieces(&cases);
+}
+
+#[test]
+fn captured_output_is_copied_between_checks() {
+    // `print` and `io.write` append to the run's output (output.rs): a 64 MiB write was
+    // copied whole into the captured buffer (`extend_from_slice`, ~10-30 ms here: fresh
+    // pages), and the buffer's growth copied everything before it (`Vec` doubling; mimalloc,
+    // the NIF's allocator, moves the block: ~4.5 ms for the suite's 1 MiB `max_output`). Now in
+    // pieces, with a check between two.
+    let limits = Limits {
+        max_output: 1 << 28,
+        ..big_limits()
+    };
+    let s = "local s = string.rep('x', 1 << 26) ";
+    for src in [
+        format!("{s} io.write(s)"),
+        format!("{s} print(s)"),
+        // many writes: the buffer grows to 64 MiB, copied in pieces (freeing the old 32 MiB
+        // block, one `munmap`, is still whole: ~2 ms here)
+        format!("{s} local m = s:sub(1, 1 << 20) for i = 1, 40 do io.write(m) end"),
+    ] {
+        let (outcome, longest) = longest_stretch_with(&src, limits, Print::Capture);
+        assert_eq!(outcome, Ok(()), "{src}");
+        eprintln!("{longest:?} between two checks: {src}");
+        assert!(longest < BOUND, "{longest:?} between two checks: {src}");
+    }
 }
 
 /// Runs `src` with a caller that dies at its `checks`-th liveness check (never: u64::MAX);
