@@ -167,6 +167,10 @@ fn bulk_operations_check_between_pieces() {
         // the buffer's growth and its added values
         format!("{s} local t = table.concat({{s, s, s}})"),
         format!("{s} local t = string.format('%s%s', s, s)"),
+        // a long format: its plain characters were added one by one (`luaL_addchar`), checked
+        // only where the buffer grew
+        format!("{s} local t = string.format(s)"),
+        "local t = string.format(string.rep('\\0', 1 << 25) .. '%d', 1)".to_string(),
         // byte loops paid in advance
         format!("{s} local t = s:upper() t = s:lower() t = s:reverse()"),
         // json's buffer and its result
