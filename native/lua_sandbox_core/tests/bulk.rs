@@ -269,6 +269,9 @@ fn long_string_compares_check_between_pieces() {
     let s = "local a = string.rep('a', 1 << 27) local b = a:sub(1) ";
     let cases = [
         format!("{s} assert(a == b)"),
+        // `rawequal` (`lua_rawequal`) compared them whole
+        format!("{s} assert(rawequal(a, b))"),
+        format!("{s} b = nil local c = a:sub(2) .. 'b' assert(not rawequal(a, c))"),
         format!("{s} b = nil local c = a:sub(2) .. 'b' assert(a ~= c)"),
         format!("{s} assert(not (a < b) and a <= b)"),
         format!("{s} b = nil local c = a:sub(2) .. 'b' assert(a < c and not (c <= a))"),
@@ -355,6 +358,8 @@ fn a_kill_at_any_check_of_a_bulk_operation_ends_it() {
         "local t = {} for i = 1, 1 << 20 do t[i] = i end return #t",
         "local a = string.rep('a', 1 << 24) local b = a:sub(1) return a == b",
         "local a = string.rep('a', 1 << 24) local b = a:sub(1) return a <= b",
+        "local a = string.rep('a', 1 << 24) local b = a:sub(1) return rawequal(a, b)",
+        "local s = string.rep('a', 1 << 24) return #string.format(s)",
         "local t = {} for i = 1, 1 << 20 do t[i] = i end for i = 1, 1 << 19 do t[i] = nil end \
          t.x = 1 return t.x",
     ] {
