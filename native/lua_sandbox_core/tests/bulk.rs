@@ -301,6 +301,29 @@ fn long_numerals_are_read_between_checks() {
 }
 
 #[test]
+fn long_tokens_are_read_between_checks() {
+    // The lexer read a token's text a byte at a time (`save`) and charged it once the token
+    // was complete: a 3 MB name or string literal ran ~9 ms with no check (the bounded-ops
+    // suite's `load` of a 500 kB global name: ~1.5 ms). Now a check every 64 KiB of text.
+    let name = "local n = string.rep('x', 3000000) ";
+    let cases = [
+        format!("{name} assert(load('return ' .. n))"),
+        format!("{name} assert(load('return \"' .. n .. '\"'))"),
+        format!("{name} assert(load('return [[' .. n .. ']]'))"),
+    ];
+    let limits = Limits {
+        max_source: 1 << 22,
+        ..big_limits()
+    };
+    for src in cases {
+        let (outcome, longest) = longest_stretch_with(&src, limits, Print::Discard);
+        assert_eq!(outcome, Ok(()), "{src}");
+        eprintln!("{longest:?} between two checks: {src}");
+        assert!(longest < BOUND, "{longest:?} between two checks: {src}");
+    }
+}
+
+#[test]
 fn captured_output_is_copied_between_checks() {
     // `print` and `io.write` append to the run's output (output.rs): a 64 MiB write was
     // copied whole into the captured buffer (`extend_from_slice`, ~10-30 ms here: fresh
