@@ -23,7 +23,11 @@ pub extern "C-unwind" fn lua_sandbox_emit(
         // the duration of this call.
         let bytes = unsafe { std::slice::from_raw_parts(s.cast::<u8>(), n) };
         scope::with_active(|scope, caller| match scope.try_output() {
-            Some(mut out) => out.emit(bytes, caller).is_ok(),
+            // Between two pieces of a large write: a check now (the write was paid for by
+            // the buffer that built it).
+            Some(mut out) => out
+                .emit(bytes, caller, || budget::charge_and_check(0))
+                .is_ok(),
             None => true,
         })
         .unwrap_or(true)

@@ -46,16 +46,32 @@ fn run_to_end(
     started: impl FnOnce(),
     finished: impl FnOnce(),
 ) -> Result<(), SandboxError> {
-    let limits = Limits {
+    run_with(src, big_limits(), Print::Discard, caller, started, finished)
+}
+
+/// Room for the bulk cases: a budget no case reaches, 512 MiB of memory.
+fn big_limits() -> Limits {
+    Limits {
         max_instructions: 1 << 40,
         max_memory: 512 << 20,
         ..common::limits()
-    };
+    }
+}
+
+/// [`run_to_end`] under `limits`, printing to `print`.
+fn run_with(
+    src: &str,
+    limits: Limits,
+    print: Print,
+    caller: Caller,
+    started: impl FnOnce(),
+    finished: impl FnOnce(),
+) -> Result<(), SandboxError> {
     let lease = pool::lease(limits.max_memory).expect("a slot");
     let mut run = Run::new(
         Home::Fresh(lease),
         limits,
-        Print::Discard,
+        print,
         "script".to_string(),
         None,
         Instant::now(),
@@ -86,14 +102,25 @@ fn run_to_end(
 
 /// Runs `src` to its end; returns its outcome and the longest stretch between two checks.
 fn longest_stretch(src: &str) -> (Result<(), SandboxError>, Duration) {
+    longest_stretch_with(src, big_limits(), Print::Discard)
+}
+
+/// [`longest_stretch`] under `limits`, printing to `print`.
+fn longest_stretch_with(
+    src: &str,
+    limits: Limits,
+    print: Print,
+) -> (Result<(), SandboxError>, Duration) {
     let stretches = Stretches::default();
     let env: *mut c_void = (&stretches as *const Stretches).cast_mut().cast();
     let caller = Caller {
         env,
         alive: Some(alive),
     };
-    let outcome = run_to_end(
+    let outcome = run_with(
         src,
+        limits,
+        print,
         caller,
         || {
             stretches
@@ -143,6 +170,10 @@ fn bulk_operations_check_between_pieces() {
         // the buffer's growth and its added values
         format!("{s} local t = table.concat({{s, s, s}})"),
         format!("{s} local t = string.format('%s%s', s, s)"),
+        // a long format: its plain characters were added one by one (`luaL_addchar`), checked
+        // only where the buffer grew
+        format!("{s} local t = string.format(s)"),
+        "local t = string.format(string.rep('\\0', 1 << 25) .. '%d', 1)".to_string(),
         // byte loops paid in advance
         format!("{s} local t = s:upper() t = s:lower() t = s:reverse()"),
         // json's buffer and its result
@@ -241,6 +272,9 @@ fn long_string_compares_check_between_pieces() {
     let s = "local a = string.rep('a', 1 << 27) local b = a:sub(1) ";
     let cases = [
         format!("{s} assert(a == b)"),
+        // `rawequal` (`lua_rawequal`) compared them whole
+        format!("{s} assert(rawequal(a, b))"),
+        format!("{s} b = nil local c = a:sub(2) .. 'b' assert(not rawequal(a, c))"),
         format!("{s} b = nil local c = a:sub(2) .. 'b' assert(a ~= c)"),
         format!("{s} assert(not (a < b) and a <= b)"),
         format!("{s} b = nil local c = a:sub(2) .. 'b' assert(a < c and not (c <= a))"),
@@ -404,6 +438,55 @@ fn reading_a_deep_result_checks_on_the_way_up() {
     }
 }
 
+#[test]
+fn long_tokens_are_read_between_checks() {
+    // The lexer read a token's text a byte at a time (`save`) and charged it once the token
+    // was complete: a 3 MB name or string literal ran ~9 ms with no check (the bounded-ops
+    // suite's `load` of a 500 kB global name: ~1.5 ms). Now a check every 64 KiB of text.
+    let name = "local n = string.rep('x', 3000000) ";
+    let cases = [
+        format!("{name} assert(load('return ' .. n))"),
+        format!("{name} assert(load('return \"' .. n .. '\"'))"),
+        format!("{name} assert(load('return [[' .. n .. ']]'))"),
+    ];
+    let limits = Limits {
+        max_source: 1 << 22,
+        ..big_limits()
+    };
+    for src in cases {
+        let (outcome, longest) = longest_stretch_with(&src, limits, Print::Discard);
+        assert_eq!(outcome, Ok(()), "{src}");
+        eprintln!("{longest:?} between two checks: {src}");
+        assert!(longest < BOUND, "{longest:?} between two checks: {src}");
+    }
+}
+
+#[test]
+fn captured_output_is_copied_between_checks() {
+    // `print` and `io.write` append to the run's output (output.rs): a 64 MiB write was
+    // copied whole into the captured buffer (`extend_from_slice`, ~10-30 ms here: fresh
+    // pages), and the buffer's growth copied everything before it (`Vec` doubling; mimalloc,
+    // the NIF's allocator, moves the block: ~4.5 ms for the suite's 1 MiB `max_output`). Now in
+    // pieces, with a check between two.
+    let limits = Limits {
+        max_output: 1 << 28,
+        ..big_limits()
+    };
+    let s = "local s = string.rep('x', 1 << 26) ";
+    for src in [
+        format!("{s} io.write(s)"),
+        format!("{s} print(s)"),
+        // many writes: the buffer grows to 64 MiB, copied in pieces (freeing the old 32 MiB
+        // block, one `munmap`, is still whole: ~2 ms here)
+        format!("{s} local m = s:sub(1, 1 << 20) for i = 1, 40 do io.write(m) end"),
+    ] {
+        let (outcome, longest) = longest_stretch_with(&src, limits, Print::Capture);
+        assert_eq!(outcome, Ok(()), "{src}");
+        eprintln!("{longest:?} between two checks: {src}");
+        assert!(longest < BOUND, "{longest:?} between two checks: {src}");
+    }
+}
+
 /// Runs `src` with a caller that dies at its `checks`-th liveness check (never: u64::MAX);
 /// returns the outcome and the checks made.
 fn killed_at(src: &str, checks: u64) -> (Result<(), SandboxError>, u64) {
@@ -436,6 +519,8 @@ fn a_kill_at_any_check_of_a_bulk_operation_ends_it() {
         "local t = {} for i = 1, 1 << 20 do t[i] = i end return #t",
         "local a = string.rep('a', 1 << 24) local b = a:sub(1) return a == b",
         "local a = string.rep('a', 1 << 24) local b = a:sub(1) return a <= b",
+        "local a = string.rep('a', 1 << 24) local b = a:sub(1) return rawequal(a, b)",
+        "local s = string.rep('a', 1 << 24) return #string.format(s)",
         "local t = {} for i = 1, 1 << 20 do t[i] = i end for i = 1, 1 << 19 do t[i] = nil end \
          t.x = 1 return t.x",
     ] {

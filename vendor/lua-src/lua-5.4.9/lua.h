@@ -524,6 +524,9 @@ LUA_API size_t (lua_sandboxcopy) (lua_State *L, void *dst, const void *src,
    the run is aborted meanwhile (only where 'luaL_error' could) */
 LUA_API const char *(lua_sandboxpushlstring) (lua_State *L, const char *s,
                                               size_t len);
+/* 'lua_rawequal' comparing long strings in pieces as '==' does; raises when
+   the run is aborted meanwhile (only where 'luaL_error' could) */
+LUA_API int (lua_sandboxrawequal) (lua_State *L, int index1, int index2);
 
 LUA_API int (lua_setcstacklimit) (lua_State *L, unsigned int limit);
 
