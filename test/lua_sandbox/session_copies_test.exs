@@ -57,7 +57,7 @@ defmodule LuaSandbox.SessionCopiesTest do
     {forks, refused} = fork_until_refused(s, 40)
     assert %LuaSandbox.Error{kind: :memory_limit, message: message} = refused
     assert message =~ "state copies need more memory"
-    assert length(forks) >= 2
+    assert length(forks) >= 3
 
     # the same worker holds the session and every fork made, each with its state
     assert %{os_pid: ^os_pid, memory: ^memory} = Session.info(s)
@@ -77,8 +77,14 @@ defmodule LuaSandbox.SessionCopiesTest do
     # without rollback the origin's call needs no copy
     assert {:ok, %{value: 10_000}} = Session.run(s, "return #big", rollback: false)
 
-    # the last fork gone, its image's memory serves the others' calls again
+    # the last forks gone, their images' memory serves the others' calls again. Two, not one:
+    # one image freed is no margin. Since the collector finishes the string table's halving
+    # right after its sweep (bisected, 2026-12-06), the origin's checkpoint below (the same
+    # 16.26 MB as before) was refused after one fork stopped: the copies made in between are
+    # their states' whole used arena prefixes, which move with where the collector leaves
+    # blocks
     :ok = Session.stop(List.last(forks))
+    :ok = Session.stop(Enum.at(forks, -2))
     assert {:ok, %{value: "x10000"}} = Session.run(first, "return big[10000]:sub(-6)")
     assert {:ok, %{value: 10_000}} = Session.run(s, "return #big")
     assert %{os_pid: ^os_pid, calls: 3} = Session.info(s)
