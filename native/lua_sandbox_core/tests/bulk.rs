@@ -143,17 +143,45 @@ fn longest_stretch_with(
 /// (bench/ANALYSIS.md): the string table's rehash for millions of short strings.
 const BOUND: Duration = Duration::from_millis(5);
 
-/// Runs each script to its end; fails naming every one with a stretch of [`BOUND`] or more.
-fn assert_checked_between_pieces(cases: &[String]) {
-    let mut slow = Vec::new();
-    for src in cases {
-        let (outcome, longest) = longest_stretch(src);
-        assert_eq!(outcome, Ok(()), "{src}");
-        eprintln!("{longest:?} between two checks: {src}");
-        if longest >= BOUND {
-            slow.push(format!("{longest:?} between two checks: {src}"));
+/// Tries per measurement: a stretch of [`BOUND`] or more is measured again, and the shortest
+/// counts. A missing check is there on every try (the same work runs between the same two
+/// checks); a loaded machine's stretch is not: CI once measured 5.9 ms for a compare that takes
+/// 1–1.5 ms alone (this file's tests run side by side, each touching hundreds of MiB).
+const TRIES: usize = 3;
+
+/// The shortest of up to [`TRIES`] longest stretches `measure` returns (it stops at the first
+/// under [`BOUND`]); `measure` asserts each try's outcome.
+fn shortest_stretch(mut measure: impl FnMut() -> Duration) -> Duration {
+    let mut shortest = Duration::MAX;
+    for _ in 0..TRIES {
+        shortest = shortest.min(measure());
+        if shortest < BOUND {
+            break;
         }
     }
+    shortest
+}
+
+/// [`longest_stretch_with`] run to its end, `Ok`, with the shortest of [`shortest_stretch`]'s
+/// tries; prints each try.
+fn checked_stretch(src: &str, limits: Limits, print: fn() -> Print) -> Duration {
+    shortest_stretch(|| {
+        let (outcome, longest) = longest_stretch_with(src, limits, print());
+        assert_eq!(outcome, Ok(()), "{src}");
+        eprintln!("{longest:?} between two checks: {src}");
+        longest
+    })
+}
+
+/// Runs each script to its end; fails naming every one with a stretch of [`BOUND`] or more on
+/// each of [`TRIES`] tries.
+fn assert_checked_between_pieces(cases: &[String]) {
+    let slow: Vec<String> = cases
+        .iter()
+        .map(|src| (checked_stretch(src, big_limits(), || Print::Discard), src))
+        .filter(|(longest, _)| *longest >= BOUND)
+        .map(|(longest, src)| format!("{longest:?} between two checks: {src}"))
+        .collect();
     assert!(slow.is_empty(), "{slow:#?}");
 }
 
@@ -480,9 +508,7 @@ fn captured_output_is_copied_between_checks() {
         // block, one `munmap`, is still whole: ~2 ms here)
         format!("{s} local m = s:sub(1, 1 << 20) for i = 1, 40 do io.write(m) end"),
     ] {
-        let (outcome, longest) = longest_stretch_with(&src, limits, Print::Capture);
-        assert_eq!(outcome, Ok(()), "{src}");
-        eprintln!("{longest:?} between two checks: {src}");
+        let longest = checked_stretch(&src, limits, || Print::Capture);
         assert!(longest < BOUND, "{longest:?} between two checks: {src}");
     }
 }
@@ -608,8 +634,6 @@ fn string_table_resizes_in_pieces() {
                local shrunk = collectgarbage('count') \
                assert(grown > 64 * 1024 and shrunk < 2 * 1024, grown .. ' KiB, then ' .. shrunk) \
                return keep";
-    let (outcome, longest) = longest_stretch(src);
-    assert_eq!(outcome, Ok(()));
-    eprintln!("2^21 strings made and collected: longest stretch {longest:?}");
+    let longest = checked_stretch(src, big_limits(), || Print::Discard);
     assert!(longest < BOUND, "{longest:?} between two checks");
 }
