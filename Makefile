@@ -100,7 +100,7 @@ STRETCH_TESTS ?= test/adversarial test/stock
 
 # The feature build has its own target dir and is installed only for this run: the installed
 # library is removed afterwards, so the next build installs the release one again.
-stretch: deps
+stretch: build
 	CARGO_TARGET_DIR=$(STRETCH_TARGET) cargo build --release -p lua_sandbox_nif \
 	  --features lua_sandbox_core/stretch
 	rm -f $(STRETCH_LOG) $(STRETCH_LOG).test priv/native/lua_sandbox_nif.so
