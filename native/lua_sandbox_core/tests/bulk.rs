@@ -654,3 +654,41 @@ fn dead_objects_made_last_are_swept_in_pieces() {
     let longest = checked_stretch(src, big_limits(), || Print::Discard);
     assert!(longest < BOUND, "{longest:?} between two checks");
 }
+
+/// The collector traverses one object and clears one weak table with checks inside (lgc.c
+/// `sbgcpiece`, every 16 384 slots; vendor/lua-src PATCHES.md, "The collector under the
+/// budget"): it paid for an object by its size, one check for the whole object, so one big
+/// table ran between two checks for as long as its traversal took — ~8 ms for 2^21 strings in
+/// the array part, ~50 ms for 2^20 in the hash part, 15–60 ms for weak tables of 2^21 entries
+/// (values, keys, both: traversed, then cleared in the atomic phase) — and a thread's stack
+/// was marked whole.
+#[test]
+fn big_objects_are_traversed_between_checks() {
+    let strings = "local n = 1 << 21 local s = {} for i = 1, n do s[i] = 'k' .. i end ";
+    let cases = [
+        format!("{strings} collectgarbage() collectgarbage()"),
+        "local h = {} for i = 1, 1 << 20 do h[i + 0.5] = 'k' .. i end \
+         collectgarbage() collectgarbage()"
+            .to_string(),
+        format!(
+            "{strings} local w = setmetatable({{}}, {{__mode = 'v'}}) \
+             for i = 1, n do w[i] = {{}} end collectgarbage() collectgarbage()"
+        ),
+        format!(
+            "{strings} local w = setmetatable({{}}, {{__mode = 'k'}}) \
+             for i = 1, n do w[s[i]] = {{}} end s = nil collectgarbage() collectgarbage()"
+        ),
+        format!(
+            "{strings} local w = setmetatable({{}}, {{__mode = 'kv'}}) \
+             for i = 1, n do w[{{}}] = s[i] end collectgarbage() collectgarbage()"
+        ),
+        // a thread's stack: 400 000 strings marked in one loop (`select` copies them again:
+        // a stack holds a million values at most)
+        format!(
+            "{strings} local co = coroutine.wrap(function(...) coroutine.yield() \
+             return select('#', ...) end) co(table.unpack(s, 1, 400000)) s = nil \
+             collectgarbage() collectgarbage() assert(co() == 400000)"
+        ),
+    ];
+    assert_checked_between_pieces(&cases);
+}

@@ -361,6 +361,48 @@ fn a_kill_inside_a_long_key_lookup_leaves_the_table_whole() {
     assert!(killed >= 8, "only {killed} checks in the call");
 }
 
+#[test]
+fn a_kill_inside_an_objects_traversal_leaves_the_heap_whole() {
+    // Without rollback an aborted call's state goes on (protect.rs rule 6). The collector
+    // checks inside one big object's traversal and a weak table's clearing (lgc.c
+    // `sbgcpiece`, every 16 384 slots) and stops there when the run is aborted: a strong table
+    // stopped half-traversed is made gray again (else it stays black over white objects,
+    // which the next cycle frees while they are reachable), a weak table or a thread is
+    // traversed again in the atomic phase anyway, and the atomic phase, stopped, is abandoned
+    // before the white flip. Killed at every check of incremental steps and full collections
+    // over big strong, weak and thread objects, the next call must find every object whole
+    // after its own collections have run and reused the memory.
+    let setup = "a, h = {}, {} \
+                 wv = setmetatable({}, {__mode = 'v'}) wk = setmetatable({}, {__mode = 'k'}) \
+                 for i = 1, 16500 do local o = {i} a[i] = o h[i + 0.5] = 'h' .. i \
+                   wv[i] = o wk[o] = true end \
+                 co = coroutine.wrap(function(...) coroutine.yield() local t = {...} \
+                   for i = 1, #t do assert(t[i][1] == i) end return #t end) \
+                 co(table.unpack(a)) return 0";
+    let collect = "for i = 1, 10 do collectgarbage('step') end \
+                   collectgarbage() collectgarbage() return 0";
+    let check = "for i = 1, 20000 do local x = 'j' .. i end collectgarbage() collectgarbage() \
+                 for i = 1, 20000 do local x = {i} end \
+                 for i = 1, 16500 do local o = a[i] \
+                   assert(o[1] == i and h[i + 0.5] == 'h' .. i and wv[i] == o and wk[o], i) \
+                 end \
+                 local m = 0 for k, v in pairs(wk) do m = m + 1 end assert(m == 16500, m) \
+                 assert(co() == 16500) return 'whole'";
+    let mut killed = 0;
+    for at in 1.. {
+        let Ok(kept) = killed_at(setup, collect, at) else {
+            break;
+        };
+        killed += 1;
+        assert_eq!(
+            finish(&kept, check, false),
+            Ok("whole".into()),
+            "after a kill at check {at}"
+        );
+    }
+    assert!(killed >= 20, "only {killed} checks in the call");
+}
+
 /// Set in the child process that [`copies_that_do_not_fit_are_refused`] runs itself in.
 const BOUNDED_CHILD: &str = "LUA_SANDBOX_TEST_BOUNDED_CHILD";
 

@@ -443,12 +443,38 @@ static void genlink (global_State *g, GCObject *o) {
 ** atomic phase. In the atomic phase, if table has any white value,
 ** put it in 'weak' list, to be cleared.
 */
+/*
+** LUA_SANDBOX: checks inside one big object's traversal or clearing. The
+** collector pays for an object by its size, before or after the loop over
+** its slots ('sbgcpay'), which is one check for the whole object: a table
+** of 2^22 slots ran ~17 ms (array) to ~110 ms (hash part) between two
+** checks. So every SBGCPIECE slots the ticker is asked (a forced check, as
+** 'luaG_sandboxcopy' makes between two pieces of a copy; no debit: the work
+** is paid by the object's size) and the loop stops when the run is aborted.
+** Stopping is safe where it happens: in 'atomic' (an abort returns before
+** the white flip: nothing dies, see 'sbgcpay'), and in the propagation
+** phase for weak tables and threads, which are on 'grayagain' and traversed
+** again, whole, in 'atomic'; a strong table stopped half-traversed is put
+** back on 'grayagain' itself ('traversestrongtable'), so no black object
+** points to a white one. The ticker gets the main thread: the collector does
+** not know the running one, and the ticker only reads the global state (a
+** test build also reads the thread's frames, for its report).
+*/
+#define SBGCPIECE	16384
+
+#define sbgcpiece(g,i)	(((i) & (SBGCPIECE - 1)) == (SBGCPIECE - 1) && \
+                         luaG_sandboxaborted((g)->mainthread))
+
+
 static void traverseweakvalue (global_State *g, Table *h) {
   Node *n, *limit = gnodelast(h);
   /* if there is array part, assume it may have white values (it is not
      worth traversing it now just to check) */
   int hasclears = (h->alimit > 0);
+  unsigned int k = 0;  /* LUA_SANDBOX: slots traversed */
   for (n = gnode(h, 0); n < limit; n++) {  /* traverse hash part */
+    if (sbgcpiece(g, k++))  /* LUA_SANDBOX: aborted? */
+      break;  /* traversed again in 'atomic', or abandoned there */
     if (isempty(gval(n)))  /* entry is empty? */
       clearkey(n);  /* clear its key */
     else {
@@ -486,6 +512,8 @@ static int traverseephemeron (global_State *g, Table *h, int inv) {
   unsigned int nsize = sizenode(h);
   /* traverse array part */
   for (i = 0; i < asize; i++) {
+    if (sbgcpiece(g, i))  /* LUA_SANDBOX: aborted? */
+      goto link;  /* traversed again in 'atomic', or abandoned there */
     if (valiswhite(&h->array[i])) {
       marked = 1;
       reallymarkobject(g, gcvalue(&h->array[i]));
@@ -495,6 +523,8 @@ static int traverseephemeron (global_State *g, Table *h, int inv) {
      (see 'convergeephemerons') */
   for (i = 0; i < nsize; i++) {
     Node *n = inv ? gnode(h, nsize - 1 - i) : gnode(h, i);
+    if (sbgcpiece(g, i))  /* LUA_SANDBOX: aborted? */
+      break;
     if (isempty(gval(n)))  /* entry is empty? */
       clearkey(n);  /* clear its key */
     else if (iscleared(g, gckeyN(n))) {  /* key is not marked (yet)? */
@@ -508,6 +538,7 @@ static int traverseephemeron (global_State *g, Table *h, int inv) {
     }
   }
   /* link table into proper list */
+ link:  /* LUA_SANDBOX */
   if (g->gcstate == GCSpropagate)
     linkgclist(h, g->grayagain);  /* must retraverse it in atomic phase */
   else if (hasww)  /* table has white->white entries? */
@@ -524,9 +555,15 @@ static void traversestrongtable (global_State *g, Table *h) {
   Node *n, *limit = gnodelast(h);
   unsigned int i;
   unsigned int asize = luaH_realasize(h);
-  for (i = 0; i < asize; i++)  /* traverse array part */
+  unsigned int k = 0;  /* LUA_SANDBOX: hash slots traversed */
+  for (i = 0; i < asize; i++) {  /* traverse array part */
+    if (sbgcpiece(g, i))  /* LUA_SANDBOX: aborted? */
+      goto again;
     markvalue(g, &h->array[i]);
+  }
   for (n = gnode(h, 0); n < limit; n++) {  /* traverse hash part */
+    if (sbgcpiece(g, k++))  /* LUA_SANDBOX: aborted? */
+      goto again;
     if (isempty(gval(n)))  /* entry is empty? */
       clearkey(n);  /* clear its key */
     else {
@@ -536,6 +573,9 @@ static void traversestrongtable (global_State *g, Table *h) {
     }
   }
   genlink(g, obj2gco(h));
+  return;
+ again:  /* LUA_SANDBOX: half traversed: gray again, traversed again whole */
+  linkgclist(h, g->grayagain);
 }
 
 
@@ -639,8 +679,13 @@ static int traversethread (global_State *g, lua_State *th) {
     return 1;  /* stack not completely built yet */
   lua_assert(g->gcstate == GCSatomic ||
              th->openupval == NULL || isintwups(th));
-  for (; o < th->top.p; o++)  /* mark live elements in the stack */
+  for (; o < th->top.p; o++) {  /* mark live elements in the stack */
+    /* LUA_SANDBOX: aborted? (the thread is on 'grayagain' in the
+       propagation phase; in 'atomic' the cycle is abandoned) */
+    if (sbgcpiece(g, cast_uint(o - th->stack.p)))
+      return 1 + stacksize(th);
     markvalue(g, s2v(o));
+  }
   for (uv = th->openupval; uv != NULL; uv = uv->u.open.next)
     markobject(g, uv);  /* open upvalues cannot be collected */
   if (g->gcstate == GCSatomic) {  /* final traversal? */
@@ -774,8 +819,11 @@ static void clearbykeys (global_State *g, GCObject *l) {
     Table *h = gco2t(l);
     Node *limit = gnodelast(h);
     Node *n;
+    unsigned int k = 0;  /* LUA_SANDBOX: slots cleared */
     g->sbticks -= cast(l_mem, 1 + (sizenode(h) >> 3));  /* LUA_SANDBOX */
     for (n = gnode(h, 0); n < limit; n++) {
+      if (sbgcpiece(g, k++))  /* LUA_SANDBOX: aborted? ('atomic' stops) */
+        return;
       if (iscleared(g, gckeyN(n)))  /* unmarked key? */
         setempty(gval(n));  /* remove entry */
       if (isempty(gval(n)))  /* is entry empty? */
@@ -799,10 +847,15 @@ static void clearbyvalues (global_State *g, GCObject *l, GCObject *f) {
     g->sbticks -= cast(l_mem, 1 + ((asize + sizenode(h)) >> 3));
     for (i = 0; i < asize; i++) {
       TValue *o = &h->array[i];
+      if (sbgcpiece(g, i))  /* LUA_SANDBOX: aborted? ('atomic' stops) */
+        return;
       if (iscleared(g, gcvalueN(o)))  /* value was collected? */
         setempty(o);  /* remove entry */
     }
+    i = 0;  /* LUA_SANDBOX: counts the hash slots now */
     for (n = gnode(h, 0); n < limit; n++) {
+      if (sbgcpiece(g, i++))  /* LUA_SANDBOX: aborted? ('atomic' stops) */
+        return;
       if (iscleared(g, gcvalueN(gval(n))))  /* unmarked value? */
         setempty(gval(n));  /* remove entry */
       if (isempty(gval(n)))  /* is entry empty? */
