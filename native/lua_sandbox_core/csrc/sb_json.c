@@ -192,8 +192,13 @@ static void enc_number (Enc *e, int idx) {
 static void enc_value (Enc *e, int idx, int depth);
 
 
-/* 1..n with n == #t and exactly n keys: an array */
-static int is_array (lua_State *L, int idx, lua_Integer *n) {
+/*
+** 1..n with n == #t and exactly n keys: an array. Each key is counted as
+** one step: 'lua_next' only debits its scan (a debit never ticks), so a
+** table of 100 000 keys ran ~3 ms between two checks here.
+*/
+static int is_array (Enc *e, int idx, lua_Integer *n) {
+  lua_State *L = e->L;
   lua_Integer count = 0, len;
   if (lua_getmetatable(L, idx)) {
     int marked;
@@ -209,6 +214,7 @@ static int is_array (lua_State *L, int idx, lua_Integer *n) {
   lua_pushnil(L);
   while (lua_next(L, idx)) {
     lua_pop(L, 1);
+    sb_count(L, e->steps, 1);
     if (!lua_isinteger(L, -1) || lua_tointeger(L, -1) < 1
         || lua_tointeger(L, -1) > len) {
       lua_pop(L, 1);
@@ -229,7 +235,7 @@ static void enc_table (Enc *e, int idx, int depth) {
     luaL_error(L, "json.encode: tables nested deeper than %d (or a cycle)",
                e->maxdepth);
   luaL_checkstack(L, 6, "json.encode: nesting");
-  if (is_array(L, idx, &n)) {
+  if (is_array(e, idx, &n)) {
     enc_char(e, '[');
     for (i = 1; i <= n; i++) {
       if (i > 1) enc_char(e, ',');

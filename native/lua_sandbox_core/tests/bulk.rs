@@ -692,3 +692,16 @@ fn big_objects_are_traversed_between_checks() {
     ];
     assert_checked_between_pieces(&cases);
 }
+
+#[test]
+fn json_encode_checks_while_it_scans_a_table() {
+    // `json.encode` first scans a table's keys to tell an array from an object
+    // (csrc/sb_json.c `is_array`) with `lua_next`, which only debits (a debit never ticks):
+    // 27 ms between two checks for 10^6 keys, ~3 ms for 10^5. Now one step per key.
+    let cases = [
+        "local A = {} for i = 1, 1000000 do A[i] = i end local s = json.encode(A)".to_string(),
+        "local A = {} for i = 1, 1000000 do A[i] = i end A[-1] = 1 local s = json.encode(A)"
+            .to_string(),
+    ];
+    assert_checked_between_pieces(&cases);
+}
