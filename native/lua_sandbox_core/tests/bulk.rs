@@ -202,6 +202,8 @@ fn bulk_operations_check_between_pieces() {
         // only where the buffer grew
         format!("{s} local t = string.format(s)"),
         "local t = string.format(string.rep('\\0', 1 << 25) .. '%d', 1)".to_string(),
+        // '%%' escapes, added one by one (`luaL_addchar`), checked only where the buffer grew
+        "local t = string.format(string.rep('%%', 1 << 24))".to_string(),
         // byte loops paid in advance
         format!("{s} local t = s:upper() t = s:lower() t = s:reverse()"),
         // json's buffer and its result

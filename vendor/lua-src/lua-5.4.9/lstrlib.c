@@ -1286,6 +1286,7 @@ static int str_format (lua_State *L) {
   const char *strfrmt = luaL_checklstring(L, arg, &sfl);
   const char *strfrmt_end = strfrmt+sfl;
   const char *flags;
+  size_t escapes = 0;  /* LUA_SANDBOX: '%%' added */
   luaL_Buffer b;
   luaL_buffinit(L, &b);
   while (strfrmt < strfrmt_end) {
@@ -1302,8 +1303,13 @@ static int str_format (lua_State *L) {
       strfrmt += l;
       if (l == LUA_SBPIECE) lua_sandboxcheck(L);
     }
-    else if (*++strfrmt == L_ESC)
+    else if (*++strfrmt == L_ESC) {
       luaL_addchar(&b, *strfrmt++);  /* %% */
+      /* LUA_SANDBOX: and a check every LUA_SBVALUES of them (their bytes are
+         paid by the buffer's growth): 10^6 of them ran ~1.5 ms unchecked */
+      lua_sandboxcheckevery(L, escapes, LUA_SBVALUES);
+      escapes++;
+    }
     else { /* format item */
       char form[MAX_FORMAT];  /* to store the format ('%...') */
       int maxitem = MAX_ITEM;  /* maximum length for the result */
