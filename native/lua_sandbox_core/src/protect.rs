@@ -33,8 +33,11 @@
 //!    aborted call left it, as Lua's own semantics would.
 //! 6. **Stopping early leaves the state consistent**, for that one case: the collector stops
 //!    only between two steps or, in the atomic phase, before the white flip, so nothing is
-//!    freed and the next cycle starts over (`vendor/lua-src/PATCHES.md`, "The collector under
-//!    the budget"); a C function stops by raising (rules 1–4), never by returning half done
+//!    freed and the next cycle starts over; inside one big object's traversal (a check every
+//!    16 384 slots) it stops only where the object is traversed again anyway (a weak table or
+//!    a thread, on `grayagain`; the atomic phase, abandoned), or puts a half-traversed strong
+//!    table back on `grayagain` (`vendor/lua-src/PATCHES.md`, "The collector under the
+//!    budget"); a C function stops by raising (rules 1–4), never by returning half done
 //!    (bulk copies stop at a piece boundary and raise; a string being filled is popped first;
 //!    a table's rehash raises before it touches the table, or undoes its move of the keys
 //!    first: `luaH_resize`; a large stack or array part grows into a new block filled in
