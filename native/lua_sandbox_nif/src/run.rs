@@ -331,7 +331,9 @@ pub(crate) fn begin<'a>(
         Ok(n) => n,
         Err(e) => {
             running.elapsed = t0.elapsed();
-            if fast.is_some_and(|f| f.retry(&e)) {
+            // The error the run would report (`finish_error`): an abort met in the setup is
+            // sticky, whatever error the setup itself returned.
+            if fast.is_some_and(|f| f.retry(&running.outcome(e.clone()))) {
                 return retry_later(env, running);
             }
             return finish_error(env, &mut running, e, None);
