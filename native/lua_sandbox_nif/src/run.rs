@@ -28,7 +28,7 @@ use crate::chunk::CompiledChunk;
 use crate::error::Failure;
 use crate::handles::Handles;
 use crate::marshal::{self, Bounds, Nif};
-use crate::term::{binary_term, list_checked, stats_term};
+use crate::term::{binary_term, stats_term};
 
 /// Options, already validated and defaulted by `LuaSandbox.Options`.
 #[derive(NifMap)]
@@ -468,7 +468,7 @@ fn settle_once<'a>(
                     .map_err(|f| f.into_error("result"));
             lua_sandbox_core::stretch::mark();
             match terms {
-                Ok(terms) => match list_checked(env, &terms) {
+                Ok(terms) => match terms.list(env) {
                     Ok(values) => {
                         session.succeeded();
                         let output = session.scope.output().finish(crate::caller::of(env));
@@ -498,7 +498,7 @@ fn settle_once<'a>(
             match terms {
                 Err(marshal::ArgsError::Refused(message)) => return Settled::Refused(message),
                 Err(marshal::ArgsError::Fatal(e)) => finish_error(env, session, e, None),
-                Ok(terms) => match list_checked(env, &terms) {
+                Ok(terms) => match terms.list(env) {
                     Ok(args) => {
                         return Settled::Answer(Answer::ToolCall(
                             binary_term(env, name.as_bytes()),
