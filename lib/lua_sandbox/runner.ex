@@ -6,7 +6,7 @@ defmodule LuaSandbox.Runner do
 
   require Logger
 
-  alias LuaSandbox.{Chunk, Encoding, Error, Native, Options, Result, Tools, Worker}
+  alias LuaSandbox.{Chunk, Encoding, Error, Native, Options, Pieces, Result, Tools, Worker}
   alias LuaSandbox.Supervisor.Workers
 
   def run(source, opts) do
@@ -148,9 +148,10 @@ defmodule LuaSandbox.Runner do
 
   @doc false
   # Answers a native run's tool calls until it finishes; `tools` is the normalized tools map
-  # (LuaSandbox.Options: name => {fun, spec}).
+  # (LuaSandbox.Options: name => {fun, spec}). The NIF's Lua values are merged from their pieces
+  # here (LuaSandbox.Pieces); a worker's never are in pieces.
   def drive({:tool_call, run, name, args}, tools, opts) do
-    reply = call_tool(name, Map.fetch!(tools, name), args, Encoding.bound(opts))
+    reply = call_tool(name, Map.fetch!(tools, name), Pieces.values(args), Encoding.bound(opts))
 
     run
     |> Native.run_resume(reply)
@@ -166,23 +167,30 @@ defmodule LuaSandbox.Runner do
     |> drive(tools, opts)
   end
 
-  def drive({:worker, _port, _context, {:ok, _, _, _} = answer}, tools, opts),
-    do: {drive(answer, tools, opts), :ok}
+  def drive({:worker, _port, _context, {:ok, _, _, _} = answer}, _tools, opts),
+    do: {finish(answer, opts), :ok}
 
-  def drive({:worker, _port, _context, {:error, {_, _, _, _, _}, _, _} = answer}, tools, opts),
-    do: {drive(answer, tools, opts), :ok}
+  def drive({:worker, _port, _context, {:error, {_, _, _, _, _}, _, _} = answer}, _tools, opts),
+    do: {finish(answer, opts), :ok}
 
   # The worker died (:worker_crashed), did not answer in time, or answered nonsense.
   def drive({:worker, _port, _context, {:broken, error}}, _tools, _opts),
     do: {{:error, error}, :broken}
 
-  def drive({:ok, values, output, stats}, _tools, opts) do
+  def drive({:ok, _, _, _} = answer, _tools, opts), do: answer |> Pieces.answer() |> finish(opts)
+
+  def drive({:error, {_, _, _, _, _}, _, _} = answer, _tools, opts),
+    do: answer |> Pieces.answer() |> finish(opts)
+
+  @doc false
+  # A final answer (the NIF's, merged, or a worker's) as `{:ok, %Result{}}` / `{:error, %Error{}}`.
+  def finish({:ok, values, output, stats}, opts) do
     log_output(output, opts)
     value = List.first(values)
     {:ok, %Result{value: value, values: values, output: output, stats: stats}}
   end
 
-  def drive({:error, {kind, message, line, traceback, value}, output, stats}, _tools, opts) do
+  def finish({:error, {kind, message, line, traceback, value}, output, stats}, opts) do
     log_output(output, opts)
     message = if kind == :timeout, do: Error.timeout_message("run", opts[:timeout]), else: message
     {:error, Error.from_native({kind, message, line, traceback, value}, output, stats)}

@@ -238,6 +238,24 @@ for isolation <- LuaSandbox.Isolation.all() do
         assert_checked(context)
       end
 
+      # One enif_make_map_from_arrays of 2e5 pairs was ~30 ms with no check between (a kill
+      # could not stop it); the NIF builds it in maps of 2 048 pairs with a check between two
+      # and LuaSandbox.Pieces merges them (issue 16). Under `make stretch` this fails without
+      # the pieces (46.8 ms for the result, 46.1 ms for the tool arguments); elsewhere it checks
+      # the map is whole.
+      test "a map of 2e5 keys is built in checked pieces", context do
+        # Made at once (a constructor sized by its values): growing a table key by key
+        # rehashes it whole, a stretch of its own.
+        opts = [max_memory: 64 * @mib, max_instructions: 20_000_000]
+        t = "{x = 0, string.byte(string.rep('a', 2e5), 1, -1)}"
+        expect = fn [v] -> map_size(v) == 200_001 and v["x"] == 0 and v[200_000] == ?a end
+        assert_values("return #{t}", expect, opts)
+
+        echo = [tools: %{echo: fn [m] -> map_size(m) end}] ++ opts
+        assert_values("return tools.echo(#{t})", fn [n] -> n == 200_001 end, echo)
+        assert_checked(context)
+      end
+
       test "a table filling the heap, returned" do
         src = """
         local t = {}

@@ -73,6 +73,19 @@ defmodule LuaSandbox.MarshalCostTest do
     assert n >= 200_000
   end
 
+  # A short run's first attempt (on the caller's scheduler, within 10 000 units) whose slice ran
+  # out while its source was parsed, after globals took most of it: the parser reported the
+  # abort as a syntax error, the attempt was not retried for it, and the run answered the
+  # attempt's :instruction_limit (every n from 9 900 to 10 010, deterministically).
+  test "globals that take the first attempt's slice do not end the run" do
+    for n <- [9_900, 9_950, 9_990, 10_000] do
+      l = Enum.to_list(1..n)
+
+      assert {:ok, %{value: ^n}} =
+               LuaSandbox.run("return #l", globals: %{l: l}, max_instructions: 1_000_000)
+    end
+  end
+
   test "tool arguments and results are charged" do
     tools = %{echo: fn [v] -> v end}
     setup = "local t = {} for i = 1, 100000 do t[i] = i end"

@@ -115,6 +115,128 @@ for isolation <- LuaSandbox.Isolation.all() do
       end
     end
 
+    describe "large maps (more than 2 048 keys: the NIF builds them in pieces)" do
+      # A table with keys of every type, maps of more than one piece nested in maps and lists
+      # (LuaSandbox.Pieces, native/lua_sandbox_nif/src/term.rs `map_checked`).
+      @big """
+      local function big(n, base)
+        local t = {}
+        for i = 1, n do t['k' .. i] = base + i end
+        return t
+      end
+      local t = big(5000, 0)
+      for i = 1, 3000 do t[-i] = i; t[i + 0.5] = -i end
+      t[true] = 'yes'; t[false] = {1, 2}; t[1/0] = 'inf'; t[-1/0] = 'ninf'
+      t.nested = big(3000, 10)
+      t.list = {big(2500, 20), big(10, 30), 7}
+      t.deep = {a = {b = big(4097, 40)}}
+      t.piece = big(2048, 50)
+      t.over = big(2049, 60)
+      """
+
+      defp big(n, base), do: Map.new(1..n, &{"k#{&1}", base + &1})
+
+      defp big_map do
+        big(5000, 0)
+        |> Map.merge(Map.new(1..3000, &{-&1, &1}))
+        |> Map.merge(Map.new(1..3000, &{&1 + 0.5, -&1}))
+        |> Map.merge(%{
+          true => "yes",
+          false => [1, 2],
+          :infinity => "inf",
+          :neg_infinity => "ninf",
+          "nested" => big(3000, 10),
+          "list" => [big(2500, 20), big(10, 30), 7],
+          "deep" => %{"a" => %{"b" => big(4097, 40)}},
+          "piece" => big(2048, 50),
+          "over" => big(2049, 60)
+        })
+      end
+
+      @opts [max_instructions: 100_000_000]
+
+      test "as results, alone, nested and repeated" do
+        expected = big_map()
+
+        assert {:ok, %{values: [^expected, [^expected], %{"x" => ^expected}, 3]}} =
+                 lua_run(@big <> "return t, {t}, {x = t}, 3", @opts)
+      end
+
+      test "as a tool's arguments" do
+        parent = self()
+        echo = fn args -> send(parent, {:args, args}) && map_size(hd(args)) end
+        expected = big_map()
+        src = @big <> "return tools.echo(t, {t}, 2)"
+
+        assert {:ok, %{value: n}} = lua_run(src, [tools: %{echo: echo}] ++ @opts)
+        assert n == map_size(expected)
+        assert_received {:args, [^expected, [^expected], 2]}
+      end
+
+      test "as an error value" do
+        expected = big_map()
+
+        assert {:error, %Error{kind: :runtime, value: ^expected}} =
+                 lua_run(@big <> "error(t)", @opts)
+
+        assert {:error, %Error{value: [^expected]}} = lua_run(@big <> "error({t})", @opts)
+      end
+
+      test "as a session call's results" do
+        {:ok, s} = LuaSandbox.Session.start_link(LuaSandbox.Isolation.opts(@isolation, []))
+        assert {:ok, _} = LuaSandbox.Session.run(s, @big <> "T = t", @opts)
+        expected = big_map()
+        assert {:ok, %{values: [^expected, 1]}} = LuaSandbox.Session.run(s, "return T, 1", @opts)
+        LuaSandbox.Session.stop(s)
+      end
+
+      test "values shaped like the internal tags round-trip exactly" do
+        tagged = [
+          {:"$lua_sandbox_pieces", [%{"a" => 1}, %{"b" => 2}]},
+          {:"$lua_sandbox_walk", %{"a" => {:"$lua_sandbox_term", 1}}},
+          {:"$lua_sandbox_walk", [1, 2]},
+          {:"$lua_sandbox_term", {:"$lua_sandbox_pieces", []}},
+          {:"$lua_sandbox_term", 5},
+          %{"k" => {:"$lua_sandbox_pieces", [%{}]}},
+          [{:"$lua_sandbox_walk", [{:"$lua_sandbox_term", 1}]}],
+          {:"$lua_sandbox_pieces", :not_a_list, :three}
+        ]
+
+        # `b` is a map of pieces: the tables and values beside it are looked into
+        # (LuaSandbox.Pieces), so a handle's term there must not be taken for a tag.
+        b = "local b = {} for i = 1, 3000 do b[-i] = i end "
+        big = Map.new(1..3000, &{-&1, &1})
+
+        for term <- tagged do
+          h = LuaSandbox.handle(term)
+          g = [globals: %{h: h}] ++ @opts
+          # alone, in small tables, beside and inside a table of pieces
+          assert {:ok, %{values: [^term, [^term], %{"h" => ^term}]}} =
+                   lua_run("return h, {h}, {h = h}", g)
+
+          assert {:ok, %{values: [^term, [^term, ^big], %{"h" => ^term, "b" => ^big}, ^big]}} =
+                   lua_run(b <> "return h, {h, b}, {h = h, b = b}, b", g)
+
+          {:ok, %{value: map}} =
+            lua_run(
+              b <> "local t = {h = h, b = b} for i = 1, 5000 do t[i * 2] = {h} end return t",
+              g
+            )
+
+          assert map_size(map) == 5002
+          assert map["h"] == term and map[10_000] == [term] and map["b"] == big
+
+          # as a tool's arguments, and in an error value
+          parent = self()
+          echo = fn args -> send(parent, {:args, args}) && 1 end
+          src = b <> "return tools.echo(h, {h}, b)"
+          assert {:ok, _} = lua_run(src, [tools: %{echo: echo}] ++ g)
+          assert_received {:args, [^term, [^term], ^big]}
+          assert {:error, %Error{value: [^term, ^big]}} = lua_run(b <> "error({h, b})", g)
+        end
+      end
+    end
+
     describe "Lua to Elixir" do
       test "scalars and non-finite floats" do
         assert {:ok, %{values: [nil, true, 1, 1.5, "s"]}} =

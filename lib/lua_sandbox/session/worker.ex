@@ -256,7 +256,7 @@ defmodule LuaSandbox.Session.Worker do
 
           {:ok, {:error, {_, _, _, _, _}, _, _} = failed} ->
             Worker.close(port)
-            Runner.drive(failed, %{}, [])
+            Runner.finish(failed, [])
 
           other ->
             Worker.close(port)

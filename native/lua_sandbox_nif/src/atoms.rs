@@ -46,4 +46,8 @@ rustler::atoms! {
     struct_key = "__struct__",
     handle_struct = "Elixir.LuaSandbox.Handle",
     term,
+    // the tags of a result built in pieces (LuaSandbox.Pieces)
+    tag_pieces = "$lua_sandbox_pieces",
+    tag_walk = "$lua_sandbox_walk",
+    tag_term = "$lua_sandbox_term",
 }

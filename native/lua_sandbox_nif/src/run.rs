@@ -28,7 +28,7 @@ use crate::chunk::CompiledChunk;
 use crate::error::Failure;
 use crate::handles::Handles;
 use crate::marshal::{self, Bounds, Nif};
-use crate::term::{binary_term, list_checked, stats_term};
+use crate::term::{binary_term, stats_term};
 
 /// Options, already validated and defaulted by `LuaSandbox.Options`.
 #[derive(NifMap)]
@@ -331,7 +331,9 @@ pub(crate) fn begin<'a>(
         Ok(n) => n,
         Err(e) => {
             running.elapsed = t0.elapsed();
-            if fast.is_some_and(|f| f.retry(&e)) {
+            // The error the run would report (`finish_error`): an abort met in the setup is
+            // sticky, whatever error the setup itself returned.
+            if fast.is_some_and(|f| f.retry(&running.outcome(e.clone()))) {
                 return retry_later(env, running);
             }
             return finish_error(env, &mut running, e, None);
@@ -466,7 +468,7 @@ fn settle_once<'a>(
                     .map_err(|f| f.into_error("result"));
             lua_sandbox_core::stretch::mark();
             match terms {
-                Ok(terms) => match list_checked(env, &terms) {
+                Ok(terms) => match terms.list(env) {
                     Ok(values) => {
                         session.succeeded();
                         let output = session.scope.output().finish(crate::caller::of(env));
@@ -496,7 +498,7 @@ fn settle_once<'a>(
             match terms {
                 Err(marshal::ArgsError::Refused(message)) => return Settled::Refused(message),
                 Err(marshal::ArgsError::Fatal(e)) => finish_error(env, session, e, None),
-                Ok(terms) => match list_checked(env, &terms) {
+                Ok(terms) => match terms.list(env) {
                     Ok(args) => {
                         return Settled::Answer(Answer::ToolCall(
                             binary_term(env, name.as_bytes()),

@@ -72,6 +72,52 @@ pub fn list_checked<'e>(env: Env<'e>, items: &[Term<'e>]) -> Result<Term<'e>, Ab
     Ok(list)
 }
 
+/// Pairs of a map built in one `enif_make_map_from_arrays` call by [`map_checked`]: 0.41-0.48
+/// ms a piece in the stretch build on a loaded 2-core VM (each piece is a `stretch::mark`).
+/// 1 024 would halve that, but the caller's merge of 10^5 keys took 34 ms instead of 24.
+pub const MAP_PIECE: usize = 2048;
+
+/// `keys` and `values` as a map; `Err(None)` when two keys are the same term. A larger one
+/// than [`MAP_PIECE`] pairs is not one term: it is built as maps of [`MAP_PIECE`] pairs each,
+/// with a check (the kill, the deadline, the budget) between two, and leaves the NIF as
+/// `{:"$lua_sandbox_pieces", [piece, ...]}`, which `LuaSandbox.Pieces` merges in the caller
+/// (`:maps.merge/2`, which yields like any BEAM code). As one `enif_make_map_from_arrays` a map
+/// of 2·10^5 keys was ~30 ms with no check (47 ms in the stretch build), so a kill could not
+/// stop it (issue 16). `wrap` says the values hold tagged terms themselves: each piece is then
+/// `{:"$lua_sandbox_walk", piece}` so the caller looks into it. Keys that are the same term in
+/// two pieces are not noticed (Lua's keys are distinct terms: `LuaSandbox.Pieces`). The pairs
+/// are not charged again: each value was paid when it was read. On an abort, `Err(Some(why))`.
+pub fn map_checked<'e>(
+    env: Env<'e>,
+    keys: &[Term<'e>],
+    values: &[Term<'e>],
+    wrap: bool,
+) -> Result<Term<'e>, Option<Abort>> {
+    if keys.len() <= MAP_PIECE {
+        return Term::map_from_arrays(env, keys, values).map_err(|_| None);
+    }
+    let walk = atoms::tag_walk().encode(env);
+    let mut pieces = Vec::with_capacity(keys.len().div_ceil(MAP_PIECE));
+    for (i, (k, v)) in keys
+        .chunks(MAP_PIECE)
+        .zip(values.chunks(MAP_PIECE))
+        .enumerate()
+    {
+        if i > 0 {
+            budget::charge_and_check(0).map_err(Some)?;
+        }
+        let piece = Term::map_from_arrays(env, k, v).map_err(|_| None)?;
+        lua_sandbox_core::stretch::mark();
+        pieces.push(if wrap {
+            rustler::types::tuple::make_tuple(env, &[walk, piece])
+        } else {
+            piece
+        });
+    }
+    budget::charge_and_check(0).map_err(Some)?;
+    Ok((atoms::tag_pieces(), pieces).encode(env))
+}
+
 /// `%{instructions:, memory_peak:, duration_us:, tool_calls:, cpu_us:, denied:}`, `denied`
 /// being `%{name => count}`.
 pub fn stats_term<'e>(env: Env<'e>, stats: &Stats) -> Term<'e> {
