@@ -336,6 +336,44 @@ fn a_kill_inside_a_stack_growth_leaves_the_stack_whole() {
 }
 
 #[test]
+fn a_kill_inside_a_deep_stacks_move_leaves_it_whole() {
+    // Without rollback an aborted call's state goes on (protect.rs rule 6). A stack's pointers
+    // move to its new block in one walk (ldo.c `movestackpointers`, stock's offsets and back
+    // before). Here a coroutine recurses 34 000 frames deep, growing its stack as it goes;
+    // killed at every check, the next call reuses freed memory, reads the coroutine's frames
+    // (a traceback), lets the collector mark and shrink its stack, and resumes it if it is
+    // still alive. (The walk's own check, every 32 768 pointers, is not reached within this
+    // session's 8 MiB: its last growth walks ~22 000 frames. A kill there finishes the walk
+    // before the old block is freed, the same path as without one.)
+    let setup = "co = coroutine.create(function(n) \
+                   local function f(k) if k == 0 then coroutine.yield('deep') return 0 end \
+                     return 1 + f(k - 1) end \
+                   return f(n) end) return 0";
+    let grow = "local ok, v = coroutine.resume(co, 34000) assert(ok and v == 'deep', v) return 0";
+    let check = "for i = 1, 40 do local z = string.rep('z', 9000 * i) end \
+                 local tb = debug.traceback(co) assert(type(tb) == 'string') \
+                 collectgarbage() collectgarbage() \
+                 if coroutine.status(co) == 'dead' then return 'dead' end \
+                 local ok, v = coroutine.resume(co, 34000) \
+                 if ok and v == 'deep' then ok, v = coroutine.resume(co) end \
+                 return (ok and v == 34000) and 'whole' or tostring(v)";
+    let (mut killed, mut whole) = (0, 0);
+    for at in 1.. {
+        let Ok(kept) = killed_at(setup, grow, at) else {
+            break;
+        };
+        killed += 1;
+        let found = finish(&kept, check, false);
+        assert!(
+            found == Ok("whole".into()) || found == Ok("dead".into()),
+            "after a kill at check {at}: {found:?}"
+        );
+        whole += usize::from(found == Ok("whole".into()));
+    }
+    assert!(killed >= 10, "{killed} checks, {whole} whole");
+}
+
+#[test]
 fn a_kill_inside_a_long_key_lookup_leaves_the_table_whole() {
     // Without rollback an aborted call's state goes on (protect.rs rule 6). A long-string key
     // is hashed and compared in pieces with a check between two (`luaS_hashlongstrc`,

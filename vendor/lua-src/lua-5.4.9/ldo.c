@@ -260,6 +260,52 @@ int luaD_checkminstack (lua_State *L) {
 */
 #define SB_STACKPIECE	cast_int(LUA_SBPIECE / sizeof(StackValue))
 
+
+/*
+** LUA_SANDBOX: the switch to the new block of 'growstackinpieces'. Every
+** pointer into the stack (the top, the to-be-closed list, each open upvalue,
+** each CallInfo's 'func' and 'top') is moved from the old block to the same
+** place in the new one, which holds the same values; stock turns them into
+** offsets and back, two walks over every CallInfo in one go (a recursion
+** ~190 000 deep: ~3 ms with no check). Here one walk, with a non-raising
+** check every LUA_SBVALUES pointers moved: no Lua code runs in between, and
+** the old block is freed only after the walk, so a pointer not yet moved
+** still points to valid memory holding the same values (the ticker reads
+** only the global state; a test build also reads the frames for its report,
+** the same either way). An abort seen on the way does not stop the walk
+** (it is finished, then the switch is made, and the growth raises or
+** answers as any check after it would): undoing would cost as much.
+*/
+static int movestackpointers (lua_State *L, int oldsize, StkId newstack,
+                              int newsize, int raiseerror) {
+  StkId old = L->stack.p;
+  CallInfo *ci;
+  UpVal *up;
+  unsigned int n = 0;
+  int aborted = 0;
+  L->top.p = newstack + (L->top.p - old);
+  L->tbclist.p = newstack + (L->tbclist.p - old);
+  for (up = L->openupval; up != NULL; up = up->u.open.next) {
+    up->v.p = s2v(newstack + (uplevel(up) - old));
+    if (!aborted && (++n & (LUA_SBVALUES - 1)) == 0)
+      aborted = luaG_sandboxaborted(L);
+  }
+  for (ci = L->ci; ci != NULL; ci = ci->previous) {
+    ci->top.p = newstack + (ci->top.p - old);
+    ci->func.p = newstack + (ci->func.p - old);
+    if (isLua(ci))
+      ci->u.l.trap = 1;  /* signal to update 'trap' in 'luaV_execute' */
+    if (!aborted && (++n & (LUA_SBVALUES - 1)) == 0)
+      aborted = luaG_sandboxaborted(L);
+  }
+  luaM_freearray(L, old, cast_sizet(oldsize + EXTRA_STACK));
+  L->stack.p = newstack;
+  L->stack_last.p = newstack + newsize;
+  if (aborted && raiseerror)
+    luaG_sandboxcheck(L);  /* aborts are sticky: this raises */
+  return 1;
+}
+
 static int growstackinpieces (lua_State *L, int oldsize, int newsize,
                               int raiseerror) {
   size_t oldbytes = cast_sizet(oldsize + EXTRA_STACK) * sizeof(StackValue);
@@ -289,12 +335,7 @@ static int growstackinpieces (lua_State *L, int oldsize, int newsize,
         goto aborted;
     }
   }
-  relstack(L);  /* change pointers to offsets (the old stack's) */
-  luaM_freearray(L, L->stack.p, cast_sizet(oldsize + EXTRA_STACK));
-  L->stack.p = newstack;
-  correctstack(L);  /* change offsets back to pointers (the new stack's) */
-  L->stack_last.p = L->stack.p + newsize;
-  return 1;
+  return movestackpointers(L, oldsize, newstack, newsize, raiseerror);
  aborted:  /* nothing refers to the new block: free it, keep the old */
   luaM_freearray(L, newstack, cast_sizet(newsize + EXTRA_STACK));
   if (raiseerror)
@@ -377,12 +418,25 @@ int luaD_growstack (lua_State *L, int n, int raiseerror) {
 ** Compute how much of the stack is being used, by computing the
 ** maximum top of all call frames in the stack and the current top.
 */
+/*
+** LUA_SANDBOX: the walk over every CallInfo (the collector's atomic phase
+** shrinks every thread's stack: ~2 ms for a recursion ~190 000 deep, with no
+** check) checks every LUA_SBVALUES frames, without raising (the collector
+** and error recovery call it); once the run is aborted it answers "all in
+** use", so the stack is not shrunk (shrinking is only an economy), except
+** after a stack overflow, which must shrink back: that walk is stock.
+*/
 static int stackinuse (lua_State *L) {
   CallInfo *ci;
   int res;
+  unsigned int n = 0;  /* LUA_SANDBOX: frames walked */
+  int check = (stacksize(L) <= LUAI_MAXSTACK);  /* LUA_SANDBOX */
   StkId lim = L->top.p;
   for (ci = L->ci; ci != NULL; ci = ci->previous) {
     if (lim < ci->top.p) lim = ci->top.p;
+    if (check && (++n & (LUA_SBVALUES - 1)) == 0 &&  /* LUA_SANDBOX */
+        luaG_sandboxaborted(L))
+      return stacksize(L);  /* aborted: as if all in use (no shrink) */
   }
   lua_assert(lim <= L->stack_last.p + EXTRA_STACK);
   res = cast_int(lim - L->stack.p) + 1;  /* part of stack in use */

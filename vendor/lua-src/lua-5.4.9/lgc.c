@@ -691,8 +691,11 @@ static int traversethread (global_State *g, lua_State *th) {
   if (g->gcstate == GCSatomic) {  /* final traversal? */
     if (!g->gcemergency)
       luaD_shrinkstack(th); /* do not change stack in emergency cycle */
-    for (o = th->top.p; o < th->stack_last.p + EXTRA_STACK; o++)
+    for (o = th->top.p; o < th->stack_last.p + EXTRA_STACK; o++) {
+      if (sbgcpiece(g, cast_uint(o - th->top.p)))  /* LUA_SANDBOX */
+        break;  /* aborted: the cycle is abandoned, nothing dies */
       setnilvalue(s2v(o));  /* clear dead stack slice */
+    }
     /* 'remarkupvals' may have removed thread from 'twups' list */
     if (!isintwups(th) && th->openupval != NULL) {
       th->twups = g->twups;  /* link it back to the list */
