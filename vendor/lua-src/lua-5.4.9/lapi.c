@@ -125,8 +125,25 @@ LUA_API int lua_checkstack (lua_State *L, int n) {
 }
 
 
+/*
+** LUA_SANDBOX: a rotation or a move of ~10^6 stack values ('pcall' and
+** 'table.pack' put a value under all their arguments, a resume moves them
+** to the coroutine) ran with no check. Every LUA_SBVALUES values moved it
+** debits their work and asks the ticker (non-raising: these API functions
+** may not raise, and a half-done move may not stop; an abort it notices
+** raises at the next instruction or charge).
+*/
+l_sinline void sbmovecheck (lua_State *L, unsigned int *n) {
+  if (l_unlikely((++*n & (LUA_SBVALUES - 1)) == 0)) {
+    luaG_sandboxdebit(L, LUA_SBVALUES >> 3);
+    (void)luaG_sandboxaborted(L);
+  }
+}
+
+
 LUA_API void lua_xmove (lua_State *from, lua_State *to, int n) {
   int i;
+  unsigned int moved = 0;  /* LUA_SANDBOX: values moved */
   if (from == to) return;
   lua_lock(to);
   api_checknelems(from, n);
@@ -136,6 +153,7 @@ LUA_API void lua_xmove (lua_State *from, lua_State *to, int n) {
   for (i = 0; i < n; i++) {
     setobjs2s(to, to->top.p, from->top.p + i);
     to->top.p++;  /* stack already checked by previous 'api_check' */
+    sbmovecheck(to, &moved);  /* LUA_SANDBOX */
   }
   lua_unlock(to);
 }
@@ -225,11 +243,13 @@ LUA_API void lua_closeslot (lua_State *L, int idx) {
 ** (We do not move additional fields that may exist.)
 */
 l_sinline void reverse (lua_State *L, StkId from, StkId to) {
+  unsigned int n = 0;  /* LUA_SANDBOX: values swapped */
   for (; from < to; from++, to--) {
     TValue temp;
     setobj(L, &temp, s2v(from));
     setobjs2s(L, from, to);
     setobj2s(L, to, &temp);
+    sbmovecheck(L, &n);  /* LUA_SANDBOX */
   }
 }
 

@@ -642,8 +642,10 @@ l_sinline void moveresults (lua_State *L, StkId res, int nres, int wanted) {
   if (nres > wanted)  /* extra results? */
     nres = wanted;  /* don't need them */
   luaG_sandboxdebit(L, nres >> 3);  /* LUA_SANDBOX: one unit per 8 values */
-  for (i = 0; i < nres; i++)  /* move all results to correct place */
+  for (i = 0; i < nres; i++) {  /* move all results to correct place */
     setobjs2s(L, res + i, firstresult + i);
+    luaG_sandboxpollevery(L, i);  /* LUA_SANDBOX: 10^6 of them: ~1 ms */
+  }
   for (; i < wanted; i++)  /* complete wanted number of results */
     setnilvalue(s2v(res + i));
   L->top.p = res + wanted;  /* top points after the last result */

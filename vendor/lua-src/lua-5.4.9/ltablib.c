@@ -187,13 +187,16 @@ static int tpack (lua_State *L) {
   int n = lua_gettop(L);  /* number of elements to pack */
   lua_sandboxcharge(L, n);  /* LUA_SANDBOX: one unit per element */
   lua_createtable(L, n, 1);  /* create result table */
-  lua_insert(L, 1);  /* put it at index 1 */
+  /* LUA_SANDBOX: the table stays on top and each element is copied into it;
+     stock put it at index 1 first ('lua_insert': a rotation of every element
+     on the stack in one go, ~1.6 ms unchecked for 5e5 of them) */
   for (i = n; i >= 1; i--) {  /* assign elements */
     lua_sandboxcheckevery(L, i, LUA_SBVALUES);  /* LUA_SANDBOX */
-    lua_seti(L, 1, i);
+    lua_pushvalue(L, i);
+    lua_seti(L, -2, i);
   }
   lua_pushinteger(L, n);
-  lua_setfield(L, 1, "n");  /* t.n = number of elements */
+  lua_setfield(L, -2, "n");  /* t.n = number of elements */
   return 1;  /* return table */
 }
 

@@ -264,8 +264,10 @@ void luaT_getvarargs (lua_State *L, CallInfo *ci, StkId where, int wanted) {
     L->top.p = where + nextra;  /* next instruction will need top */
   }
   luaG_sandboxdebit(L, wanted >> 3);  /* LUA_SANDBOX: one unit per 8 values */
-  for (i = 0; i < wanted && i < nextra; i++)
+  for (i = 0; i < wanted && i < nextra; i++) {
     setobjs2s(L, where + i, ci->func.p - nextra + i);
+    luaG_sandboxpollevery(L, i);  /* LUA_SANDBOX */
+  }
   for (; i < wanted; i++)   /* complete required results with nil */
     setnilvalue(s2v(where + i));
 }
