@@ -757,6 +757,11 @@ fn moving_a_long_stack_segment_checks_between_pieces() {
     let s = "local s = {} for i = 1, 900000 do s[i] = i end ";
     let cases = [
         format!("{s} local t = table.pack(table.unpack(s)) assert(t.n == 900000)"),
+        // a Lua function's results, moved back over its own frame (`moveresults`)
+        format!(
+            "{s} local function f() return table.unpack(s) end \
+             local t = table.pack(f()) assert(t.n == 900000)"
+        ),
         format!(
             "{s} local ok, a = pcall(function(a) return a end, table.unpack(s)) assert(a == 1)"
         ),

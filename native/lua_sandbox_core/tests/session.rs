@@ -336,6 +336,46 @@ fn a_kill_inside_a_stack_growth_leaves_the_stack_whole() {
 }
 
 #[test]
+fn a_kill_inside_the_atomic_phase_keeps_threads_with_open_upvalues_listed() {
+    // Without rollback an aborted call's state goes on (protect.rs rule 6). Stock
+    // `remarkupvals` takes every thread not marked yet off the list of threads with open
+    // upvalues (`twups`) and `traversethread` puts back those marked later in the atomic
+    // phase; an abort in between left a live coroutine off the list for good, and once it
+    // died, the value of its open upvalue, still reachable through a closure, was freed (lgc.c
+    // `sbunlinkthreads` now takes threads off only at the end of the atomic phase). Here each
+    // step makes a coroutine with an open upvalue, kept only by a table already traversed (so
+    // marked after `remarkupvals`, with the table, in the atomic phase), and writes a big
+    // table (traversed again there, with a check every 16 384 slots); killed at every check,
+    // the next call drops the coroutines, collects, reuses the memory and reads the upvalues.
+    // It does not go red without the fix (checked): no kill was seen to land in that window,
+    // or the freed values were not yet overwritten. The fix rests on the reasoning above; this
+    // test on the heap staying whole under kills at every check of such steps.
+    let setup = "big, H, C = {}, {}, {} for i = 1, 20000 do big[i] = {} end return 0";
+    let collect = "for i = 1, 40 do collectgarbage('step', 32) \
+                     local co = coroutine.create(function() local x = {tag = 'alive'} \
+                       coroutine.yield(function() return x.tag end) end) \
+                     local _, f = coroutine.resume(co) C[i], H[i], big[i] = f, co, {} \
+                   end return 0";
+    let check = "H = nil collectgarbage() collectgarbage() \
+                 for i = 1, 20000 do local t = {tag = 'junk'} end \
+                 for i, f in pairs(C) do local v = f() if v ~= 'alive' then return v end end \
+                 return 'alive'";
+    let mut killed = 0;
+    for at in 1.. {
+        let Ok(kept) = killed_at(setup, collect, at) else {
+            break;
+        };
+        killed += 1;
+        assert_eq!(
+            finish(&kept, check, false),
+            Ok("alive".into()),
+            "after a kill at check {at}"
+        );
+    }
+    assert!(killed >= 20, "only {killed} checks in the call");
+}
+
+#[test]
 fn a_kill_inside_a_deep_stacks_move_leaves_it_whole() {
     // Without rollback an aborted call's state goes on (protect.rs rule 6). A stack's pointers
     // move to its new block in one walk (ldo.c `movestackpointers`, stock's offsets and back

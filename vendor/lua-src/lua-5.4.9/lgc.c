@@ -364,19 +364,26 @@ static lu_mem markbeingfnz (global_State *g) {
 ** upvalues, as they have nothing to be checked. (If the thread gets an
 ** upvalue later, it will be linked in the list again.)
 */
+/*
+** LUA_SANDBOX: stock also removes here every thread not marked yet (or
+** without upvalues) from 'twups', and 'traversethread' links back those
+** marked later in 'atomic'. An abort between the two (anywhere in 'atomic'
+** after this) left a live thread with open upvalues out of the list for
+** good: a later cycle, that thread dead, would not mark the values of its
+** upvalues still reachable through closures, and free them. So the removal
+** is made at the end of 'atomic', after its last abort point
+** ('sbunlinkthreads'), when the marks are final: what it removes is what
+** stock has removed and not linked back by then.
+*/
 static int remarkupvals (global_State *g) {
   lua_State *thread;
-  lua_State **p = &g->twups;
   int work = 0;  /* estimate of how much work was done here */
-  while ((thread = *p) != NULL) {
+  for (thread = g->twups; thread != NULL; thread = thread->twups) {
     work++;
-    if (!iswhite(thread) && thread->openupval != NULL)
-      p = &thread->twups;  /* keep marked thread with upvalues in the list */
-    else {  /* thread is not marked or without upvalues */
+    if (iswhite(thread) || thread->openupval == NULL) {
+      /* thread is not marked or without upvalues */
       UpVal *uv;
       lua_assert(!isold(thread) || thread->openupval == NULL);
-      *p = thread->twups;  /* remove thread from the list */
-      thread->twups = thread;  /* mark that it is out of list */
       for (uv = thread->openupval; uv != NULL; uv = uv->u.open.next) {
         lua_assert(getage(uv) <= getage(thread));
         work++;
@@ -388,6 +395,21 @@ static int remarkupvals (global_State *g) {
     }
   }
   return work;
+}
+
+
+/* LUA_SANDBOX: the removal half of stock 'remarkupvals' (see above) */
+static void sbunlinkthreads (global_State *g) {
+  lua_State *thread;
+  lua_State **p = &g->twups;
+  while ((thread = *p) != NULL) {
+    if (!iswhite(thread) && thread->openupval != NULL)
+      p = &thread->twups;  /* keep marked thread with upvalues in the list */
+    else {  /* thread is not marked or without upvalues */
+      *p = thread->twups;  /* remove thread from the list */
+      thread->twups = thread;  /* mark that it is out of list */
+    }
+  }
 }
 
 
@@ -1684,6 +1706,7 @@ static lu_mem atomic (lua_State *L) {
   clearbyvalues(g, g->weak, origweak);
   clearbyvalues(g, g->allweak, origall);
   sbstop(sbgcpay(L, &acc, 0));  /* LUA_SANDBOX: still before the flip */
+  sbunlinkthreads(g);  /* LUA_SANDBOX: no abort point after this */
   luaS_clearcache(g);
   g->currentwhite = cast_byte(otherwhite(g));  /* flip current white */
   lua_assert(g->gray == NULL);
