@@ -150,12 +150,12 @@ const BOUND: Duration = Duration::from_millis(5);
 const TRIES: usize = 3;
 
 /// The shortest of up to [`TRIES`] longest stretches `measure` returns (it stops at the first
-/// under [`BOUND`]); `measure` asserts each try's outcome.
-fn shortest_stretch(mut measure: impl FnMut() -> Duration) -> Duration {
+/// under `bound`); `measure` asserts each try's outcome.
+fn shortest_stretch(bound: Duration, mut measure: impl FnMut() -> Duration) -> Duration {
     let mut shortest = Duration::MAX;
     for _ in 0..TRIES {
         shortest = shortest.min(measure());
-        if shortest < BOUND {
+        if shortest < bound {
             break;
         }
     }
@@ -163,9 +163,19 @@ fn shortest_stretch(mut measure: impl FnMut() -> Duration) -> Duration {
 }
 
 /// [`longest_stretch_with`] run to its end, `Ok`, with the shortest of [`shortest_stretch`]'s
-/// tries; prints each try.
+/// tries against [`BOUND`]; prints each try.
 fn checked_stretch(src: &str, limits: Limits, print: fn() -> Print) -> Duration {
-    shortest_stretch(|| {
+    checked_stretch_within(src, limits, print, BOUND)
+}
+
+/// [`checked_stretch`], trying again while a stretch is `bound` or more.
+fn checked_stretch_within(
+    src: &str,
+    limits: Limits,
+    print: fn() -> Print,
+    bound: Duration,
+) -> Duration {
+    shortest_stretch(bound, || {
         let (outcome, longest) = longest_stretch_with(src, limits, print());
         assert_eq!(outcome, Ok(()), "{src}");
         eprintln!("{longest:?} between two checks: {src}");
@@ -176,31 +186,22 @@ fn checked_stretch(src: &str, limits: Limits, print: fn() -> Print) -> Duration 
 /// Runs each script to its end; fails naming every one with a stretch of [`BOUND`] or more on
 /// each of [`TRIES`] tries.
 fn assert_checked_between_pieces(cases: &[String]) {
+    assert_checked_within(cases, BOUND);
+}
+
+/// [`assert_checked_between_pieces`] against `bound`: for work shorter than [`BOUND`] even
+/// without its checks.
+fn assert_checked_within(cases: &[String], bound: Duration) {
     let slow: Vec<String> = cases
         .iter()
-        .map(|src| (checked_stretch(src, big_limits(), || Print::Discard), src))
-        .filter(|(longest, _)| *longest >= BOUND)
+        .map(|src| {
+            let longest = checked_stretch_within(src, big_limits(), || Print::Discard, bound);
+            (longest, src)
+        })
+        .filter(|(longest, _)| *longest >= bound)
         .map(|(longest, src)| format!("{longest:?} between two checks: {src}"))
         .collect();
     assert!(slow.is_empty(), "{slow:#?}");
-}
-
-/// Like [`assert_checked_between_pieces`] for work shorter than [`BOUND`] even without its
-/// checks: each script's shortest of [`TRIES`] longest stretches must be under `bound`.
-fn assert_checked_within(cases: &[String], bound: Duration) {
-    for src in cases {
-        let mut shortest = Duration::MAX;
-        for _ in 0..TRIES {
-            let (outcome, longest) = longest_stretch(src);
-            assert_eq!(outcome, Ok(()), "{src}");
-            eprintln!("{longest:?} between two checks: {src}");
-            shortest = shortest.min(longest);
-            if shortest < bound {
-                break;
-            }
-        }
-        assert!(shortest < bound, "{shortest:?} between two checks: {src}");
-    }
 }
 
 #[test]

@@ -186,6 +186,26 @@ fn killed_at(setup: &str, src: &str, at: u64) -> Result<Kept, ()> {
     Ok(kept)
 }
 
+/// Kills `src` (rollback off, in a new session set up by `setup`) at each of its checks in
+/// turn, and hands what `check` then answers in the session left behind to `seen`, with the
+/// check the kill came at; returns how many checks the call made.
+fn after_each_kill(
+    setup: &str,
+    src: &str,
+    check: &str,
+    mut seen: impl FnMut(u64, Result<String, ()>),
+) -> u64 {
+    let mut killed = 0;
+    for at in 1.. {
+        let Ok(kept) = killed_at(setup, src, at) else {
+            break;
+        };
+        killed += 1;
+        seen(at, finish(&kept, check, false));
+    }
+    killed
+}
+
 #[test]
 fn a_kill_inside_a_rehash_leaves_the_table_whole() {
     // Without rollback an aborted call's state goes on (protect.rs rule 6). A rehash checks
@@ -197,18 +217,9 @@ fn a_kill_inside_a_rehash_leaves_the_table_whole() {
     let check = "local n = 0 for k, v in pairs(t) do n = n + 1 assert(v == k - 0.5) end \
                  for i = 1, n do assert(t[i + 0.5] == i) end \
                  return (n == done or n == done + 1) and 'whole' or n .. ' of ' .. done";
-    let mut killed = 0;
-    for at in 1.. {
-        let Ok(kept) = killed_at(setup, grow, at) else {
-            break;
-        };
-        killed += 1;
-        assert_eq!(
-            finish(&kept, check, false),
-            Ok("whole".into()),
-            "after a kill at check {at}"
-        );
-    }
+    let killed = after_each_kill(setup, grow, check, |at, found| {
+        assert_eq!(found, Ok("whole".into()), "after a kill at check {at}")
+    });
     assert!(killed >= 20, "only {killed} checks in the call");
 }
 
@@ -241,18 +252,13 @@ fn a_kill_inside_a_string_table_resize_leaves_it_whole() {
                  local n = 0 for s in pairs(u) do n = n + 1 end \
                  return (n == done or n == done + 1) and 'whole' or n .. ' of ' .. done";
     for (setup, resize) in cases {
-        let mut killed = 0;
-        for at in 1.. {
-            let Ok(kept) = killed_at(setup, resize, at) else {
-                break;
-            };
-            killed += 1;
+        let killed = after_each_kill(setup, resize, check, |at, found| {
             assert_eq!(
-                finish(&kept, check, false),
+                found,
                 Ok("whole".into()),
                 "{resize}: after a kill at check {at}"
-            );
-        }
+            )
+        });
         assert!(killed >= 20, "{resize}: only {killed} checks in the call");
     }
 }
@@ -279,18 +285,13 @@ fn a_kill_inside_an_array_growth_leaves_the_table_whole() {
              for i = 1, {hashed} do assert(t[i + 0.5] == -i) end \
              n = n - {hashed} return (n == done or n == done + 1) and 'whole' or n .. ' of ' .. done"
         );
-        let mut killed = 0;
-        for at in 1.. {
-            let Ok(kept) = killed_at(&setup, grow, at) else {
-                break;
-            };
-            killed += 1;
+        let killed = after_each_kill(&setup, grow, &check, |at, found| {
             assert_eq!(
-                finish(&kept, &check, false),
+                found,
                 Ok("whole".into()),
                 "{hashed} hashed, after a kill at check {at}"
-            );
-        }
+            )
+        });
         assert!(killed >= 20, "only {killed} checks in the call");
     }
 }
@@ -319,19 +320,14 @@ fn a_kill_inside_a_stack_growth_leaves_the_stack_whole() {
     let check = "local ok, n = coroutine.resume(co) \
                  if ok and n == 20000 then return 'whole' end \
                  return n == 'cannot resume dead coroutine' and 'dead' or tostring(n)";
-    let (mut killed, mut whole) = (0, 0);
-    for at in 1.. {
-        let Ok(kept) = killed_at(setup, grow, at) else {
-            break;
-        };
-        killed += 1;
-        let found = finish(&kept, check, false);
+    let mut whole = 0;
+    let killed = after_each_kill(setup, grow, check, |at, found| {
         assert!(
             found == Ok("whole".into()) || found == Ok("dead".into()),
             "after a kill at check {at}: {found:?}"
         );
         whole += usize::from(found == Ok("whole".into()));
-    }
+    });
     assert!(killed >= 10 && whole >= 5, "{killed} checks, {whole} whole");
 }
 
@@ -360,18 +356,9 @@ fn a_kill_inside_the_atomic_phase_keeps_threads_with_open_upvalues_listed() {
                  for i = 1, 20000 do local t = {tag = 'junk'} end \
                  for i, f in pairs(C) do local v = f() if v ~= 'alive' then return v end end \
                  return 'alive'";
-    let mut killed = 0;
-    for at in 1.. {
-        let Ok(kept) = killed_at(setup, collect, at) else {
-            break;
-        };
-        killed += 1;
-        assert_eq!(
-            finish(&kept, check, false),
-            Ok("alive".into()),
-            "after a kill at check {at}"
-        );
-    }
+    let killed = after_each_kill(setup, collect, check, |at, found| {
+        assert_eq!(found, Ok("alive".into()), "after a kill at check {at}")
+    });
     assert!(killed >= 20, "only {killed} checks in the call");
 }
 
@@ -397,19 +384,14 @@ fn a_kill_inside_a_deep_stacks_move_leaves_it_whole() {
                  local ok, v = coroutine.resume(co, 34000) \
                  if ok and v == 'deep' then ok, v = coroutine.resume(co) end \
                  return (ok and v == 34000) and 'whole' or tostring(v)";
-    let (mut killed, mut whole) = (0, 0);
-    for at in 1.. {
-        let Ok(kept) = killed_at(setup, grow, at) else {
-            break;
-        };
-        killed += 1;
-        let found = finish(&kept, check, false);
+    let mut whole = 0;
+    let killed = after_each_kill(setup, grow, check, |at, found| {
         assert!(
             found == Ok("whole".into()) || found == Ok("dead".into()),
             "after a kill at check {at}: {found:?}"
         );
         whole += usize::from(found == Ok("whole".into()));
-    }
+    });
     assert!(killed >= 10, "{killed} checks, {whole} whole");
 }
 
@@ -424,18 +406,9 @@ fn a_kill_inside_a_long_key_lookup_leaves_the_table_whole() {
     let change = "t[k] = 2 t[big .. 'y'] = 2 return 0";
     let check = "t[k] = 3 local n = 0 for _ in pairs(t) do n = n + 1 end \
                  return n .. ' ' .. t[big .. 'x'] .. ' ' .. (t[big .. 'y'] > 0 and 'y' or '?')";
-    let mut killed = 0;
-    for at in 1.. {
-        let Ok(kept) = killed_at(setup, change, at) else {
-            break;
-        };
-        killed += 1;
-        assert_eq!(
-            finish(&kept, check, false),
-            Ok("2 3 y".into()),
-            "after a kill at check {at}"
-        );
-    }
+    let killed = after_each_kill(setup, change, check, |at, found| {
+        assert_eq!(found, Ok("2 3 y".into()), "after a kill at check {at}")
+    });
     assert!(killed >= 8, "only {killed} checks in the call");
 }
 
@@ -466,18 +439,9 @@ fn a_kill_inside_an_objects_traversal_leaves_the_heap_whole() {
                  end \
                  local m = 0 for k, v in pairs(wk) do m = m + 1 end assert(m == 16500, m) \
                  assert(co() == 16500) return 'whole'";
-    let mut killed = 0;
-    for at in 1.. {
-        let Ok(kept) = killed_at(setup, collect, at) else {
-            break;
-        };
-        killed += 1;
-        assert_eq!(
-            finish(&kept, check, false),
-            Ok("whole".into()),
-            "after a kill at check {at}"
-        );
-    }
+    let killed = after_each_kill(setup, collect, check, |at, found| {
+        assert_eq!(found, Ok("whole".into()), "after a kill at check {at}")
+    });
     assert!(killed >= 20, "only {killed} checks in the call");
 }
 
