@@ -63,12 +63,11 @@ LUAI_FUNC void luaG_sandboxtick (lua_State *L, const Instruction *pc);
 LUAI_FUNC void luaG_sandboxcharge (lua_State *L, l_mem n);
 LUAI_FUNC void luaG_sandboxmemerr (lua_State *L);
 LUAI_FUNC int luaG_sandboxaborted (lua_State *L);
-/* LUA_SANDBOX: a non-raising check at every LUA_SBVALUES-th step 'i' of a
-   loop that may not stop (moving values on the stack): an abort it notices
-   raises at the next instruction or charge */
-#define luaG_sandboxpollevery(L,i)  \
-  { if (l_unlikely((((i) + 1) & (LUA_SBVALUES - 1)) == 0))  \
-      (void)luaG_sandboxaborted(L); }
+/* LUA_SANDBOX: at every n-th step 'i' (n a power of 2) of a loop that may
+   not raise, asks the ticker ('lua_sandboxcheckevery' for loops that may);
+   true when the run is aborted (the next instruction or charge raises) */
+#define luaG_sandboxabortedevery(L,i,n)  \
+  (l_unlikely((((i) + 1) & ((n) - 1)) == 0) && luaG_sandboxaborted(L))
 LUAI_FUNC void luaG_sandboxcheck (lua_State *L);
 LUAI_FUNC size_t luaG_sandboxcopy (lua_State *L, void *dst, const void *src,
                                    size_t n);

@@ -287,16 +287,16 @@ static int movestackpointers (lua_State *L, int oldsize, StkId newstack,
   L->tbclist.p = newstack + (L->tbclist.p - old);
   for (up = L->openupval; up != NULL; up = up->u.open.next) {
     up->v.p = s2v(newstack + (uplevel(up) - old));
-    if (!aborted && (++n & (LUA_SBVALUES - 1)) == 0)
-      aborted = luaG_sandboxaborted(L);
+    if (!aborted)
+      aborted = luaG_sandboxabortedevery(L, n++, LUA_SBVALUES);
   }
   for (ci = L->ci; ci != NULL; ci = ci->previous) {
     ci->top.p = newstack + (ci->top.p - old);
     ci->func.p = newstack + (ci->func.p - old);
     if (isLua(ci))
       ci->u.l.trap = 1;  /* signal to update 'trap' in 'luaV_execute' */
-    if (!aborted && (++n & (LUA_SBVALUES - 1)) == 0)
-      aborted = luaG_sandboxaborted(L);
+    if (!aborted)
+      aborted = luaG_sandboxabortedevery(L, n++, LUA_SBVALUES);
   }
   luaM_freearray(L, old, cast_sizet(oldsize + EXTRA_STACK));
   L->stack.p = newstack;
@@ -434,8 +434,7 @@ static int stackinuse (lua_State *L) {
   StkId lim = L->top.p;
   for (ci = L->ci; ci != NULL; ci = ci->previous) {
     if (lim < ci->top.p) lim = ci->top.p;
-    if (check && (++n & (LUA_SBVALUES - 1)) == 0 &&  /* LUA_SANDBOX */
-        luaG_sandboxaborted(L))
+    if (check && luaG_sandboxabortedevery(L, n++, LUA_SBVALUES))
       return stacksize(L);  /* aborted: as if all in use (no shrink) */
   }
   lua_assert(lim <= L->stack_last.p + EXTRA_STACK);
@@ -651,7 +650,7 @@ l_sinline void moveresults (lua_State *L, StkId res, int nres, int wanted) {
     setobj(L, &first, s2v(firstresult));
     for (i = 1; i < nres; i++) {
       setobjs2s(L, res + i, firstresult + i);
-      luaG_sandboxpollevery(L, i);
+      (void)luaG_sandboxabortedevery(L, i, LUA_SBVALUES);
     }
     setobj2s(L, res, &first);
   }

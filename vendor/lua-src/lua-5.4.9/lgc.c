@@ -484,8 +484,7 @@ static void genlink (global_State *g, GCObject *o) {
 */
 #define SBGCPIECE	16384
 
-#define sbgcpiece(g,i)	(((i) & (SBGCPIECE - 1)) == (SBGCPIECE - 1) && \
-                         luaG_sandboxaborted((g)->mainthread))
+#define sbgcpiece(g,i)	luaG_sandboxabortedevery((g)->mainthread, i, SBGCPIECE)
 
 
 static void traverseweakvalue (global_State *g, Table *h) {

@@ -266,7 +266,7 @@ void luaT_getvarargs (lua_State *L, CallInfo *ci, StkId where, int wanted) {
   luaG_sandboxdebit(L, wanted >> 3);  /* LUA_SANDBOX: one unit per 8 values */
   for (i = 0; i < wanted && i < nextra; i++) {
     setobjs2s(L, where + i, ci->func.p - nextra + i);
-    luaG_sandboxpollevery(L, i);  /* LUA_SANDBOX */
+    (void)luaG_sandboxabortedevery(L, i, LUA_SBVALUES);  /* LUA_SANDBOX */
   }
   for (; i < wanted; i++)   /* complete required results with nil */
     setnilvalue(s2v(where + i));
