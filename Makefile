@@ -50,7 +50,7 @@ clippy:
 cargo-test:
 	cargo test --release
 	CARGO_TARGET_DIR=$(STRETCH_TARGET) LUA_SANDBOX_STRETCH_LOG=$(CURDIR)/$(STRETCH_TARGET)/cargo-test.log \
-	  cargo test --release -p lua_sandbox_core --features stretch --test bulk --test session
+	  cargo test --release -p lua_sandbox_core --features stretch --test bulk --test deep --test session
 
 mix-test: deps
 	$(TEST_ENV) mix compile --warnings-as-errors

@@ -661,18 +661,23 @@ static void pushfuncname (lua_State *L, lua_Debug *ar) {
 }
 
 
-static int lastlevel (lua_State *L) {
+/*
+** The last level of L1's stack (0 if it has none). Stock searches it with
+** 'lua_getstack' (a walk from the top each time) doubling then bisecting:
+** ~36 walks over a recursion ~170 000 deep, 7-10 ms for one error's
+** traceback. One walk here, a unit a level charged to the running thread
+** L, which raises when the run is aborted (a C function's context).
+*/
+static int lastlevel (lua_State *L, lua_State *L1) {
   lua_Debug ar;
-  int li = 1, le = 1;
-  /* find an upper bound */
-  while (lua_getstack(L, le, &ar)) { li = le; le *= 2; }
-  /* do a binary search */
-  while (li < le) {
-    int m = (li + le)/2;
-    if (lua_getstack(L, m, &ar)) li = m + 1;
-    else le = m;
+  int last = 0;
+  if (!lua_getstack(L1, 0, &ar))
+    return 0;
+  while (lua_sandboxnextlevel(L1, &ar)) {
+    last++;
+    lua_sandboxcharge(L, 1);
   }
-  return le - 1;
+  return last;
 }
 
 
@@ -684,8 +689,9 @@ static void sb_traceback (lua_State *L, lua_State *L1,
                           const char *msg, int level) {
   luaL_Buffer b;
   lua_Debug ar;
-  int last = lastlevel(L1);
+  int last = lastlevel(L, L1);
   int limit2show;
+  int found;
   if (sb_is_main(L, L1))
     last--;  /* the runner */
   limit2show = (last - level > LEVELS1 + LEVELS2) ? LEVELS1 : -1;
@@ -695,12 +701,18 @@ static void sb_traceback (lua_State *L, lua_State *L1,
     luaL_addchar(&b, '\n');
   }
   luaL_addstring(&b, "stack traceback:");
-  while (level <= last && lua_getstack(L1, level++, &ar)) {
+  /* LUA_SANDBOX: each level after the first is the one below the last
+     ('lua_sandboxnextlevel'), not a walk from the top ('lua_getstack') */
+  found = (level <= last) && lua_getstack(L1, level, &ar);
+  while (found) {
+    level++;
     if (limit2show-- == 0) {  /* too many levels? */
       int n = last - level - LEVELS2 + 1;  /* number of levels to skip */
       lua_pushfstring(L, "\n\t...\t(skipping %d levels)", n);
       luaL_addvalue(&b);  /* add warning about skip */
       level += n;  /* and skip to last levels */
+      found = (level <= last) && lua_getstack(L1, level, &ar);
+      continue;
     }
     else {
       lua_getinfo(L1, "Slnt", &ar);
@@ -713,6 +725,7 @@ static void sb_traceback (lua_State *L, lua_State *L1,
       luaL_addvalue(&b);
       if (ar.istailcall)
         luaL_addstring(&b, "\n\t(...tail calls...)");
+      found = (level <= last) && lua_sandboxnextlevel(L1, &ar);
     }
   }
   luaL_pushresult(&b);

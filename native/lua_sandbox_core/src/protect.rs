@@ -48,6 +48,11 @@
 //!    its compare, done in pieces) says "absent", leaving the key unhashed; nothing can act on
 //!    either (the next instruction or charge raises, and an insert of a long key checks for
 //!    the abort before touching the table: `luaH_finishset`).
+//!    Walks along a deep recursion's lists (a check every 4 096 steps: `SB_WALKPIECE`) answer
+//!    early where the answer leaves a state stock Lua reaches: the search for a `pcall` says
+//!    "none" (the error ends the coroutine, as one outside any `pcall` does), `lua_getstack`
+//!    says "no such level"; the others finish (moving or closing pointers into a stack, freeing
+//!    a thread), as an upvalue left open or a pointer left behind would outlive its stack.
 //!    Reading the error, the stats and the output after an abort is always fine.
 
 use std::ffi::{c_int, c_void, CStr};

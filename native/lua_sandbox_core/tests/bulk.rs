@@ -5,9 +5,10 @@
 //! check) records the longest stretch of the run thread's CPU time between two checks.
 
 mod common;
+mod stretches;
 
-use std::ffi::{c_int, c_void};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::ffi::c_int;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use lua_sandbox_core::budget::thread_cpu;
@@ -21,188 +22,7 @@ use lua_sandbox_core::marshal::{read_values, Bounds, Fail, Sink, Tally};
 use lua_sandbox_core::output::Print;
 use lua_sandbox_core::{pool, stack};
 
-/// The longest stretch between two liveness checks, in thread CPU ns.
-#[derive(Default)]
-struct Stretches {
-    last: AtomicU64,
-    longest: AtomicU64,
-}
-
-unsafe fn alive(env: *mut c_void) -> bool {
-    // SAFETY: `env` points at the test's `Stretches`, alive for the run.
-    let s = unsafe { &*env.cast::<Stretches>() };
-    let now = thread_cpu().as_nanos() as u64;
-    let last = s.last.swap(now, Ordering::Relaxed);
-    s.longest
-        .fetch_max(now.saturating_sub(last), Ordering::Relaxed);
-    true
-}
-
-/// Runs `src` to its end in a fresh slot for `caller`: `started` runs just before the script,
-/// `finished` just after it (before the slot is given back).
-fn run_to_end(
-    src: &str,
-    caller: Caller,
-    started: impl FnOnce(),
-    finished: impl FnOnce(),
-) -> Result<(), SandboxError> {
-    run_with(src, big_limits(), Print::Discard, caller, started, finished)
-}
-
-/// Room for the bulk cases: a budget no case reaches, 512 MiB of memory.
-fn big_limits() -> Limits {
-    Limits {
-        max_instructions: 1 << 40,
-        max_memory: 512 << 20,
-        ..common::limits()
-    }
-}
-
-/// [`run_to_end`] under `limits`, printing to `print`.
-fn run_with(
-    src: &str,
-    limits: Limits,
-    print: Print,
-    caller: Caller,
-    started: impl FnOnce(),
-    finished: impl FnOnce(),
-) -> Result<(), SandboxError> {
-    let lease = pool::lease(limits.max_memory).expect("a slot");
-    let mut run = Run::new(
-        Home::Fresh(lease),
-        limits,
-        print,
-        "script".to_string(),
-        None,
-        Instant::now(),
-    );
-    let code = Code::new(src.as_bytes(), "script", false).unwrap();
-    let setup = Setup {
-        state: Some(StateSetup {
-            globals: None,
-            tools: &[],
-            modules: &[],
-        }),
-        call_globals: None,
-        entry: Entry::Chunk(&code),
-        call: None,
-    };
-    started();
-    let step = run
-        .prepare(caller, setup)
-        .and_then(|nargs| run.resume(caller, nargs));
-    finished();
-    match step {
-        Ok(Step::Done { .. }) => Ok(()),
-        Ok(Step::Failed { .. }) => Err(run.outcome(SandboxError::Runtime(String::new()))),
-        Err(e) => Err(run.outcome(e)),
-        Ok(other) => panic!("{other:?}"),
-    }
-}
-
-/// Runs `src` to its end; returns its outcome and the longest stretch between two checks.
-fn longest_stretch(src: &str) -> (Result<(), SandboxError>, Duration) {
-    longest_stretch_with(src, big_limits(), Print::Discard)
-}
-
-/// [`longest_stretch`] under `limits`, printing to `print`.
-fn longest_stretch_with(
-    src: &str,
-    limits: Limits,
-    print: Print,
-) -> (Result<(), SandboxError>, Duration) {
-    let stretches = Stretches::default();
-    let env: *mut c_void = (&stretches as *const Stretches).cast_mut().cast();
-    let caller = Caller {
-        env,
-        alive: Some(alive),
-    };
-    let outcome = run_with(
-        src,
-        limits,
-        print,
-        caller,
-        || {
-            stretches
-                .last
-                .store(thread_cpu().as_nanos() as u64, Ordering::Relaxed)
-        },
-        // The tail after the last check counts too.
-        // SAFETY: `stretches` is alive; the call only reads the clock and updates the counters.
-        || unsafe {
-            alive(env);
-        },
-    );
-    let longest = Duration::from_nanos(stretches.longest.load(Ordering::Relaxed));
-    (outcome, longest)
-}
-
-/// Wide for a loaded machine: a piece is ~0.1 ms of work; each operation below did 15–100 ms
-/// of copying or looping between two checks before it was done in pieces (the stack's and an
-/// array part's growth to ~10^6 slots: 7-10 ms). Not here, still longer than that
-/// (bench/ANALYSIS.md): the string table's rehash for millions of short strings.
-const BOUND: Duration = Duration::from_millis(5);
-
-/// Tries per measurement: a stretch of [`BOUND`] or more is measured again, and the shortest
-/// counts. A missing check is there on every try (the same work runs between the same two
-/// checks); a loaded machine's stretch is not: CI once measured 5.9 ms for a compare that takes
-/// 1–1.5 ms alone (this file's tests run side by side, each touching hundreds of MiB).
-const TRIES: usize = 3;
-
-/// The shortest of up to [`TRIES`] longest stretches `measure` returns (it stops at the first
-/// under `bound`); `measure` asserts each try's outcome.
-fn shortest_stretch(bound: Duration, mut measure: impl FnMut() -> Duration) -> Duration {
-    let mut shortest = Duration::MAX;
-    for _ in 0..TRIES {
-        shortest = shortest.min(measure());
-        if shortest < bound {
-            break;
-        }
-    }
-    shortest
-}
-
-/// [`longest_stretch_with`] run to its end, `Ok`, with the shortest of [`shortest_stretch`]'s
-/// tries against [`BOUND`]; prints each try.
-fn checked_stretch(src: &str, limits: Limits, print: fn() -> Print) -> Duration {
-    checked_stretch_within(src, limits, print, BOUND)
-}
-
-/// [`checked_stretch`], trying again while a stretch is `bound` or more.
-fn checked_stretch_within(
-    src: &str,
-    limits: Limits,
-    print: fn() -> Print,
-    bound: Duration,
-) -> Duration {
-    shortest_stretch(bound, || {
-        let (outcome, longest) = longest_stretch_with(src, limits, print());
-        assert_eq!(outcome, Ok(()), "{src}");
-        eprintln!("{longest:?} between two checks: {src}");
-        longest
-    })
-}
-
-/// Runs each script to its end; fails naming every one with a stretch of [`BOUND`] or more on
-/// each of [`TRIES`] tries.
-fn assert_checked_between_pieces(cases: &[String]) {
-    assert_checked_within(cases, BOUND);
-}
-
-/// [`assert_checked_between_pieces`] against `bound`: for work shorter than [`BOUND`] even
-/// without its checks.
-fn assert_checked_within(cases: &[String], bound: Duration) {
-    let slow: Vec<String> = cases
-        .iter()
-        .map(|src| {
-            let longest = checked_stretch_within(src, big_limits(), || Print::Discard, bound);
-            (longest, src)
-        })
-        .filter(|(longest, _)| *longest >= bound)
-        .map(|(longest, src)| format!("{longest:?} between two checks: {src}"))
-        .collect();
-    assert!(slow.is_empty(), "{slow:#?}");
-}
+use stretches::*;
 
 #[test]
 fn bulk_operations_check_between_pieces() {
@@ -534,18 +354,6 @@ fn captured_output_is_copied_between_checks() {
     }
 }
 
-/// Runs `src` with a caller that dies at its `checks`-th liveness check (never: u64::MAX);
-/// returns the outcome and the checks made.
-fn killed_at(src: &str, checks: u64) -> (Result<(), SandboxError>, u64) {
-    let left = AtomicU64::new(checks);
-    let caller = Caller {
-        env: (&left as *const AtomicU64).cast_mut().cast(),
-        alive: Some(common::alive_for),
-    };
-    let outcome = run_to_end(src, caller, || {}, || {});
-    (outcome, checks.wrapping_sub(left.load(Ordering::Relaxed)))
-}
-
 #[test]
 fn a_kill_at_any_check_of_a_bulk_operation_ends_it() {
     // Killed at checks spread over the whole run, so most land inside the copies: the run
@@ -583,29 +391,6 @@ fn a_kill_at_any_check_of_a_bulk_operation_ends_it() {
             );
         }
     }
-}
-
-/// The CallInfos a deep recursion leaves are freed with checks between pieces (issue 16, the
-/// run's end): the shrink after an error (`luaE_shrinkCI`: half of the ~280 000 here, then
-/// half of the rest) freed them in one loop, 0.8-2.3 ms with no check, and now asks the
-/// ticker every `LUA_SBVALUES` frees. Counted as checks: the script with the error after the
-/// recursion makes several more than the one without (1-2 more without the pieces: the
-/// stack's shrink debits its size, which ticks once).
-#[test]
-fn freeing_a_deep_recursions_callinfos_checks_between_pieces() {
-    let deep = "local function f(n) if n == 0 then return 0 end return 1 + f(n - 1) end f(280000) ";
-    let (outcome, without) = killed_at(&format!("{deep} return 1"), u64::MAX);
-    assert_eq!(outcome, Ok(()));
-    let (outcome, with) = killed_at(
-        &format!("{deep} local ok = pcall(error, 'x') return 1"),
-        u64::MAX,
-    );
-    assert_eq!(outcome, Ok(()));
-    eprintln!("checks: {without} without the shrink, {with} with it");
-    assert!(
-        with >= without + 5,
-        "{with} checks with the shrink, {without} without"
-    );
 }
 
 /// The longest stretch of a string-table resize (issue 16 item 4), for bench/RESULTS.md:
@@ -725,51 +510,4 @@ fn json_encode_checks_while_it_scans_a_table() {
             .to_string(),
     ];
     assert_checked_between_pieces(&cases);
-}
-
-/// A recursion ~190 000 deep moves its stack as it grows, and the collector's atomic phase
-/// measures every thread's stack in use (ldo.c `movestackpointers`, `stackinuse`): stock walked
-/// every CallInfo twice in one go at each growth (offsets out, pointers back) and once per
-/// collection, with no check: 2.9–3.5 ms between two checks for the growth, 2.1–2.6 ms for the
-/// collections once the growth was checked. Now one walk each, checked every 32 768 frames.
-/// Bounded at 2 ms, not [`BOUND`]: the walks are short, and the shortest of three tries
-/// counts (0.3–0.9 ms measured).
-#[test]
-fn deep_recursions_check_while_their_stack_moves() {
-    let cases = [
-        "local function f(n) if n == 0 then return 0 end return 1 + f(n - 1) end \
-         assert(f(190000) == 190000)"
-            .to_string(),
-        "local function f(n) if n == 0 then for i = 1, 5 do collectgarbage() end return 0 end \
-         return 1 + f(n - 1) end assert(f(190000) == 190000)"
-            .to_string(),
-    ];
-    assert_checked_within(&cases, Duration::from_millis(2));
-}
-
-#[test]
-fn moving_a_long_stack_segment_checks_between_pieces() {
-    // Rotating or moving ~10^6 stack values (`lua_rotate`: `pcall`'s `lua_insert(L, 1)` under
-    // its arguments; `lua_xmove`: a resume's arguments) ran with no check, and `table.pack`
-    // rotated its table under every element (~1.6 ms for 5e5 in the stretch build). Now a
-    // check every 32 768 values moved, and `table.pack` copies into a table left on top; the
-    // results' move back to the caller (ldo.c `moveresults`) checks too. 2.7–3.4 ms before,
-    // 0.2–0.7 ms now: bounded at 2 ms, as the deep recursions.
-    let s = "local s = {} for i = 1, 900000 do s[i] = i end ";
-    let cases = [
-        format!("{s} local t = table.pack(table.unpack(s)) assert(t.n == 900000)"),
-        // a Lua function's results, moved back over its own frame (`moveresults`)
-        format!(
-            "{s} local function f() return table.unpack(s) end \
-             local t = table.pack(f()) assert(t.n == 900000)"
-        ),
-        format!(
-            "{s} local ok, a = pcall(function(a) return a end, table.unpack(s)) assert(a == 1)"
-        ),
-        format!(
-            "{s} local co = coroutine.wrap(function(a) return a end) \
-             assert(co(table.unpack(s)) == 1)"
-        ),
-    ];
-    assert_checked_within(&cases, Duration::from_millis(2));
 }

@@ -445,6 +445,33 @@ fn a_kill_inside_an_objects_traversal_leaves_the_heap_whole() {
     assert!(killed >= 20, "only {killed} checks in the call");
 }
 
+#[test]
+fn a_kill_while_an_error_unwinds_a_deep_recursion_leaves_a_working_state() {
+    // Without rollback an aborted call's state goes on (protect.rs rule 6). An error at the
+    // bottom of a deep recursion walks its frames to find the `pcall` (ldo.c `findpcall`,
+    // which answers "no pcall" once aborted: the error ends the run's coroutine), closes one
+    // upvalue per frame (lfunc.c, which finishes once aborted), shrinks the CallInfo list and
+    // builds a traceback (csrc `lastlevel`); `error`'s level is a walk too (`lua_getstack`,
+    // "no such level" once aborted); the collector marks the open upvalues. Both abort
+    // answers are reached here (seen with a print in each). Killed at every check of such a
+    // call, the next call must find the globals set before and a heap that collects and runs
+    // closures.
+    let setup = "keep = {} for i = 1, 100 do keep[i] = function() return i end end return 0";
+    let unwind = "local function f(n) local x = n local g = function() return x end \
+                  if n == 0 then pcall(error, 'y', 1e9) error('x') end return g() + f(n - 1) end \
+                  local co = coroutine.wrap(function() return pcall(f, 12000) end) \
+                  assert(not co()) assert(not pcall(f, 12000)) return 0";
+    let check = "collectgarbage() collectgarbage() \
+                 local function f(n) local x = n local g = function() return x end \
+                   if n == 0 then return 0 end return g() + f(n - 1) end \
+                 assert(f(20000) == 200010000) \
+                 for i = 1, 100 do assert(keep[i]() == i) end return 'whole'";
+    let killed = after_each_kill(setup, unwind, check, |at, found| {
+        assert_eq!(found, Ok("whole".into()), "after a kill at check {at}")
+    });
+    assert!(killed >= 20, "only {killed} checks in the call");
+}
+
 /// Set in the child process that [`copies_that_do_not_fit_are_refused`] runs itself in.
 const BOUNDED_CHILD: &str = "LUA_SANDBOX_TEST_BOUNDED_CHILD";
 

@@ -411,13 +411,28 @@ LUA_API int lua_gethookcount (lua_State *L) {
 }
 
 
+/*
+** LUA_SANDBOX: the walk down to 'level' is as long as the stack is deep
+** (~170 000 frames: ~4 ms), and 'error(msg, level)', an argument error or a
+** traceback make it for a few instructions. It debits a unit per frame
+** walked and checks every SB_WALKPIECE, without raising (every caller may
+** not: the hole finder's ticker reads frames); once the run is aborted it
+** answers "no such level", which every caller handles.
+*/
 LUA_API int lua_getstack (lua_State *L, int level, lua_Debug *ar) {
   int status;
   CallInfo *ci;
+  unsigned int n = 0;  /* LUA_SANDBOX: frames walked */
   if (level < 0) return 0;  /* invalid (negative) level */
   lua_lock(L);
-  for (ci = L->ci; level > 0 && ci != &L->base_ci; ci = ci->previous)
+  for (ci = L->ci; level > 0 && ci != &L->base_ci; ci = ci->previous) {
     level--;
+    if (luaG_sandboxwalkedevery(L, n++)) {  /* LUA_SANDBOX: aborted? */
+      lua_unlock(L);
+      return 0;
+    }
+  }
+  luaG_sandboxdebit(L, n & (SB_WALKPIECE - 1));  /* LUA_SANDBOX: the rest */
   if (level == 0 && ci != &L->base_ci) {  /* level found? */
     status = 1;
     ar->i_ci = ci;
@@ -425,6 +440,20 @@ LUA_API int lua_getstack (lua_State *L, int level, lua_Debug *ar) {
   else status = 0;  /* no such level */
   lua_unlock(L);
   return status;
+}
+
+
+/*
+** LUA_SANDBOX: moves 'ar' (filled by 'lua_getstack' or this function) one
+** level down the stack of 'L' in O(1); 0 when there is no level below.
+** A walk over every level made with it charges its own steps.
+*/
+LUA_API int lua_sandboxnextlevel (lua_State *L, lua_Debug *ar) {
+  CallInfo *ci = ar->i_ci->previous;
+  if (ci == NULL || ci == &L->base_ci)
+    return 0;
+  ar->i_ci = ci;
+  return 1;
 }
 
 

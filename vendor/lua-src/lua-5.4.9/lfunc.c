@@ -190,9 +190,21 @@ void luaF_unlinkupval (UpVal *uv) {
 /*
 ** Close all upvalues up to the given stack level.
 */
-void luaF_closeupval (lua_State *L, StkId level) {
+/*
+** LUA_SANDBOX: closing walks every open upvalue above 'level': after an
+** error at the bottom of a deep recursion ('luaD_closeprotected'), or when
+** a coroutine is reset or freed, one per frame that made one (~150 000:
+** ~3 ms with no check). The walk debits a unit per upvalue and asks the
+** ticker every SB_WALKPIECE, through 'checker' (a thread whose frames a
+** test build's ticker may read: not one being freed). An abort does not
+** stop it: an upvalue left open above 'level' would point past the stack
+** once the caller shrinks or frees it. It is as long as the stack is
+** (LUAI_MAXSTACK slots at most).
+*/
+void luaF_closeupvalby (lua_State *L, StkId level, lua_State *checker) {
   UpVal *uv;
   StkId upl;  /* stack index pointed by 'uv' */
+  unsigned int n = 0;  /* LUA_SANDBOX: upvalues closed */
   while ((uv = L->openupval) != NULL && (upl = uplevel(uv)) >= level) {
     TValue *slot = &uv->u.value;  /* new position for value */
     lua_assert(uplevel(uv) < L->top.p);
@@ -203,7 +215,13 @@ void luaF_closeupval (lua_State *L, StkId level) {
       nw2black(uv);  /* closed upvalues cannot be gray */
       luaC_barrier(L, uv, slot);
     }
+    (void)luaG_sandboxwalkedevery(checker, n++);  /* LUA_SANDBOX */
   }
+}
+
+
+void luaF_closeupval (lua_State *L, StkId level) {
+  luaF_closeupvalby(L, level, L);
 }
 
 

@@ -354,6 +354,28 @@ static lu_mem markbeingfnz (global_State *g) {
 
 
 /*
+** LUA_SANDBOX: checks inside one big object's traversal or clearing. The
+** collector pays for an object by its size, before or after the loop over
+** its slots ('sbgcpay'), which is one check for the whole object: a table
+** of 2^22 slots ran ~17 ms (array) to ~110 ms (hash part) between two
+** checks. So every SBGCPIECE slots the ticker is asked (a forced check, as
+** 'luaG_sandboxcopy' makes between two pieces of a copy; no debit: the work
+** is paid by the object's size) and the loop stops when the run is aborted.
+** Stopping is safe where it happens: in 'atomic' (an abort returns before
+** the white flip: nothing dies, see 'sbgcpay'), and in the propagation
+** phase for weak tables and threads, which are on 'grayagain' and traversed
+** again, whole, in 'atomic'; a strong table stopped half-traversed is put
+** back on 'grayagain' itself ('traversestrongtable'), so no black object
+** points to a white one. The ticker gets the main thread: the collector does
+** not know the running one, and the ticker only reads the global state (a
+** test build also reads the thread's frames, for its report).
+*/
+#define SBGCPIECE	16384
+
+#define sbgcpiece(g,i)	luaG_sandboxabortedevery((g)->mainthread, i, SBGCPIECE)
+
+
+/*
 ** For each non-marked thread, simulates a barrier between each open
 ** upvalue and its value. (If the thread is collected, the value will be
 ** assigned to the upvalue, but then it can be too late for the barrier
@@ -375,9 +397,9 @@ static lu_mem markbeingfnz (global_State *g) {
 ** ('sbunlinkthreads'), when the marks are final: what it removes is what
 ** stock has removed and not linked back by then.
 */
-static int remarkupvals (global_State *g) {
+static int remarkupvals (global_State *g, lu_mem *total) {
   lua_State *thread;
-  int work = 0;  /* estimate of how much work was done here */
+  unsigned int work = 0;  /* estimate of how much work was done here */
   for (thread = g->twups; thread != NULL; thread = thread->twups) {
     work++;
     if (iswhite(thread) || thread->openupval == NULL) {
@@ -386,6 +408,12 @@ static int remarkupvals (global_State *g) {
       lua_assert(!isold(thread) || thread->openupval == NULL);
       for (uv = thread->openupval; uv != NULL; uv = uv->u.open.next) {
         lua_assert(getage(uv) <= getage(thread));
+        /* LUA_SANDBOX: one per frame of a deep recursion; aborted? ('atomic'
+           stops before the flip) */
+        if (sbgcpiece(g, work)) {
+          *total += work;
+          return 1;
+        }
         work++;
         if (!iswhite(uv)) {  /* upvalue already visited? */
           lua_assert(upisopen(uv) && isgray(uv));
@@ -394,7 +422,8 @@ static int remarkupvals (global_State *g) {
       }
     }
   }
-  return work;
+  *total += work;
+  return 0;
 }
 
 
@@ -465,28 +494,6 @@ static void genlink (global_State *g, GCObject *o) {
 ** atomic phase. In the atomic phase, if table has any white value,
 ** put it in 'weak' list, to be cleared.
 */
-/*
-** LUA_SANDBOX: checks inside one big object's traversal or clearing. The
-** collector pays for an object by its size, before or after the loop over
-** its slots ('sbgcpay'), which is one check for the whole object: a table
-** of 2^22 slots ran ~17 ms (array) to ~110 ms (hash part) between two
-** checks. So every SBGCPIECE slots the ticker is asked (a forced check, as
-** 'luaG_sandboxcopy' makes between two pieces of a copy; no debit: the work
-** is paid by the object's size) and the loop stops when the run is aborted.
-** Stopping is safe where it happens: in 'atomic' (an abort returns before
-** the white flip: nothing dies, see 'sbgcpay'), and in the propagation
-** phase for weak tables and threads, which are on 'grayagain' and traversed
-** again, whole, in 'atomic'; a strong table stopped half-traversed is put
-** back on 'grayagain' itself ('traversestrongtable'), so no black object
-** points to a white one. The ticker gets the main thread: the collector does
-** not know the running one, and the ticker only reads the global state (a
-** test build also reads the thread's frames, for its report).
-*/
-#define SBGCPIECE	16384
-
-#define sbgcpiece(g,i)	luaG_sandboxabortedevery((g)->mainthread, i, SBGCPIECE)
-
-
 static void traverseweakvalue (global_State *g, Table *h) {
   Node *n, *limit = gnodelast(h);
   /* if there is array part, assume it may have white values (it is not
@@ -694,6 +701,7 @@ static int traverseLclosure (global_State *g, LClosure *cl) {
 static int traversethread (global_State *g, lua_State *th) {
   UpVal *uv;
   StkId o = th->stack.p;
+  unsigned int nuv = 0;  /* LUA_SANDBOX: open upvalues marked */
   if (isold(th) || g->gcstate == GCSpropagate)
     linkgclist(th, g->grayagain);  /* insert into 'grayagain' list */
   if (o == NULL)
@@ -707,8 +715,13 @@ static int traversethread (global_State *g, lua_State *th) {
       return 1 + stacksize(th);
     markvalue(g, s2v(o));
   }
-  for (uv = th->openupval; uv != NULL; uv = uv->u.open.next)
+  for (uv = th->openupval; uv != NULL; uv = uv->u.open.next) {
+    /* LUA_SANDBOX: one per frame of a deep recursion that made one; aborted?
+       (as for the stack above) */
+    if (sbgcpiece(g, nuv++))
+      return 1 + stacksize(th);
     markobject(g, uv);  /* open upvalues cannot be collected */
+  }
   if (g->gcstate == GCSatomic) {  /* final traversal? */
     if (!g->gcemergency)
       luaD_shrinkstack(th); /* do not change stack in emergency cycle */
@@ -1682,7 +1695,7 @@ static lu_mem atomic (lua_State *L) {
   markmt(g);  /* mark global metatables */
   sbstop(sbpropagateall(L, &acc, &work));  /* empties 'gray' list */
   /* remark occasional upvalues of (maybe) dead threads */
-  work += remarkupvals(g);
+  sbstop(remarkupvals(g, &work));
   sbstop(sbpropagateall(L, &acc, &work));  /* propagate changes */
   g->gray = grayagain;
   sbstop(sbpropagateall(L, &acc, &work));  /* traverse 'grayagain' list */

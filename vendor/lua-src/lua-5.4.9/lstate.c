@@ -123,15 +123,22 @@ CallInfo *luaE_extendCI (lua_State *L, int err) {
 
 /*
 ** free all CallInfo structures not in use by a thread
+** LUA_SANDBOX: a thread that reached a deep recursion keeps one per level
+** (~150 000: ~1.5 ms to free with no check when the collector frees the
+** thread). A unit a CallInfo is debited and the ticker asked every
+** SB_WALKPIECE through the main thread (the one being freed is no thread to
+** report from); an abort does not stop it: the thread is going away.
 */
 static void freeCI (lua_State *L) {
   CallInfo *ci = L->ci;
   CallInfo *next = ci->next;
+  unsigned int n = 0;  /* LUA_SANDBOX: CallInfos freed */
   ci->next = NULL;
   while ((ci = next) != NULL) {
     next = ci->next;
     luaM_free(L, ci);
     L->nci--;
+    (void)luaG_sandboxwalkedevery(G(L)->mainthread, n++);  /* LUA_SANDBOX */
   }
 }
 
@@ -145,7 +152,7 @@ static void freeCI (lua_State *L) {
 ** it reached (~330 000 at the stack's limit), and the shrink after its error
 ** ('luaD_shrinkstack': the run's end, a 'pcall', the collector) freed half of
 ** them in one loop: 0.8-2.3 ms with no check. The loop debits one unit per
-** 8 freed and asks the ticker every LUA_SBVALUES (non-raising: this runs
+** element freed and asks the ticker every SB_WALKPIECE (non-raising: this runs
 ** where raising is not allowed, in the collector and while an error is being
 ** handled); once the run is aborted it stops there. Each step removes one
 ** element whole, so the list is consistent wherever it stops, and the rest
@@ -154,7 +161,7 @@ static void freeCI (lua_State *L) {
 void luaE_shrinkCI (lua_State *L) {
   CallInfo *ci = L->ci->next;  /* first free CallInfo */
   CallInfo *next;
-  int piece = LUA_SBVALUES;  /* LUA_SANDBOX: frees left before a check */
+  unsigned int n = 0;  /* LUA_SANDBOX: elements freed */
   if (ci == NULL)
     return;  /* no extra elements */
   while ((next = ci->next) != NULL) {  /* two extra elements? */
@@ -168,12 +175,8 @@ void luaE_shrinkCI (lua_State *L) {
       next2->previous = ci;
       ci = next2;  /* continue */
     }
-    if (l_unlikely(--piece == 0)) {  /* LUA_SANDBOX */
-      piece = LUA_SBVALUES;
-      luaG_sandboxdebit(L, LUA_SBVALUES >> 3);
-      if (G(L)->sbticker != NULL && luaG_sandboxaborted(L))
-        break;  /* aborted: the rest stays in the list */
-    }
+    if (luaG_sandboxwalkedevery(L, n++))  /* LUA_SANDBOX */
+      break;  /* aborted: the rest stays in the list */
   }
 }
 
@@ -337,7 +340,8 @@ LUA_API lua_State *lua_newthread (lua_State *L) {
 
 void luaE_freethread (lua_State *L, lua_State *L1) {
   LX *l = fromstate(L1);
-  luaF_closeupval(L1, L1->stack.p);  /* close all upvalues */
+  /* close all upvalues (LUA_SANDBOX: checked through the main thread) */
+  luaF_closeupvalby(L1, L1->stack.p, G(L)->mainthread);
   lua_assert(L1->openupval == NULL);
   luai_userstatefree(L, L1);
   freestack(L1);

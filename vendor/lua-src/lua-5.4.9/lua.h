@@ -495,6 +495,9 @@ LUA_API const char *(lua_sandboxpoll) (lua_State *L, lua_Integer n);
 LUA_API void (lua_sandboxabort) (lua_State *L);
 /* raises a genuine memory error (LUA_ERRMEM), as the allocator's refusal */
 LUA_API int (lua_sandboxmemerror) (lua_State *L);
+/* moves 'ar' (filled by 'lua_getstack') one level down, in O(1); 0 at the
+   bottom of the stack */
+LUA_API int (lua_sandboxnextlevel) (lua_State *L, lua_Debug *ar);
 /* the main thread of the state of 'L' (lives as long as the state) */
 LUA_API lua_State *(lua_sandboxmainthread) (lua_State *L);
 /* bytes of a bulk operation between two checks (~0.1 ms of work) */
