@@ -7,8 +7,8 @@
 mod common;
 mod stretches;
 
-use std::ffi::c_int;
-use std::sync::atomic::Ordering;
+use std::ffi::{c_int, c_void};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use lua_sandbox_core::budget::thread_cpu;
@@ -158,16 +158,23 @@ fn long_string_compares_check_between_pieces() {
 #[test]
 fn long_numerals_are_read_between_checks() {
     // 16 MiB numerals, converted by the VM's coercion and by C functions (`tonumber`,
-    // `math.*`): `strtod` read them whole with no check (~10 ms each here); now they are
-    // shortened in pieces first (`luaO_str2numsb`). The results asserted are stock Lua's.
+    // `math.*`): `strtod` read them whole with no check (~10 ms each here; hexadecimal ones,
+    // read by `l_str2int` then `strtod`, 20–43 ms); now they are shortened in pieces first
+    // (`luaO_str2numsb`). The results asserted are stock Lua's.
     let ones = "local n = string.rep('1', 1 << 24) ";
     let zeros = "local n = '0.' .. string.rep('0', 1 << 24) .. '15e16777218' ";
+    let hex = "local n = '0x' .. string.rep('1', 1 << 24) ";
+    let hexzeros = "local n = '0x0.' .. string.rep('0', 1 << 24) .. '1p67108868' ";
     let cases = [
         format!("{ones} assert(tonumber(n) == math.huge)"),
         format!("{ones} assert(n + 0 == math.huge)"),
         format!("{ones} assert(math.floor(n) == math.huge)"),
         format!("{zeros} assert(tonumber(n) == 15)"),
         format!("{zeros} assert(math.abs(n) == 15)"),
+        format!("{hex} assert(tonumber(n) == 0x1111111111111111)"),
+        format!("{hex} assert(n + 0 == 0x1111111111111111)"),
+        format!("{hex} assert(tonumber(n .. '.8') == math.huge)"),
+        format!("{hexzeros} assert(tonumber(n) == 1.0)"),
     ];
     assert_checked_between_pieces(&cases);
 }
@@ -354,6 +361,64 @@ fn captured_output_is_copied_between_checks() {
     }
 }
 
+/// A caller that dies at its `left`-th liveness check and keeps the CPU time of that check.
+#[derive(Default)]
+struct DiesAt {
+    left: AtomicU64,
+    died: AtomicU64,
+}
+
+unsafe fn dies_at(env: *mut c_void) -> bool {
+    // SAFETY: `env` points at the test's `DiesAt`, alive for the run.
+    let d = unsafe { &*env.cast::<DiesAt>() };
+    let alive = d.left.fetch_sub(1, Ordering::Relaxed) > 1;
+    if !alive && d.died.load(Ordering::Relaxed) == 0 {
+        d.died
+            .store(thread_cpu().as_nanos() as u64, Ordering::Relaxed);
+    }
+    alive
+}
+
+/// Runs `src` with a caller that dies at its `at`-th check; returns the outcome and the CPU
+/// time from that check to the run's end.
+fn tail_after_kill(src: &str, at: u64) -> (Result<(), SandboxError>, Duration) {
+    let d = DiesAt {
+        left: AtomicU64::new(at),
+        ..DiesAt::default()
+    };
+    let caller = Caller {
+        env: (&d as *const DiesAt).cast_mut().cast(),
+        alive: Some(dies_at),
+    };
+    let mut end = 0;
+    let outcome = run_to_end(src, caller, || {}, || end = thread_cpu().as_nanos() as u64);
+    let died = d.died.load(Ordering::Relaxed);
+    (outcome, Duration::from_nanos(end.saturating_sub(died)))
+}
+
+#[test]
+fn a_long_numeral_that_does_not_convert_is_read_once() {
+    // A numeral's conversion may not raise (lobject.c `luaO_str2numsb`): once aborted it
+    // answers "not a numeral", and `lua_stringtonumber` then charged the string's `strlen`, a
+    // second pass over it with no check (1.2–1.4 ms at 16 MiB, from the kill in string
+    // arithmetic to the run's end; 1.4 ms in the hole finder's full run). Now the conversion
+    // tells the bytes it read.
+    let setup = "local s = string.rep('1', 1 << 24) ";
+    let (outcome, before) = killed_at(&format!("{setup} return 1"), u64::MAX);
+    assert_eq!(outcome, Ok(()));
+    let src = format!(
+        "{setup} local ok = pcall(function() return s * s, -s, s // 1, s % 2, s ^ 1, s & 1 end)"
+    );
+    let bound = Duration::from_micros(500);
+    let tail = shortest_stretch(bound, || {
+        let (outcome, tail) = tail_after_kill(&src, before + 1);
+        assert_eq!(outcome, Err(SandboxError::Killed));
+        eprintln!("{tail:?} from the kill to the end");
+        tail
+    });
+    assert!(tail < bound, "{tail:?} from the kill to the end");
+}
+
 #[test]
 fn a_kill_at_any_check_of_a_bulk_operation_ends_it() {
     // Killed at checks spread over the whole run, so most land inside the copies: the run
@@ -510,4 +575,27 @@ fn json_encode_checks_while_it_scans_a_table() {
             .to_string(),
     ];
     assert_checked_between_pieces(&cases);
+}
+
+#[test]
+fn json_encode_checks_while_it_escapes_a_string() {
+    // `json.encode` charged a string's escaping every 64 KiB of input, and a control
+    // character is 6 bytes of output (`\u0000`): 16 MiB of NULs ran 1.1 ms between two checks
+    // in the hole finder's full run. Now a check every 16 KiB of output. Counted, not timed
+    // (the copies of the growing output into fresh pages, in pieces of `LUA_SBPIECE`, take
+    // 0.3–0.7 ms each on a loaded machine): 6 MiB of output is at least 384 checks now (435
+    // measured), 67 before (16 for the escaping, the rest for the copies).
+    let rep = "local s = string.rep('\\0', 1 << 20) ";
+    let (outcome, without) = killed_at(&format!("{rep} return 1"), u64::MAX);
+    assert_eq!(outcome, Ok(()));
+    let (outcome, with) = killed_at(
+        &format!("{rep} assert(#json.encode(s) == 6 * (1 << 20) + 2) return 1"),
+        u64::MAX,
+    );
+    assert_eq!(outcome, Ok(()));
+    eprintln!("checks: {without} without the encode, {with} with it");
+    assert!(
+        with >= without + 384,
+        "{with} checks with the encode, {without} without"
+    );
 }

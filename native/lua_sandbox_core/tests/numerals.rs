@@ -1,9 +1,11 @@
-//! Long numerals (issue 16): a decimal numeral longer than 1 KiB is rewritten, with a check
-//! every 256 KiB, into a short one that converts to the same value before `strtod` sees it
-//! (`luaO_str2numsb` in vendor/lua-src/lua-5.4.9/lobject.c). Checked here against `strtod`
-//! itself (glibc's, correctly rounded) on the whole numeral: generated numerals of every shape
-//! the grammar has, and numerals next to the midpoints between two doubles, where rounding
-//! depends on the last nonzero digit however far it is.
+//! Long numerals (issue 16): a numeral longer than 1 KiB, decimal or hexadecimal, is
+//! rewritten, with a check every 256 KiB, into a short one that converts to the same value
+//! before `l_str2int` and `strtod` see it (`luaO_str2numsb` in
+//! vendor/lua-src/lua-5.4.9/lobject.c). Checked here against `strtod` itself (glibc's,
+//! correctly rounded) and a model of `l_str2int` on the whole numeral: generated numerals of
+//! every shape the grammar has, and numerals next to the midpoints between two doubles, where
+//! rounding depends on the last nonzero digit however far it is. Seen red with the sticky digit
+//! dropped or one digit fewer kept of a hexadecimal integer.
 
 use std::ffi::CString;
 
@@ -38,6 +40,12 @@ impl Rng {
             .map(|_| char::from(b'0' + self.below(10) as u8))
             .collect()
     }
+    /// `n` random hexadecimal digits, of either case.
+    fn hex(&mut self, n: usize) -> String {
+        (0..n)
+            .map(|_| char::from(b"0123456789abcdefABCDEF"[self.below(22) as usize]))
+            .collect()
+    }
 }
 
 /// What stock Lua gives for `s` (`l_str2int`, then `strtod` on the whole string): an integer,
@@ -52,6 +60,21 @@ enum Num {
 fn stock(s: &str) -> Num {
     let t = s.trim_matches([' ', '\t', '\n', '\x0b', '\x0c', '\r']);
     let body = t.strip_prefix(['-', '+']).unwrap_or(t);
+    let hex = body.strip_prefix("0x").or_else(|| body.strip_prefix("0X"));
+    if let Some(digits) = hex.filter(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_hexdigit()))
+    {
+        // `l_str2int`: a hexadecimal integer wraps around
+        let v = digits.bytes().fold(0u64, |a, b| {
+            a.wrapping_mul(16)
+                .wrapping_add((b as char).to_digit(16).unwrap() as u64)
+        });
+        let v = if t.starts_with('-') {
+            v.wrapping_neg()
+        } else {
+            v
+        };
+        return Num::Int(v as i64);
+    }
     if !body.is_empty() && body.bytes().all(|b| b.is_ascii_digit()) {
         // `l_str2int`: wraps never, rejects on overflow (then `strtod` reads it)
         let digits = body.trim_start_matches('0');
@@ -116,7 +139,7 @@ fn numeral(r: &mut Rng) -> String {
     if r.below(3) == 0 {
         s.push(if r.below(2) == 0 { '-' } else { '+' });
     }
-    match r.below(11) {
+    match r.below(16) {
         0 => s += &format!("{}{}", "0".repeat(pad), r.some_digits(25)),
         1 => s += &r.digits(pad),
         2 => s += &format!("{}.{}", "0".repeat(pad), r.some_digits(30)),
@@ -166,9 +189,37 @@ fn numeral(r: &mut Rng) -> String {
             let tail = ["e", "E", ".", "x", "+", "-", "z", "e+", ".e5"][r.below(9) as usize];
             s += &format!("{}{tail}", r.digits(pad))
         }
-        _ => {
+        10 => {
             let big = ["9223372036854775807", "9223372036854775808"][r.below(2) as usize];
             s += &format!("{}{big}", "0".repeat(pad))
+        }
+        // hexadecimal: an integer (wraps around), with leading zeros, a float, one next to a
+        // midpoint between two doubles, trailing characters
+        11 => s += &format!("0x{}", r.hex(pad)),
+        12 => {
+            let n = 1 + r.below(20) as usize;
+            s += &format!("0X{}{}", "0".repeat(pad), r.hex(n))
+        }
+        13 => {
+            let n = r.below(20) as usize;
+            let (a, b) = (r.hex(n), r.hex(pad));
+            let e = ["", "p0", "p-1100", "P+7", "p-16400", "p99999999999"][r.below(6) as usize];
+            s += &format!("0x{a}.{b}{e}")
+        }
+        14 => {
+            let bits = r.next() << 20 | r.next();
+            let m = bits & ((1 << 53) - 1) | 1 << 53 | 1;
+            let e = r.below(2000) as i64 - 1100;
+            let (d, k) = match r.below(3) {
+                0 => (format!("{m:x}"), 0),
+                1 => (format!("{m:x}{}1", "0".repeat(pad)), pad as i64 + 1),
+                _ => (format!("{:x}{}", m - 1, "f".repeat(pad)), pad as i64),
+            };
+            s += &format!("0x{d}p{}", e - 4 * k)
+        }
+        _ => {
+            let tail = ["g", "p", "p+", ".", "x", "p1.5", " 1"][r.below(7) as usize];
+            s += &format!("0x{}{tail}", r.hex(pad))
         }
     }
     if r.below(4) == 0 {

@@ -429,8 +429,9 @@ LUA_API int lua_compare (lua_State *L, int index1, int index2, int op) {
 ** 16 bytes of the string (non-raising: mlua calls them unprotected).
 */
 LUA_API size_t lua_stringtonumber (lua_State *L, const char *s) {
-  size_t sz = luaO_str2numsb(L, s, s2v(L->top.p));  /* LUA_SANDBOX */
-  luaG_sandboxdebit(L, luaG_sbbytes(sz ? sz : strlen(s)));  /* LUA_SANDBOX */
+  size_t seen;  /* LUA_SANDBOX: the bytes read */
+  size_t sz = luaO_str2numsb(L, s, s2v(L->top.p), &seen);  /* LUA_SANDBOX */
+  luaG_sandboxdebit(L, luaG_sbbytes(seen));  /* LUA_SANDBOX */
   if (sz != 0)
     api_incr_top(L);
   return sz;

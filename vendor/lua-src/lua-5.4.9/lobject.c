@@ -342,8 +342,9 @@ size_t luaO_str2num (const char *s, TValue *o) {
 **   'strtod' gives both the same double. E is clamped to +-SB_MAXEXP:
 **   beyond +-400 every nonzero value is already infinite or zero.
 ** The grammar accepted is exactly what 'l_str2int' and 'l_str2d' accept
-** of a decimal numeral in a locale whose radix mark is '.': a hexadecimal
-** one ("0x") or another radix mark is left to them. When the run is
+** of a numeral in a locale whose radix mark is '.' (another radix mark is
+** left to them); a hexadecimal one ("0x", 'sbhexnum') is rewritten the
+** same way (a 16 MiB one was ~20-40 ms with no check). When the run is
 ** aborted during the scan, the numeral is reported as not a numeral: the
 ** run raises at its next instruction or charge, so nothing acts on the
 ** unfinished answer (as 'luaH_next' answers "no more elements").
@@ -357,15 +358,107 @@ size_t luaO_str2num (const char *s, TValue *o) {
 /* advances 'p', with a check every LUA_SBPIECE bytes (see above) */
 #define sbnext(L,p,check)  \
   { if (l_unlikely(++(p) >= (check))) { \
-      if (luaG_sandboxaborted(L)) return 0; \
+      if (luaG_sandboxaborted(L)) { *seen = cast_sizet((p) - s); return 0; } \
       (check) = (p) + LUA_SBPIECE; } }
+
+/*
+** A hexadecimal numeral ('p' after its "0x"; its sign already in 'b'),
+** rewritten as the decimal ones are (see above):
+** - an integer numeral (hex digits only) is written as its last SB_INTHEX
+**   digits: 'l_str2int' wraps around, keeping only what the last 16 digits
+**   make, so it gives the same integer;
+** - any other ('.' or a binary exponent 'p') is written '0xD p E', D its
+**   first SB_HEXDIGITS significant digits (80 bits) plus a '1' when a later
+**   digit is nonzero, E the binary exponent of D's last digit: the
+**   midpoints between two doubles have at most 54 significant bits (14
+**   digits), so none lies strictly between the value and D (as for the
+**   800 decimal digits above), and 'strtod' rounds both the same way.
+** Returns as 'sbshortnum' does.
+*/
+#define SB_INTHEX	16
+#define SB_HEXDIGITS	20
+
+static size_t sbhexnum (lua_State *L, const char *s, const char *p,
+                        const char *check, char *b, size_t *seen) {
+  char dig[SB_HEXDIGITS + 1];
+  const char *d0 = p;  /* the integer part's digits */
+  size_t nint;
+  int ndig = 0;  /* significant digits kept in 'dig' */
+  int sticky = 0;  /* a nonzero digit was dropped */
+  int anydigit = 0;
+  int isint = 1;  /* no radix mark and no exponent */
+  l_mem point = 0;  /* the value is 0.D times 16^point times 2^exp */
+  l_mem exp = 0;
+  while (*p == '0') { anydigit = 1; sbnext(L, p, check); }
+  for (; lisxdigit(cast_uchar(*p)); point++) {  /* significant digits */
+    anydigit = 1;
+    if (ndig < SB_HEXDIGITS) dig[ndig++] = *p;
+    else if (*p != '0') sticky = 1;
+    sbnext(L, p, check);
+  }
+  nint = cast_sizet(p - d0);
+  if (*p == '.') {
+    isint = 0;
+    sbnext(L, p, check);
+    if (ndig == 0)  /* zeros before the first significant digit */
+      for (; *p == '0'; point--) { anydigit = 1; sbnext(L, p, check); }
+    while (lisxdigit(cast_uchar(*p))) {
+      anydigit = 1;
+      if (ndig < SB_HEXDIGITS) dig[ndig++] = *p;
+      else if (*p != '0') sticky = 1;
+      sbnext(L, p, check);
+    }
+  }
+  if (!anydigit) { *seen = cast_sizet(p - s); return 0; }
+  if (*p == 'p' || *p == 'P') {
+    int eneg = 0;
+    isint = 0;
+    sbnext(L, p, check);
+    if (*p == '-') { eneg = 1; sbnext(L, p, check); }
+    else if (*p == '+') sbnext(L, p, check);
+    if (!lisdigit(cast_uchar(*p))) {  /* 'p' left unread: trailing chars */
+      *seen = cast_sizet(p - s);
+      return 0;
+    }
+    while (lisdigit(cast_uchar(*p))) {
+      if (exp < SB_MAXEXP) exp = exp * 10 + (*p - '0');
+      sbnext(L, p, check);
+    }
+    if (eneg) exp = -exp;
+  }
+  while (lisspace(cast_uchar(*p))) sbnext(L, p, check);
+  if (*p != '\0') {  /* trailing characters */
+    *seen = cast_sizet(p - s);
+    return 0;
+  }
+  b[0] = '0'; b[1] = 'x';
+  if (isint) {  /* its last digits, leading zeros included */
+    size_t n = (nint > SB_INTHEX) ? SB_INTHEX : nint;
+    memcpy(b + 2, d0 + (nint - n), n);
+    b[2 + n] = '\0';
+  }
+  else if (ndig == 0)  /* zero */
+    l_sprintf(b + 2, 16, "%s", "0p0");
+  else {
+    l_mem e;
+    if (sticky) dig[ndig++] = '1';
+    e = 4 * (point - ndig) + exp;
+    e = (e > SB_MAXEXP) ? SB_MAXEXP : (e < -SB_MAXEXP) ? -SB_MAXEXP : e;
+    memcpy(b + 2, dig, ndig);
+    l_sprintf(b + 2 + ndig, 16, "p%d", (int)e);
+  }
+  return cast_sizet(p - s);
+}
+
 
 /*
 ** Writes into 'buff' (SB_SHORTNUM bytes) a short numeral with the value of
 ** the numeral 's' and returns the length of 's'; 0 when 's' is not a
-** numeral (or the run was aborted); SB_STOCK when 's' is not decimal.
+** numeral (or the run was aborted).
+** '*seen' is set to the bytes read when it returns 0.
 */
-static size_t sbshortnum (lua_State *L, const char *s, char *buff) {
+static size_t sbshortnum (lua_State *L, const char *s, char *buff,
+                          size_t *seen) {
   const char *p = s;
   const char *check = s + LUA_SBPIECE;
   char *b = buff;
@@ -378,8 +471,11 @@ static size_t sbshortnum (lua_State *L, const char *s, char *buff) {
   while (lisspace(cast_uchar(*p))) sbnext(L, p, check);
   if (*p == '-') { *b++ = '-'; sbnext(L, p, check); }
   else if (*p == '+') sbnext(L, p, check);
-  if (p[0] == '0' && (p[1] == 'x' || p[1] == 'X'))
-    return SB_STOCK;  /* hexadecimal */
+  if (p[0] == '0' && (p[1] == 'x' || p[1] == 'X')) {  /* hexadecimal */
+    sbnext(L, p, check);
+    sbnext(L, p, check);
+    return sbhexnum(L, s, p, check, b, seen);
+  }
   while (*p == '0') { anydigit = 1; sbnext(L, p, check); }
   for (; lisdigit(cast_uchar(*p)); point++) {  /* significant integer digits */
     anydigit = 1;
@@ -399,14 +495,17 @@ static size_t sbshortnum (lua_State *L, const char *s, char *buff) {
       sbnext(L, p, check);
     }
   }
-  if (!anydigit) return 0;
+  if (!anydigit) { *seen = cast_sizet(p - s); return 0; }
   if (*p == 'e' || *p == 'E') {
     int eneg = 0;
     isint = 0;
     sbnext(L, p, check);
     if (*p == '-') { eneg = 1; sbnext(L, p, check); }
     else if (*p == '+') sbnext(L, p, check);
-    if (!lisdigit(cast_uchar(*p))) return 0;  /* 'e' left unread: trailing chars */
+    if (!lisdigit(cast_uchar(*p))) {  /* 'e' left unread: trailing chars */
+      *seen = cast_sizet(p - s);
+      return 0;
+    }
     while (lisdigit(cast_uchar(*p))) {
       if (exp < SB_MAXEXP) exp = exp * 10 + (*p - '0');
       sbnext(L, p, check);
@@ -414,7 +513,10 @@ static size_t sbshortnum (lua_State *L, const char *s, char *buff) {
     if (eneg) exp = -exp;
   }
   while (lisspace(cast_uchar(*p))) sbnext(L, p, check);
-  if (*p != '\0') return 0;  /* trailing characters */
+  if (*p != '\0') {  /* trailing characters */
+    *seen = cast_sizet(p - s);
+    return 0;
+  }
   if (ndig == 0)  /* zero */
     l_sprintf(b, SB_SHORTNUM - 1, "%s", isint ? "0" : "0.0");
   else if (isint && point == ndig)  /* an integer numeral, every digit kept */
@@ -431,20 +533,31 @@ static size_t sbshortnum (lua_State *L, const char *s, char *buff) {
 }
 
 
-/* LUA_SANDBOX: 'luaO_str2num' reading a long numeral in pieces (see above) */
-size_t luaO_str2numsb (lua_State *L, const char *s, TValue *o) {
+/*
+** LUA_SANDBOX: 'luaO_str2num' reading a long numeral in pieces (see above).
+** '*seen' is set to the bytes of 's' read, for the caller's charge (its
+** length, or where a long numeral's scan stopped: 'strlen' of a string that
+** is not a numeral was a second, unchecked pass over it, ~1 ms at 16 MiB,
+** and after an abort it came before the raise).
+*/
+size_t luaO_str2numsb (lua_State *L, const char *s, TValue *o,
+                       size_t *seen) {
   char buff[SB_SHORTNUM];
   size_t n;
   if (memchr(s, '\0', SB_LONGNUM) != NULL ||  /* short ('memchr' stops at it) */
       lua_getlocaledecpoint() != '.')
-    return luaO_str2num(s, o);
-  n = sbshortnum(L, s, buff);
-  if (n == SB_STOCK)
-    return luaO_str2num(s, o);
-  else if (n == 0 || luaO_str2num(buff, o) == 0)
-    return 0;
+    n = SB_STOCK;
   else
-    return n + 1;
+    n = sbshortnum(L, s, buff, seen);
+  if (n == SB_STOCK) {
+    n = luaO_str2num(s, o);
+    *seen = (n != 0) ? n - 1 : strlen(s);
+    return n;
+  }
+  else if (n == 0)
+    return 0;
+  *seen = n;
+  return (luaO_str2num(buff, o) == 0) ? 0 : n + 1;
 }
 
 int luaO_utf8esc (char *buff, unsigned long x) {

@@ -802,7 +802,7 @@ LUAI_FUNC void luaO_arith (lua_State *L, int op, const TValue *p1,
                            const TValue *p2, StkId res);
 LUAI_FUNC size_t luaO_str2num (const char *s, TValue *o);
 LUAI_FUNC size_t luaO_str2numsb (lua_State *L, const char *s,
-                               TValue *o);  /* LUA_SANDBOX */
+                               TValue *o, size_t *seen);  /* LUA_SANDBOX */
 LUAI_FUNC int luaO_hexavalue (int c);
 LUAI_FUNC void luaO_tostring (lua_State *L, TValue *obj);
 LUAI_FUNC const char *luaO_pushvfstring (lua_State *L, const char *fmt,

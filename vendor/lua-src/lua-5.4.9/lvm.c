@@ -94,8 +94,9 @@ static int l_strton (lua_State *L, const TValue *obj, TValue *result) {
     return 0;
   else {
     TString *st = tsvalue(obj);
+    size_t seen;
     /* LUA_SANDBOX: a long numeral read in pieces with checks */
-    return (luaO_str2numsb(L, getstr(st), result) == tsslen(st) + 1);
+    return (luaO_str2numsb(L, getstr(st), result, &seen) == tsslen(st) + 1);
   }
 }
 
