@@ -665,8 +665,9 @@ static void pushfuncname (lua_State *L, lua_Debug *ar) {
 ** The last level of L1's stack (0 if it has none). Stock searches it with
 ** 'lua_getstack' (a walk from the top each time) doubling then bisecting:
 ** ~36 walks over a recursion ~170 000 deep, 7-10 ms for one error's
-** traceback. One walk here, a unit a level charged to the running thread
-** L, which raises when the run is aborted (a C function's context).
+** traceback. One walk here, a unit per 8 levels (as 'lua_getstack')
+** charged to the running thread L, which raises when the run is aborted (a
+** C function's context).
 */
 static int lastlevel (lua_State *L, lua_State *L1) {
   lua_Debug ar;
@@ -674,8 +675,8 @@ static int lastlevel (lua_State *L, lua_State *L1) {
   if (!lua_getstack(L1, 0, &ar))
     return 0;
   while (lua_sandboxnextlevel(L1, &ar)) {
-    last++;
-    lua_sandboxcharge(L, 1);
+    if ((++last & 7) == 0)
+      lua_sandboxcharge(L, 1);
   }
   return last;
 }

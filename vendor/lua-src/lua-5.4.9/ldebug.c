@@ -414,7 +414,7 @@ LUA_API int lua_gethookcount (lua_State *L) {
 /*
 ** LUA_SANDBOX: the walk down to 'level' is as long as the stack is deep
 ** (~170 000 frames: ~4 ms), and 'error(msg, level)', an argument error or a
-** traceback make it for a few instructions. It debits a unit per frame
+** traceback make it for a few instructions. It debits a unit per 8 frames
 ** walked and checks every SB_WALKPIECE, without raising (every caller may
 ** not: the hole finder's ticker reads frames); once the run is aborted it
 ** answers "no such level", which every caller handles.
@@ -432,7 +432,7 @@ LUA_API int lua_getstack (lua_State *L, int level, lua_Debug *ar) {
       return 0;
     }
   }
-  luaG_sandboxdebit(L, n & (SB_WALKPIECE - 1));  /* LUA_SANDBOX: the rest */
+  luaG_sandboxdebit(L, (n & (SB_WALKPIECE - 1)) >> 3);  /* LUA_SANDBOX */
   if (level == 0 && ci != &L->base_ci) {  /* level found? */
     status = 1;
     ar->i_ci = ci;

@@ -74,11 +74,11 @@ LUAI_FUNC int luaG_sandboxaborted (lua_State *L);
    piece is ~0.1 ms; LUA_SBVALUES of them was ~0.85 ms */
 #define SB_WALKPIECE	4096
 /* at every SB_WALKPIECE-th step 'i' of such a walk: debits the piece (a
-   unit a step) and asks the ticker; true when the run is aborted. Never
-   raises */
+   unit per 8 steps, as the collector's work) and asks the ticker; true when
+   the run is aborted. Never raises */
 #define luaG_sandboxwalkedevery(L,i)  \
   (l_unlikely((((i) + 1) & (SB_WALKPIECE - 1)) == 0) &&  \
-   (luaG_sandboxdebit(L, SB_WALKPIECE), luaG_sandboxaborted(L)))
+   (luaG_sandboxdebit(L, SB_WALKPIECE >> 3), luaG_sandboxaborted(L)))
 LUAI_FUNC void luaG_sandboxcheck (lua_State *L);
 LUAI_FUNC size_t luaG_sandboxcopy (lua_State *L, void *dst, const void *src,
                                    size_t n);

@@ -194,7 +194,7 @@ void luaF_unlinkupval (UpVal *uv) {
 ** LUA_SANDBOX: closing walks every open upvalue above 'level': after an
 ** error at the bottom of a deep recursion ('luaD_closeprotected'), or when
 ** a coroutine is reset or freed, one per frame that made one (~150 000:
-** ~3 ms with no check). The walk debits a unit per upvalue and asks the
+** ~3 ms with no check). The walk debits a unit per 8 upvalues and asks the
 ** ticker every SB_WALKPIECE, through 'checker' (a thread whose frames a
 ** test build's ticker may read: not one being freed). An abort does not
 ** stop it: an upvalue left open above 'level' would point past the stack

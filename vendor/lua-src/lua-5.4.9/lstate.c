@@ -125,7 +125,7 @@ CallInfo *luaE_extendCI (lua_State *L, int err) {
 ** free all CallInfo structures not in use by a thread
 ** LUA_SANDBOX: a thread that reached a deep recursion keeps one per level
 ** (~150 000: ~1.5 ms to free with no check when the collector frees the
-** thread). A unit a CallInfo is debited and the ticker asked every
+** thread). A unit per 8 CallInfos is debited and the ticker asked every
 ** SB_WALKPIECE through the main thread (the one being freed is no thread to
 ** report from); an abort does not stop it: the thread is going away.
 */
@@ -152,7 +152,7 @@ static void freeCI (lua_State *L) {
 ** it reached (~330 000 at the stack's limit), and the shrink after its error
 ** ('luaD_shrinkstack': the run's end, a 'pcall', the collector) freed half of
 ** them in one loop: 0.8-2.3 ms with no check. The loop debits one unit per
-** element freed and asks the ticker every SB_WALKPIECE (non-raising: this runs
+** 8 elements freed and asks the ticker every SB_WALKPIECE (non-raising: this runs
 ** where raising is not allowed, in the collector and while an error is being
 ** handled); once the run is aborted it stops there. Each step removes one
 ** element whole, so the list is consistent wherever it stops, and the rest
