@@ -129,6 +129,18 @@ fn errors_in_deep_recursions_unwind_between_checks() {
             mib(64),
             Ok(()),
         ),
+        // testes/cstack.lua: an error through nested coroutines of 1 000 frames each, a walk
+        // shorter than a piece in each (uncounted when each walk counted its own steps; the
+        // steps are counted in the global state now, all walks together)
+        (
+            "local lim = 1000 local function stack(n) if n > 0 then return stack(n - 1) + 1 \
+             else coroutine.wrap(function() stack(lim) end)() end end \
+             local st, msg = xpcall(stack, function() return 'ok' end, lim) \
+             assert(not st and msg == 'ok')"
+                .to_string(),
+            mib(64),
+            Ok(()),
+        ),
         (
             "local keep local function f(n) local x = n local g = function() return x end \
              if n == 0 then keep = g coroutine.yield() end return g() + f(n - 1) end \

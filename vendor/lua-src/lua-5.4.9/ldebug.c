@@ -217,7 +217,9 @@ static const char *sandboxcall (lua_State *L, int event) {
     g->sbticks = MAX_LMEM;
     return NULL;
   }
+  g->sbticking = 1;
   msg = (*g->sbticker)(L, event);
+  g->sbticking = 0;
   if (g->sbticks <= 0 && msg == NULL && g->sbticker != NULL)
     g->sbticks = g->sbinterval;
   return msg;
@@ -422,17 +424,15 @@ LUA_API int lua_gethookcount (lua_State *L) {
 LUA_API int lua_getstack (lua_State *L, int level, lua_Debug *ar) {
   int status;
   CallInfo *ci;
-  unsigned int n = 0;  /* LUA_SANDBOX: frames walked */
   if (level < 0) return 0;  /* invalid (negative) level */
   lua_lock(L);
   for (ci = L->ci; level > 0 && ci != &L->base_ci; ci = ci->previous) {
     level--;
-    if (luaG_sandboxwalkedevery(L, n++)) {  /* LUA_SANDBOX: aborted? */
+    if (luaG_sandboxwalked(L)) {  /* LUA_SANDBOX: aborted? */
       lua_unlock(L);
       return 0;
     }
   }
-  luaG_sandboxdebit(L, (n & (SB_WALKPIECE - 1)) >> 3);  /* LUA_SANDBOX */
   if (level == 0 && ci != &L->base_ci) {  /* level found? */
     status = 1;
     ar->i_ci = ci;

@@ -68,16 +68,21 @@ LUAI_FUNC int luaG_sandboxaborted (lua_State *L);
    true when the run is aborted (the next instruction or charge raises) */
 #define luaG_sandboxabortedevery(L,i,n)  \
   (l_unlikely((((i) + 1) & ((n) - 1)) == 0) && luaG_sandboxaborted(L))
-/* LUA_SANDBOX: steps of a walk along a linked list (the CallInfos of a
-   deep recursion, its open upvalues) between two checks. Each step is a
-   likely cache miss, ~25 ns measured (a 170 000-frame list: ~4 ms), so a
-   piece is ~0.1 ms; LUA_SBVALUES of them was ~0.85 ms */
+/* LUA_SANDBOX: steps of walks along linked lists (the CallInfos of a deep
+   recursion, its open upvalues) between two checks. Each step is a likely
+   cache miss, ~25 ns measured (a 170 000-frame list: ~4 ms), so a piece is
+   ~0.1 ms; LUA_SBVALUES of them was ~0.85 ms. The steps are counted in the
+   global state, all walks together: an error unwinding 200 nested
+   coroutines of 1 000 frames each makes 200 walks of 1 000 steps (~2.7 ms
+   with no check when each walk counted its own) */
 #define SB_WALKPIECE	4096
-/* at every SB_WALKPIECE-th step 'i' of such a walk: debits the piece (a
-   unit per 8 steps, as the collector's work) and asks the ticker; true when
-   the run is aborted. Never raises */
-#define luaG_sandboxwalkedevery(L,i)  \
-  (l_unlikely((((i) + 1) & (SB_WALKPIECE - 1)) == 0) &&  \
+/* one step of such a walk; at every SB_WALKPIECE-th step of all of them:
+   debits the piece (a unit per 8 steps, as the collector's work) and asks
+   the ticker (not from inside the ticker, whose test build reads frames);
+   true when the run is aborted. Never raises */
+#define luaG_sandboxwalked(L)  \
+  (l_unlikely((++G(L)->sbwalked & (SB_WALKPIECE - 1)) == 0) &&  \
+   !G(L)->sbticking &&  \
    (luaG_sandboxdebit(L, SB_WALKPIECE >> 3), luaG_sandboxaborted(L)))
 LUAI_FUNC void luaG_sandboxcheck (lua_State *L);
 LUAI_FUNC size_t luaG_sandboxcopy (lua_State *L, void *dst, const void *src,

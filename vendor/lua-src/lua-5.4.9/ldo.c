@@ -281,14 +281,13 @@ static int movestackpointers (lua_State *L, int oldsize, StkId newstack,
   StkId old = L->stack.p;
   CallInfo *ci;
   UpVal *up;
-  unsigned int n = 0;
   int aborted = 0;
   L->top.p = newstack + (L->top.p - old);
   L->tbclist.p = newstack + (L->tbclist.p - old);
   for (up = L->openupval; up != NULL; up = up->u.open.next) {
     up->v.p = s2v(newstack + (uplevel(up) - old));
     if (!aborted)
-      aborted = luaG_sandboxwalkedevery(L, n++);
+      aborted = luaG_sandboxwalked(L);
   }
   for (ci = L->ci; ci != NULL; ci = ci->previous) {
     ci->top.p = newstack + (ci->top.p - old);
@@ -296,7 +295,7 @@ static int movestackpointers (lua_State *L, int oldsize, StkId newstack,
     if (isLua(ci))
       ci->u.l.trap = 1;  /* signal to update 'trap' in 'luaV_execute' */
     if (!aborted)
-      aborted = luaG_sandboxwalkedevery(L, n++);
+      aborted = luaG_sandboxwalked(L);
   }
   luaM_freearray(L, old, cast_sizet(oldsize + EXTRA_STACK));
   L->stack.p = newstack;
@@ -429,12 +428,11 @@ int luaD_growstack (lua_State *L, int n, int raiseerror) {
 static int stackinuse (lua_State *L) {
   CallInfo *ci;
   int res;
-  unsigned int n = 0;  /* LUA_SANDBOX: frames walked */
   int check = (stacksize(L) <= LUAI_MAXSTACK);  /* LUA_SANDBOX */
   StkId lim = L->top.p;
   for (ci = L->ci; ci != NULL; ci = ci->previous) {
     if (lim < ci->top.p) lim = ci->top.p;
-    if (check && luaG_sandboxwalkedevery(L, n++))
+    if (check && luaG_sandboxwalked(L))
       return stacksize(L);  /* aborted: as if all in use (no shrink) */
   }
   lua_assert(lim <= L->stack_last.p + EXTRA_STACK);
@@ -951,11 +949,10 @@ static void unroll (lua_State *L, void *ud) {
 */
 static CallInfo *findpcall (lua_State *L) {
   CallInfo *ci;
-  unsigned int n = 0;  /* LUA_SANDBOX: frames walked */
   for (ci = L->ci; ci != NULL; ci = ci->previous) {  /* search for a pcall */
     if (ci->callstatus & CIST_YPCALL)
       return ci;
-    if (luaG_sandboxwalkedevery(L, n++))  /* LUA_SANDBOX */
+    if (luaG_sandboxwalked(L))  /* LUA_SANDBOX */
       return NULL;  /* aborted: the error ends the coroutine */
   }
   return NULL;  /* no pending pcall */

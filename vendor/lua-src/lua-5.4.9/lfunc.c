@@ -204,7 +204,6 @@ void luaF_unlinkupval (UpVal *uv) {
 void luaF_closeupvalby (lua_State *L, StkId level, lua_State *checker) {
   UpVal *uv;
   StkId upl;  /* stack index pointed by 'uv' */
-  unsigned int n = 0;  /* LUA_SANDBOX: upvalues closed */
   while ((uv = L->openupval) != NULL && (upl = uplevel(uv)) >= level) {
     TValue *slot = &uv->u.value;  /* new position for value */
     lua_assert(uplevel(uv) < L->top.p);
@@ -215,7 +214,7 @@ void luaF_closeupvalby (lua_State *L, StkId level, lua_State *checker) {
       nw2black(uv);  /* closed upvalues cannot be gray */
       luaC_barrier(L, uv, slot);
     }
-    (void)luaG_sandboxwalkedevery(checker, n++);  /* LUA_SANDBOX */
+    (void)luaG_sandboxwalked(checker);  /* LUA_SANDBOX */
   }
 }
 

@@ -132,13 +132,12 @@ CallInfo *luaE_extendCI (lua_State *L, int err) {
 static void freeCI (lua_State *L) {
   CallInfo *ci = L->ci;
   CallInfo *next = ci->next;
-  unsigned int n = 0;  /* LUA_SANDBOX: CallInfos freed */
   ci->next = NULL;
   while ((ci = next) != NULL) {
     next = ci->next;
     luaM_free(L, ci);
     L->nci--;
-    (void)luaG_sandboxwalkedevery(G(L)->mainthread, n++);  /* LUA_SANDBOX */
+    (void)luaG_sandboxwalked(G(L)->mainthread);  /* LUA_SANDBOX */
   }
 }
 
@@ -161,7 +160,6 @@ static void freeCI (lua_State *L) {
 void luaE_shrinkCI (lua_State *L) {
   CallInfo *ci = L->ci->next;  /* first free CallInfo */
   CallInfo *next;
-  unsigned int n = 0;  /* LUA_SANDBOX: elements freed */
   if (ci == NULL)
     return;  /* no extra elements */
   while ((next = ci->next) != NULL) {  /* two extra elements? */
@@ -175,7 +173,7 @@ void luaE_shrinkCI (lua_State *L) {
       next2->previous = ci;
       ci = next2;  /* continue */
     }
-    if (luaG_sandboxwalkedevery(L, n++))  /* LUA_SANDBOX */
+    if (luaG_sandboxwalked(L))  /* LUA_SANDBOX */
       break;  /* aborted: the rest stays in the list */
   }
 }
@@ -408,6 +406,8 @@ LUA_API lua_State *lua_newstate (lua_Alloc f, void *ud) {
   g->ud_warn = NULL;
   g->sbticks = MAX_LMEM;  /* LUA_SANDBOX: no ticker */
   g->sbinterval = 0;
+  g->sbwalked = 0;  /* LUA_SANDBOX */
+  g->sbticking = 0;  /* LUA_SANDBOX */
   g->sbticker = NULL;
   g->mainthread = L;
   g->seed = luai_makeseed(L);

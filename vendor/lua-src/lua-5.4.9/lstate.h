@@ -318,6 +318,8 @@ typedef struct global_State {
   l_mem sbticks;  /* LUA_SANDBOX: instructions left before the next tick */
   int sbinterval;  /* LUA_SANDBOX: instructions between ticks */
   lua_Ticker sbticker;  /* LUA_SANDBOX: see 'lua_setticker' */
+  unsigned int sbwalked;  /* LUA_SANDBOX: steps of all walks (ldebug.h) */
+  lu_byte sbticking;  /* LUA_SANDBOX: the ticker is running */
 } global_State;
 
 
