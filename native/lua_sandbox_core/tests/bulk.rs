@@ -9,18 +9,17 @@ mod stretches;
 
 use std::ffi::{c_int, c_void};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use lua_sandbox_core::budget::thread_cpu;
-use lua_sandbox_core::chunk::Code;
 use lua_sandbox_core::control::Caller;
 use lua_sandbox_core::error::SandboxError;
-use lua_sandbox_core::exec::{Entry, Home, Limits, Run, Setup, StateSetup, Step};
+use lua_sandbox_core::exec::{Limits, Step};
 use lua_sandbox_core::ffi;
 use lua_sandbox_core::handle::NotOurs;
 use lua_sandbox_core::marshal::{read_values, Bounds, Fail, Sink, Tally};
 use lua_sandbox_core::output::Print;
-use lua_sandbox_core::{pool, stack};
+use lua_sandbox_core::stack;
 
 use stretches::*;
 
@@ -250,29 +249,8 @@ fn reading_a_deep_result_checks_on_the_way_up() {
             false,
         ),
     ] {
-        let lease = pool::lease(limits.max_memory).expect("a slot");
-        let mut run = Run::new(
-            Home::Fresh(lease),
-            limits,
-            Print::Discard,
-            "script".to_string(),
-            None,
-            Instant::now(),
-        );
-        let code = Code::new(src.as_bytes(), "script", false).unwrap();
-        let setup = Setup {
-            state: Some(StateSetup {
-                globals: None,
-                tools: &[],
-                modules: &[],
-            }),
-            call_globals: None,
-            entry: Entry::Chunk(&code),
-            call: None,
-        };
-        let step = run
-            .prepare(Caller::none(), setup)
-            .and_then(|nargs| run.resume(Caller::none(), nargs));
+        let (run, step) =
+            common::start_run(src, limits, Print::Discard, &[], Caller::none(), || {});
         let Ok(Step::Done { first, n }) = step else {
             panic!("{src}: {step:?}")
         };
@@ -610,15 +588,10 @@ fn json_encode_checks_while_it_escapes_a_string() {
     // (the copies of the growing output into fresh pages, in pieces of `LUA_SBPIECE`, take
     // 0.3–0.7 ms each on a loaded machine): 6 MiB of output is at least 384 checks now (435
     // measured), 67 before (16 for the escaping, the rest for the copies).
-    let rep = "local s = string.rep('\\0', 1 << 20) ";
-    let (outcome, without) = killed_at(&format!("{rep} return 1"), u64::MAX);
-    assert_eq!(outcome, Ok(()));
-    let (outcome, with) = killed_at(
-        &format!("{rep} assert(#json.encode(s) == 6 * (1 << 20) + 2) return 1"),
-        u64::MAX,
+    let (without, with) = checks_without_and_with(
+        "local s = string.rep('\\0', 1 << 20)",
+        "assert(#json.encode(s) == 6 * (1 << 20) + 2)",
     );
-    assert_eq!(outcome, Ok(()));
-    eprintln!("checks: {without} without the encode, {with} with it");
     assert!(
         with >= without + 384,
         "{with} checks with the encode, {without} without"

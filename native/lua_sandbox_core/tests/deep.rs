@@ -18,20 +18,13 @@ use stretches::*;
 /// The CallInfos a deep recursion leaves are freed with checks between pieces (issue 16, the
 /// run's end): the shrink after an error (`luaE_shrinkCI`: half of the ~280 000 here, then
 /// half of the rest) freed them in one loop, 0.8-2.3 ms with no check, and now asks the
-/// ticker every `LUA_SBVALUES` frees. Counted as checks: the script with the error after the
-/// recursion makes several more than the one without (1-2 more without the pieces: the
-/// stack's shrink debits its size, which ticks once).
+/// ticker every `SB_WALKPIECE` steps of all walks (lstate.c, ldebug.h). Counted as checks:
+/// the script with the error after the recursion makes several more than the one without (1-2
+/// more without the pieces: the stack's shrink debits its size, which ticks once).
 #[test]
 fn freeing_a_deep_recursions_callinfos_checks_between_pieces() {
     let deep = "local function f(n) if n == 0 then return 0 end return 1 + f(n - 1) end f(280000) ";
-    let (outcome, without) = killed_at(&format!("{deep} return 1"), u64::MAX);
-    assert_eq!(outcome, Ok(()));
-    let (outcome, with) = killed_at(
-        &format!("{deep} local ok = pcall(error, 'x') return 1"),
-        u64::MAX,
-    );
-    assert_eq!(outcome, Ok(()));
-    eprintln!("checks: {without} without the shrink, {with} with it");
+    let (without, with) = checks_without_and_with(deep, "local ok = pcall(error, 'x')");
     assert!(
         with >= without + 5,
         "{with} checks with the shrink, {without} without"
@@ -42,7 +35,7 @@ fn freeing_a_deep_recursions_callinfos_checks_between_pieces() {
 /// measures every thread's stack in use (ldo.c `movestackpointers`, `stackinuse`): stock walked
 /// every CallInfo twice in one go at each growth (offsets out, pointers back) and once per
 /// collection, with no check: 2.9–3.5 ms between two checks for the growth, 2.1–2.6 ms for the
-/// collections once the growth was checked. Now one walk each, checked every 32 768 frames.
+/// collections once the growth was checked. Now one walk each, checked every 4 096 steps.
 /// Bounded at 2 ms, not [`BOUND`]: the walks are short, and the shortest of three tries
 /// counts (0.3–0.9 ms measured).
 #[test]

@@ -6,14 +6,13 @@ mod common;
 
 use std::ffi::{c_int, c_void};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use lua_sandbox_core::chunk::Code;
 use lua_sandbox_core::control::Caller;
 use lua_sandbox_core::error::SandboxError;
-use lua_sandbox_core::exec::{Entry, Home, Limits, Push, Reply, Run, Setup, StateSetup, Step};
+use lua_sandbox_core::exec::{Limits, Push, Reply, Run, Step};
 use lua_sandbox_core::output::Print;
-use lua_sandbox_core::{ffi, pool, protect};
+use lua_sandbox_core::{ffi, protect};
 
 /// Starts `src` as a fresh run with the tools `tools`, up to its first stop.
 fn start(
@@ -22,30 +21,7 @@ fn start(
     tools: &[String],
     caller: Caller,
 ) -> (Run, Result<Step, SandboxError>) {
-    let lease = pool::lease(limits.max_memory).expect("a slot");
-    let mut run = Run::new(
-        Home::Fresh(lease),
-        limits,
-        Print::Capture,
-        "script".to_string(),
-        None,
-        Instant::now(),
-    );
-    let code = Code::new(src.as_bytes(), "script", false).unwrap();
-    let setup = Setup {
-        state: Some(StateSetup {
-            globals: None,
-            tools,
-            modules: &[],
-        }),
-        call_globals: None,
-        entry: Entry::Chunk(&code),
-        call: None,
-    };
-    let step = run
-        .prepare(caller, setup)
-        .and_then(|nargs| run.resume(caller, nargs));
-    (run, step)
+    common::start_run(src, limits, Print::Capture, tools, caller, || {})
 }
 
 /// `tostring` of each value on the run coroutine at `first..first + n`.

@@ -206,6 +206,20 @@ fn after_each_kill(
     killed
 }
 
+/// [`after_each_kill`] where `check` answers "whole" (the coroutine kept its values) or
+/// "dead" (the kill ended it): anything else fails. Returns the kills and the "whole" answers.
+fn whole_or_dead_after_each_kill(setup: &str, src: &str, check: &str) -> (u64, usize) {
+    let mut whole = 0;
+    let killed = after_each_kill(setup, src, check, |at, found| {
+        assert!(
+            found == Ok("whole".into()) || found == Ok("dead".into()),
+            "after a kill at check {at}: {found:?}"
+        );
+        whole += usize::from(found == Ok("whole".into()));
+    });
+    (killed, whole)
+}
+
 #[test]
 fn a_kill_inside_a_rehash_leaves_the_table_whole() {
     // Without rollback an aborted call's state goes on (protect.rs rule 6). A rehash checks
@@ -320,14 +334,7 @@ fn a_kill_inside_a_stack_growth_leaves_the_stack_whole() {
     let check = "local ok, n = coroutine.resume(co) \
                  if ok and n == 20000 then return 'whole' end \
                  return n == 'cannot resume dead coroutine' and 'dead' or tostring(n)";
-    let mut whole = 0;
-    let killed = after_each_kill(setup, grow, check, |at, found| {
-        assert!(
-            found == Ok("whole".into()) || found == Ok("dead".into()),
-            "after a kill at check {at}: {found:?}"
-        );
-        whole += usize::from(found == Ok("whole".into()));
-    });
+    let (killed, whole) = whole_or_dead_after_each_kill(setup, grow, check);
     assert!(killed >= 10 && whole >= 5, "{killed} checks, {whole} whole");
 }
 
@@ -384,14 +391,7 @@ fn a_kill_inside_a_deep_stacks_move_leaves_it_whole() {
                  local ok, v = coroutine.resume(co, 34000) \
                  if ok and v == 'deep' then ok, v = coroutine.resume(co) end \
                  return (ok and v == 34000) and 'whole' or tostring(v)";
-    let mut whole = 0;
-    let killed = after_each_kill(setup, grow, check, |at, found| {
-        assert!(
-            found == Ok("whole".into()) || found == Ok("dead".into()),
-            "after a kill at check {at}: {found:?}"
-        );
-        whole += usize::from(found == Ok("whole".into()));
-    });
+    let (killed, whole) = whole_or_dead_after_each_kill(setup, grow, check);
     assert!(killed >= 10, "{killed} checks, {whole} whole");
 }
 

@@ -3,8 +3,14 @@
 #![allow(dead_code)]
 
 use std::ffi::{c_int, c_void};
+use std::time::Instant;
 
-use lua_sandbox_core::{ffi, protect, LuaFailure, Slot};
+use lua_sandbox_core::chunk::Code;
+use lua_sandbox_core::control::Caller;
+use lua_sandbox_core::error::SandboxError;
+use lua_sandbox_core::exec::{Entry, Home, Limits, Run, Setup, StateSetup, Step};
+use lua_sandbox_core::output::Print;
+use lua_sandbox_core::{ffi, pool, protect, LuaFailure, Slot};
 
 pub const MIB: usize = 1 << 20;
 
@@ -110,4 +116,41 @@ pub unsafe fn alive_for(env: *mut c_void) -> bool {
     // SAFETY: the caller guarantees `env` points at a live counter.
     let left = unsafe { &*env.cast::<std::sync::atomic::AtomicU64>() };
     left.fetch_sub(1, std::sync::atomic::Ordering::Relaxed) > 1
+}
+
+/// Starts `src` as a fresh run in a leased slot, printing to `print`, with the tools `tools`,
+/// up to its first stop; `started` runs just before the script (after the slot is leased).
+pub fn start_run(
+    src: &str,
+    limits: Limits,
+    print: Print,
+    tools: &[String],
+    caller: Caller,
+    started: impl FnOnce(),
+) -> (Run, Result<Step, SandboxError>) {
+    let lease = pool::lease(limits.max_memory).expect("a slot");
+    let mut run = Run::new(
+        Home::Fresh(lease),
+        limits,
+        print,
+        "script".to_string(),
+        None,
+        Instant::now(),
+    );
+    let code = Code::new(src.as_bytes(), "script", false).unwrap();
+    let setup = Setup {
+        state: Some(StateSetup {
+            globals: None,
+            tools,
+            modules: &[],
+        }),
+        call_globals: None,
+        entry: Entry::Chunk(&code),
+        call: None,
+    };
+    started();
+    let step = run
+        .prepare(caller, setup)
+        .and_then(|nargs| run.resume(caller, nargs));
+    (run, step)
 }

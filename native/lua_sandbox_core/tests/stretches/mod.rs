@@ -5,15 +5,13 @@
 
 use std::ffi::c_void;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use lua_sandbox_core::budget::thread_cpu;
-use lua_sandbox_core::chunk::Code;
 use lua_sandbox_core::control::Caller;
 use lua_sandbox_core::error::SandboxError;
-use lua_sandbox_core::exec::{Entry, Home, Limits, Run, Setup, StateSetup, Step};
+use lua_sandbox_core::exec::{Limits, Step};
 use lua_sandbox_core::output::Print;
-use lua_sandbox_core::pool;
 
 /// The longest stretch between two liveness checks, in thread CPU ns.
 #[derive(Default)]
@@ -61,30 +59,7 @@ pub fn run_with(
     started: impl FnOnce(),
     finished: impl FnOnce(),
 ) -> Result<(), SandboxError> {
-    let lease = pool::lease(limits.max_memory).expect("a slot");
-    let mut run = Run::new(
-        Home::Fresh(lease),
-        limits,
-        print,
-        "script".to_string(),
-        None,
-        Instant::now(),
-    );
-    let code = Code::new(src.as_bytes(), "script", false).unwrap();
-    let setup = Setup {
-        state: Some(StateSetup {
-            globals: None,
-            tools: &[],
-            modules: &[],
-        }),
-        call_globals: None,
-        entry: Entry::Chunk(&code),
-        call: None,
-    };
-    started();
-    let step = run
-        .prepare(caller, setup)
-        .and_then(|nargs| run.resume(caller, nargs));
+    let (run, step) = crate::common::start_run(src, limits, print, &[], caller, started);
     finished();
     match step {
         Ok(Step::Done { .. }) => Ok(()),
@@ -208,4 +183,16 @@ pub fn killed_at(src: &str, checks: u64) -> (Result<(), SandboxError>, u64) {
     };
     let outcome = run_to_end(src, caller, || {}, || {});
     (outcome, checks.wrapping_sub(left.load(Ordering::Relaxed)))
+}
+
+/// The checks made by `{base} return 1` and by `{base} {extra} return 1` (both must run to
+/// their end): what `extra` adds is counted, not timed, where its work between two checks is
+/// short even unchecked.
+pub fn checks_without_and_with(base: &str, extra: &str) -> (u64, u64) {
+    let (outcome, without) = killed_at(&format!("{base} return 1"), u64::MAX);
+    assert_eq!(outcome, Ok(()), "{base}");
+    let (outcome, with) = killed_at(&format!("{base} {extra} return 1"), u64::MAX);
+    assert_eq!(outcome, Ok(()), "{base} {extra}");
+    eprintln!("checks: {without} without `{extra}`, {with} with it");
+    (without, with)
 }
