@@ -61,6 +61,20 @@ defmodule LuaSandbox.MarshalCostTest do
     assert length(list) == 200_000
   end
 
+  # Converted strings are copied into fresh memory, as costly a byte as when Lua builds them:
+  # at a unit per KiB a result of 100-byte strings ran 2-3 ms between two checks on a slow VM
+  # (~800 units per ms; issue 16's floor is 5 000). The VM's rate (a unit per 16 bytes) both ways.
+  test "string bytes are charged at the VM's rate, both ways" do
+    setup = "local t = {} for i = 1, 1000 do t[i] = string.rep('x', 1000) end"
+    {:ok, %{stats: %{instructions: n}}} = LuaSandbox.run(setup <> "\nreturn t")
+    assert n - cost(setup) >= 1000 * div(1000, 16)
+
+    strings = List.duplicate(String.duplicate("x", 1000), 1000)
+    {:ok, %{stats: %{instructions: with}}} = LuaSandbox.run("return 1", globals: %{s: strings})
+    {:ok, %{stats: %{instructions: without}}} = LuaSandbox.run("return 1")
+    assert with - without >= 1000 * div(1000, 16)
+  end
+
   test "globals are charged one step per value" do
     big = Enum.to_list(1..200_000)
 

@@ -25,7 +25,9 @@ use std::time::Duration;
 use crate::ffi;
 
 use crate::control::lua_sandboxabort;
-pub use crate::control::{Abort, AliveCheck, Caller, Control, TICK_INTERVAL};
+pub use crate::control::{
+    byte_units, Abort, AliveCheck, Caller, Control, BYTES_PER_UNIT, PIECE, TICK_INTERVAL,
+};
 
 /// Runs `f` with the active run's control and caller, if a run is active on this thread.
 fn with_control<R>(f: impl FnOnce(&Control, Caller) -> R) -> Option<R> {
@@ -280,6 +282,35 @@ mod tests {
     use super::*;
     use crate::scope::Scope;
     use std::time::Instant;
+
+    /// The value of `#define <name>` in a C header of the vendored build (its first token,
+    /// casts and parentheses stripped, a `*` product evaluated).
+    fn c_define(header: &str, name: &str) -> usize {
+        let line = header
+            .lines()
+            .find(|l| l.starts_with("#define") && l.split_whitespace().nth(1) == Some(name))
+            .unwrap_or_else(|| panic!("no #define {name}"));
+        let value = line.split_once(name).unwrap().1;
+        let value = value.replace("(size_t)", "").replace(['(', ')', 'u'], "");
+        value
+            .split('*')
+            .map(|f| {
+                f.trim()
+                    .parse::<usize>()
+                    .unwrap_or_else(|_| panic!("{line}"))
+            })
+            .product()
+    }
+
+    #[test]
+    fn the_rust_cost_model_is_the_vms() {
+        let lua_h = include_str!("../../../vendor/lua-src/lua-5.4.9/lua.h");
+        let ldebug_h = include_str!("../../../vendor/lua-src/lua-5.4.9/ldebug.h");
+        let sb_budget_h = include_str!("../csrc/sb_budget.h");
+        assert_eq!(c_define(lua_h, "LUA_SBPIECE"), PIECE);
+        assert_eq!(1 << c_define(ldebug_h, "SB_BYTESHIFT"), BYTES_PER_UNIT);
+        assert_eq!(c_define(sb_budget_h, "SB_BYTES_PER_STEP"), BYTES_PER_UNIT);
+    }
 
     #[test]
     fn charge_without_activation_is_free() {

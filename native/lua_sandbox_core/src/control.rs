@@ -16,6 +16,22 @@ use crate::ffi;
 /// cost of the ticker does not depend on it.
 pub const TICK_INTERVAL: u64 = 1000;
 
+/// Bytes of bulk work (a copy, a conversion, a scan) done between two checks outside the VM:
+/// the VM's own piece (`LUA_SBPIECE`, lua.h; a test keeps the two equal). 64 KiB copied into
+/// fresh pages (the usual case: a new string, a new binary) took 0.3-0.45 ms on the slow
+/// 2-core VM of issue 16, where 256 KiB made 1.1-1.7 ms stretches.
+pub const PIECE: usize = 64 * 1024;
+
+/// Bytes worth one unit of work when copied, converted or scanned: the VM's rate (ldebug.h
+/// `SB_BYTESHIFT`, csrc/sb_budget.h `SB_BYTES_PER_STEP`; a test keeps them equal), so a string
+/// costs the same whether Lua builds it or the boundary converts it.
+pub const BYTES_PER_UNIT: usize = 16;
+
+/// Units of work for `bytes` bytes copied, converted or scanned.
+pub const fn byte_units(bytes: usize) -> u64 {
+    (bytes / BYTES_PER_UNIT) as u64
+}
+
 extern "C-unwind" {
     /// Makes the next VM instruction or charge of the state of `l` raise (the patched VM,
     /// vendor/lua-src/PATCHES.md); only stores two integers of the global state.

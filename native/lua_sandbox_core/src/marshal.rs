@@ -79,8 +79,9 @@ impl Hasher for PtrHasher {
 /// A set of table addresses (the tables on the path being read).
 pub type PtrSet = HashSet<*const c_void, BuildHasherDefault<PtrHasher>>;
 
-/// Charges conversion work to the run's budget in batches; one step per value and one per
-/// KiB of string data.
+/// Charges conversion work to the run's budget in batches; one step per value and the VM's
+/// units for its string bytes (`budget::byte_units`, one per 16 bytes: a string is copied into
+/// fresh memory, as costly a byte as when Lua builds one).
 #[derive(Default)]
 pub struct Meter {
     pending: u64,
@@ -101,7 +102,7 @@ const TABLES_PER_CHECK: u32 = 64;
 
 impl Meter {
     pub fn value(&mut self, bytes: usize) -> Result<(), Fail> {
-        self.pending += 1 + (bytes as u64 >> 10);
+        self.pending += 1 + budget::byte_units(bytes);
         if self.pending >= CHARGE_BATCH {
             self.flush()?;
         }
@@ -138,20 +139,18 @@ impl Meter {
     }
 }
 
-/// Elements a growing scratch vector copies between two checks ([`push_checked`]): 256 KiB of
-/// 8-byte terms, ~0.1 ms with the new block's pages faulted in.
-pub const GROW_PIECE: usize = 32 * 1024;
-
 /// Pushes `item` on `v`, a host's scratch vector of a read (its terms, its entries). A full
-/// vector of [`GROW_PIECE`] elements or more grows into a new block of twice its capacity,
+/// vector of [`budget::PIECE`] bytes or more grows into a new block of twice its capacity,
 /// its elements copied a piece at a time with a check between pieces: `Vec`'s own doubling
 /// copies it whole and faults the new block in at once (a 10^5-entry table's three scratch
 /// vectors doubling together: 2.7 ms between two checks, issue 16). On an abort `v` is left
 /// as it was (the new block is dropped).
 pub fn push_checked<T: Copy>(v: &mut Vec<T>, item: T) -> Result<(), Fail> {
-    if v.len() == v.capacity() && v.len() >= GROW_PIECE {
+    // Elements copied between two checks: a piece of bytes.
+    let piece = (budget::PIECE / std::mem::size_of::<T>().max(1)).max(1);
+    if v.len() == v.capacity() && v.len() >= piece {
         let mut grown = Vec::with_capacity(v.len() * 2);
-        for piece in v.chunks(GROW_PIECE) {
+        for piece in v.chunks(piece) {
             grown.extend_from_slice(piece);
             budget::charge_and_check(0).map_err(|why| Fail::new(FailKind::Abort(why)))?;
         }

@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 
 use crate::control::{Abort, Caller};
 
-/// Bytes copied between two budget checks: the VM's piece (`LUA_SBPIECE`, ~0.1 ms).
-pub const PIECE: usize = 256 * 1024;
+/// Bytes copied between two budget checks: the VM's piece.
+pub use crate::control::PIECE;
 
 /// Pending streamed bytes that are sent without waiting for the interval.
 pub const STREAM_BYTES: usize = 4096;

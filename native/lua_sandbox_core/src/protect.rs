@@ -34,7 +34,7 @@
 //! 6. **Stopping early leaves the state consistent**, for that one case: the collector stops
 //!    only between two steps or, in the atomic phase, before the white flip, so nothing is
 //!    freed and the next cycle starts over; inside one big object's traversal (a check every
-//!    16 384 slots) it stops only where the object is traversed again anyway (a weak table or
+//!    4 096 slots) it stops only where the object is traversed again anyway (a weak table or
 //!    a thread, on `grayagain`; the atomic phase, abandoned), or puts a half-traversed strong
 //!    table back on `grayagain` (`vendor/lua-src/PATCHES.md`, "The collector under the
 //!    budget"); a C function stops by raising (rules 1–4), never by returning half done
@@ -167,8 +167,8 @@ pub unsafe fn describe(l: *mut ffi::lua_State, idx: c_int) -> String {
     }
 }
 
-/// Bytes converted between two charges by [`text_of`] (~0.1 ms of work).
-const TEXT_PIECE: usize = 256 * 1024;
+/// Bytes converted between two charges by [`text_of`]: the VM's piece.
+const TEXT_PIECE: usize = crate::budget::PIECE;
 
 /// `bytes` as text, as `String::from_utf8_lossy` would give it, converted in pieces of
 /// [`TEXT_PIECE`] bytes with the work charged to the active run (if any) between pieces: an
@@ -192,7 +192,9 @@ fn text_of(bytes: &[u8]) -> String {
         let (piece, tail) = rest.split_at(end);
         out.push_str(&String::from_utf8_lossy(piece));
         rest = tail;
-        if !rest.is_empty() && crate::budget::charge_and_check((piece.len() >> 4) as u64).is_err() {
+        if !rest.is_empty()
+            && crate::budget::charge_and_check(crate::budget::byte_units(piece.len())).is_err()
+        {
             break;
         }
     }

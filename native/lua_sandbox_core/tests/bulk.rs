@@ -505,7 +505,7 @@ fn dead_objects_made_last_are_swept_in_pieces() {
 }
 
 /// The collector traverses one object and clears one weak table with checks inside (lgc.c
-/// `sbgcpiece`, every 16 384 slots; vendor/lua-src PATCHES.md, "The collector under the
+/// `sbgcpiece`, every 4 096 slots; vendor/lua-src PATCHES.md, "The collector under the
 /// budget"): it paid for an object by its size, one check for the whole object, so one big
 /// table ran between two checks for as long as its traversal took — ~8 ms for 2^21 strings in
 /// the array part, ~50 ms for 2^20 in the hash part, 15–60 ms for weak tables of 2^21 entries
@@ -545,7 +545,7 @@ fn big_objects_are_traversed_between_checks() {
 #[test]
 fn many_small_weak_tables_are_cleared_between_checks() {
     // The atomic phase clears the weak tables on its lists (lgc.c `clearbykeys`,
-    // `clearbyvalues`) with a check every 16 384 slots, counted per table: 10^5 tables of one
+    // `clearbyvalues`) with a check every 16 384 slots (now 4 096), counted per table: 10^5 tables of one
     // entry never reached one (3.6-4.4 ms between two checks; 2.3 ms for 30 000 ephemeron
     // tables in collector_test under the hole finder). Now the count runs over the whole
     // list, a step per table. Bounded at 2 ms, not [`BOUND`]: even unchecked it is short.

@@ -348,7 +348,7 @@ fn a_kill_inside_the_atomic_phase_keeps_threads_with_open_upvalues_listed() {
     // `sbunlinkthreads` now takes threads off only at the end of the atomic phase). Here each
     // step makes a coroutine with an open upvalue, kept only by a table already traversed (so
     // marked after `remarkupvals`, with the table, in the atomic phase), and writes a big
-    // table (traversed again there, with a check every 16 384 slots); killed at every check,
+    // table (traversed again there, with a check every 4 096 slots); killed at every check,
     // the next call drops the coroutines, collects, reuses the memory and reads the upvalues.
     // It does not go red without the fix (checked): no kill was seen to land in that window,
     // or the freed values were not yet overwritten. The fix rests on the reasoning above; this
@@ -416,7 +416,7 @@ fn a_kill_inside_a_long_key_lookup_leaves_the_table_whole() {
 fn a_kill_inside_an_objects_traversal_leaves_the_heap_whole() {
     // Without rollback an aborted call's state goes on (protect.rs rule 6). The collector
     // checks inside one big object's traversal and a weak table's clearing (lgc.c
-    // `sbgcpiece`, every 16 384 slots) and stops there when the run is aborted: a strong table
+    // `sbgcpiece`, every 4 096 slots) and stops there when the run is aborted: a strong table
     // stopped half-traversed is made gray again (else it stays black over white objects,
     // which the next cycle frees while they are reachable), a weak table or a thread is
     // traversed again in the atomic phase anyway, and the atomic phase, stopped, is abandoned

@@ -14,11 +14,11 @@ pub fn binary_term<'e>(env: Env<'e>, bytes: &[u8]) -> Term<'e> {
     b.encode(env)
 }
 
-/// Bytes copied into a binary between two charges by [`binary_term_charged`] (~0.1 ms).
-pub const PIECE: usize = 256 * 1024;
+/// Bytes copied into a binary between two charges by [`binary_term_charged`]: the VM's piece.
+pub use lua_sandbox_core::budget::PIECE;
 
-/// `bytes` as a fresh Elixir binary, copied in pieces of [`PIECE`] bytes with one unit per
-/// KiB charged to the active run after each piece, so that copying a string as large as the
+/// `bytes` as a fresh Elixir binary, copied in pieces of [`PIECE`] bytes with the VM's units
+/// per byte (`budget::byte_units`) charged to the active run after each piece, so that copying a string as large as the
 /// heap is stopped by a kill, the deadline or the budget within one piece. On such an abort
 /// the binary holds only the pieces copied so far: `Err` with the reason and that prefix
 /// (never uninitialized bytes).
@@ -34,7 +34,7 @@ pub fn binary_term_charged<'e>(env: Env<'e>, bytes: &[u8]) -> Result<Term<'e>, (
     {
         dst.copy_from_slice(src);
         copied += src.len();
-        if let Err(why) = budget::charge_and_check((src.len() >> 10) as u64) {
+        if let Err(why) = budget::charge_and_check(budget::byte_units(src.len())) {
             abort = Some(why);
             break;
         }

@@ -6,8 +6,8 @@
 //! (`to_term.rs`). No atom is created from Lua data.
 //!
 //! Cost: both directions are O(values): the tables on the current path live in a hash set, and
-//! each value (plus each KiB of string data) is charged to the run's budget as it is converted,
-//! in batches, so `max_instructions`, a kill and a deadline stop a huge conversion within
+//! each value (plus a unit per 16 bytes of string data, as the VM charges) is charged to the
+//! run's budget as it is converted, in batches, so `max_instructions`, a kill and a deadline stop a huge conversion within
 //! milliseconds like any other work.
 
 use std::ffi::c_int;
