@@ -223,7 +223,7 @@ fn whole_or_dead_after_each_kill(setup: &str, src: &str, check: &str) -> (u64, u
 #[test]
 fn a_kill_inside_a_rehash_leaves_the_table_whole() {
     // Without rollback an aborted call's state goes on (protect.rs rule 6). A rehash checks
-    // every 8 192 slots (ltable.c SB_REHASHPIECE): a kill while it counts or clears raises
+    // every 1 024 slots (ltable.c SB_REHASHPIECE): a kill while it counts or clears raises
     // before the table is touched, one while it moves the keys undoes the move first. Killed
     // at every check of a table's growth, the next call must find every key set before.
     let setup = "t, done = {}, 0 return 0";
