@@ -551,10 +551,11 @@ fn big_objects_are_traversed_between_checks() {
 #[test]
 fn many_small_weak_tables_are_cleared_between_checks() {
     // The atomic phase clears the weak tables on its lists (lgc.c `clearbykeys`,
-    // `clearbyvalues`) with a check every 16 384 slots (now 4 096), counted per table: 10^5 tables of one
-    // entry never reached one (3.6-4.4 ms between two checks; 2.3 ms for 30 000 ephemeron
-    // tables in collector_test under the hole finder). Now the count runs over the whole
-    // list, a step per table. Bounded at 2 ms, not [`BOUND`]: even unchecked it is short.
+    // `clearbyvalues`) with a check every 16 384 slots (now 4 096), counted per table: 10^5
+    // tables of one entry never reached one (3.6-4.4 ms between two checks; 2.3 ms for
+    // 30 000 ephemeron tables in collector_test under the hole finder). Now the count runs
+    // over the whole list, a step per table. Bounded at 2 ms, not [`BOUND`]: even unchecked
+    // it is short.
     let n = "local n = 100000 local keep = {} ";
     let cases = [
         format!(

@@ -1,6 +1,6 @@
 //! Long numerals (issue 16): a numeral longer than 1 KiB, decimal or hexadecimal, is
-//! rewritten, with a check every `LUA_SBPIECE` bytes, into a short one that converts to the same value
-//! before `l_str2int` and `strtod` see it (`luaO_str2numsb` in
+//! rewritten, with a check every `LUA_SBPIECE` bytes, into a short one that converts to the
+//! same value before `l_str2int` and `strtod` see it (`luaO_str2numsb` in
 //! vendor/lua-src/lua-5.4.9/lobject.c). Checked here against `strtod` itself (glibc's,
 //! correctly rounded) and a model of `l_str2int` on the whole numeral: generated numerals of
 //! every shape the grammar has, and numerals next to the midpoints between two doubles, where

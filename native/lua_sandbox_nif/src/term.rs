@@ -18,8 +18,9 @@ pub fn binary_term<'e>(env: Env<'e>, bytes: &[u8]) -> Term<'e> {
 pub use lua_sandbox_core::budget::PIECE;
 
 /// `bytes` as a fresh Elixir binary, copied in pieces of [`PIECE`] bytes with the VM's units
-/// per byte (`budget::byte_units`) charged to the active run after each piece, so that copying a string as large as the
-/// heap is stopped by a kill, the deadline or the budget within one piece. On such an abort
+/// per byte (`budget::byte_units`) charged to the active run after each piece, so that
+/// copying a string as large as the heap is stopped by a kill, the deadline or the budget
+/// within one piece. On such an abort
 /// the binary holds only the pieces copied so far: `Err` with the reason and that prefix
 /// (never uninitialized bytes).
 pub fn binary_term_charged<'e>(env: Env<'e>, bytes: &[u8]) -> Result<Term<'e>, (Abort, Term<'e>)> {

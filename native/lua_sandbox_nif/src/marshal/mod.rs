@@ -7,8 +7,8 @@
 //!
 //! Cost: both directions are O(values): the tables on the current path live in a hash set, and
 //! each value (plus a unit per 16 bytes of string data, as the VM charges) is charged to the
-//! run's budget as it is converted, in batches, so `max_instructions`, a kill and a deadline stop a huge conversion within
-//! milliseconds like any other work.
+//! run's budget as it is converted, in batches, so `max_instructions`, a kill and a deadline
+//! stop a huge conversion within milliseconds like any other work.
 
 use std::ffi::c_int;
 
