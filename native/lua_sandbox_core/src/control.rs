@@ -18,8 +18,9 @@ pub const TICK_INTERVAL: u64 = 1000;
 
 /// Bytes of bulk work (a copy, a conversion, a scan) done between two checks outside the VM:
 /// the VM's own piece (`LUA_SBPIECE`, lua.h; a test keeps the two equal). 64 KiB copied into
-/// fresh pages (the usual case: a new string, a new binary) took 0.3-0.45 ms on the slow
-/// 2-core VM of issue 16, where 256 KiB made 1.1-1.7 ms stretches.
+/// fresh pages (the usual case: a new string, a new binary) took 67 µs median, 117 µs p99 on
+/// the slow 2-core VM of issue 16 (a C probe), where 256 KiB pieces made 1.1-1.7 ms stretches
+/// under `make stretch`.
 pub const PIECE: usize = 64 * 1024;
 
 /// Bytes worth one unit of work when copied, converted or scanned: the VM's rate (ldebug.h

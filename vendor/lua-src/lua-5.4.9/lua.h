@@ -501,7 +501,7 @@ LUA_API int (lua_sandboxnextlevel) (lua_State *L, lua_Debug *ar);
 /* the main thread of the state of 'L' (lives as long as the state) */
 LUA_API lua_State *(lua_sandboxmainthread) (lua_State *L);
 /* bytes of a bulk operation between two checks (~0.1 ms of work; copied
-   into fresh pages ~0.3 ms on a slow machine: budget.rs PIECE) */
+   into fresh pages 67 us median on a slow machine: control.rs PIECE) */
 #define LUA_SBPIECE	((size_t)64 * 1024)
 /* values of a bulk operation between two checks (pushes, table reads) */
 #define LUA_SBVALUES	32768
