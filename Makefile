@@ -9,7 +9,9 @@
 #   suites under a build that records the longest CPU stretch between two budget checks
 #   (native/lua_sandbox_core/src/stretch.rs); fails above STRETCH_MAX_US (1 ms). Full size:
 #   LUA_BOUNDED_MIB=16 LUA_BOUNDED_WORK=1000000 make stretch; STRETCH_TESTS=path runs one file.
-#   The log names each stretch of 1 ms or more: where, the test, where it started.
+#   The log names each stretch of 1 ms or more: where, the test, where it started;
+#   LUA_SANDBOX_STRETCH_NATIVE=1 adds the native functions at both ends (slow: for one file).
+# make stall-witness — does the machine stall threads (counted as their CPU time) on its own?
 
 SHELL := /bin/bash
 # The tests run in MIX_ENV=test whatever the caller's environment or command line holds: set
@@ -17,7 +19,7 @@ SHELL := /bin/bash
 TEST_ENV := MIX_ENV=test
 LUA_PROPERTY_CASES ?= 10000
 
-.PHONY: all deps build demo test check-format clippy cargo-test mix-test bench fuzz stretch san fuzz-san bench-process bench-session-process bench-handle-process
+.PHONY: all deps build demo test check-format clippy cargo-test mix-test bench fuzz stretch stall-witness san fuzz-san bench-process bench-session-process bench-handle-process
 
 all: test
 
@@ -49,7 +51,7 @@ clippy:
 # back over its own function slot did).
 cargo-test:
 	cargo test --release
-	CARGO_TARGET_DIR=$(STRETCH_TARGET) LUA_SANDBOX_STRETCH_LOG=$(CURDIR)/$(STRETCH_TARGET)/cargo-test.log \
+	$(STRETCH_CARGO) LUA_SANDBOX_STRETCH_LOG=$(CURDIR)/$(STRETCH_TARGET)/cargo-test.log \
 	  cargo test --release -p lua_sandbox_core --features stretch --test bulk --test deep --test session
 
 mix-test: deps
@@ -100,14 +102,25 @@ fuzz: deps
 	$(TEST_ENV) LUA_PROPERTY_CASES=200000 mix test --only property
 
 STRETCH_TARGET := target/stretch
+# Line tables (no change to the code): the native stacks of LUA_SANDBOX_STRETCH_NATIVE=1 then
+# name the C functions inlined into their callers (the collector's phases, a table's growth).
+STRETCH_CARGO := CARGO_TARGET_DIR=$(STRETCH_TARGET) CARGO_PROFILE_RELEASE_DEBUG=line-tables-only
 STRETCH_LOG := $(CURDIR)/$(STRETCH_TARGET)/stretch.log
 STRETCH_MAX_US ?= 1000
 STRETCH_TESTS ?= test/adversarial test/stock
 
+# Whether the machine itself stalls running threads (bench/stall_witness.c): a thread per CPU
+# doing fixed slices of arithmetic prints every slice of STALL_US µs of CPU time or more.
+WITNESS_SECONDS ?= 300
+STALL_US ?= 1000
+stall-witness:
+	mkdir -p target && cc -O2 -pthread -o target/stall_witness bench/stall_witness.c
+	target/stall_witness $(WITNESS_SECONDS) $(STALL_US)
+
 # The feature build has its own target dir and is installed only for this run: the installed
 # library is removed afterwards, so the next build installs the release one again.
 stretch: build
-	CARGO_TARGET_DIR=$(STRETCH_TARGET) cargo build --release -p lua_sandbox_nif \
+	$(STRETCH_CARGO) cargo build --release -p lua_sandbox_nif \
 	  --features lua_sandbox_core/stretch
 	rm -f $(STRETCH_LOG) $(STRETCH_LOG).test priv/native/lua_sandbox_nif.so
 	-$(TEST_ENV) LUA_SANDBOX_NIF_PATH=$(CURDIR)/$(STRETCH_TARGET)/release/liblua_sandbox_nif.so \

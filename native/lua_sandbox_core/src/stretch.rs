@@ -6,9 +6,10 @@
 //! start of an activation (a NIF call starts running a script) or its end. Every stretch of
 //! at least `LUA_SANDBOX_STRETCH_MIN_US` µs (default 1000), and every one longer than any seen
 //! before in this OS process, is appended to the file named by `LUA_SANDBOX_STRETCH_LOG` as
-//! one tab-separated line:
+//! one tab-separated line (shown on two here):
 //!
 //! `<µs>  <where it ended> (<event>)  <test>  from <where it started>[ | +<µs> <site>]...`
+//! `| at <t>`
 //!
 //! A place is `source:line` of the running Lua function, or `[C] name in source:line` for a C
 //! function (its Lua name when a Lua function called it, `?` otherwise, and the nearest Lua
@@ -18,9 +19,20 @@
 //! test suite's formatter keeps the current test's name there). The `+<µs> <site>` parts are
 //! [`mark`]s: named points inside the boundary's own work (after the script returned, after
 //! the result was converted, ...), so a stretch that ends a NIF call says which part of the
-//! call's tail it was spent in. So any operation that does work no check follows — the next
-//! hole — shows up located, without anyone naming it: `make stretch` runs the generated and
-//! adversarial suites under this build and fails if the longest stretch exceeds 1 ms.
+//! call's tail it was spent in. `<t>` is the Unix time (s.µs) when the line was written, to
+//! match a stretch with what happened outside the process then (bench/stall_witness.c records
+//! the moments the machine stalls every thread at once). So any operation that does work no
+//! check follows — the next hole — shows up located, without anyone naming it: `make stretch`
+//! runs the generated and adversarial suites under this build and fails if the longest
+//! stretch exceeds 1 ms.
+//!
+//! A Lua position names the script's line, not the C function at work under it (the
+//! collector's phase, a table's growth). With `LUA_SANDBOX_STRETCH_NATIVE` set, every check
+//! also captures the native stack (its cost is not counted: the stretch restarts after it)
+//! and a logged line ends with `| native: <f> < <caller> < ...` for both ends, `here` and
+//! `from`: the functions below the check, innermost first (`make stretch` builds with line
+//! tables, so C functions inlined into their callers are named too). It slows the suites
+//! several times over: it is for locating a stretch, not for the full run.
 
 #[cfg(feature = "stretch")]
 pub(crate) use imp::{check, start, stop};
@@ -37,6 +49,7 @@ pub fn mark() {
 
 #[cfg(feature = "stretch")]
 mod imp {
+    use std::backtrace::Backtrace;
     use std::cell::{Cell, RefCell};
     use std::ffi::CStr;
     use std::fmt::Write as _;
@@ -61,10 +74,18 @@ mod imp {
         /// The marks passed since the last check: CPU time and source position.
         static MARKS: RefCell<Vec<(Duration, &'static Location<'static>)>> =
             const { RefCell::new(Vec::new()) };
+        /// The native stack at the last check (with `LUA_SANDBOX_STRETCH_NATIVE` only).
+        static FROM_STACK: RefCell<Option<Backtrace>> = const { RefCell::new(None) };
     }
 
     /// The longest stretch seen by this process, in µs.
     static LONGEST: AtomicU64 = AtomicU64::new(0);
+
+    /// Whether checks capture the native stack (`LUA_SANDBOX_STRETCH_NATIVE` set).
+    fn native() -> bool {
+        static ON: OnceLock<bool> = OnceLock::new();
+        *ON.get_or_init(|| std::env::var_os("LUA_SANDBOX_STRETCH_NATIVE").is_some())
+    }
 
     fn min_us() -> u64 {
         static MIN: OnceLock<u64> = OnceLock::new();
@@ -78,6 +99,8 @@ mod imp {
 
     /// A run became active on this thread: its first stretch starts now.
     pub(crate) fn start() {
+        let stack = native().then(Backtrace::force_capture);
+        FROM_STACK.with(|f| *f.borrow_mut() = stack);
         LAST.with(|c| c.set(Some(thread_cpu())));
         FROM.with(|f| {
             let mut f = f.borrow_mut();
@@ -117,9 +140,31 @@ mod imp {
         let marks = MARKS.with(|m| std::mem::take(&mut *m.borrow_mut()));
         let us = now.saturating_sub(last).as_micros() as u64;
         let record = LONGEST.fetch_max(us, Ordering::Relaxed) < us;
+        // The previous check's stack, this one's kept for the next (unresolved: cheap).
+        let from_stack = native()
+            .then(|| FROM_STACK.with(|f| f.borrow_mut().replace(Backtrace::force_capture())));
         if us < min_us() && !record {
+            if from_stack.is_some() {
+                // The next stretch starts after the capture: the hole finder's own work.
+                LAST.with(|c| c.set(Some(thread_cpu())));
+            }
             return;
         }
+        log(us, here, from, marks, last, now, from_stack);
+        // Nor is the line's writing (stacks resolved, a file appended) the run's work.
+        LAST.with(|c| c.set(Some(thread_cpu())));
+    }
+
+    /// Appends the line of a stretch of `us` µs from the check at `last` to the one at `now`.
+    fn log(
+        us: u64,
+        here: String,
+        from: String,
+        marks: Vec<(Duration, &'static Location<'static>)>,
+        last: Duration,
+        now: Duration,
+        from_stack: Option<Option<Backtrace>>,
+    ) {
         let Some(path) = std::env::var_os("LUA_SANDBOX_STRETCH_LOG") else {
             return;
         };
@@ -135,6 +180,16 @@ mod imp {
         }
         if at != last {
             let _ = write!(line, " | +{} here", now.saturating_sub(at).as_micros());
+        }
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let _ = write!(line, " | at {}.{:06}", t.as_secs(), t.subsec_micros());
+        if let Some(from_stack) = from_stack {
+            let here = FROM_STACK.with(|f| f.borrow().as_ref().map(below_check));
+            let from = from_stack.as_ref().map(below_check);
+            let (here, from) = (here.unwrap_or_default(), from.as_deref().unwrap_or("-"));
+            let _ = write!(line, " | native: {here} | native from: {from}");
         }
         if let Ok(mut f) = std::fs::OpenOptions::new()
             .create(true)
@@ -179,6 +234,37 @@ mod imp {
             }
             format!("[C] {name}")
         }
+    }
+
+    /// Frames of the native stack shown per end of a stretch.
+    const NATIVE_FRAMES: usize = 8;
+
+    /// The names of the first [`NATIVE_FRAMES`] functions below the check on `stack`, innermost
+    /// first: the frames of the capture, of this module and of the ticker are left out.
+    fn below_check(stack: &Backtrace) -> String {
+        // `Backtrace` gives its frames only as text: `   <n>: <function>` lines, each followed
+        // by an indented `at <file>:<line>` line when the build has line tables.
+        let text = stack.to_string();
+        let names: Vec<&str> = text
+            .lines()
+            .filter_map(|l| {
+                let (n, name) = l.trim_start().split_once(": ")?;
+                n.parse::<usize>().ok().map(|_| name)
+            })
+            .collect();
+        let own = |name: &str| {
+            name.starts_with("std::backtrace")
+                || name.starts_with("lua_sandbox_core::stretch")
+                || name == "lua_sandbox_core::budget::tick"
+                || name == "sandboxcall"
+        };
+        let first = names.iter().rposition(|n| own(n)).map_or(0, |i| i + 1);
+        names[first..]
+            .iter()
+            .take(NATIVE_FRAMES)
+            .copied()
+            .collect::<Vec<_>>()
+            .join(" < ")
     }
 
     /// `source:line` of a Lua frame `lua_getinfo` filled in.
