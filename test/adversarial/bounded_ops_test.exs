@@ -19,8 +19,9 @@ for isolation <- LuaSandbox.Isolation.all() do
     # Sizes: LUA_BOUNDED_MIB (default 1) for the huge strings, LUA_BOUNDED_ELEMS (default
     # 100_000) for tables, LUA_BOUNDED_WORK (default 200_000) units of work per loop. `make
     # test` runs the defaults (~2400 runs in about a minute); the issue's sizes are
-    # LUA_BOUNDED_MIB=16 LUA_BOUNDED_WORK=1000000 (about 2 minutes here); charge rates free of
-    # the noise of building 16 MiB inputs need LUA_BOUNDED_WORK=10000000 (about 4 minutes).
+    # LUA_BOUNDED_MIB=16 LUA_BOUNDED_WORK=1000000 (about 2 minutes here). A charge rate is the
+    # loop's units over the loop's own CPU time (from `os.clock()` at its start), so building
+    # the inputs adds no noise to it at any size.
     # LUA_BOUNDED_REPORT=1 prints the measured charge rates and kill latencies.
     #
     # Charge-rate floor: the targets are >= 5000 units per ms of CPU (so the default
@@ -183,7 +184,9 @@ for isolation <- LuaSandbox.Isolation.all() do
       |> then(&"_G#{&1}")
     end
 
-    defp loop_source(setup, body), do: "#{setup}\nwhile true do #{body} end"
+    # The setup prints `os.clock()` (the run's CPU time, which `stats.cpu_us` counts too) just
+    # before the loop: the loop's own CPU time is then known whatever building the inputs cost.
+    defp loop_source(setup, body), do: "#{setup}\nprint(os.clock())\nwhile true do #{body} end"
 
     defp call_source(name, setup) do
       loop_source("local f = #{accessor(name)}\n#{setup}", "pcall(f, A, B) pcall(f, A)")
@@ -204,11 +207,11 @@ for isolation <- LuaSandbox.Isolation.all() do
 
       # Only a run stopped by the budget measures the charge rate; memory and output limits
       # are fine ends too.
-      {kind, stats} =
+      {kind, stats, output} =
         case result do
-          {:error, %Error{kind: kind, stats: stats}}
+          {:error, %Error{kind: kind, stats: stats, output: output}}
           when kind in [:instruction_limit, :memory_limit, :output_limit] ->
-            {kind, stats}
+            {kind, stats, output}
 
           {:error, %Error{} = e} ->
             flunk("#{label}: unexpected #{e.kind}: #{String.slice(e.message, 0, 200)}")
@@ -218,15 +221,22 @@ for isolation <- LuaSandbox.Isolation.all() do
         end
 
       assert us < @bound_us, "#{label}: #{div(us, 1000)} ms for #{@work} units of work"
-      work_us = stats.duration_us - base.duration_us
+      # Units: the run's less the setup's (a count, the same in every run). CPU time: the
+      # loop's own, from the clock the setup printed to the run's end. (A difference of two
+      # runs' times, as before 2026-12-07, carried the noise of building 16 MiB inputs twice:
+      # ±60 ms of CPU, as much as the loop itself, and rates 2-3x too low at random.)
       units = stats.instructions - base.instructions
+      loop_us = stats.cpu_us - loop_start_us(output)
 
-      # The rate is the difference of two runs that both build the inputs: it only means
-      # something when the loop ran longer than building them (16 MiB strings take ~50 ms).
-      if kind == :instruction_limit and work_us > 2_000 and work_us >= base.duration_us and
-           units > 0,
-         do: {label, units * 1000 / work_us},
-         else: nil
+      if kind == :instruction_limit and loop_us > 2_000 and units > 0,
+        do: {label, units * 1000 / loop_us},
+        else: nil
+    end
+
+    defp loop_start_us(output) do
+      [clock | _] = String.split(output, "\n", parts: 2)
+      {seconds, ""} = Float.parse(clock)
+      round(seconds * 1_000_000)
     end
 
     # The setup's own cost (creating the inputs is charged too), measured once per setup.
