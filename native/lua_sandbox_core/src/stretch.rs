@@ -92,11 +92,11 @@ mod imp {
     const MAX_MARKS: usize = 32;
 
     thread_local! {
-        /// This thread's CPU time at its last check (None outside a run).
+        /// This thread's CPU and wall time at its last check (None outside a run).
         static LAST: Cell<Option<Point>> = const { Cell::new(None) };
         /// Where the last check was made.
         static FROM: RefCell<String> = const { RefCell::new(String::new()) };
-        /// The marks passed since the last check: CPU time and source position.
+        /// The marks passed since the last check: time and source position.
         static MARKS: RefCell<Vec<(Point, &'static Location<'static>)>> =
             const { RefCell::new(Vec::new()) };
         /// The native stack at the last check (with `LUA_SANDBOX_STRETCH_NATIVE` only).
