@@ -165,19 +165,22 @@ mod imp {
         let marks = MARKS.with(|m| std::mem::take(&mut *m.borrow_mut()));
         let us = now.since(last).as_micros() as u64;
         let record = LONGEST.fetch_max(us, Ordering::Relaxed) < us;
-        // The previous check's stack, this one's kept for the next (unresolved: cheap).
-        let from_stack = native()
-            .then(|| FROM_STACK.with(|f| f.borrow_mut().replace(Backtrace::force_capture())));
-        if us < min_us() && !record {
-            if from_stack.is_some() {
-                // The next stretch starts after the capture: the hole finder's own work.
-                LAST.with(|c| c.set(Some(Point::now())));
-            }
-            return;
+        // This check's native stack (unresolved: cheap), kept as where the next stretch starts.
+        let stack = native().then(Backtrace::force_capture);
+        let logged = us >= min_us() || record;
+        if logged {
+            let from_stack = FROM_STACK.with(|f| f.borrow_mut().take());
+            let stacks = stack.as_ref().map(|s| (s, from_stack.as_ref()));
+            log(us, here, from, marks, last, now, stacks);
         }
-        log(us, here, from, marks, last, now, from_stack);
-        // Nor is the line's writing (stacks resolved, a file appended) the run's work.
-        LAST.with(|c| c.set(Some(Point::now())));
+        if stack.is_some() {
+            FROM_STACK.with(|f| *f.borrow_mut() = stack);
+        }
+        if logged || native() {
+            // The next stretch starts after the capture and the line's writing (stacks
+            // resolved, a file appended): the hole finder's own work, not the run's.
+            LAST.with(|c| c.set(Some(Point::now())));
+        }
     }
 
     /// Appends the line of a stretch of `us` µs from the check at `last` to the one at `now`.
@@ -188,7 +191,7 @@ mod imp {
         marks: Vec<(Point, &'static Location<'static>)>,
         last: Point,
         now: Point,
-        from_stack: Option<Option<Backtrace>>,
+        stacks: Option<(&Backtrace, Option<&Backtrace>)>,
     ) {
         let Some(path) = std::env::var_os("LUA_SANDBOX_STRETCH_LOG") else {
             return;
@@ -210,11 +213,13 @@ mod imp {
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
         let _ = write!(line, " | at {}.{:06}", t.as_secs(), t.subsec_micros());
-        if let Some(from_stack) = from_stack {
-            let here = FROM_STACK.with(|f| f.borrow().as_ref().map(below_check));
-            let from = from_stack.as_ref().map(below_check);
-            let (here, from) = (here.unwrap_or_default(), from.as_deref().unwrap_or("-"));
-            let _ = write!(line, " | native: {here} | native from: {from}");
+        if let Some((here, from)) = stacks {
+            let from = from.map_or_else(|| "-".to_string(), below_check);
+            let _ = write!(
+                line,
+                " | native: {} | native from: {from}",
+                below_check(here)
+            );
         }
         if let Ok(mut f) = std::fs::OpenOptions::new()
             .create(true)
@@ -277,13 +282,17 @@ mod imp {
                 n.parse::<usize>().ok().map(|_| name)
             })
             .collect();
+        // The capture's frames and the check's own (this module's, the ticker's) come first.
+        // With line tables an inlined frame has its bare name (`check`, `then<...>`), so a
+        // frame is matched by its name without path or generic arguments.
         let own = |name: &str| {
-            name.starts_with("std::backtrace")
+            let bare = name.split('<').next().unwrap_or(name);
+            let bare = bare.rsplit("::").next().unwrap_or(bare);
+            name.to_ascii_lowercase().contains("backtrace")
                 || name.starts_with("lua_sandbox_core::stretch")
-                || name == "lua_sandbox_core::budget::tick"
-                || name == "sandboxcall"
+                || ["start", "stop", "check", "tick", "sandboxcall"].contains(&bare)
         };
-        let first = names.iter().rposition(|n| own(n)).map_or(0, |i| i + 1);
+        let first = names.iter().position(|n| !own(n)).unwrap_or(names.len());
         names[first..]
             .iter()
             .take(NATIVE_FRAMES)

@@ -20,9 +20,8 @@ pub use lua_sandbox_core::budget::PIECE;
 /// `bytes` as a fresh Elixir binary, copied in pieces of [`PIECE`] bytes with the VM's units
 /// per byte (`budget::byte_units`) charged to the active run after each piece, so that
 /// copying a string as large as the heap is stopped by a kill, the deadline or the budget
-/// within one piece. On such an abort
-/// the binary holds only the pieces copied so far: `Err` with the reason and that prefix
-/// (never uninitialized bytes).
+/// within one piece. On such an abort the binary holds only the pieces copied so far: `Err`
+/// with the reason and that prefix (never uninitialized bytes).
 pub fn binary_term_charged<'e>(env: Env<'e>, bytes: &[u8]) -> Result<Term<'e>, (Abort, Term<'e>)> {
     // Panics if the BEAM cannot allocate it, as `NewBinary` does.
     let mut bin = OwnedBinary::new(bytes.len());

@@ -512,9 +512,10 @@ static int countint (lua_Integer key, unsigned int *nums) {
 ** keys), of its new hash part (clearing it) and of its old hash part
 ** (moving the keys): ~20-40 ns a slot, 17-30 ms for a table of 1-4 M
 ** entries with no check. Each of the three now asks the ticker every
-** SB_REHASHPIECE slots (~0.1-0.3 ms; 8 192 until a move of string keys,
-** which reads each key's string at random for its hash, ran 4-6 ms a
-** piece on a slow machine). Counting and clearing leave the table
+** SB_REHASHPIECE slots (20-40 us; a longest stretch of 0.6 ms for string
+** keys on a slow machine. It was 8 192 until a move of string keys, which
+** reads each key's string at random for its hash, ran 4-6 ms a piece
+** there). Counting and clearing leave the table
 ** untouched and raise at once ('rehash' runs inside 'luaH_newkey', which
 ** raises already: "table overflow", memory errors); the move is undone
 ** before raising ('luaH_resize'), so an aborted rehash leaves the table
